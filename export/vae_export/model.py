@@ -1,0 +1,121 @@
+"""The seed article's VAE: diagonal-Gaussian encoder, N(0, I) prior, Gaussian decoder
+N(f(z), sigma^2 I) (or a Bernoulli decoder), as a plain importable PyTorch module.
+
+The checkpoint stores `VAEConfig` beside the weights, so `load_checkpoint` rebuilds the model
+from the file alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vae_export.likelihood import BERNOULLI, GAUSSIAN, LIKELIHOODS
+
+
+@dataclass
+class VAEConfig:
+    """Everything needed to rebuild the network."""
+
+    latent_dim: int = 16
+    hidden: tuple[int, ...] = (512, 256)
+    likelihood: str = GAUSSIAN
+    sigma: float = 0.1  # decoder standard deviation, Gaussian decoder only
+    image_pixels: int = 784
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.latent_dim < 1:
+            raise ValueError("latent_dim must be >= 1")
+        if self.likelihood == GAUSSIAN and not self.sigma > 0:
+            raise ValueError("sigma must be > 0 for the Gaussian decoder")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """x [N, D] in [0, 1] -> (mu [N, k], logvar [N, k])."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.body = _mlp([cfg.image_pixels, *cfg.hidden])
+        self.head = nn.Linear(cfg.hidden[-1], 2 * cfg.latent_dim)
+        self.latent_dim = cfg.latent_dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.head(self.body(x)).split(self.latent_dim, dim=-1)
+        return mu, logvar
+
+
+class Decoder(nn.Module):
+    """z [N, k] -> logits [N, D]; the mean image is sigmoid(logits), in [0, 1] for both
+    likelihoods (for the Gaussian decoder f(z) = sigmoid(logits))."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.body = _mlp([cfg.latent_dim, *reversed(cfg.hidden)])
+        self.head = nn.Linear(cfg.hidden[0], cfg.image_pixels)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(z))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def log_px_given_z(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) per row, summed over pixels (torch twin of the numpy code, for training)."""
+        if self.cfg.likelihood == GAUSSIAN:
+            s = self.cfg.sigma
+            sq = torch.sum((x - torch.sigmoid(logits)) ** 2, dim=-1)
+            return -0.5 * sq / (s * s) - x.shape[-1] * (math.log(s) + 0.5 * math.log(2 * math.pi))
+        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+
+    def elbo(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row ELBO with one reparameterised sample and the closed-form KL.
+        Returns (elbo, reconstruction log-likelihood, KL)."""
+        mu, logvar = self.encoder(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        rec = self.log_px_given_z(x, self.decoder(z))
+        kl = 0.5 * torch.sum(mu * mu + logvar.exp() - 1.0 - logvar, dim=-1)
+        return rec - kl, rec, kl
+
+
+def save_checkpoint(path: Path, model: VAE, extra: dict[str, Any] | None = None) -> None:
+    torch.save(
+        {"config": model.cfg.to_dict(), "state_dict": model.state_dict(), "extra": extra or {}},
+        path,
+    )
+
+
+def load_checkpoint(path: Path) -> tuple[VAE, dict[str, Any]]:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    model = VAE(VAEConfig(**blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    return model, blob.get("extra", {})
+
+
+__all__ = ["VAE", "VAEConfig", "Encoder", "Decoder", "save_checkpoint", "load_checkpoint"]

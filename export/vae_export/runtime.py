@@ -1,0 +1,69 @@
+"""Exported models under ONNX Runtime, for evaluation: what will be served, not the PyTorch
+module. numpy and onnxruntime only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from vae_export import likelihood as lk
+from vae_export.manifest import DECODER, ENCODER, check_session_io, load_manifest
+
+
+def make_session(path: Path, providers: list[str] | None = None, threads: int = 0,
+                 ) -> ort.InferenceSession:
+    """An InferenceSession; `threads` = 0 lets ONNX Runtime choose (one per core)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxVAE:
+    """Encoder and decoder sessions of a verified model directory."""
+
+    def __init__(self, model_dir: str | Path, providers: list[str] | None = None,
+                 threads: int = 0) -> None:
+        self.model_dir = Path(model_dir)
+        self.manifest: dict[str, Any] = load_manifest(self.model_dir)
+        self.latent_dim = int(self.manifest["latent_dim"])
+        self.likelihood = str(self.manifest["likelihood"])
+        self.sigma = self.manifest.get("sigma")
+        self.encoder = make_session(self.model_dir / ENCODER, providers, threads)
+        self.decoder = make_session(self.model_dir / DECODER, providers, threads)
+        for name, sess in ((ENCODER, self.encoder), (DECODER, self.decoder)):
+            check_session_io(name, self.manifest["files"][name], sess.get_inputs(),
+                             sess.get_outputs())
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu, logvar = self.encoder.run(["mu", "logvar"], {"x": np.ascontiguousarray(x, np.float32)})
+        return mu, logvar
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """The mean image f(z) [N, 784] in [0, 1]."""
+        return self.decoder.run(["x_mean"], {"z": np.ascontiguousarray(z, np.float32)})[0]
+
+    def decode_for_likelihood(self, z: np.ndarray) -> np.ndarray:
+        """What log p(x|z) needs: the mean image (Gaussian) or the logits (Bernoulli)."""
+        name = "x_mean" if self.likelihood == lk.GAUSSIAN else "logits"
+        return self.decoder.run([name], {"z": np.ascontiguousarray(z, np.float32)})[0]
+
+    def log_weights(self, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """Importance log-weights [N, K] for images x [N, D] and noise eps [N, K, k]."""
+        mu, logvar = self.encode(x)
+        z = lk.latents(mu, logvar, eps)
+        n, k_samples, _ = eps.shape
+        decoded = self.decode_for_likelihood(z.reshape(n * k_samples, -1))
+        decoded = decoded.reshape(n, k_samples, -1)
+        return lk.log_weights(x, mu, logvar, eps, decoded, self.likelihood, self.sigma)
+
+    def score(self, x: np.ndarray, k_samples: int, seed: int,
+              decodes_per_run: int = 16384) -> lk.Scores:
+        """ELBO, log p(x) and bits/dim for every image; the noise comes from `seed` alone
+        (lk.score_noise), drawn per chunk of images whose size never changes the result."""
+        return lk.score_images(self.log_weights, x, k_samples, seed, self.latent_dim,
+                               self.likelihood, decodes_per_run)
