@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULTS = {"latent_dim": 16, "sigma": 0.1, "hidden": "512,256"}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -56,6 +55,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vae_export.train import TrainConfig
+
+    # The defaults live once, in the dataclasses; the model's are chosen in EVAL.md.
+    m = _model_defaults()
+    tc = TrainConfig()
     p = argparse.ArgumentParser(prog="vae-export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -69,28 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder of IDX files (train-images-idx3-ubyte[.gz] and labels), or "
                    "'mnist-download:DIR' to download the official MNIST files into DIR, "
                    "verified by sha256 (default: %(default)s)")
-    t.add_argument("--latent-dim", type=int, default=DEFAULTS["latent_dim"],
+    t.add_argument("--latent-dim", type=int, default=m["latent_dim"],
                    help="size k of the latent space R^k (default: %(default)s)")
-    t.add_argument("--hidden", default=DEFAULTS["hidden"],
+    t.add_argument("--hidden", default=",".join(str(h) for h in m["hidden"]),
                    help="comma-separated hidden layer widths of the encoder; the decoder mirrors "
                    "them (default: %(default)s)")
     t.add_argument("--likelihood", choices=["gaussian", "bernoulli"], default="gaussian",
                    help="decoder: N(f(z), sigma^2 I) on dequantised pixels, or Bernoulli on "
                    "dynamically binarised pixels (default: %(default)s)")
-    t.add_argument("--sigma", type=float, default=DEFAULTS["sigma"],
+    t.add_argument("--sigma", type=float, default=m["sigma"],
                    help="standard deviation of the Gaussian decoder, pixels in [0, 1] "
                    "(default: %(default)s)")
-    t.add_argument("--epochs", type=int, default=300, help="maximum epochs (default: %(default)s)")
-    t.add_argument("--patience", type=int, default=20,
+    t.add_argument("--epochs", type=int, default=tc.epochs, help="maximum epochs (default: %(default)s)")
+    t.add_argument("--patience", type=int, default=tc.patience,
                    help="stop after this many epochs without a better validation ELBO "
                    "(default: %(default)s)")
-    t.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
-    t.add_argument("--val-fraction", type=float, default=0.1,
+    t.add_argument("--batch-size", type=int, default=tc.batch_size, help="minibatch size (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate (default: %(default)s)")
+    t.add_argument("--val-fraction", type=float, default=tc.val_fraction,
                    help="fraction of each digit class held out for validation (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0,
+    t.add_argument("--seed", type=int, default=tc.seed,
                    help="seeds the split, initialisation and all noise (default: %(default)s)")
-    t.add_argument("--threads", type=int, default=2,
+    t.add_argument("--threads", type=int, default=tc.threads,
                    help="PyTorch CPU threads; the same seed and threads give the same weights "
                    "(default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -129,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime intra-op threads, 0 for one per core (default: %(default)s)")
     e.set_defaults(func=_eval)
     return p
+
+
+def _model_defaults() -> dict:
+    import dataclasses
+
+    from vae_export.model import VAEConfig
+
+    return {f.name: f.default for f in dataclasses.fields(VAEConfig)}
 
 
 def main(argv: list[str] | None = None) -> int:
