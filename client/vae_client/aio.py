@@ -1,0 +1,88 @@
+"""AsyncVaeClient: the asyncio client, the same calls as VaeClient."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from vae_client import _codec
+from vae_client._codec import Scores
+from vae_client.errors import VaeError
+from vae_proto import vae_pb2, vae_pb2_grpc
+
+
+class AsyncVaeClient:
+    """A connection to a vae-server for asyncio code: `async with AsyncVaeClient(t) as c:`.
+
+    Every call takes `timeout` (seconds; default the client's) and raises VaeError.
+    """
+
+    def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = 64,
+                 channel: grpc.aio.Channel | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel or grpc.aio.insecure_channel(
+            target, options=_codec.channel_options(max_message_mb))
+        self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncVaeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as err:
+            raise VaeError.from_rpc_error(err) from None
+
+    async def info(self, timeout: float | None = None) -> vae_pb2.ModelInfo:
+        """The model's manifest, execution provider, batching settings and limits."""
+        return await self._call(self._stub.GetModelInfo, vae_pb2.GetModelInfoRequest(), timeout)
+
+    async def encode(self, images: np.ndarray, sample: bool = False, seed: int = 0,
+                     timeout: float | None = None) -> tuple[np.ndarray, ...]:
+        """Images -> (mu, logvar), or (mu, logvar, z) when `sample` is set."""
+        req = vae_pb2.EncodeRequest(images=_codec.images_tensor(images), sample=sample, seed=seed)
+        reply = await self._call(self._stub.Encode, req, timeout)
+        out = (_codec.array(reply.mu, "mu"), _codec.array(reply.logvar, "logvar"))
+        return (*out, _codec.array(reply.z, "z")) if sample else out
+
+    async def decode(self, z: np.ndarray, dtype: str = "float32",
+                     timeout: float | None = None) -> np.ndarray:
+        """Latents [N, k] -> mean images [N, 28, 28]."""
+        req = vae_pb2.DecodeRequest(z=_codec.latents_tensor(z),
+                                    output_dtype=_codec.dtype_enum(dtype))
+        return _codec.array((await self._call(self._stub.Decode, req, timeout)).images, "images")
+
+    async def sample(self, n: int, seed: int = 0, dtype: str = "float32",
+                     timeout: float | None = None) -> np.ndarray:
+        """n images from the prior [n, 28, 28], reproducible by seed."""
+        req = vae_pb2.SampleRequest(n=n, seed=seed, output_dtype=_codec.dtype_enum(dtype))
+        return _codec.array((await self._call(self._stub.Sample, req, timeout)).images, "images")
+
+    async def sample_stream(self, n: int, seed: int = 0, chunk_size: int = 0,
+                            dtype: str = "float32", offset: int = 0,
+                            timeout: float | None = None,
+                            ) -> AsyncIterator[tuple[int, np.ndarray]]:
+        """Yield (offset, images) chunks of a stream of n prior samples."""
+        req = vae_pb2.SampleStreamRequest(n=n, seed=seed, chunk_size=chunk_size,
+                                          output_dtype=_codec.dtype_enum(dtype), offset=offset)
+        try:
+            async for chunk in self._stub.SampleStream(req, timeout=timeout):
+                yield int(chunk.offset), _codec.array(chunk.images, "images")
+        except grpc.RpcError as err:
+            raise VaeError.from_rpc_error(err) from None
+
+    async def log_likelihood(self, images: np.ndarray, k: int = 100, seed: int = 0,
+                             timeout: float | None = None) -> Scores:
+        """Per image: ELBO, log p(x) with k samples, bits/dim, percentile and flag."""
+        req = vae_pb2.LogLikelihoodRequest(images=_codec.images_tensor(images), k=k, seed=seed)
+        return Scores.from_reply(await self._call(self._stub.LogLikelihood, req, timeout))

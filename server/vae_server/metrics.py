@@ -1,0 +1,74 @@
+"""Prometheus metrics, under the names DESIGN.md fixes. Every metric lives in the registry
+passed in, so each test can build a fresh CollectorRegistry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from vae_server.batcher import BatcherObserver
+
+# From tens of microseconds (a single decode on the CPU) to seconds (bulk scoring).
+LATENCY_BUCKETS = (
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3,
+    250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+BATCH_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        grpc_labels = ("grpc_service", "grpc_method", "grpc_type")
+        self.started = Counter("grpc_server_started_total", "RPCs started on the server.",
+                               grpc_labels, registry=r)
+        self.handled = Counter("grpc_server_handled_total",
+                               "RPCs completed on the server, regardless of success or failure.",
+                               (*grpc_labels, "grpc_code"), registry=r)
+        self.handling = Histogram("grpc_server_handling_seconds",
+                                  "Response latency of RPCs handled by the server.",
+                                  grpc_labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("vae_batch_size", "Images per model run actually executed.",
+                                    ("model",), buckets=BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram("vae_queue_wait_seconds",
+                                    "Time a call's images waited in the batcher's queue.",
+                                    ("model",), buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("vae_inference_seconds", "Duration of one model run.",
+                                   ("model",), buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("vae_queue_depth", "Images waiting in the batcher's queue.",
+                                 ("model",), registry=r)
+        self.items = Counter("vae_items_total", "Images (rows) processed by the model.",
+                             ("model",), registry=r)
+        self.method_images = Counter("vae_method_images_total",
+                                     "Images received or produced, by RPC method.",
+                                     ("grpc_method",), registry=r)
+        self.rejected = Counter("vae_rejected_total",
+                                "Requests or images refused, by reason (invalid, queue_full, "
+                                "deadline, cancelled).", ("reason",), registry=r)
+        self.anomalies = Counter("vae_anomalies_total",
+                                 "Images that LogLikelihood flagged as anomalies.", registry=r)
+        self.model_info = Info("vae_model", "The model served and how.", registry=r)
+
+    def observer(self, model: str) -> BatcherObserver:
+        return _ModelObserver(self, model)
+
+
+class _ModelObserver(BatcherObserver):
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._depth = metrics.queue_depth.labels(model)
+        self._batch = metrics.batch_size.labels(model)
+        self._wait = metrics.queue_wait.labels(model)
+        self._inference = metrics.inference.labels(model)
+        self._items = metrics.items.labels(model)
+
+    def queue_depth(self, images: int) -> None:
+        self._depth.set(images)
+
+    def batch_run(self, size: int, queue_wait: Sequence[float], seconds: float) -> None:
+        self._batch.observe(size)
+        self._inference.observe(seconds)
+        self._items.inc(size)
+        for w in queue_wait:
+            self._wait.observe(w)

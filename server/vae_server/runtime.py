@@ -1,0 +1,93 @@
+"""ONNX Runtime sessions of a verified model directory: provider choice, checks, warm-up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from vae_export import likelihood as lk
+from vae_export.manifest import DECODER, ENCODER, check_session_io, load_manifest
+
+log = logging.getLogger(__name__)
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(provider: str) -> list[str]:
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return [CPU]
+    if provider == "cuda" and CUDA not in available:
+        raise RuntimeError(f"--provider cuda, but this onnxruntime offers only {available}")
+    if provider in ("cuda", "auto") and CUDA in available:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+class ModelRuntime:
+    """Encoder and decoder sessions; `run_encoder` / `run_decoder` are what the batchers call
+    (from worker threads: InferenceSession.run is thread-safe)."""
+
+    def __init__(self, model_dir: str | Path, provider: str = "auto", threads: int = 0) -> None:
+        self.model_dir = Path(model_dir)
+        self.manifest: dict[str, Any] = load_manifest(self.model_dir)
+        self.manifest_text = (self.model_dir / "manifest.json").read_text()
+        self.latent_dim = int(self.manifest["latent_dim"])
+        self.likelihood = str(self.manifest["likelihood"])
+        self.sigma = self.manifest.get("sigma")
+        self.pixels = int(self.manifest["image"]["pixels"])
+        cal = self.manifest.get("calibration") or {}
+        self.calibration_levels = np.asarray(cal.get("levels", []), dtype=np.float64)
+        self.calibration_quantiles = np.asarray(cal.get("quantiles", []), dtype=np.float64)
+        self.anomaly_percentile = float(cal.get("anomaly_percentile", 1.0))
+
+        providers = choose_providers(provider)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.encoder = ort.InferenceSession(str(self.model_dir / ENCODER), opts,
+                                            providers=providers)
+        self.decoder = ort.InferenceSession(str(self.model_dir / DECODER), opts,
+                                            providers=providers)
+        for name, sess in ((ENCODER, self.encoder), (DECODER, self.decoder)):
+            check_session_io(name, self.manifest["files"][name], sess.get_inputs(),
+                             sess.get_outputs())
+        # What ONNX Runtime actually uses: onnxruntime-gpu without a usable CUDA falls back
+        # to CPU with only a logged error.
+        self.provider = self.decoder.get_providers()[0]
+        if providers[0] == CUDA and self.provider != CUDA:
+            log.warning("CUDA was requested but ONNX Runtime fell back to %s", self.provider)
+        self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        # The decoder output that log p(x|z) needs.
+        self.likelihood_output = (self._decoder_outputs.index("x_mean")
+                                  if self.likelihood == lk.GAUSSIAN
+                                  else self._decoder_outputs.index("logits"))
+        log.info("model %s (k=%d, %s) on %s", self.manifest["model_version"], self.latent_dim,
+                 self.likelihood, self.provider)
+
+    def run_encoder(self, x: np.ndarray) -> Sequence[np.ndarray]:
+        """x [N, D] float32 -> [mu, logvar]."""
+        return self.encoder.run(["mu", "logvar"], {"x": x})
+
+    def run_decoder(self, z: np.ndarray) -> Sequence[np.ndarray]:
+        """z [N, k] float32 -> [x_mean] (Gaussian) or [x_mean, logits] (Bernoulli)."""
+        return self.decoder.run(self._decoder_outputs, {"z": z})
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run each batch size once so that first calls do not pay for allocation."""
+        rng = np.random.default_rng(0)
+        for n in batch_sizes:
+            self.run_encoder(rng.random((n, self.pixels), dtype=np.float32))
+            self.run_decoder(rng.standard_normal((n, self.latent_dim), dtype=np.float32))
+
+    def percentile(self, log_likelihood: np.ndarray) -> np.ndarray:
+        if len(self.calibration_quantiles) == 0:
+            return np.full(len(log_likelihood), np.nan)
+        return lk.percentile_of(log_likelihood, self.calibration_quantiles,
+                                self.calibration_levels)

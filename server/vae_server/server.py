@@ -1,0 +1,118 @@
+"""Build and run the gRPC server: VaeService, health, reflection, metrics, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from vae_proto import vae_pb2, vae_pb2_grpc
+from vae_server.config import Settings
+from vae_server.interceptors import MetricsInterceptor
+from vae_server.metrics import Metrics
+from vae_server.runtime import ModelRuntime
+from vae_server.servicer import VaeServicer
+
+log = logging.getLogger("vae_server")
+SERVICE_NAME = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    health: health_aio.HealthServicer
+    servicer: VaeServicer
+    metrics: Metrics
+    executor: concurrent.futures.ThreadPoolExecutor
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING, refuse new calls, let calls in flight finish within `grace`."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.servicer.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def create_server(settings: Settings, runtime: ModelRuntime | None = None) -> RunningServer:
+    """Load (unless given) and warm up the model, start gRPC and metrics; health is SERVING
+    on return. Bind port 0 to get a free port (returned)."""
+    metrics = Metrics()
+    if runtime is None:
+        runtime = ModelRuntime(settings.model_dir, settings.provider, settings.threads)
+    metrics.model_info.info({
+        "model_version": runtime.manifest["model_version"],
+        "likelihood": runtime.likelihood,
+        "latent_dim": str(runtime.latent_dim),
+        "sigma": str(runtime.sigma),
+        "execution_provider": runtime.provider,
+    })
+    # Session runs and bulk numpy work leave the event loop for these threads.
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vae-run")
+    servicer = VaeServicer(runtime, settings, metrics, executor)
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)],
+                             options=grpc_options(settings))
+    vae_pb2_grpc.add_VaeServiceServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+    metrics_port = None
+    if settings.metrics_port >= 0:
+        http, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
+        metrics_port = http.server_port
+    running = RunningServer(server, port, metrics_port, health, servicer, metrics, executor)
+    await running.set_serving(False)
+    await server.start()
+    log.info("gRPC on port %d, metrics on %s; warming up", port, metrics_port)
+    loop = asyncio.get_running_loop()
+    sizes = sorted({1, 16, min(256, settings.max_batch_size), settings.max_batch_size})
+    for _ in range(max(1, settings.warmup_rounds)):
+        await loop.run_in_executor(executor, runtime.warm_up, sizes)
+    await running.set_serving(True)
+    log.info("SERVING model %s on %s", runtime.manifest["model_version"], runtime.provider)
+    return running
+
+
+async def serve(settings: Settings) -> int:
+    running = await create_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: NOT_SERVING, finishing calls in flight (grace %.1f s)",
+             settings.grace_seconds)
+    await running.stop(settings.grace_seconds)
+    log.info("stopped")
+    return 0
