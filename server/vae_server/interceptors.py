@@ -4,6 +4,7 @@ server offers (vae.v1, health, reflection)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -71,6 +72,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap_stream(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
+        if not inspect.isasyncgenfunction(behavior):
+            # A handler that writes with context.write() (health's Watch) is a coroutine.
+            return self._wrap_unary(behavior, labels)
         m = self._m
         started, handling = m.started.labels(*labels), m.handling.labels(*labels)
 

@@ -1,0 +1,94 @@
+"""Helpers that run a real vae-server for tests: in a thread of this process (so tests can
+look at its batchers), or as a subprocess (so tests can signal it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vae_server.config import load_settings
+from vae_server.server import RunningServer, create_server
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """create_server() on an event loop of its own thread."""
+
+    def __init__(self, model_dir: Path, **settings: Any) -> None:
+        argv = ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+                "--metrics-port", "-1", "--warmup-rounds", "1"]
+        for key, value in settings.items():
+            argv += ["--" + key.replace("_", "-"), str(value)]
+        self.settings = load_settings(argv, env={})
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running: RunningServer = self.call(create_server(self.settings))
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.running.stop(1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@contextmanager
+def server_thread(model_dir: Path, **settings: Any) -> Iterator[ServerThread]:
+    srv = ServerThread(model_dir, **settings)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def health_status(target: str, service: str = "", timeout: float = 1.0) -> int | None:
+    """The health status, or None if the server does not answer."""
+    with grpc.insecure_channel(target) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return None
+        return reply.status
+
+
+def start_server_process(model_dir: Path, port: int, *extra: str,
+                         env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    cmd = [str(VENV_BIN / "vae-server"), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", "-1", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_serving(target: str, proc: subprocess.Popen[str] | None = None,
+                 timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+        if health_status(target) == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{target} not SERVING after {timeout} s")

