@@ -32,7 +32,7 @@ $(MODEL_DIR)/manifest.json: | $(RUN_DIR)/checkpoint.pt
 model: $(BIN)/.installed $(MODEL_DIR)/manifest.json
 
 run: model
-	$(BIN)/vae-export eval --model-dir $(MODEL_DIR) --data $(MNIST_TEST) --k 100 --limit 1000 --json $(MODEL_DIR)/eval-quick.json
+	$(BIN)/vae-server --model-dir $(MODEL_DIR) --port 50051 --metrics-port 8000
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -42,6 +42,11 @@ eval: model
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Regenerate the checked-in stubs after editing the .proto (a test fails when they differ).
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
+		--grpc_python_out=proto proto/vae_proto/vae.proto
 
 clean:
 	rm -rf $(VENV) runs models

@@ -8,8 +8,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from serving import server_thread
 
+from serving import server_thread
 from vae_client import AsyncVaeClient, VaeClient, VaeError
 from vae_export import likelihood as lk
 from vae_export.runtime import OnnxVAE
@@ -203,7 +203,7 @@ BAD_CASES = [
     ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.zeros((2, k), np.float32), shape=[2, k + 1])),
      ["z.data", "bytes"]),
     ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.zeros((2, k + 1), np.float32))),
-     ["z.shape", f"[N, "]),
+     ["z.shape", "[N, "]),
     ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.full((2, k), np.nan, np.float32))),
      ["z", "NaN or Inf"]),
     ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.full((1, k), np.inf, np.float32))),

@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving import VENV_BIN, free_port, start_server_process, wait_serving
 
+from serving import VENV_BIN, free_port, start_server_process, wait_serving
 from vae_client import VaeClient, VaeError
 
 pytestmark = pytest.mark.e2e

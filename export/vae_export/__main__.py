@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 
-
 def _train(args: argparse.Namespace) -> int:
     from vae_export.model import VAEConfig
     from vae_export.train import TrainConfig, train

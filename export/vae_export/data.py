@@ -13,6 +13,7 @@ import io
 import os
 import struct
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +54,15 @@ class Digits:
 
 
 def _open_maybe_gzip(path: Path) -> bytes:
-    raw = path.read_bytes()
+    return _maybe_gunzip(path.read_bytes(), str(path))
+
+
+def _maybe_gunzip(raw: bytes, name: str) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path}: corrupt gzip stream ({exc})") from None
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{name}: corrupt gzip stream ({exc})") from None
     return raw
 
 
@@ -190,12 +194,15 @@ def download_mnist(
                 payload = resp.read()
         except OSError as exc:
             raise DataError(f"{url}: download failed ({exc})") from None
+        # Verified before anything is written, so a bad download leaves no file behind.
+        try:
+            got = hashlib.sha256(_maybe_gunzip(payload, url)).hexdigest()
+        except DataError as exc:
+            raise DataError(f"{exc}; expected content with sha256 {sha}") from None
+        if got != sha:
+            raise DataError(f"{url}: sha256 of content is {got}, expected {sha}")
         tmp = target.with_suffix(target.suffix + ".part")
         tmp.write_bytes(payload)
-        got = _sha256_content(tmp)
-        if got != sha:
-            tmp.unlink()
-            raise DataError(f"{url}: sha256 of content is {got}, expected {sha}")
         tmp.replace(target)
     return dest
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vae_export.likelihood import BERNOULLI, GAUSSIAN, LIKELIHOODS
+from vae_export.likelihood import GAUSSIAN, LIKELIHOODS
 
 
 @dataclass

@@ -1,0 +1,379 @@
+"""vae-client: call a vae-server from the command line.
+
+    vae-client --target HOST:PORT info [--json]
+    vae-client --target HOST:PORT encode --in FILE... --out OUT.npy|OUT.npz [--sample --seed S]
+    vae-client --target HOST:PORT decode --in Z.npy|Z.npz --out OUT.npy|OUT.png
+    vae-client --target HOST:PORT sample --n N --seed S --out OUT.npy|OUT.png
+    vae-client --target HOST:PORT score --in FILE... [--k K] [--json OUT] [--csv OUT]
+
+Each subcommand is one `add_*` function in COMMANDS: it registers its parser and sets
+`run`, which takes the parsed arguments and returns the exit status. Errors print one line,
+`vae-client: error: ...`, and exit with status 1 (2 for usage errors, as argparse does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeAlias
+
+import numpy as np
+
+from vae_client import cli_io
+from vae_client.cli_io import CliError, ImageSink, Progress
+from vae_client.client import VaeClient
+from vae_client.errors import VaeError
+from vae_client.images import ImageFileError
+from vae_proto.vae_pb2 import ModelInfo
+
+PROG = "vae-client"
+DEFAULT_TIMEOUT = 30.0
+# Above this many images, `sample` streams (SampleStream) rather than asking for one reply.
+STREAM_THRESHOLD = 4096
+SEED_MAX = 2**64 - 1
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+# -- argument types -------------------------------------------------------------------------
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"{low} .. {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range; it must be {bound}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+_SEED = _int_at_least(0, SEED_MAX)
+
+
+def _add_seed(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--seed", type=_SEED, default=0,
+                   help=f"seed of {what}, 0 .. 2^64-1 (default: %(default)s)")
+
+
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("float32", "uint8"), default="float32",
+                   help="pixel type of the images asked for and written to NPY: float32 in "
+                        "[0, 1] or uint8 0..255, round(255 x) (default: %(default)s)")
+
+
+def _add_cols(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cols", type=_int_at_least(1), default=None,
+                   help="columns of the PNG grid (default: ceil(sqrt(N)), a square)")
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar on stderr (default: only when stderr is a "
+                        "terminal)")
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _connect(args: argparse.Namespace) -> VaeClient:
+    timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
+    return VaeClient(args.target, timeout=timeout)
+
+
+def _spans(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def _max_images(info: ModelInfo) -> int:
+    """Most images per request: the server's per-request limit, and no more than its queue
+    holds (a call larger than the queue is refused whatever the load)."""
+    return max(1, min(info.limits.max_images_per_request, info.batching.max_queue_images))
+
+
+def _batch_seed(seed: int, start: int) -> int:
+    """The seed of the request that starts at image `start`: `seed` itself for the first,
+    so a file that fits one request gets exactly what the library call returns, and an
+    independent stream derived from (seed, start) for the others."""
+    if start == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, start]).generate_state(1, np.uint64)[0])
+
+
+# -- info -----------------------------------------------------------------------------------
+
+
+def add_info(sub: Subparsers) -> None:
+    p = sub.add_parser("info", help="show the model and the server's settings and limits",
+                       description="Show the served model (version, latent size, likelihood, "
+                       "execution provider), the batching settings and the request limits.")
+    p.add_argument("--json", action="store_true",
+                   help="print ModelInfo as one JSON object, with the model's manifest parsed "
+                        "into `manifest`")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        info = client.info()
+    if args.json:
+        print(json.dumps(cli_io.info_dict(info), indent=2))
+    else:
+        print(cli_io.info_text(args.target, info))
+    return 0
+
+
+# -- encode ---------------------------------------------------------------------------------
+
+
+def add_encode(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "encode", help="images -> latents (mu, logvar, optionally a sample z)",
+        description="Encode images into the latent space. Output convention: OUT.npz holds "
+        "arrays mu, logvar (and z with --sample), each float32 [N, k]; OUT.npy holds one "
+        "array [N, k]: z with --sample, else mu (the latents `decode` takes).")
+    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
+                   help="image files, told apart by content: PNG (one 28x28 digit, any colour "
+                        "type, read as 8-bit gray), NPY ([N, 784] or [N, 28, 28], float in "
+                        "[0, 1] or uint8) or IDX (idx3-ubyte, gzipped or not); several are "
+                        "joined in order")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="OUT.npz (mu, logvar[, z]) or OUT.npy (z with --sample, else mu)")
+    p.add_argument("--sample", action="store_true",
+                   help="also draw z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) from --seed")
+    _add_seed(p, "the sampling noise (with --sample)")
+    _add_progress(p)
+    p.set_defaults(run=run_encode)
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    cli_io.suffix_of(args.out, cli_io.LATENT_SUFFIXES, "--out")
+    images = cli_io.read_images(args.inputs)
+    parts: list[tuple[np.ndarray, ...]] = []
+    with _connect(args) as client:
+        batch = _max_images(client.info())
+        with Progress(len(images), "encode", cli_io.progress_wanted(args.progress)) as bar:
+            for start, stop in _spans(len(images), batch):
+                parts.append(client.encode(images[start:stop], sample=args.sample,
+                                           seed=_batch_seed(args.seed, start)))
+                bar.update(stop - start)
+    mu, logvar, *z = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+    cli_io.write_latents(args.out, mu, logvar, z[0] if z else None)
+    return 0
+
+
+# -- decode ---------------------------------------------------------------------------------
+
+
+def add_decode(sub: Subparsers) -> None:
+    p = sub.add_parser("decode", help="latents -> images",
+                       description="Decode latents into the decoder's mean images f(z).")
+    p.add_argument("--in", dest="input", required=True, metavar="Z",
+                   help="Z.npy (float [N, k]) or Z.npz (its array z, else mu), as `encode` "
+                        "writes them")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="OUT.npy (images [N, 28, 28] of --dtype) or OUT.png (one grid of the "
+                        "images, white digits on black, with gray gutters)")
+    _add_dtype(p)
+    _add_cols(p)
+    _add_progress(p)
+    p.set_defaults(run=run_decode)
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    cli_io.suffix_of(args.out, cli_io.IMAGE_SUFFIXES, "--out")
+    z = cli_io.read_latents(args.input)
+    with _connect(args) as client:
+        batch = _max_images(client.info())
+        sink = ImageSink(args.out, len(z), args.dtype, args.cols)
+        try:
+            with Progress(len(z), "decode", cli_io.progress_wanted(args.progress)) as bar:
+                for start, stop in _spans(len(z), batch):
+                    sink.put(start, client.decode(z[start:stop], dtype=args.dtype))
+                    bar.update(stop - start)
+        except BaseException:
+            sink.abort()
+            raise
+    sink.close()
+    return 0
+
+
+# -- sample ---------------------------------------------------------------------------------
+
+
+def add_sample(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "sample", help="generate digits from the prior",
+        description="Generate n digits f(z), z ~ N(0, I) drawn from --seed. The same seed "
+        "gives the same images however they are fetched: image i is the same in one Sample "
+        f"reply and in a stream. Above {STREAM_THRESHOLD} images (or the server's "
+        "max_sample_n or max_queue_images) the images come by SampleStream, in chunks, "
+        "written to the NPY file as they arrive, so memory stays bounded.")
+    p.add_argument("--n", type=_int_at_least(1), required=True, help="number of images")
+    _add_seed(p, "the latents")
+    _add_dtype(p)
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="OUT.npy (images [n, 28, 28] of --dtype) or OUT.png (one grid of the "
+                        "images, white digits on black, with gray gutters)")
+    p.add_argument("--chunk-size", type=_int_at_least(0), default=0,
+                   help="images per streamed chunk; 0 = the server's default_chunk_size "
+                        "(default: %(default)s)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"use SampleStream (--stream) or one Sample call (--no-stream); by "
+                        f"default, stream when n > min({STREAM_THRESHOLD}, max_sample_n, "
+                        "max_queue_images)")
+    _add_cols(p)
+    _add_progress(p)
+    p.set_defaults(run=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    cli_io.suffix_of(args.out, cli_io.IMAGE_SUFFIXES, "--out")
+    with _connect(args) as client:
+        info = client.info()
+        stream = args.stream
+        if stream is None:
+            stream = args.n > min(STREAM_THRESHOLD, info.limits.max_sample_n,
+                                  info.batching.max_queue_images)
+        sink = ImageSink(args.out, args.n, args.dtype, args.cols)
+        try:
+            if stream:
+                _sample_stream(client, args, sink)
+            else:
+                sink.put(0, client.sample(args.n, seed=args.seed, dtype=args.dtype))
+        except BaseException:
+            sink.abort()
+            raise
+    sink.close()
+    return 0
+
+
+def _sample_stream(client: VaeClient, args: argparse.Namespace, sink: ImageSink) -> None:
+    # --timeout bounds the whole stream when given; by default a stream has no deadline.
+    chunks = client.sample_stream(args.n, seed=args.seed, chunk_size=args.chunk_size,
+                                  dtype=args.dtype, timeout=args.timeout)
+    with Progress(args.n, "sample", cli_io.progress_wanted(args.progress)) as bar:
+        for offset, images in chunks:
+            sink.put(offset, images)
+            bar.update(len(images))
+    if bar.done != args.n:
+        raise CliError(f"the stream ended after {bar.done} of {args.n} images")
+
+
+# -- score ----------------------------------------------------------------------------------
+
+
+def add_score(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "score", help="log-likelihood, bits/dim and anomaly flags of images",
+        description="Score images: per image the ELBO, the importance-sampled log p(x) with "
+        "K samples (nats), bits/dim, the percentile among the validation digits and the "
+        "anomaly flag. Without --json or --csv a table goes to stdout; a summary line always "
+        "follows (on stderr when a result goes to stdout as '-'). Images go in requests of "
+        "--batch, fewer where the server's limits ask for it (images x K <= "
+        "max_queue_images); the first request uses --seed, later ones seeds derived from it.")
+    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
+                   help="image files: NPY ([N, 784] or [N, 28, 28], float in [0, 1] or "
+                        "uint8), IDX (gzipped or not) or PNG; several are joined in order")
+    p.add_argument("--k", type=_int_at_least(1), default=100,
+                   help="importance samples per image; 1 gives the ELBO (default: %(default)s)")
+    _add_seed(p, "the importance sampling and the dequantisation of uint8 pixels")
+    p.add_argument("--batch", type=_int_at_least(1), default=256,
+                   help="images per request, at most (default: %(default)s)")
+    p.add_argument("--json", metavar="OUT.json",
+                   help="write a JSON list of one record per image (index, elbo, "
+                        "log_likelihood, bits_per_dim, percentile, anomaly); '-' = stdout")
+    p.add_argument("--csv", metavar="OUT.csv",
+                   help="write the same records as CSV with a header row; '-' = stdout")
+    _add_progress(p)
+    p.set_defaults(run=run_score)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    images = cli_io.read_images(args.inputs)
+    parts = []
+    with _connect(args) as client:
+        info = client.info()
+        batch = min(args.batch, _max_images(info),
+                    max(1, info.batching.max_queue_images // args.k))
+        with Progress(len(images), "score", cli_io.progress_wanted(args.progress)) as bar:
+            for start, stop in _spans(len(images), batch):
+                parts.append(client.log_likelihood(np.asarray(images[start:stop]), k=args.k,
+                                                   seed=_batch_seed(args.seed, start)))
+                bar.update(stop - start)
+    scores = cli_io.concat_scores(parts)
+    if args.json:
+        cli_io.write_scores_json(args.json, scores)
+    if args.csv:
+        cli_io.write_scores_csv(args.csv, scores)
+    if not (args.json or args.csv):
+        sys.stdout.write(cli_io.scores_table(scores))
+    to_stdout = "-" in (args.json, args.csv)
+    print(cli_io.scores_summary(scores), file=sys.stderr if to_stdout else sys.stdout)
+    return 0
+
+
+# -- the command ----------------------------------------------------------------------------
+
+# One registration function per subcommand, in the order `--help` lists them. A new
+# subcommand (e.g. `bench`) adds its add_* function here.
+COMMANDS: list[Callable[[Subparsers], None]] = [add_info, add_encode, add_decode, add_sample,
+                                                add_score]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Call a vae-server (vae.v1.VaeService over gRPC): model "
+        "info, encode, decode, sample and score MNIST-style 28x28 digits.")
+    p.add_argument("--target", default=os.environ.get("VAE_TARGET", "localhost:50051"),
+                   metavar="HOST:PORT",
+                   help="the server's gRPC address [VAE_TARGET] (default: %(default)s)")
+    p.add_argument("--timeout", type=_positive_float, default=None, metavar="S",
+                   help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT:g}; a "
+                        "sample stream has none unless this is given, and then it bounds the "
+                        "whole stream)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (VaeError, CliError, ImageFileError) as exc:
+        _error(str(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error(f"{where}{exc.strerror or exc}")
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    return 1
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

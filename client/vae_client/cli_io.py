@@ -1,0 +1,288 @@
+"""Files and terminal output of the `vae-client` command: image and latent files, score
+tables, and a text progress bar. Nothing here talks to the server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from vae_client._codec import Scores
+from vae_client.images import SIDE, grid, load_images, to_uint8, write_png
+
+IMAGE_SUFFIXES = (".npy", ".png")
+LATENT_SUFFIXES = (".npy", ".npz")
+MAX_PNG_IMAGES = 65536  # a 256 x 256 grid, about 7,700 pixels a side
+
+
+class CliError(Exception):
+    """A problem with the command's inputs or outputs, reported as one line."""
+
+
+def suffix_of(path: str, allowed: Sequence[str], option: str) -> str:
+    """The lower-case suffix of `path`, which must be one of `allowed`."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in allowed:
+        raise CliError(f"{option} {path}: the name must end in {' or '.join(allowed)}")
+    return suffix
+
+
+# -- images ---------------------------------------------------------------------------------
+
+
+def read_images(paths: Sequence[str]) -> np.ndarray:
+    """One or more image files (see images.load_images) -> one array, uint8 or float32."""
+    parts = [load_images(p) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.dtype for p in parts}) > 1:
+        raise CliError("--in: the files mix uint8 and float pixels; the server reads the two "
+                       "differently, so convert them to one kind first")
+    return np.concatenate([p.reshape(len(p), SIDE, SIDE) for p in parts])
+
+
+class ImageSink:
+    """Images [n, 28, 28] written by pieces at their offsets: to an NPY file through a
+    memory map (memory stays bounded whatever n is), or kept as uint8 and written as one PNG
+    grid on close(). abort() removes a partly written file."""
+
+    def __init__(self, path: str, n: int, dtype: str, cols: int | None = None) -> None:
+        self.path, self.n, self.cols = path, n, cols
+        self.kind = suffix_of(path, IMAGE_SUFFIXES, "--out")
+        if self.kind == ".png":
+            if n > MAX_PNG_IMAGES:
+                raise CliError(f"--out {path}: a PNG grid of {n} images is too large (at most "
+                               f"{MAX_PNG_IMAGES}); write a .npy file")
+            self._array: np.ndarray = np.zeros((n, SIDE, SIDE), dtype=np.uint8)
+        else:
+            self._array = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype),
+                                                    shape=(n, SIDE, SIDE))
+
+    def put(self, offset: int, images: np.ndarray) -> None:
+        if offset < 0 or offset + len(images) > self.n:
+            raise CliError(f"images {offset} .. {offset + len(images) - 1} fall outside the "
+                           f"{self.n} requested")
+        block = images.reshape(len(images), SIDE, SIDE)
+        self._array[offset : offset + len(images)] = (
+            to_uint8(block) if self.kind == ".png" else block)
+
+    def close(self) -> None:
+        if self.kind == ".png":
+            write_png(self.path, grid(self._array, self.cols))
+        else:
+            self._array.flush()  # type: ignore[attr-defined]
+            del self._array
+
+    def abort(self) -> None:
+        if self.kind == ".npy":
+            del self._array
+            Path(self.path).unlink(missing_ok=True)
+
+
+# -- latents --------------------------------------------------------------------------------
+
+
+def _load_latents(path: str, npz: bool) -> np.ndarray:
+    if not npz:
+        return np.load(path, allow_pickle=False)
+    with np.load(path, allow_pickle=False) as arrays:
+        key = "z" if "z" in arrays.files else "mu" if "mu" in arrays.files else None
+        if key is None:
+            raise CliError(f"--in {path}: an .npz file needs an array named z or mu; it "
+                           f"holds {', '.join(arrays.files) or 'nothing'}")
+        return arrays[key]
+
+
+def read_latents(path: str) -> np.ndarray:
+    """Latents from .npy ([N, k] or one [k]) or from .npz (its `z`, else its `mu`): float32."""
+    npz = suffix_of(path, LATENT_SUFFIXES, "--in") == ".npz"
+    try:
+        z = _load_latents(path, npz)
+    except (ValueError, EOFError) as exc:  # not an NPY/NPZ file, or a pickled one
+        raise CliError(f"--in {path}: cannot read it as {'NPZ' if npz else 'NPY'} ({exc})"
+                       ) from None
+    z = z[None] if z.ndim == 1 else z
+    if z.ndim != 2 or len(z) == 0 or z.dtype.kind not in "fiu":
+        raise CliError(f"--in {path}: latents of shape {list(z.shape)} and dtype {z.dtype}; "
+                       "expected numbers [N, k]")
+    return z.astype(np.float32, copy=False)
+
+
+def write_latents(path: str, mu: np.ndarray, logvar: np.ndarray, z: np.ndarray | None) -> None:
+    """.npz: arrays mu, logvar (and z when sampled). .npy: z when sampled, else mu."""
+    if suffix_of(path, LATENT_SUFFIXES, "--out") == ".npz":
+        arrays = {"mu": mu, "logvar": logvar} | ({} if z is None else {"z": z})
+        np.savez(path, **arrays)
+    else:
+        np.save(path, mu if z is None else z)
+
+
+# -- scores ---------------------------------------------------------------------------------
+
+_COLUMNS = ("index", "elbo", "log_likelihood", "bits_per_dim", "percentile", "anomaly")
+
+
+def concat_scores(parts: Sequence[Scores]) -> Scores:
+    fields = ("elbo", "log_likelihood", "bits_per_dim", "percentile", "anomaly")
+    return Scores(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in fields},
+                  k=parts[0].k)
+
+
+def _open_out(path: str) -> IO[str]:
+    return sys.stdout if path == "-" else open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+
+
+def write_scores_json(path: str, scores: Scores) -> None:
+    """A JSON list of one object per image (Scores.records()), one line each; '-' = stdout."""
+    f = _open_out(path)
+    try:
+        lines = ",\n".join(json.dumps(r) for r in scores.records())
+        f.write(f"[\n{lines}\n]\n")
+    finally:
+        if f is not sys.stdout:
+            f.close()
+
+
+def write_scores_csv(path: str, scores: Scores) -> None:
+    """CSV with a header row, one row per image; '-' = stdout."""
+    f = _open_out(path)
+    try:
+        writer = csv.DictWriter(f, fieldnames=_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(scores.records())
+    finally:
+        if f is not sys.stdout:
+            f.close()
+
+
+def scores_table(scores: Scores) -> str:
+    out = io.StringIO()
+    out.write(f"{'index':>7} {'elbo':>12} {'log_likelihood':>15} {'bits_per_dim':>13} "
+              f"{'percentile':>11} {'anomaly':>8}\n")
+    for r in scores.records():
+        out.write(f"{r['index']:>7} {r['elbo']:>12.3f} {r['log_likelihood']:>15.3f} "
+                  f"{r['bits_per_dim']:>13.4f} {r['percentile']:>11.2f} "
+                  f"{'yes' if r['anomaly'] else 'no':>8}\n")
+    return out.getvalue()
+
+
+def scores_summary(scores: Scores) -> str:
+    n, flagged = len(scores.elbo), int(np.count_nonzero(scores.anomaly))
+    return (f"{n} images, k={scores.k}: mean elbo {scores.elbo.mean():.3f} nats, mean "
+            f"log-likelihood {scores.log_likelihood.mean():.3f} nats, mean bits/dim "
+            f"{scores.bits_per_dim.mean():.4f}, {flagged} anomalies ({100.0 * flagged / n:.1f}%)")
+
+
+# -- model info -----------------------------------------------------------------------------
+
+
+def message_dict(msg: Any) -> dict[str, Any]:
+    """A protobuf message -> a plain dict of every field, defaults included (ints stay ints,
+    unlike protobuf's JSON mapping, which writes 64-bit integers as strings)."""
+    out: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if hasattr(value, "DESCRIPTOR"):
+            out[field.name] = message_dict(value)
+        elif isinstance(value, (str, bytes, bool, int, float)):
+            out[field.name] = value
+        else:  # a repeated field
+            out[field.name] = [message_dict(v) if hasattr(v, "DESCRIPTOR") else v for v in value]
+    return out
+
+
+def info_dict(info: Any) -> dict[str, Any]:
+    """ModelInfo as a dict, with manifest_json replaced by the parsed `manifest` object."""
+    d = message_dict(info)
+    text = d.pop("manifest_json")
+    d["manifest"] = json.loads(text) if text else None
+    return d
+
+
+def info_text(target: str, info: Any) -> str:
+    d = info_dict(info)
+    manifest = d.pop("manifest") or {}
+    rows: dict[str, Any] = {"target": target}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            rows.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            rows[key] = value
+    training = manifest.get("training") or {}
+    calibration = manifest.get("calibration") or {}
+    rows.update({"manifest.created": manifest.get("created"),
+                 "manifest.hidden": manifest.get("hidden"),
+                 "manifest.training.data": training.get("data"),
+                 "manifest.training.val_elbo": training.get("val_elbo"),
+                 "manifest.calibration.mean_log_likelihood":
+                     calibration.get("mean_log_likelihood")})
+    width = max(len(k) for k in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows.items() if v is not None)
+
+
+# -- progress -------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line text progress bar on stderr: images done / total, percent, images/s.
+    Redrawn at most every `interval` seconds; silent when not enabled."""
+
+    def __init__(self, total: int, label: str, enabled: bool, stream: IO[str] | None = None,
+                 interval: float = 0.1) -> None:
+        self.total, self.label, self.enabled = total, label, enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.interval = interval
+        self.done = 0
+        self._start = self._drawn = time.monotonic()
+        self._drawn_done, self._width = -1, 0
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.enabled and (now - self._drawn >= self.interval or self.done >= self.total):
+            self._draw(now)
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((time.monotonic() if now is None else now) - self._start, 1e-9)
+        frac = min(self.done / self.total, 1.0) if self.total else 1.0
+        width = 30
+        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+        return (f"{self.label} [{bar}] {self.done}/{self.total} {100 * frac:5.1f}% "
+                f"{self.done / elapsed:,.0f} img/s")
+
+    def _draw(self, now: float) -> None:
+        text = self.line(now)
+        self.stream.write("\r" + text.ljust(self._width))
+        self.stream.flush()
+        self._drawn, self._drawn_done, self._width = now, self.done, len(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            if self._drawn_done != self.done or not self._width:
+                self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
+            self.enabled = False
+
+
+def progress_wanted(flag: bool | None) -> bool:
+    """--progress / --no-progress, or by default: only when stderr is a terminal."""
+    if flag is not None:
+        return flag
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
