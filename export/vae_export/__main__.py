@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=tc.patience,
                    help="stop after this many epochs without a better validation ELBO "
                    "(default: %(default)s)")
-    t.add_argument("--batch-size", type=int, default=tc.batch_size, help="minibatch size (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=tc.batch_size,
+                   help="minibatch size (default: %(default)s)")
     t.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate (default: %(default)s)")
     t.add_argument("--val-fraction", type=float, default=tc.val_fraction,
                    help="fraction of each digit class held out for validation (default: %(default)s)")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import concurrent.futures
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
