@@ -99,8 +99,8 @@ def test_sample_stream_equals_sample_and_resumes_at_any_offset(client):
 def test_log_likelihood_agrees_with_the_evaluator(client, reference, digits):
     """Same images, K and seed as `vae-export eval`: the same numbers to 1e-5 relative."""
     seed, k = 3, 200
-    # uint8 images: both dequantise with default_rng(seed) and draw noise per (seed, index).
-    x = lk.dequantize(digits, np.random.default_rng(seed))
+    # uint8 images: both dequantise and draw noise per (seed, index).
+    x = lk.dequantize_images(digits, seed)
     ref = reference.score(x, k, seed)
     for images in (digits, x):  # the server dequantises uint8 itself; floats go as they are
         got = client.log_likelihood(images, k=k, seed=seed)
@@ -112,6 +112,14 @@ def test_log_likelihood_agrees_with_the_evaluator(client, reference, digits):
     pct = lk.percentile_of(ref.log_likelihood, np.array(cal["quantiles"]), np.array(cal["levels"]))
     np.testing.assert_allclose(got.percentile, pct, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got.anomaly, pct < cal["anomaly_percentile"])
+
+
+def test_a_set_split_across_calls_scores_as_one_call(client, digits):
+    whole = client.log_likelihood(digits, k=30, seed=4)
+    parts = [client.log_likelihood(digits[i : i + 7], k=30, seed=4, offset=i)
+             for i in range(0, len(digits), 7)]
+    np.testing.assert_allclose(np.concatenate([p.log_likelihood for p in parts]),
+                               whole.log_likelihood, rtol=1e-12)
 
 
 def test_noise_images_are_flagged_and_digits_mostly_not(client, digits):
@@ -154,7 +162,7 @@ def test_200_concurrent_mixed_calls_each_get_their_own_rows(server, reference, d
         np.testing.assert_array_equal(got.reshape(4, -1),
                                       reference.decode(prior_latents(s, 0, 4, k)))
     for i, got in enumerate(results[180:]):
-        ref = reference.score(lk.dequantize(digits[i : i + 2], np.random.default_rng(i)), 20, i)
+        ref = reference.score(lk.dequantize_images(digits[i : i + 2], i), 20, i)
         np.testing.assert_allclose(got.log_likelihood, ref.log_likelihood, rtol=1e-5)
     # 140 calls reached the decoder (80 Decode, 40 Sample, 20 LogLikelihood, each under
     # max_batch_size rows); merging means fewer runs than calls.
@@ -298,7 +306,9 @@ def test_client_errors_carry_the_status_code(client):
 def test_full_queue_answers_resource_exhausted_at_once(model_dir):
     # 16-row runs drain a 4,000-row call slowly enough that calls arriving meanwhile find
     # the 4,096-image queue full.
-    with server_thread(model_dir, max_batch_size=16, max_queue_images=4096) as srv:
+    with server_thread(model_dir, max_batch_size=16, max_queue_images=4096,
+                       max_images_per_request=1024, max_sample_n=1024,
+                       max_chunk_size=1024) as srv:
         async def timed(c, i):
             t0 = time.perf_counter()
             try:

@@ -234,7 +234,8 @@ def add_sample(sub: Subparsers) -> None:
                    help="OUT.npy (images [n, 28, 28] of --dtype) or OUT.png (one grid of the "
                         "images, white digits on black, with gray gutters)")
     p.add_argument("--chunk-size", type=_int_at_least(0), default=0,
-                   help="images per streamed chunk; 0 = the server's default_chunk_size "
+                   help="images per streamed chunk; 0 = the server's default_chunk_size, or "
+                        "less where its queue is smaller "
                         "(default: %(default)s)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help=f"use SampleStream (--stream) or one Sample call (--no-stream); by "
@@ -256,7 +257,10 @@ def run_sample(args: argparse.Namespace) -> int:
         sink = ImageSink(args.out, args.n, args.dtype, args.cols)
         try:
             if stream:
-                _sample_stream(client, args, sink)
+                # The server's default chunk may not fit a small queue: then ask for less.
+                chunk = args.chunk_size or min(info.limits.default_chunk_size,
+                                               _max_images(info))
+                _sample_stream(client, args, chunk, sink)
             else:
                 sink.put(0, client.sample(args.n, seed=args.seed, dtype=args.dtype))
         except BaseException:
@@ -266,9 +270,10 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_stream(client: VaeClient, args: argparse.Namespace, sink: ImageSink) -> None:
+def _sample_stream(client: VaeClient, args: argparse.Namespace, chunk_size: int,
+                   sink: ImageSink) -> None:
     # --timeout bounds the whole stream when given; by default a stream has no deadline.
-    chunks = client.sample_stream(args.n, seed=args.seed, chunk_size=args.chunk_size,
+    chunks = client.sample_stream(args.n, seed=args.seed, chunk_size=chunk_size,
                                   dtype=args.dtype, timeout=args.timeout)
     with Progress(args.n, "sample", cli_io.progress_wanted(args.progress)) as bar:
         for offset, images in chunks:

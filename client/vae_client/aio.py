@@ -82,7 +82,9 @@ class AsyncVaeClient:
             raise VaeError.from_rpc_error(err) from None
 
     async def log_likelihood(self, images: np.ndarray, k: int = 100, seed: int = 0,
-                             timeout: float | None = None) -> Scores:
-        """Per image: ELBO, log p(x) with k samples, bits/dim, percentile and flag."""
-        req = vae_pb2.LogLikelihoodRequest(images=_codec.images_tensor(images), k=k, seed=seed)
+                             offset: int = 0, timeout: float | None = None) -> Scores:
+        """Per image: ELBO, log p(x) with k samples, bits/dim, percentile and flag; `offset`
+        as in VaeClient.log_likelihood."""
+        req = vae_pb2.LogLikelihoodRequest(images=_codec.images_tensor(images), k=k, seed=seed,
+                                           offset=offset)
         return Scores.from_reply(await self._call(self._stub.LogLikelihood, req, timeout))

@@ -118,8 +118,10 @@ def read_latents(path: str) -> np.ndarray:
 def write_latents(path: str, mu: np.ndarray, logvar: np.ndarray, z: np.ndarray | None) -> None:
     """.npz: arrays mu, logvar (and z when sampled). .npy: z when sampled, else mu."""
     if suffix_of(path, LATENT_SUFFIXES, "--out") == ".npz":
-        arrays = {"mu": mu, "logvar": logvar} | ({} if z is None else {"z": z})
-        np.savez(path, **arrays)
+        if z is None:
+            np.savez(path, mu=mu, logvar=logvar)
+        else:
+            np.savez(path, mu=mu, logvar=logvar, z=z)
     else:
         np.save(path, mu if z is None else z)
 

@@ -83,9 +83,11 @@ class VaeClient:
         except grpc.RpcError as err:
             raise VaeError.from_rpc_error(err) from None
 
-    def log_likelihood(self, images: np.ndarray, k: int = 100, seed: int = 0,
+    def log_likelihood(self, images: np.ndarray, k: int = 100, seed: int = 0, offset: int = 0,
                        timeout: float | None = None) -> Scores:
         """Per image: ELBO, importance-sampled log p(x) with k samples, bits/dim, and the
-        anomaly percentile and flag."""
-        req = vae_pb2.LogLikelihoodRequest(images=_codec.images_tensor(images), k=k, seed=seed)
+        anomaly percentile and flag. `offset` is the index of images[0] within a larger set
+        sent in parts: the parts then score exactly as the whole would."""
+        req = vae_pb2.LogLikelihoodRequest(images=_codec.images_tensor(images), k=k, seed=seed,
+                                           offset=offset)
         return Scores.from_reply(self._call(self._stub.LogLikelihood, req, timeout))

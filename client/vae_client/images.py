@@ -97,10 +97,8 @@ def _unfilter(raw: bytes, height: int, stride: int, bpp: int, name: str) -> np.n
             up = prev.tobytes()
             for i in range(stride):
                 left = buf[i - bpp] if i >= bpp else 0
-                if kind == 3:
-                    pred = (left + up[i]) >> 1
-                else:
-                    pred = _paeth(left, up[i], up[i - bpp] if i >= bpp else 0)
+                up_left = up[i - bpp] if i >= bpp else 0
+                pred = (left + up[i]) >> 1 if kind == 3 else _paeth(left, up[i], up_left)
                 buf[i] = (buf[i] + pred) & 0xFF
             cur = np.frombuffer(bytes(buf), dtype=np.uint8)
         else:

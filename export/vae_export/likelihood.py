@@ -130,6 +130,18 @@ def dequantize(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return ((pixels.astype(np.float32) + u) / np.float32(PIXEL_LEVELS)).astype(np.float32)
 
 
+def dequantize_images(pixels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
+    """uint8 images [n, D] -> float32 (y + u) / 256, where image i's u ~ U[0, 1)^D comes from
+    the generator seeded by (seed, start + i, 1) alone: a set split into parts dequantises
+    exactly as the whole. (score_noise uses (seed, index): the two never share a stream.)"""
+    pixels = np.asarray(pixels)
+    out = np.empty(pixels.shape, dtype=np.float32)
+    for j in range(len(pixels)):
+        u = np.random.default_rng([seed, start + j, 1]).random(pixels.shape[1:], dtype=np.float32)
+        out[j] = (pixels[j].astype(np.float32) + u) / np.float32(PIXEL_LEVELS)
+    return out
+
+
 def to_unit(pixels: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 in [0, 1] (y / 255): the serving and display scale."""
     return (pixels.astype(np.float32) / np.float32(255.0)).astype(np.float32)

@@ -103,14 +103,16 @@ class SampleChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LogLikelihoodRequest(_message.Message):
-    __slots__ = ("images", "k", "seed")
+    __slots__ = ("images", "k", "seed", "offset")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     k: int
     seed: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LogLikelihoodResponse(_message.Message):
     __slots__ = ("elbo", "log_likelihood", "bits_per_dim", "percentile", "anomaly", "k")

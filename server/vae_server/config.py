@@ -101,3 +101,9 @@ def _check(s: Settings) -> None:
                  "max_message_mb"):
         if getattr(s, name) < 1:
             raise SystemExit(f"vae-server: --{name.replace('_', '-')} must be >= 1")
+    # A call that could never fit in the queue would be told "queue full, retry" forever.
+    for name in ("max_batch_size", "max_images_per_request", "max_sample_n", "max_chunk_size"):
+        if getattr(s, name) > s.max_queue_images:
+            raise SystemExit(
+                f"vae-server: --{name.replace('_', '-')} ({getattr(s, name)}) must not exceed "
+                f"--max-queue-images ({s.max_queue_images})")

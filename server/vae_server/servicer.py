@@ -102,7 +102,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.metrics = metrics
         self.executor = executor
         batching = {"max_batch": settings.max_batch_size,
-                    "max_queue": max(settings.max_queue_images, settings.max_batch_size),
+                    "max_queue": settings.max_queue_images,
                     "max_delay": settings.max_delay_ms / 1000.0, "merge": settings.batching}
         self.encoder = Batcher(runtime.run_encoder, executor,
                                observer=metrics.observer("encoder"), **batching)
@@ -221,20 +221,20 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                 f"images x k: {n} x {k_samples} = {n * k_samples} decoder rows; the limit is "
                 f"{s.max_queue_images} per call (send fewer images or a smaller k)"
             )
-        seed = int(request.seed)
+        seed, offset = int(request.seed), int(request.offset)
         loop = asyncio.get_running_loop()
         deadline = _deadline(context)
 
         def prepare() -> np.ndarray:
             if raw.dtype == np.uint8:
-                return lk.dequantize(raw, np.random.default_rng(seed))
+                return lk.dequantize_images(raw, seed, offset)
             return raw
 
         x = await loop.run_in_executor(self.executor, prepare)
         mu, logvar = await self.encoder.submit(x, deadline)
 
         def noise() -> tuple[np.ndarray, np.ndarray]:
-            eps = lk.score_noise(seed, 0, n, k_samples, rt.latent_dim)
+            eps = lk.score_noise(seed, offset, n, k_samples, rt.latent_dim)
             return eps, lk.latents(mu, logvar, eps).reshape(n * k_samples, rt.latent_dim)
 
         eps, z = await loop.run_in_executor(self.executor, noise)

