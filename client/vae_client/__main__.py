@@ -294,7 +294,8 @@ def add_score(sub: Subparsers) -> None:
         "anomaly flag. Without --json or --csv a table goes to stdout; a summary line always "
         "follows (on stderr when a result goes to stdout as '-'). Images go in requests of "
         "--batch, fewer where the server's limits ask for it (images x K <= "
-        "max_queue_images); the first request uses --seed, later ones seeds derived from it.")
+        "max_queue_images); each request says where its images start, so the scores do not "
+        "depend on how the file was split.")
     p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
                    help="image files: NPY ([N, 784] or [N, 28, 28], float in [0, 1] or "
                         "uint8), IDX (gzipped or not) or PNG; several are joined in order")
@@ -322,7 +323,7 @@ def run_score(args: argparse.Namespace) -> int:
         with Progress(len(images), "score", cli_io.progress_wanted(args.progress)) as bar:
             for start, stop in _spans(len(images), batch):
                 parts.append(client.log_likelihood(np.asarray(images[start:stop]), k=args.k,
-                                                   seed=_batch_seed(args.seed, start)))
+                                                   seed=args.seed, offset=start))
                 bar.update(stop - start)
     scores = cli_io.concat_scores(parts)
     if args.json:
