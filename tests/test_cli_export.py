@@ -101,6 +101,14 @@ def test_eval_of_missing_data_dir_exits_2(model_dir: Path, tmp_path: Path,
     assert "not a directory" in capsys.readouterr().err
 
 
+def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    code = main(["onnx", "--run", str(tmp_path / "no-run"), "--out", str(tmp_path / "m")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "missing" in err and "Traceback" not in err
+
+
 def _tampered(model_dir: Path, tmp_path: Path) -> Path:
     bad = Path(shutil.copytree(model_dir, tmp_path / "model"))
     with open(bad / DECODER, "ab") as f:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vae_export import likelihood as lk
-from vae_export.data import load_dataset, stratified_split
+from vae_export.data import DataError, load_dataset, stratified_split
 from vae_export.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, sha256_file
 from vae_export.model import VAE, load_checkpoint
 from vae_export.runtime import OnnxVAE
@@ -84,7 +84,10 @@ def _io_spec(names: list[str], widths: list[int]) -> list[dict[str, Any]]:
 def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, Any]:
     """Export the checkpoint in `run_dir` to `out`; returns the manifest written there."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    model, extra = load_checkpoint(run_dir / "checkpoint.pt")
+    checkpoint = run_dir / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise DataError(f"{checkpoint}: missing (is {run_dir} a run written by `vae-export train`?)")
+    model, extra = load_checkpoint(checkpoint)
     cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
     x_example = torch.rand(2, cfg.image_pixels)
