@@ -7,7 +7,7 @@ RUN_DIR ?= runs/default
 MNIST_TEST ?= ../shared/data/mnist
 PYTEST_ARGS ?=
 
-.PHONY: run test setup model eval lint proto clean
+.PHONY: run test setup model eval bench lint proto clean
 
 # A stamp file so set-up runs once, and again whenever pyproject.toml changes.
 # torch goes first and pinned: pip takes the CPU build on disk, never a multi-GB CUDA build.
@@ -39,6 +39,10 @@ test: setup
 
 eval: model
 	$(BIN)/vae-export eval --model-dir $(MODEL_DIR) --data $(MNIST_TEST) --k 5000 --json eval.json --roc roc.png
+
+# Throughput and latency beside the compute and transport limits, in one run (BENCHMARKS.md).
+bench: model
+	$(BIN)/python bench/run.py --model-dir $(MODEL_DIR)
 
 lint: setup
 	$(BIN)/ruff check .

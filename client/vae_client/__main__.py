@@ -5,6 +5,7 @@
     vae-client --target HOST:PORT decode --in Z.npy|Z.npz --out OUT.npy|OUT.png
     vae-client --target HOST:PORT sample --n N --seed S --out OUT.npy|OUT.png
     vae-client --target HOST:PORT score --in FILE... [--k K] [--json OUT] [--csv OUT]
+    vae-client --target HOST:PORT bench --method decode --concurrency 64 --duration 10
 
 Each subcommand is one `add_*` function in COMMANDS: it registers its parser and sets
 `run`, which takes the parsed arguments and returns the exit status. Errors print one line,
@@ -337,12 +338,62 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ----------------------------------------------------------------------------------
+
+
+def add_bench(sub: Subparsers) -> None:
+    from vae_client.bench import METHODS
+
+    p = sub.add_parser(
+        "bench", help="load-test the server: throughput, latency percentiles, errors",
+        description="A load generator: closed loop (--concurrency calls always in flight) or "
+        "open loop (--rate calls per second, whatever the replies do; latency counted from "
+        "the scheduled send time). Reports calls/s, images/s, p50/p90/p99/max latency and "
+        "errors by status code. The first --warmup seconds are not counted.")
+    p.add_argument("--method", choices=METHODS, default="decode",
+                   help="decode: z -> images; encode: images -> mu, logvar; sample: Sample(n="
+                        "batch); stream: SampleStream of --stream-n images in chunks of --batch; "
+                        "loglik: LogLikelihood of --batch images with --k samples "
+                        "(default: %(default)s)")
+    p.add_argument("--concurrency", type=_int_at_least(1), default=1,
+                   help="calls in flight, closed loop (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: start this many calls per second instead (default: closed)")
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="seconds measured after the warm-up (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="seconds of load before measuring (default: %(default)s)")
+    p.add_argument("--batch", type=_int_at_least(1), default=1,
+                   help="images per call, or per chunk for stream (default: %(default)s)")
+    p.add_argument("--k", type=_int_at_least(1), default=1000,
+                   help="importance samples for loglik (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "uint8"), default="float32",
+                   help="image dtype of decode, sample and stream replies (default: %(default)s)")
+    p.add_argument("--stream-n", type=_int_at_least(1), default=100_000,
+                   help="images per SampleStream call (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from vae_client.bench import run_bench as bench
+
+    result = asyncio.run(bench(
+        args.target, args.method, concurrency=args.concurrency, duration=args.duration,
+        batch=args.batch, rate=args.rate, k=args.k, dtype=args.dtype, stream_n=args.stream_n,
+        warmup=args.warmup, timeout=args.timeout))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
 # -- the command ----------------------------------------------------------------------------
 
 # One registration function per subcommand, in the order `--help` lists them. A new
 # subcommand (e.g. `bench`) adds its add_* function here.
 COMMANDS: list[Callable[[Subparsers], None]] = [add_info, add_encode, add_decode, add_sample,
-                                                add_score]
+                                                add_score, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,225 @@
+"""`make bench`: the service beside its limits, measured in one run on this machine.
+
+Limits: in-process ONNX Runtime (compute) and a trivial grpc.aio echo server with the same
+message sizes (transport). Then the real server with batching off and on. Every figure is
+printed with its ratio to the limit it is measured against; the table and the raw results go
+to --out (JSON and markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vae_client.bench import BenchResult, run_bench
+from vae_export.runtime import OnnxVAE
+from vae_server.sampling import prior_latents
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(target: str, timeout: float = 60) -> None:
+    import grpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(target) as ch:
+            try:
+                grpc.channel_ready_future(ch).result(timeout=1)
+                return
+            except grpc.FutureTimeoutError:
+                pass
+    raise TimeoutError(target)
+
+
+class Process:
+    def __init__(self, cmd: list[str]) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([*cmd, "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_ready(self.target)
+        time.sleep(1.0)  # warm-up of the server finishes before health says SERVING
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def server_cmd(model_dir: Path, batching: bool, threads: int) -> list[str]:
+    return [str(BIN / "vae-server"), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+            "--metrics-port", "-1", "--batching", str(batching).lower(),
+            "--threads", str(threads), "--log-level", "WARNING"]
+
+
+def bench(target: str, method: str, duration: float, **kw: Any) -> BenchResult:
+    return asyncio.run(run_bench(target, method, duration=duration, warmup=1.0, **kw))
+
+
+def in_process_decode_calls(model: OnnxVAE, seconds: float) -> float:
+    """Single-image decodes per second, one after another, in this process."""
+    z = np.random.default_rng(0).standard_normal((1, model.latent_dim), dtype=np.float32)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        model.decode(z)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def in_process_stream_images(model: OnnxVAE, chunk: int, dtype: str, seconds: float) -> float:
+    """Images/s of the server's SampleStream work done in process: noise, decode, the dtype
+    conversion and the bytes, chunk after chunk."""
+    n, t0, offset = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        z = prior_latents(0, offset, chunk, model.latent_dim)
+        x = model.decode(z)
+        if dtype == "uint8":
+            x = np.rint(x * np.float32(255.0)).astype(np.uint8)
+        x.tobytes()
+        n += chunk
+        offset += chunk
+    return n / (time.perf_counter() - t0)
+
+
+def in_process_loglik_images(model: OnnxVAE, k: int, seconds: float) -> float:
+    """Images/s of the same estimator (OnnxVAE.score, the evaluator's code) in process."""
+    x = np.random.default_rng(0).random((1, 784), dtype=np.float32)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        model.score(x, k, seed=n)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model-dir", default=str(ROOT / "models/default"))
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    p.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads, server and in-process alike")
+    p.add_argument("--chunk", type=int, default=1024, help="SampleStream chunk size")
+    p.add_argument("--out", default=str(ROOT / "bench-results"))
+    args = p.parse_args()
+    model_dir = Path(args.model_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = args.duration
+    model = OnnxVAE(model_dir, threads=args.threads)
+    rows: list[dict[str, Any]] = []
+
+    def row(section: str, what: str, value: float, unit: str, limit: float | None,
+            limit_name: str, extra: BenchResult | None = None) -> None:
+        ratio = value / limit if limit else None
+        rows.append({"section": section, "what": what, "value": value, "unit": unit,
+                     "limit": limit_name, "ratio": ratio,
+                     "p50_ms": extra.latency_ms["p50"] if extra else None,
+                     "p99_ms": extra.latency_ms["p99"] if extra else None,
+                     "errors": extra.errors if extra else {}})
+        r = f"{ratio:.2f} of {limit_name}" if ratio is not None else "(limit)"
+        lat = (f"  p50 {extra.latency_ms['p50']:.2f} ms p99 {extra.latency_ms['p99']:.2f} ms"
+               if extra else "")
+        print(f"{section:<28} {what:<26} {value:>12,.0f} {unit:<9} {r}{lat}", flush=True)
+
+    # (a) single-image Decode: transport limit, batching off, batching on.
+    section = "decode, 1 image per call"
+    row(section, "in-process ORT, 1 caller", in_process_decode_calls(model, d), "calls/s",
+        None, "compute")
+    echo_cmd = [sys.executable, str(ROOT / "bench/echo_server.py"), "--chunk", str(args.chunk),
+                "--latent-dim", str(model.latent_dim)]
+    echo: dict[int, float] = {}
+    with Process(echo_cmd) as srv:
+        for c in (1, 16, 64):
+            r = bench(srv.target, "decode", d, concurrency=c)
+            echo[c] = r.calls_per_s
+            row(section, f"echo server, c={c}", r.calls_per_s, "calls/s", None, "transport", r)
+        stream_echo = {}
+        for dtype in ("float32", "uint8"):
+            r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype, stream_n=200_000)
+            stream_echo[dtype] = r.images_per_s
+    for batching in (False, True):
+        with Process(server_cmd(model_dir, batching, args.threads)) as srv:
+            for c in (1, 16, 64):
+                r = bench(srv.target, "decode", d, concurrency=c)
+                row(section, f"batching {'on' if batching else 'off'}, c={c}", r.calls_per_s,
+                    "calls/s", echo[c], f"echo c={c}", r)
+
+    # (b) SampleStream and (c) LogLikelihood, batching on, against in-process ORT.
+    with Process(server_cmd(model_dir, True, args.threads)) as srv:
+        for dtype in ("float32", "uint8"):
+            section = f"SampleStream {dtype}"
+            limit = in_process_stream_images(model, args.chunk, dtype, d)
+            row(section, f"in-process, chunk {args.chunk}", limit, "images/s", None, "compute")
+            row(section, "echo server", stream_echo[dtype], "images/s", None, "transport")
+            r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype, stream_n=200_000)
+            row(section, "server", r.images_per_s, "images/s", limit, "in-process", r)
+        section = "LogLikelihood K=1000"
+        limit = in_process_loglik_images(model, 1000, d)
+        row(section, "in-process estimator", limit, "images/s", None, "compute")
+        for c in (1, 4):
+            r = bench(srv.target, "loglik", d, batch=1, k=1000, concurrency=c)
+            row(section, f"server, 1 image/call, c={c}", r.images_per_s, "images/s", limit,
+                "in-process", r)
+
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {_cpu_name()}",
+        "model_dir": str(model_dir),
+        "model_version": model.manifest["model_version"],
+        "command": "make bench",
+        "duration_s": d,
+        "ort_threads": args.threads,
+    }
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "bench.md").write_text(markdown(meta, rows))
+    print(f"\nwritten: {out / 'bench.json'}, {out / 'bench.md'}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [f"Measured {meta['date']} on {meta['machine']}; model {meta['model_version']}; "
+             f"`{meta['command']}` ({meta['duration_s']:g} s per figure).", "",
+             "| measurement | | value | ratio | p50 ms | p99 ms |", "|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f} of {r['limit']}" if r["ratio"] is not None else r["limit"]
+        p50 = f"{r['p50_ms']:.2f}" if r["p50_ms"] is not None else ""
+        p99 = f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else ""
+        lines.append(f"| {r['section']} | {r['what']} | {r['value']:,.0f} {r['unit']} | {ratio} "
+                     f"| {p50} | {p99} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
