@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vae_export.model import VAEConfig
-    from vae_export.train import TrainConfig, train
+    from vae_export.config import TrainConfig, VAEConfig
+    from vae_export.train import train
 
     model_cfg = VAEConfig(
         latent_dim=args.latent_dim,
@@ -54,7 +54,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vae_export.train import TrainConfig
+    from vae_export.config import TrainConfig
 
     # The defaults live once, in the dataclasses; the model's are chosen in EVAL.md.
     m = _model_defaults()
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_defaults() -> dict:
     import dataclasses
 
-    from vae_export.model import VAEConfig
+    from vae_export.config import VAEConfig
 
     return {f.name: f.default for f in dataclasses.fields(VAEConfig)}
 

@@ -8,7 +8,6 @@ from the file alone.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,32 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vae_export.likelihood import GAUSSIAN, LIKELIHOODS
-
-
-@dataclass
-class VAEConfig:
-    """Everything needed to rebuild the network."""
-
-    latent_dim: int = 16
-    hidden: tuple[int, ...] = (512, 256)
-    likelihood: str = GAUSSIAN
-    sigma: float = 0.1  # decoder standard deviation, Gaussian decoder only
-    image_pixels: int = 784
-
-    def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
-        if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
-        if self.latent_dim < 1:
-            raise ValueError("latent_dim must be >= 1")
-        if self.likelihood == GAUSSIAN and not self.sigma > 0:
-            raise ValueError("sigma must be > 0 for the Gaussian decoder")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
+from vae_export.config import VAEConfig
+from vae_export.likelihood import GAUSSIAN
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:

