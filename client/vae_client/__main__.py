@@ -419,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (VaeError, CliError, ImageFileError) as exc:
         _error(str(exc))
+    except BrokenPipeError:
+        # The reader went away (`vae-client info | head`): not an error worth a message.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         _error(f"{where}{exc.strerror or exc}")
