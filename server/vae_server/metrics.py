@@ -3,9 +3,20 @@ passed in, so each test can build a fresh CollectorRegistry."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from vae_server.batcher import BatcherObserver
 
@@ -17,10 +28,57 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
 
 
+log = logging.getLogger(__name__)
+
+
+class GpuCollector(Collector):
+    """GPU utilisation and memory from NVML (nvidia-ml-py), read at scrape time. Without the
+    library or a GPU it collects nothing, and says why once in the log."""
+
+    def __init__(self) -> None:
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.count = pynvml.nvmlDeviceGetCount()
+        except Exception as exc:  # noqa: BLE001 - ImportError, NVMLError: no GPU metrics
+            log.info("no GPU metrics: %s", exc)
+            self.count = 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if not self.count or self._nvml is None:
+            return
+        nv = self._nvml
+        util = GaugeMetricFamily("vae_gpu_utilization_ratio",
+                                 "GPU busy fraction over the last sample period (NVML).",
+                                 labels=["gpu", "name"])
+        used = GaugeMetricFamily("vae_gpu_memory_used_bytes", "GPU memory in use (NVML).",
+                                 labels=["gpu", "name"])
+        total = GaugeMetricFamily("vae_gpu_memory_total_bytes", "GPU memory in all (NVML).",
+                                  labels=["gpu", "name"])
+        for i in range(self.count):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            name = nv.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            util.add_metric([str(i), name], nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
+            used.add_metric([str(i), name], float(mem.used))
+            total.add_metric([str(i), name], float(mem.total))
+        yield from (util, used, total)
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, gpu: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Process CPU, memory and file descriptors, and the Python version: prometheus_client's
+        # default collectors, in our registry.
+        r.register(PROCESS_COLLECTOR)
+        r.register(PLATFORM_COLLECTOR)
+        if gpu:
+            r.register(GpuCollector())
         grpc_labels = ("grpc_service", "grpc_method", "grpc_type")
         self.started = Counter("grpc_server_started_total", "RPCs started on the server.",
                                grpc_labels, registry=r)
