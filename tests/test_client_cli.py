@@ -218,7 +218,7 @@ def test_score_splits_batches_to_fit_the_queue(cli, digits, tmp_path, model_dir)
     assert lines[0] == "index,elbo,log_likelihood,bits_per_dim,percentile,anomaly"
     assert len(lines) == 41
     # The split does not show: the scores are those of the whole set scored at once.
-    ref = OnnxVAE(model_dir).score(lk.dequantize_images(digits.reshape(len(digits), -1), 0),
+    ref = OnnxVAE(model_dir).score(lk.dequantize(digits.reshape(len(digits), -1), 0),
                                    400, 0)
     got = np.array([[float(v) for v in line.split(",")[1:4]] for line in lines[1:]])
     np.testing.assert_allclose(got[:, 0], ref.elbo, rtol=1e-5)

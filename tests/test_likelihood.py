@@ -286,8 +286,11 @@ def test_bits_per_dim_reference_points() -> None:
 
 
 def test_dequantize_and_to_unit() -> None:
-    pixels = np.arange(256, dtype=np.uint8).repeat(40)
-    x = lk.dequantize(pixels, np.random.default_rng(0))
+    pixels = np.arange(256, dtype=np.uint8).repeat(40).reshape(40, 256)
+    x = lk.dequantize(pixels, 0)
+    # Per image: a set dequantised in parts equals the whole.
+    np.testing.assert_array_equal(np.concatenate([lk.dequantize(pixels[:13], 0),
+                                                  lk.dequantize(pixels[13:], 0, start=13)]), x)
     assert x.dtype == np.float32
     assert np.all(x >= 0.0) and np.all(x < 1.0)
     np.testing.assert_array_equal(np.floor(x.astype(np.float64) * 256).astype(int), pixels)

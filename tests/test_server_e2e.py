@@ -100,7 +100,7 @@ def test_log_likelihood_agrees_with_the_evaluator(client, reference, digits):
     """Same images, K and seed as `vae-export eval`: the same numbers to 1e-5 relative."""
     seed, k = 3, 200
     # uint8 images: both dequantise and draw noise per (seed, index).
-    x = lk.dequantize_images(digits, seed)
+    x = lk.dequantize(digits, seed)
     ref = reference.score(x, k, seed)
     for images in (digits, x):  # the server dequantises uint8 itself; floats go as they are
         got = client.log_likelihood(images, k=k, seed=seed)
@@ -162,7 +162,7 @@ def test_200_concurrent_mixed_calls_each_get_their_own_rows(server, reference, d
         np.testing.assert_array_equal(got.reshape(4, -1),
                                       reference.decode(prior_latents(s, 0, 4, k)))
     for i, got in enumerate(results[180:]):
-        ref = reference.score(lk.dequantize_images(digits[i : i + 2], i), 20, i)
+        ref = reference.score(lk.dequantize(digits[i : i + 2], i), 20, i)
         np.testing.assert_allclose(got.log_likelihood, ref.log_likelihood, rtol=1e-5)
     # 140 calls reached the decoder (80 Decode, 40 Sample, 20 LogLikelihood, each under
     # max_batch_size rows); merging means fewer runs than calls.

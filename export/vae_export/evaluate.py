@@ -45,7 +45,7 @@ def roc_curve(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[np.ndarray
 
 def _prepare(digits: Digits, limit: int | None, seed: int) -> np.ndarray:
     images = digits.images[:limit] if limit else digits.images
-    return lk.dequantize_images(images.reshape(len(images), -1), seed)
+    return lk.dequantize(images.reshape(len(images), -1), seed)
 
 
 def _summary(scores: lk.Scores, model: OnnxVAE) -> dict[str, Any]:

@@ -124,13 +124,7 @@ def bits_per_dim(log_px: np.ndarray, likelihood: str, d: int) -> np.ndarray:
     return -log_px / (d * np.log(2.0))
 
 
-def dequantize(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """uint8 pixels -> float32 in [0, 1): (y + u) / 256 with u ~ U[0, 1) from `rng`."""
-    u = rng.random(pixels.shape, dtype=np.float32)
-    return ((pixels.astype(np.float32) + u) / np.float32(PIXEL_LEVELS)).astype(np.float32)
-
-
-def dequantize_images(pixels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
+def dequantize(pixels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
     """uint8 images [n, D] -> float32 (y + u) / 256, where image i's u ~ U[0, 1)^D comes from
     the generator seeded by (seed, start + i, 1) alone: a set split into parts dequantises
     exactly as the whole. (score_noise uses (seed, index): the two never share a stream.)"""

@@ -158,7 +158,7 @@ def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> di
     _, val_idx = stratified_split(digits.labels, train.get("val_fraction", 0.1),
                                   train.get("seed", 0))
     val = digits.subset(val_idx)
-    x = lk.dequantize_images(val.images.reshape(len(val), -1), CALIBRATION_SEED)
+    x = lk.dequantize(val.images.reshape(len(val), -1), CALIBRATION_SEED)
     # Manifest's calibration entry must exist before OnnxVAE reads it; write a provisional one.
     provisional = dict(manifest, calibration={})
     (out / MANIFEST).write_text(json.dumps(provisional))

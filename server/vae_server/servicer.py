@@ -227,7 +227,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
         def prepare() -> np.ndarray:
             if raw.dtype == np.uint8:
-                return lk.dequantize_images(raw, seed, offset)
+                return lk.dequantize(raw, seed, offset)
             return raw
 
         x = await loop.run_in_executor(self.executor, prepare)
