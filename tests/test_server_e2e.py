@@ -373,3 +373,22 @@ def test_batching_off_serves_the_same_answers(model_dir, reference):
         assert not c.info().batching.enabled
         z = np.random.default_rng(0).standard_normal((5, reference.latent_dim), dtype=np.float32)
         np.testing.assert_array_equal(c.decode(z).reshape(5, -1), reference.decode(z))
+
+
+def test_a_failed_model_run_is_internal_for_its_callers_only(model_dir, reference):
+    with server_thread(model_dir) as srv, VaeClient(srv.target) as c:
+        batcher = srv.running.servicer.decoder
+        real_run = batcher._run
+
+        def run(z):  # a model fault triggered by one caller's input
+            if (z == 1234.5).any():
+                raise RuntimeError("simulated fault in the model run")
+            return real_run(z)
+
+        batcher._run = run
+        k = reference.latent_dim
+        with pytest.raises(VaeError) as err:
+            c.decode(np.full((1, k), 1234.5, np.float32))
+        assert err.value.code == grpc.StatusCode.INTERNAL
+        z = np.zeros((2, k), np.float32)
+        np.testing.assert_array_equal(c.decode(z).reshape(2, -1), reference.decode(z))

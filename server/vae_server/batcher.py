@@ -71,8 +71,6 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         # Counters for tests and GetModelInfo; metrics get the same through the observer.
-        self.runs = 0
-        self.images_run = 0
         self.largest_batch = 0
         self.dropped: collections.Counter[str] = collections.Counter()  # slices, by reason
 
@@ -222,7 +220,5 @@ class Batcher:
                 offset += n
 
     def _record_run(self, size: int, queue_wait: list[float], started: float) -> None:
-        self.runs += 1
-        self.images_run += size
         self.largest_batch = max(self.largest_batch, size)
         self._observer.batch_run(size, queue_wait, time.monotonic() - started)

@@ -23,6 +23,3 @@ class DeadlineExpired(ServingError):
 class BatchFailed(ServingError):
     """The model run that held this call failed (a server fault)."""
 
-
-class NotReady(ServingError):
-    """The server is starting up or shutting down."""

@@ -24,7 +24,6 @@ from vae_server.errors import (
     BatchFailed,
     DeadlineExpired,
     InvalidArgument,
-    NotReady,
     QueueFull,
     ServingError,
 )
@@ -40,7 +39,6 @@ _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full"),
     DeadlineExpired: (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"),
     BatchFailed: (grpc.StatusCode.INTERNAL, "internal"),
-    NotReady: (grpc.StatusCode.UNAVAILABLE, "unavailable"),
 }
 
 
@@ -62,6 +60,10 @@ def _unary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except asyncio.CancelledError:
             self.metrics.rejected.labels("cancelled").inc()
             raise
+        except Exception:  # a bug of ours: INTERNAL, with the traceback in the log only
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+            raise
 
     return wrapper
 
@@ -78,6 +80,9 @@ def _streaming(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncI
         except asyncio.CancelledError:
             self.metrics.rejected.labels("cancelled").inc()
             raise
+        except Exception:  # a bug of ours: INTERNAL, with the traceback in the log only
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
     return wrapper
 
@@ -108,7 +113,6 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                                observer=metrics.observer("encoder"), **batching)
         self.decoder = Batcher(runtime.run_decoder, executor,
                                observer=metrics.observer("decoder"), **batching)
-        self._uint8_encode_offset = np.float32(0.5)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: ServingError) -> None:
         code, reason = _status_of(exc)
@@ -129,7 +133,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
     def _encode_input(self, arr: np.ndarray) -> np.ndarray:
         if arr.dtype == np.uint8:
-            return (arr.astype(np.float32) + self._uint8_encode_offset) / np.float32(256.0)
+            # The centre of the pixel's dequantisation interval (vae.proto, EncodeRequest).
+            return (arr.astype(np.float32) + np.float32(0.5)) / np.float32(256.0)
         return arr
 
     # -- RPCs -------------------------------------------------------------------------------
