@@ -35,6 +35,7 @@ run: model
 	$(BIN)/vae-server --model-dir $(MODEL_DIR) --port 50051 --metrics-port 8000
 
 test: setup
+	scripts/system-packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 eval: model

@@ -27,7 +27,9 @@ def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> st
     if exc is None:
         return "OK"
     if isinstance(exc, asyncio.CancelledError):
-        return "CANCELLED"
+        # The handler is cancelled both when the caller cancels and when the deadline passes.
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     return "UNKNOWN"
 
 

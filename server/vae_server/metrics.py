@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import (
     PLATFORM_COLLECTOR,
@@ -26,6 +27,8 @@ LATENCY_BUCKETS = (
     250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 BATCH_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
+REJECTION_REASONS = ("invalid", "queue_full", "deadline", "cancelled")
+IMAGE_METHODS = ("Encode", "Decode", "Sample", "SampleStream", "LogLikelihood")
 
 
 log = logging.getLogger(__name__)
@@ -93,7 +96,9 @@ class Metrics:
         self.queue_wait = Histogram("vae_queue_wait_seconds",
                                     "Time a call's images waited in the batcher's queue.",
                                     ("model",), buckets=LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("vae_inference_seconds", "Duration of one model run.",
+        self.inference = Histogram("vae_inference_seconds",
+                                   "Duration of one model run, from its hand-off to a worker "
+                                   "thread to its result.",
                                    ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("vae_queue_depth", "Images waiting in the batcher's queue.",
                                  ("model",), registry=r)
@@ -108,6 +113,21 @@ class Metrics:
         self.anomalies = Counter("vae_anomalies_total",
                                  "Images that LogLikelihood flagged as anomalies.", registry=r)
         self.model_info = Info("vae_model", "The model served and how.", registry=r)
+        # Series exist from the start at 0, so that rate() sees the first burst of each.
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
+        for method in IMAGE_METHODS:
+            self.method_images.labels(method)
+
+    def initialize_grpc(self, service: Any) -> None:
+        """Create every method's series of a service descriptor at 0, as go-grpc-prometheus's
+        InitializeMetrics does."""
+        for m in service.methods:
+            labels = (service.full_name, m.name,
+                      "server_stream" if m.server_streaming else "unary")
+            self.started.labels(*labels)
+            self.handling.labels(*labels)
+            self.handled.labels(*labels, "OK")
 
     def observer(self, model: str) -> BatcherObserver:
         return _ModelObserver(self, model)

@@ -63,6 +63,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
     """Load (unless given) and warm up the model, start gRPC and metrics; health is SERVING
     on return. Bind port 0 to get a free port (returned)."""
     metrics = Metrics()
+    metrics.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
     if runtime is None:
         runtime = ModelRuntime(settings.model_dir, settings.provider, settings.threads)
     metrics.model_info.info({

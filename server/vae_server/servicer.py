@@ -49,6 +49,13 @@ def _status_of(exc: ServingError) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal"
 
 
+def _cancel_reason(context: grpc.aio.ServicerContext) -> str:
+    """grpc.aio cancels a handler both when the caller cancels and when its deadline passes;
+    only the time left tells the two apart."""
+    remaining = context.time_remaining()
+    return "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+
+
 def _unary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(handler)
     async def wrapper(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
@@ -58,7 +65,7 @@ def _unary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             await self._abort(context, exc)
             raise  # not reached: abort raises
         except asyncio.CancelledError:
-            self.metrics.rejected.labels("cancelled").inc()
+            self.metrics.rejected.labels(_cancel_reason(context)).inc()
             raise
         except Exception:  # a bug of ours: INTERNAL, with the traceback in the log only
             log.exception("%s failed", handler.__name__)
@@ -78,7 +85,7 @@ def _streaming(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncI
         except ServingError as exc:
             await self._abort(context, exc)
         except asyncio.CancelledError:
-            self.metrics.rejected.labels("cancelled").inc()
+            self.metrics.rejected.labels(_cancel_reason(context)).inc()
             raise
         except Exception:  # a bug of ours: INTERNAL, with the traceback in the log only
             log.exception("%s failed", handler.__name__)

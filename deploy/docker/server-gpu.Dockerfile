@@ -1,0 +1,38 @@
+# vae-server on an NVIDIA GPU: onnxruntime-gpu (`pip install .[gpu]`) on a CUDA + cuDNN base
+# image, no PyTorch. Built by docker-compose.yml (service vae-server-gpu, profile gpu).
+# onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9: the base image must match.
+# Needs the NVIDIA Container Toolkit on the host.
+FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proto proto
+COPY export export
+COPY server server
+COPY client client
+# The gpu extra: onnxruntime-gpu (never beside onnxruntime) and nvidia-ml-py for the GPU
+# metrics. The pin keeps onnxruntime-gpu on the CUDA major version of the base image.
+RUN pip install ".[gpu]" "onnxruntime-gpu==1.31.1" && rm -rf /src
+
+RUN useradd --system --uid 10001 --no-create-home vae
+USER vae
+WORKDIR /tmp
+
+ENV VAE_MODEL_DIR=/models/default \
+    VAE_HOST=0.0.0.0 \
+    VAE_PORT=50051 \
+    VAE_METRICS_PORT=8000 \
+    VAE_PROVIDER=cuda
+EXPOSE 50051 8000
+ENTRYPOINT ["vae-server"]

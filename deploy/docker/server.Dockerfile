@@ -1,0 +1,31 @@
+# vae-server on the CPU: ONNX Runtime alone, no PyTorch (`pip install .[cpu]`).
+# Built by docker-compose.yml (service vae-server) from the repository root:
+#   docker build -f deploy/docker/server.Dockerfile -t vae-serving-server .
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+# The whole package installs (vae_server imports the numpy-only vae_export.manifest and
+# vae_export.likelihood), but only the cpu extra's dependencies: no torch, no onnx.
+COPY pyproject.toml README.md ./
+COPY proto proto
+COPY export export
+COPY server server
+COPY client client
+RUN pip install ".[cpu]" && rm -rf /src
+
+RUN useradd --system --uid 10001 --no-create-home vae
+USER vae
+WORKDIR /tmp
+
+# Every flag of vae-server is also a VAE_ environment variable (docker-compose.yml sets them).
+ENV VAE_MODEL_DIR=/models/default \
+    VAE_HOST=0.0.0.0 \
+    VAE_PORT=50051 \
+    VAE_METRICS_PORT=8000
+EXPOSE 50051 8000
+ENTRYPOINT ["vae-server"]

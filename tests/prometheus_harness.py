@@ -1,0 +1,340 @@
+"""Helpers for the monitoring tests: a real Prometheus server on loopback, the queries of
+the Grafana dashboard, and a short mixed load that gives every panel data.
+
+The Prometheus binary is Debian's (`apt-get install prometheus`; .ci/run installs it). Where
+it is missing, tests skip with the reason, except in CI (env CI set), where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serving import free_port
+from vae_client import AsyncVaeClient, VaeError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = REPO_ROOT / "deploy"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vae-serving.json"
+SERVER_JOB = "vae-server"  # the scrape job of deploy/prometheus/prometheus.yml
+REJECT_REASONS = ("invalid", "queue_full", "deadline", "cancelled")
+
+
+def need_tool(name: str) -> str:
+    """The path of a program the test needs: skip without it, but fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        why = f"{name} is not installed (apt-get install prometheus; .ci/run does it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}, and CI must run this test")
+        pytest.skip(why)
+    return path
+
+
+def need_module(name: str) -> Any:
+    """Import a test-only dependency (the dev extra): skip without it, but fail in CI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        why = f"python module {name!r} is not installed (pip install -e '.[dev]')"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}, and CI must run this test")
+        pytest.skip(why)
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return reply.read().decode()
+
+
+# -- the dashboard -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    panel: str
+    ref_id: str
+    expr: str
+
+    @property
+    def gpu(self) -> bool:
+        return "vae_gpu_" in self.expr
+
+
+def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, including those inside (collapsed) rows."""
+    for panel in panels:
+        yield panel
+        yield from iter_panels(panel.get("panels", []))
+
+
+def dashboard_queries(path: Path = DASHBOARD) -> list[PanelQuery]:
+    dash = json.loads(path.read_text())
+    out = []
+    for panel in iter_panels(dash["panels"]):
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                out.append(PanelQuery(panel.get("title", ""), target.get("refId", ""),
+                                      target["expr"]))
+    return out
+
+
+# -- Prometheus --------------------------------------------------------------------------------
+
+
+def scrape_config(metrics_port: int, interval: str = "1s") -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml with its server job pointed at 127.0.0.1:PORT,
+    scraping every `interval`: the same job name (the dashboard selects on it) and relabelling."""
+    yaml = need_module("yaml")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config.setdefault("global", {})
+    config["global"]["scrape_interval"] = interval
+    config["global"]["evaluation_interval"] = interval
+    jobs = [j for j in config["scrape_configs"] if j["job_name"] == SERVER_JOB]
+    assert jobs, f"{PROMETHEUS_CONFIG} has no job {SERVER_JOB!r}"
+    job = dict(jobs[0])
+    for key in [k for k in job if k.endswith("_sd_configs")]:  # DNS names of the compose network
+        del job[key]
+    job.pop("relabel_configs", None)  # they read the DNS discovery's labels
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"],
+                              "labels": {"service": "vae-server"}}]
+    job["scrape_interval"] = interval
+    config["scrape_configs"] = [job]
+    config.pop("rule_files", None)
+    config.pop("alerting", None)
+    return config
+
+
+class Prometheus:
+    """`prometheus` on 127.0.0.1 with a config and a TSDB in `workdir`."""
+
+    def __init__(self, binary: str, config: dict[str, Any], workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "prometheus.yml"
+        # JSON is YAML: no YAML writer needed.
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.log_path = workdir / "prometheus.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={self.config_path}",
+             f"--web.listen-address=127.0.0.1:{self.port}",
+             f"--storage.tsdb.path={workdir / 'data'}",
+             "--storage.tsdb.retention.time=1h", "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n"
+                                   f"{self.log_path.read_text()}")
+            with contextlib.suppress(OSError):
+                http_get(f"{self.url}/-/ready", timeout=1.0)
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"prometheus not ready after {timeout} s:\n{self.log_path.read_text()}")
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            body = json.loads(http_get(url))
+        except urllib.error.HTTPError as err:  # 400 for a bad query: say which and why
+            raise AssertionError(f"{path} {params}: {err.read().decode()}") from None
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query: the result vector (a list of {metric, value})."""
+        data = self.api("query", query=expr)
+        if data["resultType"] in ("scalar", "string"):
+            return [{"metric": {}, "value": data["result"]}]
+        return data["result"]
+
+    def targets_up(self) -> bool:
+        active = self.api("targets")["activeTargets"]
+        return bool(active) and all(t["health"] == "up" for t in active)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def has_finite_value(result: list[dict[str, Any]]) -> bool:
+    return any(math.isfinite(float(r["value"][1])) for r in result)
+
+
+# -- the load ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What the load did: calls by outcome (status code names)."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    anomalies: int = 0
+
+    def count(self, what: str) -> None:
+        self.outcomes[what] = self.outcomes.get(what, 0) + 1
+
+
+def rejected_counts(metrics_url: str) -> dict[str, float]:
+    """vae_rejected_total by reason, read straight from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for family in text_string_to_metric_families(http_get(metrics_url)):
+        if family.name == "vae_rejected":
+            for s in family.samples:
+                if s.name == "vae_rejected_total":
+                    counts[s.labels["reason"]] = s.value
+    return counts
+
+
+def queue_depth(metrics_url: str, model: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(http_get(metrics_url)):
+        for s in family.samples:
+            if s.name == "vae_queue_depth" and s.labels.get("model") == model:
+                return s.value
+    return 0.0
+
+
+async def _expect_error(report: LoadReport, call: Any) -> None:
+    try:
+        await call
+    except VaeError as err:
+        report.count(err.code.name)
+    else:
+        report.count("OK")
+
+
+async def behind_a_long_run(c: AsyncVaeClient, metrics_url: str, report: LoadReport,
+                            big: np.ndarray, k_samples: int, timeout: float | None,
+                            cancel_after: float | None) -> None:
+    """Start a long LogLikelihood call; once its rows are in the decoder's queue, a small
+    Decode behind them with `timeout`, cancelled by its caller after `cancel_after` s if set."""
+    k = (await c.info()).latent_dim
+    long_run = asyncio.ensure_future(
+        _expect_error(report, c.log_likelihood(big, k=k_samples, seed=7)))
+    for _ in range(1000):  # until the run's rows are in the decoder's queue
+        if long_run.done() or await asyncio.to_thread(queue_depth, metrics_url, "decoder") > 0:
+            break
+    queued = asyncio.ensure_future(c.decode(np.zeros((3, k), np.float32), timeout=timeout))
+    if cancel_after is not None:
+        await asyncio.sleep(cancel_after)
+        queued.cancel()
+    try:
+        await queued
+        report.count("OK")
+    except asyncio.CancelledError:
+        report.count("CANCELLED")
+    except VaeError as err:
+        report.count(err.code.name)
+    await long_run
+
+
+async def _mixed_load(target: str, metrics_url: str, seconds: float,
+                      deadline_tries: int) -> LoadReport:
+    """Decode, Encode, Sample, SampleStream, LogLikelihood (digits-like and noise images),
+    GetModelInfo; invalid requests; a full queue; expired deadlines and cancelled calls."""
+    report = LoadReport()
+    rng = np.random.default_rng(0)
+    async with AsyncVaeClient(target, timeout=30) as c:
+        info = await c.info()
+        k = info.latent_dim
+        max_queue = info.batching.max_queue_images
+        report.count("OK")
+
+        async def ok(call: Any) -> Any:
+            result = await call
+            report.count("OK")
+            return result
+
+        # Traffic of every method, several calls at once so that batches form.
+        end = time.monotonic() + seconds
+        round_ = 0
+        while round_ < 2 or time.monotonic() < end:
+            round_ += 1
+            z = rng.standard_normal((32, k), dtype=np.float32)
+            digits = await ok(c.sample(64, seed=round_))
+            noise = rng.random((8, 784), dtype=np.float32)
+            calls = [ok(c.decode(z[i : i + 4])) for i in range(0, 32, 4)]
+            calls += [ok(c.encode(digits[i : i + 8])) for i in range(0, 64, 8)]
+            calls += [ok(c.sample(16, seed=round_ * 100 + i, dtype="uint8")) for i in range(4)]
+            calls += [ok(c.log_likelihood(digits[:8], k=20, seed=round_)),
+                      ok(c.log_likelihood(noise, k=20, seed=round_))]
+            results = await asyncio.gather(*calls)
+            report.anomalies += int(sum(r.anomaly.sum() for r in results[-2:]))
+            chunks = [ch async for ch in c.sample_stream(2000, seed=round_, chunk_size=500)]
+            assert sum(len(images) for _, images in chunks) == 2000
+            report.count("OK")
+
+        # Invalid requests: each is INVALID_ARGUMENT.
+        await _expect_error(report, c.sample(0))
+        await _expect_error(report, c.decode(np.zeros((2, k + 1), np.float32)))
+        await _expect_error(report, c.log_likelihood(np.zeros((1, 784), np.float32), k=0))
+
+        # A full queue: calls of more than half the queue's images each, at once; all but the
+        # first find it full while the first is drained.
+        per_image = 64
+        big = rng.random((max_queue // (2 * per_image) + 1, 784), dtype=np.float32)
+
+        async def attempt(reason: str, go: Any, tries: int, required: bool = True) -> None:
+            for _ in range(tries):  # retried in case a burst drained before the next call came
+                await go()
+                if (await asyncio.to_thread(rejected_counts, metrics_url)).get(reason, 0) > 0:
+                    return
+            if required:
+                raise AssertionError(f"no vae_rejected_total{{reason={reason!r}}} after "
+                                     f"{tries} tries")
+
+        async def burst() -> None:
+            await asyncio.gather(*(_expect_error(report, c.log_likelihood(big, k=per_image,
+                                                                          seed=i))
+                                   for i in range(6)))
+
+        await attempt("queue_full", burst, 20)
+
+        # A call queued behind a long scoring run that its caller gives up on, and one whose
+        # deadline passes while it waits.
+        def queued(timeout: float | None, cancel_after: float | None) -> Any:
+            return behind_a_long_run(c, metrics_url, report, big, per_image, timeout,
+                                     cancel_after)
+
+        await attempt("cancelled", lambda: queued(None, 0.002), 20)
+        # Not required: the server counts most expired deadlines as "cancelled" (see
+        # test_monitoring.py, test_an_expired_deadline_is_counted_as_deadline).
+        await attempt("deadline", lambda: queued(0.002, None), deadline_tries, required=False)
+    return report
+
+
+def mixed_load(target: str, metrics_url: str, seconds: float = 3.0,
+               deadline_tries: int = 10) -> LoadReport:
+    return asyncio.run(_mixed_load(target, metrics_url, seconds, deadline_tries))
+

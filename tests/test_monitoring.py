@@ -1,0 +1,293 @@
+"""Monitoring end to end: a real vae-server under a short mixed load, scraped every second by a
+real Prometheus (Debian's binary, on loopback); every PromQL expression of the Grafana
+dashboard must return data. promtool checks the server's /metrics and the repository's
+Prometheus config.
+
+Without the prometheus package these tests skip, except in CI (env CI set), where they fail:
+.ci/run installs it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from prometheus_harness import (
+    PROMETHEUS_CONFIG,
+    REJECT_REASONS,
+    SERVER_JOB,
+    LoadReport,
+    Prometheus,
+    behind_a_long_run,
+    dashboard_queries,
+    has_finite_value,
+    http_get,
+    mixed_load,
+    need_tool,
+    scrape_config,
+)
+from serving import free_port, start_server_process, wait_serving
+from vae_client import AsyncVaeClient, VaeError
+from vae_server.metrics import LATENCY_BUCKETS
+
+pytestmark = pytest.mark.e2e
+
+# Small limits, so that a few calls fill the queue: 16,384 images queued per model at most,
+# 32 per model run.
+MAX_QUEUE = 16384
+SERVER_FLAGS = ("--max-batch-size", "32", "--max-queue-images", str(MAX_QUEUE),
+                "--max-images-per-request", "1024", "--max-sample-n", "1024",
+                "--max-chunk-size", "1024", "--warmup-rounds", "1")
+
+
+@dataclass
+class Served:
+    target: str
+    metrics_port: int
+    metrics_url: str
+
+
+@pytest.fixture(scope="module")
+def served(model_dir) -> Iterator[Served]:
+    """vae-server as a subprocess with its metrics port on."""
+    port, metrics_port = free_port(), free_port()
+    proc = start_server_process(model_dir, port, "--metrics-port", str(metrics_port),
+                                *SERVER_FLAGS)
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        yield Served(f"127.0.0.1:{port}", metrics_port,
+                     f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _families(metrics_url: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(http_get(metrics_url))}
+
+
+def _some_traffic(target: str) -> None:
+    """One call of each kind, and an invalid one: every labelled series exists afterwards."""
+
+    async def go() -> None:
+        async with AsyncVaeClient(target, timeout=30) as c:
+            k = (await c.info()).latent_dim
+            images = await c.sample(8, seed=1)
+            await c.encode(images)
+            await c.decode(np.zeros((2, k), np.float32))
+            await c.log_likelihood(images, k=10)
+            async for _ in c.sample_stream(100, seed=1, chunk_size=50):
+                pass
+            with pytest.raises(VaeError):
+                await c.sample(0)
+
+    asyncio.run(go())
+
+
+# -- promtool ----------------------------------------------------------------------------------
+
+
+def test_promtool_accepts_the_prometheus_config(tmp_path):
+    promtool = need_tool("promtool")
+    for path in (PROMETHEUS_CONFIG, tmp_path / "test.yml"):
+        if path.name == "test.yml":  # the config the tests run, derived from the repository's
+            path.write_text(json.dumps(scrape_config(9999)))
+        done = subprocess.run([promtool, "check", "config", str(path)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_promtool_check_metrics_passes_on_the_live_metrics(served):
+    promtool = need_tool("promtool")
+    _some_traffic(served.target)
+    text = http_get(served.metrics_url)
+    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+
+
+def test_metrics_have_the_names_types_and_labels_of_the_design(served):
+    _some_traffic(served.target)
+    families = _families(served.metrics_url)
+    grpc_labels = {"grpc_service", "grpc_method", "grpc_type"}
+    want = {
+        # name (without _total): (type, labels)
+        "grpc_server_started": ("counter", grpc_labels),
+        "grpc_server_handled": ("counter", grpc_labels | {"grpc_code"}),
+        "grpc_server_handling_seconds": ("histogram", grpc_labels),
+        "vae_batch_size": ("histogram", {"model"}),
+        "vae_queue_wait_seconds": ("histogram", {"model"}),
+        "vae_inference_seconds": ("histogram", {"model"}),
+        "vae_queue_depth": ("gauge", {"model"}),
+        "vae_items": ("counter", {"model"}),
+        "vae_method_images": ("counter", {"grpc_method"}),
+        "vae_rejected": ("counter", {"reason"}),
+        "vae_anomalies": ("counter", set()),
+        # An Info: in the text format, a gauge named vae_model_info, always 1.
+        "vae_model_info": ("gauge", {"model_version", "likelihood", "latent_dim", "sigma",
+                               "execution_provider"}),
+        "process_cpu_seconds": ("counter", set()),
+        "process_resident_memory_bytes": ("gauge", set()),
+    }
+    for name, (kind, labels) in want.items():
+        assert name in families, f"{name} is missing from /metrics"
+        family = families[name]
+        assert family.type == kind, f"{name} is a {family.type}, not a {kind}"
+        samples = [s for s in family.samples if not s.name.endswith("_created")]
+        assert samples, f"{name} has no samples"
+        for s in samples:
+            assert set(s.labels) - {"le"} == labels, f"{s.name} has labels {s.labels}"
+
+    def values(name: str, label: str) -> set[str]:
+        return {s.labels[label] for s in families[name].samples}
+
+    for name in ("vae_batch_size", "vae_queue_wait_seconds", "vae_inference_seconds",
+                 "vae_queue_depth", "vae_items"):
+        assert values(name, "model") == {"encoder", "decoder"}, name
+    assert {"Encode", "Decode", "Sample", "SampleStream", "LogLikelihood"} <= values(
+        "grpc_server_handled", "grpc_method")
+    assert values("grpc_server_handled", "grpc_service") >= {"vae.v1.VaeService",
+                                                            "grpc.health.v1.Health"}
+    assert "server_stream" in values("grpc_server_started", "grpc_type")
+    assert values("vae_rejected", "reason") <= set(REJECT_REASONS)
+    [info] = families["vae_model_info"].samples
+    assert info.value == 1 and info.labels["execution_provider"] == "CPUExecutionProvider"
+    # No GPU here (the CPU provider), so no GPU series at all: the dashboard says "no GPU".
+    assert not [n for n in families if n.startswith("vae_gpu_")]
+
+
+def test_latency_buckets_span_what_the_server_measures(served):
+    """The observed latencies, from health checks (tens of microseconds) to large scoring
+    calls (tens to hundreds of milliseconds), fall inside the finite buckets and spread over
+    several of them."""
+    assert LATENCY_BUCKETS[0] <= 50e-6 and LATENCY_BUCKETS[-1] >= 10.0
+    _some_traffic(served.target)
+    families = _families(served.metrics_url)
+    for name in ("grpc_server_handling_seconds", "vae_queue_wait_seconds",
+                 "vae_inference_seconds"):
+        buckets: dict[float, float] = {}
+        for s in families[name].samples:
+            if s.name.endswith("_bucket"):
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + s.value
+        finite = sorted(le for le in buckets if math.isfinite(le))
+        assert finite == sorted(LATENCY_BUCKETS), name
+        total = buckets[math.inf]
+        assert total > 0 and buckets[finite[-1]] == total, f"{name}: observations past 30 s"
+        counts = np.diff([0.0] + [buckets[le] for le in finite])
+        assert (counts > 0).sum() >= 3, f"{name}: observations in fewer than 3 buckets"
+
+
+# -- Prometheus and the dashboard --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus(served, tmp_path_factory) -> Iterator[Prometheus]:
+    binary = need_tool("prometheus")
+    prom = Prometheus(binary, scrape_config(served.metrics_port, "1s"),
+                      tmp_path_factory.mktemp("prometheus"))
+    try:
+        prom.wait_ready()
+        deadline = time.monotonic() + 15
+        while not prom.targets_up():
+            assert time.monotonic() < deadline, f"target not up: {prom.api('targets')}"
+            time.sleep(0.2)
+        yield prom
+    finally:
+        prom.stop()
+
+
+@pytest.fixture(scope="module")
+def loaded(served, prometheus) -> LoadReport:
+    """The mixed load, run once Prometheus scrapes the server."""
+    return mixed_load(served.target, served.metrics_url, seconds=3.0)
+
+
+def test_the_load_reached_every_outcome(loaded):
+    assert loaded.outcomes.get("OK", 0) > 100
+    for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "CANCELLED", "DEADLINE_EXCEEDED"):
+        assert loaded.outcomes.get(code, 0) > 0, (code, loaded.outcomes)
+    assert loaded.anomalies > 0  # the random-noise images
+
+
+def test_every_dashboard_query_returns_data(served, prometheus, loaded):
+    queries = dashboard_queries()
+    assert len(queries) >= 20
+    gpu_here = any(n.startswith("vae_gpu_") for n in _families(served.metrics_url))
+    wanted = [q for q in queries if gpu_here or not q.gpu]
+
+    def missing() -> list[str]:
+        out = []
+        for q in wanted:
+            result = prometheus.query(q.expr)
+            if not has_finite_value(result):
+                out.append(f"{q.panel} [{q.ref_id}]: {q.expr} -> {result}")
+        reasons = {r["metric"]["reason"] for r in prometheus.query(
+            f'sum by (reason) (vae_rejected_total{{job="{SERVER_JOB}"}})')}
+        out += [f"no vae_rejected_total{{reason={r!r}}} in Prometheus"
+                for r in ("invalid", "queue_full", "cancelled") if r not in reasons]
+        return out
+
+    # rate() needs two scrapes after the load's last change: a few seconds at most.
+    deadline = time.monotonic() + 20
+    while (gaps := missing()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not gaps, "dashboard queries without data:\n" + "\n".join(gaps)
+
+    if not gpu_here:  # GPU panels: no series at all, so their stat shows "no GPU"
+        for q in queries:
+            if q.gpu:
+                assert prometheus.query(q.expr) == [], q.expr
+
+
+# -- deadlines ----------------------------------------------------------------------------------
+
+
+def test_an_expired_deadline_is_counted_as_deadline(served):
+    def counts() -> dict[str, float]:
+        families = _families(served.metrics_url)
+        out = {"rejected": 0.0, "started": 0.0, "ok": 0.0, "deadline": 0.0}
+        for s in families["vae_rejected"].samples:
+            if s.name == "vae_rejected_total" and s.labels["reason"] == "deadline":
+                out["rejected"] += s.value
+        for s in families["grpc_server_started"].samples:
+            if s.name == "grpc_server_started_total" and s.labels["grpc_method"] == "Decode":
+                out["started"] += s.value
+        for s in families["grpc_server_handled"].samples:
+            if s.name == "grpc_server_handled_total" and s.labels["grpc_method"] == "Decode":
+                code = s.labels["grpc_code"]
+                if code in ("OK", "DEADLINE_EXCEEDED"):
+                    out["ok" if code == "OK" else "deadline"] += s.value
+        return out
+
+    async def go() -> LoadReport:
+        report = LoadReport()
+        big = np.random.default_rng(0).random((MAX_QUEUE // 128 + 1, 784), dtype=np.float32)
+        async with AsyncVaeClient(served.target, timeout=30) as c:
+            for _ in range(6):
+                await behind_a_long_run(c, served.metrics_url, report, big, 64, 0.002, None)
+        return report
+
+    before = counts()
+    report = asyncio.run(go())
+    time.sleep(0.2)
+    delta = {key: value - before[key] for key, value in counts().items()}
+    # Every Decode that reached the server and did not succeed had an expired deadline (a
+    # call can also expire before it reaches the handler: then the server never sees it).
+    expired = delta["started"] - delta["ok"]
+    assert expired >= 3, (report.outcomes, delta)
+    assert delta["deadline"] == expired, delta
+    assert delta["rejected"] == expired, delta
