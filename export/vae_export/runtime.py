@@ -14,12 +14,18 @@ from vae_export.manifest import DECODER, ENCODER, check_session_io, load_manifes
 
 
 def make_session(path: Path, providers: list[str] | None = None, threads: int = 0,
-                 ) -> ort.InferenceSession:
-    """An InferenceSession; `threads` = 0 lets ONNX Runtime choose (one per core)."""
+                 spinning: bool = False) -> ort.InferenceSession:
+    """An InferenceSession; `threads` = 0 lets ONNX Runtime choose (one per core).
+
+    Spinning worker threads answer the next run a little sooner but burn the cores between
+    runs; where gRPC and Python share those cores (the server), that costs far more than it
+    saves, so it is off unless asked for.
+    """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
@@ -27,14 +33,14 @@ class OnnxVAE:
     """Encoder and decoder sessions of a verified model directory."""
 
     def __init__(self, model_dir: str | Path, providers: list[str] | None = None,
-                 threads: int = 0) -> None:
+                 threads: int = 0, spinning: bool = False) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: dict[str, Any] = load_manifest(self.model_dir)
         self.latent_dim = int(self.manifest["latent_dim"])
         self.likelihood = str(self.manifest["likelihood"])
         self.sigma = self.manifest.get("sigma")
-        self.encoder = make_session(self.model_dir / ENCODER, providers, threads)
-        self.decoder = make_session(self.model_dir / DECODER, providers, threads)
+        self.encoder = make_session(self.model_dir / ENCODER, providers, threads, spinning)
+        self.decoder = make_session(self.model_dir / DECODER, providers, threads, spinning)
         for name, sess in ((ENCODER, self.encoder), (DECODER, self.decoder)):
             check_session_io(name, self.manifest["files"][name], sess.get_inputs(),
                              sess.get_outputs())

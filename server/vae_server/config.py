@@ -27,6 +27,8 @@ class Settings:
                          default="auto")
     threads: int = _doc("ONNX Runtime intra-op threads per session; 0 = one per core",
                         default=0)
+    spinning: bool = _doc("let ONNX Runtime's idle worker threads spin (lower latency on cores "
+                          "of its own, CPU taken from gRPC on shared ones)", default=False)
     batching: bool = _doc("merge concurrent calls into one model run (dynamic batching)",
                           default=True)
     max_batch_size: int = _doc("most images in one model run", default=2048)

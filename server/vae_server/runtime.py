@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from vae_export import likelihood as lk
 from vae_export.manifest import DECODER, ENCODER, check_session_io, load_manifest
+from vae_export.runtime import make_session
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
@@ -33,7 +34,8 @@ class ModelRuntime:
     """Encoder and decoder sessions; `run_encoder` / `run_decoder` are what the batchers call
     (from worker threads: InferenceSession.run is thread-safe)."""
 
-    def __init__(self, model_dir: str | Path, provider: str = "auto", threads: int = 0) -> None:
+    def __init__(self, model_dir: str | Path, provider: str = "auto", threads: int = 0,
+                 spinning: bool = False) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: dict[str, Any] = load_manifest(self.model_dir)
         self.manifest_text = (self.model_dir / "manifest.json").read_text()
@@ -47,14 +49,8 @@ class ModelRuntime:
         self.anomaly_percentile = float(cal.get("anomaly_percentile", 1.0))
 
         providers = choose_providers(provider)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.encoder = ort.InferenceSession(str(self.model_dir / ENCODER), opts,
-                                            providers=providers)
-        self.decoder = ort.InferenceSession(str(self.model_dir / DECODER), opts,
-                                            providers=providers)
+        self.encoder = make_session(self.model_dir / ENCODER, providers, threads, spinning)
+        self.decoder = make_session(self.model_dir / DECODER, providers, threads, spinning)
         for name, sess in ((ENCODER, self.encoder), (DECODER, self.decoder)):
             check_session_io(name, self.manifest["files"][name], sess.get_inputs(),
                              sess.get_outputs())

@@ -65,7 +65,8 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
     metrics = Metrics()
     metrics.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
     if runtime is None:
-        runtime = ModelRuntime(settings.model_dir, settings.provider, settings.threads)
+        runtime = ModelRuntime(settings.model_dir, settings.provider, settings.threads,
+                               settings.spinning)
     metrics.model_info.info({
         "model_version": runtime.manifest["model_version"],
         "likelihood": runtime.likelihood,
