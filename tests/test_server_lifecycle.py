@@ -60,7 +60,10 @@ def test_refuses_a_model_whose_inputs_do_not_match_the_manifest(model_dir, tmp_p
 
 def _watch(target: str, seen: list[int], stop: threading.Event) -> None:
     """Record every status the health Watch stream sends, connecting as soon as possible."""
-    with grpc.insecure_channel(target) as ch:
+    # A short reconnect back-off: gRPC's default (1 s) could miss the whole warm-up.
+    options = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
+               ("grpc.max_reconnect_backoff_ms", 50)]
+    with grpc.insecure_channel(target, options=options) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while not stop.is_set():
             try:
@@ -81,7 +84,7 @@ def test_health_is_not_serving_during_warm_up_then_serving(model_dir):
     watcher = threading.Thread(target=_watch, args=(target, seen, stop), daemon=True)
     watcher.start()
     # Many warm-up rounds make warm-up last long enough to be seen.
-    proc = start_server_process(model_dir, port, "--warmup-rounds", "100")
+    proc = start_server_process(model_dir, port, "--warmup-rounds", "200")
     try:
         wait_serving(target, proc, timeout=120)
         deadline = time.monotonic() + 10
