@@ -46,7 +46,14 @@ class RunningServer:
     async def stop(self, grace: float) -> None:
         """NOT_SERVING, refuse new calls, let calls in flight finish within `grace`."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # stop() refuses new calls at once, then waits for every call in flight, health
+        # Watch streams included, which never end by themselves: so once the vae.v1 calls
+        # are done (or the grace is over), a second stop() cancels whatever remains.
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        await asyncio.sleep(0)
+        await self.servicer.wait_idle(grace)
+        await self.server.stop(0)
+        await stopping
         await self.servicer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

@@ -59,6 +59,7 @@ def _cancel_reason(context: grpc.aio.ServicerContext) -> str:
 def _unary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(handler)
     async def wrapper(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
+        self._call_started()
         try:
             return await handler(self, request, context)
         except ServingError as exc:
@@ -71,6 +72,8 @@ def _unary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             log.exception("%s failed", handler.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
             raise
+        finally:
+            self._call_ended()
 
     return wrapper
 
@@ -79,6 +82,7 @@ def _streaming(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncI
     @functools.wraps(handler)
     async def wrapper(self: VaeServicer, request: Any,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+        self._call_started()
         try:
             async for item in handler(self, request, context):
                 yield item
@@ -90,6 +94,8 @@ def _streaming(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncI
         except Exception:  # a bug of ours: INTERNAL, with the traceback in the log only
             log.exception("%s failed", handler.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        finally:
+            self._call_ended()
 
     return wrapper
 
@@ -120,6 +126,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                                observer=metrics.observer("encoder"), **batching)
         self.decoder = Batcher(runtime.run_decoder, executor,
                                observer=metrics.observer("decoder"), **batching)
+        self._in_flight = 0  # vae.v1 calls being handled, for a graceful stop
+        self._idle: asyncio.Event | None = None
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: ServingError) -> None:
         code, reason = _status_of(exc)
@@ -128,6 +136,25 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         else:
             log.error("model run failed: %s", exc)
         await context.abort(code, str(exc))
+
+    def _call_started(self) -> None:
+        self._in_flight += 1
+
+    def _call_ended(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no vae.v1 call is in flight (True) or `timeout` passes (False)."""
+        if self._in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def close(self) -> None:
         await self.encoder.close()
