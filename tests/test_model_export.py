@@ -295,3 +295,17 @@ def test_closed_form_kl_matches_importance_weights() -> None:
     mc = np.mean(lk.log_q(eps, logvar) - lk.log_normal_std(z), axis=1)
     kl = 0.5 * np.sum(mu**2 + np.exp(logvar) - 1.0 - logvar, axis=-1)
     np.testing.assert_allclose(mc, kl, atol=0.02)
+
+
+def test_export_is_reproducible_and_names_no_build_path(gaussian_export: ExportedModel,
+                                                        tmp_path: Path) -> None:
+    """The same checkpoint exports to the same bytes (so the same model version), and the
+    files carry no path of the machine that built them."""
+    again = tmp_path / "again"
+    manifest = export_onnx(gaussian_export.run_dir, again, calibrate=False)
+    for name in ("encoder.onnx", "decoder.onnx"):
+        data = (again / name).read_bytes()
+        assert data == (gaussian_export.model_dir / name).read_bytes()
+        assert str(Path(__file__).resolve().parents[1]).encode() not in data
+        assert b"site-packages" not in data
+    assert manifest["model_version"] == load_manifest(gaussian_export.model_dir)["model_version"]

@@ -73,7 +73,14 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
             dynamo=True, verbose=False,
         )
     proto = onnx.load(str(path))
+    # The exporter annotates nodes with Python stack traces, absolute paths of the machine
+    # included: drop them, so the files (and the model version, their hash) depend on the
+    # weights and the graph alone, and say nothing about where they were built.
+    for graph in [proto.graph, *(f for f in proto.functions)]:
+        for node in graph.node:
+            del node.metadata_props[:]
     onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
 
 
 def _io_spec(names: list[str], widths: list[int]) -> list[dict[str, Any]]:
