@@ -7,7 +7,7 @@ RUN_DIR ?= runs/default
 MNIST_TEST ?= ../shared/data/mnist
 PYTEST_ARGS ?=
 
-.PHONY: run test setup model eval bench lint proto clean
+.PHONY: run test setup model eval bench lint typecheck proto clean
 
 # A stamp file so set-up runs once, and again whenever pyproject.toml changes.
 # torch goes first and pinned: pip takes the CPU build on disk, never a multi-GB CUDA build.
@@ -47,6 +47,9 @@ bench: model
 
 lint: setup
 	$(BIN)/ruff check .
+
+typecheck: setup
+	$(BIN)/mypy proto/vae_proto/tensor.py export/vae_export server/vae_server client/vae_client
 
 # Regenerate the checked-in stubs after editing the .proto (a test fails when they differ).
 proto: setup

@@ -12,7 +12,7 @@ from vae_proto.tensor import from_tensor, to_tensor
 DTYPES = {"float32": vae_pb2.FLOAT32, "uint8": vae_pb2.UINT8}
 
 
-def dtype_enum(dtype: str) -> int:
+def dtype_enum(dtype: str) -> vae_pb2.DType:
     try:
         return DTYPES[dtype]
     except KeyError:

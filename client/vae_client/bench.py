@@ -52,7 +52,7 @@ class BenchResult:
 
 
 def build_request(method: str, batch: int, latent_dim: int, k: int = 1000,
-                  dtype: int = vae_pb2.FLOAT32, stream_n: int = 100_000,
+                  dtype: vae_pb2.DType = vae_pb2.FLOAT32, stream_n: int = 100_000,
                   seed: int = 0) -> tuple[str, bytes, int]:
     """(RPC path, serialised request, images per call) for one benchmark method."""
     rng = np.random.default_rng(seed)

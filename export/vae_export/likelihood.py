@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -73,11 +74,13 @@ def log_px_given_z(
             raise ValueError("the Gaussian decoder needs sigma > 0")
         diff = out - x32
         sq = np.einsum("nkd,nkd->nk", diff, diff).astype(np.float64)
-        return -0.5 * sq / (sigma * sigma) - d * (np.log(sigma) + 0.5 * LOG_2PI)
+        # sq is [N, K], so this is an array; numpy's stubs widen the arithmetic to a scalar.
+        return cast(np.ndarray, -0.5 * sq / (sigma * sigma) - d * (np.log(sigma) + 0.5 * LOG_2PI))
     if likelihood == BERNOULLI:
         # x * l - log(1 + e^l), written stably: log(1 + e^l) = max(l, 0) + log1p(e^-|l|).
         terms = x32 * out - (np.maximum(out, 0.0) + np.log1p(np.exp(-np.abs(out))))
-        return np.sum(terms, axis=-1, dtype=np.float64)
+        # A sum over the last axis of [N, K, D] is an [N, K] array; the stubs say scalar or array.
+        return cast(np.ndarray, np.sum(terms, axis=-1, dtype=np.float64))
     raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
 
 

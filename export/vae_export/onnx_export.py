@@ -103,7 +103,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     dec_outputs = ["x_mean", "logits"] if cfg.likelihood == lk.BERNOULLI else ["x_mean"]
     _export(_DecoderGraph(model), z_example, out / DECODER, "z", dec_outputs)
 
-    files = {
+    files: dict[str, dict[str, Any]] = {
         ENCODER: {"sha256": sha256_file(out / ENCODER),
                   "inputs": _io_spec(["x"], [cfg.image_pixels]),
                   "outputs": _io_spec(["mu", "logvar"], [cfg.latent_dim] * 2)},

@@ -5,12 +5,16 @@ Structure only (dtype, shape, byte length); what values are allowed is the serve
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from vae_proto import vae_pb2
 
-_NUMPY = {vae_pb2.FLOAT32: np.dtype("<f4"), vae_pb2.UINT8: np.dtype("u1")}
-_PROTO = {np.dtype("<f4"): vae_pb2.FLOAT32, np.dtype("u1"): vae_pb2.UINT8}
+_NUMPY: dict[vae_pb2.DType, np.dtype[Any]] = {
+    vae_pb2.FLOAT32: np.dtype("<f4"), vae_pb2.UINT8: np.dtype("u1")}
+_PROTO: dict[np.dtype[Any], vae_pb2.DType] = {
+    np.dtype("<f4"): vae_pb2.FLOAT32, np.dtype("u1"): vae_pb2.UINT8}
 
 
 class TensorError(ValueError):

@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
-def _doc(text: str, **kw: object) -> object:
+def _doc(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)  # type: ignore[call-overload]
 
 
@@ -78,9 +79,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         var = "VAE_" + f.name.upper()
-        kind = {bool: _parse_bool, int: int, float: float, str: str}[
-            type(f.default) if f.default is not dataclasses.MISSING else str
-        ]
+        parsers: dict[type, Callable[[str], Any]] = {bool: _parse_bool, int: int, float: float,
+                                                     str: str}
+        kind = parsers[type(f.default) if f.default is not dataclasses.MISSING else str]
         default = kind(env[var]) if var in env else f.default
         p.add_argument(flag, dest=f.name, type=kind, default=default,
                        help=f"{f.metadata['help']} [{var}] (default: %(default)s)")

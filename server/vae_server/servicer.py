@@ -119,9 +119,10 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.settings = settings
         self.metrics = metrics
         self.executor = executor
-        batching = {"max_batch": settings.max_batch_size,
-                    "max_queue": settings.max_queue_images,
-                    "max_delay": settings.max_delay_ms / 1000.0, "merge": settings.batching}
+        batching: dict[str, Any] = {"max_batch": settings.max_batch_size,
+                                    "max_queue": settings.max_queue_images,
+                                    "max_delay": settings.max_delay_ms / 1000.0,
+                                    "merge": settings.batching}
         self.encoder = Batcher(runtime.run_encoder, executor,
                                observer=metrics.observer("encoder"), **batching)
         self.decoder = Batcher(runtime.run_decoder, executor,
@@ -235,7 +236,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             outputs = await self._decode(z, context)
             return vae_pb2.SampleChunk(offset=first, images=_images_out(outputs[0], dtype))
 
-        pending = asyncio.ensure_future(produce(start))
+        pending: asyncio.Task[vae_pb2.SampleChunk] | None = asyncio.ensure_future(produce(start))
         try:
             while pending is not None:
                 reply = await pending
