@@ -39,7 +39,8 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 eval: model
-	$(BIN)/vae-export eval --model-dir $(MODEL_DIR) --data $(MNIST_TEST) --k 5000 --json eval.json --roc roc.png
+	$(BIN)/vae-export eval --model-dir $(MODEL_DIR) --data $(MNIST_TEST) --k 5000 \
+		--json docs/eval/eval-k5000.json --roc docs/roc.png
 
 # Throughput and latency beside the compute and transport limits, in one run (BENCHMARKS.md).
 bench: model
