@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import time
@@ -56,24 +57,32 @@ def _cancel_reason(context: grpc.aio.ServicerContext) -> str:
     return "deadline" if remaining is not None and remaining <= 0 else "cancelled"
 
 
+@contextlib.asynccontextmanager
+async def _status_on_error(servicer: VaeServicer, context: grpc.aio.ServicerContext,
+                           name: str) -> AsyncIterator[None]:
+    """The one place where a handler's errors become gRPC status codes, and where calls in
+    flight are counted for a graceful stop."""
+    servicer._call_started()
+    try:
+        yield
+    except ServingError as exc:
+        await servicer._abort(context, exc)
+    except asyncio.CancelledError:
+        servicer.metrics.rejected.labels(_cancel_reason(context)).inc()
+        raise
+    except Exception:  # a bug of ours: INTERNAL, with the traceback in the log only
+        log.exception("%s failed", name)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+    finally:
+        servicer._call_ended()
+
+
 def _unary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(handler)
     async def wrapper(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
-        self._call_started()
-        try:
+        async with _status_on_error(self, context, handler.__name__):
             return await handler(self, request, context)
-        except ServingError as exc:
-            await self._abort(context, exc)
-            raise  # not reached: abort raises
-        except asyncio.CancelledError:
-            self.metrics.rejected.labels(_cancel_reason(context)).inc()
-            raise
-        except Exception:  # a bug of ours: INTERNAL, with the traceback in the log only
-            log.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-            raise
-        finally:
-            self._call_ended()
+        raise AssertionError("not reached: every error above aborts the call")
 
     return wrapper
 
@@ -82,20 +91,9 @@ def _streaming(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncI
     @functools.wraps(handler)
     async def wrapper(self: VaeServicer, request: Any,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
-        self._call_started()
-        try:
+        async with _status_on_error(self, context, handler.__name__):
             async for item in handler(self, request, context):
                 yield item
-        except ServingError as exc:
-            await self._abort(context, exc)
-        except asyncio.CancelledError:
-            self.metrics.rejected.labels(_cancel_reason(context)).inc()
-            raise
-        except Exception:  # a bug of ours: INTERNAL, with the traceback in the log only
-            log.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-        finally:
-            self._call_ended()
 
     return wrapper
 
