@@ -263,12 +263,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         loop = asyncio.get_running_loop()
         deadline = _deadline(context)
 
-        def prepare() -> np.ndarray:
-            if raw.dtype == np.uint8:
-                return lk.dequantize(raw, seed, offset)
-            return raw
-
-        x = await loop.run_in_executor(self.executor, prepare)
+        x = raw
+        if raw.dtype == np.uint8:  # float images are scored as they are: no hop for them
+            x = await loop.run_in_executor(self.executor, lk.dequantize, raw, seed, offset)
         mu, logvar = await self.encoder.submit(x, deadline)
 
         def noise() -> tuple[np.ndarray, np.ndarray]:
