@@ -4,9 +4,10 @@ server offers (vae.v1, health, reflection)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -54,22 +55,27 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, labels))
         return handler
 
-    def _wrap_unary(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
+    @contextlib.asynccontextmanager
+    async def _observed(self, labels: tuple[str, str, str],
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Count the call as started, then as handled with its status code, and time it."""
         m = self._m
-        started, handling = m.started.labels(*labels), m.handling.labels(*labels)
+        m.started.labels(*labels).inc()
+        t0 = time.perf_counter()
+        exc: BaseException | None = None
+        try:
+            yield
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            m.handling.labels(*labels).observe(time.perf_counter() - t0)
+            m.handled.labels(*labels, _code_of(context, exc)).inc()
 
+    def _wrap_unary(self, behavior: Any, labels: tuple[str, str, str]) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started.inc()
-            t0 = time.perf_counter()
-            exc: BaseException | None = None
-            try:
+            async with self._observed(labels, context):
                 return await behavior(request, context)
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                handling.observe(time.perf_counter() - t0)
-                m.handled.labels(*labels, _code_of(context, exc)).inc()
 
         return wrapped
 
@@ -77,21 +83,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if not inspect.isasyncgenfunction(behavior):
             # A handler that writes with context.write() (health's Watch) is a coroutine.
             return self._wrap_unary(behavior, labels)
-        m = self._m
-        started, handling = m.started.labels(*labels), m.handling.labels(*labels)
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started.inc()
-            t0 = time.perf_counter()
-            exc: BaseException | None = None
-            try:
+            async with self._observed(labels, context):
                 async for item in behavior(request, context):
                     yield item
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                handling.observe(time.perf_counter() - t0)
-                m.handled.labels(*labels, _code_of(context, exc)).inc()
 
         return wrapped
