@@ -92,3 +92,28 @@ def wait_serving(target: str, proc: subprocess.Popen[str] | None = None,
             return
         time.sleep(0.05)
     raise TimeoutError(f"{target} not SERVING after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[str], timeout: float = 20.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def served_process(model_dir: Path, *extra: str, timeout: float = 60.0
+                   ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """vae-server as a subprocess on a free port, SERVING on entry, stopped on exit:
+    yields (target, process)."""
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = start_server_process(model_dir, port, *extra)
+    try:
+        wait_serving(target, proc, timeout=timeout)
+        yield target, proc
+    finally:
+        stop_process(proc)

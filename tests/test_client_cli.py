@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from serving import VENV_BIN, free_port, start_server_process, wait_serving
+from serving import VENV_BIN, free_port, served_process
 from vae_client import VaeClient
 from vae_client.images import grid, read_png, write_png
 from vae_export import likelihood as lk
@@ -25,19 +25,9 @@ MAX_QUEUE = 8192
 
 @pytest.fixture(scope="module")
 def target(model_dir):
-    port = free_port()
-    proc = start_server_process(model_dir, port, "--log-level", "WARNING",
-                                "--warmup-rounds", "1", "--max-queue-images", str(MAX_QUEUE))
-    try:
-        wait_serving(f"127.0.0.1:{port}", proc, timeout=30)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with served_process(model_dir, "--log-level", "WARNING", "--warmup-rounds", "1",
+                        "--max-queue-images", str(MAX_QUEUE), timeout=30) as (target, _):
+        yield target
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from prometheus_harness import (
     need_tool,
     scrape_config,
 )
-from serving import free_port, start_server_process, wait_serving
+from serving import free_port, served_process
 from vae_client import AsyncVaeClient, VaeError
 from vae_server.metrics import LATENCY_BUCKETS
 
@@ -59,20 +59,10 @@ class Served:
 @pytest.fixture(scope="module")
 def served(model_dir) -> Iterator[Served]:
     """vae-server as a subprocess with its metrics port on."""
-    port, metrics_port = free_port(), free_port()
-    proc = start_server_process(model_dir, port, "--metrics-port", str(metrics_port),
-                                *SERVER_FLAGS)
-    try:
-        wait_serving(f"127.0.0.1:{port}", proc)
-        yield Served(f"127.0.0.1:{port}", metrics_port,
-                     f"http://127.0.0.1:{metrics_port}/metrics")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    metrics_port = free_port()
+    with served_process(model_dir, "--metrics-port", str(metrics_port), *SERVER_FLAGS) as (
+            target, _):
+        yield Served(target, metrics_port, f"http://127.0.0.1:{metrics_port}/metrics")
 
 
 def _families(metrics_url: str) -> dict[str, Any]:

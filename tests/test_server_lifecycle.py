@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import VENV_BIN, free_port, start_server_process, wait_serving
+from serving import VENV_BIN, free_port, served_process, start_server_process, wait_serving
 from vae_client import VaeClient, VaeError
 
 pytestmark = pytest.mark.e2e
@@ -164,11 +164,7 @@ def _rss_mb(pid: int) -> float:
 
 def test_sample_stream_memory_stays_bounded_with_a_slow_reader(model_dir):
     """A client that reads slowly must not make the server buffer the stream."""
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    proc = start_server_process(model_dir, port)
-    try:
-        wait_serving(target, proc)
+    with served_process(model_dir) as (target, proc):
         with VaeClient(target) as c:  # warm the stream path once
             for _ in c.sample_stream(20_000, seed=1, chunk_size=2000, dtype="uint8"):
                 pass
@@ -184,9 +180,6 @@ def test_sample_stream_memory_stays_bounded_with_a_slow_reader(model_dir):
                     time.sleep(0.1)  # slow reader: the server's sends back up
                 if i % 10 == 0:
                     peak = max(peak, _rss_mb(proc.pid))
-        assert got == n
-        # A few chunks are 1.6 MB each: 60 MB of growth would mean buffering the stream.
-        assert peak - base < 60, (base, peak)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    assert got == n
+    # A few chunks are 1.6 MB each: 60 MB of growth would mean buffering the stream.
+    assert peak - base < 60, (base, peak)
