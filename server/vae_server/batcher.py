@@ -103,13 +103,13 @@ class Batcher:
         assert self._wakeup is not None
         self._wakeup.set()
         try:
+            if len(slices) == 1:  # the common case: no gathering future on the hot path
+                return await slices[0].future
             parts = await asyncio.gather(*(s.future for s in slices))
         except BaseException:
             for s in slices:  # a cancelled caller: its slices must not run
                 s.future.cancel()
             raise
-        if len(parts) == 1:
-            return parts[0]
         return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
 
     async def _run_alone(self, rows: np.ndarray, deadline: float | None,
