@@ -35,7 +35,7 @@ DEPLOY = REPO_ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vae-serving.json"
 SERVER_JOB = "vae-server"  # the scrape job of deploy/prometheus/prometheus.yml
-REJECT_REASONS = ("invalid", "queue_full", "deadline", "cancelled")
+REJECT_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthenticated")
 
 
 def need_tool(name: str) -> str:

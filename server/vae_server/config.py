@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,10 +54,33 @@ class Settings:
     grace_seconds: float = _doc("on SIGTERM, how long calls in flight may take to finish",
                                 default=10.0)
     log_level: str = _doc("logging level", default="INFO")
+    tls_cert: str = _doc("PEM certificate (chain) of the gRPC port; with --tls-key it turns TLS on",
+                         default="")
+    tls_key: str = _doc("PEM private key of --tls-cert (unencrypted)", default="")
+    tls_client_ca: str = _doc(
+        "PEM CA certificate(s); setting it turns on mutual TLS: every client must present a "
+        "certificate signed by one of them (needs --tls-cert)", default="")
+    auth_token_file: str = _doc(
+        "file of bearer tokens, one a line (blank lines and lines starting with # ignored); "
+        "every vae.v1 call must then send 'authorization: Bearer TOKEN' with one of them "
+        "(health and reflection stay open). Tokens may also come from VAE_AUTH_TOKENS",
+        default="")
+    # Every accepted token, from VAE_AUTH_TOKENS and --auth-token-file; load_settings fills it.
+    # Environment only, never a flag: a command line is visible to every user in `ps`. Left
+    # out of repr() so that logging the settings never logs a token.
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False, metadata={
+        "help": "bearer tokens, comma separated", "env_only": True})
 
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+TOKENS_VAR = "VAE_AUTH_TOKENS"
 
 
 def _parse_bool(text: str) -> bool:
@@ -75,8 +99,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         description="Serve an exported VAE over gRPC (vae.v1.VaeService, health, reflection) "
         "with dynamic batching and Prometheus metrics. Every option can also be set by an "
         "environment variable: VAE_ and the option's name in capitals, e.g. VAE_MODEL_DIR.",
+        epilog=f"{TOKENS_VAR}: bearer tokens, comma separated, accepted beside those of "
+        "--auth-token-file. It has no flag: a command line is visible to every user in ps.",
     )
     for f in dataclasses.fields(Settings):
+        if f.metadata.get("env_only"):
+            continue
         flag = "--" + f.name.replace("_", "-")
         var = "VAE_" + f.name.upper()
         parsers: dict[type, Callable[[str], Any]] = {bool: _parse_bool, int: int, float: float,
@@ -90,10 +118,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
 
 def load_settings(argv: Sequence[str] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
     args = build_parser(env).parse_args(argv)
     settings = Settings(**vars(args))
     _check(settings)
-    return settings
+    _check_tls(settings)
+    return dataclasses.replace(settings, auth_tokens=_load_tokens(settings, env))
 
 
 def _check(s: Settings) -> None:
@@ -110,3 +140,88 @@ def _check(s: Settings) -> None:
             raise SystemExit(
                 f"vae-server: --{name.replace('_', '-')} ({getattr(s, name)}) must not exceed "
                 f"--max-queue-images ({s.max_queue_images})")
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise SystemExit(f"vae-server: cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+
+def _check_tls(s: Settings) -> None:
+    """Both halves of the key pair or neither, a client CA only with TLS, and every file
+    readable and usable, so that a mistake stops the start rather than the first handshake."""
+    if bool(s.tls_cert) != bool(s.tls_key):
+        given, missing = ("--tls-cert", "--tls-key") if s.tls_cert else ("--tls-key", "--tls-cert")
+        raise SystemExit(f"vae-server: {given} needs {missing} too (TLS takes a certificate "
+                         "and its private key)")
+    if s.tls_client_ca and not s.tls_cert:
+        raise SystemExit("vae-server: --tls-client-ca (mutual TLS) needs TLS: give --tls-cert "
+                         "and --tls-key too")
+    if not s.tls_cert:
+        return
+    for path, flag, marker in ((s.tls_cert, "--tls-cert", b"-----BEGIN CERTIFICATE-----"),
+                               (s.tls_key, "--tls-key", b"PRIVATE KEY-----"),
+                               (s.tls_client_ca, "--tls-client-ca", b"-----BEGIN CERTIFICATE-----")):
+        if path and marker not in _read(path, flag):
+            what = "private key" if flag == "--tls-key" else "certificate"
+            raise SystemExit(f"vae-server: {flag} {path} holds no PEM {what}")
+    # gRPC would only find a bad pair at the first handshake; OpenSSL checks it now.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(s.tls_cert, s.tls_key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise SystemExit(f"vae-server: --tls-cert {s.tls_cert} and --tls-key {s.tls_key} are "
+                         f"not a usable pair (an encrypted key, or a key of another "
+                         f"certificate?): {exc.reason or exc}") from None
+    if s.tls_client_ca:
+        try:
+            ctx.load_verify_locations(cafile=s.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise SystemExit(f"vae-server: --tls-client-ca {s.tls_client_ca}: not usable as CA "
+                             f"certificates: {exc.reason or exc}") from None
+
+
+def _valid_token(token: str) -> bool:
+    # Visible ASCII: what an HTTP/2 header value carries as it is, and no spaces, which
+    # would make "Bearer TOKEN" ambiguous.
+    return bool(token) and all("!" <= c <= "~" for c in token)
+
+
+def _load_tokens(s: Settings, env: Mapping[str, str]) -> tuple[str, ...]:
+    """The tokens of VAE_AUTH_TOKENS and then of --auth-token-file, without repeats. Error
+    messages say where a bad token is, never what it is."""
+    tokens: list[str] = []
+    from_env = env.get(TOKENS_VAR, "")
+    if from_env.strip():
+        for i, item in enumerate(from_env.split(","), 1):
+            token = item.strip()
+            if token and not _valid_token(token):
+                raise SystemExit(f"vae-server: {TOKENS_VAR}: token {i} is not printable ASCII "
+                                 "without spaces")
+            if token:
+                tokens.append(token)
+        if not tokens:
+            raise SystemExit(f"vae-server: {TOKENS_VAR} is set but holds no token")
+    if s.auth_token_file:
+        try:
+            text = _read(s.auth_token_file, "--auth-token-file").decode("utf-8")
+        except UnicodeDecodeError:
+            raise SystemExit(f"vae-server: --auth-token-file {s.auth_token_file} is not UTF-8 "
+                             "text") from None
+        in_file = 0
+        for n, line in enumerate(text.splitlines(), 1):
+            token = line.strip()
+            if not token or token.startswith("#"):
+                continue
+            if not _valid_token(token):
+                raise SystemExit(f"vae-server: --auth-token-file {s.auth_token_file}, line {n}: "
+                                 "a token must be printable ASCII without spaces")
+            tokens.append(token)
+            in_file += 1
+        if not in_file:
+            raise SystemExit(f"vae-server: --auth-token-file {s.auth_token_file} holds no token "
+                             "(one a line; blank lines and # comments are ignored)")
+    return tuple(dict.fromkeys(tokens))

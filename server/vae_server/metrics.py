@@ -27,7 +27,7 @@ LATENCY_BUCKETS = (
     250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 BATCH_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
-REJECTION_REASONS = ("invalid", "queue_full", "deadline", "cancelled")
+REJECTION_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthenticated")
 IMAGE_METHODS = ("Encode", "Decode", "Sample", "SampleStream", "LogLikelihood")
 
 
@@ -109,7 +109,8 @@ class Metrics:
                                      ("grpc_method",), registry=r)
         self.rejected = Counter("vae_rejected_total",
                                 "Requests or images refused, by reason (invalid, queue_full, "
-                                "deadline, cancelled).", ("reason",), registry=r)
+                                "deadline, cancelled, unauthenticated).", ("reason",),
+                                registry=r)
         self.anomalies = Counter("vae_anomalies_total",
                                  "Images that LogLikelihood flagged as anomalies.", registry=r)
         self.model_info = Info("vae_model", "The model served and how.", registry=r)

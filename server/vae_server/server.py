@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from vae_proto import vae_pb2, vae_pb2_grpc
+from vae_server.auth import describe, server_credentials
 from vae_server.config import Settings
 from vae_server.interceptors import MetricsInterceptor
 from vae_server.metrics import Metrics
@@ -93,9 +94,16 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    port = (server.add_secure_port(address, credentials) if credentials is not None
+            else server.add_insecure_port(address))
     if port == 0:
-        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+        raise RuntimeError(f"could not bind {address}")
+    log.info("gRPC port security: %s", describe(settings))
+    if settings.auth_tokens and not settings.tls:
+        log.warning("bearer tokens without TLS travel in clear text: use TLS, or a "
+                    "TLS-terminating proxy in front of this port")
     metrics_port = None
     if settings.metrics_port >= 0:
         http, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
