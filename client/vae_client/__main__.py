@@ -24,6 +24,7 @@ from typing import TypeAlias
 import numpy as np
 
 from vae_client import cli_io
+from vae_client.channel import Security, read_token_file
 from vae_client.cli_io import CliError, ImageSink, Progress
 from vae_client.client import VaeClient
 from vae_client.errors import VaeError
@@ -35,6 +36,8 @@ DEFAULT_TIMEOUT = 30.0
 # Above this many images, `sample` streams (SampleStream) rather than asking for one reply.
 STREAM_THRESHOLD = 4096
 SEED_MAX = 2**64 - 1
+# The bearer token may come from the environment (never a flag: command lines show in ps).
+TOKEN_VAR = "VAE_TOKEN"
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -96,7 +99,25 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 
 def _connect(args: argparse.Namespace) -> VaeClient:
     timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
-    return VaeClient(args.target, timeout=timeout)
+    return VaeClient(args.target, timeout=timeout, security=args.security)
+
+
+def _security(args: argparse.Namespace) -> Security:
+    """TLS and token from the options; the token from --token-file, else from VAE_TOKEN."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together (a client certificate and its key)")
+    token, source = os.environ.get(TOKEN_VAR) or None, TOKEN_VAR
+    if args.token_file is not None:
+        try:
+            token, source = read_token_file(args.token_file), f"--token-file {args.token_file}"
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    try:
+        return Security.from_options(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                                     tls_key=args.tls_key, tls_server_name=args.tls_server_name,
+                                     token=token)
+    except ValueError as exc:  # only the token is left to be wrong; never print it
+        raise CliError(f"{source}: {exc}") from None
 
 
 def _spans(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -383,7 +404,7 @@ def run_bench(args: argparse.Namespace) -> int:
     result = asyncio.run(bench(
         args.target, args.method, concurrency=args.concurrency, duration=args.duration,
         batch=args.batch, rate=args.rate, k=args.k, dtype=args.dtype, stream_n=args.stream_n,
-        warmup=args.warmup, timeout=args.timeout))
+        warmup=args.warmup, timeout=args.timeout, security=args.security))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -407,6 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT:g}; a "
                         "sample stream has none unless this is given, and then it bounds the "
                         "whole stream)")
+    sec = p.add_argument_group(
+        "security", "TLS, mutual TLS and bearer tokens; without them the connection is "
+        "plaintext and no token is sent")
+    sec.add_argument("--tls", action="store_true",
+                     help="connect with TLS, verifying the server's certificate against the "
+                          "system's CA certificates (implied by any other --tls-* option)")
+    sec.add_argument("--tls-ca", metavar="FILE",
+                     help="PEM CA certificate(s) to verify the server's certificate with")
+    sec.add_argument("--tls-cert", metavar="FILE",
+                     help="PEM client certificate, for a server that asks for one (mutual TLS); "
+                          "with --tls-key")
+    sec.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-server-name", metavar="NAME",
+                     help="the name the server's certificate must carry, when it is not the "
+                          "host of --target")
+    sec.add_argument("--token-file", metavar="FILE",
+                     help="file holding the bearer token sent with every call (one token; "
+                          f"blank lines and # comments ignored) [else the token in {TOKEN_VAR}]")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
@@ -416,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        args.security = _security(args)
         return args.run(args)
     except (VaeError, CliError, ImageFileError) as exc:
         _error(str(exc))

@@ -10,6 +10,7 @@ import numpy as np
 
 from vae_client import _codec
 from vae_client._codec import Scores
+from vae_client.channel import PemSource, Security, create_aio_channel, resolve_security
 from vae_client.errors import VaeError
 from vae_proto import vae_pb2, vae_pb2_grpc
 
@@ -17,15 +18,20 @@ from vae_proto import vae_pb2, vae_pb2_grpc
 class AsyncVaeClient:
     """A connection to a vae-server for asyncio code: `async with AsyncVaeClient(t) as c:`.
 
-    Every call takes `timeout` (seconds; default the client's) and raises VaeError.
+    Every call takes `timeout` (seconds; default the client's) and raises VaeError. The
+    TLS and token options are those of VaeClient.
     """
 
     def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = 64,
-                 channel: grpc.aio.Channel | None = None) -> None:
+                 channel: grpc.aio.Channel | None = None, *, tls: bool = False,
+                 tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
+                 tls_key: PemSource | None = None, tls_server_name: str | None = None,
+                 token: str | None = None, security: Security | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.aio.insecure_channel(
-            target, options=_codec.channel_options(max_message_mb))
+        security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                    tls_key=tls_key, tls_server_name=tls_server_name, token=token)
+        self._channel = channel or create_aio_channel(target, security, max_message_mb)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncVaeClient:

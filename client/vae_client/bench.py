@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from vae_client._codec import channel_options, images_tensor, latents_tensor
+from vae_client._codec import images_tensor, latents_tensor
+from vae_client.channel import Security, create_aio_channel
 from vae_proto import vae_pb2
 
 SERVICE = "/vae.v1.VaeService/"
@@ -91,10 +92,11 @@ def _percentiles(latencies: list[float]) -> dict[str, float]:
 async def run_bench(target: str, method: str, concurrency: int = 1, duration: float = 10.0,
                     batch: int = 1, rate: float | None = None, k: int = 1000,
                     dtype: str = "float32", stream_n: int = 100_000, warmup: float = 1.0,
-                    timeout: float = 30.0) -> BenchResult:
-    """Drive `method` for `duration` seconds after `warmup` seconds that are not counted."""
+                    timeout: float = 30.0, security: Security | None = None) -> BenchResult:
+    """Drive `method` for `duration` seconds after `warmup` seconds that are not counted.
+    `security`: TLS and token of the channel (default: plaintext, no token)."""
     dtype_enum = vae_pb2.UINT8 if dtype == "uint8" else vae_pb2.FLOAT32
-    async with grpc.aio.insecure_channel(target, options=channel_options(64)) as channel:
+    async with create_aio_channel(target, security, 64) as channel:
         info_call = channel.unary_unary(SERVICE + "GetModelInfo",
                                         request_serializer=vae_pb2.GetModelInfoRequest.SerializeToString,
                                         response_deserializer=vae_pb2.ModelInfo.FromString)

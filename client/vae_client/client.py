@@ -10,6 +10,7 @@ import numpy as np
 
 from vae_client import _codec
 from vae_client._codec import Scores
+from vae_client.channel import PemSource, Security, create_channel, resolve_security
 from vae_client.errors import VaeError
 from vae_proto import vae_pb2, vae_pb2_grpc
 
@@ -19,14 +20,25 @@ class VaeClient:
 
     Every call takes `timeout` (seconds; default the client's) and raises VaeError on
     failure, carrying the gRPC status code.
+
+    Security (plaintext without a token by default): `tls_ca` verifies the server against
+    this CA (PEM bytes or a file path; `tls=True` alone uses the system's roots), `tls_cert`
+    and `tls_key` present a client certificate (mutual TLS), `tls_server_name` is the name
+    the server's certificate must carry when it is not the target's host, and `token` is
+    sent as `authorization: Bearer TOKEN` with every call. `security` gives them all at once
+    (a vae_client.channel.Security), as the load generator takes them.
     """
 
     def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = 64,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, *, tls: bool = False,
+                 tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
+                 tls_key: PemSource | None = None, tls_server_name: str | None = None,
+                 token: str | None = None, security: Security | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(
-            target, options=_codec.channel_options(max_message_mb))
+        security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
+                                    tls_key=tls_key, tls_server_name=tls_server_name, token=token)
+        self._channel = channel or create_channel(target, security, max_message_mb)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
     def __enter__(self) -> VaeClient:

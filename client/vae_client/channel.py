@@ -1,0 +1,188 @@
+"""Channels to a vae-server: plaintext or TLS, with a client certificate for mutual TLS,
+and a bearer token. The one place where the sync client, the asyncio client, the load
+generator and the CLI build their channels.
+
+The token travels as `authorization: Bearer TOKEN` metadata, added to every call by a
+client interceptor, with TLS or without. gRPC's call credentials would refuse a channel
+without TLS, and a token over plaintext has its uses (behind a TLS-terminating proxy, on
+loopback); without TLS it is sent in clear text, so prefer TLS wherever the network is not
+trusted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import grpc
+
+from vae_client._codec import channel_options
+
+# PEM contents as bytes, or the path of a PEM file.
+PemSource: TypeAlias = "bytes | str | os.PathLike[str]"
+METADATA_KEY = "authorization"
+
+
+def _pem(source: PemSource | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The one token of a token file: blank lines and lines starting with # are skipped, so
+    a server's token file with a single token serves the client too."""
+    with open(path, encoding="utf-8") as f:
+        tokens = [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
+    if len(tokens) != 1:
+        raise ValueError(f"{os.fspath(path)}: a client token file holds exactly one token, "
+                         f"not {len(tokens)}")
+    return tokens[0]
+
+
+def _check_token(token: str) -> str:
+    token = token.strip()
+    # Visible ASCII without spaces: what an HTTP/2 header carries as it is. The message
+    # never repeats the token.
+    if not token or not all("!" <= c <= "~" for c in token):
+        raise ValueError("a bearer token must be non-empty printable ASCII without spaces")
+    return token
+
+
+@dataclass(frozen=True)
+class Security:
+    """How to reach the server: TLS (verifying the server against `root_certificates`, or
+    the system's roots when None), a client certificate and key for mutual TLS, a bearer
+    token. The default, Security(), is plaintext without a token."""
+
+    tls: bool = False
+    root_certificates: bytes | None = field(default=None, repr=False)
+    certificate_chain: bytes | None = field(default=None, repr=False)
+    private_key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None  # the name the server's certificate must carry
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_options(cls, *, tls: bool = False, tls_ca: PemSource | None = None,
+                     tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
+                     tls_server_name: str | None = None, token: str | None = None) -> Security:
+        """From the options that VaeClient, AsyncVaeClient and the CLI take. Each PEM
+        option is the file's contents (bytes) or its path; giving any TLS option turns TLS
+        on. Raises ValueError for a certificate without its key (or the reverse) and
+        OSError for a file that cannot be read."""
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("a client certificate (tls_cert) and its key (tls_key) go together")
+        on = tls or any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
+        return cls(tls=on, root_certificates=_pem(tls_ca), certificate_chain=_pem(tls_cert),
+                   private_key=_pem(tls_key), server_name=tls_server_name,
+                   token=None if token is None else _check_token(token))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((METADATA_KEY, f"Bearer {self.token}"),) if self.token else ()
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key,
+                                            self.certificate_chain)
+
+    def options(self, options: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        if self.tls and self.server_name:
+            return [*options, ("grpc.ssl_target_name_override", self.server_name)]
+        return options
+
+
+def resolve_security(security: Security | None, channel: object | None = None,
+                     **options: Any) -> Security:
+    """The Security of a client given either `security` or the separate options of
+    Security.from_options (not both); none of them with a ready-made `channel`."""
+    given = Security.from_options(**options)
+    if security is not None and given != Security():
+        raise ValueError("give either security or the separate TLS and token options")
+    result = security or given
+    if channel is not None and result != Security():
+        raise ValueError("give either a channel or the TLS and token options, not both")
+    return result
+
+
+def create_channel(target: str, security: Security | None = None,
+                   max_message_mb: int = 64) -> grpc.Channel:
+    """A synchronous channel to `target` with `security` (default: plaintext, no token)."""
+    sec = security or Security()
+    options = sec.options(channel_options(max_message_mb))
+    channel = (grpc.secure_channel(target, sec.credentials(), options=options) if sec.tls
+               else grpc.insecure_channel(target, options=options))
+    if sec.token:
+        channel = grpc.intercept_channel(channel, _MetadataInterceptor(sec.metadata))
+    return channel
+
+
+def create_aio_channel(target: str, security: Security | None = None,
+                       max_message_mb: int = 64) -> grpc.aio.Channel:
+    """An asyncio channel to `target` with `security` (default: plaintext, no token)."""
+    sec = security or Security()
+    options = sec.options(channel_options(max_message_mb))
+    interceptors: list[grpc.aio.ClientInterceptor] | None = None
+    if sec.token:
+        interceptors = [_AioUnaryMetadata(sec.metadata), _AioStreamMetadata(sec.metadata)]
+    if sec.tls:
+        return grpc.aio.secure_channel(target, sec.credentials(), options=options,
+                                       interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+# -- adding the token to every call ---------------------------------------------------------
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: Any, metadata: list[tuple[str, Any]]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = getattr(details, "compression", None)
+
+
+class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                           grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: Any) -> _CallDetails:
+        return _CallDetails(details, [*(details.metadata or ()), *self._metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def _aio_details(details: Any, metadata: tuple[tuple[str, str], ...]) -> Any:
+    merged = grpc.aio.Metadata(*(details.metadata or ()), *metadata)
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, merged,
+                                      details.credentials, details.wait_for_ready)
+
+
+class _AioUnaryMetadata(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_aio_details(details, self._metadata), request)
+
+
+class _AioStreamMetadata(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_aio_details(details, self._metadata), request)
