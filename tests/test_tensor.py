@@ -1,0 +1,63 @@
+"""vae_proto.tensor: the numpy <-> Tensor codec, and replies written as bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vae_proto import vae_pb2
+from vae_proto.tensor import (
+    TensorError,
+    from_tensor,
+    message_bytes,
+    tensor_field,
+    to_tensor,
+    varint_field,
+)
+
+ARRAYS = [
+    np.zeros((1, 28, 28), np.float32),
+    np.arange(1024 * 784, dtype=np.float32).reshape(1024, 28, 28) / 7,
+    np.arange(300 * 784, dtype=np.uint8).reshape(300, 784),
+    np.zeros((0, 28, 28), np.float32),
+    np.ones((3, 32), ">f4"),  # big-endian input goes out little-endian
+    np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),  # not C-contiguous
+    np.float32(2.5),  # 0-d: one element of shape [1], as to_tensor gives
+]
+
+
+@pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(np.shape(a))}")
+@pytest.mark.parametrize("offset", [0, 1, 127, 128, 300, 2**40])
+def test_replies_written_as_bytes_equal_the_serialised_messages(array, offset):
+    expected = vae_pb2.SampleChunk(offset=offset, images=to_tensor(array)).SerializeToString()
+    assert message_bytes(varint_field(1, offset), tensor_field(2, array)) == expected
+
+
+def test_a_reply_with_two_tensors_parses_back_to_both():
+    a = np.random.default_rng(0).standard_normal((5, 16), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((5, 16), dtype=np.float32)
+    reply = vae_pb2.EncodeResponse.FromString(message_bytes(tensor_field(1, a), tensor_field(2, b)))
+    np.testing.assert_array_equal(from_tensor(reply.mu), a)
+    np.testing.assert_array_equal(from_tensor(reply.logvar), b)
+    assert not reply.HasField("z")
+
+
+def test_an_array_without_a_wire_dtype_is_refused():
+    with pytest.raises(TensorError, match="float64"):
+        tensor_field(1, np.zeros(3, np.float64))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (vae_pb2.Tensor(dtype=7, shape=[1], data=b"\0" * 4), "not FLOAT32"),
+        (vae_pb2.Tensor(dtype=vae_pb2.FLOAT32, shape=[-1, -4], data=b"\0" * 16), "negative"),
+        (vae_pb2.Tensor(dtype=vae_pb2.FLOAT32, shape=[2, 3], data=b"\0" * 20), "needs 24"),
+        (vae_pb2.Tensor(dtype=vae_pb2.UINT8, shape=[2**40, 2**40], data=b""), "needs"),
+        (vae_pb2.Tensor(dtype=vae_pb2.UINT8, shape=[1] * 65, data=b"\0"), "at most 32"),
+        (vae_pb2.Tensor(dtype=vae_pb2.UINT8, shape=[0, 2**63 - 1, 2], data=b""), "too large"),
+    ],
+)
+def test_from_tensor_refuses_inconsistent_tensors(tensor, message):
+    with pytest.raises(TensorError, match=message):
+        from_tensor(tensor, "z")
