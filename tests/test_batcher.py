@@ -190,3 +190,66 @@ def test_batching_off_runs_every_call_alone(executor):
     assert model.sizes == [3] * 10
     for i, out in enumerate(outs):
         np.testing.assert_array_equal(out[0], rows(10 * i, 3) * 2)
+
+
+def test_calls_trickling_in_wait_for_as_many_as_the_last_batch_held(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=1000, max_queue=10_000, max_delay=5.0)
+        await asyncio.gather(*(b.submit(rows(10 * i, 1)) for i in range(8)))  # one batch of 8
+
+        async def later(i: int) -> list[np.ndarray]:
+            await asyncio.sleep(0.01 * i)  # arriving one by one, 10 ms apart
+            return await b.submit(rows(100 + i, 1))
+
+        outs = await asyncio.gather(*(later(i) for i in range(8)))
+        await b.close()
+        return outs
+
+    outs = asyncio.run(main())
+    assert model.sizes == [8, 8]  # the second eight waited for each other
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out[0], rows(100 + i, 1) * 2)
+
+
+def test_a_lone_caller_does_not_wait_for_the_batching_delay(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=1000, max_queue=10_000, max_delay=1.0)
+        t0 = time.perf_counter()
+        for i in range(20):  # one call in flight at a time
+            await b.submit(rows(i, 1))
+        elapsed = time.perf_counter() - t0
+        await b.close()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert model.sizes == [1] * 20
+    assert elapsed < 1.0  # not one max_delay (1 s) was waited
+
+
+def test_small_batches_run_on_the_event_loop_thread_and_large_ones_in_workers(executor):
+    threads: dict[str, list[int]] = {"inline": [], "executor": []}
+
+    def recorded(kind: str):
+        def run(x: np.ndarray) -> list[np.ndarray]:
+            threads[kind].append(threading.get_ident())
+            return [x * 2.0]
+
+        return run
+
+    async def main():
+        b = Batcher(recorded("executor"), executor, max_batch=1000, max_queue=10_000,
+                    run_inline=recorded("inline"), inline_rows=16)
+        small = await b.submit(rows(0, 16))
+        large = await b.submit(rows(0, 17))
+        await b.close()
+        return threading.get_ident(), small, large
+
+    loop_thread, small, large = asyncio.run(main())
+    np.testing.assert_array_equal(small[0], rows(0, 16) * 2)
+    np.testing.assert_array_equal(large[0], rows(0, 17) * 2)
+    assert threads["inline"] == [loop_thread]
+    assert len(threads["executor"]) == 1 and threads["executor"][0] != loop_thread

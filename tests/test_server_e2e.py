@@ -378,14 +378,18 @@ def test_batching_off_serves_the_same_answers(model_dir, reference):
 def test_a_failed_model_run_is_internal_for_its_callers_only(model_dir, reference):
     with server_thread(model_dir) as srv, VaeClient(srv.target) as c:
         batcher = srv.running.servicer.decoder
-        real_run = batcher._run
 
-        def run(z):  # a model fault triggered by one caller's input
-            if (z == 1234.5).any():
-                raise RuntimeError("simulated fault in the model run")
-            return real_run(z)
+        def faulty(real_run):
+            def run(z):  # a model fault triggered by one caller's input
+                if (z == 1234.5).any():
+                    raise RuntimeError("simulated fault in the model run")
+                return real_run(z)
 
-        batcher._run = run
+            return run
+
+        # Small batches run on the event loop's thread, larger ones in the executor.
+        batcher._run = faulty(batcher._run)
+        batcher._run_inline = faulty(batcher._run_inline)
         k = reference.latent_dim
         with pytest.raises(VaeError) as err:
             c.decode(np.full((1, k), 1234.5, np.float32))

@@ -102,7 +102,7 @@ def test_sigterm_finishes_calls_in_flight_and_exits_zero(model_dir):
     port = free_port()
     target = f"127.0.0.1:{port}"
     proc = start_server_process(model_dir, port, "--max-batch-size", "32",
-                                "--max-queue-images", "1000000", "--grace-seconds", "30")
+                                "--max-queue-images", "2000000", "--grace-seconds", "30")
     wait_serving(target, proc)
     seen: list[int] = []
     stop = threading.Event()
@@ -113,7 +113,8 @@ def test_sigterm_finishes_calls_in_flight_and_exits_zero(model_dir):
     def call(i: int) -> None:
         with VaeClient(target, timeout=60) as c:
             try:
-                results[i] = c.log_likelihood(np.full((8, 784), 0.5, np.float32), k=4000, seed=i)
+                results[i] = c.log_likelihood(np.full((16, 784), 0.5, np.float32), k=10_000,
+                                              seed=i)
             except VaeError as err:
                 results[i] = err
 

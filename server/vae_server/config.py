@@ -38,8 +38,12 @@ class Settings:
         "most images waiting per model; a call that does not fit gets RESOURCE_EXHAUSTED",
         default=65536)
     max_delay_ms: float = _doc(
-        "how long a batch may wait to fill while the model is busy (never when it is idle)",
-        default=0.0)
+        "longest a batch waits to fill: for calls the server already holds, or for as many "
+        "calls as the last batch had (so a lone caller does not wait, except the first one "
+        "after a burst)", default=2.0)
+    inline_rows: int = _doc(
+        "batches of up to this many images run on the event loop's thread with a one-thread "
+        "session; larger ones in worker threads. 0 = always in worker threads", default=64)
     max_images_per_request: int = _doc("most images in one Encode, Decode or LogLikelihood call",
                                        default=8192)
     max_sample_n: int = _doc("most images in one Sample call", default=8192)
@@ -127,6 +131,8 @@ def load_settings(argv: Sequence[str] | None = None,
 
 
 def _check(s: Settings) -> None:
+    if s.max_delay_ms < 0 or s.inline_rows < 0:
+        raise SystemExit("vae-server: --max-delay-ms and --inline-rows must be >= 0")
     if s.provider not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"vae-server: --provider must be auto, cuda or cpu, not {s.provider!r}")
     for name in ("max_batch_size", "max_queue_images", "max_images_per_request", "max_sample_n",

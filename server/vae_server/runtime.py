@@ -32,7 +32,13 @@ def choose_providers(provider: str) -> list[str]:
 
 class ModelRuntime:
     """Encoder and decoder sessions; `run_encoder` / `run_decoder` are what the batchers call
-    (from worker threads: InferenceSession.run is thread-safe)."""
+    (from worker threads: InferenceSession.run is thread-safe).
+
+    On the CPU each model has a second session with one intra-op thread for small batches,
+    which the batchers run on the event loop's thread (`run_*_small`): for a few rows, waking
+    ONNX Runtime's worker threads costs more than the work they share. On CUDA the one
+    session serves both.
+    """
 
     def __init__(self, model_dir: str | Path, provider: str = "auto", threads: int = 0,
                  spinning: bool = False) -> None:
@@ -59,6 +65,10 @@ class ModelRuntime:
         self.provider = self.decoder.get_providers()[0]
         if providers[0] == CUDA and self.provider != CUDA:
             log.warning("CUDA was requested but ONNX Runtime fell back to %s", self.provider)
+        self.encoder_small, self.decoder_small = self.encoder, self.decoder
+        if self.provider == CPU and threads != 1:
+            self.encoder_small = make_session(self.model_dir / ENCODER, [CPU], 1, False)
+            self.decoder_small = make_session(self.model_dir / DECODER, [CPU], 1, False)
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         # The decoder output that log p(x|z) needs.
         self.likelihood_output = (self._decoder_outputs.index("x_mean")
@@ -75,12 +85,21 @@ class ModelRuntime:
         """z [N, k] float32 -> [x_mean] (Gaussian) or [x_mean, logits] (Bernoulli)."""
         return self.decoder.run(self._decoder_outputs, {"z": z})
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+    def run_encoder_small(self, x: np.ndarray) -> Sequence[np.ndarray]:
+        return self.encoder_small.run(["mu", "logvar"], {"x": x})
+
+    def run_decoder_small(self, z: np.ndarray) -> Sequence[np.ndarray]:
+        return self.decoder_small.run(self._decoder_outputs, {"z": z})
+
+    def warm_up(self, batch_sizes: Sequence[int], small_sizes: Sequence[int] = ()) -> None:
         """Run each batch size once so that first calls do not pay for allocation."""
         rng = np.random.default_rng(0)
         for n in batch_sizes:
             self.run_encoder(rng.random((n, self.pixels), dtype=np.float32))
             self.run_decoder(rng.standard_normal((n, self.latent_dim), dtype=np.float32))
+        for n in small_sizes:
+            self.run_encoder_small(rng.random((n, self.pixels), dtype=np.float32))
+            self.run_decoder_small(rng.standard_normal((n, self.latent_dim), dtype=np.float32))
 
     def percentile(self, log_likelihood: np.ndarray) -> np.ndarray:
         if len(self.calibration_quantiles) == 0:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
-from vae_proto import vae_pb2, vae_pb2_grpc
-from vae_server.auth import describe, server_credentials
+from vae_proto import vae_pb2
+from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
 from vae_server.config import Settings
-from vae_server.interceptors import MetricsInterceptor
+from vae_server.instrument import InstrumentedServer
 from vae_server.metrics import Metrics
 from vae_server.runtime import ModelRuntime
 from vae_server.servicer import VaeServicer
@@ -86,14 +86,20 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vae-run")
     servicer = VaeServicer(runtime, settings, metrics, executor)
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)],
-                             options=grpc_options(settings))
-    vae_pb2_grpc.add_VaeServiceServicer_to_server(servicer, server)
+    server = grpc.aio.server(options=grpc_options(settings))
+    # Every service registers through `services`, which counts and times each method.
+    services = InstrumentedServer(server, metrics)
+    handlers = servicer.handlers()
+    if settings.auth_tokens:  # vae.v1 only: health and reflection stay open
+        handlers = guard_handlers(SERVICE_NAME, handlers,
+                                  TokenCheck(settings.auth_tokens, metrics))
+    services.add_service(SERVICE_NAME, handlers)
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, services)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME)), services)
     address = f"{settings.host}:{settings.port}"
     credentials = server_credentials(settings)
     port = (server.add_secure_port(address, credentials) if credentials is not None
@@ -115,7 +121,8 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
     loop = asyncio.get_running_loop()
     sizes = sorted({1, 16, min(256, settings.max_batch_size), settings.max_batch_size})
     for _ in range(max(1, settings.warmup_rounds)):
-        await loop.run_in_executor(executor, runtime.warm_up, sizes)
+        await loop.run_in_executor(executor, runtime.warm_up, sizes,
+                                   sorted({1, 16, settings.inline_rows} - {0}))
     await running.set_serving(True)
     log.info("SERVING model %s on %s", runtime.manifest["model_version"], runtime.provider)
     return running

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import logging
 import time
@@ -14,10 +13,11 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from vae_export import likelihood as lk
 from vae_proto import vae_pb2, vae_pb2_grpc
-from vae_proto.tensor import to_tensor
+from vae_proto.tensor import message_bytes, tensor_field, varint_field
 from vae_server import validate
 from vae_server.batcher import Batcher
 from vae_server.config import Settings
@@ -28,7 +28,7 @@ from vae_server.errors import (
     QueueFull,
     ServingError,
 )
-from vae_server.metrics import Metrics
+from vae_server.metrics import IMAGE_METHODS, Metrics
 from vae_server.runtime import ModelRuntime
 from vae_server.sampling import prior_latents
 
@@ -57,45 +57,57 @@ def _cancel_reason(context: grpc.aio.ServicerContext) -> str:
     return "deadline" if remaining is not None and remaining <= 0 else "cancelled"
 
 
-@contextlib.asynccontextmanager
-async def _status_on_error(servicer: VaeServicer, context: grpc.aio.ServicerContext,
-                           name: str) -> AsyncIterator[None]:
-    """The one place where a handler's errors become gRPC status codes, and where calls in
-    flight are counted for a graceful stop."""
-    servicer._call_started()
+def _parse(request_type: Any, raw: bytes) -> Any:
+    """The request message of raw bytes. Parsed here rather than by gRPC's deserializer,
+    which would answer bytes that are not the message with UNKNOWN."""
     try:
-        yield
-    except ServingError as exc:
-        await servicer._abort(context, exc)
-    except asyncio.CancelledError:
-        servicer.metrics.rejected.labels(_cancel_reason(context)).inc()
-        raise
-    except Exception:  # a bug of ours: INTERNAL, with the traceback in the log only
-        log.exception("%s failed", name)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-    finally:
-        servicer._call_ended()
+        return request_type.FromString(raw)
+    except DecodeError:
+        raise InvalidArgument(f"request: not a valid {request_type.DESCRIPTOR.full_name} "
+                              f"message ({len(raw)} bytes)") from None
 
 
-def _unary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    @functools.wraps(handler)
-    async def wrapper(self: VaeServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
-        async with _status_on_error(self, context, handler.__name__):
-            return await handler(self, request, context)
-        raise AssertionError("not reached: every error above aborts the call")
+def _unary(request_type: Any) -> Callable[[Callable[..., Awaitable[T]]],
+                                          Callable[..., Awaitable[T]]]:
+    """Parses the request, counts the call in flight for a graceful stop, and sends errors to
+    `_failed` (plain try/except: this runs on every call)."""
 
-    return wrapper
+    def decorate(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(handler)
+        async def wrapper(self: VaeServicer, raw: bytes, context: grpc.aio.ServicerContext) -> T:
+            self._in_flight += 1
+            try:
+                return await handler(self, _parse(request_type, raw), context)
+            except (Exception, asyncio.CancelledError) as exc:
+                await self._failed(context, exc, handler.__name__)
+                raise
+            finally:
+                self._call_ended()
+
+        return wrapper
+
+    return decorate
 
 
-def _streaming(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
-    @functools.wraps(handler)
-    async def wrapper(self: VaeServicer, request: Any,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
-        async with _status_on_error(self, context, handler.__name__):
-            async for item in handler(self, request, context):
-                yield item
+def _streaming(request_type: Any) -> Callable[[Callable[..., AsyncIterator[T]]],
+                                              Callable[..., AsyncIterator[T]]]:
+    def decorate(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
+        @functools.wraps(handler)
+        async def wrapper(self: VaeServicer, raw: bytes,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+            self._in_flight += 1
+            try:
+                async for item in handler(self, _parse(request_type, raw), context):
+                    yield item
+            except (Exception, asyncio.CancelledError) as exc:
+                await self._failed(context, exc, handler.__name__)
+                raise
+            finally:
+                self._call_ended()
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -103,11 +115,16 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _images_out(x: np.ndarray, dtype: int) -> vae_pb2.Tensor:
+def _images_out(x: np.ndarray, dtype: int) -> np.ndarray:
     x = x.reshape(len(x), 28, 28)
     if dtype == vae_pb2.UINT8:
-        return to_tensor(np.rint(x * np.float32(255.0)).astype(np.uint8))
-    return to_tensor(x)
+        return np.rint(x * np.float32(255.0)).astype(np.uint8)
+    return x
+
+
+def _serialize(reply: Any) -> bytes:
+    """Replies built as bytes (tensor_field) go out as they are; messages are serialised."""
+    return reply if isinstance(reply, bytes) else reply.SerializeToString()
 
 
 class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
@@ -120,24 +137,37 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         batching: dict[str, Any] = {"max_batch": settings.max_batch_size,
                                     "max_queue": settings.max_queue_images,
                                     "max_delay": settings.max_delay_ms / 1000.0,
-                                    "merge": settings.batching}
+                                    "merge": settings.batching,
+                                    "inline_rows": settings.inline_rows}
         self.encoder = Batcher(runtime.run_encoder, executor,
-                               observer=metrics.observer("encoder"), **batching)
+                               observer=metrics.observer("encoder"),
+                               run_inline=runtime.run_encoder_small, **batching)
         self.decoder = Batcher(runtime.run_decoder, executor,
-                               observer=metrics.observer("decoder"), **batching)
+                               observer=metrics.observer("decoder"),
+                               run_inline=runtime.run_decoder_small, **batching)
+        self._images = {m: metrics.method_images.labels(m) for m in IMAGE_METHODS}
         self._in_flight = 0  # vae.v1 calls being handled, for a graceful stop
         self._idle: asyncio.Event | None = None
 
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: ServingError) -> None:
-        code, reason = _status_of(exc)
-        if reason != "internal":
-            self.metrics.rejected.labels(reason).inc()
-        else:
-            log.error("model run failed: %s", exc)
-        await context.abort(code, str(exc))
-
-    def _call_started(self) -> None:
-        self._in_flight += 1
+    async def _failed(self, context: grpc.aio.ServicerContext, exc: BaseException,
+                      name: str) -> None:
+        """The one place where a handler's errors become gRPC status codes: aborts the call
+        (raises), except for a cancellation, which is counted and left to propagate."""
+        if isinstance(exc, asyncio.CancelledError):
+            self.metrics.rejected.labels(_cancel_reason(context)).inc()
+            return
+        if isinstance(exc, grpc.aio.AbortError):  # already carries its status
+            return
+        if isinstance(exc, ServingError):
+            code, reason = _status_of(exc)
+            if reason != "internal":
+                self.metrics.rejected.labels(reason).inc()
+            else:
+                log.error("model run failed: %s", exc)
+            await context.abort(code, str(exc))
+        # A bug of ours: INTERNAL, with the traceback in the log only.
+        log.error("%s failed", name, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
     def _call_ended(self) -> None:
         self._in_flight -= 1
@@ -161,9 +191,6 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    async def _decode(self, z: np.ndarray, context: grpc.aio.ServicerContext) -> list[np.ndarray]:
-        return await self.decoder.submit(z, _deadline(context))
-
     def _encode_input(self, arr: np.ndarray) -> np.ndarray:
         if arr.dtype == np.uint8:
             # The centre of the pixel's dequantisation interval (vae.proto, EncodeRequest).
@@ -172,46 +199,60 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
     # -- RPCs -------------------------------------------------------------------------------
 
-    @_unary
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """vae.v1's method handlers. Requests arrive as bytes (the handlers parse them); image
+        replies are built as bytes (tensor_field: one copy of the pixels instead of three),
+        the rest are messages."""
+        unary = functools.partial(grpc.unary_unary_rpc_method_handler,
+                                  response_serializer=_serialize)
+        return {
+            "Encode": unary(self.Encode),
+            "Decode": unary(self.Decode),
+            "Sample": unary(self.Sample),
+            "SampleStream": grpc.unary_stream_rpc_method_handler(
+                self.SampleStream, response_serializer=_serialize),
+            "LogLikelihood": unary(self.LogLikelihood),
+            "GetModelInfo": unary(self.GetModelInfo),
+        }
+
+    @_unary(vae_pb2.EncodeRequest)
     async def Encode(self, request: vae_pb2.EncodeRequest,
-                     context: grpc.aio.ServicerContext) -> vae_pb2.EncodeResponse:
+                     context: grpc.aio.ServicerContext) -> bytes:
         s = self.settings
         x = self._encode_input(validate.images(request.images, "images",
                                                s.max_images_per_request, self.runtime.pixels))
         mu, logvar = await self.encoder.submit(x, _deadline(context))
-        self.metrics.method_images.labels("Encode").inc(len(x))
-        reply = vae_pb2.EncodeResponse(mu=to_tensor(mu), logvar=to_tensor(logvar))
+        self._images["Encode"].inc(len(x))
+        z = b""
         if request.sample:
             eps = np.random.default_rng(request.seed).standard_normal(mu.shape, dtype=np.float32)
-            reply.z.CopyFrom(to_tensor(mu + np.exp(np.float32(0.5) * logvar) * eps))
-        return reply
+            z = message_bytes(tensor_field(3, mu + np.exp(np.float32(0.5) * logvar) * eps))
+        return message_bytes(tensor_field(1, mu), tensor_field(2, logvar), z)
 
-    @_unary
+    @_unary(vae_pb2.DecodeRequest)
     async def Decode(self, request: vae_pb2.DecodeRequest,
-                     context: grpc.aio.ServicerContext) -> vae_pb2.DecodeResponse:
+                     context: grpc.aio.ServicerContext) -> bytes:
         dtype = validate.output_dtype(request.output_dtype)
         z = validate.latents(request.z, "z", self.settings.max_images_per_request,
                              self.runtime.latent_dim)
-        outputs = await self._decode(z, context)
-        self.metrics.method_images.labels("Decode").inc(len(z))
-        return vae_pb2.DecodeResponse(images=_images_out(outputs[0], dtype))
+        outputs = await self.decoder.submit(z, _deadline(context))
+        self._images["Decode"].inc(len(z))
+        return message_bytes(tensor_field(1, _images_out(outputs[0], dtype)))
 
-    @_unary
+    @_unary(vae_pb2.SampleRequest)
     async def Sample(self, request: vae_pb2.SampleRequest,
-                     context: grpc.aio.ServicerContext) -> vae_pb2.SampleResponse:
+                     context: grpc.aio.ServicerContext) -> bytes:
         dtype = validate.output_dtype(request.output_dtype)
         n = validate.count(request.n, "n", self.settings.max_sample_n)
         z = prior_latents(request.seed, 0, n, self.runtime.latent_dim)
-        outputs = await self._decode(z, context)
-        self.metrics.method_images.labels("Sample").inc(n)
-        reply = vae_pb2.SampleResponse(images=_images_out(outputs[0], dtype))
-        if request.return_latents:
-            reply.latents.CopyFrom(to_tensor(z))
-        return reply
+        outputs = await self.decoder.submit(z, _deadline(context))
+        self._images["Sample"].inc(n)
+        return message_bytes(tensor_field(1, _images_out(outputs[0], dtype)),
+                             tensor_field(2, z) if request.return_latents else b"")
 
-    @_streaming
+    @_streaming(vae_pb2.SampleStreamRequest)
     async def SampleStream(self, request: vae_pb2.SampleStreamRequest,
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[vae_pb2.SampleChunk]:
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         s = self.settings
         dtype = validate.output_dtype(request.output_dtype)
         n = validate.count(request.n, "n", s.max_stream_n)
@@ -222,31 +263,37 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                                   f"0 .. n - 1 = {n - 1}")
         k = self.runtime.latent_dim
         loop = asyncio.get_running_loop()
-        counter = self.metrics.method_images.labels("SampleStream")
-        # One chunk is computed ahead while the previous one is being sent: memory stays at
-        # a few chunks whatever n is (gRPC's flow control holds `yield` when the client lags).
-        start = int(request.offset)
+        counter = self._images["SampleStream"]
+        deadline = _deadline(context)
 
-        async def produce(first: int) -> vae_pb2.SampleChunk:
+        def chunk_bytes(first: int, images: np.ndarray) -> bytes:
+            return message_bytes(varint_field(1, first), tensor_field(2, _images_out(images, dtype)))
+
+        async def produce(first: int) -> tuple[int, bytes]:
             size = min(chunk, n - first)
             z = await loop.run_in_executor(self.executor, prior_latents, request.seed, first,
                                            size, k)
-            outputs = await self._decode(z, context)
-            return vae_pb2.SampleChunk(offset=first, images=_images_out(outputs[0], dtype))
+            outputs = await self.decoder.submit(z, deadline)
+            # The uint8 conversion and the one copy into the reply leave the event loop too.
+            return size, await loop.run_in_executor(self.executor, chunk_bytes, first,
+                                                    outputs[0])
 
-        pending: asyncio.Task[vae_pb2.SampleChunk] | None = asyncio.ensure_future(produce(start))
+        # One chunk is computed ahead while the previous one is being sent: memory stays at
+        # a few chunks whatever n is (gRPC's flow control holds `yield` when the client lags).
+        first = int(request.offset)
+        pending: asyncio.Task[tuple[int, bytes]] | None = asyncio.ensure_future(produce(first))
         try:
             while pending is not None:
-                reply = await pending
-                nxt = reply.offset + chunk
-                pending = asyncio.ensure_future(produce(nxt)) if nxt < n else None
-                counter.inc(reply.images.shape[0])
+                size, reply = await pending
+                first += size
+                pending = asyncio.ensure_future(produce(first)) if first < n else None
+                counter.inc(size)
                 yield reply
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
 
-    @_unary
+    @_unary(vae_pb2.LogLikelihoodRequest)
     async def LogLikelihood(self, request: vae_pb2.LogLikelihoodRequest,
                             context: grpc.aio.ServicerContext) -> vae_pb2.LogLikelihoodResponse:
         s = self.settings
@@ -283,7 +330,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         scores = await loop.run_in_executor(self.executor, finish)
         pct = rt.percentile(scores.log_likelihood)
         flags = pct < rt.anomaly_percentile
-        self.metrics.method_images.labels("LogLikelihood").inc(n)
+        self._images["LogLikelihood"].inc(n)
         self.metrics.anomalies.inc(int(flags.sum()))
         return vae_pb2.LogLikelihoodResponse(
             elbo=scores.elbo.tolist(), log_likelihood=scores.log_likelihood.tolist(),
@@ -291,7 +338,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             anomaly=flags.tolist(), k=k_samples,
         )
 
-    @_unary
+    @_unary(vae_pb2.GetModelInfoRequest)
     async def GetModelInfo(self, request: vae_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> vae_pb2.ModelInfo:
         s, rt = self.settings, self.runtime

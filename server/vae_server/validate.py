@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from vae_proto import vae_pb2
@@ -58,9 +60,12 @@ def images(msg: vae_pb2.Tensor, field: str, max_n: int, pixels: int) -> np.ndarr
 
 
 def latents(msg: vae_pb2.Tensor, field: str, max_n: int, latent_dim: int) -> np.ndarray:
-    if not msg.ByteSize():
-        raise InvalidArgument(f"{field}: missing; expected FLOAT32 [N, {latent_dim}]")
-    arr = tensor(msg, field)
+    try:
+        arr = from_tensor(msg, field)
+    except TensorError as exc:
+        if not msg.ByteSize():
+            raise InvalidArgument(f"{field}: missing; expected FLOAT32 [N, {latent_dim}]") from None
+        raise InvalidArgument(str(exc)) from None
     if arr.dtype != np.float32:
         raise InvalidArgument(f"{field}.dtype: latents must be FLOAT32")
     if arr.ndim != 2 or arr.shape[1] != latent_dim:
@@ -71,6 +76,8 @@ def latents(msg: vae_pb2.Tensor, field: str, max_n: int, latent_dim: int) -> np.
 
 
 def _finite(arr: np.ndarray, field: str) -> None:
-    if not np.isfinite(arr).all():
+    # A float64 sum cannot overflow for float32 inputs, and is NaN or Inf exactly when some
+    # value is: one reduction instead of a mask and a test.
+    if not math.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise InvalidArgument(f"{field}: {bad} values are NaN or Inf; all must be finite")

@@ -1,0 +1,146 @@
+"""gRPC-level Prometheus metrics under go-grpc-prometheus's names, for every service the
+server offers (vae.v1, health, reflection).
+
+The metrics wrap each method handler once, when it is registered, rather than coming from a
+server interceptor: an interceptor costs every call an extra coroutine and a handler rebuilt
+per call, which on a small CPU is a measurable share of a single-image Decode (BENCHMARKS.md).
+`InstrumentedServer` stands in for the server when a service registers its handlers (the
+generated `add_*_to_server` functions and our own), and registers wrapped handlers instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from vae_server.metrics import Metrics
+
+
+def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    """The status code a call ended with, as go-grpc-prometheus's grpc_code label."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if exc is None:
+        return "OK"
+    if isinstance(exc, asyncio.CancelledError):
+        # The handler is cancelled both when the caller cancels and when the deadline passes.
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "UNKNOWN"
+
+
+class _Observer:
+    """One method's series, looked up once: a call costs two counter increments and one
+    histogram observation."""
+
+    def __init__(self, metrics: Metrics, service: str, method: str, kind: str) -> None:
+        labels = (service, method, kind)
+        self.started = metrics.started.labels(*labels)
+        self.handling = metrics.handling.labels(*labels)
+        self._handled = metrics.handled
+        self._labels = labels
+        self._by_code: dict[str, Any] = {"OK": metrics.handled.labels(*labels, "OK")}
+
+    def ended(self, t0: float, context: grpc.aio.ServicerContext,
+              exc: BaseException | None) -> None:
+        self.handling.observe(time.perf_counter() - t0)
+        code = code_of(context, exc)
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._handled.labels(*self._labels, code)
+        child.inc()
+
+
+def _observed_unary(behavior: Callable[..., Any], obs: _Observer) -> Callable[..., Any]:
+    async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        obs.started.inc()
+        t0 = time.perf_counter()
+        try:
+            reply = await behavior(request, context)
+        except BaseException as exc:
+            obs.ended(t0, context, exc)
+            raise
+        obs.ended(t0, context, None)
+        return reply
+
+    return observed
+
+
+def _observed_stream(behavior: Callable[..., Any], obs: _Observer) -> Callable[..., Any]:
+    async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        obs.started.inc()
+        t0 = time.perf_counter()
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except BaseException as exc:
+            obs.ended(t0, context, exc)
+            raise
+        obs.ended(t0, context, None)
+
+    return observed
+
+
+def instrument(handler: grpc.RpcMethodHandler, service: str, method: str,
+               metrics: Metrics) -> grpc.RpcMethodHandler:
+    """The same handler, counted and timed."""
+    if handler.unary_unary is not None:
+        obs = _Observer(metrics, service, method, "unary")
+        return handler._replace(unary_unary=_observed_unary(handler.unary_unary, obs))
+    if handler.unary_stream is not None:
+        obs = _Observer(metrics, service, method, "server_stream")
+        behavior = handler.unary_stream
+        # A handler that writes with context.write() (health's Watch) is a coroutine.
+        wrap = _observed_stream if inspect.isasyncgenfunction(behavior) else _observed_unary
+        return handler._replace(unary_stream=wrap(behavior, obs))
+    return handler  # client and bidirectional streaming: none in this server
+
+
+class _InstrumentedGeneric(grpc.GenericRpcHandler):
+    """A generic handler's answers, wrapped once per method."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(details)
+        if handler is None:
+            return None
+        cached = self._cache.get(details.method)
+        if cached is None or cached[0] is not handler:
+            _, service, method = details.method.split("/", 2)
+            cached = (handler, instrument(handler, service, method, self._metrics))
+            self._cache[details.method] = cached
+        return cached[1]
+
+
+class InstrumentedServer:
+    """Registers services on `server` with every method handler counted and timed; pass it
+    where grpc's generated code expects the server (add_FooServicer_to_server(s, it))."""
+
+    def __init__(self, server: grpc.aio.Server, metrics: Metrics) -> None:
+        self._server = server
+        self._metrics = metrics
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_InstrumentedGeneric(h, self._metrics) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: instrument(h, service, name, self._metrics)
+                      for name, h in handlers.items()})
+
+    def add_service(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        """Register a service of our own from its method handlers."""
+        self.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self.add_registered_method_handlers(service, handlers)
