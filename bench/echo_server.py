@@ -1,5 +1,5 @@
-"""The transport limit: a trivial grpc.aio server that answers vae.v1 Decode, Sample and
-SampleStream with pre-built replies of the same sizes as the real server's, doing no work.
+"""The transport limit: a trivial grpc.aio server that answers vae.v1 Decode and SampleStream
+with pre-built, pre-serialised replies of the same sizes as the real server's, doing no work.
 
     python bench/echo_server.py --port P --latent-dim K
 """
@@ -27,6 +27,7 @@ async def main() -> None:
     decode_reply = one_image.SerializeToString()
     chunks = {
         dtype: vae_pb2.SampleChunk(images=to_tensor(np.zeros((args.chunk, 28, 28), np_dtype)))
+        .SerializeToString()
         for dtype, np_dtype in ((vae_pb2.FLOAT32, np.float32), (vae_pb2.UINT8, np.uint8))
     }
 
@@ -35,10 +36,9 @@ async def main() -> None:
 
     async def stream(request: bytes, context: grpc.aio.ServicerContext):
         req = vae_pb2.SampleStreamRequest.FromString(request)
-        template = chunks[req.output_dtype or vae_pb2.FLOAT32]
-        for offset in range(0, req.n, args.chunk):
-            template.offset = offset
-            yield template.SerializeToString()
+        reply = chunks[req.output_dtype or vae_pb2.FLOAT32]
+        for _ in range(0, req.n, args.chunk):
+            yield reply
 
     async def info(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return vae_pb2.ModelInfo(latent_dim=args.latent_dim).SerializeToString()
