@@ -361,7 +361,8 @@ def summarize(t: Tally, samples: list[tuple[float, float]], rss_quiet: float | N
         "lost": lost, "duplicated": t.duplicated_chunks, "hung": hung, "wrong": dict(t.wrong),
         "latency_ms": {m: {"p50": _pct(v, 50), "p99": _pct(v, 99), "max": _pct(v, 100)}
                        for m, v in sorted(t.latencies.items())},
-        "rss_mb": {"after_warmup": rss_warm, "end": rss_end, "after_load": rss_quiet,
+        "rss_mb": {"after_warmup": rss_warm, "end": rss_end,
+                   "after_load": None if rss_quiet is None else round(rss_quiet, 1),
                    "max": max(rss, default=None), "growth_pct": growth,
                    "samples": samples},  # (seconds after the warm-up, MB)
         "problems": t.examples,
