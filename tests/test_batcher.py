@@ -253,3 +253,26 @@ def test_small_batches_run_on_the_event_loop_thread_and_large_ones_in_workers(ex
     np.testing.assert_array_equal(large[0], rows(0, 17) * 2)
     assert threads["inline"] == [loop_thread]
     assert len(threads["executor"]) == 1 and threads["executor"][0] != loop_thread
+
+
+def test_a_reservation_refuses_at_once_and_holds_room_until_submitted_or_released(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=100, max_queue=10)
+        with b.reserve(8) as room:
+            with pytest.raises(QueueFull, match="8 reserved"):
+                b.reserve(3)  # 8 held + 3 > 10
+            with pytest.raises(QueueFull):
+                await b.submit(rows(0, 3))  # the held room is not anyone's to take
+            out = await b.submit(rows(0, 5), reservation=room)  # uses 5 of the 8
+            assert room.held == 3
+            other = await b.submit(rows(10, 2))  # 3 held + 2 fit
+        released = b.reserve(10)  # everything left was released on exit
+        released.__exit__(None, None, None)
+        await b.close()
+        return out, other
+
+    out, other = asyncio.run(main())
+    np.testing.assert_array_equal(out[0], rows(0, 5) * 2)
+    np.testing.assert_array_equal(other[0], rows(10, 2) * 2)

@@ -55,6 +55,27 @@ def _has_ready_callbacks(loop: asyncio.AbstractEventLoop) -> bool:
     return bool(getattr(loop, "_ready", None))
 
 
+class Reservation:
+    """Room held in a Batcher's queue for images to be submitted later (Batcher.reserve)."""
+
+    def __init__(self, batcher: Batcher, n: int) -> None:
+        self._batcher = batcher
+        self.held = n
+
+    def take(self, n: int) -> bool:
+        """Turn up to `n` held images into queued ones; True if all `n` were held."""
+        used = min(n, self.held)
+        self.held -= used
+        self._batcher._reserved -= used
+        return used == n
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.take(self.held)  # release what was not submitted
+
+
 class Batcher:
     def __init__(
         self,
@@ -87,6 +108,7 @@ class Batcher:
         self._running = False  # a run is in progress in the executor
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reserved = 0  # images of Reservations not yet submitted
         # Calls in the last batch: under steady load, about as many arrive for the next one.
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
@@ -99,19 +121,37 @@ class Batcher:
     def queued_images(self) -> int:
         return self._queued_images
 
-    async def submit(self, rows: np.ndarray, deadline: float | None = None) -> list[np.ndarray]:
+    def check_room(self, n: int) -> None:
+        """Raise QueueFull (or BatchFailed when closed) unless `n` more images fit."""
+        if self._closed:
+            raise BatchFailed("the server is shutting down")
+        if self._queued_images + self._reserved + n > self.max_queue:
+            self.dropped["queue_full"] += 1
+            held = f" and {self._reserved} reserved" if self._reserved else ""
+            raise QueueFull(
+                f"queue full: {self._queued_images} images waiting{held}, the limit is "
+                f"{self.max_queue}; retry later"
+            )
+
+    def reserve(self, n: int) -> Reservation:
+        """Room for `n` images that a call will submit later, after other work: it is refused
+        now (QueueFull) rather than after that work. Use as a context manager; pass it to
+        submit(), and whatever was not submitted is released on exit."""
+        self.check_room(n)
+        self._reserved += n
+        return Reservation(self, n)
+
+    async def submit(self, rows: np.ndarray, deadline: float | None = None,
+                     reservation: Reservation | None = None) -> list[np.ndarray]:
         """Run `rows` [n, ...] through the model; returns the outputs' rows for this call."""
         n = len(rows)
         if n == 0:
             raise ValueError("empty batch")
-        if self._closed:
-            raise BatchFailed("the server is shutting down")
-        if self._queued_images + n > self.max_queue:
-            self.dropped["queue_full"] += 1
-            raise QueueFull(
-                f"queue full: {self._queued_images} images waiting, the limit is "
-                f"{self.max_queue}; retry later"
-            )
+        if reservation is not None and reservation.take(n):
+            if self._closed:
+                raise BatchFailed("the server is shutting down")
+        else:
+            self.check_room(n)
         # The loop, looked up once: get_running_loop() costs a getpid() system call per call
         # on Python 3.11. A batcher serves one event loop.
         loop = self._loop

@@ -244,8 +244,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                      context: grpc.aio.ServicerContext) -> bytes:
         dtype = validate.output_dtype(request.output_dtype)
         n = validate.count(request.n, "n", self.settings.max_sample_n)
-        z = prior_latents(request.seed, 0, n, self.runtime.latent_dim)
-        outputs = await self.decoder.submit(z, _deadline(context))
+        with self.decoder.reserve(n) as room:  # a full queue refuses before the noise is drawn
+            z = prior_latents(request.seed, 0, n, self.runtime.latent_dim)
+            outputs = await self.decoder.submit(z, _deadline(context), room)
         self._images["Sample"].inc(n)
         return message_bytes(tensor_field(1, _images_out(outputs[0], dtype)),
                              tensor_field(2, z) if request.return_latents else b"")
@@ -298,8 +299,12 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                             context: grpc.aio.ServicerContext) -> vae_pb2.LogLikelihoodResponse:
         s = self.settings
         rt = self.runtime
-        raw = validate.images(request.images, "images", s.max_images_per_request, rt.pixels)
         k_samples = validate.count(request.k, "k", s.max_k)
+        shape = request.images.shape
+        if shape and 0 < shape[0] * k_samples <= s.max_queue_images:
+            # A full queue refuses before the pixels are checked, which costs more.
+            self.decoder.check_room(shape[0] * k_samples)
+        raw = validate.images(request.images, "images", s.max_images_per_request, rt.pixels)
         n = len(raw)
         if n * k_samples > s.max_queue_images:
             raise InvalidArgument(
@@ -310,17 +315,20 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         loop = asyncio.get_running_loop()
         deadline = _deadline(context)
 
-        x = raw
-        if raw.dtype == np.uint8:  # float images are scored as they are: no hop for them
-            x = await loop.run_in_executor(self.executor, lk.dequantize, raw, seed, offset)
-        mu, logvar = await self.encoder.submit(x, deadline)
+        # Room for the decoder's n x k rows is held from the start: when the queue is full,
+        # the call is refused at once, before any work (and a client's retry repeats none).
+        with self.decoder.reserve(n * k_samples) as room:
+            x = raw
+            if raw.dtype == np.uint8:  # float images are scored as they are: no hop for them
+                x = await loop.run_in_executor(self.executor, lk.dequantize, raw, seed, offset)
+            mu, logvar = await self.encoder.submit(x, deadline)
 
-        def noise() -> tuple[np.ndarray, np.ndarray]:
-            eps = lk.score_noise(seed, offset, n, k_samples, rt.latent_dim)
-            return eps, lk.latents(mu, logvar, eps).reshape(n * k_samples, rt.latent_dim)
+            def noise() -> tuple[np.ndarray, np.ndarray]:
+                eps = lk.score_noise(seed, offset, n, k_samples, rt.latent_dim)
+                return eps, lk.latents(mu, logvar, eps).reshape(n * k_samples, rt.latent_dim)
 
-        eps, z = await loop.run_in_executor(self.executor, noise)
-        outputs = await self.decoder.submit(z, deadline)
+            eps, z = await loop.run_in_executor(self.executor, noise)
+            outputs = await self.decoder.submit(z, deadline, room)
         decoded = outputs[rt.likelihood_output].reshape(n, k_samples, rt.pixels)
 
         def finish() -> lk.Scores:
