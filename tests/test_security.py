@@ -215,6 +215,11 @@ def tls_server(model_dir, pki):
         yield srv
 
 
+# A refused handshake is UNAVAILABLE, which clients retry by default: these tests want the
+# refusal itself, at once.
+NO_RETRY = 0
+
+
 def test_tls_connects_with_the_servers_ca(tls_server, pki):
     with VaeClient(tls_server.target, timeout=10, tls_ca=pki.ca_pem) as client:
         assert client.info().latent_dim > 0
@@ -234,16 +239,16 @@ def test_tls_connects_with_the_servers_ca(tls_server, pki):
 
 
 def test_tls_refuses_a_client_that_trusts_another_ca(tls_server, pki):
-    with VaeClient(tls_server.target, timeout=10, tls_ca=pki.other_ca_pem) as client:
+    with VaeClient(tls_server.target, timeout=10, retries=NO_RETRY, tls_ca=pki.other_ca_pem) as client:
         _refused(client.info)
-    with VaeClient(tls_server.target, timeout=10, tls=True) as client:  # the system's roots
+    with VaeClient(tls_server.target, timeout=10, retries=NO_RETRY, tls=True) as client:  # the system's roots
         _refused(client.info)
 
 
 def test_tls_refuses_plaintext_and_a_wrong_server_name(tls_server, pki):
-    with VaeClient(tls_server.target, timeout=10) as client:
+    with VaeClient(tls_server.target, timeout=10, retries=NO_RETRY) as client:
         _refused(client.info)
-    with VaeClient(tls_server.target, timeout=10, tls_ca=pki.ca_pem,
+    with VaeClient(tls_server.target, timeout=10, retries=NO_RETRY, tls_ca=pki.ca_pem,
                    tls_server_name="vae.example.org") as client:
         _refused(client.info)
 
@@ -272,18 +277,18 @@ def test_mutual_tls_connects_with_a_client_certificate_of_its_ca(mtls_server, pk
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server, pki):
-    with VaeClient(mtls_server.target, timeout=10, tls_ca=pki.ca_pem) as client:
+    with VaeClient(mtls_server.target, timeout=10, retries=NO_RETRY, tls_ca=pki.ca_pem) as client:
         _refused(client.info)
 
 
 def test_mutual_tls_refuses_a_client_certificate_of_another_ca(mtls_server, pki):
-    with VaeClient(mtls_server.target, timeout=10, tls_ca=pki.ca_pem,
+    with VaeClient(mtls_server.target, timeout=10, retries=NO_RETRY, tls_ca=pki.ca_pem,
                    tls_cert=pki.other_client_pem, tls_key=pki.other_client_key) as client:
         _refused(client.info)
 
 
 def test_mutual_tls_refuses_a_client_that_trusts_another_ca(mtls_server, pki):
-    with VaeClient(mtls_server.target, timeout=10, tls_ca=pki.other_ca_pem,
+    with VaeClient(mtls_server.target, timeout=10, retries=NO_RETRY, tls_ca=pki.other_ca_pem,
                    tls_cert=pki.client_pem, tls_key=pki.client_key) as client:
         _refused(client.info)
 

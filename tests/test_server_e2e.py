@@ -319,7 +319,8 @@ def test_full_queue_answers_resource_exhausted_at_once(model_dir):
                 return err, time.perf_counter() - t0
 
         async def main():
-            async with AsyncVaeClient(srv.target, timeout=60) as c:
+            # No retries: this test wants the refusal itself, at once.
+            async with AsyncVaeClient(srv.target, timeout=60, retries=0) as c:
                 await c.info()
                 return await asyncio.gather(*(timed(c, i) for i in range(8)))
 

@@ -10,7 +10,13 @@ import numpy as np
 
 from vae_client import _codec
 from vae_client._codec import Scores
-from vae_client.channel import PemSource, Security, create_aio_channel, resolve_security
+from vae_client.channel import (
+    DEFAULT_RETRIES,
+    PemSource,
+    Security,
+    create_aio_channel,
+    resolve_security,
+)
 from vae_client.errors import VaeError
 from vae_proto import vae_pb2, vae_pb2_grpc
 
@@ -26,12 +32,13 @@ class AsyncVaeClient:
                  channel: grpc.aio.Channel | None = None, *, tls: bool = False,
                  tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
                  tls_key: PemSource | None = None, tls_server_name: str | None = None,
-                 token: str | None = None, security: Security | None = None) -> None:
+                 token: str | None = None, security: Security | None = None,
+                 retries: int = DEFAULT_RETRIES) -> None:
         self.target = target
         self.timeout = timeout
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
-        self._channel = channel or create_aio_channel(target, security, max_message_mb)
+        self._channel = channel or create_aio_channel(target, security, max_message_mb, retries)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncVaeClient:

@@ -96,7 +96,8 @@ async def run_bench(target: str, method: str, concurrency: int = 1, duration: fl
     """Drive `method` for `duration` seconds after `warmup` seconds that are not counted.
     `security`: TLS and token of the channel (default: plaintext, no token)."""
     dtype_enum = vae_pb2.UINT8 if dtype == "uint8" else vae_pb2.FLOAT32
-    async with create_aio_channel(target, security, 64) as channel:
+    # No retries: the load generator counts every refusal.
+    async with create_aio_channel(target, security, 64, retries=0) as channel:
         info_call = channel.unary_unary(SERVICE + "GetModelInfo",
                                         request_serializer=vae_pb2.GetModelInfoRequest.SerializeToString,
                                         response_deserializer=vae_pb2.ModelInfo.FromString)

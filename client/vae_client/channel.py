@@ -11,6 +11,7 @@ trusted.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -106,11 +107,43 @@ def resolve_security(security: Security | None, channel: object | None = None,
     return result
 
 
+# -- retries ---------------------------------------------------------------------------------
+# gRPC retries by itself what the service config allows: UNAVAILABLE (no server reached, or it
+# went away) and RESOURCE_EXHAUSTED (the server's queue was full: it refuses before running
+# anything), after a jittered exponential back-off (each wait is drawn uniformly between 0
+# and the current cap). It never retries a call once a reply has begun (a stream that has sent
+# a chunk fails instead: resume it with `offset`). Throttling stops retrying while most calls
+# fail, so that retries cannot multiply an overload. Every vae.v1 call is a pure function of
+# its request (seeds included), so a retried call gives the answer the first would have.
+DEFAULT_RETRIES = 4  # attempts after the first; gRPC allows at most 4
+
+
+def retry_options(retries: int) -> list[tuple[str, Any]]:
+    """Channel options that let gRPC retry vae.v1 calls up to `retries` times (0: never)."""
+    if retries <= 0:
+        return [("grpc.enable_retries", 0)]
+    config = {
+        "methodConfig": [{
+            "name": [{"service": "vae.v1.VaeService"}],
+            "retryPolicy": {
+                "maxAttempts": min(retries, 4) + 1,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 3,
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+            },
+        }],
+        "retryThrottling": {"maxTokens": 20, "tokenRatio": 0.2},
+    }
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+
+
 def create_channel(target: str, security: Security | None = None,
-                   max_message_mb: int = 64) -> grpc.Channel:
-    """A synchronous channel to `target` with `security` (default: plaintext, no token)."""
+                   max_message_mb: int = 64, retries: int = DEFAULT_RETRIES) -> grpc.Channel:
+    """A synchronous channel to `target` with `security` (default: plaintext, no token),
+    retrying refused and unreachable calls up to `retries` times."""
     sec = security or Security()
-    options = sec.options(channel_options(max_message_mb))
+    options = sec.options(channel_options(max_message_mb) + retry_options(retries))
     channel = (grpc.secure_channel(target, sec.credentials(), options=options) if sec.tls
                else grpc.insecure_channel(target, options=options))
     if sec.token:
@@ -119,10 +152,11 @@ def create_channel(target: str, security: Security | None = None,
 
 
 def create_aio_channel(target: str, security: Security | None = None,
-                       max_message_mb: int = 64) -> grpc.aio.Channel:
-    """An asyncio channel to `target` with `security` (default: plaintext, no token)."""
+                       max_message_mb: int = 64, retries: int = DEFAULT_RETRIES
+                       ) -> grpc.aio.Channel:
+    """An asyncio channel to `target`, as create_channel."""
     sec = security or Security()
-    options = sec.options(channel_options(max_message_mb))
+    options = sec.options(channel_options(max_message_mb) + retry_options(retries))
     interceptors: list[grpc.aio.ClientInterceptor] | None = None
     if sec.token:
         interceptors = [_AioUnaryMetadata(sec.metadata), _AioStreamMetadata(sec.metadata)]

@@ -1,0 +1,111 @@
+"""Client retries through gRPC's own retry policy (vae_client.channel.retry_options): a call
+refused because the queue is full is retried after a back-off and succeeds once there is
+room; other errors are not retried; a client with retries=0 sees the refusal."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from serving import server_thread
+from vae_client import VaeClient, VaeError
+from vae_export.runtime import OnnxVAE
+
+ROWS = 16
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return OnnxVAE(model_dir)
+
+
+def _sample(srv, name: str, labels: dict[str, str]) -> float:
+    return srv.running.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _refused(srv) -> float:
+    return _sample(srv, "vae_rejected_total", {"reason": "queue_full"})
+
+
+def _started(srv, method: str) -> float:
+    return _sample(srv, "grpc_server_started_total", {
+        "grpc_service": "vae.v1.VaeService", "grpc_method": method, "grpc_type": "unary"})
+
+
+@pytest.fixture
+def full_queue(model_dir, reference):
+    """A server whose decoder is held running one call while a second fills the queue: the
+    next Decode is refused until `open` is set."""
+    with server_thread(model_dir, max_batch_size=ROWS, max_queue_images=ROWS,
+                       max_images_per_request=ROWS, max_sample_n=ROWS, max_chunk_size=ROWS,
+                       default_chunk_size=ROWS, inline_rows=0, max_delay_ms=0) as srv:
+        gate = threading.Event()
+        batcher = srv.running.servicer.decoder
+        real_run = batcher._run
+
+        def held(z):
+            gate.wait(30)
+            return real_run(z)
+
+        batcher._run = held
+        z = np.zeros((ROWS, reference.latent_dim), np.float32)
+        background = []
+
+        def call() -> None:
+            with VaeClient(srv.target, retries=0) as c:
+                background.append(c.decode(z))
+
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.2)  # the first is running (held), the second is queued
+        assert batcher.queued_images == ROWS
+        yield srv, gate
+        gate.set()
+        for t in threads:
+            t.join(30)
+        assert len(background) == 2  # the calls that held the queue were answered
+
+
+def test_a_refused_call_is_retried_and_succeeds_once_there_is_room(full_queue, reference):
+    srv, gate = full_queue
+    z = np.random.default_rng(0).standard_normal((1, reference.latent_dim), dtype=np.float32)
+    result: list[np.ndarray] = []
+    with VaeClient(srv.target) as c:  # retries on by default
+        caller = threading.Thread(target=lambda: result.append(c.decode(z)))
+        caller.start()
+        deadline = time.monotonic() + 10
+        while _refused(srv) < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _refused(srv) >= 1  # the first attempt was refused ...
+        gate.set()  # ... and room is made
+        caller.join(30)
+    np.testing.assert_array_equal(result[0].reshape(1, -1), reference.decode(z))
+    attempts = _started(srv, "Decode") - 2  # the two calls that held the queue
+    assert attempts == _refused(srv) + 1  # refused attempts, then the one that ran
+    assert 2 <= attempts <= 5
+
+
+def test_without_retries_the_refusal_reaches_the_caller_at_once(full_queue, reference):
+    srv, _ = full_queue
+    z = np.zeros((1, reference.latent_dim), np.float32)
+    with VaeClient(srv.target, retries=0) as c:
+        t0 = time.perf_counter()
+        with pytest.raises(VaeError) as err:
+            c.decode(z)
+        assert time.perf_counter() - t0 < 1.0
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue full" in err.value.details and _refused(srv) == 1
+
+
+def test_an_invalid_request_is_not_retried(model_dir, reference):
+    with server_thread(model_dir) as srv, VaeClient(srv.target) as c:
+        before = _started(srv, "Decode")
+        with pytest.raises(VaeError) as err:
+            c.decode(np.full((1, reference.latent_dim), np.nan, np.float32))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert _started(srv, "Decode") - before == 1
