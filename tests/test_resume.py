@@ -37,6 +37,9 @@ def test_a_stream_cut_by_a_dying_server_resumes_byte_for_byte(model_dir):
     assert error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
                           grpc.StatusCode.CANCELLED), error
     assert 10 * CHUNK <= next_offset < N
+    # The error says where to resume.
+    assert error.resume_offset == next_offset
+    assert f"offset={next_offset} resumes it" in str(error)
 
     # A new server; the stream goes on from the first image not received.
     with served_process(model_dir) as (target, _), VaeClient(target) as c:

@@ -6,15 +6,23 @@ import grpc
 
 
 class VaeError(Exception):
-    """A call failed: `code` is the grpc.StatusCode, `details` the server's message."""
+    """A call failed: `code` is the grpc.StatusCode, `details` the server's message. For a
+    SampleStream that broke off, `resume_offset` is the first image not received: the same
+    request with offset=resume_offset goes on with exactly the images that were missed."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 resume_offset: int | None = None) -> None:
+        message = f"{code.name}: {details}"
+        if resume_offset is not None:
+            message += (f" (the stream stopped before image {resume_offset}: the same request "
+                        f"with offset={resume_offset} resumes it)")
+        super().__init__(message)
         self.code = code
         self.details = details
+        self.resume_offset = resume_offset
 
     @classmethod
-    def from_rpc_error(cls, err: grpc.RpcError) -> VaeError:
+    def from_rpc_error(cls, err: grpc.RpcError, resume_offset: int | None = None) -> VaeError:
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
-        return cls(code, details or "")
+        return cls(code, details or "", resume_offset)
