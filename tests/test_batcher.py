@@ -276,3 +276,73 @@ def test_a_reservation_refuses_at_once_and_holds_room_until_submitted_or_release
     out, other = asyncio.run(main())
     np.testing.assert_array_equal(out[0], rows(0, 5) * 2)
     np.testing.assert_array_equal(other[0], rows(10, 2) * 2)
+
+
+def test_a_job_makes_its_rows_and_its_result_in_the_thread_that_runs_the_batch(executor):
+    model = Model()
+    model.gate.clear()  # hold the first run so that the next calls queue up and merge
+    where: dict[str, int] = {}
+
+    def make() -> np.ndarray:
+        where["make"] = threading.get_ident()
+        return rows(100, 4)
+
+    def then(outputs: list[np.ndarray]) -> float:
+        where["then"] = threading.get_ident()
+        return float(outputs[0].sum() + outputs[1].sum())
+
+    async def main():
+        b = Batcher(model, executor, max_batch=64, max_queue=1024)
+        first = asyncio.ensure_future(b.submit(rows(0, 1)))
+        await asyncio.sleep(0.05)  # the first call runs alone, held at the gate
+        plain = asyncio.ensure_future(b.submit(rows(10, 2)))
+        job = asyncio.ensure_future(b.submit_job(4, make, then))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        out = await asyncio.gather(first, plain, job)
+        await b.close()
+        return threading.get_ident(), out
+
+    loop_thread, (first, plain, job) = asyncio.run(main())
+    assert model.sizes == [1, 6]  # the job merged with the plain call
+    np.testing.assert_array_equal(plain[0], rows(10, 2) * 2)
+    assert job == float((rows(100, 4) * 2).sum() + (rows(100, 4) + 1).sum())
+    assert where["make"] == where["then"] != loop_thread
+
+
+def test_a_failing_job_fails_alone_and_a_large_job_runs_in_runs_of_max_batch(executor):
+    model = Model()
+    model.gate.clear()
+
+    def broken_make() -> np.ndarray:
+        raise ZeroDivisionError("make")
+
+    def broken_then(outputs: list[np.ndarray]) -> None:
+        raise KeyError("then")
+
+    async def main():
+        b = Batcher(model, executor, max_batch=8, max_queue=1024)
+        first = asyncio.ensure_future(b.submit(rows(0, 1)))
+        await asyncio.sleep(0.05)
+        calls = [asyncio.ensure_future(c) for c in (
+            b.submit_job(2, broken_make, lambda o: o),
+            b.submit_job(2, lambda: rows(20, 2), broken_then),
+            b.submit(rows(30, 2)),
+            b.submit_job(2, lambda: rows(40, 3), lambda o: o),  # one row too many
+            b.submit_job(20, lambda: rows(50, 20), lambda o: o[0]),  # over max_batch
+        )]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        out = await asyncio.gather(first, *calls, return_exceptions=True)
+        await b.close()
+        return out, b.largest_batch
+
+    out, largest = asyncio.run(main())
+    _, make_failed, then_failed, plain, miscounted, large = out
+    assert isinstance(make_failed, ZeroDivisionError)
+    assert isinstance(then_failed, KeyError)
+    assert isinstance(miscounted, ValueError) and "made 3" in str(miscounted)
+    np.testing.assert_array_equal(plain[0], rows(30, 2) * 2)
+    np.testing.assert_array_equal(large, rows(50, 20) * 2)
+    # The large job ran alone, in runs of at most max_batch rows; nothing ran above it.
+    assert model.sizes[-3:] == [8, 8, 4] and largest == 8

@@ -114,6 +114,18 @@ def test_log_likelihood_agrees_with_the_evaluator(client, reference, digits):
     np.testing.assert_array_equal(got.anomaly, pct < cal["anomaly_percentile"])
 
 
+def test_k_above_the_largest_batch_scores_as_in_process(server, client, reference, digits):
+    """k = 600 > max_batch 256: each image's 600 decodings run in runs of 256 rows."""
+    x = lk.dequantize(digits[:3], 8)
+    runs = server.running.servicer.decoder.runs
+    got = client.log_likelihood(x, k=600, seed=8)
+    ref = reference.score(x, 600, 8)
+    np.testing.assert_allclose(got.log_likelihood, ref.log_likelihood, rtol=1e-5)
+    np.testing.assert_allclose(got.elbo, ref.elbo, rtol=1e-5)
+    assert server.running.servicer.decoder.runs - runs >= 3 * 3
+    assert server.running.servicer.decoder.largest_batch <= 256
+
+
 def test_a_set_split_across_calls_scores_as_one_call(client, digits):
     whole = client.log_likelihood(digits, k=30, seed=4)
     parts = [client.log_likelihood(digits[i : i + 7], k=30, seed=4, offset=i)

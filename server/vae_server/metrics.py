@@ -97,8 +97,7 @@ class Metrics:
                                     "Time a call's images waited in the batcher's queue.",
                                     ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("vae_inference_seconds",
-                                   "Duration of one model run, from its hand-off to a worker "
-                                   "thread to its result.",
+                                   "Duration of one model run (ONNX Runtime's run call).",
                                    ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("vae_queue_depth", "Images waiting in the batcher's queue.",
                                  ("model",), registry=r)

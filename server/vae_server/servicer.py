@@ -197,6 +197,26 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             return (arr.astype(np.float32) + np.float32(0.5)) / np.float32(256.0)
         return arr
 
+    def _scoring(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, seed: int,
+                 first: int, k: int) -> tuple[Callable[[], np.ndarray],
+                                             Callable[[list[np.ndarray]], lk.Scores]]:
+        """A LogLikelihood decoder job's two ends for images `first` .. of a request: the
+        latents to decode from its importance noise, and the estimator from the decodings."""
+        rt = self.runtime
+        n = len(x)
+        noise: list[np.ndarray] = []
+
+        def make_rows() -> np.ndarray:
+            noise.append(lk.score_noise(seed, first, n, k, rt.latent_dim))
+            return lk.latents(mu, logvar, noise[0]).reshape(n * k, rt.latent_dim)
+
+        def estimate(outputs: list[np.ndarray]) -> lk.Scores:
+            decoded = outputs[rt.likelihood_output].reshape(n, k, rt.pixels)
+            w = lk.log_weights(x, mu, logvar, noise[0], decoded, rt.likelihood, rt.sigma)
+            return lk.scores_from_log_weights(w, rt.likelihood, d=rt.pixels)
+
+        return make_rows, estimate
+
     # -- RPCs -------------------------------------------------------------------------------
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
@@ -322,20 +342,29 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             if raw.dtype == np.uint8:  # float images are scored as they are: no hop for them
                 x = await loop.run_in_executor(self.executor, lk.dequantize, raw, seed, offset)
             mu, logvar = await self.encoder.submit(x, deadline)
+            # Decoder jobs of at most max_batch rows (whole images), each drawing its noise
+            # and computing its estimator in the thread that runs it.
+            per_job = max(1, self.decoder.max_batch // k_samples)
 
-            def noise() -> tuple[np.ndarray, np.ndarray]:
-                eps = lk.score_noise(seed, offset, n, k_samples, rt.latent_dim)
-                return eps, lk.latents(mu, logvar, eps).reshape(n * k_samples, rt.latent_dim)
+            def job(i: int) -> Awaitable[lk.Scores]:
+                j = slice(i, i + per_job)
+                return self.decoder.submit_job(
+                    len(x[j]) * k_samples,
+                    *self._scoring(x[j], mu[j], logvar[j], seed, offset + i, k_samples),
+                    deadline, room)
 
-            eps, z = await loop.run_in_executor(self.executor, noise)
-            outputs = await self.decoder.submit(z, deadline, room)
-        decoded = outputs[rt.likelihood_output].reshape(n, k_samples, rt.pixels)
-
-        def finish() -> lk.Scores:
-            w = lk.log_weights(x, mu, logvar, eps, decoded, rt.likelihood, rt.sigma)
-            return lk.scores_from_log_weights(w, rt.likelihood, d=rt.pixels)
-
-        scores = await loop.run_in_executor(self.executor, finish)
+            if n <= per_job:
+                parts = [await job(0)]
+            else:
+                jobs = [asyncio.ensure_future(job(i)) for i in range(0, n, per_job)]
+                try:
+                    parts = await asyncio.gather(*jobs)
+                finally:
+                    for task in jobs:
+                        task.cancel()
+        scores = parts[0] if len(parts) == 1 else lk.Scores(
+            *(np.concatenate([getattr(p, f) for p in parts])
+              for f in ("elbo", "log_likelihood", "bits_per_dim")))
         pct = rt.percentile(scores.log_likelihood)
         flags = pct < rt.anomaly_percentile
         self._images["LogLikelihood"].inc(n)
