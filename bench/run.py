@@ -166,7 +166,9 @@ def main() -> int:
                 row(section, f"batching {'on' if batching else 'off'}, c={c}", r.calls_per_s,
                     "calls/s", echo[c], f"echo c={c}", r)
 
-    # (b) SampleStream and (c) LogLikelihood, batching on, against in-process ORT.
+    # (b) SampleStream and (c) LogLikelihood, batching on, against in-process ORT; each on a
+    # server of its own, as (a) is (a LogLikelihood load right after a stream load on the same
+    # server measured slower: BENCHMARKS.md).
     with Process(server_cmd(model_dir, True, args.threads)) as srv:
         for dtype in ("float32", "uint8"):
             section = f"SampleStream {dtype}"
@@ -175,6 +177,7 @@ def main() -> int:
             row(section, "echo server", stream_echo[dtype], "images/s", None, "transport")
             r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype, stream_n=200_000)
             row(section, "server", r.images_per_s, "images/s", limit, "in-process", r)
+    with Process(server_cmd(model_dir, True, args.threads)) as srv:
         section = "LogLikelihood K=1000"
         limit = in_process_loglik_images(model, 1000, d)
         row(section, "in-process estimator", limit, "images/s", None, "compute")
