@@ -444,10 +444,21 @@ def test_load_generator_with_mutual_tls_and_a_token(locked_server, pki):
     assert result.calls > 0 and result.errors == {}
     wrong = Security.from_options(tls_ca=pki.ca_pem, tls_cert=pki.client_pem,
                                   tls_key=pki.client_key, token=WRONG_TOKEN)
-    with pytest.raises(grpc.aio.AioRpcError) as err:  # its first call, GetModelInfo
+    with pytest.raises(VaeError) as err:  # its first call, GetModelInfo
         asyncio.run(run_bench(locked_server.target, "decode", duration=0.2, warmup=0.0,
                               security=wrong))
-    assert err.value.code() == UNAUTH
+    assert err.value.code == UNAUTH
+
+
+def test_the_load_generator_command_with_a_wrong_token_says_so_in_a_line(
+        locked_server, pki, capsys, monkeypatch):
+    monkeypatch.setenv("VAE_TOKEN", WRONG_TOKEN)
+    assert client_main(["--target", locked_server.target, "--tls-ca", pki.ca_pem,
+                        "--tls-cert", pki.client_pem, "--tls-key", pki.client_key,
+                        "bench", "--method", "decode", "--duration", "0.2"]) == 1
+    err = capsys.readouterr().err
+    assert "UNAUTHENTICATED" in err and WRONG_TOKEN not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # -- no token in the log --------------------------------------------------------------------

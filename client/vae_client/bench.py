@@ -19,6 +19,7 @@ import numpy as np
 
 from vae_client._codec import images_tensor, latents_tensor
 from vae_client.channel import Security, create_aio_channel
+from vae_client.errors import VaeError
 from vae_proto import vae_pb2
 
 SERVICE = "/vae.v1.VaeService/"
@@ -101,7 +102,10 @@ async def run_bench(target: str, method: str, concurrency: int = 1, duration: fl
         info_call = channel.unary_unary(SERVICE + "GetModelInfo",
                                         request_serializer=vae_pb2.GetModelInfoRequest.SerializeToString,
                                         response_deserializer=vae_pb2.ModelInfo.FromString)
-        info = await info_call(vae_pb2.GetModelInfoRequest(), timeout=timeout)
+        try:
+            info = await info_call(vae_pb2.GetModelInfoRequest(), timeout=timeout)
+        except grpc.RpcError as err:  # no server, refused credentials: no load to generate
+            raise VaeError.from_rpc_error(err) from None
         path, payload, images_per_call = build_request(method, batch, info.latent_dim, k,
                                                        dtype_enum, stream_n)
         if method == "stream":

@@ -1,0 +1,73 @@
+"""`vae-client bench`, the load generator, against a real server over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from serving import server_thread
+from vae_client import VaeError
+from vae_client.__main__ import main as client_main
+from vae_client.bench import run_bench
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with server_thread(model_dir, max_images_per_request=8, max_sample_n=64) as srv:
+        yield srv
+
+
+def bench(target: str, method: str, **kw):
+    return asyncio.run(run_bench(target, method, warmup=0.2, **kw))
+
+
+@pytest.mark.parametrize("method", ["decode", "encode", "sample", "stream", "loglik"])
+def test_closed_loop_counts_calls_images_and_latency_of_every_method(server, method):
+    batch = 4
+    r = bench(server.target, method, concurrency=3, duration=0.5, batch=batch, k=20,
+              stream_n=40)
+    assert r.mode == "closed" and r.errors == {}
+    assert r.calls > 0
+    per_call = 40 if method == "stream" else batch
+    assert r.images == r.calls * per_call
+    assert r.calls_per_s == pytest.approx(r.calls / r.duration_s, rel=0.01)  # rounded to ms
+    lat = r.latency_ms
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+def test_open_loop_starts_calls_at_the_rate_asked(server):
+    r = bench(server.target, "decode", rate=100, duration=1.0)
+    assert r.mode == "open" and r.errors == {}
+    # 100 calls/s for about a second: the calls counted are those that ended in that second.
+    assert 70 <= r.calls <= 130
+
+
+def test_refused_calls_are_counted_by_status_code(server):
+    # 9 images: over the server's max_images_per_request (8) on every call.
+    r = bench(server.target, "decode", concurrency=2, duration=0.3, batch=9)
+    assert r.calls == 0 and r.errors.get("INVALID_ARGUMENT", 0) > 0
+    assert set(r.errors) == {"INVALID_ARGUMENT"}
+
+
+def test_no_server_is_one_clear_error(tmp_path):
+    from serving import free_port
+
+    with pytest.raises(VaeError) as err:
+        bench(f"127.0.0.1:{free_port()}", "decode", duration=0.1, timeout=1.0)
+    assert err.value.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_the_command_prints_json_and_a_summary(server, capsys):
+    args = ["--target", server.target, "bench", "--method", "sample", "--batch", "2",
+            "--concurrency", "2", "--duration", "0.3", "--warmup", "0.1"]
+    assert client_main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "sample" and result["calls"] > 0
+    assert result["images"] == 2 * result["calls"] and result["errors"] == {}
+    assert client_main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sample closed c=2 batch=2:") and "errors: none" in out
