@@ -32,8 +32,10 @@ def test_closed_loop_counts_calls_images_and_latency_of_every_method(server, met
               stream_n=40)
     assert r.mode == "closed" and r.errors == {}
     assert r.calls > 0
-    per_call = 40 if method == "stream" else batch
-    assert r.images == r.calls * per_call
+    if method == "stream":  # images counted as chunks arrive, in chunks of `batch`
+        assert r.images > 0 and r.images % batch == 0
+    else:
+        assert r.images == r.calls * batch
     assert r.calls_per_s == pytest.approx(r.calls / r.duration_s, rel=0.01)  # rounded to ms
     lat = r.latency_ms
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
@@ -71,3 +73,14 @@ def test_the_command_prints_json_and_a_summary(server, capsys):
     assert client_main(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("sample closed c=2 batch=2:") and "errors: none" in out
+
+
+def test_a_stream_counts_only_the_images_that_arrive_in_the_measured_window(server):
+    # One stream that outlasts the warm-up, and a window too short to start another: the
+    # images received during the warm-up are not the window's.
+    n, chunk = 400_000, 2000
+    r = asyncio.run(run_bench(server.target, "stream", batch=chunk, stream_n=n, warmup=0.3,
+                              duration=0.01))
+    assert r.calls == 1 and r.errors == {}
+    assert r.latency_ms["max"] > 300  # it did outlast the warm-up
+    assert 0 < r.images < n and r.images % chunk == 0

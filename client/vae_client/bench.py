@@ -122,9 +122,15 @@ async def run_bench(target: str, method: str, concurrency: int = 1, duration: fl
             nonlocal images
             try:
                 if method == "stream":
-                    n = 0
+                    # Images count as their chunks arrive: a stream can last longer than the
+                    # measurement, and counting it whole at its end would credit the window
+                    # with images received before it (or after).
+                    received = 0
                     async for _ in stub(payload, timeout=timeout):
-                        n += 1
+                        size = min(batch, stream_n - received)
+                        received += size
+                        if counting:
+                            images += size
                 else:
                     await stub(payload, timeout=timeout)
             except grpc.aio.AioRpcError as err:
@@ -133,7 +139,8 @@ async def run_bench(target: str, method: str, concurrency: int = 1, duration: fl
                 return
             if counting:
                 latencies.append(time.perf_counter() - started)
-                images += images_per_call
+                if method != "stream":
+                    images += images_per_call
 
         loop_end = time.perf_counter() + warmup + duration
 
