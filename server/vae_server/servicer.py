@@ -4,6 +4,7 @@ status codes in one place, `_status_of`."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -34,6 +35,9 @@ from vae_server.sampling import prior_latents
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# SampleStream chunks computed ahead of the one being sent (BENCHMARKS.md: 2 gave 5 - 10 %
+# more images/s than 1; 3 no more than 2).
+AHEAD = 2
 
 _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
@@ -299,20 +303,29 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             return size, await loop.run_in_executor(self.executor, chunk_bytes, first,
                                                     outputs[0])
 
-        # One chunk is computed ahead while the previous one is being sent: memory stays at
-        # a few chunks whatever n is (gRPC's flow control holds `yield` when the client lags).
-        first = int(request.offset)
-        pending: asyncio.Task[tuple[int, bytes]] | None = asyncio.ensure_future(produce(first))
+        # Chunks are computed AHEAD chunks in advance while earlier ones are being sent: a
+        # large send holds the event loop for a while, and work that starts only after it
+        # would leave the cores idle. Memory stays at a few chunks whatever n is (gRPC's flow
+        # control holds `yield` when the client lags).
+        pending: collections.deque[asyncio.Task[tuple[int, bytes]]] = collections.deque()
+        next_first = int(request.offset)
+
+        def fill() -> None:
+            nonlocal next_first
+            while len(pending) < AHEAD and next_first < n:
+                pending.append(asyncio.ensure_future(produce(next_first)))
+                next_first += min(chunk, n - next_first)
+
         try:
-            while pending is not None:
-                size, reply = await pending
-                first += size
-                pending = asyncio.ensure_future(produce(first)) if first < n else None
+            fill()
+            while pending:
+                size, reply = await pending.popleft()
+                fill()
                 counter.inc(size)
                 yield reply
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
+            for task in pending:
+                task.cancel()
 
     @_unary(vae_pb2.LogLikelihoodRequest)
     async def LogLikelihood(self, request: vae_pb2.LogLikelihoodRequest,
