@@ -63,6 +63,15 @@ def server_thread(model_dir: Path, **settings: Any) -> Iterator[ServerThread]:
         srv.stop()
 
 
+def rss_mb(pid: int) -> float:
+    """The resident memory of process `pid` in MB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
 def health_status(target: str, service: str = "", timeout: float = 1.0) -> int | None:
     """The health status, or None if the server does not answer."""
     with grpc.insecure_channel(target) as ch:

@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import served_process
+from serving import rss_mb, served_process
 from vae_proto import vae_pb2
 
 pytestmark = pytest.mark.e2e
@@ -70,14 +70,6 @@ REFUSAL_P99_MS = 200.0  # typically 40-70 ms here; a server that refuses late ta
 RSS_PEAK_GROWTH_MB = 100.0   # a reply is 12.5 MB; a few in flight at once
 RSS_SETTLED_GROWTH_MB = 50.0
 NORMAL_CALL_MS = 500.0
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 class RssSampler:

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import VENV_BIN, free_port, served_process, start_server_process, wait_serving
+from serving import (
+    VENV_BIN,
+    free_port,
+    rss_mb,
+    served_process,
+    start_server_process,
+    wait_serving,
+)
 from vae_client import VaeClient, VaeError
 
 pytestmark = pytest.mark.e2e
@@ -155,21 +162,13 @@ def test_sigterm_finishes_calls_in_flight_and_exits_zero(model_dir):
     assert seen[0] == SERVING and NOT_SERVING in seen, seen
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 def test_sample_stream_memory_stays_bounded_with_a_slow_reader(model_dir):
     """A client that reads slowly must not make the server buffer the stream."""
     with served_process(model_dir) as (target, proc):
         with VaeClient(target) as c:  # warm the stream path once
             for _ in c.sample_stream(20_000, seed=1, chunk_size=2000, dtype="uint8"):
                 pass
-        base = _rss_mb(proc.pid)
+        base = rss_mb(proc.pid)
         peak = base
         n, chunk = 400_000, 2000  # 314 MB of uint8 images in all
         got = 0
@@ -180,7 +179,7 @@ def test_sample_stream_memory_stays_bounded_with_a_slow_reader(model_dir):
                 if i < 20:
                     time.sleep(0.1)  # slow reader: the server's sends back up
                 if i % 10 == 0:
-                    peak = max(peak, _rss_mb(proc.pid))
+                    peak = max(peak, rss_mb(proc.pid))
     assert got == n
     # A few chunks are 1.6 MB each: 60 MB of growth would mean buffering the stream.
     assert peak - base < 60, (base, peak)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import grpc
 
 from vae_server.config import Settings
+from vae_server.instrument import wrap_handler
 from vae_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -130,19 +130,8 @@ def guard_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler],
 
 def _guarded(handler: grpc.RpcMethodHandler, method: str, check: TokenCheck
              ) -> grpc.RpcMethodHandler:
-    h: Any = handler
-    for kind in ("unary_unary", "stream_unary"):
-        behavior = getattr(h, kind)
-        if behavior is not None:
-            return h._replace(**{kind: _guarded_unary(behavior, method, check)})
-    for kind in ("unary_stream", "stream_stream"):
-        behavior = getattr(h, kind)
-        if behavior is not None:
-            # A streaming handler that writes with context.write() is a coroutine.
-            wrap = (_guarded_stream if inspect.isasyncgenfunction(behavior)
-                    else _guarded_unary)
-            return h._replace(**{kind: wrap(behavior, method, check)})
-    return handler
+    return wrap_handler(handler, lambda b: _guarded_unary(b, method, check),
+                        lambda b: _guarded_stream(b, method, check))
 
 
 def _guarded_unary(behavior: Callable[..., Any], method: str, check: TokenCheck

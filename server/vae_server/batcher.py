@@ -50,17 +50,12 @@ class BatcherObserver:
 @dataclass(eq=False)
 class _Slice:
     rows: np.ndarray | None  # None for a job, whose `make` makes them
+    n: int  # rows
     future: asyncio.Future[Any]
     deadline: float | None  # time.monotonic() after which the caller no longer waits
-    n: int = -1  # rows; -1: len(rows)
     make: Callable[[], np.ndarray] | None = None
     then: Callable[[list[np.ndarray]], Any] | None = None
     enqueued: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        if self.n < 0:
-            assert self.rows is not None
-            self.n = len(self.rows)
 
 
 class _Failed:
@@ -169,27 +164,12 @@ class Batcher:
         n = len(rows)
         if n == 0:
             raise ValueError("empty batch")
-        if reservation is not None and reservation.take(n):
-            if self._closed:
-                raise BatchFailed("the server is shutting down")
-        else:
-            self.check_room(n)
-        # The loop, looked up once: get_running_loop() costs a getpid() system call per call
-        # on Python 3.11. A batcher serves one event loop.
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        if not self.merge:
-            return await self._run_alone(_Slice(rows, loop.create_future(), deadline), loop)  # type: ignore[no-any-return]
-        if n <= self.max_batch:  # the common case: one slice, no gathering future
-            s = _Slice(rows, loop.create_future(), deadline)
-            self._enqueue((s,), n, loop)
-            try:
-                return await s.future
-            except BaseException:
-                s.future.cancel()  # a cancelled caller: its slice must not run
-                raise
-        slices = [_Slice(rows[i : i + self.max_batch], loop.create_future(), deadline)
+        loop = self._admit(n, reservation)
+        if n <= self.max_batch or not self.merge:  # the common case: one slice
+            s = _Slice(rows, n, loop.create_future(), deadline)
+            return await self._one(s, loop)  # type: ignore[no-any-return]
+        slices = [_Slice(rows[i : i + self.max_batch], min(self.max_batch, n - i),
+                         loop.create_future(), deadline)
                   for i in range(0, n, self.max_batch)]
         self._enqueue(slices, n, loop)
         try:
@@ -209,6 +189,14 @@ class Batcher:
         An exception from either fails this job alone, with that exception."""
         if n <= 0:
             raise ValueError("empty job")
+        loop = self._admit(n, reservation)
+        s = _Slice(None, n, loop.create_future(), deadline, make_rows, then)
+        return await self._one(s, loop)  # type: ignore[no-any-return]
+
+    def _admit(self, n: int, reservation: Reservation | None) -> asyncio.AbstractEventLoop:
+        """Room for `n` images, from `reservation` where it holds them, or QueueFull; returns
+        the event loop, looked up once: get_running_loop() costs a getpid() system call per
+        call on Python 3.11. A batcher serves one event loop."""
         if reservation is not None and reservation.take(n):
             if self._closed:
                 raise BatchFailed("the server is shutting down")
@@ -217,14 +205,17 @@ class Batcher:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        s = _Slice(None, loop.create_future(), deadline, n, make_rows, then)
+        return loop
+
+    async def _one(self, s: _Slice, loop: asyncio.AbstractEventLoop) -> Any:
+        """One slice's result: run at once by itself (batching off), or queued to merge."""
         if not self.merge:
-            return await self._run_alone(s, loop)  # type: ignore[no-any-return]
-        self._enqueue((s,), n, loop)
+            return await self._run_alone(s, loop)
+        self._enqueue((s,), s.n, loop)
         try:
-            return await s.future  # type: ignore[no-any-return]
+            return await s.future
         except BaseException:
-            s.future.cancel()
+            s.future.cancel()  # a cancelled caller: its slice must not run
             raise
 
     def _enqueue(self, slices: Sequence[_Slice], n: int, loop: asyncio.AbstractEventLoop) -> None:
@@ -291,12 +282,12 @@ class Batcher:
                 self._scheduled = True
                 self._timer = loop.call_later(self.max_delay - oldest, self._drain, loop)
                 return
-        batch = self._take_batch()
+        batch, size = self._take_batch()
         if not batch:
             return
         self._expect = len(batch)
         started = time.monotonic()
-        if sum(s.n for s in batch) <= self.inline_rows:
+        if size <= self.inline_rows:
             results, runs = self._execute(batch, True)
             self._record_runs(runs, [started - s.enqueued for s in batch])
             self._deliver(batch, results)
@@ -390,9 +381,9 @@ class Batcher:
             else:
                 s.future.set_result(result)
 
-    def _take_batch(self) -> list[_Slice]:
-        """Pop live slices up to max_batch images (a larger job alone); drop cancelled and
-        expired ones."""
+    def _take_batch(self) -> tuple[list[_Slice], int]:
+        """Pop live slices up to max_batch images (a larger job alone), and their images;
+        drop cancelled and expired ones."""
         batch: list[_Slice] = []
         size = 0
         now = time.monotonic()
@@ -416,7 +407,7 @@ class Batcher:
             batch.append(s)
             size += s.n
         self._observer.queue_depth(self._queued_images)
-        return batch
+        return batch, size
 
     def _record_runs(self, runs: list[tuple[int, float]], queue_wait: list[float]) -> None:
         for i, (size, seconds) in enumerate(runs):

@@ -87,19 +87,32 @@ def _observed_stream(behavior: Callable[..., Any], obs: _Observer) -> Callable[.
     return observed
 
 
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, unary: Wrap,
+                 stream: Wrap) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped: by `stream` where it yields its replies
+    (an async generator), by `unary` where it returns them (a coroutine; also a streaming
+    handler that writes with context.write(), such as health's Watch)."""
+    h: Any = handler
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behavior = getattr(h, kind)
+        if behavior is not None:
+            wrap = stream if inspect.isasyncgenfunction(behavior) else unary
+            return h._replace(**{kind: wrap(behavior)})  # type: ignore[no-any-return]
+    return handler
+
+
 def instrument(handler: grpc.RpcMethodHandler, service: str, method: str,
                metrics: Metrics) -> grpc.RpcMethodHandler:
     """The same handler, counted and timed."""
-    if handler.unary_unary is not None:
-        obs = _Observer(metrics, service, method, "unary")
-        return handler._replace(unary_unary=_observed_unary(handler.unary_unary, obs))
-    if handler.unary_stream is not None:
-        obs = _Observer(metrics, service, method, "server_stream")
-        behavior = handler.unary_stream
-        # A handler that writes with context.write() (health's Watch) is a coroutine.
-        wrap = _observed_stream if inspect.isasyncgenfunction(behavior) else _observed_unary
-        return handler._replace(unary_stream=wrap(behavior, obs))
-    return handler  # client and bidirectional streaming: none in this server
+    if handler.request_streaming:
+        return handler  # client and bidirectional streaming: none in this server
+    kind = "server_stream" if handler.response_streaming else "unary"
+    obs = _Observer(metrics, service, method, kind)
+    return wrap_handler(handler, lambda b: _observed_unary(b, obs),
+                        lambda b: _observed_stream(b, obs))
 
 
 class _InstrumentedGeneric(grpc.GenericRpcHandler):
