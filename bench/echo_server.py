@@ -1,28 +1,32 @@
 """The transport limit: a trivial grpc.aio server that answers vae.v1 Decode and SampleStream
 with pre-built, pre-serialised replies of the same sizes as the real server's, doing no work.
+It runs on the same kind of event loop as the server it is measured against (--event-loop).
 
-    python bench/echo_server.py --port P --latent-dim K
+    python bench/echo_server.py --port P --latent-dim K [--event-loop auto|uvloop|asyncio]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import grpc
 import numpy as np
 
 from vae_proto import vae_pb2
 from vae_proto.tensor import to_tensor
+from vae_server import loops
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--chunk", type=int, default=1024, help="images per stream chunk")
     p.add_argument("--latent-dim", type=int, default=16, help="reported by GetModelInfo")
-    args = p.parse_args()
+    p.add_argument("--event-loop", default="auto", choices=loops.CHOICES)
+    return p.parse_args()
 
+
+async def serve(args: argparse.Namespace) -> None:
     one_image = vae_pb2.DecodeResponse(images=to_tensor(np.zeros((1, 28, 28), np.float32)))
     decode_reply = one_image.SerializeToString()
     chunks = {
@@ -59,4 +63,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    arguments = parse_args()
+    loops.run(serve(arguments), arguments.event_loop)

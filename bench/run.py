@@ -24,6 +24,7 @@ import numpy as np
 
 from vae_client.bench import BenchResult, run_bench
 from vae_export.runtime import OnnxVAE
+from vae_server import loops
 from vae_server.sampling import prior_latents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +70,11 @@ class Process:
         self.proc.wait(30)
 
 
-def server_cmd(model_dir: Path, batching: bool, threads: int) -> list[str]:
+def server_cmd(model_dir: Path, batching: bool, threads: int,
+               event_loop: str = "auto") -> list[str]:
     return [str(BIN / "vae-server"), "--model-dir", str(model_dir), "--host", "127.0.0.1",
             "--metrics-port", "-1", "--batching", str(batching).lower(),
-            "--threads", str(threads), "--log-level", "WARNING"]
+            "--threads", str(threads), "--event-loop", event_loop, "--log-level", "WARNING"]
 
 
 def bench(target: str, method: str, duration: float, **kw: Any) -> BenchResult:
@@ -121,6 +123,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads, server and in-process alike")
     p.add_argument("--chunk", type=int, default=1024, help="SampleStream chunk size")
+    p.add_argument("--event-loop", default="auto", choices=loops.CHOICES,
+                   help="the servers' event loop, echo server and vae-server alike")
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     args = p.parse_args()
     model_dir = Path(args.model_dir)
@@ -147,8 +151,10 @@ def main() -> int:
     section = "decode, 1 image per call"
     row(section, "in-process ORT, 1 caller", in_process_decode_calls(model, d), "calls/s",
         None, "compute")
+    # The echo server runs on the same event loop as the server: uvloop alone moves echo's
+    # calls/s by about as much as it moves the server's.
     echo_cmd = [sys.executable, str(ROOT / "bench/echo_server.py"), "--chunk", str(args.chunk),
-                "--latent-dim", str(model.latent_dim)]
+                "--latent-dim", str(model.latent_dim), "--event-loop", args.event_loop]
     echo: dict[int, float] = {}
     with Process(echo_cmd) as srv:
         for c in (1, 16, 64):
@@ -160,7 +166,7 @@ def main() -> int:
             r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype, stream_n=200_000)
             stream_echo[dtype] = r.images_per_s
     for batching in (False, True):
-        with Process(server_cmd(model_dir, batching, args.threads)) as srv:
+        with Process(server_cmd(model_dir, batching, args.threads, args.event_loop)) as srv:
             for c in (1, 16, 64):
                 r = bench(srv.target, "decode", d, concurrency=c)
                 row(section, f"batching {'on' if batching else 'off'}, c={c}", r.calls_per_s,
@@ -169,7 +175,7 @@ def main() -> int:
     # (b) SampleStream and (c) LogLikelihood, batching on, against in-process ORT; each on a
     # server of its own, as (a) is (a LogLikelihood load right after a stream load on the same
     # server measured slower: BENCHMARKS.md).
-    with Process(server_cmd(model_dir, True, args.threads)) as srv:
+    with Process(server_cmd(model_dir, True, args.threads, args.event_loop)) as srv:
         for dtype in ("float32", "uint8"):
             section = f"SampleStream {dtype}"
             limit = in_process_stream_images(model, args.chunk, dtype, d)
@@ -177,7 +183,7 @@ def main() -> int:
             row(section, "echo server", stream_echo[dtype], "images/s", None, "transport")
             r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype, stream_n=200_000)
             row(section, "server", r.images_per_s, "images/s", limit, "in-process", r)
-    with Process(server_cmd(model_dir, True, args.threads)) as srv:
+    with Process(server_cmd(model_dir, True, args.threads, args.event_loop)) as srv:
         section = "LogLikelihood K=1000"
         limit = in_process_loglik_images(model, 1000, d)
         row(section, "in-process estimator", limit, "images/s", None, "compute")
@@ -194,6 +200,7 @@ def main() -> int:
         "command": "make bench",
         "duration_s": d,
         "ort_threads": args.threads,
+        "event_loop": loops.resolve(args.event_loop),
     }
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / "bench.md").write_text(markdown(meta, rows))
@@ -213,7 +220,8 @@ def _cpu_name() -> str:
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']}; model {meta['model_version']}; "
-             f"`{meta['command']}` ({meta['duration_s']:g} s per figure).", "",
+             f"`{meta['command']}` ({meta['duration_s']:g} s per figure; servers on "
+             f"{meta['event_loop']}).", "",
              "| measurement | | value | ratio | p50 ms | p99 ms |", "|---|---|---:|---|---:|---:|"]
     for r in rows:
         ratio = f"{r['ratio']:.2f} of {r['limit']}" if r["ratio"] is not None else r["limit"]

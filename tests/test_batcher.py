@@ -213,6 +213,34 @@ def test_calls_trickling_in_wait_for_as_many_as_the_last_batch_held(executor):
         np.testing.assert_array_equal(out[0], rows(100 + i, 1) * 2)
 
 
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_calls_still_on_their_way_through_the_event_loop_join_the_batch(executor, loop_name):
+    # Calls reach the queue over several passes of the event loop (gRPC's callbacks, then
+    # their handlers' task steps). asyncio's loop shows the callbacks it holds; uvloop does
+    # not, and there a batch used to leave with the first pass's calls alone ([4, 12]).
+    uvloop = pytest.importorskip("uvloop")
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=1000, max_queue=10_000, max_delay=5.0)
+
+        async def arrive(i: int) -> list[np.ndarray]:
+            for _ in range(i % 4):  # on its way for 0 - 3 passes
+                await asyncio.sleep(0)
+            return await b.submit(rows(i, 1))
+
+        outs = await asyncio.gather(*(arrive(i) for i in range(16)))
+        await b.close()
+        return outs
+
+    factory = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        outs = runner.run(main())
+    assert model.sizes == [16]
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out[0], rows(i, 1) * 2)
+
+
 def test_a_lone_caller_does_not_wait_for_the_batching_delay(executor):
     model = Model()
 

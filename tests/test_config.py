@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vae_server import loops
 from vae_server.config import build_parser, load_settings
 
 
@@ -29,8 +30,19 @@ def test_every_flag_names_its_environment_variable_in_help():
 
 
 @pytest.mark.parametrize("argv", [["--provider", "tpu"], ["--max-batch-size", "0"],
-                                  ["--batching", "maybe"]])
+                                  ["--batching", "maybe"], ["--event-loop", "trio"]])
 def test_bad_settings_stop_the_server_with_a_message(argv, capsys):
     with pytest.raises(SystemExit):
         load_settings(argv, env={})
 
+
+
+def test_the_event_loop_is_uvloop_where_installed_and_asyncio_otherwise(monkeypatch):
+    pytest.importorskip("uvloop")
+    assert load_settings([], env={}).event_loop == "auto"
+    assert loops.resolve("auto") == "uvloop"
+    assert loops.resolve("asyncio") == "asyncio"
+    monkeypatch.setattr(loops, "uvloop_installed", lambda: False)
+    assert loops.resolve("auto") == "asyncio"
+    with pytest.raises(SystemExit, match="uvloop is not installed"):
+        load_settings(["--event-loop", "uvloop"], env={})

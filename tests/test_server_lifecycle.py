@@ -183,3 +183,15 @@ def test_sample_stream_memory_stays_bounded_with_a_slow_reader(model_dir):
     assert got == n
     # A few chunks are 1.6 MB each: 60 MB of growth would mean buffering the stream.
     assert peak - base < 60, (base, peak)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_serves_and_stops_cleanly_on_either_event_loop(model_dir, loop):
+    with served_process(model_dir, "--event-loop", loop) as (target, proc):
+        with VaeClient(target, timeout=30) as c:
+            images = c.decode(np.zeros((3, c.info().latent_dim), np.float32))
+        assert images.shape == (3, 28, 28)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    assert f"event loop {loop}" in output, output

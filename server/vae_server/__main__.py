@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 from vae_export.manifest import ManifestError
+from vae_server import loops
 from vae_server.config import load_settings
 
 
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from vae_server.server import serve
 
     try:
-        return asyncio.run(serve(settings))
+        return loops.run(serve(settings), settings.event_loop)
     except ManifestError as exc:
         print(f"vae-server: cannot serve {settings.model_dir}: {exc}", file=sys.stderr)
         return 2

@@ -65,13 +65,6 @@ class _Failed:
         self.exc = exc
 
 
-def _has_ready_callbacks(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether the event loop holds callbacks that are ready to run now: calls that have
-    arrived and are on their way to the queue. asyncio's loops keep them in `_ready`; on a
-    loop without it, batches do not wait for them (they still merge what is queued)."""
-    return bool(getattr(loop, "_ready", None))
-
-
 class Reservation:
     """Room held in a Batcher's queue for images to be submitted later (Batcher.reserve)."""
 
@@ -129,6 +122,11 @@ class Batcher:
         # Calls in the last batch: under steady load, about as many arrive for the next one.
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
+        # Slices enqueued so far, and that count when the drain last looked: on an event loop
+        # whose ready queue cannot be seen (uvloop), calls are taken to be still arriving while
+        # each pass of the loop brings more.
+        self._enqueued = 0
+        self._seen = 0
         # Counters for tests and GetModelInfo; metrics get the same through the observer.
         self.largest_batch = 0
         self.runs = 0
@@ -221,6 +219,7 @@ class Batcher:
     def _enqueue(self, slices: Sequence[_Slice], n: int, loop: asyncio.AbstractEventLoop) -> None:
         self._queue.extend(slices)
         self._queued_images += n
+        self._enqueued += len(slices)
         self._observer.queue_depth(self._queued_images)
         if self._running:
             return
@@ -271,7 +270,7 @@ class Batcher:
             return
         oldest = time.monotonic() - self._queue[0].enqueued
         if self._queued_images < self.max_batch and oldest < self.max_delay:
-            if _has_ready_callbacks(loop):
+            if self._arriving(loop):
                 # Calls that have arrived are still on their way here: let them join.
                 self._scheduled = True
                 loop.call_soon(self._drain, loop)
@@ -296,6 +295,17 @@ class Batcher:
         self._running = True
         run = loop.run_in_executor(self._executor, self._execute, batch, False)
         run.add_done_callback(lambda f: self._finished(f, batch, started, loop))
+
+    def _arriving(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether calls that have reached the server are still on their way to the queue.
+        asyncio's loops keep the callbacks that are ready to run in `_ready`: any there may be
+        one. uvloop does not show its own; there, a pass of the loop that brought a slice
+        since the last look says more are coming, and a pass that brought none says not."""
+        ready = getattr(loop, "_ready", None)
+        if ready is not None:
+            return bool(ready)
+        seen, self._seen = self._seen, self._enqueued
+        return seen != self._enqueued
 
     def _execute(self, batch: list[_Slice],
                  inline: bool) -> tuple[list[Any], list[tuple[int, float]]]:

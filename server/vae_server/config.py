@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vae_server import loops
+
 
 def _doc(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)  # type: ignore[call-overload]
@@ -31,6 +33,8 @@ class Settings:
                         default=0)
     spinning: bool = _doc("let ONNX Runtime's idle worker threads spin (lower latency on cores "
                           "of its own, CPU taken from gRPC on shared ones)", default=False)
+    event_loop: str = _doc("event loop: auto (uvloop where installed, else asyncio's), uvloop "
+                           "or asyncio", default="auto")
     batching: bool = _doc("merge concurrent calls into one model run (dynamic batching)",
                           default=True)
     max_batch_size: int = _doc("most images in one model run", default=2048)
@@ -135,6 +139,10 @@ def _check(s: Settings) -> None:
         raise SystemExit("vae-server: --max-delay-ms and --inline-rows must be >= 0")
     if s.provider not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"vae-server: --provider must be auto, cuda or cpu, not {s.provider!r}")
+    try:
+        loops.resolve(s.event_loop)
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"vae-server: {exc}") from None
     for name in ("max_batch_size", "max_queue_images", "max_images_per_request", "max_sample_n",
                  "max_stream_n", "max_chunk_size", "default_chunk_size", "max_k",
                  "max_message_mb"):

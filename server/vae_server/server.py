@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from vae_proto import vae_pb2
+from vae_server import loops
 from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
 from vae_server.config import Settings
 from vae_server.instrument import InstrumentedServer
@@ -124,7 +125,8 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
         await loop.run_in_executor(executor, runtime.warm_up, sizes,
                                    sorted({1, 16, settings.inline_rows} - {0}))
     await running.set_serving(True)
-    log.info("SERVING model %s on %s", runtime.manifest["model_version"], runtime.provider)
+    log.info("SERVING model %s on %s, event loop %s", runtime.manifest["model_version"],
+             runtime.provider, loops.running_loop_name())
     return running
 
 
