@@ -70,11 +70,12 @@ class Process:
         self.proc.wait(30)
 
 
-def server_cmd(model_dir: Path, batching: bool, threads: int,
-               event_loop: str = "auto") -> list[str]:
+def server_cmd(model_dir: Path, batching: bool, threads: int, event_loop: str = "auto",
+               spinning: bool = True) -> list[str]:
     return [str(BIN / "vae-server"), "--model-dir", str(model_dir), "--host", "127.0.0.1",
             "--metrics-port", "-1", "--batching", str(batching).lower(),
-            "--threads", str(threads), "--event-loop", event_loop, "--log-level", "WARNING"]
+            "--threads", str(threads), "--spinning", str(spinning).lower(),
+            "--event-loop", event_loop, "--log-level", "WARNING"]
 
 
 def bench(target: str, method: str, duration: float, **kw: Any) -> BenchResult:
@@ -122,6 +123,9 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads, server and in-process alike")
+    p.add_argument("--spinning", choices=("true", "false"), default="true",
+                   help="ONNX Runtime threads spin between runs (vae-server --spinning), "
+                   "server and in-process alike")
     p.add_argument("--chunk", type=int, default=1024, help="SampleStream chunk size")
     p.add_argument("--event-loop", default="auto", choices=loops.CHOICES,
                    help="the servers' event loop, echo server and vae-server alike")
@@ -131,7 +135,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     d = args.duration
-    model = OnnxVAE(model_dir, threads=args.threads)
+    spinning = args.spinning == "true"
+    # The compute limit runs with the server's ONNX Runtime thread settings.
+    model = OnnxVAE(model_dir, threads=args.threads, spinning=spinning)
     rows: list[dict[str, Any]] = []
 
     def row(section: str, what: str, value: float, unit: str, limit: float | None,
@@ -166,7 +172,8 @@ def main() -> int:
             r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype, stream_n=200_000)
             stream_echo[dtype] = r.images_per_s
     for batching in (False, True):
-        with Process(server_cmd(model_dir, batching, args.threads, args.event_loop)) as srv:
+        cmd = server_cmd(model_dir, batching, args.threads, args.event_loop, spinning)
+        with Process(cmd) as srv:
             for c in (1, 16, 64):
                 r = bench(srv.target, "decode", d, concurrency=c)
                 row(section, f"batching {'on' if batching else 'off'}, c={c}", r.calls_per_s,
@@ -175,7 +182,7 @@ def main() -> int:
     # (b) SampleStream and (c) LogLikelihood, batching on, against in-process ORT; each on a
     # server of its own, as (a) is (a LogLikelihood load right after a stream load on the same
     # server measured slower: BENCHMARKS.md).
-    with Process(server_cmd(model_dir, True, args.threads, args.event_loop)) as srv:
+    with Process(server_cmd(model_dir, True, args.threads, args.event_loop, spinning)) as srv:
         for dtype in ("float32", "uint8"):
             section = f"SampleStream {dtype}"
             limit = in_process_stream_images(model, args.chunk, dtype, d)
@@ -183,7 +190,7 @@ def main() -> int:
             row(section, "echo server", stream_echo[dtype], "images/s", None, "transport")
             r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype, stream_n=200_000)
             row(section, "server", r.images_per_s, "images/s", limit, "in-process", r)
-    with Process(server_cmd(model_dir, True, args.threads, args.event_loop)) as srv:
+    with Process(server_cmd(model_dir, True, args.threads, args.event_loop, spinning)) as srv:
         section = "LogLikelihood K=1000"
         limit = in_process_loglik_images(model, 1000, d)
         row(section, "in-process estimator", limit, "images/s", None, "compute")
@@ -200,6 +207,7 @@ def main() -> int:
         "command": "make bench",
         "duration_s": d,
         "ort_threads": args.threads,
+        "ort_spinning": spinning,
         "event_loop": loops.resolve(args.event_loop),
     }
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -221,7 +229,8 @@ def _cpu_name() -> str:
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']}; model {meta['model_version']}; "
              f"`{meta['command']}` ({meta['duration_s']:g} s per figure; servers on "
-             f"{meta['event_loop']}).", "",
+             f"{meta['event_loop']}; ONNX Runtime threads {meta['ort_threads'] or 'one per core'}"
+             f", spinning {'on' if meta['ort_spinning'] else 'off'}).", "",
              "| measurement | | value | ratio | p50 ms | p99 ms |", "|---|---|---:|---|---:|---:|"]
     for r in rows:
         ratio = f"{r['ratio']:.2f} of {r['limit']}" if r["ratio"] is not None else r["limit"]

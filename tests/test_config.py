@@ -46,3 +46,18 @@ def test_the_event_loop_is_uvloop_where_installed_and_asyncio_otherwise(monkeypa
     assert loops.resolve("auto") == "asyncio"
     with pytest.raises(SystemExit, match="uvloop is not installed"):
         load_settings(["--event-loop", "uvloop"], env={})
+
+
+@pytest.mark.parametrize("spinning", [True, False])
+def test_only_the_large_batch_sessions_spin(model_dir, spinning):
+    from vae_server.runtime import ModelRuntime
+
+    rt = ModelRuntime(model_dir, provider="cpu", threads=2, spinning=spinning)
+
+    def spins(session) -> str:
+        return session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")
+
+    assert load_settings([], env={}).spinning is True
+    assert [spins(rt.encoder), spins(rt.decoder)] == ["1" if spinning else "0"] * 2
+    assert [spins(rt.encoder_small), spins(rt.decoder_small)] == ["0", "0"]

@@ -17,9 +17,9 @@ def make_session(path: Path, providers: list[str] | None = None, threads: int = 
                  spinning: bool = False) -> ort.InferenceSession:
     """An InferenceSession; `threads` = 0 lets ONNX Runtime choose (one per core).
 
-    Spinning worker threads answer the next run a little sooner but burn the cores between
-    runs; where gRPC and Python share those cores (the server), that costs far more than it
-    saves, so it is off unless asked for.
+    Spinning worker threads answer the next run (and each other, inside a run) a little
+    sooner but spin on the cores for a moment instead of sleeping. Off unless asked for; the
+    server asks for it for its large-batch sessions only (vae-server --spinning).
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

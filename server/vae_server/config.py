@@ -31,8 +31,11 @@ class Settings:
                          default="auto")
     threads: int = _doc("ONNX Runtime intra-op threads per session; 0 = one per core",
                         default=0)
-    spinning: bool = _doc("let ONNX Runtime's idle worker threads spin (lower latency on cores "
-                          "of its own, CPU taken from gRPC on shared ones)", default=False)
+    spinning: bool = _doc(
+        "let the ONNX Runtime threads of the sessions that run large batches (over "
+        "--inline-rows: stream chunks, LogLikelihood's K samples) spin briefly instead of "
+        "sleeping while they wait for each other: large runs finish sooner beside gRPC's "
+        "threads (small batches run on a one-thread session, which never spins)", default=True)
     event_loop: str = _doc("event loop: auto (uvloop where installed, else asyncio's), uvloop "
                            "or asyncio", default="auto")
     batching: bool = _doc("merge concurrent calls into one model run (dynamic batching)",
