@@ -75,6 +75,18 @@ def test_the_command_prints_json_and_a_summary(server, capsys):
     assert out.startswith("sample closed c=2 batch=2:") and "errors: none" in out
 
 
+def test_connection_options_also_follow_the_subcommand(server, capsys):
+    # The benchmark issue writes `vae-client bench --target HOST:PORT ...`; DESIGN.md puts
+    # --target before the subcommand. Both orders work, and the later one wins.
+    args = ["bench", "--target", server.target, "--timeout", "5", "--method", "decode",
+            "--duration", "0.2", "--warmup", "0.1", "--json"]
+    assert client_main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "decode" and result["calls"] > 0 and result["errors"] == {}
+    assert client_main(["--target", "127.0.0.1:1", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["calls"] > 0
+
+
 def test_a_stream_counts_only_the_images_that_arrive_in_the_measured_window(server):
     # One stream that outlasts the warm-up, and a window too short to start another: the
     # images received during the warm-up are not the window's.

@@ -421,35 +421,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Call a vae-server (vae.v1.VaeService over gRPC): model "
         "info, encode, decode, sample and score MNIST-style 28x28 digits.")
-    p.add_argument("--target", default=os.environ.get("VAE_TARGET", "localhost:50051"),
+    _add_connection(p, top=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    for command in sub.choices.values():
+        _add_connection(command, top=False)
+    return p
+
+
+def _add_connection(p: argparse.ArgumentParser, top: bool) -> None:
+    """The options of the connection, accepted before the subcommand (`vae-client --target
+    H:P bench`, as DESIGN.md writes it) and after it (`vae-client bench --target H:P`, as
+    perf_analyzer users type it). After the subcommand the defaults are suppressed, so
+    that only an option given there overrides the one given (or defaulted) before it."""
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    p.add_argument("--target", default=default(os.environ.get("VAE_TARGET", "localhost:50051")),
                    metavar="HOST:PORT",
-                   help="the server's gRPC address [VAE_TARGET] (default: %(default)s)")
-    p.add_argument("--timeout", type=_positive_float, default=None, metavar="S",
+                   help="the server's gRPC address [VAE_TARGET] (default: localhost:50051)")
+    p.add_argument("--timeout", type=_positive_float, default=default(None), metavar="S",
                    help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT:g}; a "
                         "sample stream has none unless this is given, and then it bounds the "
                         "whole stream)")
     sec = p.add_argument_group(
         "security", "TLS, mutual TLS and bearer tokens; without them the connection is "
         "plaintext and no token is sent")
-    sec.add_argument("--tls", action="store_true",
+    sec.add_argument("--tls", action="store_true", default=default(False),
                      help="connect with TLS, verifying the server's certificate against the "
                           "system's CA certificates (implied by any other --tls-* option)")
-    sec.add_argument("--tls-ca", metavar="FILE",
+    sec.add_argument("--tls-ca", metavar="FILE", default=default(None),
                      help="PEM CA certificate(s) to verify the server's certificate with")
-    sec.add_argument("--tls-cert", metavar="FILE",
+    sec.add_argument("--tls-cert", metavar="FILE", default=default(None),
                      help="PEM client certificate, for a server that asks for one (mutual TLS); "
                           "with --tls-key")
-    sec.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    sec.add_argument("--tls-server-name", metavar="NAME",
+    sec.add_argument("--tls-key", metavar="FILE", default=default(None),
+                     help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-server-name", metavar="NAME", default=default(None),
                      help="the name the server's certificate must carry, when it is not the "
                           "host of --target")
-    sec.add_argument("--token-file", metavar="FILE",
+    sec.add_argument("--token-file", metavar="FILE", default=default(None),
                      help="file holding the bearer token sent with every call (one token; "
                           f"blank lines and # comments ignored) [else the token in {TOKEN_VAR}]")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS:
-        add(sub)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
