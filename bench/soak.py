@@ -280,6 +280,7 @@ async def soak(target: str, pid: int | None, args: argparse.Namespace) -> dict[s
 
         rng = random.Random(args.seed)
         methods, weights = list(MIX), list(MIX.values())
+        started_at = datetime.now(timezone.utc)
         t0 = time.monotonic()
         end = t0 + warmup + duration
 
@@ -313,7 +314,7 @@ async def soak(target: str, pid: int | None, args: argparse.Namespace) -> dict[s
         elapsed = time.monotonic() - t0
         await asyncio.sleep(1.0)
         rss_quiet = rss_mb(pid) if pid is not None else None
-    return summarize(s.tally, samples, rss_quiet, elapsed, warmup, info, args)
+    return summarize(s.tally, samples, rss_quiet, elapsed, warmup, info, args, started_at)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -322,7 +323,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def summarize(t: Tally, samples: list[tuple[float, float]], rss_quiet: float | None,
               elapsed: float, warmup: float, info: vae_pb2.ModelInfo,
-              args: argparse.Namespace) -> dict[str, Any]:
+              args: argparse.Namespace, started_at: datetime) -> dict[str, Any]:
     errors_by_code: collections.Counter[str] = collections.Counter()
     for c in t.errors.values():
         errors_by_code.update(c)
@@ -350,7 +351,8 @@ def summarize(t: Tally, samples: list[tuple[float, float]], rss_quiet: float | N
     if growth is not None and growth >= args.max_rss_growth:
         failures.append(f"RSS grew by {growth} % after the warm-up (limit {args.max_rss_growth} %)")
     return {
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
         "target": args.target or "vae-server started by soak.py",
         "model_dir": None if args.target else args.model_dir,
@@ -380,7 +382,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"Soak of {r['minutes']} min (after {r['warmup_s']:.0f} s of warm-up) on "
         f"{r['machine']['cores']} cores, {r['execution_provider']}, model {r['model_version']}, "
-        f"{r['concurrency']} calls in flight; {r['started_at']}.",
+        f"{r['concurrency']} calls in flight; {r['started_at']} to {r['ended_at']}.",
         "",
         f"**{'PASSED' if r['passed'] else 'FAILED'}**"
         + ("" if r["passed"] else ": " + "; ".join(r["failures"])),

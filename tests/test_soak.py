@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 
@@ -49,6 +50,10 @@ def test_a_short_soak_passes_and_writes_its_summary(model_dir: Path, tmp_path: P
     assert len(rss["samples"]) >= 3 and rss["after_warmup"] > 0 and rss["end"] > 0
     assert isinstance(rss["growth_pct"], float)
     assert summary["server_exit_status"] == 0
+    # The run's times are its start and its end (both once said when the summary was written).
+    started = datetime.fromisoformat(summary["started_at"])
+    ended = datetime.fromisoformat(summary["ended_at"])
+    assert (ended - started).total_seconds() >= 1 + 0.08 * 60 - 1
     md = (tmp_path / "soak.md").read_text()
     assert "**PASSED**" in md and "| SampleStream |" in md
     assert (tmp_path / "soak-server.log").is_file()
@@ -70,7 +75,8 @@ def test_the_verdict_names_each_failure() -> None:
                               model_dir="m", max_rss_growth=5.0)
     samples = [(0.0, 100.0), (1.0, 100.0), (2.0, 100.0), (3.0, 106.0), (4.0, 106.0),
                (5.0, 106.0)]
-    r = soak.summarize(t, samples, 105.0, 6.0, 1.0, vae_pb2.ModelInfo(), args)
+    r = soak.summarize(t, samples, 105.0, 6.0, 1.0, vae_pb2.ModelInfo(), args,
+                       datetime.now(timezone.utc))
     text = "; ".join(r["failures"])
     assert not r["passed"]
     assert r["lost"] == 2 and "2 lost" in text  # the unended call and the missing images
