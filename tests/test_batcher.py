@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -213,12 +214,17 @@ def test_calls_trickling_in_wait_for_as_many_as_the_last_batch_held(executor):
         np.testing.assert_array_equal(out[0], rows(100 + i, 1) * 2)
 
 
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "uvloop":
+        return pytest.importorskip("uvloop").new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def test_calls_still_on_their_way_through_the_event_loop_join_the_batch(executor, loop_name):
     # Calls reach the queue over several passes of the event loop (gRPC's callbacks, then
     # their handlers' task steps). asyncio's loop shows the callbacks it holds; uvloop does
     # not, and there a batch used to leave with the first pass's calls alone ([4, 12]).
-    uvloop = pytest.importorskip("uvloop")
     model = Model()
 
     async def main():
@@ -233,12 +239,36 @@ def test_calls_still_on_their_way_through_the_event_loop_join_the_batch(executor
         await b.close()
         return outs
 
-    factory = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
         outs = runner.run(main())
     assert model.sizes == [16]
     for i, out in enumerate(outs):
         np.testing.assert_array_equal(out[0], rows(i, 1) * 2)
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_two_batchers_do_not_hold_each_other_back(executor, loop_name):
+    # The server has two batchers (encoder and decoder). Each one's drain, rescheduled while
+    # calls may still be arriving, must not count as an arriving call for the other: on
+    # asyncio they used to keep each other waiting for the whole max_delay.
+    model_a, model_b = Model(), Model()
+
+    async def main():
+        a = Batcher(model_a, executor, max_batch=1000, max_queue=10_000, max_delay=5.0)
+        b = Batcher(model_b, executor, max_batch=1000, max_queue=10_000, max_delay=5.0)
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(a.submit(rows(1, 1)), b.submit(rows(2, 1)))
+        elapsed = time.perf_counter() - t0
+        await a.close()
+        await b.close()
+        return outs, elapsed
+
+    with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
+        (out_a, out_b), elapsed = runner.run(main())
+    assert model_a.sizes == [1] and model_b.sizes == [1]
+    np.testing.assert_array_equal(out_a[0], rows(1, 1) * 2)
+    np.testing.assert_array_equal(out_b[0], rows(2, 1) * 2)
+    assert elapsed < 2.5  # not max_delay (5 s): neither waited for the other
 
 
 def test_a_lone_caller_does_not_wait_for_the_batching_delay(executor):

@@ -122,9 +122,8 @@ class Batcher:
         # Calls in the last batch: under steady load, about as many arrive for the next one.
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
-        # Slices enqueued so far, and that count when the drain last looked: on an event loop
-        # whose ready queue cannot be seen (uvloop), calls are taken to be still arriving while
-        # each pass of the loop brings more.
+        # Slices enqueued so far, and that count when the drain last looked: calls are taken
+        # to be still arriving while each pass of the event loop brings more (`_arriving`).
         self._enqueued = 0
         self._seen = 0
         # Counters for tests and GetModelInfo; metrics get the same through the observer.
@@ -270,7 +269,7 @@ class Batcher:
             return
         oldest = time.monotonic() - self._queue[0].enqueued
         if self._queued_images < self.max_batch and oldest < self.max_delay:
-            if self._arriving(loop):
+            if self._arriving():
                 # Calls that have arrived are still on their way here: let them join.
                 self._scheduled = True
                 loop.call_soon(self._drain, loop)
@@ -296,14 +295,14 @@ class Batcher:
         run = loop.run_in_executor(self._executor, self._execute, batch, False)
         run.add_done_callback(lambda f: self._finished(f, batch, started, loop))
 
-    def _arriving(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """Whether calls that have reached the server are still on their way to the queue.
-        asyncio's loops keep the callbacks that are ready to run in `_ready`: any there may be
-        one. uvloop does not show its own; there, a pass of the loop that brought a slice
-        since the last look says more are coming, and a pass that brought none says not."""
-        ready = getattr(loop, "_ready", None)
-        if ready is not None:
-            return bool(ready)
+    def _arriving(self) -> bool:
+        """Whether calls that have reached the server may still be on their way to the queue
+        (gRPC's callbacks, then their handlers' task steps, take several passes of the event
+        loop): a pass that brought a slice since the last look says more are coming, a pass
+        that brought none says not. Only this batcher's own slices count: the loop's ready
+        queue (asyncio's `_ready`, which this once read) also holds the other batcher's
+        rescheduled drain, and two batchers with work then kept each other waiting for the
+        whole max_delay."""
         seen, self._seen = self._seen, self._enqueued
         return seen != self._enqueued
 
