@@ -73,7 +73,7 @@ class Process:
 
 
 def server_cmd(model_dir: Path, batching: bool, threads: int, event_loop: str = "auto",
-               spinning: bool = True) -> list[str]:
+               spinning: bool = False) -> list[str]:
     return [str(BIN / "vae-server"), "--model-dir", str(model_dir), "--host", "127.0.0.1",
             "--metrics-port", "-1", "--batching", str(batching).lower(),
             "--threads", str(threads), "--spinning", str(spinning).lower(),

@@ -56,8 +56,9 @@ MIX = {"Decode": 30, "Encode": 20, "Sample": 15, "LogLikelihood": 15, "SampleStr
 VARIANTS = 4
 SERVER_FAULTS = {"INTERNAL", "UNKNOWN", "DATA_LOSS"}
 CALL_TIMEOUT = 60.0
-# Load before the RSS baseline, at most: the heap of a fresh server grows for about 3 minutes.
-WARMUP_MAX_S = 180.0
+# Load before the RSS baseline (or the run's length, if shorter): the heap of a fresh server
+# grows for about 3 minutes.
+WARMUP_S = 180.0
 STREAM_N, STREAM_CHUNK = 3000, 512
 
 
@@ -269,7 +270,7 @@ async def soak(target: str, pid: int | None, args: argparse.Namespace) -> dict[s
     duration = args.minutes * 60.0
     # A baseline taken while the heap still settles would read that as growth (BENCHMARKS.md,
     # "Soak": up for ~3 minutes of this mix, then flat to 25 minutes).
-    warmup = args.warmup if args.warmup is not None else min(WARMUP_MAX_S, 0.3 * duration)
+    warmup = args.warmup if args.warmup is not None else min(WARMUP_S, duration)
     options = [("grpc.max_receive_message_length", 64 << 20),
                ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
@@ -421,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=float(os.environ.get("SOAK_MINUTES", "10")),
                    help="length of the load after the warm-up (default: $SOAK_MINUTES or 10)")
     p.add_argument("--warmup", type=float, default=None,
-                   help="seconds of load before the RSS baseline (default: 30 %% of the run, "
-                   f"at most {WARMUP_MAX_S:g})")
+                   help=f"seconds of load before the RSS baseline (default: {WARMUP_S:g}, or "
+                   "the run's length if shorter)")
     p.add_argument("--model-dir", default=str(ROOT / "models/default"))
     p.add_argument("--target", default=None,
                    help="drive a running server at HOST:PORT instead of starting one")

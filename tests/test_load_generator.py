@@ -87,6 +87,15 @@ def test_connection_options_also_follow_the_subcommand(server, capsys):
     assert json.loads(capsys.readouterr().out)["calls"] > 0
 
 
+def test_help_shows_the_target_that_will_be_used(monkeypatch, capsys):
+    monkeypatch.setenv("VAE_TARGET", "envhost:1")
+    for argv in (["--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            client_main(argv)
+        assert done.value.code == 0
+        assert "(default: envhost:1)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_a_stream_counts_only_the_images_that_arrive_in_the_measured_window(server):
     # One stream that outlasts the warm-up, and a window too short to start another: the
     # images received during the warm-up are not the window's.

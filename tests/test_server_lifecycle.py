@@ -187,6 +187,8 @@ def test_sample_stream_memory_stays_bounded_with_a_slow_reader(model_dir):
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_serves_and_stops_cleanly_on_either_event_loop(model_dir, loop):
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
     with served_process(model_dir, "--event-loop", loop) as (target, proc):
         with VaeClient(target, timeout=30) as c:
             images = c.decode(np.zeros((3, c.info().latent_dim), np.float32))

@@ -438,9 +438,10 @@ def _add_connection(p: argparse.ArgumentParser, top: bool) -> None:
     def default(value: object) -> object:
         return value if top else argparse.SUPPRESS
 
-    p.add_argument("--target", default=default(os.environ.get("VAE_TARGET", "localhost:50051")),
-                   metavar="HOST:PORT",
-                   help="the server's gRPC address [VAE_TARGET] (default: localhost:50051)")
+    target = os.environ.get("VAE_TARGET", "localhost:50051")
+    p.add_argument("--target", default=default(target), metavar="HOST:PORT",
+                   help="the server's gRPC address [VAE_TARGET] (default: "
+                        f"{target.replace('%', '%%')})")
     p.add_argument("--timeout", type=_positive_float, default=default(None), metavar="S",
                    help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT:g}; a "
                         "sample stream has none unless this is given, and then it bounds the "

@@ -35,8 +35,9 @@ class Settings:
         "let the ONNX Runtime threads of the sessions that run large batches (over "
         "--inline-rows: stream chunks, LogLikelihood's K samples) spin briefly instead of "
         "sleeping: a server that mostly streams float32 images gains 10 - 30 %%, one serving "
-        "a mix of calls loses about 10 %% (the spinning takes CPU from gRPC); small batches "
-        "run on a one-thread session, which never spins", default=False)
+        "a mix of calls loses about 10 %% (the spinning takes CPU from gRPC); on the CPU, "
+        "small batches run on a one-thread session, which never spins (with --threads 1 or "
+        "on CUDA one session runs every batch, and this applies to it)", default=False)
     event_loop: str = _doc("event loop: auto (uvloop where installed, else asyncio's), uvloop "
                            "or asyncio", default="auto")
     batching: bool = _doc("merge concurrent calls into one model run (dynamic batching)",
