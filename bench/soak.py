@@ -57,7 +57,8 @@ VARIANTS = 4
 SERVER_FAULTS = {"INTERNAL", "UNKNOWN", "DATA_LOSS"}
 CALL_TIMEOUT = 60.0
 # Load before the RSS baseline (or the run's length, if shorter): the heap of a fresh server
-# grows for about 3 minutes.
+# grows for about 3 minutes of the mix, then stays flat (BENCHMARKS.md, "Soak"); a baseline
+# taken sooner reads that settling as growth.
 WARMUP_S = 180.0
 STREAM_N, STREAM_CHUNK = 3000, 512
 
@@ -268,8 +269,6 @@ class Soak:
 
 async def soak(target: str, pid: int | None, args: argparse.Namespace) -> dict[str, Any]:
     duration = args.minutes * 60.0
-    # A baseline taken while the heap still settles would read that as growth (BENCHMARKS.md,
-    # "Soak": up for ~3 minutes of this mix, then flat to 25 minutes).
     warmup = args.warmup if args.warmup is not None else min(WARMUP_S, duration)
     options = [("grpc.max_receive_message_length", 64 << 20),
                ("grpc.max_send_message_length", 64 << 20)]

@@ -223,8 +223,8 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def test_calls_still_on_their_way_through_the_event_loop_join_the_batch(executor, loop_name):
     # Calls reach the queue over several passes of the event loop (gRPC's callbacks, then
-    # their handlers' task steps). asyncio's loop shows the callbacks it holds; uvloop does
-    # not, and there a batch used to leave with the first pass's calls alone ([4, 12]).
+    # their handlers' task steps). A batch that looked only at the loop's ready queue left
+    # with the first pass's calls alone on uvloop, which hides that queue ([4, 12]).
     model = Model()
 
     async def main():

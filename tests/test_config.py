@@ -36,7 +36,6 @@ def test_bad_settings_stop_the_server_with_a_message(argv, capsys):
         load_settings(argv, env={})
 
 
-
 def test_the_event_loop_is_uvloop_where_installed_and_asyncio_otherwise(monkeypatch):
     assert load_settings([], env={}).event_loop == "auto"
     assert loops.resolve("asyncio") == "asyncio"

@@ -122,10 +122,8 @@ class Batcher:
         # Calls in the last batch: under steady load, about as many arrive for the next one.
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
-        # Slices enqueued so far, and that count when the drain last looked: calls are taken
-        # to be still arriving while each pass of the event loop brings more (`_arriving`).
-        self._enqueued = 0
-        self._seen = 0
+        # Whether a slice was enqueued since the drain last looked (`_arriving`).
+        self._arrived = False
         # Counters for tests and GetModelInfo; metrics get the same through the observer.
         self.largest_batch = 0
         self.runs = 0
@@ -218,7 +216,7 @@ class Batcher:
     def _enqueue(self, slices: Sequence[_Slice], n: int, loop: asyncio.AbstractEventLoop) -> None:
         self._queue.extend(slices)
         self._queued_images += n
-        self._enqueued += len(slices)
+        self._arrived = True
         self._observer.queue_depth(self._queued_images)
         if self._running:
             return
@@ -303,8 +301,8 @@ class Batcher:
         queue (asyncio's `_ready`, which this once read) also holds the other batcher's
         rescheduled drain, and two batchers with work then kept each other waiting for the
         whole max_delay."""
-        seen, self._seen = self._seen, self._enqueued
-        return seen != self._enqueued
+        arrived, self._arrived = self._arrived, False
+        return arrived
 
     def _execute(self, batch: list[_Slice],
                  inline: bool) -> tuple[list[Any], list[tuple[int, float]]]:
