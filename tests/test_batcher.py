@@ -404,3 +404,135 @@ def test_a_failing_job_fails_alone_and_a_large_job_runs_in_runs_of_max_batch(exe
     np.testing.assert_array_equal(large, rows(50, 20) * 2)
     # The large job ran alone, in runs of at most max_batch rows; nothing ran above it.
     assert model.sizes[-3:] == [8, 8, 4] and largest == 8
+
+
+def test_small_calls_do_not_wait_behind_a_large_run(executor):
+    """While a large batch runs in a worker, small calls run on the event loop's thread (the
+    one-thread session) instead of queueing behind it and the large calls queued after it;
+    large calls keep their order and wait for the worker."""
+    big = Model()
+    small_rows: list[int] = []
+
+    def inline(x: np.ndarray) -> list[np.ndarray]:
+        small_rows.append(len(x))
+        return [x * 2.0, x + 1.0]
+
+    async def main():
+        b = Batcher(big, executor, max_batch=100, max_queue=10_000,
+                    run_inline=inline, inline_rows=8)
+        big.gate.clear()
+        first = asyncio.ensure_future(b.submit(rows(0, 50)))
+        await asyncio.sleep(0.05)  # the large call is running, held by the gate
+        second = asyncio.ensure_future(b.submit(rows(1000, 60)))  # queued: runs next
+        await asyncio.sleep(0)
+        small = [asyncio.ensure_future(b.submit(rows(100 * i, i))) for i in (1, 3, 4, 2)]
+        done, _ = await asyncio.wait(small, timeout=5)
+        answered_while_held = len(done)
+        running_still = not first.done()
+        big.gate.set()
+        results = await asyncio.gather(first, second, *small)
+        await b.close()
+        return answered_while_held, running_still, results
+
+    answered_while_held, running_still, results = asyncio.run(main())
+    assert running_still
+    assert answered_while_held == 4  # none waited for the held run
+    for i, out in zip((1, 3, 4, 2), results[2:], strict=True):
+        np.testing.assert_array_equal(out[0], rows(100 * i, i) * 2)
+        np.testing.assert_array_equal(out[1], rows(100 * i, i) + 1)
+    np.testing.assert_array_equal(results[1][0], rows(1000, 60) * 2)
+    # The small calls ran in batches of at most inline_rows; the large ones in the worker,
+    # in their order, none of them inline.
+    assert sum(small_rows) == 10 and max(small_rows) <= 8
+    assert big.sizes == [50, 60]
+
+
+def test_small_calls_beside_a_large_run_gather_for_at_most_max_delay(executor):
+    """A small call that finds the lane beside the large run idle runs at once; the ones that
+    follow it within max_delay gather into one run (not a run each), which still does not wait
+    for the large run."""
+    big = Model()
+    small_rows: list[int] = []
+
+    def inline(x: np.ndarray) -> list[np.ndarray]:
+        small_rows.append(len(x))
+        return [x * 2.0, x + 1.0]
+
+    async def main():
+        b = Batcher(big, executor, max_batch=100, max_queue=10_000, max_delay=0.2,
+                    run_inline=inline, inline_rows=8)
+        big.gate.clear()
+        large = asyncio.ensure_future(b.submit(rows(0, 50)))
+        await asyncio.sleep(0.05)  # running, held by the gate
+        t0 = time.perf_counter()
+        await b.submit(rows(100, 1))
+        alone = time.perf_counter() - t0
+        later = []
+        for i in range(3):  # one at a time, 20 ms apart
+            later.append(asyncio.ensure_future(b.submit(rows(200 + 10 * i, 1))))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*later)
+        gathered = time.perf_counter() - t0
+        held = not large.done()
+        big.gate.set()
+        await large
+        await b.close()
+        return alone, gathered, held
+
+    alone, gathered, held = asyncio.run(main())
+    assert held
+    assert small_rows == [1, 3]
+    assert alone < 0.1  # the lane was idle: no wait
+    assert 0.15 < gathered < 2.0  # gathered for about max_delay (0.2 s), not for the run
+
+
+def test_small_calls_gathering_beside_a_run_join_the_next_batch_when_it_ends(executor):
+    big = Model()
+
+    async def main():
+        b = Batcher(big, executor, max_batch=100, max_queue=10_000, max_delay=5.0,
+                    run_inline=lambda x: [x * 2.0, x + 1.0], inline_rows=8)
+        big.gate.clear()
+        large = asyncio.ensure_future(b.submit(rows(0, 50)))
+        await asyncio.sleep(0.05)
+        await b.submit(rows(100, 1))  # runs at once: the lane was idle
+        waiting = asyncio.ensure_future(b.submit(rows(200, 1)))  # gathers, for up to 5 s
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        big.gate.set()
+        out = await waiting
+        elapsed = time.perf_counter() - t0
+        await large
+        await b.close()
+        return out, elapsed
+
+    out, elapsed = asyncio.run(main())
+    np.testing.assert_array_equal(out[0], rows(200, 1) * 2)
+    assert elapsed < 1.0  # not the 5 s window: the end of the large run let it in
+
+
+def test_small_calls_left_beside_a_cancelled_large_call_still_run(executor):
+    """When the large run ends, the queue holds a small call and a large one whose caller has
+    cancelled: the small call runs (it is not left waiting for a large batch that is gone)."""
+    big = Model()
+
+    async def main():
+        b = Batcher(big, executor, max_batch=100, max_queue=10_000, max_delay=5.0,
+                    run_inline=lambda x: [x * 2.0, x + 1.0], inline_rows=8)
+        big.gate.clear()
+        first = asyncio.ensure_future(b.submit(rows(0, 50)))
+        await asyncio.sleep(0.05)
+        await b.submit(rows(100, 1))  # the lane beside the run was idle: ran at once
+        gone = asyncio.ensure_future(b.submit(rows(1000, 60)))
+        small = asyncio.ensure_future(b.submit(rows(200, 1)))  # gathers, for up to 5 s
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        big.gate.set()
+        out = await asyncio.wait_for(small, 2.0)
+        await first
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    np.testing.assert_array_equal(out[0], rows(200, 1) * 2)
+    assert big.sizes == [50]  # the cancelled call never ran

@@ -351,8 +351,34 @@ def test_full_queue_answers_resource_exhausted_at_once(model_dir):
             "vae_rejected_total", {"reason": "queue_full"}) == len(refused)
 
 
-def test_expired_and_cancelled_calls_never_run(model_dir):
+def test_a_small_call_is_answered_while_large_work_is_queued(model_dir, reference):
     with server_thread(model_dir, max_batch_size=64, max_queue_images=100000) as srv:
+        dec = srv.running.servicer.decoder
+
+        async def main():
+            async with AsyncVaeClient(srv.target, timeout=60) as c:
+                # 64,000 rows in 1,000 runs keep the decoder busy for a while.
+                big = asyncio.ensure_future(
+                    c.log_likelihood(np.full((64, 784), 0.5, np.float32), k=1000, seed=1))
+                while dec.queued_images < 10000:
+                    await asyncio.sleep(0.001)
+                z = np.ones((1, reference.latent_dim), np.float32)
+                images = await c.decode(z)
+                still_queued = dec.queued_images
+                await big
+                return z, images, still_queued
+
+        z, images, still_queued = asyncio.run(main())
+        np.testing.assert_array_equal(images.reshape(1, -1), reference.decode(z))
+        # It ran beside the large runs, not after the rows queued before it.
+        assert still_queued >= 5000
+
+
+def test_expired_and_cancelled_calls_never_run(model_dir):
+    # Calls of more than --inline-rows images wait behind the large runs (smaller ones run
+    # beside them), so these 7 and 13 rows are queued until they expire or are cancelled.
+    with server_thread(model_dir, max_batch_size=64, max_queue_images=100000,
+                       inline_rows=4) as srv:
         dec = srv.running.servicer.decoder
         registry = srv.running.metrics.registry
 

@@ -7,10 +7,15 @@ event loop.
   reached the server is queued), when it holds `max_batch` images, or when its oldest call
   has waited `max_delay`. An idle server therefore runs a lone call at once; a busy one
   gathers the calls that its event loop already holds, without a timer taxing quiet times.
-- One run at a time per model. Small batches (up to `inline_rows` images, given a
+- One large run at a time per model. Small batches (up to `inline_rows` images, given a
   `run_inline` function) run on the event loop's thread: for a few rows a hand-off to a
-  worker thread costs more than the run. Larger ones run in the executor; calls that arrive
-  meanwhile form the next batch.
+  worker thread costs more than the run. Larger ones run in the executor; large calls that
+  arrive meanwhile form the next batch.
+- Small calls (up to `inline_rows` images each) do not ride in a large batch nor wait for
+  one: while a large batch runs, they run beside it on the event loop's thread, gathered for
+  at most `max_delay` (a lone one at once), and a batch taken from a queue that holds both
+  takes only the large ones. A single-image call then does not wait behind a stream's
+  chunks (BENCHMARKS.md).
 - Queue capacity is counted in images; a call that does not fit fails at once (QueueFull).
 - A call larger than `max_batch` is split into slices and reassembled in order.
 - A slice whose deadline has passed or whose caller cancelled is dropped before it runs.
@@ -122,6 +127,7 @@ class Batcher:
         # Calls in the last batch: under steady load, about as many arrive for the next one.
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
+        self._small_ran = -float("inf")  # time.monotonic() of the last run beside a large one
         # Whether a slice was enqueued since the drain last looked (`_arriving`).
         self._arrived = False
         # Counters for tests and GetModelInfo; metrics get the same through the observer.
@@ -219,6 +225,10 @@ class Batcher:
         self._arrived = True
         self._observer.queue_depth(self._queued_images)
         if self._running:
+            # The worker is busy with a large batch: a small call runs beside it (_drain_small).
+            if not self._scheduled and slices[0].n <= self.inline_rows:
+                self._scheduled = True
+                loop.call_soon(self._drain, loop)
             return
         if self._timer is not None and len(self._queue) >= self._expect:
             self._timer.cancel()  # the batch it waited for is complete
@@ -263,7 +273,10 @@ class Batcher:
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduled = False
         self._timer = None
-        if self._running or not self._queue or self._closed:
+        if not self._queue or self._closed:
+            return
+        if self._running:
+            self._drain_small(loop)
             return
         oldest = time.monotonic() - self._queue[0].enqueued
         if self._queued_images < self.max_batch and oldest < self.max_delay:
@@ -278,7 +291,15 @@ class Batcher:
                 self._scheduled = True
                 self._timer = loop.call_later(self.max_delay - oldest, self._drain, loop)
                 return
-        batch, size = self._take_batch()
+        # Small calls queued beside large ones do not ride in the large run: they run beside
+        # it (_drain_small), and do not wait for it.
+        small = self.inline_rows
+        mixed = (small > 0 and any(s.n > small for s in self._queue)
+                 and any(s.n <= small for s in self._queue))
+        batch, size = self._take_batch("large") if mixed else ([], 0)
+        if not batch:  # not mixed, or the large ones were all cancelled or expired
+            mixed = False
+            batch, size = self._take_batch()
         if not batch:
             return
         self._expect = len(batch)
@@ -292,6 +313,43 @@ class Batcher:
         self._running = True
         run = loop.run_in_executor(self._executor, self._execute, batch, False)
         run.add_done_callback(lambda f: self._finished(f, batch, started, loop))
+        if mixed:
+            self._schedule_next(loop)  # the small ones left behind
+
+    def _drain_small(self, loop: asyncio.AbstractEventLoop) -> None:
+        """While a large batch runs in the executor: run the queued small slices (up to
+        `inline_rows` images each) on this thread, up to `inline_rows` images per run, rather
+        than behind that run and the large slices queued after it; the large ones stay queued,
+        in their order, for the executor. A small call that finds this lane idle for
+        max_delay runs at once; under a stream of small calls they gather for up to
+        max_delay, as the executor's batches do (one-row runs would cost a run each)."""
+        oldest: float | None = None
+        images = 0
+        for s in self._queue:
+            if s.n <= self.inline_rows and not s.future.done():
+                oldest = s.enqueued if oldest is None else oldest
+                images += s.n
+        if oldest is None:
+            return
+        now = time.monotonic()
+        waited = now - oldest
+        if waited < self.max_delay and images < self.inline_rows:
+            if self._arriving():  # as in _drain: arrived calls are still on their way here
+                self._scheduled = True
+                loop.call_soon(self._drain, loop)
+                return
+            if now - self._small_ran < self.max_delay:
+                self._scheduled = True
+                self._timer = loop.call_later(self.max_delay - waited, self._drain, loop)
+                return
+        batch, _ = self._take_batch("small")
+        if not batch:
+            return
+        results, runs = self._execute(batch, True)
+        self._small_ran = time.monotonic()
+        self._record_runs(runs, [now - s.enqueued for s in batch])
+        self._deliver(batch, results)
+        self._schedule_next(loop)  # more small ones may be queued
 
     def _arriving(self) -> bool:
         """Whether calls that have reached the server may still be on their way to the queue
@@ -371,6 +429,10 @@ class Batcher:
             results, runs = run.result()
             self._record_runs(runs, [started - s.enqueued for s in batch])
             self._deliver(batch, results)
+        if self._timer is not None:  # small calls gathering beside the run: they join now
+            self._timer.cancel()
+            self._timer = None
+            self._scheduled = False
         self._schedule_next(loop)
 
     def _schedule_next(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -388,10 +450,15 @@ class Batcher:
             else:
                 s.future.set_result(result)
 
-    def _take_batch(self) -> tuple[list[_Slice], int]:
+    def _take_batch(self, rows: str = "any") -> tuple[list[_Slice], int]:
         """Pop live slices up to max_batch images (a larger job alone), and their images;
-        drop cancelled and expired ones."""
+        drop cancelled and expired ones. `rows`: "small" takes only slices of up to
+        inline_rows images, up to inline_rows in all; "large" only the larger ones; the
+        slices they pass keep their places in the queue."""
         batch: list[_Slice] = []
+        passed: list[_Slice] = []
+        small = rows == "small"
+        limit = self.inline_rows if small else self.max_batch
         size = 0
         now = time.monotonic()
         while self._queue:
@@ -407,12 +474,16 @@ class Batcher:
                 self.dropped["deadline"] += 1
                 s.future.set_exception(DeadlineExpired("deadline expired while queued"))
                 continue
-            if batch and size + s.n > self.max_batch:
+            if (small and s.n > limit) or (rows == "large" and s.n <= self.inline_rows):
+                passed.append(self._queue.popleft())
+                continue
+            if (batch or small) and size + s.n > limit:
                 break
             self._queue.popleft()
             self._queued_images -= s.n
             batch.append(s)
             size += s.n
+        self._queue.extendleft(reversed(passed))
         self._observer.queue_depth(self._queued_images)
         return batch, size
 
