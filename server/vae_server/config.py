@@ -49,7 +49,8 @@ class Settings:
     max_delay_ms: float = _doc(
         "longest a batch waits to fill: for calls the server already holds, or for as many "
         "calls as the last batch had (so a lone caller does not wait, except the first one "
-        "after a burst)", default=2.0)
+        "after a burst); small calls beside a large run gather for at most this long",
+        default=2.0)
     inline_rows: int = _doc(
         "batches of up to this many images run on the event loop's thread with a one-thread "
         "session; larger ones in worker threads. 0 = always in worker threads", default=64)
