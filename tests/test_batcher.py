@@ -536,3 +536,58 @@ def test_small_calls_left_beside_a_cancelled_large_call_still_run(executor):
     out = asyncio.run(main())
     np.testing.assert_array_equal(out[0], rows(200, 1) * 2)
     assert big.sizes == [50]  # the cancelled call never ran
+
+
+def test_a_full_small_lane_does_not_wait_for_its_timer(executor):
+    """Beside a large run, small calls gather for at most max_delay or until they hold
+    inline_rows images: a full batch runs at once, not when the timer (or the run) ends."""
+    big = Model()
+    inline_sizes: list[int] = []
+
+    def inline(x):
+        inline_sizes.append(len(x))
+        return [x * 2.0, x + 1.0]
+
+    async def main():
+        b = Batcher(big, executor, max_batch=100, max_queue=10_000, max_delay=1.0,
+                    run_inline=inline, inline_rows=8)
+        big.gate.clear()
+        large = asyncio.ensure_future(b.submit(rows(0, 50)))
+        await asyncio.sleep(0.05)            # running, held by the gate
+        await b.submit(rows(100, 1))         # lane idle: runs at once
+        first = asyncio.ensure_future(b.submit(rows(200, 1)))  # lane busy: timer ~1 s
+        await asyncio.sleep(0.02)
+        t0 = time.perf_counter()
+        more = [asyncio.ensure_future(b.submit(rows(300 + 10 * i, 1))) for i in range(7)]
+        await asyncio.gather(first, *more)   # 8 images gathered = inline_rows
+        elapsed = time.perf_counter() - t0
+        big.gate.set()
+        await large
+        await b.close()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert inline_sizes[-1] == 8
+    assert elapsed < 0.5, f"a full small batch waited {elapsed:.2f} s for the lane's timer"
+
+
+def test_small_calls_left_behind_an_executor_batch_run_beside_it(executor):
+    """A burst of small calls larger than max_batch: the first max_batch images go to the
+    executor, and the small calls left in the queue run beside that run, not after it."""
+    big = Model()
+
+    async def main():
+        b = Batcher(big, executor, max_batch=16, max_queue=10_000,
+                    run_inline=lambda x: [x * 2.0, x + 1.0], inline_rows=8)
+        big.gate.clear()
+        calls = [asyncio.ensure_future(b.submit(rows(100 * i, 4))) for i in range(10)]
+        await asyncio.sleep(0.3)
+        answered_while_held = sum(c.done() for c in calls)
+        big.gate.set()
+        await asyncio.gather(*calls)
+        await b.close()
+        return answered_while_held
+
+    answered = asyncio.run(main())
+    # 4 calls (16 images) are held in the executor; the other 6 are small and could run beside.
+    assert answered == 6, f"{answered} of the 6 small calls left behind were answered"

@@ -225,10 +225,17 @@ class Batcher:
         self._arrived = True
         self._observer.queue_depth(self._queued_images)
         if self._running:
-            # The worker is busy with a large batch: a small call runs beside it (_drain_small).
-            if not self._scheduled and slices[0].n <= self.inline_rows:
-                self._scheduled = True
-                loop.call_soon(self._drain, loop)
+            # The worker is busy with a large batch: a small call runs beside it (_drain_small,
+            # which looks again now: the calls gathering may have filled a batch). A split
+            # call's last slice may be small.
+            if slices[-1].n <= self.inline_rows:
+                if self._timer is not None:  # only the small lane times while a run is on
+                    self._timer.cancel()
+                    self._timer = None
+                    self._scheduled = False
+                if not self._scheduled:
+                    self._scheduled = True
+                    loop.call_soon(self._drain, loop)
             return
         if self._timer is not None and len(self._queue) >= self._expect:
             self._timer.cancel()  # the batch it waited for is complete
@@ -298,7 +305,6 @@ class Batcher:
                  and any(s.n <= small for s in self._queue))
         batch, size = self._take_batch("large") if mixed else ([], 0)
         if not batch:  # not mixed, or the large ones were all cancelled or expired
-            mixed = False
             batch, size = self._take_batch()
         if not batch:
             return
@@ -313,8 +319,8 @@ class Batcher:
         self._running = True
         run = loop.run_in_executor(self._executor, self._execute, batch, False)
         run.add_done_callback(lambda f: self._finished(f, batch, started, loop))
-        if mixed:
-            self._schedule_next(loop)  # the small ones left behind
+        if small and any(s.n <= small for s in self._queue):
+            self._schedule_next(loop)  # small ones left behind run beside this run
 
     def _drain_small(self, loop: asyncio.AbstractEventLoop) -> None:
         """While a large batch runs in the executor: run the queued small slices (up to
