@@ -128,6 +128,7 @@ class Batcher:
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
         self._small_ran = -float("inf")  # time.monotonic() of the last run beside a large one
+        self._gathered = 0  # small images gathering for that lane while its timer is set
         # Whether a slice was enqueued since the drain last looked (`_arriving`).
         self._arrived = False
         # Counters for tests and GetModelInfo; metrics get the same through the observer.
@@ -225,12 +226,15 @@ class Batcher:
         self._arrived = True
         self._observer.queue_depth(self._queued_images)
         if self._running:
-            # The worker is busy with a large batch: a small call runs beside it (_drain_small,
-            # which looks again now: the calls gathering may have filled a batch). A split
-            # call's last slice may be small.
-            if slices[-1].n <= self.inline_rows:
+            # The worker is busy with a large batch: a small call runs beside it
+            # (_drain_small). A split call's last slice may be small.
+            last = slices[-1].n
+            if last <= self.inline_rows:
                 if self._timer is not None:  # only the small lane times while a run is on
-                    self._timer.cancel()
+                    self._gathered += last
+                    if self._gathered < self.inline_rows:
+                        return  # the timer runs them
+                    self._timer.cancel()  # a full batch has gathered: it runs now
                     self._timer = None
                     self._scheduled = False
                 if not self._scheduled:
@@ -345,6 +349,7 @@ class Batcher:
                 loop.call_soon(self._drain, loop)
                 return
             if now - self._small_ran < self.max_delay:
+                self._gathered = images  # _enqueue adds what arrives, and wakes a full batch
                 self._scheduled = True
                 self._timer = loop.call_later(self.max_delay - waited, self._drain, loop)
                 return
