@@ -406,23 +406,41 @@ def test_a_failing_job_fails_alone_and_a_large_job_runs_in_runs_of_max_batch(exe
     assert model.sizes[-3:] == [8, 8, 4] and largest == 8
 
 
+class InlineRun:
+    """The small-batch run on the event loop's thread: Model's outputs, recording its sizes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        self.sizes.append(len(x))
+        return [x * 2.0, x + 1.0]
+
+
+def beside(big: Model, executor, max_batch: int = 100, max_delay: float = 0.0,
+           inline: InlineRun | None = None) -> Batcher:
+    """A batcher whose calls of up to 8 images run inline, beside `big`'s large runs."""
+    return Batcher(big, executor, max_batch=max_batch, max_queue=10_000, max_delay=max_delay,
+                   run_inline=inline or InlineRun(), inline_rows=8)
+
+
+async def hold_a_large_run(b: Batcher, big: Model) -> asyncio.Future:
+    """A 50-row call, running in the worker and held there by `big`'s gate."""
+    big.gate.clear()
+    large = asyncio.ensure_future(b.submit(rows(0, 50)))
+    await asyncio.sleep(0.05)
+    return large
+
+
 def test_small_calls_do_not_wait_behind_a_large_run(executor):
     """While a large batch runs in a worker, small calls run on the event loop's thread (the
     one-thread session) instead of queueing behind it and the large calls queued after it;
     large calls keep their order and wait for the worker."""
-    big = Model()
-    small_rows: list[int] = []
-
-    def inline(x: np.ndarray) -> list[np.ndarray]:
-        small_rows.append(len(x))
-        return [x * 2.0, x + 1.0]
+    big, inline = Model(), InlineRun()
 
     async def main():
-        b = Batcher(big, executor, max_batch=100, max_queue=10_000,
-                    run_inline=inline, inline_rows=8)
-        big.gate.clear()
-        first = asyncio.ensure_future(b.submit(rows(0, 50)))
-        await asyncio.sleep(0.05)  # the large call is running, held by the gate
+        b = beside(big, executor, inline=inline)
+        first = await hold_a_large_run(b, big)
         second = asyncio.ensure_future(b.submit(rows(1000, 60)))  # queued: runs next
         await asyncio.sleep(0)
         small = [asyncio.ensure_future(b.submit(rows(100 * i, i))) for i in (1, 3, 4, 2)]
@@ -443,7 +461,7 @@ def test_small_calls_do_not_wait_behind_a_large_run(executor):
     np.testing.assert_array_equal(results[1][0], rows(1000, 60) * 2)
     # The small calls ran in batches of at most inline_rows; the large ones in the worker,
     # in their order, none of them inline.
-    assert sum(small_rows) == 10 and max(small_rows) <= 8
+    assert sum(inline.sizes) == 10 and max(inline.sizes) <= 8
     assert big.sizes == [50, 60]
 
 
@@ -451,19 +469,11 @@ def test_small_calls_beside_a_large_run_gather_for_at_most_max_delay(executor):
     """A small call that finds the lane beside the large run idle runs at once; the ones that
     follow it within max_delay gather into one run (not a run each), which still does not wait
     for the large run."""
-    big = Model()
-    small_rows: list[int] = []
-
-    def inline(x: np.ndarray) -> list[np.ndarray]:
-        small_rows.append(len(x))
-        return [x * 2.0, x + 1.0]
+    big, inline = Model(), InlineRun()
 
     async def main():
-        b = Batcher(big, executor, max_batch=100, max_queue=10_000, max_delay=0.2,
-                    run_inline=inline, inline_rows=8)
-        big.gate.clear()
-        large = asyncio.ensure_future(b.submit(rows(0, 50)))
-        await asyncio.sleep(0.05)  # running, held by the gate
+        b = beside(big, executor, max_delay=0.2, inline=inline)
+        large = await hold_a_large_run(b, big)
         t0 = time.perf_counter()
         await b.submit(rows(100, 1))
         alone = time.perf_counter() - t0
@@ -481,7 +491,7 @@ def test_small_calls_beside_a_large_run_gather_for_at_most_max_delay(executor):
 
     alone, gathered, held = asyncio.run(main())
     assert held
-    assert small_rows == [1, 3]
+    assert inline.sizes == [1, 3]
     assert alone < 0.1  # the lane was idle: no wait
     assert 0.15 < gathered < 2.0  # gathered for about max_delay (0.2 s), not for the run
 
@@ -490,11 +500,8 @@ def test_small_calls_gathering_beside_a_run_join_the_next_batch_when_it_ends(exe
     big = Model()
 
     async def main():
-        b = Batcher(big, executor, max_batch=100, max_queue=10_000, max_delay=5.0,
-                    run_inline=lambda x: [x * 2.0, x + 1.0], inline_rows=8)
-        big.gate.clear()
-        large = asyncio.ensure_future(b.submit(rows(0, 50)))
-        await asyncio.sleep(0.05)
+        b = beside(big, executor, max_delay=5.0)
+        large = await hold_a_large_run(b, big)
         await b.submit(rows(100, 1))  # runs at once: the lane was idle
         waiting = asyncio.ensure_future(b.submit(rows(200, 1)))  # gathers, for up to 5 s
         await asyncio.sleep(0.05)
@@ -517,11 +524,8 @@ def test_small_calls_left_beside_a_cancelled_large_call_still_run(executor):
     big = Model()
 
     async def main():
-        b = Batcher(big, executor, max_batch=100, max_queue=10_000, max_delay=5.0,
-                    run_inline=lambda x: [x * 2.0, x + 1.0], inline_rows=8)
-        big.gate.clear()
-        first = asyncio.ensure_future(b.submit(rows(0, 50)))
-        await asyncio.sleep(0.05)
+        b = beside(big, executor, max_delay=5.0)
+        first = await hold_a_large_run(b, big)
         await b.submit(rows(100, 1))  # the lane beside the run was idle: ran at once
         gone = asyncio.ensure_future(b.submit(rows(1000, 60)))
         small = asyncio.ensure_future(b.submit(rows(200, 1)))  # gathers, for up to 5 s
@@ -541,19 +545,11 @@ def test_small_calls_left_beside_a_cancelled_large_call_still_run(executor):
 def test_a_full_small_lane_does_not_wait_for_its_timer(executor):
     """Beside a large run, small calls gather for at most max_delay or until they hold
     inline_rows images: a full batch runs at once, not when the timer (or the run) ends."""
-    big = Model()
-    inline_sizes: list[int] = []
-
-    def inline(x):
-        inline_sizes.append(len(x))
-        return [x * 2.0, x + 1.0]
+    big, inline = Model(), InlineRun()
 
     async def main():
-        b = Batcher(big, executor, max_batch=100, max_queue=10_000, max_delay=1.0,
-                    run_inline=inline, inline_rows=8)
-        big.gate.clear()
-        large = asyncio.ensure_future(b.submit(rows(0, 50)))
-        await asyncio.sleep(0.05)            # running, held by the gate
+        b = beside(big, executor, max_delay=1.0, inline=inline)
+        large = await hold_a_large_run(b, big)
         await b.submit(rows(100, 1))         # lane idle: runs at once
         first = asyncio.ensure_future(b.submit(rows(200, 1)))  # lane busy: timer ~1 s
         await asyncio.sleep(0.02)
@@ -567,7 +563,7 @@ def test_a_full_small_lane_does_not_wait_for_its_timer(executor):
         return elapsed
 
     elapsed = asyncio.run(main())
-    assert inline_sizes[-1] == 8
+    assert inline.sizes[-1] == 8
     assert elapsed < 0.5, f"a full small batch waited {elapsed:.2f} s for the lane's timer"
 
 
@@ -577,8 +573,7 @@ def test_small_calls_left_behind_an_executor_batch_run_beside_it(executor):
     big = Model()
 
     async def main():
-        b = Batcher(big, executor, max_batch=16, max_queue=10_000,
-                    run_inline=lambda x: [x * 2.0, x + 1.0], inline_rows=8)
+        b = beside(big, executor, max_batch=16)
         big.gate.clear()
         calls = [asyncio.ensure_future(b.submit(rows(100 * i, 4))) for i in range(10)]
         await asyncio.sleep(0.3)

@@ -227,27 +227,19 @@ class Batcher:
         self._observer.queue_depth(self._queued_images)
         if self._running:
             # The worker is busy with a large batch: a small call runs beside it
-            # (_drain_small). A split call's last slice may be small.
+            # (_drain_small), a large one waits for the run. A split call's last slice may be
+            # small. While a run is on, a timer is the small lane's: it runs the calls
+            # gathering unless a full batch of them has come.
             last = slices[-1].n
-            if last <= self.inline_rows:
-                if self._timer is not None:  # only the small lane times while a run is on
-                    self._gathered += last
-                    if self._gathered < self.inline_rows:
-                        return  # the timer runs them
-                    self._timer.cancel()  # a full batch has gathered: it runs now
-                    self._timer = None
-                    self._scheduled = False
-                if not self._scheduled:
-                    self._scheduled = True
-                    loop.call_soon(self._drain, loop)
-            return
-        if self._timer is not None and len(self._queue) >= self._expect:
-            self._timer.cancel()  # the batch it waited for is complete
-            self._timer = None
-            self._scheduled = False
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._drain, loop)
+            if last > self.inline_rows:
+                return
+            if self._timer is not None:
+                self._gathered += last
+                if self._gathered < self.inline_rows:
+                    return
+            self._wake(loop)
+        elif self._timer is None or len(self._queue) >= self._expect:
+            self._wake(loop)  # with a timer: the batch it waited for is complete
 
     async def _run_alone(self, s: _Slice, loop: asyncio.AbstractEventLoop) -> Any:
         """Batching off: the call runs by itself, at once, in runs of at most max_batch rows."""
@@ -305,10 +297,9 @@ class Batcher:
         # Small calls queued beside large ones do not ride in the large run: they run beside
         # it (_drain_small), and do not wait for it.
         small = self.inline_rows
-        mixed = (small > 0 and any(s.n > small for s in self._queue)
-                 and any(s.n <= small for s in self._queue))
-        batch, size = self._take_batch("large") if mixed else ([], 0)
-        if not batch:  # not mixed, or the large ones were all cancelled or expired
+        large = small > 0 and any(s.n > small for s in self._queue)
+        batch, size = self._take_batch("large") if large else ([], 0)
+        if not batch:  # no large ones, or they were all cancelled or expired
             batch, size = self._take_batch()
         if not batch:
             return
@@ -323,8 +314,7 @@ class Batcher:
         self._running = True
         run = loop.run_in_executor(self._executor, self._execute, batch, False)
         run.add_done_callback(lambda f: self._finished(f, batch, started, loop))
-        if small and any(s.n <= small for s in self._queue):
-            self._schedule_next(loop)  # small ones left behind run beside this run
+        self._schedule_next(loop)  # small ones left behind run beside this run
 
     def _drain_small(self, loop: asyncio.AbstractEventLoop) -> None:
         """While a large batch runs in the executor: run the queued small slices (up to
@@ -440,14 +430,20 @@ class Batcher:
             results, runs = run.result()
             self._record_runs(runs, [started - s.enqueued for s in batch])
             self._deliver(batch, results)
-        if self._timer is not None:  # small calls gathering beside the run: they join now
+        self._schedule_next(loop)  # small calls gathering beside the run join now
+
+    def _schedule_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._queue:
+            self._wake(loop)
+
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drain at the loop's next pass; a timer that was set is cancelled (what it waited
+        for is in, or the run it ran beside has ended)."""
+        if self._timer is not None:
             self._timer.cancel()
             self._timer = None
             self._scheduled = False
-        self._schedule_next(loop)
-
-    def _schedule_next(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._queue and not self._scheduled:
+        if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._drain, loop)
 
