@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -73,11 +74,37 @@ class Process:
 
 
 def server_cmd(model_dir: Path, batching: bool, threads: int, event_loop: str = "auto",
-               spinning: bool = False) -> list[str]:
+               spinning: bool = False, *extra: str) -> list[str]:
     return [str(BIN / "vae-server"), "--model-dir", str(model_dir), "--host", "127.0.0.1",
             "--metrics-port", "-1", "--batching", str(batching).lower(),
             "--threads", str(threads), "--spinning", str(spinning).lower(),
-            "--event-loop", event_loop, "--log-level", "WARNING"]
+            "--event-loop", event_loop, "--log-level", "WARNING", *extra]
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+def callers_rate(step: Callable[[int, int], int], seconds: float, callers: int = 1) -> float:
+    """Images/s of `step(caller, i)` (which returns the images it did) called back to back by
+    `callers` threads at once for `seconds`: several callers model the server's instances,
+    large runs beside each other, each on a one-thread session."""
+    done = [0] * callers
+    t0 = time.perf_counter()
+
+    def loop(c: int) -> None:
+        i = 0
+        while time.perf_counter() - t0 < seconds:
+            done[c] += step(c, i)
+            i += 1
+
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.perf_counter() - t0)
 
 
 def bench(target: str, method: str, duration: float, **kw: Any) -> BenchResult:
@@ -94,29 +121,32 @@ def in_process_decode_calls(model: OnnxVAE, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def in_process_stream_images(model: OnnxVAE, chunk: int, dtype: str, seconds: float) -> float:
+def in_process_stream_images(model: OnnxVAE, chunk: int, dtype: str, seconds: float,
+                             callers: int = 1) -> float:
     """Images/s of the server's SampleStream work done in process: noise, decode, the dtype
-    conversion and the bytes, chunk after chunk."""
-    n, t0, offset = 0, time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        z = prior_latents(0, offset, chunk, model.latent_dim)
+    conversion and the bytes, chunk after chunk (by each of `callers` threads)."""
+
+    def step(c: int, i: int) -> int:
+        z = prior_latents(c, i * chunk, chunk, model.latent_dim)
         x = model.decode(z)
         if dtype == "uint8":
             x = np.rint(x * np.float32(255.0)).astype(np.uint8)
         x.tobytes()
-        n += chunk
-        offset += chunk
-    return n / (time.perf_counter() - t0)
+        return chunk
+
+    return callers_rate(step, seconds, callers)
 
 
-def in_process_loglik_images(model: OnnxVAE, k: int, seconds: float) -> float:
-    """Images/s of the same estimator (OnnxVAE.score, the evaluator's code) in process."""
+def in_process_loglik_images(model: OnnxVAE, k: int, seconds: float, callers: int = 1) -> float:
+    """Images/s of the same estimator (OnnxVAE.score, the evaluator's code) in process, one
+    image per call (by each of `callers` threads)."""
     x = np.random.default_rng(0).random((1, 784), dtype=np.float32)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        model.score(x, k, seed=n)
-        n += 1
-    return n / (time.perf_counter() - t0)
+
+    def step(c: int, i: int) -> int:
+        model.score(x, k, seed=i * callers + c)
+        return 1
+
+    return callers_rate(step, seconds, callers)
 
 
 def main() -> int:
@@ -143,6 +173,10 @@ def main() -> int:
     # workload in process and slows another).
     model = OnnxVAE(model_dir, threads=args.threads, spinning=spinning)
     other = OnnxVAE(model_dir, threads=args.threads, spinning=not spinning)
+    # The server's instances (one per core): large runs beside each other, each on a
+    # one-thread session. In process: as many callers, each on a one-thread session.
+    instances = cores()
+    one_thread = OnnxVAE(model_dir, threads=1)
 
     rows: list[dict[str, Any]] = []
 
@@ -160,13 +194,22 @@ def main() -> int:
         print(f"{section:<28} {what:<32} {value:>12,.0f} {unit:<9} {r}{lat}", flush=True)
 
     def compute_limit(section: str, what: str, unit: str,
-                      measure: Callable[[OnnxVAE], float]) -> float:
-        best = 0.0
+                      measure: Callable[..., float]) -> tuple[float, float]:
+        """The fastest in process for one caller (spinning on and off), and the fastest of
+        that and `instances` callers at once on one-thread sessions (the server's
+        instances)."""
+        one_caller = 0.0
         for m, spins in ((model, spinning), (other, not spinning)):
             value = measure(m)
             row(section, f"{what}, spin {'on' if spins else 'off'}", value, unit, None, "compute")
+            one_caller = max(one_caller, value)
+        best = one_caller
+        if instances > 1:
+            value = measure(one_thread, callers=instances)
+            row(section, f"{what}, {instances} callers, 1 thread each", value, unit, None,
+                "compute")
             best = max(best, value)
-        return best
+        return one_caller, best
 
     # (a) single-image Decode: transport limit, batching off, batching on.
     section = "decode, 1 image per call"
@@ -196,33 +239,43 @@ def main() -> int:
 
     # (b) SampleStream and (c) LogLikelihood, batching on, against in-process ORT; each on a
     # server of its own, as (a) is (a LogLikelihood load right after a stream load on the same
-    # server measured slower: BENCHMARKS.md).
+    # server measured slower: BENCHMARKS.md). Streams are measured against the fastest
+    # in-process figure, whatever its settings.
     stream_limit = {}
     for dtype in ("float32", "uint8"):
-        stream_limit[dtype] = compute_limit(
+        _, stream_limit[dtype] = compute_limit(
             f"SampleStream {dtype}", f"in-process, chunk {args.chunk}", "images/s",
             functools.partial(in_process_stream_images, chunk=args.chunk, dtype=dtype, seconds=d))
         row(f"SampleStream {dtype}", "echo server", stream_echo[dtype], "images/s", None,
             "transport")
-    # The server as configured, and (where that is not it already) with --spinning true, the
-    # setting for a server that mostly streams (README: Dynamic batching).
-    for stream_spinning in dict.fromkeys((spinning, True)):
-        name = "server" + (", --spinning true" if stream_spinning != spinning else "")
-        cmd = server_cmd(model_dir, True, args.threads, args.event_loop, stream_spinning)
+    # The server as configured; with one large run at a time (--instances 1, as before
+    # instances); with --spinning true, which only the full-width session uses.
+    variants = {"server": (), "server, --instances 1": ("--instances", "1")}
+    if not spinning:
+        variants["server, --spinning true"] = ("--spinning", "true")
+    for name, extra in variants.items():
+        cmd = server_cmd(model_dir, True, args.threads, args.event_loop, spinning, *extra)
         with Process(cmd) as srv:
             for dtype in ("float32", "uint8"):
                 r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype,
                           stream_n=200_000)
                 row(f"SampleStream {dtype}", name, r.images_per_s, "images/s",
                     stream_limit[dtype], "in-process", r)
-    with Process(server_cmd(model_dir, True, args.threads, args.event_loop, spinning)) as srv:
-        section = "LogLikelihood K=1000"
-        limit = compute_limit(section, "in-process estimator", "images/s",
-                              lambda m: in_process_loglik_images(m, 1000, d))
-        for c in (1, 4):
-            r = bench(srv.target, "loglik", d, batch=1, k=1000, concurrency=c)
-            row(section, f"server, 1 image/call, c={c}", r.images_per_s, "images/s", limit,
-                "in-process", r)
+    # One caller is measured against the estimator in process with one caller; several
+    # callers against the fastest in process, several callers included.
+    section = "LogLikelihood K=1000"
+    one_caller, best = compute_limit(section, "in-process estimator", "images/s",
+                                     functools.partial(in_process_loglik_images, k=1000,
+                                                       seconds=d))
+    for name, extra in (("server", ()), ("server, --instances 1", ("--instances", "1"))):
+        cmd = server_cmd(model_dir, True, args.threads, args.event_loop, spinning, *extra)
+        with Process(cmd) as srv:
+            for c in (1, 4):
+                r = bench(srv.target, "loglik", d, batch=1, k=1000, concurrency=c)
+                limit, limit_name = ((one_caller, "in-process, 1 caller") if c == 1
+                                     else (best, "in-process"))
+                row(section, f"{name}, 1 image/call, c={c}", r.images_per_s, "images/s", limit,
+                    limit_name, r)
 
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -233,6 +286,7 @@ def main() -> int:
         "duration_s": d,
         "ort_threads": args.threads,
         "ort_spinning": spinning,
+        "instances": instances,
         "event_loop": loops.resolve(args.event_loop),
     }
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -255,7 +309,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']}; model {meta['model_version']}; "
              f"`{meta['command']}` ({meta['duration_s']:g} s per figure; servers on "
              f"{meta['event_loop']}; ONNX Runtime threads {meta['ort_threads'] or 'one per core'}"
-             f", spinning {'on' if meta['ort_spinning'] else 'off'}).", "",
+             f", spinning {'on' if meta['ort_spinning'] else 'off'}, {meta['instances']} "
+             "instances per model).", "",
              "| measurement | | value | ratio | p50 ms | p99 ms |", "|---|---|---:|---|---:|---:|"]
     for r in rows:
         ratio = f"{r['ratio']:.2f} of {r['limit']}" if r["ratio"] is not None else r["limit"]

@@ -586,3 +586,157 @@ def test_small_calls_left_behind_an_executor_batch_run_beside_it(executor):
     answered = asyncio.run(main())
     # 4 calls (16 images) are held in the executor; the other 6 are small and could run beside.
     assert answered == 6, f"{answered} of the 6 small calls left behind were answered"
+
+
+# -- instances: several large runs of one model at once ------------------------------------
+
+
+class OneThread(Model):
+    """The one-thread session's run: in a worker it runs an instance's batch (held by `gate`,
+    counting how many run at once); on the event loop's thread, a small batch (never held)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inline_sizes: list[int] = []
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        if threading.current_thread() is threading.main_thread():
+            self.inline_sizes.append(len(x))
+            return [x * 2.0, x + 1.0]
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            return super().__call__(x)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def instances(wide: Model, one: OneThread, executor, n: int = 2, max_delay: float = 0.0,
+              max_batch: int = 200) -> Batcher:
+    """A batcher with `n` instances: its calls of up to 8 images run inline."""
+    return Batcher(wide, executor, max_batch=max_batch, max_queue=10_000, max_delay=max_delay,
+                   run_inline=one, inline_rows=8, instances=n)
+
+
+def test_a_large_call_runs_beside_a_large_run_on_an_idle_instance(executor):
+    """With two instances, a large call that arrives while another large batch runs starts
+    at once on the one-thread session, instead of waiting for that run."""
+    wide, one = Model(), OneThread()
+
+    async def main():
+        b = instances(wide, one, executor)
+        first = await hold_a_large_run(b, wide)  # alone: the full-width session
+        second = await asyncio.wait_for(b.submit(rows(1000, 60)), 5)
+        held = not first.done()
+        wide.gate.set()
+        out = await first
+        await b.close()
+        return held, second, out
+
+    held, second, out = asyncio.run(main())
+    assert held  # the second call was answered while the first run was still held
+    np.testing.assert_array_equal(second[0], rows(1000, 60) * 2)
+    np.testing.assert_array_equal(out[0], rows(0, 50) * 2)
+    assert wide.sizes == [50] and one.sizes == [60]
+
+
+def test_one_instance_keeps_one_large_run_at_a_time(executor):
+    """The default (one instance): a large call waits for the large run in progress."""
+    wide, one = Model(), OneThread()
+
+    async def main():
+        b = instances(wide, one, executor, n=1)
+        first = await hold_a_large_run(b, wide)
+        second = asyncio.ensure_future(b.submit(rows(1000, 60)))
+        await asyncio.sleep(0.2)
+        waited = not second.done()
+        wide.gate.set()
+        await asyncio.gather(first, second)
+        await b.close()
+        return waited
+
+    assert asyncio.run(main())
+    assert wide.sizes == [50, 60] and one.sizes == []
+
+
+def test_large_calls_queued_together_are_shared_among_idle_instances(executor):
+    """Two large calls queued at once, both instances idle: each instance runs one of them
+    on the one-thread session, at the same time, rather than one merged batch running while
+    the other instance idles."""
+    wide, one = Model(), OneThread()
+
+    async def main():
+        b = instances(wide, one, executor)
+        one.gate.clear()
+        calls = [asyncio.ensure_future(b.submit(rows(1000 * i, 50))) for i in (1, 2)]
+        await asyncio.sleep(0.2)
+        at_once = one.running
+        one.gate.set()
+        results = await asyncio.gather(*calls)
+        await b.close()
+        return at_once, results
+
+    at_once, results = asyncio.run(main())
+    assert at_once == 2
+    assert sorted(one.sizes) == [50, 50] and wide.sizes == []
+    for i, out in zip((1, 2), results, strict=True):
+        np.testing.assert_array_equal(out[0], rows(1000 * i, 50) * 2)
+
+
+def test_no_more_large_runs_than_instances(executor):
+    """Two instances busy with large runs: a third large call waits for one of them to end,
+    and small calls run beside the two."""
+    wide, one = Model(), OneThread()
+
+    async def main():
+        b = instances(wide, one, executor)
+        one.gate.clear()
+        two = [asyncio.ensure_future(b.submit(rows(1000 * i, 50))) for i in (1, 2)]
+        await asyncio.sleep(0.2)
+        third = asyncio.ensure_future(b.submit(rows(3000, 50)))
+        small = await asyncio.wait_for(b.submit(rows(5, 1)), 5)
+        await asyncio.sleep(0.1)
+        waiting = not third.done()
+        at_once = one.running
+        one.gate.set()
+        results = await asyncio.gather(*two, third)
+        await b.close()
+        return waiting, at_once, small, results
+
+    waiting, at_once, small, results = asyncio.run(main())
+    assert waiting and at_once == 2
+    assert one.most_at_once == 2 and one.sizes == [50, 50, 50] and wide.sizes == []
+    np.testing.assert_array_equal(small[0], rows(5, 1) * 2)
+    assert one.inline_sizes == [1]
+    for i, out in zip((1, 2, 3), results, strict=True):
+        np.testing.assert_array_equal(out[0], rows(1000 * i, 50) * 2)
+
+
+def test_an_idle_instance_does_not_wait_for_small_calls_to_gather(executor):
+    """While one instance runs, a large call starts on the idle one at once, even when the
+    batcher is waiting up to max_delay for small calls to gather."""
+    wide, one = Model(), OneThread()
+
+    async def main():
+        b = instances(wide, one, executor, max_delay=2.0)
+        first = await hold_a_large_run(b, wide)
+        # Five small calls at once: one inline batch of five, so the batcher expects five.
+        await asyncio.gather(*(b.submit(rows(10 * i, 1)) for i in range(5)))
+        gathering = asyncio.ensure_future(b.submit(rows(100, 1)))  # waits for 4 more, <= 2 s
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        await asyncio.wait_for(b.submit(rows(1000, 60)), 5)
+        elapsed = time.perf_counter() - t0
+        wide.gate.set()
+        await asyncio.gather(first, gathering)
+        await b.close()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert one.inline_sizes[0] == 5
+    assert elapsed < 1.0, f"the large call waited {elapsed:.2f} s for small calls to gather"

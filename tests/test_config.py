@@ -30,7 +30,8 @@ def test_every_flag_names_its_environment_variable_in_help():
 
 
 @pytest.mark.parametrize("argv", [["--provider", "tpu"], ["--max-batch-size", "0"],
-                                  ["--batching", "maybe"], ["--event-loop", "trio"]])
+                                  ["--batching", "maybe"], ["--event-loop", "trio"],
+                                  ["--instances", "-1"]])
 def test_bad_settings_stop_the_server_with_a_message(argv, capsys):
     with pytest.raises(SystemExit):
         load_settings(argv, env={})
@@ -60,3 +61,14 @@ def test_only_the_large_batch_sessions_spin(model_dir, spinning):
     assert load_settings([], env={}).spinning is False  # a mixed load loses with it on
     assert [spins(rt.encoder), spins(rt.decoder)] == ["1" if spinning else "0"] * 2
     assert [spins(rt.encoder_small), spins(rt.decoder_small)] == ["0", "0"]
+
+
+def test_instances_are_one_per_core_on_the_cpu_unless_given(model_dir):
+    import os
+
+    from vae_server.runtime import ModelRuntime
+
+    rt = ModelRuntime(model_dir, provider="cpu")
+    assert load_settings([], env={}).instances == 0  # auto
+    assert rt.instances(0) == len(os.sched_getaffinity(0))
+    assert rt.instances(3) == 3

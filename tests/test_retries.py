@@ -42,7 +42,8 @@ def full_queue(model_dir, reference):
     next Decode is refused until `open` is set."""
     with server_thread(model_dir, max_batch_size=ROWS, max_queue_images=ROWS,
                        max_images_per_request=ROWS, max_sample_n=ROWS, max_chunk_size=ROWS,
-                       default_chunk_size=ROWS, inline_rows=0, max_delay_ms=0) as srv:
+                       default_chunk_size=ROWS, inline_rows=0, max_delay_ms=0,
+                       instances=1) as srv:  # one run at a time: the second call queues
         gate = threading.Event()
         batcher = srv.running.servicer.decoder
         real_run = batcher._run

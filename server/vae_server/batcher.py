@@ -7,10 +7,15 @@ event loop.
   reached the server is queued), when it holds `max_batch` images, or when its oldest call
   has waited `max_delay`. An idle server therefore runs a lone call at once; a busy one
   gathers the calls that its event loop already holds, without a timer taxing quiet times.
-- One large run at a time per model. Small batches (up to `inline_rows` images, given a
-  `run_inline` function) run on the event loop's thread: for a few rows a hand-off to a
-  worker thread costs more than the run. Larger ones run in the executor; large calls that
-  arrive meanwhile form the next batch.
+- Small batches (up to `inline_rows` images, given a `run_inline` function: a one-thread
+  session) run on the event loop's thread: for a few rows a hand-off to a worker thread costs
+  more than the run. Larger ones run in the executor, up to `instances` of them at once (as
+  Triton's instance count): a large batch alone runs on `run` (all cores), one that starts
+  beside another large run, or while more large work waits for an idle instance, on
+  `run_inline`, one core each. On a small CPU, runs on one thread each beside each other
+  beat one run at a time on all threads, whose threads wait for each other at every step
+  (BENCHMARKS.md). Queued large work is shared among the idle instances, not merged into one
+  batch for one of them. When every instance is busy, large calls form the next batch.
 - Small calls (up to `inline_rows` images each) do not ride in a large batch nor wait for
   one: while a large batch runs, they run beside it on the event loop's thread, gathered for
   at most `max_delay` (a lone one at once), and a batch taken from a queue that holds both
@@ -103,10 +108,12 @@ class Batcher:
         merge: bool = True,
         run_inline: RunFn | None = None,
         inline_rows: int = 0,
+        instances: int = 1,
     ) -> None:
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1")
+        if max_batch < 1 or max_queue < 1 or instances < 1:
+            raise ValueError("max_batch, max_queue and instances must be >= 1")
         self._run = run
+        self.instances = instances
         self._executor = executor
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -120,7 +127,7 @@ class Batcher:
         self._queue: collections.deque[_Slice] = collections.deque()
         self._queued_images = 0
         self._scheduled = False  # a drain is scheduled on the loop
-        self._running = False  # a run is in progress in the executor
+        self._active = 0  # large runs in progress in the executor
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reserved = 0  # images of Reservations not yet submitted
@@ -139,6 +146,11 @@ class Batcher:
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def _running(self) -> bool:
+        """Every instance runs a large batch: small calls run beside them (_drain_small)."""
+        return self._active >= self.instances
 
     def check_room(self, n: int) -> None:
         """Raise QueueFull (or BatchFailed when closed) unless `n` more images fit."""
@@ -225,12 +237,11 @@ class Batcher:
         self._queued_images += n
         self._arrived = True
         self._observer.queue_depth(self._queued_images)
+        last = slices[-1].n  # a split call's last slice may be small
         if self._running:
-            # The worker is busy with a large batch: a small call runs beside it
-            # (_drain_small), a large one waits for the run. A split call's last slice may be
-            # small. While a run is on, a timer is the small lane's: it runs the calls
-            # gathering unless a full batch of them has come.
-            last = slices[-1].n
+            # Every instance is busy with a large batch: a small call runs beside them
+            # (_drain_small), a large one waits for a run to end. While they run, a timer is
+            # the small lane's: it runs the calls gathering unless a full batch has come.
             if last > self.inline_rows:
                 return
             if self._timer is not None:
@@ -238,8 +249,11 @@ class Batcher:
                 if self._gathered < self.inline_rows:
                     return
             self._wake(loop)
-        elif self._timer is None or len(self._queue) >= self._expect:
-            self._wake(loop)  # with a timer: the batch it waited for is complete
+        elif (self._timer is None or len(self._queue) >= self._expect
+              or (self._active and last > self.inline_rows)):
+            # With a timer: the batch it waited for is complete, or an idle instance beside
+            # a run takes a large call at once (_drain).
+            self._wake(loop)
 
     async def _run_alone(self, s: _Slice, loop: asyncio.AbstractEventLoop) -> Any:
         """Batching off: the call runs by itself, at once, in runs of at most max_batch rows."""
@@ -250,10 +264,10 @@ class Batcher:
                 self.dropped["deadline"] += 1
                 raise DeadlineExpired("deadline expired before the model ran")
             if s.n <= self.inline_rows:
-                results, runs = self._execute([s], True)
+                results, runs = self._execute([s], self._run_inline)
             else:
                 results, runs = await loop.run_in_executor(self._executor, self._execute,
-                                                           [s], False)
+                                                           [s], self._run)
         finally:
             self._queued_images -= s.n
             self._observer.queue_depth(self._queued_images)
@@ -281,8 +295,13 @@ class Batcher:
         if self._running:
             self._drain_small(loop)
             return
+        small = self.inline_rows
+        large_rows = sum(s.n for s in self._queue if s.n > small)
         oldest = time.monotonic() - self._queue[0].enqueued
-        if self._queued_images < self.max_batch and oldest < self.max_delay:
+        # Beside a run, an idle instance takes large calls at once: waiting would only delay
+        # them (more are no cheaper per row than these alone).
+        if (self._queued_images < self.max_batch and oldest < self.max_delay
+                and not (self._active and large_rows)):
             if self._arriving():
                 # Calls that have arrived are still on their way here: let them join.
                 self._scheduled = True
@@ -294,27 +313,35 @@ class Batcher:
                 self._scheduled = True
                 self._timer = loop.call_later(self.max_delay - oldest, self._drain, loop)
                 return
+        # Queued large work is shared among the idle instances: each takes its part.
+        limit = self.max_batch
+        idle = self.instances - self._active
+        if idle > 1 and large_rows:
+            limit = min(limit, -(-large_rows // idle))
         # Small calls queued beside large ones do not ride in the large run: they run beside
         # it (_drain_small), and do not wait for it.
-        small = self.inline_rows
-        large = small > 0 and any(s.n > small for s in self._queue)
-        batch, size = self._take_batch("large") if large else ([], 0)
+        batch, size = self._take_batch("large", limit) if small and large_rows else ([], 0)
         if not batch:  # no large ones, or they were all cancelled or expired
-            batch, size = self._take_batch()
+            batch, size = self._take_batch(limit=limit)
         if not batch:
             return
         self._expect = len(batch)
         started = time.monotonic()
         if size <= self.inline_rows:
-            results, runs = self._execute(batch, True)
+            results, runs = self._execute(batch, self._run_inline)
             self._record_runs(runs, [started - s.enqueued for s in batch])
             self._deliver(batch, results)
             self._schedule_next(loop)
             return
-        self._running = True
-        run = loop.run_in_executor(self._executor, self._execute, batch, False)
+        # Alone, a large batch has all the cores (`run`); beside another run, or with large
+        # work left for another instance, it has one (`run_inline`'s one-thread session).
+        wide = self.instances == 1 or not (self._active
+                                           or any(s.n > small for s in self._queue))
+        self._active += 1
+        run = loop.run_in_executor(self._executor, self._execute, batch,
+                                   self._run if wide else self._run_inline or self._run)
         run.add_done_callback(lambda f: self._finished(f, batch, started, loop))
-        self._schedule_next(loop)  # small ones left behind run beside this run
+        self._schedule_next(loop)  # an idle instance, or small ones beside this run
 
     def _drain_small(self, loop: asyncio.AbstractEventLoop) -> None:
         """While a large batch runs in the executor: run the queued small slices (up to
@@ -346,7 +373,7 @@ class Batcher:
         batch, _ = self._take_batch("small")
         if not batch:
             return
-        results, runs = self._execute(batch, True)
+        results, runs = self._execute(batch, self._run_inline)
         self._small_ran = time.monotonic()
         self._record_runs(runs, [now - s.enqueued for s in batch])
         self._deliver(batch, results)
@@ -364,11 +391,11 @@ class Batcher:
         return arrived
 
     def _execute(self, batch: list[_Slice],
-                 inline: bool) -> tuple[list[Any], list[tuple[int, float]]]:
-        """In the thread that runs the batch: make the jobs' rows, run the model (in runs of
-        at most max_batch rows), and give each slice its outputs or its job's result. Returns
-        the results, a _Failed for a slice that failed, and (rows, seconds) of each run."""
-        run = self._run_inline if inline else self._run
+                 run: RunFn | None) -> tuple[list[Any], list[tuple[int, float]]]:
+        """In the thread that runs the batch: make the jobs' rows, run the model with `run`
+        (in runs of at most max_batch rows), and give each slice its outputs or its job's
+        result. Returns the results, a _Failed for a slice that failed, and (rows, seconds)
+        of each run."""
         assert run is not None
         results: list[Any] = [None] * len(batch)
         parts: list[np.ndarray] = []
@@ -421,7 +448,7 @@ class Batcher:
 
     def _finished(self, run: asyncio.Future[tuple[list[Any], list[tuple[int, float]]]],
                   batch: list[_Slice], started: float, loop: asyncio.AbstractEventLoop) -> None:
-        self._running = False
+        self._active -= 1
         if run.cancelled() or run.exception() is not None:  # the executor refused the work
             why = "cancelled" if run.cancelled() else str(run.exception())
             self._deliver(batch, [_Failed(BatchFailed(f"model run failed: {why}"))
@@ -430,7 +457,7 @@ class Batcher:
             results, runs = run.result()
             self._record_runs(runs, [started - s.enqueued for s in batch])
             self._deliver(batch, results)
-        self._schedule_next(loop)  # small calls gathering beside the run join now
+        self._schedule_next(loop)  # the next large batch; small calls gathering join now
 
     def _schedule_next(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._queue:
@@ -457,15 +484,17 @@ class Batcher:
             else:
                 s.future.set_result(result)
 
-    def _take_batch(self, rows: str = "any") -> tuple[list[_Slice], int]:
-        """Pop live slices up to max_batch images (a larger job alone), and their images;
-        drop cancelled and expired ones. `rows`: "small" takes only slices of up to
-        inline_rows images, up to inline_rows in all; "large" only the larger ones; the
-        slices they pass keep their places in the queue."""
+    def _take_batch(self, rows: str = "any",
+                    limit: int | None = None) -> tuple[list[_Slice], int]:
+        """Pop live slices up to `limit` images (max_batch by default; a larger slice
+        alone), and their images; drop cancelled and expired ones. `rows`: "small" takes only
+        slices of up to inline_rows images, up to inline_rows in all; "large" only the larger
+        ones; the slices they pass keep their places in the queue."""
         batch: list[_Slice] = []
         passed: list[_Slice] = []
         small = rows == "small"
-        limit = self.inline_rows if small else self.max_batch
+        if limit is None:
+            limit = self.inline_rows if small else self.max_batch
         size = 0
         now = time.monotonic()
         while self._queue:

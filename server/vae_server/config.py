@@ -32,12 +32,13 @@ class Settings:
     threads: int = _doc("ONNX Runtime intra-op threads per session; 0 = one per core",
                         default=0)
     spinning: bool = _doc(
-        "let the ONNX Runtime threads of the sessions that run large batches (over "
-        "--inline-rows: stream chunks, LogLikelihood's K samples) spin briefly instead of "
-        "sleeping: a server that mostly streams float32 images gains 10 - 30 %%, one serving "
-        "a mix of calls loses about 10 %% (the spinning takes CPU from gRPC); on the CPU, "
-        "small batches run on a one-thread session, which never spins (with --threads 1 or "
-        "on CUDA one session runs every batch, and this applies to it)", default=False)
+        "let the ONNX Runtime threads of the full-width sessions (a large batch running "
+        "alone: stream chunks, LogLikelihood's K samples) spin briefly instead of sleeping. "
+        "With --instances 1, a server that mostly streams float32 images gains 10 - 30 %%, "
+        "one serving a mix of calls loses about 10 %%; with several instances (the default "
+        "on a multi-core CPU) the spinning takes CPU from the runs beside it, and streams "
+        "lost 20 - 30 %%. One-thread sessions never spin (with --threads 1 or on CUDA one "
+        "session runs every batch, and this applies to it)", default=False)
     event_loop: str = _doc("event loop: auto (uvloop where installed, else asyncio's), uvloop "
                            "or asyncio", default="auto")
     batching: bool = _doc("merge concurrent calls into one model run (dynamic batching)",
@@ -54,6 +55,10 @@ class Settings:
     inline_rows: int = _doc(
         "batches of up to this many images run on the event loop's thread with a one-thread "
         "session; larger ones in worker threads. 0 = always in worker threads", default=64)
+    instances: int = _doc(
+        "large batches of each model that may run at once, in worker threads (as Triton's "
+        "instance count): a large batch alone runs on all --threads, one beside another on "
+        "the one-thread session; 0 = one per core on the CPU, 1 on CUDA", default=0)
     max_images_per_request: int = _doc("most images in one Encode, Decode or LogLikelihood call",
                                        default=8192)
     max_sample_n: int = _doc("most images in one Sample call", default=8192)
@@ -141,8 +146,9 @@ def load_settings(argv: Sequence[str] | None = None,
 
 
 def _check(s: Settings) -> None:
-    if s.max_delay_ms < 0 or s.inline_rows < 0:
-        raise SystemExit("vae-server: --max-delay-ms and --inline-rows must be >= 0")
+    if s.max_delay_ms < 0 or s.inline_rows < 0 or s.instances < 0:
+        raise SystemExit("vae-server: --max-delay-ms, --inline-rows and --instances must be "
+                         ">= 0")
     if s.provider not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"vae-server: --provider must be auto, cuda or cpu, not {s.provider!r}")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,11 @@ class ModelRuntime:
     """Encoder and decoder sessions; `run_encoder` / `run_decoder` are what the batchers call
     (from worker threads: InferenceSession.run is thread-safe).
 
-    On the CPU each model has a second session with one intra-op thread for small batches,
-    which the batchers run on the event loop's thread (`run_*_small`): for a few rows, waking
-    ONNX Runtime's worker threads costs more than the work they share. On CUDA the one
-    session serves both.
+    On the CPU each model has a second session with one intra-op thread (`run_*_small`): the
+    batchers run small batches on it on the event loop's thread (for a few rows, waking ONNX
+    Runtime's worker threads costs more than the work they share), and large batches that
+    run beside each other in worker threads (`instances`). On CUDA the one session serves
+    all.
     """
 
     def __init__(self, model_dir: str | Path, provider: str = "auto", threads: int = 0,
@@ -76,6 +78,16 @@ class ModelRuntime:
                                   else self._decoder_outputs.index("logits"))
         log.info("model %s (k=%d, %s) on %s", self.manifest["model_version"], self.latent_dim,
                  self.likelihood, self.provider)
+
+    def instances(self, requested: int = 0) -> int:
+        """Large batches of each model that may run at once: `requested`, or for 0 one per
+        core on the CPU (each on the one-thread session) and 1 on CUDA."""
+        if requested:
+            return requested
+        if self.provider != CPU:
+            return 1
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
 
     def run_encoder(self, x: np.ndarray) -> Sequence[np.ndarray]:
         """x [N, D] float32 -> [mu, logvar]."""

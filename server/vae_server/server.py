@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import signal
 from dataclasses import dataclass
 
@@ -83,9 +82,11 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
         "sigma": str(runtime.sigma),
         "execution_provider": runtime.provider,
     })
-    # Session runs and bulk numpy work leave the event loop for these threads.
+    # Session runs and bulk numpy work leave the event loop for these threads: each model's
+    # instances, and two for the streams' and LogLikelihood's work around the runs.
+    instances = runtime.instances(settings.instances)
     executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vae-run")
+        max_workers=2 * instances + 2, thread_name_prefix="vae-run")
     servicer = VaeServicer(runtime, settings, metrics, executor)
     server = grpc.aio.server(options=grpc_options(settings))
     # Every service registers through `services`, which counts and times each method.
@@ -125,8 +126,9 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
         await loop.run_in_executor(executor, runtime.warm_up, sizes,
                                    sorted({1, 16, settings.inline_rows} - {0}))
     await running.set_serving(True)
-    log.info("SERVING model %s on %s, event loop %s", runtime.manifest["model_version"],
-             runtime.provider, loops.running_loop_name())
+    log.info("SERVING model %s on %s, %d instance(s) per model, event loop %s",
+             runtime.manifest["model_version"], runtime.provider, instances,
+             loops.running_loop_name())
     return running
 
 

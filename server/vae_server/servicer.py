@@ -142,7 +142,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                                     "max_queue": settings.max_queue_images,
                                     "max_delay": settings.max_delay_ms / 1000.0,
                                     "merge": settings.batching,
-                                    "inline_rows": settings.inline_rows}
+                                    "inline_rows": settings.inline_rows,
+                                    "instances": runtime.instances(settings.instances)}
         self.encoder = Batcher(runtime.run_encoder, executor,
                                observer=metrics.observer("encoder"),
                                run_inline=runtime.run_encoder_small, **batching)
