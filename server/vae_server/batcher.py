@@ -344,7 +344,7 @@ class Batcher:
         self._schedule_next(loop)  # an idle instance, or small ones beside this run
 
     def _drain_small(self, loop: asyncio.AbstractEventLoop) -> None:
-        """While a large batch runs in the executor: run the queued small slices (up to
+        """While every instance runs a large batch: run the queued small slices (up to
         `inline_rows` images each) on this thread, up to `inline_rows` images per run, rather
         than behind that run and the large slices queued after it; the large ones stay queued,
         in their order, for the executor. A small call that finds this lane idle for
