@@ -28,6 +28,7 @@ import numpy as np
 from vae_client.bench import BenchResult, run_bench
 from vae_export.runtime import OnnxVAE
 from vae_server import loops
+from vae_server.runtime import cores
 from vae_server.sampling import prior_latents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +80,6 @@ def server_cmd(model_dir: Path, batching: bool, threads: int, event_loop: str = 
             "--metrics-port", "-1", "--batching", str(batching).lower(),
             "--threads", str(threads), "--spinning", str(spinning).lower(),
             "--event-loop", event_loop, "--log-level", "WARNING", *extra]
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
 
 
 def callers_rate(step: Callable[[int, int], int], seconds: float, callers: int = 1) -> float:

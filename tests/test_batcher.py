@@ -623,6 +623,20 @@ def instances(wide: Model, one: OneThread, executor, n: int = 2, max_delay: floa
                    run_inline=one, inline_rows=8, instances=n)
 
 
+async def hold_two_large_runs(b: Batcher, one: OneThread) -> list[asyncio.Future]:
+    """Two 50-row calls queued at once, then held running by `one`'s gate."""
+    one.gate.clear()
+    calls = [asyncio.ensure_future(b.submit(rows(1000 * i, 50))) for i in (1, 2)]
+    await asyncio.sleep(0.2)
+    return calls
+
+
+def assert_doubled(results: list, starts: tuple[int, ...]) -> None:
+    """Each 50-row call's first output is its rows doubled."""
+    for start, out in zip(starts, results, strict=True):
+        np.testing.assert_array_equal(out[0], rows(start, 50) * 2)
+
+
 def test_a_large_call_runs_beside_a_large_run_on_an_idle_instance(executor):
     """With two instances, a large call that arrives while another large batch runs starts
     at once on the one-thread session, instead of waiting for that run."""
@@ -672,9 +686,7 @@ def test_large_calls_queued_together_are_shared_among_idle_instances(executor):
 
     async def main():
         b = instances(wide, one, executor)
-        one.gate.clear()
-        calls = [asyncio.ensure_future(b.submit(rows(1000 * i, 50))) for i in (1, 2)]
-        await asyncio.sleep(0.2)
+        calls = await hold_two_large_runs(b, one)
         at_once = one.running
         one.gate.set()
         results = await asyncio.gather(*calls)
@@ -684,8 +696,7 @@ def test_large_calls_queued_together_are_shared_among_idle_instances(executor):
     at_once, results = asyncio.run(main())
     assert at_once == 2
     assert sorted(one.sizes) == [50, 50] and wide.sizes == []
-    for i, out in zip((1, 2), results, strict=True):
-        np.testing.assert_array_equal(out[0], rows(1000 * i, 50) * 2)
+    assert_doubled(results, (1000, 2000))
 
 
 def test_no_more_large_runs_than_instances(executor):
@@ -695,9 +706,7 @@ def test_no_more_large_runs_than_instances(executor):
 
     async def main():
         b = instances(wide, one, executor)
-        one.gate.clear()
-        two = [asyncio.ensure_future(b.submit(rows(1000 * i, 50))) for i in (1, 2)]
-        await asyncio.sleep(0.2)
+        two = await hold_two_large_runs(b, one)
         third = asyncio.ensure_future(b.submit(rows(3000, 50)))
         small = await asyncio.wait_for(b.submit(rows(5, 1)), 5)
         await asyncio.sleep(0.1)
@@ -716,8 +725,7 @@ def test_no_more_large_runs_than_instances(executor):
     assert len(one.sizes) + len(wide.sizes) == 3
     np.testing.assert_array_equal(small[0], rows(5, 1) * 2)
     assert one.inline_sizes == [1]
-    for i, out in zip((1, 2, 3), results, strict=True):
-        np.testing.assert_array_equal(out[0], rows(1000 * i, 50) * 2)
+    assert_doubled(results, (1000, 2000, 3000))
 
 
 def test_an_idle_instance_does_not_wait_for_small_calls_to_gather(executor):

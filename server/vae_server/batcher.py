@@ -296,12 +296,13 @@ class Batcher:
             self._drain_small(loop)
             return
         small = self.inline_rows
-        large_rows = sum(s.n for s in self._queue if s.n > small)
         oldest = time.monotonic() - self._queue[0].enqueued
         # Beside a run, an idle instance takes large calls at once: waiting would only delay
-        # them (more are no cheaper per row than these alone).
+        # them (more are no cheaper per row than these alone). The queue is counted only where
+        # the answer is needed: this runs on every pass of the loop while calls gather.
+        large_rows = self._large_rows() if self._active else None
         if (self._queued_images < self.max_batch and oldest < self.max_delay
-                and not (self._active and large_rows)):
+                and not large_rows):
             if self._arriving():
                 # Calls that have arrived are still on their way here: let them join.
                 self._scheduled = True
@@ -313,6 +314,8 @@ class Batcher:
                 self._scheduled = True
                 self._timer = loop.call_later(self.max_delay - oldest, self._drain, loop)
                 return
+        if large_rows is None:
+            large_rows = self._large_rows()
         # Queued large work is shared among the idle instances: each takes its part.
         limit = self.max_batch
         idle = self.instances - self._active
@@ -342,6 +345,10 @@ class Batcher:
                                    self._run if wide else self._run_inline or self._run)
         run.add_done_callback(lambda f: self._finished(f, batch, started, loop))
         self._schedule_next(loop)  # an idle instance, or small ones beside this run
+
+    def _large_rows(self) -> int:
+        """Images queued in slices of more than inline_rows."""
+        return sum(s.n for s in self._queue if s.n > self.inline_rows)
 
     def _drain_small(self, loop: asyncio.AbstractEventLoop) -> None:
         """While every instance runs a large batch: run the queued small slices (up to

@@ -31,6 +31,12 @@ def choose_providers(provider: str) -> list[str]:
     return [CPU]
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
 class ModelRuntime:
     """Encoder and decoder sessions; `run_encoder` / `run_decoder` are what the batchers call
     (from worker threads: InferenceSession.run is thread-safe).
@@ -84,10 +90,7 @@ class ModelRuntime:
         core on the CPU (each on the one-thread session) and 1 on CUDA."""
         if requested:
             return requested
-        if self.provider != CPU:
-            return 1
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        return cores() if self.provider == CPU else 1
 
     def run_encoder(self, x: np.ndarray) -> Sequence[np.ndarray]:
         """x [N, D] float32 -> [mu, logvar]."""
