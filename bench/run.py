@@ -27,7 +27,9 @@ import numpy as np
 
 from vae_client.bench import BenchResult, run_bench
 from vae_export.runtime import OnnxVAE
+from vae_proto import vae_pb2
 from vae_server import loops
+from vae_server.images import images_out
 from vae_server.runtime import cores
 from vae_server.sampling import prior_latents
 
@@ -125,9 +127,7 @@ def in_process_stream_images(model: OnnxVAE, chunk: int, dtype: str, seconds: fl
     def step(c: int, i: int) -> int:
         z = prior_latents(c, i * chunk, chunk, model.latent_dim)
         x = model.decode(z)
-        if dtype == "uint8":
-            x = np.rint(x * np.float32(255.0)).astype(np.uint8)
-        x.tobytes()
+        images_out(x, vae_pb2.UINT8 if dtype == "uint8" else vae_pb2.FLOAT32).tobytes()
         return chunk
 
     return callers_rate(step, seconds, callers)

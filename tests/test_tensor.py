@@ -61,3 +61,22 @@ def test_an_array_without_a_wire_dtype_is_refused():
 def test_from_tensor_refuses_inconsistent_tensors(tensor, message):
     with pytest.raises(TensorError, match=message):
         from_tensor(tensor, "z")
+
+
+def test_images_out_shapes_and_rounds_as_round_255x_without_touching_its_input() -> None:
+    from vae_server.images import images_out
+
+    rng = np.random.default_rng(3)
+    # Every level, the halfway points between levels, and random values.
+    x = np.concatenate([np.arange(256, dtype=np.float32) / 255,
+                        (np.arange(255, dtype=np.float32) + 0.5) / 255,
+                        rng.random(784 * 4 - 511, dtype=np.float32)]).reshape(4, 784)
+    before = x.copy()
+    u = images_out(x, vae_pb2.UINT8)
+    assert u.dtype == np.uint8 and u.shape == (4, 28, 28)
+    np.testing.assert_array_equal(u.reshape(4, 784),
+                                  np.rint(x * np.float32(255.0)).astype(np.uint8))
+    np.testing.assert_array_equal(x, before)
+    f = images_out(x, vae_pb2.FLOAT32)
+    assert f.dtype == np.float32 and f.shape == (4, 28, 28)
+    np.testing.assert_array_equal(f.reshape(4, 784), x)

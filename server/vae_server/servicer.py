@@ -29,6 +29,7 @@ from vae_server.errors import (
     QueueFull,
     ServingError,
 )
+from vae_server.images import images_out
 from vae_server.metrics import IMAGE_METHODS, Metrics
 from vae_server.runtime import ModelRuntime
 from vae_server.sampling import prior_latents
@@ -117,13 +118,6 @@ def _streaming(request_type: Any) -> Callable[[Callable[..., AsyncIterator[T]]],
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-def _images_out(x: np.ndarray, dtype: int) -> np.ndarray:
-    x = x.reshape(len(x), 28, 28)
-    if dtype == vae_pb2.UINT8:
-        return np.rint(x * np.float32(255.0)).astype(np.uint8)
-    return x
 
 
 def _serialize(reply: Any) -> bytes:
@@ -263,7 +257,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
                              self.runtime.latent_dim)
         outputs = await self.decoder.submit(z, _deadline(context))
         self._images["Decode"].inc(len(z))
-        return message_bytes(tensor_field(1, _images_out(outputs[0], dtype)))
+        return message_bytes(tensor_field(1, images_out(outputs[0], dtype)))
 
     @_unary(vae_pb2.SampleRequest)
     async def Sample(self, request: vae_pb2.SampleRequest,
@@ -274,7 +268,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             z = prior_latents(request.seed, 0, n, self.runtime.latent_dim)
             outputs = await self.decoder.submit(z, _deadline(context), room)
         self._images["Sample"].inc(n)
-        return message_bytes(tensor_field(1, _images_out(outputs[0], dtype)),
+        return message_bytes(tensor_field(1, images_out(outputs[0], dtype)),
                              tensor_field(2, z) if request.return_latents else b"")
 
     @_streaming(vae_pb2.SampleStreamRequest)
@@ -289,21 +283,21 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             raise InvalidArgument(f"offset: {request.offset} is out of range; it must be "
                                   f"0 .. n - 1 = {n - 1}")
         k = self.runtime.latent_dim
-        loop = asyncio.get_running_loop()
         counter = self._images["SampleStream"]
         deadline = _deadline(context)
 
         def chunk_bytes(first: int, images: np.ndarray) -> bytes:
-            return message_bytes(varint_field(1, first), tensor_field(2, _images_out(images, dtype)))
+            return message_bytes(varint_field(1, first), tensor_field(2, images_out(images, dtype)))
 
         async def produce(first: int) -> tuple[int, bytes]:
+            # One decoder job per chunk: its noise, its run and its reply (the uint8
+            # conversion, the one copy of the pixels) are all made in the thread that runs
+            # the batch, with no hop between threads in between (BENCHMARKS.md: a hop each
+            # for the noise and the reply cost float32 streams 7 - 11 %).
             size = min(chunk, n - first)
-            z = await loop.run_in_executor(self.executor, prior_latents, request.seed, first,
-                                           size, k)
-            outputs = await self.decoder.submit(z, deadline)
-            # The uint8 conversion and the one copy into the reply leave the event loop too.
-            return size, await loop.run_in_executor(self.executor, chunk_bytes, first,
-                                                    outputs[0])
+            return size, await self.decoder.submit_job(
+                size, lambda: prior_latents(request.seed, first, size, k),
+                lambda outputs: chunk_bytes(first, outputs[0]), deadline)
 
         # Chunks are computed AHEAD chunks in advance while earlier ones are being sent: a
         # large send holds the event loop for a while, and work that starts only after it
