@@ -92,6 +92,12 @@ def varint_field(number: int, value: int) -> bytes:
     return _key(number, _VARINT) + _varint(value) if value else b""
 
 
+# Everything before the pixels depends on the field number, dtype and shape alone: replies of
+# the same shape (a server's single-image Decode) reuse it.
+_PREFIXES: dict[tuple[int, int, tuple[int, ...]], bytes] = {}
+_MAX_PREFIXES = 4096
+
+
 def tensor_field(number: int, array: np.ndarray) -> list[bytes | np.ndarray]:
     """`array` as the Tensor field `number` of an enclosing message: pieces for b"".join(),
     equal to serialising that field set to to_tensor(array)."""
@@ -103,14 +109,21 @@ def tensor_field(number: int, array: np.ndarray) -> list[bytes | np.ndarray]:
         if code is None:
             raise TensorError(f"dtype {arr.dtype} has no wire form; use float32 or uint8")
         arr = np.ascontiguousarray(arr, dtype=dtype)
-    nbytes = arr.nbytes
-    head = _key(1, _VARINT) + _varint(code)
-    packed = b"".join([_varint(s) for s in arr.shape])
-    head += _key(2, _LEN) + _varint(len(packed)) + packed
-    if nbytes:
-        head += _key(3, _LEN) + _varint(nbytes)
+    cache_key = (number, code, arr.shape)
+    prefix = _PREFIXES.get(cache_key)
+    if prefix is None:
+        nbytes = arr.nbytes
+        head = _key(1, _VARINT) + _varint(code)
+        packed = b"".join([_varint(s) for s in arr.shape])
+        head += _key(2, _LEN) + _varint(len(packed)) + packed
+        if nbytes:
+            head += _key(3, _LEN) + _varint(nbytes)
+        prefix = _key(number, _LEN) + _varint(len(head) + nbytes) + head
+        if len(_PREFIXES) >= _MAX_PREFIXES:
+            _PREFIXES.clear()
+        _PREFIXES[cache_key] = prefix
     # bytes.join() reads a C-contiguous array through the buffer protocol: the one copy.
-    return [_key(number, _LEN) + _varint(len(head) + nbytes) + head, arr]
+    return [prefix, arr]
 
 
 def message_bytes(*fields: bytes | list[bytes | np.ndarray]) -> bytes:

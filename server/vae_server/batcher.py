@@ -51,9 +51,9 @@ T = TypeVar("T")
 
 
 class BatcherObserver:
-    """Hooks for metrics; the default does nothing."""
+    """Hooks for metrics; the default does nothing. (The queue's depth is read when metrics
+    are scraped, `queued_images`, rather than set on every call.)"""
 
-    def queue_depth(self, images: int) -> None: ...
     def batch_run(self, size: int, queue_wait: Sequence[float], seconds: float) -> None: ...
 
 
@@ -236,7 +236,6 @@ class Batcher:
         self._queue.extend(slices)
         self._queued_images += n
         self._arrived = True
-        self._observer.queue_depth(self._queued_images)
         last = slices[-1].n  # a split call's last slice may be small
         if self._running:
             # Every instance is busy with a large batch: a small call runs beside them
@@ -258,7 +257,6 @@ class Batcher:
     async def _run_alone(self, s: _Slice, loop: asyncio.AbstractEventLoop) -> Any:
         """Batching off: the call runs by itself, at once, in runs of at most max_batch rows."""
         self._queued_images += s.n
-        self._observer.queue_depth(self._queued_images)
         try:
             if s.deadline is not None and time.monotonic() >= s.deadline:
                 self.dropped["deadline"] += 1
@@ -270,7 +268,6 @@ class Batcher:
                                                            [s], self._run)
         finally:
             self._queued_images -= s.n
-            self._observer.queue_depth(self._queued_images)
         self._record_runs(runs, [0.0])
         if isinstance(results[0], _Failed):
             raise results[0].exc
@@ -527,7 +524,6 @@ class Batcher:
             batch.append(s)
             size += s.n
         self._queue.extendleft(reversed(passed))
-        self._observer.queue_depth(self._queued_images)
         return batch, size
 
     def _record_runs(self, runs: list[tuple[int, float]], queue_wait: list[float]) -> None:

@@ -4,7 +4,7 @@ passed in, so each test can build a fresh CollectorRegistry."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -132,17 +132,17 @@ class Metrics:
     def observer(self, model: str) -> BatcherObserver:
         return _ModelObserver(self, model)
 
+    def watch_queue(self, model: str, images: Callable[[], float]) -> None:
+        """vae_queue_depth{model} reads `images()` when scraped: nothing to set per call."""
+        self.queue_depth.labels(model).set_function(images)
+
 
 class _ModelObserver(BatcherObserver):
     def __init__(self, metrics: Metrics, model: str) -> None:
-        self._depth = metrics.queue_depth.labels(model)
         self._batch = metrics.batch_size.labels(model)
         self._wait = metrics.queue_wait.labels(model)
         self._inference = metrics.inference.labels(model)
         self._items = metrics.items.labels(model)
-
-    def queue_depth(self, images: int) -> None:
-        self._depth.set(images)
 
     def batch_run(self, size: int, queue_wait: Sequence[float], seconds: float) -> None:
         self._batch.observe(size)

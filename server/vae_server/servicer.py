@@ -144,6 +144,8 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.decoder = Batcher(runtime.run_decoder, executor,
                                observer=metrics.observer("decoder"),
                                run_inline=runtime.run_decoder_small, **batching)
+        metrics.watch_queue("encoder", lambda: self.encoder.queued_images)
+        metrics.watch_queue("decoder", lambda: self.decoder.queued_images)
         self._images = {m: metrics.method_images.labels(m) for m in IMAGE_METHODS}
         self._in_flight = 0  # vae.v1 calls being handled, for a graceful stop
         self._idle: asyncio.Event | None = None
