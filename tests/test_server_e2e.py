@@ -407,6 +407,56 @@ def test_expired_and_cancelled_calls_never_run(model_dir):
         assert dec.dropped["deadline"] + dec.dropped["cancelled"] >= 2
 
 
+def test_a_stream_given_up_midway_leaves_no_work_behind(model_dir, reference):
+    """A caller that stops reading a stream cancels it: the chunks computed ahead are dropped
+    or finish, nothing stays queued or running, and the next stream's chunks are right."""
+    with server_thread(model_dir, max_batch_size=256, max_queue_images=100000) as srv:
+        servicer = srv.running.servicer
+        dec = servicer.decoder
+        registry = srv.running.metrics.registry
+
+        async def main():
+            async with AsyncVaeClient(srv.target, timeout=60) as c:
+                got = []
+                # Chunks of 700 images: larger than max_batch, so each runs in three runs.
+                async for first, images in c.sample_stream(10**6, seed=4, chunk_size=700):
+                    got.append((first, images))
+                    if len(got) == 3:
+                        break  # closes the stream: the call is cancelled
+                for _ in range(500):
+                    idle = (servicer._in_flight, dec.queued_images, dec._active)
+                    if idle == (0, 0, 0):
+                        break
+                    await asyncio.sleep(0.01)
+                rows_run = registry.get_sample_value("vae_items_total", {"model": "decoder"})
+                again = [x async for _, x in c.sample_stream(1400, seed=4, chunk_size=700)]
+                return got, idle, rows_run, again
+
+        got, idle, rows_run, again = asyncio.run(main())
+    assert [first for first, _ in got] == [0, 700, 1400]
+    assert idle == (0, 0, 0)  # the handler has ended; nothing queued or running
+    # The three chunks read, those sent ahead within gRPC's flow-control window, and the two
+    # computed ahead of those: not the rest of the 10^6.
+    assert rows_run <= 40 * 700, rows_run
+    want = reference.decode(prior_latents(4, 0, 2100, reference.latent_dim)).reshape(-1, 28, 28)
+    np.testing.assert_allclose(np.concatenate([x for _, x in got]), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(again), want[:1400], rtol=1e-5, atol=1e-6)
+
+
+def test_breaking_out_of_the_blocking_clients_stream_cancels_it(model_dir):
+    with server_thread(model_dir) as srv, VaeClient(srv.target, timeout=60) as client:
+        servicer = srv.running.servicer
+        for _ in client.sample_stream(10**6, seed=1, chunk_size=1024):
+            assert servicer._in_flight == 1
+            break
+        # The channel stays open; only the call is gone.
+        deadline = time.monotonic() + 5
+        while servicer._in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert servicer._in_flight == 0
+        assert client.info().latent_dim > 0
+
+
 def test_batching_off_serves_the_same_answers(model_dir, reference):
     with server_thread(model_dir, batching="false") as srv, VaeClient(srv.target) as c:
         assert not c.info().batching.enabled

@@ -97,13 +97,18 @@ class VaeClient:
         req = vae_pb2.SampleStreamRequest(n=n, seed=seed, chunk_size=chunk_size,
                                           output_dtype=_codec.dtype_enum(dtype), offset=offset)
         resume = offset  # the first image not yet received
+        call = self._stub.SampleStream(req, timeout=timeout)
         try:
-            for chunk in self._stub.SampleStream(req, timeout=timeout):
+            for chunk in call:
                 images = _codec.array(chunk.images, "images")
                 yield int(chunk.offset), images
                 resume = int(chunk.offset) + len(images)
         except grpc.RpcError as err:
             raise VaeError.from_rpc_error(err, resume_offset=resume) from None
+        finally:
+            # A caller that stops iterating (break, an exception, the generator closed)
+            # cancels the call: the server stops producing chunks nobody will read.
+            call.cancel()
 
     def log_likelihood(self, images: np.ndarray, k: int = 100, seed: int = 0, offset: int = 0,
                        timeout: float | None = None) -> Scores:
