@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import grpc
@@ -405,6 +406,36 @@ def test_expired_and_cancelled_calls_never_run(model_dir):
         assert expired.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert rows_run == 64 * 1000  # the 7 and 13 rows never reached the model
         assert dec.dropped["deadline"] + dec.dropped["cancelled"] >= 2
+
+
+def test_a_stream_chunk_larger_than_a_batch_is_shared_among_instances(model_dir, reference):
+    """A chunk of more than --max-batch-size images is split into batches that the idle
+    instances run at once, as any call that large, not run batch after batch in one thread."""
+    with server_thread(model_dir, max_batch_size=128, instances=4) as srv:
+        dec = srv.running.servicer.decoder
+        lock = threading.Lock()
+        running, most = [0], [0]
+
+        def counted(run):
+            def wrapper(z):
+                with lock:
+                    running[0] += 1
+                    most[0] = max(most[0], running[0])
+                try:
+                    return run(z)
+                finally:
+                    with lock:
+                        running[0] -= 1
+            return wrapper
+
+        dec._run, dec._run_inline = counted(dec._run), counted(dec._run_inline)
+        with VaeClient(srv.target, timeout=60) as client:
+            got = np.concatenate([x for _, x in client.sample_stream(4096, seed=2,
+                                                                     chunk_size=1024)])
+    # Two chunks at a time, one thread each, would be 2.
+    assert most[0] >= 3, most[0]
+    want = reference.decode(prior_latents(2, 0, 4096, reference.latent_dim))
+    np.testing.assert_allclose(got.reshape(4096, -1), want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_stream_given_up_midway_leaves_no_work_behind(model_dir, reference):

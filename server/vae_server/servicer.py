@@ -291,15 +291,26 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         def chunk_bytes(first: int, images: np.ndarray) -> bytes:
             return message_bytes(varint_field(1, first), tensor_field(2, images_out(images, dtype)))
 
+        seed = int(request.seed)
+        loop = asyncio.get_running_loop()
+
         async def produce(first: int) -> tuple[int, bytes]:
-            # One decoder job per chunk: its noise, its run and its reply (the uint8
-            # conversion, the one copy of the pixels) are all made in the thread that runs
-            # the batch, with no hop between threads in between (BENCHMARKS.md: a hop each
-            # for the noise and the reply cost float32 streams 7 - 11 %).
             size = min(chunk, n - first)
-            return size, await self.decoder.submit_job(
-                size, lambda: prior_latents(request.seed, first, size, k),
-                lambda outputs: chunk_bytes(first, outputs[0]), deadline)
+            if size <= self.decoder.max_batch:
+                # One decoder job per chunk: its noise, its run and its reply (the uint8
+                # conversion, the one copy of the pixels) are all made in the thread that
+                # runs the batch, with no hop between threads in between (BENCHMARKS.md: a
+                # hop each for the noise and the reply cost float32 streams 7 - 11 %).
+                return size, await self.decoder.submit_job(
+                    size, lambda: prior_latents(seed, first, size, k),
+                    lambda outputs: chunk_bytes(first, outputs[0]), deadline)
+            # A chunk larger than one batch is split into batches that the idle instances run
+            # at once (a job would run them one after another in one thread); the noise and
+            # the reply leave the event loop too.
+            z = await loop.run_in_executor(self.executor, prior_latents, seed, first, size, k)
+            outputs = await self.decoder.submit(z, deadline)
+            return size, await loop.run_in_executor(self.executor, chunk_bytes, first,
+                                                    outputs[0])
 
         # Chunks are computed AHEAD chunks in advance while earlier ones are being sent: a
         # large send holds the event loop for a while, and work that starts only after it
