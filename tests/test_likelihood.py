@@ -60,7 +60,11 @@ class LinearGaussian:
         mu, logvar = mu.astype(np.float32), logvar.astype(np.float32)
         z = lk.latents(mu, logvar, eps)
         decoded = z.astype(np.float64) @ self.w.T + self.b
-        return lk.log_weights(x, mu, logvar, eps, decoded, lk.GAUSSIAN, self.sigma)
+        w = lk.log_weights(x, mu, logvar, eps, decoded, lk.GAUSSIAN, self.sigma)
+        # The latents passed in (the server's jobs have them already) change nothing.
+        np.testing.assert_array_equal(
+            lk.log_weights(x, mu, logvar, eps, decoded, lk.GAUSSIAN, self.sigma, z), w)
+        return w
 
 
 def _general_model(seed: int = 0) -> LinearGaussian:

@@ -92,9 +92,12 @@ def log_weights(
     decoded: np.ndarray,
     likelihood: str,
     sigma: float | None,
+    z: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Importance log-weights [N, K] given the decoder's output for z = latents(mu, logvar, eps)."""
-    z = latents(mu, logvar, eps)
+    """Importance log-weights [N, K] given the decoder's output for z = latents(mu, logvar, eps)
+    (pass `z` [N, K, k] where the caller has it already)."""
+    if z is None:
+        z = latents(mu, logvar, eps)
     return log_px_given_z(x, decoded, likelihood, sigma) + log_normal_std(z) - log_q(eps, logvar)
 
 

@@ -65,7 +65,7 @@ class OnnxVAE:
         n, k_samples, _ = eps.shape
         decoded = self.decode_for_likelihood(z.reshape(n * k_samples, -1))
         decoded = decoded.reshape(n, k_samples, -1)
-        return lk.log_weights(x, mu, logvar, eps, decoded, self.likelihood, self.sigma)
+        return lk.log_weights(x, mu, logvar, eps, decoded, self.likelihood, self.sigma, z)
 
     def score(self, x: np.ndarray, k_samples: int, seed: int,
               decodes_per_run: int = 16384) -> lk.Scores:

@@ -205,16 +205,18 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         latents to decode from its importance noise, and the estimator from the decodings."""
         rt = self.runtime
         n = len(x)
-        eps = np.empty(0, np.float32)  # drawn by make_rows, read by estimate
+        # Drawn by make_rows, read by estimate.
+        eps = z = np.empty(0, np.float32)
 
         def make_rows() -> np.ndarray:
-            nonlocal eps
+            nonlocal eps, z
             eps = lk.score_noise(seed, first, n, k, rt.latent_dim)
-            return lk.latents(mu, logvar, eps).reshape(n * k, rt.latent_dim)
+            z = lk.latents(mu, logvar, eps)
+            return z.reshape(n * k, rt.latent_dim)
 
         def estimate(outputs: list[np.ndarray]) -> lk.Scores:
             decoded = outputs[rt.likelihood_output].reshape(n, k, rt.pixels)
-            w = lk.log_weights(x, mu, logvar, eps, decoded, rt.likelihood, rt.sigma)
+            w = lk.log_weights(x, mu, logvar, eps, decoded, rt.likelihood, rt.sigma, z)
             return lk.scores_from_log_weights(w, rt.likelihood, d=rt.pixels)
 
         return make_rows, estimate
