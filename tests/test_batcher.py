@@ -751,3 +751,29 @@ def test_an_idle_instance_does_not_wait_for_small_calls_to_gather(executor):
     elapsed = asyncio.run(main())
     assert one.inline_sizes[0] == 5
     assert elapsed < 1.0, f"the large call waited {elapsed:.2f} s for small calls to gather"
+
+
+def test_idle_instances_counts_those_that_would_start_new_work_at_once(executor):
+    """All of them when idle; one beside one run; none with both busy and work queued."""
+    wide, one = Model(), OneThread()
+
+    async def main():
+        b = instances(wide, one, executor)
+        seen = [b.idle_instances()]
+        first = await hold_a_large_run(b, wide)
+        seen.append(b.idle_instances())
+        second = asyncio.ensure_future(b.submit(rows(1000, 50)))
+        one.gate.clear()
+        await asyncio.sleep(0.2)
+        third = asyncio.ensure_future(b.submit(rows(2000, 50)))
+        await asyncio.sleep(0.1)
+        seen.append(b.idle_instances())
+        wide.gate.set()
+        one.gate.set()
+        await asyncio.gather(first, second, third)
+        await asyncio.sleep(0.05)
+        seen.append(b.idle_instances())
+        await b.close()
+        return seen
+
+    assert asyncio.run(main()) == [2, 1, 0, 2]

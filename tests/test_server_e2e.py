@@ -115,6 +115,26 @@ def test_log_likelihood_agrees_with_the_evaluator(client, reference, digits):
     np.testing.assert_array_equal(got.anomaly, pct < cal["anomaly_percentile"])
 
 
+def test_idle_instances_share_a_lone_images_samples(model_dir, reference, digits):
+    """On an idle server, a single image's K samples are split among the idle instances
+    (runs of K / 2 rows here), and the images of a call of several are shared among them:
+    the scores are the evaluator's all the same."""
+    x = lk.dequantize(digits[:2], 5)
+    ref = reference.score(x, 1000, 5)
+    with server_thread(model_dir, instances=2) as srv, VaeClient(srv.target, timeout=60) as c:
+        dec = srv.running.servicer.decoder
+        one = c.log_likelihood(x[:1], k=1000, seed=5)
+        largest_one = dec.largest_batch
+        two = c.log_likelihood(x, k=1000, seed=5)
+        largest_two = dec.largest_batch
+    assert largest_one == 500
+    assert largest_two == 1000  # one job per image, not one of 2,000 rows
+    for got, n in ((one, 1), (two, 2)):
+        np.testing.assert_allclose(got.log_likelihood, ref.log_likelihood[:n], rtol=1e-5)
+        np.testing.assert_allclose(got.elbo, ref.elbo[:n], rtol=1e-5)
+        np.testing.assert_allclose(got.bits_per_dim, ref.bits_per_dim[:n], rtol=1e-5)
+
+
 def test_k_above_the_largest_batch_scores_as_in_process(server, client, reference, digits):
     """k = 600 > max_batch 256: each image's 600 decodings run in runs of 256 rows."""
     x = lk.dequantize(digits[:3], 8)

@@ -152,6 +152,11 @@ class Batcher:
         """Every instance runs a large batch: small calls run beside them (_drain_small)."""
         return self._active >= self.instances
 
+    def idle_instances(self) -> int:
+        """Instances that would start a call's large work at once: none while work is queued,
+        otherwise those not running a large batch."""
+        return 0 if self._queue else self.instances - self._active
+
     def check_room(self, n: int) -> None:
         """Raise QueueFull (or BatchFailed when closed) unless `n` more images fit."""
         if self._closed:

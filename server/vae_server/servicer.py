@@ -9,7 +9,7 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -39,6 +39,9 @@ T = TypeVar("T")
 # SampleStream chunks computed ahead of the one being sent (BENCHMARKS.md: 2 gave 5 - 10 %
 # more images/s than 1; 3 no more than 2).
 AHEAD = 2
+# LogLikelihood splits a lone image's samples among idle instances in parts of at least this
+# many (BENCHMARKS.md: smaller parts cost more in noise drawn and runs than they save).
+SPLIT_SAMPLES = 256
 
 _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
@@ -120,6 +123,20 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """The results of `calls`, run at once; if one fails or the caller is cancelled, the
+    others are cancelled too (their queued work never runs)."""
+    pending = list(calls)
+    if len(pending) == 1:
+        return [await pending[0]]
+    tasks = [asyncio.ensure_future(c) for c in pending]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 def _serialize(reply: Any) -> bytes:
     """Replies built as bytes (tensor_field) go out as they are; messages are serialised."""
     return reply if isinstance(reply, bytes) else reply.SerializeToString()
@@ -198,26 +215,41 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             return (arr.astype(np.float32) + np.float32(0.5)) / np.float32(256.0)
         return arr
 
-    def _scoring(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, seed: int,
-                 first: int, k: int) -> tuple[Callable[[], np.ndarray],
-                                             Callable[[list[np.ndarray]], lk.Scores]]:
-        """A LogLikelihood decoder job's two ends for images `first` .. of a request: the
-        latents to decode from its importance noise, and the estimator from the decodings."""
+    def _weights(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, seed: int,
+                 first: int, k: int, lo: int = 0, hi: int | None = None,
+                 ) -> tuple[Callable[[], np.ndarray], Callable[[list[np.ndarray]], np.ndarray]]:
+        """A LogLikelihood decoder job's two ends for images `first` .. of a request and their
+        importance samples lo .. hi - 1 of k: the latents to decode from its noise, and the
+        log-weights [n, hi - lo] from the decodings."""
         rt = self.runtime
         n = len(x)
-        # Drawn by make_rows, read by estimate.
+        hi = k if hi is None else hi
+        # Drawn by make_rows, read by weights.
         eps = z = np.empty(0, np.float32)
 
         def make_rows() -> np.ndarray:
             nonlocal eps, z
             eps = lk.score_noise(seed, first, n, k, rt.latent_dim)
+            if hi - lo < k:  # an image's noise is drawn whole (score_noise), whatever part runs
+                eps = eps[:, lo:hi]
             z = lk.latents(mu, logvar, eps)
-            return z.reshape(n * k, rt.latent_dim)
+            return z.reshape(n * (hi - lo), rt.latent_dim)
+
+        def weights(outputs: list[np.ndarray]) -> np.ndarray:
+            decoded = outputs[rt.likelihood_output].reshape(n, hi - lo, rt.pixels)
+            return lk.log_weights(x, mu, logvar, eps, decoded, rt.likelihood, rt.sigma, z)
+
+        return make_rows, weights
+
+    def _scoring(self, x: np.ndarray, mu: np.ndarray, logvar: np.ndarray, seed: int,
+                 first: int, k: int) -> tuple[Callable[[], np.ndarray],
+                                             Callable[[list[np.ndarray]], lk.Scores]]:
+        """The same for all k samples of whole images, the estimator included."""
+        make_rows, weights = self._weights(x, mu, logvar, seed, first, k)
+        rt = self.runtime
 
         def estimate(outputs: list[np.ndarray]) -> lk.Scores:
-            decoded = outputs[rt.likelihood_output].reshape(n, k, rt.pixels)
-            w = lk.log_weights(x, mu, logvar, eps, decoded, rt.likelihood, rt.sigma, z)
-            return lk.scores_from_log_weights(w, rt.likelihood, d=rt.pixels)
+            return lk.scores_from_log_weights(weights(outputs), rt.likelihood, d=rt.pixels)
 
         return make_rows, estimate
 
@@ -366,26 +398,33 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             if raw.dtype == np.uint8:  # float images are scored as they are: no hop for them
                 x = await loop.run_in_executor(self.executor, lk.dequantize, raw, seed, offset)
             mu, logvar = await self.encoder.submit(x, deadline)
-            # Decoder jobs of at most max_batch rows (whole images), each drawing its noise
-            # and computing its estimator in the thread that runs it.
-            per_job = max(1, self.decoder.max_batch // k_samples)
-
-            def job(i: int) -> Awaitable[lk.Scores]:
-                j = slice(i, i + per_job)
-                return self.decoder.submit_job(
-                    len(x[j]) * k_samples,
-                    *self._scoring(x[j], mu[j], logvar[j], seed, offset + i, k_samples),
-                    deadline, room)
-
-            if n <= per_job:
-                parts = [await job(0)]
+            # Instances with nothing else to do share the call: a lone image's samples are
+            # split among them, several images are (BENCHMARKS.md). Under load, when none is
+            # idle, every job is as large as it may be, which costs least in all.
+            idle = self.decoder.idle_instances() if s.batching else 0
+            if n == 1 and idle > 1 and k_samples >= 2 * SPLIT_SAMPLES:
+                pieces = min(idle, k_samples // SPLIT_SAMPLES)
+                bounds = [k_samples * p // pieces for p in range(pieces + 1)]
+                weights = await _all(
+                    self.decoder.submit_job(
+                        hi - lo, *self._weights(x, mu, logvar, seed, offset, k_samples, lo, hi),
+                        deadline, room)
+                    for lo, hi in zip(bounds, bounds[1:], strict=False))
+                parts = [lk.scores_from_log_weights(np.concatenate(weights, axis=1),
+                                                    rt.likelihood, d=rt.pixels)]
             else:
-                jobs = [asyncio.ensure_future(job(i)) for i in range(0, n, per_job)]
-                try:
-                    parts = await asyncio.gather(*jobs)
-                finally:
-                    for task in jobs:
-                        task.cancel()
+                # Decoder jobs of at most max_batch rows (whole images), each drawing its
+                # noise and computing its estimator in the thread that runs it.
+                per_job = max(1, self.decoder.max_batch // k_samples)
+                if idle > 1:
+                    per_job = min(per_job, -(-n // idle))
+                parts = await _all(
+                    self.decoder.submit_job(
+                        len(x[i : i + per_job]) * k_samples,
+                        *self._scoring(x[i : i + per_job], mu[i : i + per_job],
+                                       logvar[i : i + per_job], seed, offset + i, k_samples),
+                        deadline, room)
+                    for i in range(0, n, per_job))
         scores = parts[0] if len(parts) == 1 else lk.Scores(
             *(np.concatenate([getattr(p, f) for p in parts])
               for f in ("elbo", "log_likelihood", "bits_per_dim")))
