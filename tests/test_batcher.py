@@ -699,6 +699,33 @@ def test_large_calls_queued_together_are_shared_among_idle_instances(executor):
     assert_doubled(results, (1000, 2000))
 
 
+def test_large_calls_queued_beside_a_run_are_not_merged_for_the_one_idle_instance(executor):
+    """One instance busy, two large calls queued at once: the idle instance takes one of
+    them; the other waits for the next instance to be free, rather than riding in one merged
+    run while the busy instance, once free, finds nothing to do (LogLikelihood jobs at four
+    in flight: BENCHMARKS.md)."""
+    wide, one = Model(), OneThread()
+
+    async def main():
+        b = instances(wide, one, executor)
+        first = await hold_a_large_run(b, wide)  # alone: the full-width session
+        one.gate.clear()
+        calls = [asyncio.ensure_future(b.submit(rows(1000 * i, 50))) for i in (1, 2)]
+        await asyncio.sleep(0.2)
+        running = one.running
+        wide.gate.set()
+        one.gate.set()
+        results = await asyncio.gather(first, *calls)
+        await b.close()
+        return running, results
+
+    running, results = asyncio.run(main())
+    assert running == 1
+    # Three runs of one call each: not the two queued calls merged into one run of 100.
+    assert sorted(one.sizes + wide.sizes) == [50, 50, 50]
+    assert_doubled(results, (0, 1000, 2000))
+
+
 def test_no_more_large_runs_than_instances(executor):
     """Two instances busy with large runs: a third large call waits for one of them to end,
     and small calls run beside the two."""

@@ -14,8 +14,9 @@ event loop.
   beside another large run, or while more large work waits for an idle instance, on
   `run_inline`, one core each. On a small CPU, runs on one thread each beside each other
   beat one run at a time on all threads, whose threads wait for each other at every step
-  (BENCHMARKS.md). Queued large work is shared among the idle instances, not merged into one
-  batch for one of them. When every instance is busy, large calls form the next batch.
+  (BENCHMARKS.md). Queued large work is shared among the instances, not merged into one
+  batch for one of them: a busy instance takes its share when its run ends. When every
+  instance is busy, large calls form the next batch.
 - Small calls (up to `inline_rows` images each) do not ride in a large batch nor wait for
   one: while a large batch runs, they run beside it on the event loop's thread, gathered for
   at most `max_delay` (a lone one at once), and a batch taken from a queue that holds both
@@ -318,11 +319,13 @@ class Batcher:
                 return
         if large_rows is None:
             large_rows = self._large_rows()
-        # Queued large work is shared among the idle instances: each takes its part.
+        # Queued large work is shared among the instances, busy ones included: each takes
+        # its part, and one that is busy takes its part when its run ends, rather than an idle
+        # one merging every queued call into one run while the other, once free, has nothing
+        # left (a run of two 1,000-row jobs costs as much as the two runs; BENCHMARKS.md).
         limit = self.max_batch
-        idle = self.instances - self._active
-        if idle > 1 and large_rows:
-            limit = min(limit, -(-large_rows // idle))
+        if self.instances > 1 and large_rows:
+            limit = min(limit, -(-large_rows // self.instances))
         # Small calls queued beside large ones do not ride in the large run: they run beside
         # it (_drain_small), and do not wait for it.
         batch, size = self._take_batch("large", limit) if small and large_rows else ([], 0)
