@@ -154,9 +154,10 @@ class Batcher:
         return self._active >= self.instances
 
     def idle_instances(self) -> int:
-        """Instances that would start a call's large work at once: none while work is queued,
-        otherwise those not running a large batch."""
-        return 0 if self._queue else self.instances - self._active
+        """Instances that would start a call's large work at once: none while work is queued
+        or with batching off (every call runs alone), otherwise those not running a large
+        batch."""
+        return 0 if self._queue or not self.merge else self.instances - self._active
 
     def check_room(self, n: int) -> None:
         """Raise QueueFull (or BatchFailed when closed) unless `n` more images fit."""

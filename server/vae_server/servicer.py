@@ -401,7 +401,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             # Instances with nothing else to do share the call: a lone image's samples are
             # split among them, several images are (BENCHMARKS.md). Under load, when none is
             # idle, every job is as large as it may be, which costs least in all.
-            idle = self.decoder.idle_instances() if s.batching else 0
+            idle = self.decoder.idle_instances()
             if n == 1 and idle > 1 and k_samples >= 2 * SPLIT_SAMPLES:
                 pieces = min(idle, k_samples // SPLIT_SAMPLES)
                 bounds = [k_samples * p // pieces for p in range(pieces + 1)]
