@@ -7,7 +7,7 @@ RUN_DIR ?= runs/default
 MNIST_TEST ?= ../shared/data/mnist
 PYTEST_ARGS ?=
 
-.PHONY: run test setup model eval bench soak lint typecheck proto clean
+.PHONY: run test setup model eval bench bench-gpu soak lint typecheck proto clean
 
 # A stamp file so set-up runs once, and again whenever pyproject.toml changes.
 # torch goes first and pinned: pip takes the CPU build on disk, never a multi-GB CUDA build.
@@ -45,6 +45,11 @@ eval: model
 # Throughput and latency beside the compute and transport limits, in one run (BENCHMARKS.md).
 bench: model
 	$(BIN)/python bench/run.py --model-dir $(MODEL_DIR)
+
+# The GPU path: plain CUDA runs, IO binding and CUDA graphs, in process and served (needs
+# onnxruntime-gpu in place of onnxruntime, and a GPU; BENCHMARKS.md, "GPU path").
+bench-gpu: model
+	$(BIN)/python bench/gpu.py --model-dir $(MODEL_DIR)
 
 # A long mixed load on the real server (SOAK_MINUTES, 10 by default; not part of `make test`):
 # fails on a lost, duplicated or wrong reply, an INTERNAL, or RSS growth of 5 % after warm-up.

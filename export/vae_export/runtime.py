@@ -3,6 +3,7 @@ module. numpy and onnxruntime only."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,11 @@ import onnxruntime as ort
 from vae_export import likelihood as lk
 from vae_export.manifest import DECODER, ENCODER, check_session_io, load_manifest
 
+# An execution provider's name, or its name and options.
+Provider = str | tuple[str, dict[str, str]]
 
-def make_session(path: Path, providers: list[str] | None = None, threads: int = 0,
+
+def make_session(path: Path, providers: Sequence[Provider] | None = None, threads: int = 0,
                  spinning: bool = False) -> ort.InferenceSession:
     """An InferenceSession; `threads` = 0 lets ONNX Runtime choose (one per core).
 
@@ -26,7 +30,8 @@ def make_session(path: Path, providers: list[str] | None = None, threads: int = 
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts,
+                                providers=list(providers or ["CPUExecutionProvider"]))
 
 
 class OnnxVAE:

@@ -39,6 +39,16 @@ class Settings:
         "on a multi-core CPU) the spinning takes CPU from the runs beside it, and streams "
         "lost 20 - 30 %%. One-thread sessions never spin (with --threads 1 or on CUDA one "
         "session runs every batch, and this applies to it)", default=False)
+    io_binding: str = _doc(
+        "run batches on buffers preallocated on the device, padded to a few fixed sizes "
+        "(ONNX Runtime's IO binding): auto (on CUDA only), on or off. The large runs of a "
+        "model then take turns, as on CUDA's one instance. On the CPU it only costs: each "
+        "run 1 - 10 %% more, and several instances no longer run at once (BENCHMARKS.md)",
+        default="auto")
+    cuda_graphs: bool = _doc(
+        "capture each fixed batch size as a CUDA graph and replay it (CUDA provider and IO "
+        "binding only; all of the model must run on CUDA). Off by default: not yet measured",
+        default=False)
     event_loop: str = _doc("event loop: auto (uvloop where installed, else asyncio's), uvloop "
                            "or asyncio", default="auto")
     batching: bool = _doc("merge concurrent calls into one model run (dynamic batching)",
@@ -151,6 +161,12 @@ def _check(s: Settings) -> None:
                          ">= 0")
     if s.provider not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"vae-server: --provider must be auto, cuda or cpu, not {s.provider!r}")
+    if s.io_binding not in ("auto", "on", "off"):
+        raise SystemExit(f"vae-server: --io-binding must be auto, on or off, not "
+                         f"{s.io_binding!r}")
+    if s.cuda_graphs and (s.provider == "cpu" or s.io_binding == "off"):
+        raise SystemExit("vae-server: --cuda-graphs needs the CUDA provider and IO binding "
+                         f"(not --provider {s.provider} --io-binding {s.io_binding})")
     try:
         loops.resolve(s.event_loop)
     except (ValueError, RuntimeError) as exc:

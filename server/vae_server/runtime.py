@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,14 @@ import onnxruntime as ort
 
 from vae_export import likelihood as lk
 from vae_export.manifest import DECODER, ENCODER, check_session_io, load_manifest
-from vae_export.runtime import make_session
+from vae_export.runtime import Provider, make_session
+from vae_server.binding import BoundRunner
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+ENCODER_OUTPUTS = ["mu", "logvar"]
+RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 
 def choose_providers(provider: str) -> list[str]:
@@ -31,10 +34,21 @@ def choose_providers(provider: str) -> list[str]:
     return [CPU]
 
 
+def with_cuda_graphs(providers: list[str]) -> list[Provider]:
+    """`providers` with the CUDA provider's graph capture turned on."""
+    return [(p, {"enable_cuda_graph": "1"}) if p == CUDA else p for p in providers]
+
+
 def cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
+
+
+def _plain(session: ort.InferenceSession, outputs: list[str], name: str) -> RunFn:
+    def run(x: np.ndarray) -> Sequence[np.ndarray]:
+        return session.run(outputs, {name: x})
+    return run
 
 
 class ModelRuntime:
@@ -45,11 +59,18 @@ class ModelRuntime:
     batchers run small batches on it on the event loop's thread (for a few rows, waking ONNX
     Runtime's worker threads costs more than the work they share), and large batches that
     run beside each other in worker threads (`instances`). On CUDA the one session serves
-    all.
+    all, unless the runs are bound.
+
+    Bound runs (`io_binding`: "auto" = on CUDA only, "on", "off") pad each batch to one of a
+    few fixed sizes and run it on buffers preallocated on the device (`binding.BoundRunner`),
+    up to `max_rows` rows at a time; the small runs then get sessions and buffers of their own
+    (up to `small_rows`), so that the event loop's thread never waits for a large run.
+    `cuda_graphs` (CUDA only) captures each fixed size as a CUDA graph.
     """
 
     def __init__(self, model_dir: str | Path, provider: str = "auto", threads: int = 0,
-                 spinning: bool = False) -> None:
+                 spinning: bool = False, io_binding: str = "auto", cuda_graphs: bool = False,
+                 max_rows: int = 2048, small_rows: int = 64) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: dict[str, Any] = load_manifest(self.model_dir)
         self.manifest_text = (self.model_dir / "manifest.json").read_text()
@@ -62,28 +83,68 @@ class ModelRuntime:
         self.calibration_quantiles = np.asarray(cal.get("quantiles", []), dtype=np.float64)
         self.anomaly_percentile = float(cal.get("anomaly_percentile", 1.0))
 
+        if io_binding not in ("auto", "on", "off"):
+            raise ValueError(f"io_binding must be auto, on or off, not {io_binding!r}")
         providers = choose_providers(provider)
-        self.encoder = make_session(self.model_dir / ENCODER, providers, threads, spinning)
-        self.decoder = make_session(self.model_dir / DECODER, providers, threads, spinning)
+        if cuda_graphs and providers[0] != CUDA:
+            raise RuntimeError(f"CUDA graphs need the CUDA provider; this onnxruntime offers "
+                               f"{ort.get_available_providers()}")
+        if cuda_graphs and io_binding == "off":
+            raise RuntimeError("CUDA graphs need IO binding (--io-binding auto or on)")
+        chosen: list[Provider] = with_cuda_graphs(providers) if cuda_graphs else [*providers]
+        self.encoder = make_session(self.model_dir / ENCODER, chosen, threads, spinning)
+        self.decoder = make_session(self.model_dir / DECODER, chosen, threads, spinning)
         for name, sess in ((ENCODER, self.encoder), (DECODER, self.decoder)):
             check_session_io(name, self.manifest["files"][name], sess.get_inputs(),
                              sess.get_outputs())
         # What ONNX Runtime actually uses: onnxruntime-gpu without a usable CUDA falls back
         # to CPU with only a logged error.
         self.provider = self.decoder.get_providers()[0]
-        if providers[0] == CUDA and self.provider != CUDA:
+        if providers[0] != CPU and self.provider != CUDA:
             log.warning("CUDA was requested but ONNX Runtime fell back to %s", self.provider)
+            if cuda_graphs:
+                raise RuntimeError("CUDA graphs were asked for, but ONNX Runtime fell back to "
+                                   f"{self.provider}")
+        self.bound = io_binding == "on" or (io_binding == "auto" and self.provider == CUDA)
+        self.cuda_graphs = cuda_graphs
         self.encoder_small, self.decoder_small = self.encoder, self.decoder
         if self.provider == CPU and threads != 1:
             self.encoder_small = make_session(self.model_dir / ENCODER, [CPU], 1, False)
             self.decoder_small = make_session(self.model_dir / DECODER, [CPU], 1, False)
+        elif self.bound:
+            self.encoder_small = make_session(self.model_dir / ENCODER, chosen, threads,
+                                              spinning)
+            self.decoder_small = make_session(self.model_dir / DECODER, chosen, threads,
+                                              spinning)
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        self._runners: list[BoundRunner] = []
+        self._encode: RunFn
+        self._decode: RunFn
+        self._encode_small: RunFn
+        self._decode_small: RunFn
+        if self.bound:
+            device = "cuda" if self.provider == CUDA else "cpu"
+            small = max(1, min(small_rows, max_rows))
+            self._runners = [
+                BoundRunner(self.encoder, ENCODER_OUTPUTS, max_rows, device, cuda_graphs),
+                BoundRunner(self.decoder, self._decoder_outputs, max_rows, device, cuda_graphs),
+                BoundRunner(self.encoder_small, ENCODER_OUTPUTS, small, device, cuda_graphs),
+                BoundRunner(self.decoder_small, self._decoder_outputs, small, device,
+                            cuda_graphs)]
+            self._encode, self._decode, self._encode_small, self._decode_small = self._runners
+        else:
+            self._encode = _plain(self.encoder, ENCODER_OUTPUTS, "x")
+            self._decode = _plain(self.decoder, self._decoder_outputs, "z")
+            self._encode_small = _plain(self.encoder_small, ENCODER_OUTPUTS, "x")
+            self._decode_small = _plain(self.decoder_small, self._decoder_outputs, "z")
         # The decoder output that log p(x|z) needs.
         self.likelihood_output = (self._decoder_outputs.index("x_mean")
                                   if self.likelihood == lk.GAUSSIAN
                                   else self._decoder_outputs.index("logits"))
-        log.info("model %s (k=%d, %s) on %s", self.manifest["model_version"], self.latent_dim,
-                 self.likelihood, self.provider)
+        log.info("model %s (k=%d, %s) on %s%s", self.manifest["model_version"], self.latent_dim,
+                 self.likelihood, self.provider,
+                 (" with IO binding" + (" and CUDA graphs" if cuda_graphs else ""))
+                 if self.bound else "")
 
     def instances(self, requested: int = 0) -> int:
         """Large batches of each model that may run at once: `requested`, or for 0 one per
@@ -94,20 +155,25 @@ class ModelRuntime:
 
     def run_encoder(self, x: np.ndarray) -> Sequence[np.ndarray]:
         """x [N, D] float32 -> [mu, logvar]."""
-        return self.encoder.run(["mu", "logvar"], {"x": x})
+        return self._encode(x)
 
     def run_decoder(self, z: np.ndarray) -> Sequence[np.ndarray]:
         """z [N, k] float32 -> [x_mean] (Gaussian) or [x_mean, logits] (Bernoulli)."""
-        return self.decoder.run(self._decoder_outputs, {"z": z})
+        return self._decode(z)
 
     def run_encoder_small(self, x: np.ndarray) -> Sequence[np.ndarray]:
-        return self.encoder_small.run(["mu", "logvar"], {"x": x})
+        return self._encode_small(x)
 
     def run_decoder_small(self, z: np.ndarray) -> Sequence[np.ndarray]:
-        return self.decoder_small.run(self._decoder_outputs, {"z": z})
+        return self._decode_small(z)
 
     def warm_up(self, batch_sizes: Sequence[int], small_sizes: Sequence[int] = ()) -> None:
-        """Run each batch size once so that first calls do not pay for allocation."""
+        """Run each batch size once so that first calls do not pay for allocation; bound
+        runs, each of their fixed sizes (which captures the CUDA graphs)."""
+        if self._runners:
+            for r in self._runners:
+                r.warm_up()
+            return
         rng = np.random.default_rng(0)
         for n in batch_sizes:
             self.run_encoder(rng.random((n, self.pixels), dtype=np.float32))

@@ -74,7 +74,9 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
     metrics.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
     if runtime is None:
         runtime = ModelRuntime(settings.model_dir, settings.provider, settings.threads,
-                               settings.spinning)
+                               settings.spinning, settings.io_binding, settings.cuda_graphs,
+                               max_rows=settings.max_batch_size,
+                               small_rows=settings.inline_rows)
     metrics.model_info.info({
         "model_version": runtime.manifest["model_version"],
         "likelihood": runtime.likelihood,

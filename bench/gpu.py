@@ -1,0 +1,185 @@
+"""`make bench-gpu`: the GPU path measured in one run, on a machine with onnxruntime-gpu and a
+GPU (BENCHMARKS.md, "GPU path", says how to take it to the device machine).
+
+1. In process, the decoder at a few batch sizes: plain session.run on the CPU and on CUDA,
+   CUDA with IO binding (`--io-binding on`), and with CUDA graphs (`--cuda-graphs true`).
+2. The server on CUDA with each of the three: single-image Decode at concurrency 1, 16 and 64
+   against the echo server; SampleStream against the fastest in-process CUDA stream work;
+   LogLikelihood K = 1000 against the estimator in process on CUDA.
+
+Every figure is printed with its ratio, as `make bench` does; the table goes to
+--out/gpu.md and gpu.json with the card's name. `--provider cpu` runs the same steps without
+a GPU (the CUDA-only variants left out), to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from run import (
+    ROOT,
+    Process,
+    bench,
+    callers_rate,
+    in_process_loglik_images,
+    in_process_stream_images,
+    markdown,
+    server_cmd,
+)
+
+from vae_export.runtime import OnnxVAE
+from vae_server.runtime import CPU, CUDA, ModelRuntime
+
+SIZES = (1, 16, 64, 256, 1024, 2048)
+
+
+class Decoder:
+    """What the in-process stream measure needs of a model, over a ModelRuntime's runs."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.latent_dim = runtime.latent_dim
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        return self.runtime.run_decoder(z)[0]
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30, check=True)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "no GPU seen by nvidia-smi"
+
+
+def decode_rate(runtime: ModelRuntime, n: int, seconds: float) -> float:
+    z = np.random.default_rng(0).standard_normal((n, runtime.latent_dim), dtype=np.float32)
+
+    def step(c: int, i: int) -> int:
+        runtime.run_decoder(z)
+        return n
+
+    step(0, 0)
+    return callers_rate(step, seconds)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model-dir", default=str(ROOT / "models/default"))
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--chunk", type=int, default=1024, help="SampleStream chunk size")
+    p.add_argument("--out", default=str(ROOT / "bench-results"))
+    args = p.parse_args()
+    if args.provider == "cuda" and CUDA not in ort.get_available_providers():
+        print(f"bench-gpu: no CUDA provider in this onnxruntime "
+              f"({ort.get_available_providers()}): install onnxruntime-gpu, or --provider cpu",
+              file=sys.stderr)
+        return 2
+    model_dir = Path(args.model_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = args.duration
+    cuda = args.provider == "cuda"
+    # name -> (ModelRuntime options, vae-server flags); the CUDA-only ones only on CUDA.
+    variants: dict[str, tuple[dict[str, Any], list[str]]] = {
+        "plain": ({"io_binding": "off"}, ["--io-binding", "off"]),
+        "IO binding": ({"io_binding": "on"}, ["--io-binding", "on"]),
+    }
+    if cuda:
+        variants["CUDA graphs"] = ({"io_binding": "on", "cuda_graphs": True},
+                                   ["--io-binding", "on", "--cuda-graphs", "true"])
+    rows: list[dict[str, Any]] = []
+
+    def row(section: str, what: str, value: float, unit: str, limit: float | None = None,
+            limit_name: str = "", r: Any = None) -> None:
+        ratio = value / limit if limit else None
+        rows.append({"section": section, "what": what, "value": value, "unit": unit,
+                     "limit": limit_name or "(limit)", "ratio": ratio,
+                     "p50_ms": r.latency_ms["p50"] if r else None,
+                     "p99_ms": r.latency_ms["p99"] if r else None,
+                     "errors": r.errors if r else {}})
+        rel = f"{ratio:.2f} of {limit_name}" if ratio is not None else ""
+        print(f"{section:<26} {what:<34} {value:>12,.0f} {unit:<9} {rel}", flush=True)
+
+    # 1. In process: the decoder alone, each batch size.
+    cpu_rt = ModelRuntime(model_dir, provider="cpu")
+    runtimes = {name: ModelRuntime(model_dir, provider=args.provider, max_rows=max(SIZES), **kw)
+                for name, (kw, _) in variants.items()}
+    for rt in runtimes.values():
+        rt.warm_up(SIZES)
+    for n in SIZES:
+        section = f"decoder in process, N={n}"
+        base = decode_rate(cpu_rt, n, d)
+        row(section, "CPU, session.run", base, "images/s")
+        for name, rt in runtimes.items():
+            row(section, f"{rt.provider.removesuffix('ExecutionProvider')}, {name}",
+                decode_rate(rt, n, d), "images/s", base, "CPU")
+
+    # 2. The server on the provider, each variant, beside its limits.
+    stream_limit = {dtype: max(in_process_stream_images(Decoder(rt), args.chunk, dtype, d)
+                               for rt in runtimes.values())
+                    for dtype in ("float32", "uint8")}
+    for dtype, value in stream_limit.items():
+        row(f"SampleStream {dtype}", "in process, fastest variant", value, "images/s")
+    providers = [CUDA, CPU] if cuda else [CPU]
+    estimator = OnnxVAE(model_dir, providers=providers)
+    loglik_limit = in_process_loglik_images(estimator, 1000, d)
+    row("LogLikelihood K=1000", "in-process estimator", loglik_limit, "images/s")
+    echo: dict[int, float] = {}
+    echo_cmd = [sys.executable, str(ROOT / "bench/echo_server.py"), "--chunk", str(args.chunk),
+                "--latent-dim", str(estimator.latent_dim)]
+    with Process(echo_cmd) as srv:
+        for c in (1, 16, 64):
+            r = bench(srv.target, "decode", d, concurrency=c)
+            echo[c] = r.calls_per_s
+            row("decode, 1 image per call", f"echo server, c={c}", r.calls_per_s, "calls/s",
+                r=r)
+    for name, (_, flags) in variants.items():
+        cmd = server_cmd(model_dir, True, 0, "auto", False, "--provider", args.provider, *flags)
+        with Process(cmd) as srv:
+            for c in (1, 16, 64):
+                r = bench(srv.target, "decode", d, concurrency=c)
+                row("decode, 1 image per call", f"{name}, c={c}", r.calls_per_s, "calls/s",
+                    echo[c], f"echo c={c}", r)
+            for dtype in ("float32", "uint8"):
+                r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype,
+                          stream_n=500_000)
+                row(f"SampleStream {dtype}", name, r.images_per_s, "images/s",
+                    stream_limit[dtype], "in process", r)
+            for c in (1, 4):
+                r = bench(srv.target, "loglik", d, batch=1, k=1000, concurrency=c)
+                row("LogLikelihood K=1000", f"{name}, c={c}", r.images_per_s, "images/s",
+                    loglik_limit, "in process", r)
+
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": gpu_name() if cuda else "CPU only (--provider cpu)",
+        "model_dir": str(model_dir),
+        "model_version": estimator.manifest["model_version"],
+        "command": f"make bench-gpu (bench/gpu.py --provider {args.provider})",
+        "duration_s": d, "ort_threads": 0, "ort_spinning": False, "instances": "default",
+        "event_loop": "auto", "onnxruntime": ort.__version__,
+    }
+    (out / "gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "gpu.md").write_text(markdown(meta, rows))
+    print(f"\nwritten: {out / 'gpu.json'}, {out / 'gpu.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    code = main()
+    print(f"bench-gpu: {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    raise SystemExit(code)
