@@ -80,6 +80,8 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     p.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--chunk", type=int, default=1024, help="SampleStream chunk size")
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                   help="decoder batch sizes measured in process")
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     args = p.parse_args()
     if args.provider == "cuda" and CUDA not in ort.get_available_providers():
@@ -91,6 +93,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     d = args.duration
+    sizes = [int(n) for n in args.sizes.split(",")]
     cuda = args.provider == "cuda"
     # name -> (ModelRuntime options, vae-server flags); the CUDA-only ones only on CUDA.
     variants: dict[str, tuple[dict[str, Any], list[str]]] = {
@@ -115,11 +118,13 @@ def main() -> int:
 
     # 1. In process: the decoder alone, each batch size.
     cpu_rt = ModelRuntime(model_dir, provider="cpu")
-    runtimes = {name: ModelRuntime(model_dir, provider=args.provider, max_rows=max(SIZES), **kw)
+    # Bound runs up to the server's default --max-batch-size, as served.
+    runtimes = {name: ModelRuntime(model_dir, provider=args.provider, max_rows=max(2048, *sizes),
+                                   **kw)
                 for name, (kw, _) in variants.items()}
     for rt in runtimes.values():
-        rt.warm_up(SIZES)
-    for n in SIZES:
+        rt.warm_up(sizes)
+    for n in sizes:
         section = f"decoder in process, N={n}"
         base = decode_rate(cpu_rt, n, d)
         row(section, "CPU, session.run", base, "images/s")

@@ -34,7 +34,6 @@ from vae_server.runtime import cores
 from vae_server.sampling import prior_latents
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -78,7 +77,10 @@ class Process:
 
 def server_cmd(model_dir: Path, batching: bool, threads: int, event_loop: str = "auto",
                spinning: bool = False, *extra: str) -> list[str]:
-    return [str(BIN / "vae-server"), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+    # `python -m vae_server` is the vae-server script's main, and needs no installed script
+    # (the GPU machine runs the checkout from PYTHONPATH: BENCHMARKS.md, "GPU path").
+    return [sys.executable, "-m", "vae_server", "--model-dir", str(model_dir),
+            "--host", "127.0.0.1",
             "--metrics-port", "-1", "--batching", str(batching).lower(),
             "--threads", str(threads), "--spinning", str(spinning).lower(),
             "--event-loop", event_loop, "--log-level", "WARNING", *extra]
