@@ -28,6 +28,7 @@ import onnxruntime as ort
 from run import (
     ROOT,
     Process,
+    _cpu_name,
     bench,
     callers_rate,
     in_process_loglik_images,
@@ -170,7 +171,7 @@ def main() -> int:
 
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": gpu_name() if cuda else "CPU only (--provider cpu)",
+        "machine": gpu_name() if cuda else f"the CPU only (--provider cpu), {_cpu_name()}",
         "model_dir": str(model_dir),
         "model_version": estimator.manifest["model_version"],
         "command": f"make bench-gpu (bench/gpu.py --provider {args.provider})",
