@@ -120,9 +120,14 @@ def main() -> int:
     # 1. In process: the decoder alone, each batch size.
     cpu_rt = ModelRuntime(model_dir, provider="cpu")
     # Bound runs up to the server's default --max-batch-size, as served.
-    runtimes = {name: ModelRuntime(model_dir, provider=args.provider, max_rows=max(2048, *sizes),
-                                   **kw)
-                for name, (kw, _) in variants.items()}
+    runtimes: dict[str, ModelRuntime] = {}
+    for name, (kw, _) in variants.items():
+        runtimes[name] = ModelRuntime(model_dir, provider=args.provider,
+                                      max_rows=max(2048, *sizes), **kw)
+        if cuda and runtimes[name].provider != CUDA:  # onnxruntime-gpu without a usable GPU
+            print(f"bench-gpu: ONNX Runtime fell back to {runtimes[name].provider}",
+                  file=sys.stderr)
+            return 2
     for rt in runtimes.values():
         rt.warm_up(sizes)
     for n in sizes:

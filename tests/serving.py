@@ -24,6 +24,13 @@ from vae_server.server import RunningServer, create_server
 VENV_BIN = Path(sys.executable).parent
 
 
+def gpu_present() -> bool:
+    """An NVIDIA GPU is visible to this machine (whatever onnxruntime makes of it)."""
+    import shutil
+
+    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -48,7 +49,9 @@ class _Bucket:
         # (OrtValue.update_inplace wants the buffer's whole size). Padding rows keep whatever
         # an earlier, larger batch left: rows are independent, and their outputs are dropped.
         self.staging = np.zeros((rows, width), dtype=np.float32)
-        self.input = ort.OrtValue.ortvalue_from_numpy(self.staging, device, 0)
+        # Memory of its own (on the CPU, from numpy it would share the staging array's).
+        self.input = ort.OrtValue.ortvalue_from_shape_and_type([rows, width], np.float32,
+                                                               device, 0)
         self.outputs = [ort.OrtValue.ortvalue_from_shape_and_type([rows, w], np.float32,
                                                                   device, 0)
                         for _, w in outputs]
@@ -68,12 +71,17 @@ class BoundRunner:
     """Runs `session` ([N, width] float32 in, [N, w] float32 outs) on bound buffers of a few
     fixed batch sizes, up to `most_rows`; a larger batch runs in pieces of the largest.
 
-    Calls are serialized (the buffers are shared, and a session with CUDA graphs may not run
-    in two threads at once): give each thread that must not wait on another its own runner.
+    Calls are serialized (the buffers are shared): give each thread that must not wait on
+    another its own runner. With `own_thread` (the default with CUDA graphs) every run, the
+    first ones included, is made in one thread of the runner's own, and its sizes are run once
+    when it is made: the CUDA provider keeps its graphs per thread, captures in CUDA's global
+    mode (no other thread may make CUDA calls meanwhile), and a session with graphs may not
+    run in two threads at once. So all graphs are captured before the server serves.
     """
 
     def __init__(self, session: ort.InferenceSession, output_names: Sequence[str],
-                 most_rows: int, device: str = "cuda", cuda_graphs: bool = False) -> None:
+                 most_rows: int, device: str = "cuda", cuda_graphs: bool = False,
+                 own_thread: bool | None = None) -> None:
         (inp,) = session.get_inputs()
         widths = {o.name: o.shape[1] for o in session.get_outputs()}
         if not isinstance(inp.shape[1], int) or not all(
@@ -90,6 +98,10 @@ class BoundRunner:
                     i + 1 if cuda_graphs else None)
             for i, rows in enumerate(self.sizes)]
         self._lock = threading.Lock()
+        self._thread: ThreadPoolExecutor | None = None
+        if cuda_graphs if own_thread is None else own_thread:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="vae-bound")
+            self.warm_up()
 
     def bucket_for(self, n: int) -> int:
         """The batch size that `n` rows (at most the largest size) are padded to."""
@@ -97,8 +109,15 @@ class BoundRunner:
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         n = len(x)
-        if n == 0 or x.ndim != 2 or x.shape[1] != self.width:
-            raise ValueError(f"expected [N >= 1, {self.width}] rows, got {list(x.shape)}")
+        if n == 0 or x.ndim != 2 or x.shape[1] != self.width or x.dtype != np.float32:
+            raise ValueError(f"expected [N >= 1, {self.width}] float32 rows, got "
+                             f"{list(x.shape)} {x.dtype}")
+        if self._thread is not None:
+            return self._thread.submit(self._rows, x).result()
+        return self._rows(x)
+
+    def _rows(self, x: np.ndarray) -> list[np.ndarray]:
+        n = len(x)
         most = self.sizes[-1]
         if n <= most:
             return self._run(x)
@@ -121,4 +140,8 @@ class BoundRunner:
     def warm_up(self) -> None:
         """Run each batch size once: allocates, and with CUDA graphs captures each graph."""
         for rows in self.sizes:
-            self._run(np.zeros((rows, self.width), dtype=np.float32))
+            self(np.zeros((rows, self.width), dtype=np.float32))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown()

@@ -41,9 +41,9 @@ class Settings:
         "session runs every batch, and this applies to it)", default=False)
     io_binding: str = _doc(
         "run batches on buffers preallocated on the device, padded to a few fixed sizes "
-        "(ONNX Runtime's IO binding): auto (on CUDA only), on or off. The large runs of a "
-        "model then take turns, as on CUDA's one instance. On the CPU it only costs: each "
-        "run 1 - 10 %% more, and several instances no longer run at once (BENCHMARKS.md)",
+        "(ONNX Runtime's IO binding): auto (on CUDA only), on or off. A model's runs then "
+        "take turns (one instance, as CUDA's default). On the CPU it only costs: each run "
+        "1 - 10 %% more, and its instances no longer run at once (BENCHMARKS.md)",
         default="auto")
     cuda_graphs: bool = _doc(
         "capture each fixed batch size as a CUDA graph and replay it (CUDA provider and IO "
@@ -68,7 +68,8 @@ class Settings:
     instances: int = _doc(
         "large batches of each model that may run at once, in worker threads (as Triton's "
         "instance count): a large batch alone runs on all --threads, one beside another on "
-        "the one-thread session; 0 = one per core on the CPU, 1 on CUDA", default=0)
+        "the one-thread session; 0 = one per core on the CPU, 1 on CUDA. Always 1 with "
+        "bound runs (--io-binding)", default=0)
     max_images_per_request: int = _doc("most images in one Encode, Decode or LogLikelihood call",
                                        default=8192)
     max_sample_n: int = _doc("most images in one Sample call", default=8192)

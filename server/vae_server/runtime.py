@@ -148,7 +148,14 @@ class ModelRuntime:
 
     def instances(self, requested: int = 0) -> int:
         """Large batches of each model that may run at once: `requested`, or for 0 one per
-        core on the CPU (each on the one-thread session) and 1 on CUDA."""
+        core on the CPU (each on the one-thread session) and 1 on CUDA. Bound runs: 1, since
+        a model's bound runs take turns (and a second instance would run its large batches
+        on the small runner, which the event loop's thread waits for)."""
+        if self.bound:
+            if requested > 1:
+                log.warning("--instances %d: bound runs (--io-binding) take turns, so 1 "
+                            "instance per model", requested)
+            return 1
         if requested:
             return requested
         return cores() if self.provider == CPU else 1
