@@ -106,6 +106,7 @@ class ModelRuntime:
                 raise RuntimeError("CUDA graphs were asked for, but ONNX Runtime fell back to "
                                    f"{self.provider}")
         self.bound = io_binding == "on" or (io_binding == "auto" and self.provider == CUDA)
+        self._said_instances = False
         self.cuda_graphs = cuda_graphs
         self.encoder_small, self.decoder_small = self.encoder, self.decoder
         if self.provider == CPU and threads != 1:
@@ -152,7 +153,8 @@ class ModelRuntime:
         a model's bound runs take turns (and a second instance would run its large batches
         on the small runner, which the event loop's thread waits for)."""
         if self.bound:
-            if requested > 1:
+            if requested > 1 and not self._said_instances:
+                self._said_instances = True  # the server and the servicer both ask
                 log.warning("--instances %d: bound runs (--io-binding) take turns, so 1 "
                             "instance per model", requested)
             return 1
