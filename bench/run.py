@@ -288,10 +288,52 @@ def main() -> int:
         "instances": instances,
         "event_loop": loops.resolve(args.event_loop),
     }
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "bench.md").write_text(markdown(meta, rows))
+    verdicts = targets(rows)
+    print("\n" + "\n".join(f"{v['target']:<58} needs {v['needs']:.1f}: "
+                            f"{' '.join(_verdict(v))}" for v in verdicts))
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows,
+                                                "targets": verdicts}, indent=2))
+    (out / "bench.md").write_text(markdown(meta, rows) + targets_markdown(verdicts))
     print(f"\nwritten: {out / 'bench.json'}, {out / 'bench.md'}")
     return 0
+
+
+# The benchmark issue's targets: (section, row, needed ratio).
+TARGETS = [
+    ("(a) single-image Decode, c=64, against the echo server", "decode, 1 image per call",
+     "batching on, c=64", 0.9),
+    ("(b) SampleStream FLOAT32 against in process", "SampleStream float32", "server", 0.6),
+    ("(b) SampleStream UINT8 against in process", "SampleStream uint8", "server", 0.8),
+    ("(c) LogLikelihood K=1000, c=1, against 1 caller in process", "LogLikelihood K=1000",
+     "server, 1 image/call, c=1", 0.8),
+    ("(c) LogLikelihood K=1000, c=4, against in process", "LogLikelihood K=1000",
+     "server, 1 image/call, c=4", 0.8),
+]
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target with the ratio this run measured, and whether it was met."""
+    by_key = {(r["section"], r["what"]): r for r in rows}
+    verdicts = []
+    for name, section, what, needs in TARGETS:
+        row = by_key.get((section, what))
+        ratio = row["ratio"] if row else None
+        verdicts.append({"target": name, "needs": needs, "ratio": ratio,
+                         "met": ratio is not None and ratio >= needs})
+    return verdicts
+
+
+def _verdict(v: dict[str, Any]) -> tuple[str, str]:
+    if v["ratio"] is None:
+        return "-", "not measured"
+    return f"{v['ratio']:.2f}", "met" if v["met"] else "missed"
+
+
+def targets_markdown(verdicts: list[dict[str, Any]]) -> str:
+    lines = ["", "| target | needs | this run | |", "|---|---:|---:|---|"]
+    lines += [f"| {v['target']} | {v['needs']:.1f} | {' | '.join(_verdict(v))} |"
+              for v in verdicts]
+    return "\n".join(lines) + "\n"
 
 
 def _cpu_name() -> str:

@@ -1,0 +1,39 @@
+"""make bench's verdict on the benchmark issue's targets (bench/run.py `targets`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_target_reads_its_row_and_says_met_or_missed() -> None:
+    run = _run_module()
+    ratios = [0.95, 0.59, 0.80, 0.88, 0.5]
+    rows = [{"section": section, "what": what, "ratio": ratio}
+            for (_, section, what, _), ratio in zip(run.TARGETS, ratios, strict=True)]
+    rows.append({"section": "decode, 1 image per call", "what": "echo server, c=64",
+                 "ratio": None})
+    verdicts = run.targets(rows)
+    assert [v["ratio"] for v in verdicts] == ratios
+    assert [v["met"] for v in verdicts] == [True, False, True, True, False]
+    assert [v["needs"] for v in verdicts] == [0.9, 0.6, 0.8, 0.8, 0.8]
+    md = run.targets_markdown(verdicts)
+    assert "| (a) single-image Decode, c=64, against the echo server | 0.9 | 0.95 | met |" in md
+    assert md.count("| missed |") == 2
+    # A row the run did not make (renamed, say) is "not measured", not a crash at the end.
+    first = run.targets(rows[1:])[0]
+    assert first["ratio"] is None and not first["met"]
+    assert "| 0.9 | - | not measured |" in run.targets_markdown([first])
