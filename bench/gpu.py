@@ -15,6 +15,7 @@ a GPU (the CUDA-only variants left out), to check the script itself.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from run import (
     ROOT,
     Process,
     _cpu_name,
+    add_row,
     bench,
     callers_rate,
     in_process_loglik_images,
@@ -106,16 +108,7 @@ def main() -> int:
                                    ["--io-binding", "on", "--cuda-graphs", "true"])
     rows: list[dict[str, Any]] = []
 
-    def row(section: str, what: str, value: float, unit: str, limit: float | None = None,
-            limit_name: str = "", r: Any = None) -> None:
-        ratio = value / limit if limit else None
-        rows.append({"section": section, "what": what, "value": value, "unit": unit,
-                     "limit": limit_name or "(limit)", "ratio": ratio,
-                     "p50_ms": r.latency_ms["p50"] if r else None,
-                     "p99_ms": r.latency_ms["p99"] if r else None,
-                     "errors": r.errors if r else {}})
-        rel = f"{ratio:.2f} of {limit_name}" if ratio is not None else ""
-        print(f"{section:<26} {what:<34} {value:>12,.0f} {unit:<9} {rel}", flush=True)
+    row = functools.partial(add_row, rows)
 
     # 1. In process: the decoder alone, each batch size.
     cpu_rt = ModelRuntime(model_dir, provider="cpu")
@@ -133,7 +126,7 @@ def main() -> int:
     for n in sizes:
         section = f"decoder in process, N={n}"
         base = decode_rate(cpu_rt, n, d)
-        row(section, "CPU, session.run", base, "images/s")
+        row(section, "CPU, session.run", base, "images/s", None, "compute")
         for name, rt in runtimes.items():
             row(section, f"{rt.provider.removesuffix('ExecutionProvider')}, {name}",
                 decode_rate(rt, n, d), "images/s", base, "CPU")
@@ -143,11 +136,13 @@ def main() -> int:
                                for rt in runtimes.values())
                     for dtype in ("float32", "uint8")}
     for dtype, value in stream_limit.items():
-        row(f"SampleStream {dtype}", "in process, fastest variant", value, "images/s")
+        row(f"SampleStream {dtype}", "in process, fastest variant", value, "images/s", None,
+            "compute")
     providers = [CUDA, CPU] if cuda else [CPU]
     estimator = OnnxVAE(model_dir, providers=providers)
     loglik_limit = in_process_loglik_images(estimator, 1000, d)
-    row("LogLikelihood K=1000", "in-process estimator", loglik_limit, "images/s")
+    row("LogLikelihood K=1000", "in-process estimator", loglik_limit, "images/s", None,
+        "compute")
     echo: dict[int, float] = {}
     echo_cmd = [sys.executable, str(ROOT / "bench/echo_server.py"), "--chunk", str(args.chunk),
                 "--latent-dim", str(estimator.latent_dim)]
@@ -156,7 +151,7 @@ def main() -> int:
             r = bench(srv.target, "decode", d, concurrency=c)
             echo[c] = r.calls_per_s
             row("decode, 1 image per call", f"echo server, c={c}", r.calls_per_s, "calls/s",
-                r=r)
+                None, "transport", r)
     for name, (_, flags) in variants.items():
         cmd = server_cmd(model_dir, True, 0, "auto", False, "--provider", args.provider, *flags)
         with Process(cmd) as srv:

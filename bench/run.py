@@ -148,6 +148,22 @@ def in_process_loglik_images(model: OnnxVAE, k: int, seconds: float, callers: in
     return callers_rate(step, seconds, callers)
 
 
+def add_row(rows: list[dict[str, Any]], section: str, what: str, value: float, unit: str,
+            limit: float | None, limit_name: str, extra: BenchResult | None = None) -> None:
+    """Append a figure to `rows` and print it, with its ratio to `limit` where one is given
+    (a row without one is a limit: `limit_name` says which kind)."""
+    ratio = value / limit if limit else None
+    rows.append({"section": section, "what": what, "value": value, "unit": unit,
+                 "limit": limit_name, "ratio": ratio,
+                 "p50_ms": extra.latency_ms["p50"] if extra else None,
+                 "p99_ms": extra.latency_ms["p99"] if extra else None,
+                 "errors": extra.errors if extra else {}})
+    r = f"{ratio:.2f} of {limit_name}" if ratio is not None else "(limit)"
+    lat = (f"  p50 {extra.latency_ms['p50']:.2f} ms p99 {extra.latency_ms['p99']:.2f} ms"
+           if extra else "")
+    print(f"{section:<28} {what:<32} {value:>12,.0f} {unit:<9} {r}{lat}", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model-dir", default=str(ROOT / "models/default"))
@@ -178,19 +194,7 @@ def main() -> int:
     one_thread = OnnxVAE(model_dir, threads=1)
 
     rows: list[dict[str, Any]] = []
-
-    def row(section: str, what: str, value: float, unit: str, limit: float | None,
-            limit_name: str, extra: BenchResult | None = None) -> None:
-        ratio = value / limit if limit else None
-        rows.append({"section": section, "what": what, "value": value, "unit": unit,
-                     "limit": limit_name, "ratio": ratio,
-                     "p50_ms": extra.latency_ms["p50"] if extra else None,
-                     "p99_ms": extra.latency_ms["p99"] if extra else None,
-                     "errors": extra.errors if extra else {}})
-        r = f"{ratio:.2f} of {limit_name}" if ratio is not None else "(limit)"
-        lat = (f"  p50 {extra.latency_ms['p50']:.2f} ms p99 {extra.latency_ms['p99']:.2f} ms"
-               if extra else "")
-        print(f"{section:<28} {what:<32} {value:>12,.0f} {unit:<9} {r}{lat}", flush=True)
+    row = functools.partial(add_row, rows)
 
     def compute_limit(section: str, what: str, unit: str,
                       measure: Callable[..., float]) -> tuple[float, float]:

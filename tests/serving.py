@@ -24,11 +24,23 @@ from vae_server.server import RunningServer, create_server
 VENV_BIN = Path(sys.executable).parent
 
 
-def gpu_present() -> bool:
-    """An NVIDIA GPU is visible to this machine (whatever onnxruntime makes of it)."""
+def cuda_usable(model_dir: Path) -> bool:
+    """CUDA runs here. onnxruntime-gpu lists its provider even where no GPU is usable, so a
+    session's actual provider decides; a GPU it falls back from is a failure, not a skip."""
     import shutil
 
-    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+    import onnxruntime as ort
+    import pytest
+
+    from vae_server.runtime import CUDA, ModelRuntime
+
+    if CUDA not in ort.get_available_providers():
+        return False
+    if ModelRuntime(model_dir, provider="cuda", io_binding="off").provider == CUDA:
+        return True
+    if Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None:
+        pytest.fail("a GPU is present, but onnxruntime-gpu fell back to the CPU")
+    return False
 
 
 def free_port() -> int:

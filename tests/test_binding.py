@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving import gpu_present, server_thread
+from serving import cuda_usable, server_thread
 from vae_client import VaeClient
 from vae_export import likelihood as lk
 from vae_export.manifest import DECODER
@@ -22,20 +22,7 @@ from vae_server.binding import BoundRunner, bucket_sizes
 from vae_server.config import load_settings
 from vae_server.runtime import CUDA, ModelRuntime
 
-# onnxruntime-gpu lists CUDA even where no GPU is usable; the tests that need one also check
-# the provider a session actually got (cuda_usable).
 has_cuda = CUDA in ort.get_available_providers()
-
-
-def cuda_usable(model_dir) -> bool:
-    """CUDA runs here; a GPU that onnxruntime-gpu falls back from is a failure, not a skip."""
-    if not has_cuda:
-        return False
-    if ModelRuntime(model_dir, provider="cuda", io_binding="off").provider == CUDA:
-        return True
-    if gpu_present():
-        pytest.fail("a GPU is present, but onnxruntime-gpu fell back to the CPU")
-    return False
 
 
 def test_bucket_sizes_pad_a_batch_by_less_than_half():

@@ -89,7 +89,6 @@ class BoundRunner:
             raise ValueError("IO binding needs a fixed width for each input and output")
         self.session = session
         self.device = device
-        self.cuda_graphs = cuda_graphs
         self.width = int(inp.shape[1])
         self.sizes = bucket_sizes(most_rows)
         outputs = [(n, int(widths[n])) for n in output_names]
@@ -105,7 +104,10 @@ class BoundRunner:
 
     def bucket_for(self, n: int) -> int:
         """The batch size that `n` rows (at most the largest size) are padded to."""
-        return self.sizes[bisect.bisect_left(self.sizes, n)]
+        return self._bucket(n).rows
+
+    def _bucket(self, n: int) -> _Bucket:
+        return self._buckets[bisect.bisect_left(self.sizes, n)]
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         n = len(x)
@@ -126,7 +128,7 @@ class BoundRunner:
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         n = len(x)
-        b = self._buckets[bisect.bisect_left(self.sizes, n)]
+        b = self._bucket(n)
         with self._lock:
             b.staging[:n] = x
             b.input.update_inplace(b.staging)

@@ -68,6 +68,13 @@ class ModelRuntime:
     `cuda_graphs` (CUDA only) captures each fixed size as a CUDA graph.
     """
 
+    # x [N, D] float32 -> [mu, logvar]; z [N, k] float32 -> [x_mean] (Gaussian) or
+    # [x_mean, logits] (Bernoulli). Set in __init__: plain session runs, or bound ones.
+    run_encoder: RunFn
+    run_decoder: RunFn
+    run_encoder_small: RunFn
+    run_decoder_small: RunFn
+
     def __init__(self, model_dir: str | Path, provider: str = "auto", threads: int = 0,
                  spinning: bool = False, io_binding: str = "auto", cuda_graphs: bool = False,
                  max_rows: int = 2048, small_rows: int = 64) -> None:
@@ -92,8 +99,13 @@ class ModelRuntime:
         if cuda_graphs and io_binding == "off":
             raise RuntimeError("CUDA graphs need IO binding (--io-binding auto or on)")
         chosen: list[Provider] = with_cuda_graphs(providers) if cuda_graphs else [*providers]
-        self.encoder = make_session(self.model_dir / ENCODER, chosen, threads, spinning)
-        self.decoder = make_session(self.model_dir / DECODER, chosen, threads, spinning)
+
+        def sessions(providers: list[Provider], threads: int,
+                     spinning: bool) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+            return (make_session(self.model_dir / ENCODER, providers, threads, spinning),
+                    make_session(self.model_dir / DECODER, providers, threads, spinning))
+
+        self.encoder, self.decoder = sessions(chosen, threads, spinning)
         for name, sess in ((ENCODER, self.encoder), (DECODER, self.decoder)):
             check_session_io(name, self.manifest["files"][name], sess.get_inputs(),
                              sess.get_outputs())
@@ -106,38 +118,28 @@ class ModelRuntime:
                 raise RuntimeError("CUDA graphs were asked for, but ONNX Runtime fell back to "
                                    f"{self.provider}")
         self.bound = io_binding == "on" or (io_binding == "auto" and self.provider == CUDA)
-        self._said_instances = False
         self.cuda_graphs = cuda_graphs
         self.encoder_small, self.decoder_small = self.encoder, self.decoder
         if self.provider == CPU and threads != 1:
-            self.encoder_small = make_session(self.model_dir / ENCODER, [CPU], 1, False)
-            self.decoder_small = make_session(self.model_dir / DECODER, [CPU], 1, False)
+            self.encoder_small, self.decoder_small = sessions([CPU], 1, False)
         elif self.bound:
-            self.encoder_small = make_session(self.model_dir / ENCODER, chosen, threads,
-                                              spinning)
-            self.decoder_small = make_session(self.model_dir / DECODER, chosen, threads,
-                                              spinning)
+            self.encoder_small, self.decoder_small = sessions(chosen, threads, spinning)
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        small = max(1, min(small_rows, max_rows))
+        specs = [(self.encoder, ENCODER_OUTPUTS, "x", max_rows),
+                 (self.decoder, self._decoder_outputs, "z", max_rows),
+                 (self.encoder_small, ENCODER_OUTPUTS, "x", small),
+                 (self.decoder_small, self._decoder_outputs, "z", small)]
         self._runners: list[BoundRunner] = []
-        self._encode: RunFn
-        self._decode: RunFn
-        self._encode_small: RunFn
-        self._decode_small: RunFn
+        runs: list[RunFn]
         if self.bound:
             device = "cuda" if self.provider == CUDA else "cpu"
-            small = max(1, min(small_rows, max_rows))
-            self._runners = [
-                BoundRunner(self.encoder, ENCODER_OUTPUTS, max_rows, device, cuda_graphs),
-                BoundRunner(self.decoder, self._decoder_outputs, max_rows, device, cuda_graphs),
-                BoundRunner(self.encoder_small, ENCODER_OUTPUTS, small, device, cuda_graphs),
-                BoundRunner(self.decoder_small, self._decoder_outputs, small, device,
-                            cuda_graphs)]
-            self._encode, self._decode, self._encode_small, self._decode_small = self._runners
+            self._runners = [BoundRunner(sess, outputs, rows, device, cuda_graphs)
+                             for sess, outputs, _, rows in specs]
+            runs = [*self._runners]
         else:
-            self._encode = _plain(self.encoder, ENCODER_OUTPUTS, "x")
-            self._decode = _plain(self.decoder, self._decoder_outputs, "z")
-            self._encode_small = _plain(self.encoder_small, ENCODER_OUTPUTS, "x")
-            self._decode_small = _plain(self.decoder_small, self._decoder_outputs, "z")
+            runs = [_plain(sess, outputs, name) for sess, outputs, name, _ in specs]
+        self.run_encoder, self.run_decoder, self.run_encoder_small, self.run_decoder_small = runs
         # The decoder output that log p(x|z) needs.
         self.likelihood_output = (self._decoder_outputs.index("x_mean")
                                   if self.likelihood == lk.GAUSSIAN
@@ -153,28 +155,13 @@ class ModelRuntime:
         a model's bound runs take turns (and a second instance would run its large batches
         on the small runner, which the event loop's thread waits for)."""
         if self.bound:
-            if requested > 1 and not self._said_instances:
-                self._said_instances = True  # the server and the servicer both ask
+            if requested > 1:
                 log.warning("--instances %d: bound runs (--io-binding) take turns, so 1 "
                             "instance per model", requested)
             return 1
         if requested:
             return requested
         return cores() if self.provider == CPU else 1
-
-    def run_encoder(self, x: np.ndarray) -> Sequence[np.ndarray]:
-        """x [N, D] float32 -> [mu, logvar]."""
-        return self._encode(x)
-
-    def run_decoder(self, z: np.ndarray) -> Sequence[np.ndarray]:
-        """z [N, k] float32 -> [x_mean] (Gaussian) or [x_mean, logits] (Bernoulli)."""
-        return self._decode(z)
-
-    def run_encoder_small(self, x: np.ndarray) -> Sequence[np.ndarray]:
-        return self._encode_small(x)
-
-    def run_decoder_small(self, z: np.ndarray) -> Sequence[np.ndarray]:
-        return self._decode_small(z)
 
     def warm_up(self, batch_sizes: Sequence[int], small_sizes: Sequence[int] = ()) -> None:
         """Run each batch size once so that first calls do not pay for allocation; bound

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
@@ -85,8 +86,10 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
         "execution_provider": runtime.provider,
     })
     # Session runs and bulk numpy work leave the event loop for these threads: each model's
-    # instances, and two for the streams' and LogLikelihood's work around the runs.
+    # instances, and two for the streams' and LogLikelihood's work around the runs. The
+    # servicer's batchers get the instance count resolved here, once.
     instances = runtime.instances(settings.instances)
+    settings = dataclasses.replace(settings, instances=instances)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=2 * instances + 2, thread_name_prefix="vae-run")
     servicer = VaeServicer(runtime, settings, metrics, executor)
