@@ -7,7 +7,7 @@ RUN_DIR ?= runs/default
 MNIST_TEST ?= ../shared/data/mnist
 PYTEST_ARGS ?=
 
-.PHONY: run test setup model eval bench bench-gpu soak lint typecheck proto clean
+.PHONY: run test setup model eval bench bench-gpu profile soak lint typecheck proto clean
 
 # A stamp file so set-up runs once, and again whenever pyproject.toml changes.
 # torch goes first and pinned: pip takes the CPU build on disk, never a multi-GB CUDA build.
@@ -45,6 +45,12 @@ eval: model
 # Throughput and latency beside the compute and transport limits, in one run (BENCHMARKS.md).
 bench: model
 	$(BIN)/python bench/run.py --model-dir $(MODEL_DIR)
+
+# Where the server's time goes under make bench's three target loads: each thread's cores
+# and py-spy's samples by where they lie (needs the right to trace a process: root, or
+# kernel.yama.ptrace_scope = 0).
+profile: model
+	$(BIN)/python bench/profile_loads.py --model-dir $(MODEL_DIR)
 
 # The GPU path: plain CUDA runs, IO binding and CUDA graphs, in process and served (needs
 # onnxruntime-gpu in place of onnxruntime, and a GPU; BENCHMARKS.md, "GPU path").
