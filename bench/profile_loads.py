@@ -5,13 +5,13 @@ read from /proc and their Python stacks sampled by py-spy over the same window.
 
 For each load (by default all: (a) single-image Decode at 64 in flight, on the server and on
 make bench's echo server, (b) a FLOAT32 SampleStream of 1,024-image chunks, (c)
-LogLikelihood with K = 1000 at 4 in flight) it
-prints, per thread of the server, the cores it used and the share of its busy samples by
-where the innermost Python frame is: gRPC and the event loop (grpc.aio's Cython and uvloop
-show as the loop's own frame), ONNX Runtime's runs, numpy, prometheus_client, our code, and
-a thread pool's waiting and hand-offs. The client (this process) and the machine's idle share are
-given beside them. py-spy samples without pausing the server (--nonblocking), so the load
-runs at nearly its full speed; the raw samples are kept in --out for a closer look.
+LogLikelihood with K = 1000 at 4 in flight) it prints, per thread of the server, the cores it
+used and the share of its busy samples by where the innermost Python frame is: gRPC and the
+event loop (grpc.aio's Cython and uvloop show as the loop's own frame), ONNX Runtime's runs,
+numpy, prometheus_client, our code, and a thread pool's waiting and hand-offs. The client
+(this process) and the machine's idle share are given beside them (py-spy's own CPU counts
+as busy there). py-spy samples without pausing the server (--nonblocking), so the load runs
+at nearly its full speed; the raw samples are kept in --out for a closer look.
 
 Needs py-spy (the dev extra) and the right to trace another process (root, or
 kernel.yama.ptrace_scope = 0).
@@ -139,7 +139,7 @@ def profile(load: str, model_dir: Path, duration: float, rate: int, out: Path,
         warmup = 1.5
 
         def drive() -> None:
-            result["r"] = asyncio.run(run_bench(srv.target, duration=duration + 1.0,
+            result["r"] = asyncio.run(run_bench(srv.target, duration=duration + 2.0,
                                                 warmup=warmup, **kw))
 
         loader = threading.Thread(target=drive)
@@ -148,7 +148,7 @@ def profile(load: str, model_dir: Path, duration: float, rate: int, out: Path,
         cpu0, idle0, me0 = thread_cpu(pid), machine_idle(), time.process_time()
         t0 = time.monotonic()
         spy = subprocess.run([py_spy, "record", "--pid", str(pid), "--duration",
-                              str(int(round(duration))), "--rate", str(rate), "--format", "raw",
+                              str(max(1, round(duration))), "--rate", str(rate), "--format", "raw",
                               "--threads", "--nonblocking", "--full-filenames",
                               "--output", str(raw)], capture_output=True, text=True)
         wall = time.monotonic() - t0
