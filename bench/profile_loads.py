@@ -10,10 +10,15 @@ used and the share of its busy samples by where the innermost Python frame is: g
 event loop (grpc.aio's Cython and uvloop show as the loop's own frame), ONNX Runtime's runs,
 numpy, prometheus_client, our code, and a thread pool's waiting and hand-offs. The client
 (this process) and the machine's idle share are given beside them (py-spy's own CPU counts
-as busy there). py-spy samples without pausing the server (--nonblocking), so the load runs
-at nearly its full speed; the raw samples are kept in --out for a closer look.
+as busy there). A C function called from Python counts where it was called from: numpy's
+C functions called by our code count as our code, ONNX Runtime's run as ONNX Runtime's
+Python wrapper. Calls/s come from the load generator's own window, which spans the sampled
+one by a second on each side; µs per call divide a thread's cores by that rate. py-spy
+samples without pausing the server (--nonblocking), so the load runs at nearly its full
+speed; the raw samples are kept in --out for a closer look.
 
-Needs py-spy (the dev extra) and the right to trace another process (root, or
+Needs py-spy (the dev extra), Python 3.11 or later (where py-spy names a thread by the id
+that /proc knows it by), and the right to trace another process (root, or
 kernel.yama.ptrace_scope = 0).
 """
 
@@ -122,7 +127,7 @@ def parse_raw(path: Path) -> Samples:
     return Samples(names, by_thread, top)
 
 
-def profile(load: str, model_dir: Path, duration: float, rate: int, out: Path,
+def profile(load: str, model_dir: Path, duration: int, rate: int, out: Path,
             py_spy: str) -> dict[str, Any]:
     title, kw = LOADS[load]
     raw = out / f"{load}.raw"
@@ -133,14 +138,17 @@ def profile(load: str, model_dir: Path, duration: float, rate: int, out: Path,
                str(latent_dim)]
     with Process(cmd) as srv:
         pid = srv.proc.pid
-        result: dict[str, BenchResult] = {}
+        result: dict[str, Any] = {}
         # The load runs longer than the window on both sides; the window starts after its
         # warm-up.
         warmup = 1.5
 
         def drive() -> None:
-            result["r"] = asyncio.run(run_bench(srv.target, duration=duration + 2.0,
-                                                warmup=warmup, **kw))
+            try:
+                result["r"] = asyncio.run(run_bench(srv.target, duration=duration + 2.0,
+                                                    warmup=warmup, **kw))
+            except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
+                result["error"] = exc
 
         loader = threading.Thread(target=drive)
         loader.start()
@@ -148,17 +156,25 @@ def profile(load: str, model_dir: Path, duration: float, rate: int, out: Path,
         cpu0, idle0, me0 = thread_cpu(pid), machine_idle(), time.process_time()
         t0 = time.monotonic()
         spy = subprocess.run([py_spy, "record", "--pid", str(pid), "--duration",
-                              str(max(1, round(duration))), "--rate", str(rate), "--format", "raw",
+                              str(duration), "--rate", str(rate), "--format", "raw",
                               "--threads", "--nonblocking", "--full-filenames",
-                              "--output", str(raw)], capture_output=True, text=True)
+                              "--output", str(raw)], capture_output=True, text=True,
+                             timeout=duration + 60)
         wall = time.monotonic() - t0
         cpu1, idle1, me1 = thread_cpu(pid), machine_idle(), time.process_time()
         loader.join()
     if spy.returncode != 0 or not raw.exists():
         raise RuntimeError(f"py-spy failed ({spy.returncode}): {spy.stderr.strip()[-500:]}")
-    r = result["r"]
+    if "error" in result:
+        raise RuntimeError(f"the load failed: {result['error']!r}")
+    r: BenchResult = result["r"]
     samples = parse_raw(raw)
+    if samples.names and not set(samples.names) & set(cpu1):
+        raise RuntimeError("py-spy's thread ids are none of /proc's: Python 3.11 or later "
+                           "is needed")
+    # A stream's images count as they arrive; its "call" here is a chunk's worth of images.
     per_call = r.calls_per_s if load != "stream" else r.images_per_s / kw["batch"]
+    unit = f"{kw['batch']:,} images" if load == "stream" else "call"
     threads = []
     for tid, (comm, seconds) in cpu1.items():
         if tid not in cpu0:
@@ -176,9 +192,9 @@ def profile(load: str, model_dir: Path, duration: float, rate: int, out: Path,
     threads.sort(key=lambda t: -t["cores"])
     idle_j, total_j = idle1[0] - idle0[0], idle1[1] - idle0[1]
     return {
-        "load": load, "title": title, "window_s": wall,
+        "load": load, "title": title, "window_s": wall, "load_window_s": r.duration_s,
         "calls_per_s": r.calls_per_s, "images_per_s": r.images_per_s,
-        "per_s": per_call, "errors": r.errors, "per_call_unit": "chunk" if load == "stream" else "call",
+        "per_s": per_call, "errors": r.errors, "per_call_unit": unit,
         "client_cores": (me1 - me0) / wall,
         "machine_idle": idle_j / total_j if total_j else None,
         "cores": os.cpu_count(),
@@ -188,10 +204,12 @@ def profile(load: str, model_dir: Path, duration: float, rate: int, out: Path,
 
 def markdown(p: dict[str, Any]) -> str:
     names = [c for c, _ in CATEGORIES] + [OTHER]
-    rate = f"{p['per_s']:,.0f} {p['per_call_unit']}s/s"
-    lines = [f"**{p['title']}**: {rate}, {p['images_per_s']:,.0f} images/s over "
-             f"{p['window_s']:.1f} s; the client (this process) "
-             f"{p['client_cores']:.2f} cores; the machine {p['machine_idle']:.0%} idle "
+    rate = (f"{p['images_per_s']:,.0f} images/s" if p["per_call_unit"] != "call"
+            else f"{p['calls_per_s']:,.0f} calls/s")
+    idle = f"{p['machine_idle']:.0%}" if p["machine_idle"] is not None else "?"
+    lines = [f"**{p['title']}**: {rate} over the load's {p['load_window_s']:.1f} s; over the "
+             f"{p['window_s']:.1f} s sampled, the client (this process) "
+             f"{p['client_cores']:.2f} cores, the machine {idle} idle "
              f"({p['cores']} cores).", "",
              f"| server thread | cores | µs per {p['per_call_unit']} | "
              + " | ".join(names) + " |",
@@ -211,10 +229,15 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--load", nargs="+", choices=list(LOADS), default=list(LOADS))
     ap.add_argument("--model-dir", default=str(ROOT / "models/default"))
-    ap.add_argument("--duration", type=float, default=8.0, help="seconds sampled per load")
+    ap.add_argument("--duration", type=int, default=8,
+                    help="whole seconds sampled per load (py-spy's --duration)")
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--out", default=str(ROOT / "bench-results/profile"))
     args = ap.parse_args()
+    if sys.version_info < (3, 11):
+        print("Python 3.11 or later is needed: before it, py-spy does not name threads by the "
+              "ids that /proc knows them by", file=sys.stderr)
+        return 2
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         print("py-spy not found: pip install py-spy (the dev extra)", file=sys.stderr)
