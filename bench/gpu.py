@@ -33,6 +33,7 @@ from run import (
     add_row,
     bench,
     callers_rate,
+    echo_cmd,
     in_process_loglik_images,
     in_process_stream_images,
     markdown,
@@ -144,9 +145,7 @@ def main() -> int:
     row("LogLikelihood K=1000", "in-process estimator", loglik_limit, "images/s", None,
         "compute")
     echo: dict[int, float] = {}
-    echo_cmd = [sys.executable, str(ROOT / "bench/echo_server.py"), "--chunk", str(args.chunk),
-                "--latent-dim", str(estimator.latent_dim)]
-    with Process(echo_cmd) as srv:
+    with Process(echo_cmd(estimator.latent_dim, args.chunk)) as srv:
         for c in (1, 16, 64):
             r = bench(srv.target, "decode", d, concurrency=c)
             echo[c] = r.calls_per_s

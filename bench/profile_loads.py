@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from run import ROOT, Process, server_cmd
+from run import ROOT, Process, echo_cmd, server_cmd
 
 from vae_client.bench import BenchResult, run_bench
+from vae_export.manifest import load_manifest
 
 LOADS: dict[str, tuple[str, dict[str, Any]]] = {
     "decode": ("(a) Decode, 1 image per call, c=64",
@@ -133,9 +134,7 @@ def profile(load: str, model_dir: Path, duration: int, rate: int, out: Path,
     raw = out / f"{load}.raw"
     cmd = server_cmd(model_dir, True, 0)
     if load == "echo":
-        latent_dim = json.loads((model_dir / "manifest.json").read_text())["latent_dim"]
-        cmd = [sys.executable, str(ROOT / "bench/echo_server.py"), "--latent-dim",
-               str(latent_dim)]
+        cmd = echo_cmd(load_manifest(model_dir)["latent_dim"])
     with Process(cmd) as srv:
         pid = srv.proc.pid
         result: dict[str, Any] = {}

@@ -86,6 +86,12 @@ def server_cmd(model_dir: Path, batching: bool, threads: int, event_loop: str = 
             "--event-loop", event_loop, "--log-level", "WARNING", *extra]
 
 
+def echo_cmd(latent_dim: int, chunk: int = 1024, event_loop: str = "auto") -> list[str]:
+    """The transport limit's server (bench/echo_server.py), without its --port."""
+    return [sys.executable, str(ROOT / "bench/echo_server.py"), "--chunk", str(chunk),
+            "--latent-dim", str(latent_dim), "--event-loop", event_loop]
+
+
 def callers_rate(step: Callable[[int, int], int], seconds: float, callers: int = 1) -> float:
     """Images/s of `step(caller, i)` (which returns the images it did) called back to back by
     `callers` threads at once for `seconds`: several callers model the server's instances,
@@ -220,10 +226,8 @@ def main() -> int:
         None, "compute")
     # The echo server runs on the same event loop as the server: uvloop raises echo's calls/s
     # too, by more than the server's (BENCHMARKS.md).
-    echo_cmd = [sys.executable, str(ROOT / "bench/echo_server.py"), "--chunk", str(args.chunk),
-                "--latent-dim", str(model.latent_dim), "--event-loop", args.event_loop]
     echo: dict[int, float] = {}
-    with Process(echo_cmd) as srv:
+    with Process(echo_cmd(model.latent_dim, args.chunk, args.event_loop)) as srv:
         for c in (1, 16, 64):
             r = bench(srv.target, "decode", d, concurrency=c)
             echo[c] = r.calls_per_s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,13 @@ import onnxruntime as ort
 from vae_export import likelihood as lk
 from vae_export.manifest import DECODER, ENCODER, check_session_io, load_manifest
 from vae_export.runtime import Provider, make_session
+from vae_server.batcher import RunFn
 from vae_server.binding import BoundRunner
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ENCODER_OUTPUTS = ["mu", "logvar"]
-RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 
 
 def choose_providers(provider: str) -> list[str]:
