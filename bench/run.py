@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from vae_client.bench import BenchResult, run_bench
-from vae_export.runtime import OnnxVAE
+from vae_core.onnx_model import OnnxVAE
+from vae_core.ports import free_port
 from vae_proto import vae_pb2
 from vae_server import loops
 from vae_server.images import images_out
@@ -34,14 +35,6 @@ from vae_server.runtime import cores
 from vae_server.sampling import prior_latents
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(target: str, timeout: float = 60) -> None:
@@ -255,10 +248,8 @@ def main() -> int:
             functools.partial(in_process_stream_images, chunk=args.chunk, dtype=dtype, seconds=d))
         row(f"SampleStream {dtype}", "echo server", stream_echo[dtype], "images/s", None,
             "transport")
-    # The server as configured, and with one large run at a time (--instances 1, as before
-    # instances). (`--spinning true` was measured here too while it was the setting for a
-    # server that mostly streams; beside the instances it costs streams 22 - 33 %, and its
-    # server took 20 s of a run that must stay under 5 minutes: BENCHMARKS.md.)
+    # The server as configured, and with one large run at a time (--instances 1).
+    # (`--spinning true` costs streams beside the instances: BENCHMARKS.md.)
     variants = {"server": (), "server, --instances 1": ("--instances", "1")}
     for name, extra in variants.items():
         cmd = server_cmd(model_dir, True, args.threads, args.event_loop, spinning, *extra)
@@ -306,7 +297,7 @@ def main() -> int:
     return 0
 
 
-# The benchmark issue's targets: (section, row, needed ratio).
+# The benchmark targets: (section, row, needed ratio).
 TARGETS = [
     ("(a) single-image Decode, c=64, against the echo server", "decode, 1 image per call",
      "batching on, c=64", 0.9),

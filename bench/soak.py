@@ -32,7 +32,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vae_core.ports import free_port
 from vae_proto import vae_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,12 +61,6 @@ CALL_TIMEOUT = 60.0
 # taken sooner reads that settling as growth.
 WARMUP_S = 180.0
 STREAM_N, STREAM_CHUNK = 3000, 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float | None:

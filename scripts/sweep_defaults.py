@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from vae_export import likelihood as lk
+from vae_core import likelihood as lk
+from vae_core.onnx_model import OnnxVAE
 from vae_export.config import TrainConfig, VAEConfig
 from vae_export.data import load_dataset, stratified_split
 from vae_export.onnx_export import CALIBRATION_SEED, export_onnx
-from vae_export.runtime import OnnxVAE
 from vae_export.train import train
 
 # Burda et al. (2015): a latent unit is active when Cov_x(E_q[z_u]) > 0.01.

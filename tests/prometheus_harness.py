@@ -27,15 +27,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serving import free_port
 from vae_client import AsyncVaeClient, VaeError
+from vae_core.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = REPO_ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vae-serving.json"
 SERVER_JOB = "vae-server"  # the scrape job of deploy/prometheus/prometheus.yml
-REJECT_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthenticated")
+REJECT_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthenticated",
+                  "shutting_down")
 
 
 def need_tool(name: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vae_core.ports import free_port
 from vae_server.config import load_settings
 from vae_server.server import RunningServer, create_server
 
@@ -43,12 +43,6 @@ def cuda_usable(model_dir: Path) -> bool:
     return False
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ServerThread:
     """create_server() on an event loop of its own thread."""
 
@@ -67,8 +61,8 @@ class ServerThread:
     def call(self, coro: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def stop(self) -> None:
-        self.call(self.running.stop(1.0))
+    def stop(self, grace: float = 1.0) -> None:
+        self.call(self.running.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 

@@ -7,12 +7,14 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
 
 from vae_server.batcher import Batcher
-from vae_server.errors import BatchFailed, DeadlineExpired, QueueFull
+from vae_server.errors import BatchFailed, DeadlineExpired, QueueFull, ShuttingDown
 
 
 class Model:
@@ -42,6 +44,21 @@ def executor():
 
 def rows(start: int, n: int) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.float32)[:, None].repeat(3, axis=1)
+
+
+@dataclass
+class FnJob:
+    """A batcher.Job of functions: `rows` rows made by `make`, finished by `then`."""
+
+    rows: int
+    make: Callable[[], np.ndarray]
+    then: Callable[[list[np.ndarray]], Any]
+
+    def make_rows(self) -> np.ndarray:
+        return self.make()
+
+    def finish(self, outputs: list[np.ndarray]) -> Any:
+        return self.then(outputs)
 
 
 def test_idle_model_runs_a_lone_call_at_once(executor):
@@ -176,6 +193,62 @@ def test_a_failed_run_fails_only_its_batch_and_the_batcher_goes_on(executor):
     results, after = asyncio.run(main())
     assert isinstance(results[0], BatchFailed) and isinstance(results[1], BatchFailed)
     np.testing.assert_array_equal(after[0], rows(20, 2) * 2)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["worker", "event-loop"])
+def test_a_run_that_returns_the_wrong_number_of_rows_fails_its_batch(executor, inline):
+    """Outputs are handed out by offset: a run with a row short would give a caller another
+    caller's rows, or too few. Its batch fails instead, and the batcher goes on."""
+    model = Model()
+    short = {"on": True}
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        out = model(x)
+        return [o[:-1] for o in out] if short["on"] else out
+
+    async def main():
+        b = Batcher(run, executor, max_batch=100, max_queue=1000,
+                    run_inline=run if inline else None, inline_rows=64 if inline else 0)
+        model.gate.clear()
+        first = asyncio.ensure_future(b.submit(rows(0, 3)))
+        second = asyncio.ensure_future(b.submit(rows(10, 2)))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        short["on"] = False
+        after = await b.submit(rows(20, 2))
+        await b.close()
+        return results, after
+
+    results, after = asyncio.run(main())
+    for r in results:
+        assert isinstance(r, BatchFailed), r
+        assert "returned" in str(r) and "rows for" in str(r), r
+    np.testing.assert_array_equal(after[0], rows(20, 2) * 2)
+
+
+def test_a_closed_batcher_refuses_work_as_shutting_down(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=2, max_queue=1000)
+        model.gate.clear()
+        running = asyncio.ensure_future(b.submit(rows(0, 2)))
+        await asyncio.sleep(0.05)  # running, held by the gate
+        queued = asyncio.ensure_future(b.submit(rows(10, 2)))
+        await asyncio.sleep(0.01)
+        await b.close()
+        model.gate.set()
+        done = await asyncio.gather(running, queued, return_exceptions=True)
+        with pytest.raises(ShuttingDown):
+            await b.submit(rows(20, 1))
+        with pytest.raises(ShuttingDown):
+            b.reserve(1)
+        return done
+
+    running, queued = asyncio.run(main())
+    np.testing.assert_array_equal(running[0], rows(0, 2) * 2)  # a run in progress delivers
+    assert isinstance(queued, ShuttingDown), queued
 
 
 def test_batching_off_runs_every_call_alone(executor):
@@ -354,7 +427,7 @@ def test_a_job_makes_its_rows_and_its_result_in_the_thread_that_runs_the_batch(e
         first = asyncio.ensure_future(b.submit(rows(0, 1)))
         await asyncio.sleep(0.05)  # the first call runs alone, held at the gate
         plain = asyncio.ensure_future(b.submit(rows(10, 2)))
-        job = asyncio.ensure_future(b.submit_job(4, make, then))
+        job = asyncio.ensure_future(b.submit_job(FnJob(4, make, then)))
         await asyncio.sleep(0.05)
         model.gate.set()
         out = await asyncio.gather(first, plain, job)
@@ -383,11 +456,11 @@ def test_a_failing_job_fails_alone_and_a_large_job_runs_in_runs_of_max_batch(exe
         first = asyncio.ensure_future(b.submit(rows(0, 1)))
         await asyncio.sleep(0.05)
         calls = [asyncio.ensure_future(c) for c in (
-            b.submit_job(2, broken_make, lambda o: o),
-            b.submit_job(2, lambda: rows(20, 2), broken_then),
+            b.submit_job(FnJob(2, broken_make, lambda o: o)),
+            b.submit_job(FnJob(2, lambda: rows(20, 2), broken_then)),
             b.submit(rows(30, 2)),
-            b.submit_job(2, lambda: rows(40, 3), lambda o: o),  # one row too many
-            b.submit_job(20, lambda: rows(50, 20), lambda o: o[0]),  # over max_batch
+            b.submit_job(FnJob(2, lambda: rows(40, 3), lambda o: o)),  # one row too many
+            b.submit_job(FnJob(20, lambda: rows(50, 20), lambda o: o[0])),  # over max_batch
         )]
         await asyncio.sleep(0.05)
         model.gate.set()

@@ -1,4 +1,4 @@
-"""make bench's verdict on the benchmark issue's targets (bench/run.py `targets`)."""
+"""make bench's verdict on the benchmark targets (bench/run.py `targets`)."""
 
 from __future__ import annotations
 

@@ -15,11 +15,11 @@ import pytest
 
 from serving import cuda_usable, server_thread
 from vae_client import VaeClient
-from vae_export import likelihood as lk
-from vae_export.manifest import DECODER
-from vae_export.runtime import OnnxVAE, make_session
+from vae_core import likelihood as lk
+from vae_core.manifest import DECODER
+from vae_core.onnx_model import OnnxVAE, make_session
 from vae_server.binding import BoundRunner, bucket_sizes
-from vae_server.config import load_settings
+from vae_server.config import SettingsError, load_settings
 from vae_server.runtime import CUDA, ModelRuntime
 
 has_cuda = CUDA in ort.get_available_providers()
@@ -164,9 +164,9 @@ def test_cuda_graphs_are_refused_without_cuda(model_dir):
 def test_settings_refuse_cuda_graphs_without_cuda_or_binding():
     for argv in (["--cuda-graphs", "true", "--provider", "cpu"],
                  ["--cuda-graphs", "true", "--io-binding", "off"]):
-        with pytest.raises(SystemExit, match="--cuda-graphs needs"):
+        with pytest.raises(SettingsError, match="--cuda-graphs needs"):
             load_settings(argv, env={})
-    with pytest.raises(SystemExit, match="--io-binding must be"):
+    with pytest.raises(SettingsError, match="--io-binding: 'yes' is not one of"):
         load_settings(["--io-binding", "yes"], env={})
     s = load_settings([], env={})
     assert (s.io_binding, s.cuda_graphs) == ("auto", False)

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from vae_core.manifest import DECODER, ENCODER, MANIFEST, ManifestError, load_manifest
+from vae_core.onnx_model import OnnxVAE
 from vae_export.__main__ import build_parser, main
 from vae_export.evaluate import FASHION_MNIST_DIR, evaluate
-from vae_export.manifest import DECODER, ENCODER, MANIFEST, ManifestError, load_manifest
 from vae_export.model import VAEConfig
-from vae_export.runtime import OnnxVAE
 from vae_export.train import TrainConfig
 
 OPTIONS = {

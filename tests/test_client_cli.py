@@ -11,11 +11,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from serving import VENV_BIN, free_port, served_process
+from serving import VENV_BIN, served_process
 from vae_client import VaeClient
 from vae_client.images import grid, read_png, write_png
-from vae_export import likelihood as lk
-from vae_export.runtime import OnnxVAE
+from vae_core import likelihood as lk
+from vae_core.onnx_model import OnnxVAE
+from vae_core.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

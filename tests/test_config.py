@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
+from serving import VENV_BIN
 from vae_server import loops
-from vae_server.config import build_parser, load_settings
+from vae_server.config import SettingsError, build_parser, load_settings
 
 
 def test_defaults_follow_the_design():
@@ -29,12 +33,65 @@ def test_every_flag_names_its_environment_variable_in_help():
         assert "VAE_" + flag[2:].replace("-", "_").upper() in text
 
 
-@pytest.mark.parametrize("argv", [["--provider", "tpu"], ["--max-batch-size", "0"],
-                                  ["--batching", "maybe"], ["--event-loop", "trio"],
-                                  ["--instances", "-1"]])
-def test_bad_settings_stop_the_server_with_a_message(argv, capsys):
-    with pytest.raises(SystemExit):
-        load_settings(argv, env={})
+# Every kind of setting, wrong from a flag and from a VAE_ variable: (argv, env, the setting
+# the one-line message must name, words it must hold).
+BAD_SETTINGS = {
+    "int variable": ([], {"VAE_PORT": "abc"}, "VAE_PORT", "'abc' is not an integer"),
+    "int flag": (["--port", "abc"], {}, "--port", "'abc' is not an integer"),
+    "float variable": ([], {"VAE_MAX_DELAY_MS": "soon"}, "VAE_MAX_DELAY_MS", "not a number"),
+    "float flag": (["--grace-seconds", "1,5"], {}, "--grace-seconds", "not a number"),
+    "bool variable": ([], {"VAE_BATCHING": "maybe"}, "VAE_BATCHING", "not a boolean"),
+    "bool flag": (["--spinning", "2"], {}, "--spinning", "not a boolean"),
+    "choice variable": ([], {"VAE_PROVIDER": "tpu"}, "--provider", "not one of auto, cuda, cpu"),
+    "choice flag": (["--io-binding", "sometimes"], {}, "--io-binding", "not one of"),
+    "log level": (["--log-level", "chatty"], {}, "--log-level", "not one of"),
+    "event loop": (["--event-loop", "trio"], {}, "--event-loop", "trio"),
+    "port range": ([], {"VAE_METRICS_PORT": "70000"}, "--metrics-port", "not a port"),
+    "count below 1": (["--max-batch-size", "0"], {}, "--max-batch-size", ">= 1"),
+    "negative": ([], {"VAE_INSTANCES": "-1"}, "--instances", ">= 0"),
+    "over the queue": (["--max-sample-n", "100000", "--max-queue-images", "65536"], {},
+                       "--max-sample-n", "--max-queue-images"),
+    "graphs on the CPU": (["--cuda-graphs", "true", "--provider", "cpu"], {}, "--cuda-graphs",
+                          "CUDA provider"),
+    "unknown flag": (["--batch-window", "8"], {}, "--batch-window", "unrecognized"),
+    "file": (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], {},
+             "--tls-cert", "cannot read"),
+    "token variable": ([], {"VAE_AUTH_TOKENS": "has space"}, "VAE_AUTH_TOKENS", "token 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_a_bad_setting_is_one_error_naming_it(case):
+    argv, env, setting, words = BAD_SETTINGS[case]
+    with pytest.raises(SettingsError) as err:
+        load_settings(argv, env=env)
+    message = str(err.value)
+    assert setting in message and words in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("case", ["int variable", "float flag", "bool variable",
+                                  "choice variable", "port range", "unknown flag", "file",
+                                  "token variable"])
+def test_vae_server_prints_one_line_and_exits_2(case, tmp_path):
+    """The real program, as a user starts it: one line on stderr, status 2, no traceback."""
+    argv, env, setting, words = BAD_SETTINGS[case]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+    proc = subprocess.run([str(VENV_BIN / "vae-server"), "--model-dir", str(tmp_path), *argv],
+                          env={**clean, **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("vae-server: ") and setting in lines[0] and words in lines[0]
+    assert proc.stdout == ""
+
+
+def test_a_model_directory_that_cannot_be_served_exits_2(tmp_path):
+    proc = subprocess.run([str(VENV_BIN / "vae-server"), "--model-dir", str(tmp_path / "none"),
+                           "--port", "0", "--metrics-port", "-1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("vae-server: cannot serve")
 
 
 def test_the_event_loop_is_uvloop_where_installed_and_asyncio_otherwise(monkeypatch):
@@ -44,7 +101,7 @@ def test_the_event_loop_is_uvloop_where_installed_and_asyncio_otherwise(monkeypa
     assert loops.resolve("auto") == "uvloop"
     monkeypatch.setattr(loops, "uvloop_installed", lambda: False)
     assert loops.resolve("auto") == "asyncio"
-    with pytest.raises(SystemExit, match="uvloop is not installed"):
+    with pytest.raises(SettingsError, match="uvloop is not installed"):
         load_settings(["--event-loop", "uvloop"], env={})
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vae_core import idx
 from vae_export import data
 from vae_export.data import DataError
 
@@ -88,7 +89,7 @@ def test_read_idx_of_other_shapes(tmp_path: Path) -> None:
     path = tmp_path / "a.idx"
     path.write_bytes(idx_bytes(arr))
     np.testing.assert_array_equal(data.read_idx(path), arr)
-    assert data.parse_idx(idx_bytes(np.array([9], np.uint8))).tolist() == [9]
+    assert idx.parse_idx(idx_bytes(np.array([9], np.uint8))).tolist() == [9]
 
 
 # Each case: how to spoil the images file, and what the message must say.

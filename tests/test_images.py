@@ -1,4 +1,4 @@
-"""vae_client.images: the numpy-only PNG writer and reader, grids, IDX and load_images."""
+"""vae_client.images: the numpy-only PNG writer and reader, grids, load_images; vae_core.idx."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from vae_client.images import (
     encode_png,
     grid,
     load_images,
-    parse_idx,
     read_idx,
     read_png,
     write_png,
 )
+from vae_core.idx import IdxError, parse_idx
 
 RNG = np.random.default_rng(0)
 
@@ -245,16 +245,19 @@ def test_idx_plain_and_gzipped(tmp_path):
 
 def test_idx_errors(tmp_path):
     good = idx_bytes(np.zeros((2, 28, 28), np.uint8))
-    with pytest.raises(ImageFileError, match="magic"):
+    with pytest.raises(IdxError, match="magic"):
         parse_idx(b"\x01" + good[1:])
-    with pytest.raises(ImageFileError, match="unsigned byte"):
+    with pytest.raises(IdxError, match="unsigned byte"):
         parse_idx(good[:2] + b"\x0d" + good[3:])
-    with pytest.raises(ImageFileError, match="truncated"):
+    with pytest.raises(IdxError, match="truncated"):
         parse_idx(good[:-1])
-    with pytest.raises(ImageFileError, match="trailing"):
+    with pytest.raises(IdxError, match="trailing"):
         parse_idx(good + b"\x00")
-    with pytest.raises(ImageFileError, match="too short"):
+    with pytest.raises(IdxError, match="too short"):
         parse_idx(b"\x00\x00")
+    (tmp_path / "cut").write_bytes(good[:-1])
+    with pytest.raises(ImageFileError, match="truncated"):
+        load_images(tmp_path / "cut")
     (tmp_path / "labels").write_bytes(idx_bytes(np.zeros(5, np.uint8)))
     with pytest.raises(ImageFileError, match=r"shape \[1, 5\]"):
         load_images(tmp_path / "labels")

@@ -25,7 +25,7 @@ import pytest
 
 from serving import server_thread
 from vae_client import VaeClient
-from vae_export.runtime import OnnxVAE
+from vae_core.onnx_model import OnnxVAE
 from vae_proto import vae_pb2, vae_pb2_grpc
 
 pytestmark = [

@@ -1,4 +1,4 @@
-"""vae_export.likelihood (and the AUROC of vae_export.evaluate): the importance-sampled
+"""vae_core.likelihood (and the AUROC of vae_export.evaluate): the importance-sampled
 log p(x) against a model whose log p(x) is known exactly, numerical stability far from zero,
 and the per-image seeding of the scoring noise."""
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vae_export import likelihood as lk
+from vae_core import likelihood as lk
 from vae_export.evaluate import auroc, roc_curve
 
 # ---------------------------------------------------------------------------------------

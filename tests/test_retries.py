@@ -13,7 +13,7 @@ import pytest
 
 from serving import server_thread
 from vae_client import VaeClient, VaeError
-from vae_export.runtime import OnnxVAE
+from vae_core.onnx_model import OnnxVAE
 
 ROWS = 16
 

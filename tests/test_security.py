@@ -22,7 +22,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving import (
     VENV_BIN,
-    free_port,
     server_thread,
     start_server_process,
     stop_process,
@@ -32,7 +31,8 @@ from vae_client import AsyncVaeClient, VaeClient, VaeError
 from vae_client.__main__ import main as client_main
 from vae_client.bench import run_bench
 from vae_client.channel import Security, read_token_file
-from vae_server.config import build_parser, load_settings
+from vae_core.ports import free_port
+from vae_server.config import SettingsError, build_parser, load_settings
 
 TOKENS = ("tok-alpha-0123456789abcdef", "tok-bravo-fedcba9876543210")
 WRONG_TOKEN = "tok-wrong-5a5a5a5a5a5a5a5a"
@@ -156,7 +156,7 @@ def test_tokens_have_no_command_line_flag():
     text = build_parser(env={}).format_help()
     assert "--auth-token-file" in text and "VAE_AUTH_TOKENS" in text
     assert "--auth-tokens" not in text
-    with pytest.raises(SystemExit):
+    with pytest.raises(SettingsError, match="--auth-tokens"):
         load_settings(["--auth-tokens", "secret"], env={})
 
 
@@ -192,18 +192,19 @@ BAD = ["cert without key", "key without cert", "client CA without TLS", "unreada
 @pytest.mark.parametrize("case", BAD)
 def test_bad_security_settings_stop_the_start_with_a_clear_message(case, pki, tmp_path):
     argv, env, words = _bad_settings(pki, tmp_path)[case]
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SettingsError) as exc:
         load_settings(argv, env=env)
-    message = str(exc.value.code)
-    assert message.startswith("vae-server: ") and words in message, message
+    message = str(exc.value)
+    assert words in message, message
     assert "good-token" not in message and "has a space" not in message
 
 
 def test_the_server_program_refuses_a_bad_pair(pki):
     proc = subprocess.run([str(VENV_BIN / "vae-server"), "--tls-cert", pki.server_pem],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
-    assert "--tls-cert needs --tls-key" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("vae-server: --tls-cert needs --tls-key too (TLS takes a "
+                                   "certificate and its private key)")
 
 
 # -- TLS ------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 
 from serving import server_thread
 from vae_client import AsyncVaeClient, VaeClient, VaeError
-from vae_export import likelihood as lk
-from vae_export.runtime import OnnxVAE
+from vae_core import likelihood as lk
+from vae_core.onnx_model import OnnxVAE
 from vae_proto import vae_pb2, vae_pb2_grpc
 from vae_server.sampling import prior_latents
 

@@ -16,13 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving import (
     VENV_BIN,
-    free_port,
     rss_mb,
     served_process,
     start_server_process,
     wait_serving,
 )
 from vae_client import VaeClient, VaeError
+from vae_core.ports import free_port
 
 pytestmark = pytest.mark.e2e
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -197,3 +197,76 @@ def test_serves_and_stops_cleanly_on_either_event_loop(model_dir, loop):
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
     assert f"event loop {loop}" in output, output
+
+
+# -- stopping: what callers and the metrics port see --------------------------------------
+
+
+def test_work_refused_by_a_stopping_server_is_unavailable_and_not_a_fault(model_dir, caplog):
+    """Once the server stops taking work, a call is refused with UNAVAILABLE (which clients
+    retry), counted as shutting_down, and not logged as a model failure."""
+    import logging
+
+    from serving import ServerThread
+
+    srv = ServerThread(model_dir, metrics_port=0)
+    try:
+        srv.call(srv.running.servicer.close())  # the batchers take no more work
+        with (caplog.at_level(logging.ERROR), VaeClient(srv.target, timeout=10, retries=0) as c,
+              pytest.raises(VaeError) as err):
+            c.decode(np.zeros((2, c.info().latent_dim), np.float32))
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "shutting down" in str(err.value)
+        metrics = srv.running.metrics.registry
+        assert metrics.get_sample_value("vae_rejected_total", {"reason": "shutting_down"}) == 1
+        assert metrics.get_sample_value(
+            "grpc_server_handled_total", {"grpc_service": "vae.v1.VaeService",
+                                          "grpc_method": "Decode", "grpc_type": "unary",
+                                          "grpc_code": "UNAVAILABLE"}) == 1
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    finally:
+        srv.stop()
+
+
+def test_calls_still_queued_when_the_grace_ends_get_unavailable(model_dir):
+    """A stop whose grace ends with work still queued: the calls running finish, the queued
+    ones are refused with UNAVAILABLE (retried elsewhere by a client), none with INTERNAL."""
+    from serving import ServerThread
+
+    srv = ServerThread(model_dir, max_batch_size=8, instances=1, max_queue_images=1_000_000)
+    errors: list[BaseException | None] = [None] * 6
+
+    def call(i: int) -> None:
+        with VaeClient(srv.target, timeout=60, retries=0) as c:
+            try:
+                c.log_likelihood(np.full((16, 784), 0.5, np.float32), k=10_000, seed=i)
+            except VaeError as exc:
+                errors[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # in runs of 8 rows, 960,000 rows take far longer than the grace
+    srv.stop(grace=0.2)
+    for t in threads:
+        t.join(30)
+    codes = [e.code for e in errors if isinstance(e, VaeError)]
+    assert codes, "every call finished within the grace: make them longer"
+    assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, errors
+
+
+def test_the_metrics_port_closes_with_the_server(model_dir):
+    import socket
+    import urllib.request
+
+    from serving import ServerThread
+
+    srv = ServerThread(model_dir, metrics_port=0)
+    port = srv.running.metrics_port
+    assert port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        assert b"vae_model_info" in reply.read()
+    srv.stop()
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port),
+                                                                          timeout=5):
+        pass

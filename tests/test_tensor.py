@@ -8,11 +8,11 @@ import pytest
 from vae_proto import vae_pb2
 from vae_proto.tensor import (
     TensorError,
+    TensorField,
+    UIntField,
     from_tensor,
     message_bytes,
-    tensor_field,
     to_tensor,
-    varint_field,
 )
 
 ARRAYS = [
@@ -28,23 +28,37 @@ ARRAYS = [
 
 @pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(np.shape(a))}")
 @pytest.mark.parametrize("offset", [0, 1, 127, 128, 300, 2**40])
-def test_replies_written_as_bytes_equal_the_serialised_messages(array, offset):
+def test_fields_written_as_bytes_equal_the_serialised_messages(array, offset):
     expected = vae_pb2.SampleChunk(offset=offset, images=to_tensor(array)).SerializeToString()
-    assert message_bytes(varint_field(1, offset), tensor_field(2, array)) == expected
+    got = message_bytes(UIntField(vae_pb2.SampleChunk, "offset")(offset),
+                        TensorField(vae_pb2.SampleChunk, "images")(array))
+    assert got == expected
 
 
-def test_a_reply_with_two_tensors_parses_back_to_both():
-    a = np.random.default_rng(0).standard_normal((5, 16), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((5, 16), dtype=np.float32)
-    reply = vae_pb2.EncodeResponse.FromString(message_bytes(tensor_field(1, a), tensor_field(2, b)))
-    np.testing.assert_array_equal(from_tensor(reply.mu), a)
-    np.testing.assert_array_equal(from_tensor(reply.logvar), b)
-    assert not reply.HasField("z")
+def test_field_numbers_come_from_the_descriptors():
+    """Written for the field's own number: the latents of SampleResponse are field 2."""
+    z = np.ones((2, 4), np.float32)
+    reply = vae_pb2.SampleResponse.FromString(
+        message_bytes(TensorField(vae_pb2.SampleResponse, "latents")(z)))
+    assert not reply.HasField("images")
+    np.testing.assert_array_equal(from_tensor(reply.latents), z)
+
+
+@pytest.mark.parametrize(("message", "name", "kind"), [
+    (vae_pb2.SampleChunk, "images", UIntField),  # a Tensor, not an integer
+    (vae_pb2.SampleChunk, "offset", TensorField),  # an integer, not a Tensor
+    (vae_pb2.LogLikelihoodResponse, "elbo", UIntField),  # repeated
+    (vae_pb2.DecodeResponse, "pixels", TensorField),  # no such field
+    (vae_pb2.Tensor, "dtype", UIntField),  # an enum
+])
+def test_a_field_of_another_type_is_refused_when_declared(message, name, kind):
+    with pytest.raises(TypeError):
+        kind(message, name)
 
 
 def test_an_array_without_a_wire_dtype_is_refused():
     with pytest.raises(TensorError, match="float64"):
-        tensor_field(1, np.zeros(3, np.float64))
+        TensorField(vae_pb2.DecodeResponse, "images")(np.zeros(3, np.float64))
 
 
 @pytest.mark.parametrize(

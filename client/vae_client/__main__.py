@@ -29,6 +29,7 @@ from vae_client.cli_io import CliError, ImageSink, Progress
 from vae_client.client import VaeClient
 from vae_client.errors import VaeError
 from vae_client.images import ImageFileError
+from vae_core.security import SecurityFileError
 from vae_proto.vae_pb2 import ModelInfo
 
 PROG = "vae-client"
@@ -116,6 +117,8 @@ def _security(args: argparse.Namespace) -> Security:
         return Security.from_options(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                                      tls_key=args.tls_key, tls_server_name=args.tls_server_name,
                                      token=token)
+    except SecurityFileError as exc:  # names the option and the file
+        raise CliError(str(exc)) from None
     except ValueError as exc:  # only the token is left to be wrong; never print it
         raise CliError(f"{source}: {exc}") from None
 

@@ -19,24 +19,31 @@ from typing import Any, TypeAlias
 import grpc
 
 from vae_client._codec import channel_options
+from vae_core.security import (
+    CERTIFICATE,
+    PRIVATE_KEY,
+    TOKEN_RULE,
+    read_pem,
+    read_tokens,
+    valid_token,
+)
 
 # PEM contents as bytes, or the path of a PEM file.
 PemSource: TypeAlias = "bytes | str | os.PathLike[str]"
 METADATA_KEY = "authorization"
 
 
-def _pem(source: PemSource | None) -> bytes | None:
+def _pem(source: PemSource | None, option: str, kind: str = CERTIFICATE) -> bytes | None:
     if source is None or isinstance(source, bytes):
         return source
-    with open(source, "rb") as f:
-        return f.read()
+    return read_pem(source, option, kind)
 
 
 def read_token_file(path: str | os.PathLike[str]) -> str:
-    """The one token of a token file: blank lines and lines starting with # are skipped, so
-    a server's token file with a single token serves the client too."""
-    with open(path, encoding="utf-8") as f:
-        tokens = [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
+    """The one token of a token file, read by the server's rules (vae_core.security): blank
+    lines and lines starting with # are skipped, so a server's token file with a single token
+    serves the client too."""
+    tokens = read_tokens(path, "token file")
     if len(tokens) != 1:
         raise ValueError(f"{os.fspath(path)}: a client token file holds exactly one token, "
                          f"not {len(tokens)}")
@@ -45,10 +52,8 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
 
 def _check_token(token: str) -> str:
     token = token.strip()
-    # Visible ASCII without spaces: what an HTTP/2 header carries as it is. The message
-    # never repeats the token.
-    if not token or not all("!" <= c <= "~" for c in token):
-        raise ValueError("a bearer token must be non-empty printable ASCII without spaces")
+    if not valid_token(token):  # the message never repeats the token
+        raise ValueError(f"a bearer token must be non-empty {TOKEN_RULE}")
     return token
 
 
@@ -71,13 +76,14 @@ class Security:
                      tls_server_name: str | None = None, token: str | None = None) -> Security:
         """From the options that VaeClient, AsyncVaeClient and the CLI take. Each PEM
         option is the file's contents (bytes) or its path; giving any TLS option turns TLS
-        on. Raises ValueError for a certificate without its key (or the reverse) and
-        OSError for a file that cannot be read."""
+        on. Raises ValueError for a certificate without its key (or the reverse), and for a
+        file that cannot be read or holds no PEM certificate (key)."""
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("a client certificate (tls_cert) and its key (tls_key) go together")
         on = tls or any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
-        return cls(tls=on, root_certificates=_pem(tls_ca), certificate_chain=_pem(tls_cert),
-                   private_key=_pem(tls_key), server_name=tls_server_name,
+        return cls(tls=on, root_certificates=_pem(tls_ca, "tls_ca"),
+                   certificate_chain=_pem(tls_cert, "tls_cert"),
+                   private_key=_pem(tls_key, "tls_key", PRIVATE_KEY), server_name=tls_server_name,
                    token=None if token is None else _check_token(token))
 
     @property

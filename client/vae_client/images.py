@@ -3,13 +3,12 @@
 - PNG: `write_png` writes 8-bit grayscale; `read_png` reads any non-interlaced PNG
   (grayscale, gray+alpha, RGB, RGBA, palette; 1 to 16 bits) and returns 8-bit grayscale.
 - `grid`: many 28x28 digits as one picture, white digits on black as in MNIST.
-- IDX: the MNIST file format (unsigned-byte data only), gzipped or not.
+- IDX: the MNIST file format, read by `vae_core.idx`.
 - `load_images`: a .png, .npy or IDX file -> images for the server ([N, 28, 28]).
 """
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import struct
@@ -18,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vae_core import idx
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NPY_MAGIC = b"\x93NUMPY"
-GZIP_MAGIC = b"\x1f\x8b"
 SIDE = 28
 PIXELS = SIDE * SIDE
 
@@ -240,44 +240,12 @@ def grid(images: np.ndarray, cols: int | None = None, gutter: int = 2,
 # -- IDX ------------------------------------------------------------------------------------
 
 
-def parse_idx(raw: bytes, name: str = "<idx>") -> np.ndarray:
-    """IDX bytes (unsigned-byte data, 1 to 4 dimensions) -> uint8 array of the header's shape.
-    Checks the magic number, the type, the dimensions and the exact length."""
-    if len(raw) < 4:
-        raise ImageFileError(f"{name}: {len(raw)} bytes is too short for an IDX header")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0:
-        raise ImageFileError(f"{name}: bad IDX magic number {raw[:4].hex()}")
-    if dtype_code != 0x08:
-        raise ImageFileError(f"{name}: IDX type 0x{dtype_code:02x}; only unsigned byte (0x08) "
-                             "is supported")
-    if not 1 <= ndim <= 4:
-        raise ImageFileError(f"{name}: IDX with {ndim} dimensions (expected 1 to 4)")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ImageFileError(f"{name}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise ImageFileError(f"{name}: {what}: {len(raw)} bytes, but dimensions {list(dims)} "
-                             f"need {expected}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def _gunzip(raw: bytes, name: str) -> bytes:
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise ImageFileError(f"{name}: corrupt gzip stream ({exc})") from None
-
-
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file, gzipped or not (told by its content, not its name)."""
-    raw = Path(path).read_bytes()
-    if raw.startswith(GZIP_MAGIC):
-        raw = _gunzip(raw, str(path))
-    return parse_idx(raw, str(path))
+    """Read an IDX file, gzipped or not (vae_core.idx), as an ImageFileError when it fails."""
+    try:
+        return idx.read_idx(path)
+    except idx.IdxError as exc:
+        raise ImageFileError(str(exc)) from None
 
 
 # -- any image file -------------------------------------------------------------------------
@@ -315,7 +283,7 @@ def sniff(path: str | os.PathLike[str]) -> str:
         return "png"
     if head.startswith(NPY_MAGIC):
         return "npy"
-    if head.startswith(GZIP_MAGIC):
+    if head.startswith(idx.GZIP_MAGIC):
         return "idx.gz"
     if head[:2] == b"\x00\x00":
         return "idx"

@@ -18,6 +18,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proto proto
+COPY core core
 COPY export export
 COPY server server
 COPY client client

@@ -9,10 +9,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-# The whole package installs (vae_server imports the numpy-only vae_export.manifest and
-# vae_export.likelihood), but only the cpu extra's dependencies: no torch, no onnx.
+# The whole package installs (vae_server imports the torch-free vae_core), but only the cpu
+# extra's dependencies: no torch, no onnx.
 COPY pyproject.toml README.md ./
 COPY proto proto
+COPY core core
 COPY export export
 COPY server server
 COPY client client

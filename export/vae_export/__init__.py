@@ -1,6 +1,5 @@
-"""Training, ONNX export and evaluation of the MNIST VAE.
+"""Training, ONNX export and evaluation of the MNIST VAE: what needs torch or onnx.
 
-This package's top level imports nothing heavy: `vae_export.likelihood` and
-`vae_export.data` are numpy-only so that the server (which ships without PyTorch) can share
-the likelihood math with the evaluator.
+What the server and the client share with it (the likelihood math, the manifest, the ONNX
+model wrapper, IDX parsing) lives in the torch-free `vae_core`.
 """

@@ -145,8 +145,8 @@ def _model_defaults() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vae_core.manifest import ManifestError
     from vae_export.data import DataError
-    from vae_export.manifest import ManifestError
 
     try:
         return int(args.func(args))

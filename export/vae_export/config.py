@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vae_export.likelihood import GAUSSIAN, LIKELIHOODS
+from vae_core.likelihood import GAUSSIAN, LIKELIHOODS
 
 
 @dataclass

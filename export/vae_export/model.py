@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vae_core.likelihood import GAUSSIAN
 from vae_export.config import VAEConfig
-from vae_export.likelihood import GAUSSIAN
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:

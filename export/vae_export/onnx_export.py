@@ -21,11 +21,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from vae_export import likelihood as lk
+from vae_core import likelihood as lk
+from vae_core.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, sha256_file
+from vae_core.onnx_model import OnnxVAE
 from vae_export.data import DataError, load_dataset, stratified_split
-from vae_export.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, sha256_file
 from vae_export.model import VAE, load_checkpoint
-from vae_export.runtime import OnnxVAE
 
 OPSET = 18
 # Calibration of the anomaly score: quantiles of the validation digits' log p(x) estimate.

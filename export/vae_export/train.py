@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vae_core.likelihood import BERNOULLI, GAUSSIAN
 from vae_export import plots
 from vae_export.config import TrainConfig
 from vae_export.data import Digits, load_dataset, stratified_split
-from vae_export.likelihood import BERNOULLI, GAUSSIAN
 from vae_export.model import VAE, VAEConfig, save_checkpoint
 
 

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 
 from vae_proto import vae_pb2
 
@@ -60,13 +61,14 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str = "tensor") -> np.ndarray:
 
 # -- Replies as bytes -------------------------------------------------------------------------
 # The server's hot replies are tensors of images. Building them as messages costs a copy of
-# the pixels into the message and another into the serialised bytes; these functions write
-# the same wire format (the bytes SerializeToString gives, field for field) with one copy.
+# the pixels into the message and another into the serialised bytes; these fields write the
+# same wire format (the bytes SerializeToString gives, field for field) with one copy. Field
+# numbers and types come from the generated descriptors, checked when a field is declared: a
+# field renumbered or retyped in the .proto changes what is written, or fails at import.
 
 _VARINT, _LEN = 0, 2
-
-
 _SMALL_VARINTS = [bytes([i]) for i in range(128)]
+_UNSIGNED = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_UINT32)
 
 
 def _varint(n: int) -> bytes:
@@ -87,43 +89,81 @@ def _key(number: int, wire_type: int) -> bytes:
     return _varint(number << 3 | wire_type)
 
 
-def varint_field(number: int, value: int) -> bytes:
-    """An unsigned integer (or enum) field; proto3 leaves a 0 out."""
-    return _key(number, _VARINT) + _varint(value) if value else b""
+def _descriptor(message: Any, name: str) -> FieldDescriptor:
+    fields = message.DESCRIPTOR.fields_by_name
+    if name not in fields:
+        raise TypeError(f"{message.DESCRIPTOR.full_name} has no field {name!r}")
+    field: FieldDescriptor = fields[name]
+    if field.is_repeated:
+        raise TypeError(f"{field.full_name} is repeated; only single fields are written here")
+    return field
 
 
-# Everything before the pixels depends on the field number, dtype and shape alone: replies of
-# the same shape (a server's single-image Decode) reuse it.
-_PREFIXES: dict[tuple[int, int, tuple[int, ...]], bytes] = {}
-_MAX_PREFIXES = 4096
+def _tensor_field_keys() -> tuple[bytes, bytes, bytes]:
+    fields = vae_pb2.Tensor.DESCRIPTOR.fields_by_name
+    if (fields["dtype"].type != FieldDescriptor.TYPE_ENUM
+            or fields["shape"].type != FieldDescriptor.TYPE_INT64
+            or fields["data"].type != FieldDescriptor.TYPE_BYTES):
+        raise TypeError("vae.v1.Tensor is no longer (enum dtype, repeated int64 shape, bytes data)")
+    return (_key(fields["dtype"].number, _VARINT), _key(fields["shape"].number, _LEN),
+            _key(fields["data"].number, _LEN))
 
 
-def tensor_field(number: int, array: np.ndarray) -> list[bytes | np.ndarray]:
-    """`array` as the Tensor field `number` of an enclosing message: pieces for b"".join(),
-    equal to serialising that field set to to_tensor(array)."""
-    arr = np.asarray(array)
-    code = _PROTO.get(arr.dtype)
-    if code is None or not arr.flags.c_contiguous or arr.ndim == 0:
-        dtype = arr.dtype.newbyteorder("<") if arr.dtype.kind == "f" else arr.dtype
-        code = _PROTO.get(dtype)
-        if code is None:
-            raise TensorError(f"dtype {arr.dtype} has no wire form; use float32 or uint8")
-        arr = np.ascontiguousarray(arr, dtype=dtype)
-    cache_key = (number, code, arr.shape)
-    prefix = _PREFIXES.get(cache_key)
-    if prefix is None:
-        nbytes = arr.nbytes
-        head = _key(1, _VARINT) + _varint(code)
-        packed = b"".join([_varint(s) for s in arr.shape])
-        head += _key(2, _LEN) + _varint(len(packed)) + packed
-        if nbytes:
-            head += _key(3, _LEN) + _varint(nbytes)
-        prefix = _key(number, _LEN) + _varint(len(head) + nbytes) + head
-        if len(_PREFIXES) >= _MAX_PREFIXES:
-            _PREFIXES.clear()
-        _PREFIXES[cache_key] = prefix
-    # bytes.join() reads a C-contiguous array through the buffer protocol: the one copy.
-    return [prefix, arr]
+_DTYPE_KEY, _SHAPE_KEY, _DATA_KEY = _tensor_field_keys()
+
+
+class UIntField:
+    """An unsigned integer field (uint64 or uint32) of `message`, named `name`."""
+
+    def __init__(self, message: Any, name: str) -> None:
+        field = _descriptor(message, name)
+        if field.type not in _UNSIGNED:
+            raise TypeError(f"{field.full_name} is not an unsigned integer")
+        self._key = _key(field.number, _VARINT)
+
+    def __call__(self, value: int) -> bytes:
+        """The field set to `value`; proto3 leaves a 0 out."""
+        return self._key + _varint(value) if value else b""
+
+
+class TensorField:
+    """A vae.v1.Tensor field of `message`, named `name`, written from an ndarray."""
+
+    _MAX_PREFIXES = 4096
+
+    def __init__(self, message: Any, name: str) -> None:
+        field = _descriptor(message, name)
+        if field.message_type is not vae_pb2.Tensor.DESCRIPTOR:
+            raise TypeError(f"{field.full_name} is not a {vae_pb2.Tensor.DESCRIPTOR.full_name}")
+        self._key = _key(field.number, _LEN)
+        # Everything before the pixels depends on the dtype and shape alone: replies of the
+        # same shape (a server's single-image Decode) reuse it.
+        self._prefixes: dict[tuple[int, tuple[int, ...]], bytes] = {}
+
+    def __call__(self, array: np.ndarray) -> list[bytes | np.ndarray]:
+        """Pieces for message_bytes(), equal to serialising this field set to
+        to_tensor(array)."""
+        arr = np.asarray(array)
+        code = _PROTO.get(arr.dtype)
+        if code is None or not arr.flags.c_contiguous or arr.ndim == 0:
+            dtype = arr.dtype.newbyteorder("<") if arr.dtype.kind == "f" else arr.dtype
+            code = _PROTO.get(dtype)
+            if code is None:
+                raise TensorError(f"dtype {arr.dtype} has no wire form; use float32 or uint8")
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+        prefix = self._prefixes.get((code, arr.shape))
+        if prefix is None:
+            nbytes = arr.nbytes
+            packed = b"".join([_varint(s) for s in arr.shape])
+            head = _DTYPE_KEY + _varint(code) + _SHAPE_KEY + _varint(len(packed)) + packed
+            if nbytes:
+                head += _DATA_KEY + _varint(nbytes)
+            prefix = self._key + _varint(len(head) + nbytes) + head
+            if len(self._prefixes) >= self._MAX_PREFIXES:
+                self._prefixes.clear()
+            self._prefixes[(code, arr.shape)] = prefix
+        # bytes.join() reads a C-contiguous array through the buffer protocol: the one copy.
+        return [prefix, arr]
 
 
 def message_bytes(*fields: bytes | list[bytes | np.ndarray]) -> bytes:
@@ -134,5 +174,5 @@ def message_bytes(*fields: bytes | list[bytes | np.ndarray]) -> bytes:
             pieces.extend(f)
         else:
             pieces.append(f)
-    # ndarrays are buffers (numpy's stubs do not say so); tensor_field made them contiguous.
+    # ndarrays are buffers (numpy's stubs do not say so); TensorField made them contiguous.
     return b"".join(pieces)  # type: ignore[arg-type]

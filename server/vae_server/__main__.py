@@ -5,13 +5,20 @@ from __future__ import annotations
 import logging
 import sys
 
-from vae_export.manifest import ManifestError
+from vae_core.manifest import ManifestError
 from vae_server import loops
-from vae_server.config import load_settings
+from vae_server.config import SettingsError, load_settings
+
+PROG = "vae-server"
+USAGE_ERROR = 2  # as argparse's: the command line or the environment is at fault
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(argv)
+    try:
+        settings = load_settings(argv)
+    except SettingsError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from vae_server.server import serve
@@ -19,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return loops.run(serve(settings), settings.event_loop)
     except ManifestError as exc:
-        print(f"vae-server: cannot serve {settings.model_dir}: {exc}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: cannot serve {settings.model_dir}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
     except RuntimeError as exc:
-        print(f"vae-server: {exc}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from vae_core.security import PRIVATE_KEY, read_pem
 from vae_server.config import Settings
 from vae_server.instrument import wrap_handler
 from vae_server.metrics import Metrics
@@ -34,19 +35,16 @@ METADATA_KEY = "authorization"
 SCHEME = "bearer"
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials of the gRPC port, requiring client certificates signed by
     --tls-client-ca when it is set; None for plaintext."""
     if not settings.tls:
         return None
-    client_ca = _read(settings.tls_client_ca) if settings.tls_client_ca else None
+    client_ca = (read_pem(settings.tls_client_ca, "--tls-client-ca")
+                 if settings.tls_client_ca else None)
     return grpc.ssl_server_credentials(
-        [(_read(settings.tls_key), _read(settings.tls_cert))],
+        [(read_pem(settings.tls_key, "--tls-key", PRIVATE_KEY),
+          read_pem(settings.tls_cert, "--tls-cert"))],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None)
 

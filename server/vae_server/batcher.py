@@ -41,14 +41,33 @@ import concurrent.futures
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from vae_server.errors import BatchFailed, DeadlineExpired, QueueFull
+from vae_server.errors import BatchFailed, DeadlineExpired, QueueFull, ShuttingDown
 
 RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Job(Protocol[T_co]):
+    """Work that brings its own pre- and post-processing (Batcher.submit_job): both run in
+    the thread that runs its batch."""
+
+    @property
+    def rows(self) -> int:
+        """The rows make_rows() makes."""
+        ...
+
+    def make_rows(self) -> np.ndarray:
+        """The model's input rows [rows, ...]."""
+        ...
+
+    def finish(self, outputs: list[np.ndarray]) -> T_co:
+        """The job's result from the model's outputs for its rows."""
+        ...
 
 
 class BatcherObserver:
@@ -60,17 +79,20 @@ class BatcherObserver:
 
 @dataclass(eq=False)
 class _Slice:
-    rows: np.ndarray | None  # None for a job, whose `make` makes them
+    rows: np.ndarray | None  # None for a job, which makes them
     n: int  # rows
     future: asyncio.Future[Any]
     deadline: float | None  # time.monotonic() after which the caller no longer waits
-    make: Callable[[], np.ndarray] | None = None
-    then: Callable[[list[np.ndarray]], Any] | None = None
+    job: Job[Any] | None = None
     enqueued: float = field(default_factory=time.monotonic)
 
 
+class _WrongRows(Exception):
+    """A model run whose outputs do not have one row per input row."""
+
+
 class _Failed:
-    """A slice's own failure inside a batch that ran: its job's `make` or `then` raised."""
+    """A slice's own failure inside a batch that ran: its job's make_rows or finish raised."""
 
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
@@ -160,9 +182,9 @@ class Batcher:
         return 0 if self._queue or not self.merge else self.instances - self._active
 
     def check_room(self, n: int) -> None:
-        """Raise QueueFull (or BatchFailed when closed) unless `n` more images fit."""
+        """Raise QueueFull (or ShuttingDown when closed) unless `n` more images fit."""
         if self._closed:
-            raise BatchFailed("the server is shutting down")
+            raise ShuttingDown("the server is shutting down; retry")
         if self._queued_images + self._reserved + n > self.max_queue:
             self.dropped["queue_full"] += 1
             held = f" and {self._reserved} reserved" if self._reserved else ""
@@ -201,17 +223,17 @@ class Batcher:
             raise
         return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
 
-    async def submit_job(self, n: int, make_rows: Callable[[], np.ndarray],
-                         then: Callable[[list[np.ndarray]], T], deadline: float | None = None,
+    async def submit_job(self, job: Job[T], deadline: float | None = None,
                          reservation: Reservation | None = None) -> T:
-        """Run a job of `n` rows through the model and return `then(outputs)`: `make_rows()`
-        makes the rows [n, ...] and `then` gets the model's outputs for them, both in the
-        thread that runs the batch (a worker, or the event loop's thread for a small one).
-        An exception from either fails this job alone, with that exception."""
+        """Run `job` through the model and return `job.finish(outputs)`: its rows are made
+        and its outputs finished in the thread that runs the batch (a worker, or the event
+        loop's thread for a small one). An exception from either fails this job alone, with
+        that exception."""
+        n = job.rows
         if n <= 0:
             raise ValueError("empty job")
         loop = self._admit(n, reservation)
-        s = _Slice(None, n, loop.create_future(), deadline, make_rows, then)
+        s = _Slice(None, n, loop.create_future(), deadline, job)
         return await self._one(s, loop)  # type: ignore[no-any-return]
 
     def _admit(self, n: int, reservation: Reservation | None) -> asyncio.AbstractEventLoop:
@@ -220,7 +242,7 @@ class Batcher:
         call on Python 3.11. A batcher serves one event loop."""
         if reservation is not None and reservation.take(n):
             if self._closed:
-                raise BatchFailed("the server is shutting down")
+                raise ShuttingDown("the server is shutting down; retry")
         else:
             self.check_room(n)
         loop = self._loop
@@ -286,7 +308,7 @@ class Batcher:
         while self._queue:
             s = self._queue.popleft()
             if not s.future.done():
-                s.future.set_exception(BatchFailed("the server is shutting down"))
+                s.future.set_exception(ShuttingDown("the server is shutting down; retry"))
         self._queued_images = 0
 
     # -- the drain: runs as a callback on the event loop ------------------------------------
@@ -415,9 +437,9 @@ class Batcher:
         live: list[int] = []
         for i, s in enumerate(batch):
             rows = s.rows
-            if s.make is not None:
+            if s.job is not None:
                 try:
-                    rows = s.make()
+                    rows = s.job.make_rows()
                     if len(rows) != s.n:
                         raise ValueError(f"a job of {s.n} rows made {len(rows)}")
                 except Exception as exc:  # noqa: BLE001 - this job fails, the batch goes on
@@ -436,9 +458,16 @@ class Batcher:
                 piece = x[start : start + self.max_batch]
                 t0 = time.monotonic()
                 try:
-                    pieces.append(run(piece))
+                    out = run(piece)
                 finally:
                     runs.append((len(piece), time.monotonic() - t0))
+                # Outputs are handed out by offset: a short one would give callers the
+                # rows of others, or too few.
+                wrong = [len(o) for o in out if len(o) != len(piece)]
+                if wrong:
+                    raise _WrongRows(f"the model returned {wrong[0]} rows for {len(piece)} "
+                                     "inputs")
+                pieces.append(out)
             outputs = (pieces[0] if len(pieces) == 1
                        else [np.concatenate(o) for o in zip(*pieces, strict=True)])
         except Exception as exc:  # noqa: BLE001 - the callers get it, the batcher goes on
@@ -450,11 +479,11 @@ class Batcher:
             s = batch[i]
             mine = [o[offset : offset + s.n] for o in outputs]
             offset += s.n
-            if s.then is None:
+            if s.job is None:
                 results[i] = mine
                 continue
             try:
-                results[i] = s.then(mine)
+                results[i] = s.job.finish(mine)
             except Exception as exc:  # noqa: BLE001 - this job fails, the others have theirs
                 results[i] = _Failed(exc)
         return results, runs

@@ -10,8 +10,17 @@ import os
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
+from vae_core.security import (
+    CERTIFICATE,
+    PRIVATE_KEY,
+    TOKEN_RULE,
+    SecurityFileError,
+    read_pem,
+    read_tokens,
+    valid_token,
+)
 from vae_server import loops
 
 
@@ -34,21 +43,18 @@ class Settings:
     spinning: bool = _doc(
         "let the ONNX Runtime threads of the full-width sessions (a large batch running "
         "alone: stream chunks, LogLikelihood's K samples) spin briefly instead of sleeping. "
-        "With --instances 1, a server that mostly streams float32 images gains 10 - 30 %%, "
-        "one serving a mix of calls loses about 10 %%; with several instances (the default "
-        "on a multi-core CPU) the spinning takes CPU from the runs beside it, and streams "
-        "lost 20 - 30 %%. One-thread sessions never spin (with --threads 1 or on CUDA one "
-        "session runs every batch, and this applies to it)", default=False)
+        "It can help a server that only streams with --instances 1, and takes CPU from gRPC "
+        "and from the runs beside it otherwise (BENCHMARKS.md). One-thread sessions never "
+        "spin (with --threads 1 or on CUDA one session runs every batch, and this applies to "
+        "it)", default=False)
     io_binding: str = _doc(
         "run batches on buffers preallocated on the device, padded to a few fixed sizes "
         "(ONNX Runtime's IO binding): auto (on CUDA only), on or off. A model's runs then "
-        "take turns (one instance, as CUDA's default). On the CPU it only costs: each run "
-        "1 - 10 %% more, and its instances no longer run at once (BENCHMARKS.md)",
-        default="auto")
+        "take turns (one instance, as CUDA's default). On the CPU it only costs "
+        "(BENCHMARKS.md)", default="auto")
     cuda_graphs: bool = _doc(
         "capture each fixed batch size as a CUDA graph and replay it (CUDA provider and IO "
-        "binding only; all of the model must run on CUDA). Off by default: not yet measured",
-        default=False)
+        "binding only; all of the model must run on CUDA)", default=False)
     event_loop: str = _doc("event loop: auto (uvloop where installed, else asyncio's), uvloop "
                            "or asyncio", default="auto")
     batching: bool = _doc("merge concurrent calls into one model run (dynamic batching)",
@@ -113,18 +119,45 @@ class Settings:
 TOKENS_VAR = "VAE_AUTH_TOKENS"
 
 
+class SettingsError(ValueError):
+    """A setting, from a flag or a VAE_ variable, that cannot be used: the message names it
+    and says what is wrong (vae-server prints it on one line and exits with status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints its usage and exits; a bad setting is one line that names it instead.
+    def error(self, message: str) -> NoReturn:
+        raise SettingsError(message)
+
+
 def _parse_bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+_PARSERS: dict[type, Callable[[str], Any]] = {bool: _parse_bool, int: int, float: float, str: str}
+_TYPE_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number",
+               str: "text"}
+
+
+def _typed(kind: type) -> Callable[[str], Any]:
+    """argparse's type for a setting: its error names the value and the type wanted."""
+    def parse(text: str) -> Any:
+        try:
+            return _PARSERS[kind](text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_TYPE_NAMES[kind]}") from None
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vae-server",
         description="Serve an exported VAE over gRPC (vae.v1.VaeService, health, reflection) "
         "with dynamic batching and Prometheus metrics. Every option can also be set by an "
@@ -137,17 +170,22 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
             continue
         flag = "--" + f.name.replace("_", "-")
         var = "VAE_" + f.name.upper()
-        parsers: dict[type, Callable[[str], Any]] = {bool: _parse_bool, int: int, float: float,
-                                                     str: str}
-        kind = parsers[type(f.default) if f.default is not dataclasses.MISSING else str]
-        default = kind(env[var]) if var in env else f.default
-        p.add_argument(flag, dest=f.name, type=kind, default=default,
+        kind = type(f.default) if f.default is not dataclasses.MISSING else str
+        default = f.default
+        if var in env:
+            try:
+                default = _PARSERS[kind](env[var])
+            except ValueError:
+                raise SettingsError(f"{var}: {env[var]!r} is not {_TYPE_NAMES[kind]}") from None
+        p.add_argument(flag, dest=f.name, type=_typed(kind), default=default,
                        help=f"{f.metadata['help']} [{var}] (default: %(default)s)")
     return p
 
 
 def load_settings(argv: Sequence[str] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
+    """The settings of flags `argv` over variables `env` (default: the command line and the
+    environment). A bad one raises SettingsError; --help prints and exits."""
     env = os.environ if env is None else env
     args = build_parser(env).parse_args(argv)
     settings = Settings(**vars(args))
@@ -156,41 +194,44 @@ def load_settings(argv: Sequence[str] | None = None,
     return dataclasses.replace(settings, auth_tokens=_load_tokens(settings, env))
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check(s: Settings) -> None:
-    if s.max_delay_ms < 0 or s.inline_rows < 0 or s.instances < 0:
-        raise SystemExit("vae-server: --max-delay-ms, --inline-rows and --instances must be "
-                         ">= 0")
-    if s.provider not in ("auto", "cuda", "cpu"):
-        raise SystemExit(f"vae-server: --provider must be auto, cuda or cpu, not {s.provider!r}")
-    if s.io_binding not in ("auto", "on", "off"):
-        raise SystemExit(f"vae-server: --io-binding must be auto, on or off, not "
-                         f"{s.io_binding!r}")
+    for name in ("max_delay_ms", "inline_rows", "instances", "threads", "warmup_rounds",
+                 "grace_seconds"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{_flag(name)}: {getattr(s, name)} is negative; it must be >= 0")
+    for name in ("port", "metrics_port"):
+        low = -1 if name == "metrics_port" else 0
+        if not low <= getattr(s, name) <= 65535:
+            raise SettingsError(f"{_flag(name)}: {getattr(s, name)} is not a port "
+                                f"({low} .. 65535)")
+    for name, allowed in (("provider", ("auto", "cuda", "cpu")),
+                          ("io_binding", ("auto", "on", "off")),
+                          ("log_level", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))):
+        value = getattr(s, name)
+        if (value.upper() if name == "log_level" else value) not in allowed:
+            raise SettingsError(f"{_flag(name)}: {value!r} is not one of {', '.join(allowed)}")
     if s.cuda_graphs and (s.provider == "cpu" or s.io_binding == "off"):
-        raise SystemExit("vae-server: --cuda-graphs needs the CUDA provider and IO binding "
-                         f"(not --provider {s.provider} --io-binding {s.io_binding})")
+        raise SettingsError("--cuda-graphs needs the CUDA provider and IO binding "
+                            f"(not --provider {s.provider} --io-binding {s.io_binding})")
     try:
         loops.resolve(s.event_loop)
     except (ValueError, RuntimeError) as exc:
-        raise SystemExit(f"vae-server: {exc}") from None
+        raise SettingsError(f"--event-loop: {exc}") from None
     for name in ("max_batch_size", "max_queue_images", "max_images_per_request", "max_sample_n",
                  "max_stream_n", "max_chunk_size", "default_chunk_size", "max_k",
                  "max_message_mb"):
         if getattr(s, name) < 1:
-            raise SystemExit(f"vae-server: --{name.replace('_', '-')} must be >= 1")
+            raise SettingsError(f"{_flag(name)}: {getattr(s, name)}; it must be >= 1")
     # A call that could never fit in the queue would be told "queue full, retry" forever.
     for name in ("max_batch_size", "max_images_per_request", "max_sample_n", "max_chunk_size"):
         if getattr(s, name) > s.max_queue_images:
-            raise SystemExit(
-                f"vae-server: --{name.replace('_', '-')} ({getattr(s, name)}) must not exceed "
-                f"--max-queue-images ({s.max_queue_images})")
-
-
-def _read(path: str, flag: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise SystemExit(f"vae-server: cannot read {flag} {path}: {exc.strerror or exc}") from None
+            raise SettingsError(
+                f"{_flag(name)}: {getattr(s, name)} must not exceed --max-queue-images "
+                f"({s.max_queue_images})")
 
 
 def _check_tls(s: Settings) -> None:
@@ -198,39 +239,34 @@ def _check_tls(s: Settings) -> None:
     readable and usable, so that a mistake stops the start rather than the first handshake."""
     if bool(s.tls_cert) != bool(s.tls_key):
         given, missing = ("--tls-cert", "--tls-key") if s.tls_cert else ("--tls-key", "--tls-cert")
-        raise SystemExit(f"vae-server: {given} needs {missing} too (TLS takes a certificate "
-                         "and its private key)")
+        raise SettingsError(f"{given} needs {missing} too (TLS takes a certificate and its "
+                            "private key)")
     if s.tls_client_ca and not s.tls_cert:
-        raise SystemExit("vae-server: --tls-client-ca (mutual TLS) needs TLS: give --tls-cert "
-                         "and --tls-key too")
+        raise SettingsError("--tls-client-ca (mutual TLS) needs TLS: give --tls-cert and "
+                            "--tls-key too")
     if not s.tls_cert:
         return
-    for path, flag, marker in ((s.tls_cert, "--tls-cert", b"-----BEGIN CERTIFICATE-----"),
-                               (s.tls_key, "--tls-key", b"PRIVATE KEY-----"),
-                               (s.tls_client_ca, "--tls-client-ca", b"-----BEGIN CERTIFICATE-----")):
-        if path and marker not in _read(path, flag):
-            what = "private key" if flag == "--tls-key" else "certificate"
-            raise SystemExit(f"vae-server: {flag} {path} holds no PEM {what}")
+    try:
+        read_pem(s.tls_cert, "--tls-cert", CERTIFICATE)
+        read_pem(s.tls_key, "--tls-key", PRIVATE_KEY)
+        if s.tls_client_ca:
+            read_pem(s.tls_client_ca, "--tls-client-ca", CERTIFICATE)
+    except SecurityFileError as exc:
+        raise SettingsError(str(exc)) from None
     # gRPC would only find a bad pair at the first handshake; OpenSSL checks it now.
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(s.tls_cert, s.tls_key, password=lambda: b"")
     except ssl.SSLError as exc:
-        raise SystemExit(f"vae-server: --tls-cert {s.tls_cert} and --tls-key {s.tls_key} are "
-                         f"not a usable pair (an encrypted key, or a key of another "
-                         f"certificate?): {exc.reason or exc}") from None
+        raise SettingsError(f"--tls-cert {s.tls_cert} and --tls-key {s.tls_key} are not a "
+                            f"usable pair (an encrypted key, or a key of another "
+                            f"certificate?): {exc.reason or exc}") from None
     if s.tls_client_ca:
         try:
             ctx.load_verify_locations(cafile=s.tls_client_ca)
         except ssl.SSLError as exc:
-            raise SystemExit(f"vae-server: --tls-client-ca {s.tls_client_ca}: not usable as CA "
-                             f"certificates: {exc.reason or exc}") from None
-
-
-def _valid_token(token: str) -> bool:
-    # Visible ASCII: what an HTTP/2 header value carries as it is, and no spaces, which
-    # would make "Bearer TOKEN" ambiguous.
-    return bool(token) and all("!" <= c <= "~" for c in token)
+            raise SettingsError(f"--tls-client-ca {s.tls_client_ca}: not usable as CA "
+                                f"certificates: {exc.reason or exc}") from None
 
 
 def _load_tokens(s: Settings, env: Mapping[str, str]) -> tuple[str, ...]:
@@ -241,30 +277,15 @@ def _load_tokens(s: Settings, env: Mapping[str, str]) -> tuple[str, ...]:
     if from_env.strip():
         for i, item in enumerate(from_env.split(","), 1):
             token = item.strip()
-            if token and not _valid_token(token):
-                raise SystemExit(f"vae-server: {TOKENS_VAR}: token {i} is not printable ASCII "
-                                 "without spaces")
+            if token and not valid_token(token):
+                raise SettingsError(f"{TOKENS_VAR}: token {i} is not {TOKEN_RULE}")
             if token:
                 tokens.append(token)
         if not tokens:
-            raise SystemExit(f"vae-server: {TOKENS_VAR} is set but holds no token")
+            raise SettingsError(f"{TOKENS_VAR} is set but holds no token")
     if s.auth_token_file:
         try:
-            text = _read(s.auth_token_file, "--auth-token-file").decode("utf-8")
-        except UnicodeDecodeError:
-            raise SystemExit(f"vae-server: --auth-token-file {s.auth_token_file} is not UTF-8 "
-                             "text") from None
-        in_file = 0
-        for n, line in enumerate(text.splitlines(), 1):
-            token = line.strip()
-            if not token or token.startswith("#"):
-                continue
-            if not _valid_token(token):
-                raise SystemExit(f"vae-server: --auth-token-file {s.auth_token_file}, line {n}: "
-                                 "a token must be printable ASCII without spaces")
-            tokens.append(token)
-            in_file += 1
-        if not in_file:
-            raise SystemExit(f"vae-server: --auth-token-file {s.auth_token_file} holds no token "
-                             "(one a line; blank lines and # comments are ignored)")
+            tokens += read_tokens(s.auth_token_file, "--auth-token-file")
+        except SecurityFileError as exc:
+            raise SettingsError(str(exc)) from None
     return tuple(dict.fromkeys(tokens))

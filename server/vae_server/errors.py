@@ -20,6 +20,11 @@ class DeadlineExpired(ServingError):
     """The caller's deadline passed while the call was queued; it never ran."""
 
 
+class ShuttingDown(ServingError):
+    """The server is stopping and takes no more work: another replica, or this one once it
+    is back, will (clients retry it as UNAVAILABLE)."""
+
+
 class BatchFailed(ServingError):
     """The model run that held this call failed (a server fault)."""
 

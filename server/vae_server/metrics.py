@@ -27,7 +27,8 @@ LATENCY_BUCKETS = (
     250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 BATCH_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
-REJECTION_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthenticated")
+REJECTION_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthenticated",
+                     "shutting_down")
 IMAGE_METHODS = ("Encode", "Decode", "Sample", "SampleStream", "LogLikelihood")
 
 
@@ -108,7 +109,7 @@ class Metrics:
                                      ("grpc_method",), registry=r)
         self.rejected = Counter("vae_rejected_total",
                                 "Requests or images refused, by reason (invalid, queue_full, "
-                                "deadline, cancelled, unauthenticated).", ("reason",),
+                                "deadline, cancelled, unauthenticated, shutting_down).", ("reason",),
                                 registry=r)
         self.anomalies = Counter("vae_anomalies_total",
                                  "Images that LogLikelihood flagged as anomalies.", registry=r)

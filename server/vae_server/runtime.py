@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from vae_export import likelihood as lk
-from vae_export.manifest import DECODER, ENCODER, check_session_io, load_manifest
-from vae_export.runtime import Provider, make_session
+from vae_core import likelihood as lk
+from vae_core.manifest import MANIFEST, ModelSpec, load_manifest
+from vae_core.onnx_model import Provider, open_sessions
 from vae_server.batcher import RunFn
 from vae_server.binding import BoundRunner
 
@@ -80,11 +80,12 @@ class ModelRuntime:
                  max_rows: int = 2048, small_rows: int = 64) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: dict[str, Any] = load_manifest(self.model_dir)
-        self.manifest_text = (self.model_dir / "manifest.json").read_text()
-        self.latent_dim = int(self.manifest["latent_dim"])
-        self.likelihood = str(self.manifest["likelihood"])
-        self.sigma = self.manifest.get("sigma")
-        self.pixels = int(self.manifest["image"]["pixels"])
+        self.manifest_text = (self.model_dir / MANIFEST).read_text()
+        self.spec = ModelSpec.of(self.manifest)
+        self.latent_dim = self.spec.latent_dim
+        self.likelihood = self.spec.likelihood
+        self.sigma = self.spec.sigma
+        self.pixels = self.spec.pixels
         cal = self.manifest.get("calibration") or {}
         self.calibration_levels = np.asarray(cal.get("levels", []), dtype=np.float64)
         self.calibration_quantiles = np.asarray(cal.get("quantiles", []), dtype=np.float64)
@@ -102,13 +103,9 @@ class ModelRuntime:
 
         def sessions(providers: list[Provider], threads: int,
                      spinning: bool) -> tuple[ort.InferenceSession, ort.InferenceSession]:
-            return (make_session(self.model_dir / ENCODER, providers, threads, spinning),
-                    make_session(self.model_dir / DECODER, providers, threads, spinning))
+            return open_sessions(self.model_dir, self.manifest, providers, threads, spinning)
 
         self.encoder, self.decoder = sessions(chosen, threads, spinning)
-        for name, sess in ((ENCODER, self.encoder), (DECODER, self.decoder)):
-            check_session_io(name, self.manifest["files"][name], sess.get_inputs(),
-                             sess.get_outputs())
         # What ONNX Runtime actually uses: onnxruntime-gpu without a usable CUDA falls back
         # to CPU with only a logged error.
         self.provider = self.decoder.get_providers()[0]
@@ -144,7 +141,7 @@ class ModelRuntime:
         self.likelihood_output = (self._decoder_outputs.index("x_mean")
                                   if self.likelihood == lk.GAUSSIAN
                                   else self._decoder_outputs.index("logits"))
-        log.info("model %s (k=%d, %s) on %s%s", self.manifest["model_version"], self.latent_dim,
+        log.info("model %s (k=%d, %s) on %s%s", self.spec.version, self.latent_dim,
                  self.likelihood, self.provider,
                  (" with IO binding" + (" and CUDA graphs" if cuda_graphs else ""))
                  if self.bound else "")

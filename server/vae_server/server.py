@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +28,9 @@ from vae_server.servicer import VaeServicer
 log = logging.getLogger("vae_server")
 SERVICE_NAME = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# After the grace: how long the calls whose queued work was refused, and the runs under way,
+# have to end by themselves before whatever is left is cancelled.
+FINISH_SECONDS = 5.0
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -39,6 +43,7 @@ class RunningServer:
     servicer: VaeServicer
     metrics: Metrics
     executor: concurrent.futures.ThreadPoolExecutor
+    metrics_http: WSGIServer | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -54,10 +59,18 @@ class RunningServer:
         stopping = asyncio.ensure_future(self.server.stop(grace))
         await asyncio.sleep(0)
         await self.servicer.wait_idle(grace)
+        # Work still queued when the grace is over is refused as UNAVAILABLE (a client
+        # retries it elsewhere), and the calls it belonged to end by themselves, as do those
+        # whose runs are under way: gRPC's cancellation of a call whose handler goes on
+        # afterwards is what grpc.aio is fragile with (it can crash in stop()).
+        await self.servicer.close()
+        await self.servicer.wait_idle(FINISH_SECONDS)
         await self.server.stop(0)
         await stopping
-        await self.servicer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -79,7 +92,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
                                max_rows=settings.max_batch_size,
                                small_rows=settings.inline_rows)
     metrics.model_info.info({
-        "model_version": runtime.manifest["model_version"],
+        "model_version": runtime.spec.version,
         "likelihood": runtime.likelihood,
         "latent_dim": str(runtime.latent_dim),
         "sigma": str(runtime.sigma),
@@ -117,11 +130,12 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
     if settings.auth_tokens and not settings.tls:
         log.warning("bearer tokens without TLS travel in clear text: use TLS, or a "
                     "TLS-terminating proxy in front of this port")
-    metrics_port = None
+    metrics_port, http = None, None
     if settings.metrics_port >= 0:
         http, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
         metrics_port = http.server_port
-    running = RunningServer(server, port, metrics_port, health, servicer, metrics, executor)
+    running = RunningServer(server, port, metrics_port, health, servicer, metrics, executor,
+                            http)
     await running.set_serving(False)
     await server.start()
     log.info("gRPC on port %d, metrics on %s; warming up", port, metrics_port)
@@ -132,7 +146,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
                                    sorted({1, 16, settings.inline_rows} - {0}))
     await running.set_serving(True)
     log.info("SERVING model %s on %s, %d instance(s) per model, event loop %s",
-             runtime.manifest["model_version"], runtime.provider, instances,
+             runtime.spec.version, runtime.provider, instances,
              loops.running_loop_name())
     return running
 

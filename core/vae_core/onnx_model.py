@@ -1,5 +1,7 @@
-"""Exported models under ONNX Runtime, for evaluation: what will be served, not the PyTorch
-module. numpy and onnxruntime only."""
+"""Exported models under ONNX Runtime: the one place where a model directory becomes a pair of
+checked sessions (`open_sessions`), and `OnnxVAE`, the encoder and decoder as numpy functions
+(what `vae-export eval` scores, and what the server serves). numpy and onnxruntime only.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from vae_export import likelihood as lk
-from vae_export.manifest import DECODER, ENCODER, check_session_io, load_manifest
+from vae_core import likelihood as lk
+from vae_core.manifest import DECODER, ENCODER, ModelSpec, check_session_io, load_manifest
 
 # An execution provider's name, or its name and options.
 Provider = str | tuple[str, dict[str, str]]
@@ -34,6 +36,22 @@ def make_session(path: Path, providers: Sequence[Provider] | None = None, thread
                                 providers=list(providers or ["CPUExecutionProvider"]))
 
 
+def open_sessions(model_dir: str | Path, manifest: dict[str, Any],
+                  providers: Sequence[Provider] | None = None, threads: int = 0,
+                  spinning: bool = False) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+    """The encoder and decoder sessions of a model directory whose manifest was loaded (and
+    its hashes checked) by `load_manifest`; each session's inputs and outputs are checked
+    against the manifest."""
+    model_dir = Path(model_dir)
+    sessions = []
+    for name in (ENCODER, DECODER):
+        session = make_session(model_dir / name, providers, threads, spinning)
+        check_session_io(name, manifest["files"][name], session.get_inputs(),
+                         session.get_outputs())
+        sessions.append(session)
+    return sessions[0], sessions[1]
+
+
 class OnnxVAE:
     """Encoder and decoder sessions of a verified model directory."""
 
@@ -41,14 +59,12 @@ class OnnxVAE:
                  threads: int = 0, spinning: bool = False) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: dict[str, Any] = load_manifest(self.model_dir)
-        self.latent_dim = int(self.manifest["latent_dim"])
-        self.likelihood = str(self.manifest["likelihood"])
-        self.sigma = self.manifest.get("sigma")
-        self.encoder = make_session(self.model_dir / ENCODER, providers, threads, spinning)
-        self.decoder = make_session(self.model_dir / DECODER, providers, threads, spinning)
-        for name, sess in ((ENCODER, self.encoder), (DECODER, self.decoder)):
-            check_session_io(name, self.manifest["files"][name], sess.get_inputs(),
-                             sess.get_outputs())
+        self.spec = ModelSpec.of(self.manifest)
+        self.latent_dim = self.spec.latent_dim
+        self.likelihood = self.spec.likelihood
+        self.sigma = self.spec.sigma
+        self.encoder, self.decoder = open_sessions(self.model_dir, self.manifest, providers,
+                                                   threads, spinning)
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mu, logvar = self.encoder.run(["mu", "logvar"], {"x": np.ascontiguousarray(x, np.float32)})

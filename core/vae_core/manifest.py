@@ -1,12 +1,13 @@
 """manifest.json: what a model directory holds, and the checks a server runs before trusting it.
 
-numpy and the standard library only (no torch, no onnx): the server imports this module.
+The standard library only: training writes it, the server and evaluation check it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,26 @@ def load_manifest(model_dir: str | Path, verify_hashes: bool = True) -> dict[str
                     f"{entry['sha256'][:16]}... (the file changed after export)"
                 )
     return manifest
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What serving and scoring read from a checked manifest."""
+
+    version: str
+    latent_dim: int
+    likelihood: str
+    sigma: float | None  # the Gaussian decoder's; None for the Bernoulli decoder
+    pixels: int
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> ModelSpec:
+        sigma = manifest.get("sigma")
+        return cls(version=str(manifest["model_version"]),
+                   latent_dim=int(manifest["latent_dim"]),
+                   likelihood=str(manifest["likelihood"]),
+                   sigma=None if sigma is None else float(sigma),
+                   pixels=int(manifest["image"]["pixels"]))
 
 
 def check_session_io(name: str, entry: dict[str, Any], inputs: list[Any], outputs: list[Any]) -> None:

@@ -1,0 +1,13 @@
+"""A free TCP port on loopback, for tests and benchmarks that start servers."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A port that nothing listens on now. Another process may take it before the caller
+    binds it: callers that can should bind port 0 and ask the socket instead."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,205 @@
+"""Requests parsed and checked once: each RPC's request bytes become a typed input, or an
+InvalidArgument that names the field and the limit. Nothing after this module looks at a
+request message."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from vae_proto import vae_pb2
+from vae_proto.tensor import TensorError, from_tensor
+from vae_server.errors import InvalidArgument
+
+IMAGE_SIDE = 28
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for (the server's settings) and the model's sizes."""
+
+    max_images_per_request: int
+    max_sample_n: int
+    max_stream_n: int
+    max_chunk_size: int
+    default_chunk_size: int
+    max_k: int
+    max_queue_images: int  # LogLikelihood's n x k decoder rows must fit in the queue
+    pixels: int
+    latent_dim: int
+
+
+@dataclass(frozen=True)
+class EncodeInput:
+    images: np.ndarray  # float32 [N, D] in [0, 1]; uint8 pixels y read as (y + 0.5) / 256
+    sample: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class DecodeInput:
+    z: np.ndarray  # float32 [N, k], finite
+    dtype: int  # vae_pb2.FLOAT32 or UINT8
+
+
+@dataclass(frozen=True)
+class SampleInput:
+    n: int
+    seed: int
+    dtype: int
+    return_latents: bool
+
+
+@dataclass(frozen=True)
+class StreamInput:
+    n: int  # images in the whole stream
+    seed: int
+    chunk: int
+    offset: int  # the first image to send
+    dtype: int
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    images: np.ndarray  # [N, D]: float32 in [0, 1] (scored as they are) or uint8 (dequantised)
+    k: int
+    seed: int
+    offset: int  # the first image's index within the caller's data set
+
+    @property
+    def rows(self) -> int:
+        """The decoder rows the call runs: k for each image."""
+        return len(self.images) * self.k
+
+
+def _message(request_type: Any, raw: bytes) -> Any:
+    """The request message of raw bytes. Parsed here rather than by gRPC's deserializer,
+    which would answer bytes that are not the message with UNKNOWN."""
+    try:
+        return request_type.FromString(raw)
+    except DecodeError:
+        raise InvalidArgument(f"request: not a valid {request_type.DESCRIPTOR.full_name} "
+                              f"message ({len(raw)} bytes)") from None
+
+
+def encode(raw: bytes, limits: Limits) -> EncodeInput:
+    request = _message(vae_pb2.EncodeRequest, raw)
+    x = images(request.images, "images", limits.max_images_per_request, limits.pixels)
+    if x.dtype == np.uint8:
+        # The centre of the pixel's dequantisation interval (vae.proto, EncodeRequest).
+        x = (x.astype(np.float32) + np.float32(0.5)) / np.float32(256.0)
+    return EncodeInput(x, bool(request.sample), int(request.seed))
+
+
+def decode(raw: bytes, limits: Limits) -> DecodeInput:
+    request = _message(vae_pb2.DecodeRequest, raw)
+    dtype = output_dtype(request.output_dtype)
+    return DecodeInput(latents(request.z, "z", limits.max_images_per_request, limits.latent_dim),
+                       dtype)
+
+
+def sample(raw: bytes, limits: Limits) -> SampleInput:
+    request = _message(vae_pb2.SampleRequest, raw)
+    dtype = output_dtype(request.output_dtype)
+    return SampleInput(count(request.n, "n", limits.max_sample_n), int(request.seed), dtype,
+                       bool(request.return_latents))
+
+
+def sample_stream(raw: bytes, limits: Limits) -> StreamInput:
+    request = _message(vae_pb2.SampleStreamRequest, raw)
+    dtype = output_dtype(request.output_dtype)
+    n = count(request.n, "n", limits.max_stream_n)
+    chunk = count(request.chunk_size or limits.default_chunk_size, "chunk_size",
+                  limits.max_chunk_size)
+    if request.offset >= n:
+        raise InvalidArgument(f"offset: {request.offset} is out of range; it must be "
+                              f"0 .. n - 1 = {n - 1}")
+    return StreamInput(n, int(request.seed), chunk, int(request.offset), dtype)
+
+
+def log_likelihood(raw: bytes, limits: Limits) -> ScoreInput:
+    request = _message(vae_pb2.LogLikelihoodRequest, raw)
+    k = count(request.k, "k", limits.max_k)
+    x = images(request.images, "images", limits.max_images_per_request, limits.pixels)
+    if len(x) * k > limits.max_queue_images:
+        raise InvalidArgument(
+            f"images x k: {len(x)} x {k} = {len(x) * k} decoder rows; the limit is "
+            f"{limits.max_queue_images} per call (send fewer images or a smaller k)")
+    return ScoreInput(x, k, int(request.seed), int(request.offset))
+
+
+def model_info(raw: bytes) -> None:
+    _message(vae_pb2.GetModelInfoRequest, raw)
+
+
+# -- the checks of single fields ------------------------------------------------------------
+
+
+def count(n: int, field: str, limit: int, low: int = 1) -> int:
+    if not low <= n <= limit:
+        raise InvalidArgument(f"{field}: {n} is out of range; it must be {low} .. {limit}")
+    return n
+
+
+def output_dtype(value: int, field: str = "output_dtype") -> int:
+    if value == vae_pb2.DTYPE_UNSPECIFIED:
+        return vae_pb2.FLOAT32
+    if value not in (vae_pb2.FLOAT32, vae_pb2.UINT8):
+        raise InvalidArgument(f"{field}: {value} is not FLOAT32 (1) or UINT8 (2)")
+    return value
+
+
+def images(msg: vae_pb2.Tensor, field: str, max_n: int, pixels: int) -> np.ndarray:
+    """Images [N, 784] or [N, 28, 28], FLOAT32 in [0, 1] or UINT8 -> the raw array as
+    [N, pixels] (float32 checked, uint8 untouched)."""
+    if not msg.ByteSize():
+        raise InvalidArgument(f"{field}: missing; expected a tensor of shape [N, {pixels}]")
+    try:
+        arr = from_tensor(msg, field)
+    except TensorError as exc:
+        raise InvalidArgument(str(exc)) from None
+    shape = list(arr.shape)
+    if not (len(shape) == 2 and shape[1] == pixels) and not (
+        len(shape) == 3 and shape[1:] == [IMAGE_SIDE, IMAGE_SIDE]
+    ):
+        raise InvalidArgument(
+            f"{field}.shape: {shape}; expected [N, {pixels}] or [N, {IMAGE_SIDE}, {IMAGE_SIDE}]"
+        )
+    count(shape[0], f"{field}.shape[0] (images)", max_n)
+    arr = arr.reshape(shape[0], pixels)
+    if arr.dtype == np.float32:
+        _finite(arr, field)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InvalidArgument(
+                f"{field}: FLOAT32 pixels must lie in [0, 1]; found values in [{lo:g}, {hi:g}]"
+            )
+    return arr
+
+
+def latents(msg: vae_pb2.Tensor, field: str, max_n: int, latent_dim: int) -> np.ndarray:
+    try:
+        arr = from_tensor(msg, field)
+    except TensorError as exc:
+        if not msg.ByteSize():
+            raise InvalidArgument(f"{field}: missing; expected FLOAT32 [N, {latent_dim}]") from None
+        raise InvalidArgument(str(exc)) from None
+    if arr.dtype != np.float32:
+        raise InvalidArgument(f"{field}.dtype: latents must be FLOAT32")
+    if arr.ndim != 2 or arr.shape[1] != latent_dim:
+        raise InvalidArgument(f"{field}.shape: {list(arr.shape)}; expected [N, {latent_dim}]")
+    count(arr.shape[0], f"{field}.shape[0]", max_n)
+    _finite(arr, field)
+    return arr
+
+
+def _finite(arr: np.ndarray, field: str) -> None:
+    # A float64 sum cannot overflow for float32 inputs, and is NaN or Inf exactly when some
+    # value is: one reduction instead of a mask and a test.
+    if not math.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise InvalidArgument(f"{field}: {bad} values are NaN or Inf; all must be finite")

@@ -1,0 +1,59 @@
+"""The package boundaries of DESIGN.md: the server and the client never import the training
+package (nor torch), and the client's base install needs no ONNX Runtime."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "server/vae_server": {"vae_export", "torch", "onnx", "onnxscript"},
+    "client/vae_client": {"vae_export", "torch", "onnx", "onnxscript", "onnxruntime",
+                          "vae_server"},
+    "core/vae_core": {"vae_export", "vae_server", "vae_client", "torch", "onnx", "grpc"},
+}
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_module_imports_across_the_boundary(package):
+    """Any import statement, top level or inside a function."""
+    found = {str(p.relative_to(REPO_ROOT)): sorted(_imported_roots(p) & FORBIDDEN[package])
+             for p in sorted((REPO_ROOT / package).rglob("*.py"))}
+    assert not {f: names for f, names in found.items() if names}
+
+
+IMPORTED = """
+import json, sys
+import {modules}
+print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}})))
+"""
+
+
+@pytest.mark.parametrize(("modules", "absent"), [
+    ("vae_server, vae_server.__main__, vae_server.server, vae_server.servicer",
+     {"torch", "vae_export", "onnx"}),
+    ("vae_client, vae_client.__main__, vae_client.bench, vae_client.images",
+     {"torch", "vae_export", "onnx", "onnxruntime", "vae_server"}),
+], ids=["server", "client"])
+def test_importing_loads_neither_torch_nor_the_training_package(modules, absent):
+    proc = subprocess.run([sys.executable, "-c", IMPORTED.format(modules=modules)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    loaded = set(json.loads(proc.stdout))
+    assert modules.split(",")[0] in loaded  # the import did happen
+    assert not loaded & absent, sorted(loaded & absent)
