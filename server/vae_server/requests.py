@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -33,29 +33,25 @@ class Limits:
     latent_dim: int
 
 
-@dataclass(frozen=True)
-class EncodeInput:
+class EncodeInput(NamedTuple):
     images: np.ndarray  # float32 [N, D] in [0, 1]; uint8 pixels y read as (y + 0.5) / 256
     sample: bool
     seed: int
 
 
-@dataclass(frozen=True)
-class DecodeInput:
+class DecodeInput(NamedTuple):
     z: np.ndarray  # float32 [N, k], finite
     dtype: int  # vae_pb2.FLOAT32 or UINT8
 
 
-@dataclass(frozen=True)
-class SampleInput:
+class SampleInput(NamedTuple):
     n: int
     seed: int
     dtype: int
     return_latents: bool
 
 
-@dataclass(frozen=True)
-class StreamInput:
+class StreamInput(NamedTuple):
     n: int  # images in the whole stream
     seed: int
     chunk: int
@@ -63,8 +59,7 @@ class StreamInput:
     dtype: int
 
 
-@dataclass(frozen=True)
-class ScoreInput:
+class ScoreInput(NamedTuple):
     images: np.ndarray  # [N, D]: float32 in [0, 1] (scored as they are) or uint8 (dequantised)
     k: int
     seed: int

@@ -1,0 +1,115 @@
+"""Interleaved A/B of two checkouts of this repository under the same loads: the server of each
+tree, started fresh for every figure, driven by this tree's load generator, in rounds A B, B A,
+A B ... so that the machine's drift hits both alike. Prints each round and the ratio B / A of the
+medians.
+
+    python bench/ab.py --a ../base --b . --model-dir models/default --rounds 3
+
+A tree's server runs as `python -m vae_server` with that tree's packages first on PYTHONPATH
+(the venv's editable install points at this checkout), on the same model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+
+from vae_client.bench import run_bench
+from vae_core.ports import free_port
+
+PACKAGES = ("proto", "core", "export", "server", "client")
+LOADS = {  # name: run_bench arguments
+    "Decode, 1 image per call, c=64": {"method": "decode", "concurrency": 64},
+    "SampleStream float32, chunk 1024": {"method": "stream", "batch": 1024,
+                                         "dtype": "float32", "stream_n": 200_000},
+}
+
+
+def serve(tree: Path, model_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    path = [str(tree / p) for p in PACKAGES if (tree / p).is_dir()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.Popen([sys.executable, "-m", "vae_server", "--model-dir", str(model_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1",
+                             "--log-level", "WARNING"], env=env, cwd=tree,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(target: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(target) as ch:
+            try:
+                grpc.channel_ready_future(ch).result(timeout=1)
+                return
+            except grpc.FutureTimeoutError:
+                pass
+    raise TimeoutError(target)
+
+
+def measure(tree: Path, model_dir: Path, load: dict[str, object], seconds: float) -> float:
+    port = free_port()
+    proc = serve(tree, model_dir, port)
+    try:
+        wait_ready(f"127.0.0.1:{port}")
+        time.sleep(1.0)  # warm-up ends before SERVING; let the process settle
+        result = asyncio.run(run_bench(f"127.0.0.1:{port}", duration=seconds, warmup=1.0,
+                                       **load))  # type: ignore[arg-type]
+        if result.errors:
+            raise RuntimeError(f"{tree}: errors {result.errors}")
+        return result.calls_per_s if load["method"] == "decode" else result.images_per_s
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--a", type=Path, required=True, help="the tree measured first (the base)")
+    p.add_argument("--b", type=Path, required=True, help="the tree compared with it")
+    p.add_argument("--model-dir", type=Path, default=Path("models/default"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--json", type=Path, default=Path("bench-results/ab.json"))
+    p.add_argument("--only", choices=sorted(LOADS), action="append",
+                   help="measure only this load (repeatable)")
+    args = p.parse_args()
+    a, b, model_dir = args.a.resolve(), args.b.resolve(), args.model_dir.resolve()
+    loads = {n: LOADS[n] for n in (args.only or LOADS)}
+    figures: dict[str, dict[str, list[float]]] = {n: {"a": [], "b": []} for n in loads}
+    for r in range(1, args.rounds + 1):
+        for name, load in loads.items():
+            # The order alternates, so that neither tree always runs after the other.
+            order = (("a", a), ("b", b)) if r % 2 else (("b", b), ("a", a))
+            for side, tree in order:
+                value = measure(tree, model_dir, load, args.seconds)
+                figures[name][side].append(value)
+                print(f"round {r}  {name:<36} {side}: {value:12,.0f}", flush=True)
+    summary = {}
+    print()
+    for name, f in figures.items():
+        ratio = statistics.median(f["b"]) / statistics.median(f["a"])
+        per_round = [y / x for x, y in zip(f["a"], f["b"], strict=True)]
+        summary[name] = {**f, "median_ratio": ratio, "round_ratios": per_round}
+        print(f"{name:<36} b / a = {ratio:.3f} (rounds: "
+              f"{', '.join(f'{x:.3f}' for x in per_round)})")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "a": str(a), "b": str(b), "model_dir": str(model_dir), "seconds": args.seconds,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(), "figures": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
