@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import grpc
+from run import wait_ready  # bench/run.py
 
 from vae_client.bench import run_bench
 from vae_core.ports import free_port
@@ -42,18 +42,6 @@ def serve(tree: Path, model_dir: Path, port: int) -> subprocess.Popen[bytes]:
                              "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1",
                              "--log-level", "WARNING"], env=env, cwd=tree,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_ready(target: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with grpc.insecure_channel(target) as ch:
-            try:
-                grpc.channel_ready_future(ch).result(timeout=1)
-                return
-            except grpc.FutureTimeoutError:
-                pass
-    raise TimeoutError(target)
 
 
 def measure(tree: Path, model_dir: Path, load: dict[str, object], seconds: float) -> float:
