@@ -52,6 +52,7 @@ class Decoder:
     def __init__(self, runtime: ModelRuntime) -> None:
         self.runtime = runtime
         self.latent_dim = runtime.latent_dim
+        self.prior = runtime.prior
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         return self.runtime.run_decoder(z)[0]

@@ -32,7 +32,6 @@ from vae_proto import vae_pb2
 from vae_server import loops
 from vae_server.images import images_out
 from vae_server.runtime import cores
-from vae_server.sampling import prior_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +126,7 @@ def in_process_stream_images(model: OnnxVAE, chunk: int, dtype: str, seconds: fl
     conversion and the bytes, chunk after chunk (by each of `callers` threads)."""
 
     def step(c: int, i: int) -> int:
-        z = prior_latents(c, i * chunk, chunk, model.latent_dim)
+        z = model.prior.latents(c, i * chunk, chunk)
         x = model.decode(z)
         images_out(x, vae_pb2.UINT8 if dtype == "uint8" else vae_pb2.FLOAT32).tobytes()
         return chunk

@@ -25,10 +25,15 @@ from vae_export.train import TrainConfig
 OPTIONS = {
     "train": ["--out", "--data", "--latent-dim", "--hidden", "--likelihood", "--sigma",
               "--epochs", "--patience", "--batch-size", "--lr", "--val-fraction", "--seed",
-              "--threads", "--quiet"],
+              "--threads", "--decoder", "--cosine", "--no-cosine", "--warmup-epochs",
+              "--augment-p", "--rot-deg", "--shift-px", "--scale", "--shear-deg",
+              "--elastic-alpha", "--elastic-sigma", "--prior",
+              "--prior-components", "--prior-covariance", "--quiet"],
     "onnx": ["--run", "--out", "--no-calibration"],
     "eval": ["--model-dir", "--data", "--k", "--seed", "--ood", "--limit", "--json", "--roc",
-             "--threads"],
+             "--threads", "--samples", "--classifier", "--pictures"],
+    "classifier": ["--out", "--data", "--test", "--epochs", "--seed", "--quiet"],
+    "cas": ["--model-dir", "--data", "--n", "--seed", "--json", "--quiet"],
 }
 
 
@@ -198,7 +203,7 @@ def test_eval_writes_json_and_roc(model_dir: Path, mnist_test_dir: Path, tmp_pat
     out_json, roc = tmp_path / "eval.json", tmp_path / "roc.png"
     code = main(["eval", "--model-dir", str(model_dir), "--data", str(mnist_test_dir),
                  "--k", "4", "--limit", "40", "--ood", ood, "--json", str(out_json),
-                 "--roc", str(roc), "--threads", "1"])
+                 "--roc", str(roc), "--threads", "1", "--samples", "0"])
     assert code == 0
     result = json.loads(out_json.read_text())
     assert json.loads(capsys.readouterr().out) == result
@@ -241,6 +246,6 @@ def test_train_onnx_eval_through_the_cli(tmp_path: Path, mnist_test_dir: Path) -
     assert manifest["calibration"] is None and manifest["likelihood"] == "bernoulli"
     assert main(["eval", "--model-dir", str(model), "--data", str(mnist_test_dir),
                  "--k", "2", "--limit", "10", "--ood", "none", "--roc", "",
-                 "--json", str(tmp_path / "e.json")]) == 0
+                 "--samples", "0", "--json", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert "flagged_fraction" not in result["test"]  # no calibration, no flags

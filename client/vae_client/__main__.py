@@ -3,7 +3,7 @@
     vae-client --target HOST:PORT info [--json]
     vae-client --target HOST:PORT encode --in FILE... --out OUT.npy|OUT.npz [--sample --seed S]
     vae-client --target HOST:PORT decode --in Z.npy|Z.npz --out OUT.npy|OUT.png
-    vae-client --target HOST:PORT sample --n N --seed S --out OUT.npy|OUT.png
+    vae-client --target HOST:PORT sample --n N --seed S [--digit D] --out OUT.npy|OUT.png
     vae-client --target HOST:PORT score --in FILE... [--k K] [--json OUT] [--csv OUT]
     vae-client --target HOST:PORT bench --method decode --concurrency 64 --duration 10
 
@@ -246,14 +246,18 @@ def run_decode(args: argparse.Namespace) -> int:
 
 def add_sample(sub: Subparsers) -> None:
     p = sub.add_parser(
-        "sample", help="generate digits from the prior",
-        description="Generate n digits f(z), z ~ N(0, I) drawn from --seed. The same seed "
-        "gives the same images however they are fetched: image i is the same in one Sample "
-        f"reply and in a stream. Above {STREAM_THRESHOLD} images (or the server's "
+        "sample", help="generate digits, of one class with --digit",
+        description="Generate n digits f(z), z drawn from --seed by the model's prior (of the "
+        "class --digit when given). The same seed and digit give the same images however they "
+        "are fetched: image i is the same in one Sample reply and in a stream. "
+        f"Above {STREAM_THRESHOLD} images (or the server's "
         "max_sample_n or max_queue_images) the images come by SampleStream, in chunks, "
         "written to the NPY file as they arrive, so memory stays bounded.")
     p.add_argument("--n", type=_int_at_least(1), required=True, help="number of images")
     _add_seed(p, "the latents")
+    p.add_argument("--digit", type=_int_at_least(0), default=None,
+                   help="generate digits of this class only (one of the model's digits, "
+                        "`info`; default: any class)")
     _add_dtype(p)
     p.add_argument("--out", required=True, metavar="OUT",
                    help="OUT.npy (images [n, 28, 28] of --dtype) or OUT.png (one grid of the "
@@ -287,7 +291,8 @@ def run_sample(args: argparse.Namespace) -> int:
                                                _max_images(info))
                 _sample_stream(client, args, chunk, sink)
             else:
-                sink.put(0, client.sample(args.n, seed=args.seed, dtype=args.dtype))
+                sink.put(0, client.sample(args.n, seed=args.seed, dtype=args.dtype,
+                                          digit=args.digit))
         except BaseException:
             sink.abort()
             raise
@@ -299,7 +304,7 @@ def _sample_stream(client: VaeClient, args: argparse.Namespace, chunk_size: int,
                    sink: ImageSink) -> None:
     # --timeout bounds the whole stream when given; by default a stream has no deadline.
     chunks = client.sample_stream(args.n, seed=args.seed, chunk_size=chunk_size,
-                                  dtype=args.dtype, timeout=args.timeout)
+                                  dtype=args.dtype, digit=args.digit, timeout=args.timeout)
     with Progress(args.n, "sample", cli_io.progress_wanted(args.progress)) as bar:
         for offset, images in chunks:
             sink.put(offset, images)

@@ -29,6 +29,16 @@ def images_tensor(images: np.ndarray) -> vae_pb2.Tensor:
     return to_tensor(arr)
 
 
+def sample_request(n: int, seed: int, dtype: str, digit: int | None) -> vae_pb2.SampleRequest:
+    return vae_pb2.SampleRequest(n=n, seed=seed, output_dtype=dtype_enum(dtype), digit=digit)
+
+
+def stream_request(n: int, seed: int, chunk_size: int, dtype: str, offset: int,
+                   digit: int | None) -> vae_pb2.SampleStreamRequest:
+    return vae_pb2.SampleStreamRequest(n=n, seed=seed, chunk_size=chunk_size,
+                                       output_dtype=dtype_enum(dtype), offset=offset, digit=digit)
+
+
 def latents_tensor(z: np.ndarray) -> vae_pb2.Tensor:
     arr = np.asarray(z, dtype=np.float32)
     return to_tensor(arr[None] if arr.ndim == 1 else arr)

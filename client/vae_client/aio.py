@@ -76,18 +76,18 @@ class AsyncVaeClient:
         return _codec.array((await self._call(self._stub.Decode, req, timeout)).images, "images")
 
     async def sample(self, n: int, seed: int = 0, dtype: str = "float32",
-                     timeout: float | None = None) -> np.ndarray:
-        """n images from the prior [n, 28, 28], reproducible by seed."""
-        req = vae_pb2.SampleRequest(n=n, seed=seed, output_dtype=_codec.dtype_enum(dtype))
+                     digit: int | None = None, timeout: float | None = None) -> np.ndarray:
+        """n generated images [n, 28, 28] (of class `digit` when given), as VaeClient.sample."""
+        req = _codec.sample_request(n, seed, dtype, digit)
         return _codec.array((await self._call(self._stub.Sample, req, timeout)).images, "images")
 
     async def sample_stream(self, n: int, seed: int = 0, chunk_size: int = 0,
-                            dtype: str = "float32", offset: int = 0,
+                            dtype: str = "float32", offset: int = 0, digit: int | None = None,
                             timeout: float | None = None,
                             ) -> AsyncIterator[tuple[int, np.ndarray]]:
-        """Yield (offset, images) chunks of a stream of n prior samples."""
-        req = vae_pb2.SampleStreamRequest(n=n, seed=seed, chunk_size=chunk_size,
-                                          output_dtype=_codec.dtype_enum(dtype), offset=offset)
+        """Yield (offset, images) chunks of a stream of n generated images, as
+        VaeClient.sample_stream."""
+        req = _codec.stream_request(n, seed, chunk_size, dtype, offset, digit)
         resume = offset  # the first image not yet received
         call = self._stub.SampleStream(req, timeout=timeout)
         try:

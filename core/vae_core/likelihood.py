@@ -93,12 +93,14 @@ def log_weights(
     likelihood: str,
     sigma: float | None,
     z: np.ndarray | None = None,
+    log_prior: Callable[[np.ndarray], np.ndarray] = log_normal_std,
 ) -> np.ndarray:
     """Importance log-weights [N, K] given the decoder's output for z = latents(mu, logvar, eps)
-    (pass `z` [N, K, k] where the caller has it already)."""
+    (pass `z` [N, K, k] where the caller has it already). `log_prior`: log p(z) summed over the
+    last axis, the model's prior (vae_core.prior; N(0, I) by default)."""
     if z is None:
         z = latents(mu, logvar, eps)
-    return log_px_given_z(x, decoded, likelihood, sigma) + log_normal_std(z) - log_q(eps, logvar)
+    return log_px_given_z(x, decoded, likelihood, sigma) + log_prior(z) - log_q(eps, logvar)
 
 
 @dataclass(frozen=True)

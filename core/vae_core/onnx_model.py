@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from vae_core import likelihood as lk
 from vae_core.manifest import DECODER, ENCODER, ModelSpec, check_session_io, load_manifest
+from vae_core.prior import GaussianMixture, load_prior
 
 # An execution provider's name, or its name and options.
 Provider = str | tuple[str, dict[str, str]]
@@ -63,6 +64,7 @@ class OnnxVAE:
         self.latent_dim = self.spec.latent_dim
         self.likelihood = self.spec.likelihood
         self.sigma = self.spec.sigma
+        self.prior: GaussianMixture = load_prior(self.model_dir, self.manifest, self.latent_dim)
         self.encoder, self.decoder = open_sessions(self.model_dir, self.manifest, providers,
                                                    threads, spinning)
 
@@ -73,6 +75,11 @@ class OnnxVAE:
     def decode(self, z: np.ndarray) -> np.ndarray:
         """The mean image f(z) [N, 784] in [0, 1]."""
         return self.decoder.run(["x_mean"], {"z": np.ascontiguousarray(z, np.float32)})[0]
+
+    def sample(self, n: int, seed: int, start: int = 0, digit: int | None = None) -> np.ndarray:
+        """Images start .. start + n - 1 generated from `seed` [n, 784] in [0, 1]: the mean
+        images f(z) of the prior's z, as the server's Sample and SampleStream make them."""
+        return self.decode(self.prior.latents(seed, start, n, digit))
 
     def decode_for_likelihood(self, z: np.ndarray) -> np.ndarray:
         """What log p(x|z) needs: the mean image (Gaussian) or the logits (Bernoulli)."""
@@ -86,7 +93,8 @@ class OnnxVAE:
         n, k_samples, _ = eps.shape
         decoded = self.decode_for_likelihood(z.reshape(n * k_samples, -1))
         decoded = decoded.reshape(n, k_samples, -1)
-        return lk.log_weights(x, mu, logvar, eps, decoded, self.likelihood, self.sigma, z)
+        return lk.log_weights(x, mu, logvar, eps, decoded, self.likelihood, self.sigma, z,
+                              self.prior.log_prob)
 
     def score(self, x: np.ndarray, k_samples: int, seed: int,
               decodes_per_run: int = 16384) -> lk.Scores:

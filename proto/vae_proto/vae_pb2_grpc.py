@@ -84,8 +84,9 @@ class VaeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Sample(self, request, context):
-        """n images generated from the prior: f(z), z ~ N(0, I) drawn from `seed`.
-        n is capped (ModelInfo.limits.max_sample_n); use SampleStream for more.
+        """n images generated from the model's prior: f(z), z ~ p(z) drawn from `seed` (p(z | digit)
+        when a digit is asked for). n is capped (ModelInfo.limits.max_sample_n); use SampleStream
+        for more.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,8 +94,8 @@ class VaeServiceServicer:
 
     def SampleStream(self, request, context):
         """Bulk generation: up to 10^7 images, returned in chunks. Image i of a stream is
-        identical to image i of Sample with the same seed and dtype, so a stream broken off at
-        image m can resume with offset = m and lose or repeat nothing.
+        identical to image i of Sample with the same seed, digit and dtype, so a stream broken off
+        at image m can resume with offset = m and lose or repeat nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

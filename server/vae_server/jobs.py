@@ -9,23 +9,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vae_core import likelihood as lk
+from vae_core.prior import GaussianMixture
 from vae_server import replies
 from vae_server.runtime import ModelRuntime
-from vae_server.sampling import prior_latents
 
 
 @dataclass
 class StreamChunk:
     """Images first .. first + rows - 1 of a seeded stream, as the chunk's reply bytes."""
 
+    prior: GaussianMixture
     seed: int
     first: int
     rows: int
-    latent_dim: int
+    digit: int | None
     dtype: int
 
     def make_rows(self) -> np.ndarray:
-        return prior_latents(self.seed, self.first, self.rows, self.latent_dim)
+        return self.prior.latents(self.seed, self.first, self.rows, self.digit)
 
     def finish(self, outputs: list[np.ndarray]) -> bytes:
         return replies.sample_chunk(self.first, outputs[0], self.dtype)
@@ -70,7 +71,7 @@ class ImportanceWeights:
         m = self.model
         decoded = outputs[m.likelihood_output].reshape(len(self.x), self.samples, m.pixels)
         return lk.log_weights(self.x, self.mu, self.logvar, self._eps, decoded, m.likelihood,
-                              m.sigma, self._z)
+                              m.sigma, self._z, m.prior.log_prob)
 
 
 @dataclass

@@ -31,6 +31,7 @@ class Limits:
     max_queue_images: int  # LogLikelihood's n x k decoder rows must fit in the queue
     pixels: int
     latent_dim: int
+    digits: tuple[int, ...] = ()  # the classes Sample and SampleStream may ask for
 
 
 class EncodeInput(NamedTuple):
@@ -49,6 +50,7 @@ class SampleInput(NamedTuple):
     seed: int
     dtype: int
     return_latents: bool
+    digit: int | None  # None: any class
 
 
 class StreamInput(NamedTuple):
@@ -57,6 +59,7 @@ class StreamInput(NamedTuple):
     chunk: int
     offset: int  # the first image to send
     dtype: int
+    digit: int | None
 
 
 class ScoreInput(NamedTuple):
@@ -101,7 +104,7 @@ def sample(raw: bytes, limits: Limits) -> SampleInput:
     request = _message(vae_pb2.SampleRequest, raw)
     dtype = output_dtype(request.output_dtype)
     return SampleInput(count(request.n, "n", limits.max_sample_n), int(request.seed), dtype,
-                       bool(request.return_latents))
+                       bool(request.return_latents), digit(request, limits))
 
 
 def sample_stream(raw: bytes, limits: Limits) -> StreamInput:
@@ -113,7 +116,8 @@ def sample_stream(raw: bytes, limits: Limits) -> StreamInput:
     if request.offset >= n:
         raise InvalidArgument(f"offset: {request.offset} is out of range; it must be "
                               f"0 .. n - 1 = {n - 1}")
-    return StreamInput(n, int(request.seed), chunk, int(request.offset), dtype)
+    return StreamInput(n, int(request.seed), chunk, int(request.offset), dtype,
+                       digit(request, limits))
 
 
 def log_likelihood(raw: bytes, limits: Limits) -> ScoreInput:
@@ -138,6 +142,26 @@ def count(n: int, field: str, limit: int, low: int = 1) -> int:
     if not low <= n <= limit:
         raise InvalidArgument(f"{field}: {n} is out of range; it must be {low} .. {limit}")
     return n
+
+
+def digit(request: Any, limits: Limits) -> int | None:
+    """The digit class asked for (the optional field `digit`), or None."""
+    if not request.HasField("digit"):
+        return None
+    value = int(request.digit)
+    if value not in limits.digits:
+        if not limits.digits:
+            raise InvalidArgument(f"digit: {value} was asked for, but this model generates no "
+                                  "digit classes (ModelInfo.digits is empty)")
+        raise InvalidArgument(f"digit: {value} is not a class of this model; it must be one of "
+                              f"{_classes(limits.digits)}")
+    return value
+
+
+def _classes(digits: tuple[int, ...]) -> str:
+    if list(digits) == list(range(digits[0], digits[-1] + 1)):
+        return f"{digits[0]} .. {digits[-1]}"
+    return ", ".join(map(str, digits))
 
 
 def output_dtype(value: int, field: str = "output_dtype") -> int:

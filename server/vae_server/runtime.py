@@ -14,6 +14,7 @@ import onnxruntime as ort
 from vae_core import likelihood as lk
 from vae_core.manifest import MANIFEST, ModelSpec, load_manifest
 from vae_core.onnx_model import Provider, open_sessions
+from vae_core.prior import GaussianMixture, load_prior
 from vae_server.batcher import RunFn
 from vae_server.binding import BoundRunner
 
@@ -86,6 +87,7 @@ class ModelRuntime:
         self.likelihood = self.spec.likelihood
         self.sigma = self.spec.sigma
         self.pixels = self.spec.pixels
+        self.prior: GaussianMixture = load_prior(self.model_dir, self.manifest, self.latent_dim)
         cal = self.manifest.get("calibration") or {}
         self.calibration_levels = np.asarray(cal.get("levels", []), dtype=np.float64)
         self.calibration_quantiles = np.asarray(cal.get("quantiles", []), dtype=np.float64)

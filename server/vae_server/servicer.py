@@ -32,7 +32,6 @@ from vae_server.errors import (
 from vae_server.jobs import ImageScores, ImportanceWeights, StreamChunk
 from vae_server.metrics import IMAGE_METHODS, Metrics
 from vae_server.runtime import ModelRuntime
-from vae_server.sampling import prior_latents
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -155,7 +154,7 @@ class VaeServicer:
             max_chunk_size=settings.max_chunk_size,
             default_chunk_size=settings.default_chunk_size, max_k=settings.max_k,
             max_queue_images=settings.max_queue_images, pixels=runtime.pixels,
-            latent_dim=runtime.latent_dim)
+            latent_dim=runtime.latent_dim, digits=tuple(runtime.prior.digits))
         self._images = {m: metrics.method_images.labels(m) for m in IMAGE_METHODS}
         self._in_flight = 0  # vae.v1 calls being handled, for a graceful stop
         self._idle: asyncio.Event | None = None
@@ -235,7 +234,7 @@ class VaeServicer:
     async def Sample(self, raw: bytes, context: Context) -> bytes:
         req = requests.sample(raw, self.limits)
         with self.decoder.reserve(req.n) as room:  # a full queue refuses before the noise
-            z = prior_latents(req.seed, 0, req.n, self.runtime.latent_dim)
+            z = self.runtime.prior.latents(req.seed, 0, req.n, req.digit)
             outputs = await self.decoder.submit(z, _deadline(context), room)
         self._images["Sample"].inc(req.n)
         return replies.sample(outputs[0], req.dtype, z if req.return_latents else None)
@@ -246,11 +245,11 @@ class VaeServicer:
         counter = self._images["SampleStream"]
         deadline = _deadline(context)
         loop = asyncio.get_running_loop()
-        latent_dim = self.runtime.latent_dim
+        prior = self.runtime.prior
 
         async def produce(first: int) -> tuple[int, bytes]:
-            chunk = StreamChunk(req.seed, first, min(req.chunk, req.n - first), latent_dim,
-                                req.dtype)
+            chunk = StreamChunk(prior, req.seed, first, min(req.chunk, req.n - first),
+                                req.digit, req.dtype)
             if chunk.rows <= self.decoder.max_batch:
                 # One decoder job: its noise, its run and its reply bytes (the uint8
                 # conversion, the one copy of the pixels) in the thread that runs the batch.
@@ -357,4 +356,5 @@ class VaeServicer:
                 max_message_bytes=s.max_message_bytes),
             anomaly_percentile=rt.anomaly_percentile,
             manifest_json=rt.manifest_text,
+            digits=rt.prior.digits,
         ).SerializeToString()

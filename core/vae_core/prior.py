@@ -1,0 +1,182 @@
+"""The prior p(z) of a model, in numpy: what Sample and SampleStream draw from and what
+LogLikelihood scores with, so that the likelihood served is that of the model that generates.
+
+A prior is a Gaussian mixture over R^k whose components may carry a digit class:
+
+    p(z) = sum_j w_j N(z; m_j, L_j L_j^T),      p(z | c) ∝ sum_{j: class_j = c} w_j N(...)
+
+N(0, I) is the one-component case (a model directory without `prior.npz`). A learned prior
+is fitted to where the training digits' codes lie (vae-export train), one mixture per class,
+so that labelled generation draws from the components of the class asked for.
+
+Latents are addressable by index: image i of seed s takes its noise eps from row i % B of the
+block drawn by the generator seeded (s, i // B), and its component from a uniform number drawn
+by the generator seeded (s, i // B, 1). Any range of images can be made without drawing the
+ones before it, whatever the batching, and for N(0, I) z = eps exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 1024
+LOG_2PI = float(np.log(2.0 * np.pi))
+PRIOR_FILE = "prior.npz"
+NO_CLASS = -1
+_CHUNK = 4096  # latents per matrix product in log_prob: [4096, C k] float32 at most
+
+
+class PriorError(ValueError):
+    """A prior file whose arrays do not make a mixture of the model's latent size."""
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    weights: np.ndarray  # [C] float64, summing to 1
+    means: np.ndarray  # [C, k] float64
+    chols: np.ndarray  # [C, k, k] float64, lower-triangular factors of the covariances
+    classes: np.ndarray  # [C] int64: the digit class of each component, or NO_CLASS
+    _inv: np.ndarray = field(init=False, repr=False)
+    _shift: np.ndarray = field(init=False, repr=False)
+    _log_norm: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        c, k = self.means.shape
+        if (self.weights.shape != (c,) or self.chols.shape != (c, k, k)
+                or self.classes.shape != (c,)):
+            raise PriorError(f"a mixture of {c} components in R^{k} needs weights [{c}], "
+                             f"chols [{c}, {k}, {k}] and classes [{c}]")
+        if not np.all(self.weights >= 0) or not np.isclose(self.weights.sum(), 1.0):
+            raise PriorError("the mixture weights must be >= 0 and sum to 1")
+        diag = np.diagonal(self.chols, axis1=1, axis2=2)
+        if not np.all(diag > 0) or not np.allclose(np.triu(self.chols, 1), 0.0):
+            raise PriorError("each covariance factor must be lower-triangular with a positive "
+                             "diagonal")
+        # For log_prob: ||L_j^-1 (z - m_j)||^2 for every component j is one matrix product,
+        # z @ A^T - b, with the inverse factors stacked into A [C k, k] and b_j = L_j^-1 m_j
+        # (float32: its rounding is far below a nat), and each component's log weight plus
+        # the log of its normalising constant.
+        inv = np.linalg.inv(self.chols)
+        object.__setattr__(self, "_inv", inv.reshape(c * k, k).T.astype(np.float32).copy())
+        object.__setattr__(self, "_shift", np.einsum("cij,cj->ci", inv, self.means)
+                           .reshape(c * k).astype(np.float32))
+        with np.errstate(divide="ignore"):
+            log_w = np.log(self.weights)
+        object.__setattr__(self, "_log_norm",
+                           log_w - np.log(diag).sum(axis=1) - 0.5 * k * LOG_2PI)
+
+    @classmethod
+    def standard(cls, k: int) -> GaussianMixture:
+        """N(0, I) on R^k."""
+        return cls(np.ones(1), np.zeros((1, k)), np.eye(k)[None], np.array([NO_CLASS]))
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.means.shape[1])
+
+    @property
+    def is_standard(self) -> bool:
+        return (len(self.weights) == 1 and not self.means.any()
+                and np.array_equal(self.chols[0], np.eye(self.latent_dim)))
+
+    @property
+    def digits(self) -> list[int]:
+        """The classes that labelled sampling may ask for (none for an unlabelled prior)."""
+        return sorted(int(c) for c in set(self.classes.tolist()) if c != NO_CLASS)
+
+    # -- files ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, weights=self.weights, means=self.means, chols=self.chols,
+                 classes=self.classes)
+
+    @classmethod
+    def load(cls, path: str | Path, latent_dim: int) -> GaussianMixture:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {name: f[name] for name in ("weights", "means", "chols", "classes")}
+        except (OSError, KeyError, ValueError) as exc:
+            raise PriorError(f"{path}: not a prior file ({exc})") from None
+        prior = cls(arrays["weights"].astype(np.float64), arrays["means"].astype(np.float64),
+                    arrays["chols"].astype(np.float64), arrays["classes"].astype(np.int64))
+        if prior.latent_dim != latent_dim:
+            raise PriorError(f"{path}: a prior on R^{prior.latent_dim}, the model's latents "
+                             f"are in R^{latent_dim}")
+        return prior
+
+    # -- sampling -------------------------------------------------------------------------
+
+    def latents(self, seed: int, start: int, n: int, digit: int | None = None) -> np.ndarray:
+        """z [n, k] float32 for images start .. start + n - 1 of the sequence seeded by
+        `seed`, from the components of class `digit` when it is given."""
+        k = self.latent_dim
+        out = np.empty((n, k), dtype=np.float32)
+        cdf = self._cdf(digit)
+        first, last = start // BLOCK, (start + n - 1) // BLOCK
+        pos = 0
+        for b in range(first, last + 1):
+            lo = max(start, b * BLOCK) - b * BLOCK
+            hi = min(start + n, (b + 1) * BLOCK) - b * BLOCK
+            eps = np.random.default_rng([seed, b]).standard_normal((BLOCK, k),
+                                                                   dtype=np.float32)[lo:hi]
+            if cdf is None:
+                out[pos : pos + hi - lo] = eps
+            else:
+                u = np.random.default_rng([seed, b, 1]).random(BLOCK)[lo:hi]
+                comp = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
+                out[pos : pos + hi - lo] = self._transform(comp, eps)
+            pos += hi - lo
+        return out
+
+    def _cdf(self, digit: int | None) -> np.ndarray | None:
+        """The cumulative component weights to draw from (None: z = eps)."""
+        if digit is None:
+            if self.is_standard:
+                return None
+            w = self.weights
+        else:
+            if digit not in self.digits:
+                raise ValueError(f"digit {digit}: this prior has classes {self.digits}")
+            w = np.where(self.classes == digit, self.weights, 0.0)
+        return np.cumsum(w / w.sum())
+
+    def _transform(self, comp: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """m_j + L_j eps for each row's component j, one matrix product per component."""
+        z = np.empty(eps.shape, dtype=np.float64)
+        for j in np.unique(comp):
+            rows = comp == j
+            z[rows] = self.means[j] + eps[rows].astype(np.float64) @ self.chols[j].T
+        return z.astype(np.float32)
+
+    # -- density --------------------------------------------------------------------------
+
+    def log_prob(self, z: np.ndarray) -> np.ndarray:
+        """log p(z), summed over the last axis: z [..., k] -> [...] float64."""
+        z = np.asarray(z)
+        shape = z.shape[:-1]
+        flat = z.reshape(-1, self.latent_dim).astype(np.float64)
+        if self.is_standard:
+            return (-0.5 * (np.einsum("nk,nk->n", flat, flat)
+                            + self.latent_dim * LOG_2PI)).reshape(shape)
+        c, k = len(self.weights), self.latent_dim
+        out = np.empty(len(flat))
+        for lo in range(0, len(flat), _CHUNK):
+            y = flat[lo : lo + _CHUNK].astype(np.float32) @ self._inv
+            y -= self._shift
+            sq = np.einsum("ncj,ncj->nc", y.reshape(-1, c, k), y.reshape(-1, c, k))
+            per = self._log_norm - 0.5 * sq.astype(np.float64)
+            m = per.max(axis=1, keepdims=True)
+            out[lo : lo + _CHUNK] = np.log(np.exp(per - m).sum(axis=1)) + m[:, 0]
+        return out.reshape(shape)
+
+
+def load_prior(model_dir: str | Path, manifest: dict[str, object], latent_dim: int
+               ) -> GaussianMixture:
+    """The prior a model directory declares: its prior file, or N(0, I) without one."""
+    files = manifest.get("files")
+    if isinstance(files, dict) and PRIOR_FILE in files:
+        return GaussianMixture.load(Path(model_dir) / PRIOR_FILE, latent_dim)
+    return GaussianMixture.standard(latent_dim)

@@ -1,0 +1,62 @@
+"""Random deformations of 28x28 digits for training, in torch, seeded by a torch.Generator:
+small rotations, shifts, scalings and shears (one affine_grid and grid_sample for a whole
+batch), and optionally an elastic field (Simard et al., 2003) added to the affine grid.
+Input and output are float tensors [N, 1, 28, 28] on the same scale (0..255 or 0..1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+
+def random_affine_grid(n: int, gen: torch.Generator, rot_deg: float, shift_px: float,
+                       scale: float, shear_deg: float) -> torch.Tensor:
+    """Sampling grids [n, 28, 28, 2] of random affine maps (normalised coordinates)."""
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+    a = u(-rot_deg, rot_deg) * math.pi / 180
+    sh = u(-shear_deg, shear_deg) * math.pi / 180
+    s = u(1 - scale, 1 + scale)
+    t = u(-shift_px, shift_px) * 2 / 28, u(-shift_px, shift_px) * 2 / 28
+    cos, sin = torch.cos(a), torch.sin(a)
+    theta = torch.zeros(n, 2, 3)
+    # grid maps output coords to input coords: dividing by s enlarges the digit when s > 1.
+    theta[:, 0, 0] = cos / s
+    theta[:, 0, 1] = (-sin + torch.tan(sh)) / s
+    theta[:, 1, 0] = sin / s
+    theta[:, 1, 1] = cos / s
+    theta[:, 0, 2] = t[0]
+    theta[:, 1, 2] = t[1]
+    return F.affine_grid(theta, [n, 1, 28, 28], align_corners=False)
+
+
+def elastic_field(n: int, gen: torch.Generator, alpha_px: float, sigma_px: float) -> torch.Tensor:
+    """Smooth random displacement [n, 28, 28, 2] in normalised coordinates: white noise
+    blurred by a Gaussian of sigma_px, scaled so its typical size is ~alpha_px pixels."""
+    noise = torch.rand(n * 2, 1, 28, 28, generator=gen) * 2 - 1
+    r = int(math.ceil(3 * sigma_px))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    g = g / g.sum()
+    noise = F.conv2d(noise, g.view(1, 1, 1, -1), padding=(0, r))
+    noise = F.conv2d(noise, g.view(1, 1, -1, 1), padding=(r, 0))
+    noise = noise / (noise.std() + 1e-8)
+    return (noise.view(n, 2, 28, 28).permute(0, 2, 3, 1) * alpha_px * 2 / 28)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, rot_deg: float = 10.0, shift_px: float = 2.0,
+            scale: float = 0.1, shear_deg: float = 0.0, elastic_alpha: float = 0.0,
+            elastic_sigma: float = 4.0, p: float = 1.0) -> torch.Tensor:
+    """Randomly deform a batch x [N, 1, 28, 28]; each image is left untouched with prob 1 - p."""
+    n = x.shape[0]
+    grid = random_affine_grid(n, gen, rot_deg, shift_px, scale, shear_deg)
+    if elastic_alpha > 0:
+        grid = grid + elastic_field(n, gen, elastic_alpha, elastic_sigma)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if p < 1.0:
+        keep = (torch.rand(n, generator=gen) >= p).view(n, 1, 1, 1)
+        out = torch.where(keep, x, out)
+    return out

@@ -1,0 +1,132 @@
+"""Fitting the learned prior (vae_core.prior.GaussianMixture) to where the training digits'
+codes lie: for each digit class, a Gaussian mixture fitted by EM to latents drawn from the
+encoder's posteriors q(z|x) of that class's training digits (the aggregate posterior, not
+just its means, so that samples are new digits rather than decodings of training codes).
+
+The class weights are the classes' shares of the training digits; labelled generation draws
+from one class's components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from vae_core.prior import GaussianMixture
+
+
+@dataclass
+class PriorConfig:
+    """How the prior is made: "standard" is N(0, I); "mixture" is fitted after training."""
+
+    kind: str = "mixture"
+    components: int = 10  # per digit class
+    covariance: str = "full"  # "full" or "diag"
+    samples_per_digit: int = 10  # latents drawn from each training digit's q(z|x)
+    reg: float = 1e-3  # added to each covariance's diagonal, relative to the codes' variance
+    iterations: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("standard", "mixture"):
+            raise ValueError(f"prior kind must be standard or mixture, not {self.kind!r}")
+        if self.covariance not in ("full", "diag"):
+            raise ValueError(f"covariance must be full or diag, not {self.covariance!r}")
+        if self.components < 1 or self.samples_per_digit < 1:
+            raise ValueError("components and samples_per_digit must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def posterior_samples(mu: np.ndarray, logvar: np.ndarray, labels: np.ndarray, per_digit: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`per_digit` latents z ~ q(z|x) of each digit, and their labels."""
+    eps = rng.standard_normal((len(mu), per_digit, mu.shape[1]))
+    z = mu[:, None, :] + np.exp(0.5 * logvar)[:, None, :] * eps
+    return z.reshape(-1, mu.shape[1]), np.repeat(labels, per_digit)
+
+
+def fit_prior(mu: np.ndarray, logvar: np.ndarray, labels: np.ndarray,
+              cfg: PriorConfig) -> GaussianMixture:
+    """The prior fitted to the training digits' posteriors N(mu, exp(logvar)) [N, k] and
+    their labels [N]."""
+    k = mu.shape[1]
+    if cfg.kind == "standard":
+        return GaussianMixture.standard(k)
+    rng = np.random.default_rng(cfg.seed)
+    z, lab = posterior_samples(np.asarray(mu, np.float64), np.asarray(logvar, np.float64),
+                               np.asarray(labels), cfg.samples_per_digit, rng)
+    weights, means, chols, classes = [], [], [], []
+    for c in np.unique(lab):
+        w, m, cov = fit_gmm(z[lab == c], cfg.components, rng, cfg.covariance, cfg.reg,
+                            cfg.iterations)
+        weights.append(np.mean(lab == c) * w)
+        means.append(m)
+        chols.append(np.linalg.cholesky(cov))
+        classes.append(np.full(len(w), int(c)))
+    weights_all = np.concatenate(weights)
+    return GaussianMixture(weights_all / weights_all.sum(), np.concatenate(means),
+                           np.concatenate(chols), np.concatenate(classes).astype(np.int64))
+
+
+def fit_gmm(x: np.ndarray, m: int, rng: np.random.Generator, covariance: str = "full",
+            reg: float = 1e-3, iterations: int = 100, tol: float = 1e-4
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EM for an m-component Gaussian mixture on x [n, k]: (weights [m], means [m, k],
+    covariances [m, k, k]). k-means++ seeding and a few Lloyd steps start it; `reg` times the
+    data's mean variance is added to every covariance's diagonal, so that no component
+    collapses onto a few points."""
+    x = np.asarray(x, np.float64)
+    n, k = x.shape
+    m = min(m, n)
+    floor = reg * float(x.var(axis=0).mean()) * np.eye(k)
+    centres = [x[rng.integers(n)]]
+    d2 = ((x - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, m):
+        centres.append(x[rng.choice(n, p=d2 / d2.sum())])
+        d2 = np.minimum(d2, ((x - centres[-1]) ** 2).sum(axis=1))
+    means = np.array(centres)
+    for _ in range(10):
+        assign = _sq_dist(x, means).argmin(axis=1)
+        means = np.array([x[assign == j].mean(axis=0) if np.any(assign == j) else means[j]
+                          for j in range(m)])
+    resp = np.eye(m)[assign]
+    previous = -np.inf
+    weights = np.full(m, 1.0 / m)
+    covs = np.empty((m, k, k))
+    for _ in range(iterations):
+        # M step: the parameters from the responsibilities.
+        counts = resp.sum(axis=0) + 1e-10
+        weights = counts / n
+        means = (resp.T @ x) / counts[:, None]
+        for j in range(m):
+            d = x - means[j]
+            if covariance == "full":
+                covs[j] = (resp[:, j, None] * d).T @ d / counts[j] + floor
+            else:
+                covs[j] = np.diag((resp[:, j, None] * d * d).sum(axis=0) / counts[j]) + floor
+        # E step: the responsibilities from the parameters.
+        log_p = np.log(weights) + np.stack(
+            [_log_normal(x, means[j], covs[j]) for j in range(m)], axis=1)
+        top = log_p.max(axis=1, keepdims=True)
+        total = top[:, 0] + np.log(np.exp(log_p - top).sum(axis=1))
+        resp = np.exp(log_p - total[:, None])
+        if total.mean() - previous < tol:
+            break
+        previous = total.mean()
+    return weights, means, covs
+
+
+def _sq_dist(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    return ((x * x).sum(axis=1)[:, None] + (centres * centres).sum(axis=1)[None, :]
+            - 2 * x @ centres.T)
+
+
+def _log_normal(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    chol = np.linalg.cholesky(cov)
+    y = np.linalg.solve(chol, (x - mean).T)
+    return (-0.5 * (y * y).sum(axis=0) - np.log(np.diag(chol)).sum()
+            - 0.5 * len(mean) * np.log(2 * np.pi))

@@ -1,0 +1,109 @@
+"""vae_core.prior: the model's p(z), sampled by index and scored, for N(0, I) and for a
+class-labelled Gaussian mixture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vae_core.prior import BLOCK, GaussianMixture, PriorError, load_prior
+
+K = 4
+
+
+def mixture(classes: int = 3, per_class: int = 2, seed: int = 0) -> GaussianMixture:
+    rng = np.random.default_rng(seed)
+    c = classes * per_class
+    a = rng.standard_normal((c, K, K)) * 0.3
+    chols = np.linalg.cholesky(a @ a.transpose(0, 2, 1) + 0.2 * np.eye(K))
+    weights = rng.random(c) + 0.5
+    return GaussianMixture(weights / weights.sum(), rng.standard_normal((c, K)) * 3, chols,
+                           np.repeat(np.arange(classes), per_class))
+
+
+def test_the_standard_prior_draws_the_blocks_of_seeded_normals():
+    """z of image i of seed s is row i % BLOCK of N(0, I) drawn by the generator (s, i // BLOCK):
+    what every earlier server sent for the same seed."""
+    prior = GaussianMixture.standard(K)
+    z = prior.latents(7, 1000, 3000)
+    blocks = np.concatenate([np.random.default_rng([7, b]).standard_normal((BLOCK, K),
+                                                                            dtype=np.float32)
+                             for b in range(4)])
+    np.testing.assert_array_equal(z, blocks[1000:4000])
+    assert prior.is_standard and prior.digits == []
+
+
+@pytest.mark.parametrize("digit", [None, 0, 2])
+def test_any_range_is_the_same_images_whatever_the_split(digit):
+    prior = mixture()
+    whole = prior.latents(11, 500, 2600, digit)
+    parts = [prior.latents(11, lo, hi - lo, digit)
+             for lo, hi in ((500, 501), (501, 1024), (1024, 2100), (2100, 3100))]
+    np.testing.assert_array_equal(whole, np.concatenate(parts))
+    assert whole.dtype == np.float32 and whole.shape == (2600, K)
+
+
+def test_a_digit_draws_from_its_own_components_only():
+    prior = mixture(classes=3, per_class=2)
+    for digit in prior.digits:
+        z = prior.latents(3, 0, 4000, digit)
+        # Each latent's most likely component belongs to the class asked for.
+        per = np.stack([_component_log_prob(prior, j, z) for j in range(len(prior.weights))], 1)
+        assert (prior.classes[per.argmax(1)] == digit).mean() > 0.97
+    with pytest.raises(ValueError, match="digit 5"):
+        prior.latents(3, 0, 10, 5)
+
+
+def test_samples_follow_the_mixture():
+    prior = mixture()
+    z = prior.latents(5, 0, 60_000).astype(np.float64)
+    mean = (prior.weights[:, None] * prior.means).sum(0)
+    np.testing.assert_allclose(z.mean(0), mean, atol=0.05)
+
+
+def _component_log_prob(prior: GaussianMixture, j: int, z: np.ndarray) -> np.ndarray:
+    d = np.linalg.solve(prior.chols[j], (z.astype(np.float64) - prior.means[j]).T).T
+    return (np.log(prior.weights[j]) - np.log(np.diag(prior.chols[j])).sum()
+            - 0.5 * K * np.log(2 * np.pi) - 0.5 * (d * d).sum(1))
+
+
+def test_log_prob_is_the_mixture_density():
+    prior = mixture()
+    z = np.random.default_rng(1).standard_normal((3, 50, K)).astype(np.float32) * 3
+    per = np.stack([_component_log_prob(prior, j, z.reshape(-1, K))
+                    for j in range(len(prior.weights))], 1)
+    want = np.logaddexp.reduce(per, axis=1).reshape(3, 50)
+    np.testing.assert_allclose(prior.log_prob(z), want, rtol=0, atol=1e-4)
+    standard = GaussianMixture.standard(K)
+    want_std = -0.5 * ((z.astype(np.float64) ** 2).sum(-1) + K * np.log(2 * np.pi))
+    np.testing.assert_allclose(standard.log_prob(z), want_std, rtol=1e-12)
+
+
+def test_log_prob_integrates_to_one():
+    """The normalising constants, checked apart from the formula: a mixture on R^2 summed
+    over a fine grid."""
+    chols = np.array([[[0.5, 0.0], [0.3, 0.4]], [[1.0, 0.0], [-0.6, 0.7]]])
+    prior = GaussianMixture(np.array([0.3, 0.7]), np.array([[-1.0, 0.5], [2.0, -1.0]]), chols,
+                            np.array([0, 1]))
+    step = 0.02
+    axis = np.arange(-9, 9, step)
+    grid = np.stack(np.meshgrid(axis, axis), -1)
+    total = np.exp(prior.log_prob(grid)).sum() * step * step
+    assert abs(total - 1.0) < 1e-3, total
+
+
+def test_a_prior_file_round_trips_and_a_bad_one_is_refused(tmp_path):
+    prior = mixture()
+    prior.save(tmp_path / "prior.npz")
+    manifest = {"files": {"prior.npz": {}}}
+    loaded = load_prior(tmp_path, manifest, K)
+    np.testing.assert_array_equal(loaded.latents(1, 0, 100, 1), prior.latents(1, 0, 100, 1))
+    assert load_prior(tmp_path, {"files": {}}, K).is_standard
+    with pytest.raises(PriorError, match="R\\^4"):
+        load_prior(tmp_path, manifest, 8)
+    (tmp_path / "prior.npz").write_bytes(b"not a prior")
+    with pytest.raises(PriorError, match="not a prior file"):
+        load_prior(tmp_path, manifest, K)
+    with pytest.raises(PriorError, match="sum to 1"):
+        GaussianMixture(np.array([0.5, 0.2]), np.zeros((2, K)), np.stack([np.eye(K)] * 2),
+                        np.array([0, 1]))
