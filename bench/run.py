@@ -23,15 +23,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# As the server does (vae_server.__main__): one BLAS thread, for the in-process limits too.
+for _blas in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_blas, "1")
 
-from vae_client.bench import BenchResult, run_bench
-from vae_core.onnx_model import OnnxVAE
-from vae_core.ports import free_port
-from vae_proto import vae_pb2
-from vae_server import loops
-from vae_server.images import images_out
-from vae_server.runtime import cores
+import numpy as np  # noqa: E402
+
+from vae_client.bench import BenchResult, run_bench  # noqa: E402
+from vae_core.onnx_model import OnnxVAE  # noqa: E402
+from vae_core.ports import free_port  # noqa: E402
+from vae_proto import vae_pb2  # noqa: E402
+from vae_server import loops  # noqa: E402
+from vae_server.images import images_out  # noqa: E402
+from vae_server.runtime import cores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,6 +42,7 @@ class GaussianMixture:
     _inv: np.ndarray = field(init=False, repr=False)
     _shift: np.ndarray = field(init=False, repr=False)
     _log_norm: np.ndarray = field(init=False, repr=False)
+    _log_norm32: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         c, k = self.means.shape
@@ -67,6 +68,7 @@ class GaussianMixture:
             log_w = np.log(self.weights)
         object.__setattr__(self, "_log_norm",
                            log_w - np.log(diag).sum(axis=1) - 0.5 * k * LOG_2PI)
+        object.__setattr__(self, "_log_norm32", self._log_norm.astype(np.float32))
 
     @classmethod
     def standard(cls, k: int) -> GaussianMixture:
@@ -166,10 +168,14 @@ class GaussianMixture:
         for lo in range(0, len(flat), _CHUNK):
             y = flat[lo : lo + _CHUNK].astype(np.float32) @ self._inv
             y -= self._shift
-            sq = np.einsum("ncj,ncj->nc", y.reshape(-1, c, k), y.reshape(-1, c, k))
-            per = self._log_norm - 0.5 * sq.astype(np.float64)
+            np.square(y, out=y)
+            # Each component's log-density; the log-sum-exp in float64 after its largest
+            # term is taken out (the others only add their exp(difference) <= 1).
+            per = self._log_norm32 - 0.5 * y.reshape(-1, c, k).sum(axis=2)
             m = per.max(axis=1, keepdims=True)
-            out[lo : lo + _CHUNK] = np.log(np.exp(per - m).sum(axis=1)) + m[:, 0]
+            per -= m
+            np.exp(per, out=per)
+            out[lo : lo + _CHUNK] = np.log(per.sum(axis=1, dtype=np.float64)) + m[:, 0]
         return out.reshape(shape)
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-import sys
+import os
 
-from vae_core.manifest import ManifestError
-from vae_server import loops
-from vae_server.config import SettingsError, load_settings
+# Before numpy loads: its BLAS would start a thread per core for every matrix product (the
+# prior's log-density in LogLikelihood), beside ONNX Runtime's threads and the instances.
+for _blas in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_blas, "1")
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from vae_core.manifest import ManifestError  # noqa: E402
+from vae_server import loops  # noqa: E402
+from vae_server.config import SettingsError, load_settings  # noqa: E402
 
 PROG = "vae-server"
 USAGE_ERROR = 2  # as argparse's: the command line or the environment is at fault
