@@ -218,11 +218,16 @@ def test_work_refused_by_a_stopping_server_is_unavailable_and_not_a_fault(model_
         assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
         assert "shutting down" in str(err.value)
         metrics = srv.running.metrics.registry
+        handled = {"grpc_service": "vae.v1.VaeService", "grpc_method": "Decode",
+                   "grpc_type": "unary", "grpc_code": "UNAVAILABLE"}
+        # The call is counted as its handler unwinds, which may be just after the caller
+        # has its status.
+        deadline = time.monotonic() + 5
+        while (metrics.get_sample_value("grpc_server_handled_total", handled) is None
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        assert metrics.get_sample_value("grpc_server_handled_total", handled) == 1
         assert metrics.get_sample_value("vae_rejected_total", {"reason": "shutting_down"}) == 1
-        assert metrics.get_sample_value(
-            "grpc_server_handled_total", {"grpc_service": "vae.v1.VaeService",
-                                          "grpc_method": "Decode", "grpc_type": "unary",
-                                          "grpc_code": "UNAVAILABLE"}) == 1
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     finally:
         srv.stop()

@@ -15,9 +15,11 @@ Each subcommand is one `add_*` function in COMMANDS: it registers its parser and
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import TypeAlias
 
@@ -266,6 +268,11 @@ def add_sample(sub: Subparsers) -> None:
                    help="images per streamed chunk; 0 = the server's default_chunk_size, or "
                         "less where its queue is smaller "
                         "(default: %(default)s)")
+    p.add_argument("--streams", type=_int_at_least(0), default=0,
+                   help="streams at once, each of a contiguous range of the images (by "
+                        "offset): a target of several servers spreads them over the servers; "
+                        "the file is the same whatever their number. 0 = one per server the "
+                        "target lists (ipv4:A:P,B:P), else 1 (default: %(default)s)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help=f"use SampleStream (--stream) or one Sample call (--no-stream); by "
                         f"default, stream when n > min({STREAM_THRESHOLD}, max_sample_n, "
@@ -302,13 +309,31 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def _sample_stream(client: VaeClient, args: argparse.Namespace, chunk_size: int,
                    sink: ImageSink) -> None:
-    # --timeout bounds the whole stream when given; by default a stream has no deadline.
-    chunks = client.sample_stream(args.n, seed=args.seed, chunk_size=chunk_size,
-                                  dtype=args.dtype, digit=args.digit, timeout=args.timeout)
-    with Progress(args.n, "sample", cli_io.progress_wanted(args.progress)) as bar:
-        for offset, images in chunks:
+    """The images by SampleStream: --streams streams at once, each of a contiguous range,
+    chunk-aligned; each RPC goes to a server of the target's (round_robin)."""
+    streams = args.streams or cli_io.target_addresses(args.target)
+    ranges = cli_io.split_range(args.n, streams, chunk_size)
+    lock = threading.Lock()
+
+    def fetch(lo: int, hi: int, bar: Progress) -> int:
+        # --timeout bounds the whole stream when given; by default a stream has no deadline.
+        got = 0
+        for offset, images in client.sample_stream(hi, seed=args.seed, chunk_size=chunk_size,
+                                                   dtype=args.dtype, offset=lo,
+                                                   digit=args.digit, timeout=args.timeout):
             sink.put(offset, images)
-            bar.update(len(images))
+            got += len(images)
+            with lock:
+                bar.update(len(images))
+        return got
+
+    with Progress(args.n, "sample", cli_io.progress_wanted(args.progress)) as bar:
+        if len(ranges) == 1:
+            fetch(*ranges[0], bar)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(len(ranges)) as pool:
+                for future in [pool.submit(fetch, lo, hi, bar) for lo, hi in ranges]:
+                    future.result()
     if bar.done != args.n:
         raise CliError(f"the stream ended after {bar.done} of {args.n} images")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from vae_client.channel import (
     create_aio_channel,
     resolve_security,
 )
-from vae_client.errors import VaeError
+from vae_client.errors import VaeError, stream_resumable
 from vae_proto import vae_pb2, vae_pb2_grpc
 
 
@@ -38,6 +39,7 @@ class AsyncVaeClient:
         self.timeout = timeout
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
+        self.retries = retries
         self._channel = channel or create_aio_channel(target, security, max_message_mb, retries)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
@@ -85,21 +87,28 @@ class AsyncVaeClient:
                             dtype: str = "float32", offset: int = 0, digit: int | None = None,
                             timeout: float | None = None,
                             ) -> AsyncIterator[tuple[int, np.ndarray]]:
-        """Yield (offset, images) chunks of a stream of n generated images, as
-        VaeClient.sample_stream."""
-        req = _codec.stream_request(n, seed, chunk_size, dtype, offset, digit)
+        """Yield (offset, images) chunks of a stream of n generated images, resumed where
+        its server went away, as VaeClient.sample_stream."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         resume = offset  # the first image not yet received
-        call = self._stub.SampleStream(req, timeout=timeout)
-        try:
-            async for chunk in call:
-                images = _codec.array(chunk.images, "images")
-                yield int(chunk.offset), images
-                resume = int(chunk.offset) + len(images)
-        except grpc.RpcError as err:
-            raise VaeError.from_rpc_error(err, resume_offset=resume) from None
-        finally:
-            # A caller that stops iterating cancels the call (VaeClient.sample_stream).
-            call.cancel()
+        while True:
+            req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            call = self._stub.SampleStream(req, timeout=left)
+            progressed = False
+            try:
+                async for chunk in call:
+                    images = _codec.array(chunk.images, "images")
+                    yield int(chunk.offset), images
+                    resume = int(chunk.offset) + len(images)
+                    progressed = True
+                return
+            except grpc.RpcError as err:
+                if not stream_resumable(err, progressed, self.retries):
+                    raise VaeError.from_rpc_error(err, resume_offset=resume) from None
+            finally:
+                # A caller that stops iterating cancels the call (VaeClient.sample_stream).
+                call.cancel()
 
     async def log_likelihood(self, images: np.ndarray, k: int = 100, seed: int = 0,
                              offset: int = 0, timeout: float | None = None) -> Scores:

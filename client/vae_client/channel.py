@@ -124,11 +124,22 @@ def resolve_security(security: Security | None, channel: object | None = None,
 DEFAULT_RETRIES = 4  # attempts after the first; gRPC allows at most 4
 
 
+# A target may name several servers (`ipv4:10.0.0.1:50051,10.0.0.2:50051`, or a DNS name
+# with several addresses, `dns:///vae.default.svc:50051`): gRPC's round_robin policy keeps a
+# connection to each and spreads the calls over them. The servers close connections after a
+# while (vae-server --max-connection-age-s), and a reconnect resolves the name again, so
+# replicas added since get their share.
+LOAD_BALANCING: list[dict[str, Any]] = [{"round_robin": {}}]
+
+
 def retry_options(retries: int) -> list[tuple[str, Any]]:
-    """Channel options that let gRPC retry vae.v1 calls up to `retries` times (0: never)."""
+    """Channel options that balance calls over the target's servers (round_robin) and let
+    gRPC retry vae.v1 calls up to `retries` times (0: never)."""
     if retries <= 0:
-        return [("grpc.enable_retries", 0)]
+        return [("grpc.enable_retries", 0),
+                ("grpc.service_config", json.dumps({"loadBalancingConfig": LOAD_BALANCING}))]
     config = {
+        "loadBalancingConfig": LOAD_BALANCING,
         "methodConfig": [{
             "name": [{"service": "vae.v1.VaeService"}],
             "retryPolicy": {

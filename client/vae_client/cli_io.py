@@ -86,6 +86,24 @@ class ImageSink:
             Path(self.path).unlink(missing_ok=True)
 
 
+def target_addresses(target: str) -> int:
+    """How many servers a target lists: `ipv4:A:P,B:P` (or ipv6:) names several, any other
+    target (a host:port, a dns:/// name whose addresses only the resolver knows) counts 1."""
+    scheme, _, rest = target.partition(":")
+    if scheme in ("ipv4", "ipv6") and rest:
+        return len([a for a in rest.split(",") if a])
+    return 1
+
+
+def split_range(n: int, parts: int, chunk: int) -> list[tuple[int, int]]:
+    """Images 0 .. n - 1 in at most `parts` contiguous ranges [lo, hi), each but the last a
+    whole number of chunks."""
+    step = max(1, -(-n // max(1, parts)))
+    if chunk > 0:
+        step = -(-step // chunk) * chunk
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
 # -- latents --------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from vae_client.channel import (
     create_channel,
     resolve_security,
 )
-from vae_client.errors import VaeError
+from vae_client.errors import VaeError, stream_resumable
 from vae_proto import vae_pb2, vae_pb2_grpc
 
 
@@ -45,6 +46,7 @@ class VaeClient:
         self.timeout = timeout
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
+        self.retries = retries
         self._channel = channel or create_channel(target, security, max_message_mb, retries)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
@@ -96,21 +98,33 @@ class VaeClient:
                       ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (offset, images) chunks of a stream of n generated images (of class `digit`
         when given), starting at `offset`; image i equals image i of sample() with the same
-        seed and digit. `timeout` bounds the whole stream (default: none)."""
-        req = _codec.stream_request(n, seed, chunk_size, dtype, offset, digit)
+        seed and digit. `timeout` bounds the whole stream (default: none).
+
+        A stream whose server goes away (UNAVAILABLE) after sending chunks is resumed from
+        the first image not received, on whichever server the channel reaches, as long as
+        each try brings images and `retries` is not 0; the images are the same as an
+        unbroken stream's."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         resume = offset  # the first image not yet received
-        call = self._stub.SampleStream(req, timeout=timeout)
-        try:
-            for chunk in call:
-                images = _codec.array(chunk.images, "images")
-                yield int(chunk.offset), images
-                resume = int(chunk.offset) + len(images)
-        except grpc.RpcError as err:
-            raise VaeError.from_rpc_error(err, resume_offset=resume) from None
-        finally:
-            # A caller that stops iterating (break, an exception, the generator closed)
-            # cancels the call: the server stops producing chunks nobody will read.
-            call.cancel()
+        while True:
+            req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            call = self._stub.SampleStream(req, timeout=left)
+            progressed = False
+            try:
+                for chunk in call:
+                    images = _codec.array(chunk.images, "images")
+                    yield int(chunk.offset), images
+                    resume = int(chunk.offset) + len(images)
+                    progressed = True
+                return
+            except grpc.RpcError as err:
+                if not stream_resumable(err, progressed, self.retries):
+                    raise VaeError.from_rpc_error(err, resume_offset=resume) from None
+            finally:
+                # A caller that stops iterating (break, an exception, the generator closed)
+                # cancels the call: the server stops producing chunks nobody will read.
+                call.cancel()
 
     def log_likelihood(self, images: np.ndarray, k: int = 100, seed: int = 0, offset: int = 0,
                        timeout: float | None = None) -> Scores:

@@ -26,3 +26,12 @@ class VaeError(Exception):
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
         return cls(code, details or "", resume_offset)
+
+
+def stream_resumable(err: grpc.RpcError, progressed: bool, retries: int) -> bool:
+    """Whether a SampleStream that broke with `err` goes on from where it stopped: its server
+    went away (UNAVAILABLE: killed, restarted, or its connection aged out) after this try of
+    the stream brought images, and retries are on. A try that brings none ends it: gRPC has
+    already retried the call itself, so no server is there to take it."""
+    code = err.code() if hasattr(err, "code") else None
+    return progressed and code == grpc.StatusCode.UNAVAILABLE and retries > 0

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     from vae_server.server import serve
 
     try:
+        if settings.worker_count > 1:
+            from vae_server.workers import supervise
+
+            return supervise(settings)
         return loops.run(serve(settings), settings.event_loop)
     except ManifestError as exc:
         print(f"{PROG}: cannot serve {settings.model_dir}: {exc}", file=sys.stderr)

@@ -89,6 +89,22 @@ class Settings:
                               default=3)
     grace_seconds: float = _doc("on SIGTERM, how long calls in flight may take to finish",
                                 default=10.0)
+    drain_delay_s: float = _doc(
+        "on SIGTERM, how long the server keeps taking calls while health says NOT_SERVING, "
+        "before it stops: the time load balancers and clients take to stop sending to it",
+        default=1.0)
+    max_connection_age_s: float = _doc(
+        "close each client connection after this long (gRPC's max connection age, with a "
+        "GOAWAY; calls in flight go on), so that clients reconnect, resolve the server's name "
+        "again and spread over replicas added since; 0 = never", default=120.0)
+    max_connection_age_grace_s: float = _doc(
+        "how long calls in flight on an aged connection may go on before it is cut (a cut "
+        "stream resumes by offset elsewhere)", default=600.0)
+    workers: str = _doc(
+        "serving processes on the port (SO_REUSEPORT), each with its own batchers and model "
+        "sessions, one set of metrics for them all; 'auto' = one per core. The kernel spreads "
+        "connections, not calls, over them: a client on one channel reaches one worker",
+        default="1")
     log_level: str = _doc("logging level", default="INFO")
     tls_cert: str = _doc("PEM certificate (chain) of the gRPC port; with --tls-key it turns TLS on",
                          default="")
@@ -114,6 +130,14 @@ class Settings:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    @property
+    def worker_count(self) -> int:
+        """--workers resolved: 'auto' is one per core this process may run on."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+                os.cpu_count() or 1)
+        return int(self.workers)
 
 
 TOKENS_VAR = "VAE_AUTH_TOKENS"
@@ -200,7 +224,8 @@ def _flag(name: str) -> str:
 
 def _check(s: Settings) -> None:
     for name in ("max_delay_ms", "inline_rows", "instances", "threads", "warmup_rounds",
-                 "grace_seconds"):
+                 "grace_seconds", "drain_delay_s", "max_connection_age_s",
+                 "max_connection_age_grace_s"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{_flag(name)}: {getattr(s, name)} is negative; it must be >= 0")
     for name in ("port", "metrics_port"):
@@ -214,6 +239,8 @@ def _check(s: Settings) -> None:
         value = getattr(s, name)
         if (value.upper() if name == "log_level" else value) not in allowed:
             raise SettingsError(f"{_flag(name)}: {value!r} is not one of {', '.join(allowed)}")
+    if s.workers != "auto" and not (s.workers.isdigit() and int(s.workers) >= 1):
+        raise SettingsError(f"--workers: {s.workers!r} is not a count >= 1 or 'auto'")
     if s.cuda_graphs and (s.provider == "cpu" or s.io_binding == "off"):
         raise SettingsError("--cuda-graphs needs the CUDA provider and IO binding "
                             f"(not --provider {s.provider} --io-binding {s.io_binding})")

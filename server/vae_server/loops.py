@@ -1,9 +1,8 @@
 """The event loop the server runs on: uvloop where it is installed, else asyncio's own.
 
 Every call passes through the event loop several times (gRPC's completion callbacks, the
-handler's task steps, the batcher's futures); uvloop runs those passes in C. On this
-project's 2-core benchmark machine it served about a tenth more single-image Decode calls and
-LogLikelihood images per second than asyncio's loop (BENCHMARKS.md).
+handler's task steps, the batcher's futures); uvloop runs those passes in C, and serves more
+calls per second than asyncio's loop (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -102,6 +102,9 @@ class Metrics:
                                    ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("vae_queue_depth", "Images waiting in the batcher's queue.",
                                  ("model",), registry=r)
+        self.in_flight = Gauge("vae_in_flight_calls",
+                               "vae.v1 calls being handled, streams included: the load of "
+                               "this replica (the autoscaler's signal).", registry=r)
         self.items = Counter("vae_items_total", "Images (rows) processed by the model.",
                              ("model",), registry=r)
         self.method_images = Counter("vae_method_images_total",
@@ -132,6 +135,10 @@ class Metrics:
 
     def observer(self, model: str) -> BatcherObserver:
         return _ModelObserver(self, model)
+
+    def watch_in_flight(self, calls: Callable[[], float]) -> None:
+        """vae_in_flight_calls reads `calls()` when scraped."""
+        self.in_flight.set_function(calls)
 
     def watch_queue(self, model: str, images: Callable[[], float]) -> None:
         """vae_queue_depth{model} reads `images()` when scraped: nothing to set per call."""

@@ -28,6 +28,9 @@ from vae_server.servicer import VaeServicer
 log = logging.getLogger("vae_server")
 SERVICE_NAME = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# The health service name of liveness probes: SERVING from the start to the exit, drain
+# included ("" and vae.v1.VaeService say whether to send calls: readiness).
+LIVENESS = "liveness"
 # After the grace: how long the calls whose queued work was refused, and the runs under way,
 # have to end by themselves before whatever is left is cancelled.
 FINISH_SECONDS = 5.0
@@ -44,15 +47,25 @@ class RunningServer:
     metrics: Metrics
     executor: concurrent.futures.ThreadPoolExecutor
     metrics_http: WSGIServer | None = None
+    draining: bool = False
 
     async def set_serving(self, serving: bool) -> None:
+        """Readiness: whether "" and vae.v1.VaeService report SERVING (never again once the
+        drain has begun)."""
+        if self.draining:
+            return
         status = SERVING if serving else NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float) -> None:
-        """NOT_SERVING, refuse new calls, let calls in flight finish within `grace`."""
-        await self.health.enter_graceful_shutdown()
+    async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
+        """NOT_SERVING; for `drain_delay` seconds go on taking calls (load balancers and
+        clients stop sending meanwhile); then refuse new calls, and let calls in flight finish
+        within `grace`."""
+        await self.set_serving(False)
+        self.draining = True
+        if drain_delay > 0:
+            await asyncio.sleep(drain_delay)
         # stop() refuses new calls at once, then waits for every call in flight, health
         # Watch streams included, which never end by themselves: so once the vae.v1 calls
         # are done (or the grace is over), a second stop() cancels whatever remains.
@@ -73,17 +86,28 @@ class RunningServer:
             self.metrics_http.server_close()
 
 
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    return [
+def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str, int]]:
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Workers share the port; a lone server must not share it with a stray process.
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms",
+             int(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options
 
 
-async def create_server(settings: Settings, runtime: ModelRuntime | None = None) -> RunningServer:
+async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
+                        reuse_port: bool = False, metrics_addr: str = "0.0.0.0",
+                        announce: bool = True) -> RunningServer:
     """Load (unless given) and warm up the model, start gRPC and metrics; health is SERVING
-    on return. Bind port 0 to get a free port (returned)."""
+    on return (unless not `announce`: a worker's supervisor says when). Bind port 0 to get a
+    free port (returned); `reuse_port` lets workers share the port."""
     metrics = Metrics()
     metrics.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
     if runtime is None:
@@ -106,7 +130,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=2 * instances + 2, thread_name_prefix="vae-run")
     servicer = VaeServicer(runtime, settings, metrics, executor)
-    server = grpc.aio.server(options=grpc_options(settings))
+    server = grpc.aio.server(options=grpc_options(settings, reuse_port))
     # Every service registers through `services`, which counts and times each method.
     services = InstrumentedServer(server, metrics)
     handlers = servicer.handlers()
@@ -132,11 +156,13 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
                     "TLS-terminating proxy in front of this port")
     metrics_port, http = None, None
     if settings.metrics_port >= 0:
-        http, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
+        http, _ = start_http_server(settings.metrics_port, addr=metrics_addr,
+                                    registry=metrics.registry)
         metrics_port = http.server_port
     running = RunningServer(server, port, metrics_port, health, servicer, metrics, executor,
                             http)
     await running.set_serving(False)
+    await health.set(LIVENESS, SERVING)
     await server.start()
     log.info("gRPC on port %d, metrics on %s; warming up", port, metrics_port)
     loop = asyncio.get_running_loop()
@@ -144,22 +170,25 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None)
     for _ in range(max(1, settings.warmup_rounds)):
         await loop.run_in_executor(executor, runtime.warm_up, sizes,
                                    sorted({1, 16, settings.inline_rows} - {0}))
-    await running.set_serving(True)
-    log.info("SERVING model %s on %s, %d instance(s) per model, event loop %s",
-             runtime.spec.version, runtime.provider, instances,
-             loops.running_loop_name())
+    if announce:
+        await running.set_serving(True)
+    log.info("%s model %s on %s, %d instance(s) per model, event loop %s",
+             "SERVING" if announce else "ready:", runtime.spec.version, runtime.provider,
+             instances, loops.running_loop_name())
     return running
 
 
 async def serve(settings: Settings) -> int:
+    """One serving process until SIGTERM or SIGINT, then the drain: NOT_SERVING, the drain
+    delay, the grace. (--workers > 1: vae_server.workers runs several of them.)"""
     running = await create_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("signal received: NOT_SERVING, finishing calls in flight (grace %.1f s)",
-             settings.grace_seconds)
-    await running.stop(settings.grace_seconds)
+    log.info("signal received: NOT_SERVING; taking calls for %.1f s more, then finishing "
+             "those in flight (grace %.1f s)", settings.drain_delay_s, settings.grace_seconds)
+    await running.stop(settings.grace_seconds, settings.drain_delay_s)
     log.info("stopped")
     return 0

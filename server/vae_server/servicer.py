@@ -158,6 +158,7 @@ class VaeServicer:
         self._images = {m: metrics.method_images.labels(m) for m in IMAGE_METHODS}
         self._in_flight = 0  # vae.v1 calls being handled, for a graceful stop
         self._idle: asyncio.Event | None = None
+        metrics.watch_in_flight(lambda: self._in_flight)
 
     async def _failed(self, context: Context, exc: BaseException, name: str) -> None:
         """The one place where a handler's errors become gRPC status codes: aborts the call

@@ -1,0 +1,281 @@
+"""`vae-server --workers N`: N serving processes on one port, one set of metrics for them all.
+
+One Python process keeps about one core busy with gRPC whatever the machine has; workers are
+the way past it on one host. The supervisor (this process) starts N workers, each a whole
+server (its own batchers and model sessions) bound to the same port with SO_REUSEPORT, so
+that the kernel spreads incoming connections over them, and:
+
+- health: each worker warms up, says so, and waits; once all are ready the supervisor tells
+  them to report SERVING, and when one dies it tells the others to report NOT_SERVING until
+  its replacement is ready. A probe that reaches any worker learns whether all of them serve.
+- metrics: each worker serves its own on a loopback port; the supervisor's metrics port
+  merges them (metrics_merge): counters and histograms summed, so every metric reads as
+  one server's would, and gauges summed, or where a sum means nothing, the min or max.
+- SIGTERM (or SIGINT): every worker drains (NOT_SERVING, the drain delay, the grace) and the
+  supervisor exits once they all have, with status 0 if all of them did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from vae_core.manifest import load_manifest
+from vae_core.ports import free_port
+from vae_server.config import Settings
+from vae_server.runtime import cores
+
+log = logging.getLogger("vae_server.workers")
+
+# Messages between the supervisor and a worker, over a pipe.
+READY = "ready"  # worker -> supervisor, with its metrics port
+SERVING = "serving"  # supervisor -> worker: report SERVING
+NOT_SERVING = "not_serving"  # report NOT_SERVING
+STOP = "stop"  # drain and exit
+
+
+# -- a worker ----------------------------------------------------------------------------------
+
+
+def worker_main(settings: Settings, index: int, conn: multiprocessing.connection.Connection
+                ) -> None:
+    """A worker process: one server on the shared port, steered by the supervisor's pipe."""
+    import asyncio
+    import os
+
+    for blas in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(blas, "1")
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s")
+    from vae_server import loops
+    from vae_server.server import create_server
+
+    async def serve() -> None:
+        running = await create_server(settings, reuse_port=True, metrics_addr="127.0.0.1",
+                                      announce=False)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_message() -> None:
+            try:
+                message = conn.recv()
+            except EOFError:  # the supervisor is gone: drain
+                loop.remove_reader(conn.fileno())
+                stop.set()
+                return
+            if message == STOP:
+                stop.set()
+            else:
+                asyncio.ensure_future(running.set_serving(message == SERVING))
+
+        loop.add_reader(conn.fileno(), on_message)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        conn.send((READY, running.metrics_port))
+        await stop.wait()
+        await running.stop(settings.grace_seconds, settings.drain_delay_s)
+
+    loops.run(serve(), settings.event_loop)
+
+
+# -- the supervisor ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    metrics_port: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.metrics_port is not None
+
+
+class Supervisor:
+    """Starts and watches the workers; see the module's docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.count = settings.worker_count
+        port = settings.port or free_port()  # the workers must agree on one port
+        # The workers' own metrics ports are loopback ones; the supervisor serves the merge.
+        # Each takes its share of the cores for its ONNX Runtime threads and instances, unless
+        # they are set.
+        share = max(1, cores() // self.count)
+        self.worker_settings = replace(settings, port=port, metrics_port=0, workers="1",
+                                       threads=settings.threads or share,
+                                       instances=settings.instances or share)
+        self.settings = settings
+        self.port = port
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._stopping = threading.Event()
+        self._serving = False
+        self.failed = False
+        self.metrics_port: int | None = None
+        self._http: Any = None
+
+    def _start(self, index: int) -> _Worker:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(target=worker_main,
+                                        args=(self.worker_settings, index, child),
+                                        name=f"vae-worker-{index}", daemon=False)
+        process.start()
+        child.close()
+        return _Worker(index, process, parent)
+
+    def _broadcast(self, message: str) -> None:
+        for w in self._workers:
+            with contextlib.suppress(OSError):  # one that is gone: its sentinel says so
+                w.conn.send(message)
+
+    def worker_metrics_ports(self) -> list[int]:
+        return [w.metrics_port for w in self._workers if w.metrics_port is not None]
+
+    def run(self) -> int:
+        load_manifest(self.settings.model_dir)  # a model it cannot serve stops it here, once
+        if self.settings.metrics_port >= 0:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(MergedMetrics(self.worker_metrics_ports))
+            self._http, _ = start_http_server(self.settings.metrics_port, registry=registry)
+            self.metrics_port = self._http.server_port
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopping.set())
+        self._workers = [self._start(i) for i in range(self.count)]
+        log.info("%d workers on port %d, metrics on %s", self.count, self.port,
+                 self.metrics_port)
+        try:
+            return self._watch()
+        finally:
+            if self._http is not None:
+                self._http.shutdown()
+                self._http.server_close()
+
+    def _watch(self) -> int:
+        while not self._stopping.is_set():
+            waitables: list[Any] = [w.conn for w in self._workers]
+            waitables += [w.process.sentinel for w in self._workers]
+            for ready in multiprocessing.connection.wait(waitables, timeout=0.2):
+                self._handle(ready)
+        log.info("signal received: draining %d workers", len(self._workers))
+        self._broadcast(STOP)
+        deadline = time.monotonic() + (self.settings.drain_delay_s
+                                       + self.settings.grace_seconds + 30.0)
+        for w in self._workers:
+            w.process.join(max(0.0, deadline - time.monotonic()))
+        codes = []
+        for w in self._workers:
+            if w.process.is_alive():
+                log.error("worker %d did not stop in time: killed", w.index)
+                w.process.kill()
+                w.process.join()
+            codes.append(w.process.exitcode)
+        log.info("stopped (worker exit codes %s)", codes)
+        return 0 if all(code == 0 for code in codes) and not self.failed else 1
+
+    def _handle(self, ready: Any) -> None:
+        for i, w in enumerate(self._workers):
+            if ready is w.conn:
+                try:
+                    kind, port = w.conn.recv()
+                except EOFError:
+                    continue  # the sentinel reports the exit
+                if kind == READY:
+                    w.metrics_port = port
+                    if all(x.ready for x in self._workers) and not self._serving:
+                        self._serving = True
+                        self._broadcast(SERVING)
+                        log.info("SERVING: %d workers ready on port %d", self.count,
+                                 self.port)
+            elif ready == w.process.sentinel and not self._stopping.is_set():
+                if not w.ready:
+                    # It never came up: its replacement would not either.
+                    log.error("worker %d exited with %s before it was ready: stopping",
+                              w.index, w.process.exitcode)
+                    self.failed = True
+                    self._stopping.set()
+                    return
+                log.error("worker %d exited with %s: NOT_SERVING until its replacement is "
+                          "ready", w.index, w.process.exitcode)
+                w.process.join()
+                w.conn.close()
+                self._serving = False
+                self._workers[i] = self._start(w.index)
+                self._broadcast(NOT_SERVING)
+
+
+def supervise(settings: Settings) -> int:
+    return Supervisor(settings).run()
+
+
+# -- one set of metrics ------------------------------------------------------------------------
+
+
+# Samples that a sum would make meaningless: the earliest start, the largest limit.
+_MIN = ("_created", "process_start_time_seconds")
+_MAX = ("process_max_fds",)
+
+
+class MergedMetrics(Collector):
+    """The workers' metrics as one server's: each worker's exposition read from its loopback
+    port when scraped, samples of the same name and labels added up (info series, the same
+    in every worker, kept once; start times, the earliest; limits, the largest)."""
+
+    def __init__(self, ports: Any, timeout: float = 2.0) -> None:
+        self._ports = ports
+        self._timeout = timeout
+
+    def collect(self) -> Iterable[Metric]:
+        texts = []
+        for port in self._ports():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                            timeout=self._timeout) as reply:
+                    texts.append(reply.read().decode("utf-8"))
+            except OSError as exc:  # a worker restarting: the others still count
+                log.warning("metrics of the worker on port %d unreadable: %s", port, exc)
+        return merge_expositions(texts)
+
+
+def merge_expositions(texts: Iterable[str]) -> list[Metric]:
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            families.setdefault(family.name, Metric(family.name, family.documentation,
+                                                    family.type, family.unit))
+            series = values.setdefault(family.name, {})
+            info = family.type in ("info", "stateset") or family.name.endswith("_info")
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in series:
+                    series[key] = sample.value
+                elif info:  # the same series in every worker
+                    series[key] = max(series[key], sample.value)
+                elif sample.name.endswith(_MIN) or sample.name in _MIN:
+                    series[key] = min(series[key], sample.value)
+                elif sample.name in _MAX:
+                    series[key] = max(series[key], sample.value)
+                else:
+                    series[key] = series[key] + sample.value
+    out = []
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+        out.append(family)
+    return out

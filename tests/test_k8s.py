@@ -1,0 +1,215 @@
+"""The Kubernetes manifests (deploy/k8s): they render with kubectl's kustomize, validate
+strictly against every Kubernetes version from 1.29 to the newest kubernetes-validate knows,
+agree with themselves and with the server (ports, probes, labels, the drain), and the
+autoscaler's query returns a per-pod value from a real Prometheus scraping real servers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prometheus_harness import Prometheus, need_module, need_tool
+from serving import served_process
+from vae_client import VaeClient
+from vae_core.ports import free_port
+from vae_server.config import load_settings
+from vae_server.server import FINISH_SECONDS, LIVENESS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+K8S = REPO_ROOT / "deploy" / "k8s"
+OVERLAYS = ("cpu", "gpu")
+OLDEST = (1, 29)
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    yaml = need_module("yaml")
+    kubectl = need_tool("kubectl")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def docs(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return render(request.param)
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind
+             and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, [d["metadata"]["name"] for d in found])
+    return found[0]
+
+
+def versions() -> list[str]:
+    kv = need_module("kubernetes_validate")
+    major, minor = (int(v) for v in kv.latest_version().split(".")[:2])
+    assert (major, minor) >= OLDEST
+    return [f"{major}.{m}.0" for m in range(OLDEST[1], minor + 1)]
+
+
+def test_the_manifests_validate_strictly_for_every_version(docs):
+    kv = need_module("kubernetes_validate")
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+            "ConfigMap"} <= kinds
+    for version in versions():
+        for d in docs:
+            kv.validate(d, version, strict=True)  # raises on any error
+
+
+def test_a_typo_fails_validation(docs):
+    """The check can fail: an unknown field under strict validation."""
+    kv = need_module("kubernetes_validate")
+    bad = dict(one(docs, "Deployment"))
+    bad["spec"] = {**bad["spec"], "replica": 3}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, versions()[-1], strict=True)
+
+
+def test_selectors_labels_ports_and_probes_agree(docs):
+    deployment = one(docs, "Deployment", "vae-serving")
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    for service in (one(docs, "Service", "vae-serving"),
+                    one(docs, "Service", "vae-serving-headless")):
+        assert service["spec"]["selector"].items() <= labels.items()
+    assert one(docs, "Service", "vae-serving-headless")["spec"]["clusterIP"] == "None"
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+    (server,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports == {"grpc": int(env["VAE_PORT"]), "metrics": int(env["VAE_METRICS_PORT"])}
+    for service in docs:
+        if service["kind"] == "Service":
+            for port in service["spec"]["ports"]:
+                assert port["targetPort"] in ports
+    # The probes ask the gRPC port, readiness and start-up the overall health (""), liveness
+    # the service that stays SERVING through the drain.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == ports["grpc"], probe
+    assert server["readinessProbe"]["grpc"]["service"] == ""
+    assert server["startupProbe"]["grpc"]["service"] == ""
+    assert server["livenessProbe"]["grpc"]["service"] == LIVENESS
+    # Prometheus finds the metrics port by the pod's annotations.
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+    # Every VAE_ variable is a setting the server takes, with a valid value.
+    load_settings([], env={k: v for k, v in env.items() if k.startswith("VAE_")})
+
+
+def test_the_grace_period_covers_the_whole_drain(docs):
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    command = server["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    drain = (float(command[1]) + float(env["VAE_DRAIN_DELAY_S"]) + float(env["VAE_GRACE_SECONDS"])
+             + FINISH_SECONDS)
+    assert pod["terminationGracePeriodSeconds"] >= drain + 5, drain  # 5 s to spare
+
+
+def test_the_pods_run_non_root_read_only_with_limits_and_a_versioned_model(docs):
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    for container in spec["containers"] + spec["initContainers"]:
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+        assert {"cpu", "memory"} <= container["resources"]["limits"].keys()
+    (model,) = spec["initContainers"]
+    # The model comes from an image tagged with a model version, never trained in the pod.
+    assert re.fullmatch(r"vae-serving-model:[0-9a-f]{16}", model["image"]), model["image"]
+    assert "vae-export" not in " ".join(model["command"])
+    (server,) = spec["containers"]
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert mounts[env["VAE_MODEL_DIR"]]["readOnly"] is True
+
+
+def test_the_gpu_overlay_asks_for_a_gpu(docs):
+    (server,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    gpu = "nvidia.com/gpu" in server["resources"]["limits"]
+    assert gpu == (env["VAE_PROVIDER"] == "cuda")
+    assert gpu == server["image"].startswith("vae-serving-server-gpu:")
+
+
+def adapter_rule(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    yaml = need_module("yaml")
+    config = yaml.safe_load(one(docs, "ConfigMap", "vae-serving-adapter-rules")["data"]
+                            ["config.yaml"])
+    (rule,) = config["rules"]
+    return rule
+
+
+def test_the_autoscaler_uses_the_adapter_s_metric(docs):
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", one(docs, "Deployment")
+                                                ["metadata"]["name"])
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == adapter_rule(docs)["name"]["as"]
+
+
+def test_the_adapter_query_gives_each_pod_its_load_from_a_real_prometheus(model_dir, tmp_path):
+    """Two servers scraped as pods a and b of namespace test, under load; the adapter rule's
+    query, as prometheus-adapter fills it in for the HPA, returns one value per pod."""
+    binary = need_tool("prometheus")
+    rule = adapter_rule(render("cpu"))
+    query = (rule["metricsQuery"]
+             .replace("<<.Series>>", re.match(r"\w+", rule["seriesQuery"]).group(0))
+             .replace("<<.LabelMatchers>>", 'namespace="test",pod=~"a|b"')
+             .replace("<<.GroupBy>>", "pod"))
+    ports = {"a": free_port(), "b": free_port()}
+    with served_process(model_dir, "--metrics-port", str(ports["a"])) as (a, _), \
+            served_process(model_dir, "--metrics-port", str(ports["b"])) as (b, _):
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                  "scrape_configs": [{"job_name": "vae-server", "static_configs": [
+                      {"targets": [f"127.0.0.1:{port}"],
+                       "labels": {"namespace": "test", "pod": pod}}
+                      for pod, port in ports.items()]}]}
+        prom = Prometheus(binary, config, tmp_path / "prometheus")
+        stop = threading.Event()
+
+        def load(target: str) -> None:
+            with VaeClient(target, timeout=60) as client:
+                while not stop.is_set():
+                    list(client.sample_stream(20_000, seed=1, chunk_size=500))
+
+        threads = [threading.Thread(target=load, args=(t,), daemon=True)
+                   for t in (a, a, a, b)]
+        try:
+            prom.wait_ready()
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60
+            values: dict[str, float] = {}
+            while time.monotonic() < deadline:
+                result = prom.query(query)
+                values = {r["metric"].get("pod", ""): float(r["value"][1]) for r in result}
+                if set(values) == {"a", "b"} and all(v > 0 for v in values.values()):
+                    break
+                time.sleep(1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+            prom.stop()
+    assert set(values) == {"a", "b"}, values
+    # Three streams at a time on a, one on b: each pod's own load.
+    assert values["a"] > values["b"] > 0, values

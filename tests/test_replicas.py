@@ -1,0 +1,275 @@
+"""Replicas over loopback: several server processes behind one round_robin target, a server
+killed or restarted under load, bulk sampling split over servers, and `--workers`."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving import VENV_BIN, start_server_process, stop_process, wait_serving
+from vae_client import VaeClient, VaeError
+from vae_core.onnx_model import OnnxVAE
+from vae_core.ports import free_port
+
+pytestmark = pytest.mark.e2e
+SERVICE = "vae.v1.VaeService"
+
+
+class Replica:
+    """A vae-server process on a port of its own, with its metrics port."""
+
+    def __init__(self, model_dir: Path, port: int | None = None, *extra: str) -> None:
+        self.model_dir = model_dir
+        self.port = port or free_port()
+        self.metrics_port = free_port()
+        self.extra = extra
+        self.start()
+
+    def start(self) -> None:
+        self.proc = start_server_process(self.model_dir, self.port, "--metrics-port",
+                                         str(self.metrics_port), *self.extra)
+        wait_serving(f"127.0.0.1:{self.port}", self.proc)
+
+    def handled(self, method: str) -> float:
+        return handled(self.metrics_port, method)
+
+
+def metric_total(port: int, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def handled(port: int, method: str) -> float:
+    return metric_total(port, "grpc_server_handled_total", grpc_service=SERVICE,
+                        grpc_method=method)
+
+
+def target_of(replicas: list[Replica]) -> str:
+    return "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in replicas)
+
+
+@contextmanager
+def replicas(model_dir: Path, count: int, *extra: str) -> Iterator[list[Replica]]:
+    with ExitStack() as stack:
+        started = []
+        for _ in range(count):
+            r = Replica(model_dir, None, *extra)
+            stack.callback(lambda r=r: stop_process(r.proc))
+            started.append(r)
+        yield started
+
+
+@pytest.fixture(scope="module")
+def trio(model_dir):
+    with replicas(model_dir, 3) as rs:
+        yield rs
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return OnnxVAE(model_dir, threads=1)
+
+
+def test_round_robin_reaches_every_server_of_the_target(trio, reference):
+    before = [r.handled("Decode") for r in trio]
+    z = np.random.default_rng(0).standard_normal((4, reference.latent_dim), dtype=np.float32)
+    with VaeClient(target_of(trio), timeout=30) as client:
+        for _ in range(30):
+            np.testing.assert_array_equal(client.decode(z).reshape(4, -1), reference.decode(z))
+    calls = [r.handled("Decode") - b for r, b in zip(trio, before, strict=True)]
+    assert sum(calls) == 30
+    assert all(c >= 5 for c in calls), calls  # round robin: about 10 each
+
+
+class Load:
+    """Calls of every kind from `threads` threads on one client until stopped; each reply is
+    checked against the model run in process, and every failure is kept."""
+
+    def __init__(self, target: str, reference: OnnxVAE, threads: int = 6) -> None:
+        self.reference = reference
+        self.client = VaeClient(target, timeout=60)
+        self.failures: list[BaseException] = []
+        self.done = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+        self.client.close()
+
+    def _run(self, worker: int) -> None:
+        ref = self.reference
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            seed = worker * 100_000 + i
+            try:
+                if i % 4 == 3:  # a stream long enough to be cut
+                    got = np.concatenate([x for _, x in self.client.sample_stream(
+                        4000, seed=seed, chunk_size=250)])
+                    want = ref.sample(4000, seed)
+                else:
+                    got = self.client.sample(16, seed=seed)
+                    want = ref.sample(16, seed)
+                np.testing.assert_allclose(got.reshape(len(want), -1), want, atol=1e-6)
+                self.done += 1
+            except (VaeError, AssertionError) as exc:
+                self.failures.append(exc)
+
+
+def test_a_server_killed_mid_load_loses_no_call(model_dir, reference):
+    """SIGKILL: the calls it held are retried by gRPC on the others, and streams it was
+    sending resume by offset there, with the same images."""
+    with replicas(model_dir, 3) as rs, Load(target_of(rs), reference) as load:
+        time.sleep(3)
+        assert load.done > 0
+        rs[1].proc.kill()
+        rs[1].proc.wait()
+        done_at_kill = load.done
+        time.sleep(4)
+    assert not load.failures, load.failures[:3]
+    assert load.done > done_at_kill  # the load went on over the two left
+
+
+def test_a_stream_whose_server_is_killed_resumes_on_another_byte_for_byte(model_dir,
+                                                                          reference):
+    n, chunk = 40_000, 500
+    want = np.rint(reference.sample(n, 21) * 255).astype(np.uint8).reshape(n, 28, 28)
+    with replicas(model_dir, 3) as rs, VaeClient(target_of(rs), timeout=120) as client:
+        chunks: list[tuple[int, np.ndarray]] = []
+        stream = client.sample_stream(n, seed=21, chunk_size=chunk, dtype="uint8")
+        chunks.append(next(stream))
+        # The server sending it: the one with a SampleStream started and not handled.
+        sending = [r for r in rs if metric_total(
+            r.metrics_port, "grpc_server_started_total", grpc_method="SampleStream")
+            > r.handled("SampleStream")]
+        assert len(sending) == 1
+        sending[0].proc.kill()
+        chunks.extend(stream)
+        others = [r for r in rs if r is not sending[0]]
+        resumed = sum(metric_total(r.metrics_port, "grpc_server_started_total",
+                                   grpc_method="SampleStream") for r in others)
+    assert resumed == 1  # the rest of the stream came from another server, in one call
+    offsets = [o for o, _ in chunks]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)  # none twice
+    got = np.concatenate([x for _, x in chunks])
+    assert got.shape == want.shape and got.tobytes() == want.tobytes()
+
+
+def test_a_server_restarted_with_sigterm_under_load_fails_no_call(model_dir, reference):
+    with replicas(model_dir, 2, "--drain-delay-s", "0.5", "--grace-seconds", "20") as rs:
+        with Load(target_of(rs), reference) as load:
+            time.sleep(3)
+            rs[0].proc.send_signal(signal.SIGTERM)
+            assert rs[0].proc.wait(60) == 0
+            rs[0].start()  # the same port: clients reconnect to it
+            time.sleep(5)
+        assert not load.failures, load.failures[:3]
+        # The restarted server takes its share again.
+        assert rs[0].handled("Sample") + rs[0].handled("SampleStream") > 0
+
+
+def test_bulk_sample_over_two_servers_equals_one_stream(trio, tmp_path):
+    one, two = tmp_path / "one.npy", tmp_path / "two.npy"
+    common = ["sample", "--n", "20000", "--seed", "11", "--digit", "3", "--dtype", "uint8",
+              "--chunk-size", "1000", "--stream", "--no-progress"]
+    before = [r.handled("SampleStream") for r in trio[:2]]
+    subprocess.run([str(VENV_BIN / "vae-client"), "--target", f"127.0.0.1:{trio[2].port}",
+                    *common, "--out", str(one)], check=True, timeout=300)
+    subprocess.run([str(VENV_BIN / "vae-client"), "--target", target_of(trio[:2]), *common,
+                    "--out", str(two)], check=True, timeout=300)
+    assert one.read_bytes() == two.read_bytes()
+    assert np.load(two).shape == (20000, 28, 28)
+    # Two streams, one for each range. (Which servers they reached depends on which
+    # connections were up when they started: round_robin picks among ready ones.)
+    assert sum(r.handled("SampleStream") - b for r, b in zip(trio[:2], before, strict=True)) \
+        == 2
+
+
+def test_parallel_streams_are_spread_over_the_servers(trio):
+    """Once the client's connections are up, round_robin gives each stream the next server."""
+    with VaeClient(target_of(trio[:2]), timeout=60) as client:
+        for _ in range(10):  # both connections in use
+            client.info()
+        before = [r.handled("SampleStream") for r in trio[:2]]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            parts = list(pool.map(lambda lo: np.concatenate([x for _, x in client.sample_stream(
+                lo + 3000, seed=4, chunk_size=500, offset=lo)]), (0, 3000)))
+        whole = np.concatenate([x for _, x in client.sample_stream(6000, seed=4,
+                                                                   chunk_size=500)])
+    assert np.concatenate(parts).tobytes() == whole.tobytes()
+    assert [r.handled("SampleStream") - b for r, b in zip(trio[:2], before, strict=True)] \
+        in ([2, 1], [1, 2])  # the two parallel ones on different servers, then the whole
+
+
+def test_workers_serve_one_port_sum_their_metrics_and_drain_on_sigterm(model_dir, reference):
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen([str(VENV_BIN / "vae-server"), "--model-dir", str(model_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
+                             str(metrics_port), "--workers", "2", "--warmup-rounds", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        workers = [int(m) for m in re.findall(r"worker \d+ vae_server: gRPC on port \d+, "
+                                              r"metrics on (\d+)", "".join(log))]
+        assert len(workers) == 2, log
+        # The kernel spreads connections: new channels until both workers have taken calls.
+        z = np.zeros((1, reference.latent_dim), np.float32)
+        for _ in range(200):
+            with VaeClient(f"127.0.0.1:{port}", timeout=30) as client:
+                client.decode(z)
+            if all(handled(w, "Decode") > 0 for w in workers):
+                break
+        per_worker = [handled(w, "Decode") for w in workers]
+        assert all(n > 0 for n in per_worker), per_worker
+        assert handled(metrics_port, "Decode") == sum(per_worker)
+        assert metric_total(metrics_port, "vae_model_info") == 1.0  # an info series, once
+        # SIGTERM with calls in flight on both workers: every call ends OK, then both exit.
+        results: list[object] = []
+
+        def call(seed: int) -> None:
+            with VaeClient(f"127.0.0.1:{port}", timeout=60) as client:
+                results.append(client.log_likelihood(
+                    np.full((8, 784), 0.5, np.float32), k=2000, seed=seed))
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(call, s) for s in range(6)]
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            for f in futures:
+                f.result(120)
+        assert proc.wait(60) == 0
+        assert len(results) == 6
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        reader.join(10)
+    text = "".join(log)
+    assert "stopped (worker exit codes [0, 0])" in text, text[-2000:]
