@@ -9,13 +9,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from vae_core.ports import free_port
 from vae_server.config import load_settings
@@ -139,3 +141,55 @@ def served_process(model_dir: Path, *extra: str, timeout: float = 60.0
         yield target, proc
     finally:
         stop_process(proc)
+
+
+# -- replicas: several server processes, each with its metrics --------------------------
+
+SERVICE = "vae.v1.VaeService"
+
+
+class Replica:
+    """A vae-server process on a port of its own, with its metrics port."""
+
+    def __init__(self, model_dir: Path, port: int | None = None, *extra: str) -> None:
+        self.model_dir = model_dir
+        self.port = port or free_port()
+        self.metrics_port = free_port()
+        self.extra = extra
+        self.start()
+
+    def start(self) -> None:
+        self.proc = start_server_process(self.model_dir, self.port, "--metrics-port",
+                                         str(self.metrics_port), *self.extra)
+        wait_serving(f"127.0.0.1:{self.port}", self.proc)
+
+    def handled(self, method: str) -> float:
+        return handled(self.metrics_port, method)
+
+
+def metric_total(port: int, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def handled(port: int, method: str) -> float:
+    return metric_total(port, "grpc_server_handled_total", grpc_service=SERVICE,
+                        grpc_method=method)
+
+
+def target_of(replicas: list[Replica]) -> str:
+    return "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in replicas)
+
+
+@contextmanager
+def replicas(model_dir: Path, count: int, *extra: str) -> Iterator[list[Replica]]:
+    with ExitStack() as stack:
+        started = []
+        for _ in range(count):
+            r = Replica(model_dir, None, *extra)
+            stack.callback(lambda r=r: stop_process(r.proc))
+            started.append(r)
+        yield started

@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "server/vae_server": {"vae_export", "torch", "onnx", "onnxscript"},
     "client/vae_client": {"vae_export", "torch", "onnx", "onnxscript", "onnxruntime",
-                          "vae_server"},
+                          "vae_server"},  # ray and pyarrow: imported by bulk when it runs
     "core/vae_core": {"vae_export", "vae_server", "vae_client", "torch", "onnx", "grpc"},
 }
 
@@ -48,8 +48,8 @@ print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}})))
 @pytest.mark.parametrize(("modules", "absent"), [
     ("vae_server, vae_server.__main__, vae_server.server, vae_server.servicer",
      {"torch", "vae_export", "onnx"}),
-    ("vae_client, vae_client.__main__, vae_client.bench, vae_client.images",
-     {"torch", "vae_export", "onnx", "onnxruntime", "vae_server"}),
+    ("vae_client, vae_client.__main__, vae_client.bench, vae_client.images, vae_client.bulk",
+     {"torch", "vae_export", "onnx", "onnxruntime", "vae_server", "ray", "pyarrow"}),
 ], ids=["server", "client"])
 def test_importing_loads_neither_torch_nor_the_training_package(modules, absent):
     proc = subprocess.run([sys.executable, "-c", IMPORTED.format(modules=modules)],
@@ -57,3 +57,16 @@ def test_importing_loads_neither_torch_nor_the_training_package(modules, absent)
     loaded = set(json.loads(proc.stdout))
     assert modules.split(",")[0] in loaded  # the import did happen
     assert not loaded & absent, sorted(loaded & absent)
+
+
+def test_the_base_install_pulls_neither_ray_nor_onnxruntime_nor_torch():
+    import re
+
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower() for d in project["dependencies"]}
+    assert names == {"grpcio", "protobuf", "numpy"}
+    bulk = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower()
+            for d in project["optional-dependencies"]["bulk"]}
+    assert bulk == {"ray", "pyarrow"}

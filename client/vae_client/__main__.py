@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeAlias
 
 import numpy as np
@@ -445,9 +446,85 @@ def run_bench(args: argparse.Namespace) -> int:
 # -- the command ----------------------------------------------------------------------------
 
 # One registration function per subcommand, in the order `--help` lists them. A new
-# subcommand (e.g. `bench`) adds its add_* function here.
+# -- bulk -----------------------------------------------------------------------------------
+
+
+def add_bulk(sub: Subparsers) -> None:
+    from vae_client.bulk import FORMATS
+
+    p = sub.add_parser(
+        "bulk", help="write N generated digits as dataset shards (Ray, or this process)",
+        description="Generate --n digits as shards of --shard-size items in --out, each "
+        "shard a task (on a Ray cluster: the bulk extra; --no-ray: threads of this process) "
+        "that fetches its range of seeded streams from the target's servers. The bytes of "
+        "every shard are the same whatever the number of workers or servers; a run in a "
+        "folder that holds whole shards of the same settings skips them (a job that died "
+        "resumes). Labelled where the model offers digit classes: item i is of class "
+        "digits[i % D]. _manifest.json lists every shard with its sha256.")
+    p.add_argument("--n", type=_int_at_least(1), required=True, help="items in all")
+    p.add_argument("--out", required=True, help="the dataset folder (shared by every node)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="parquet",
+                   help="parquet (index, seed, label, PNG image columns; needs pyarrow), "
+                        "webdataset (tar of .png/.cls/.json) or npz (images, index, label "
+                        "arrays) (default: %(default)s)")
+    p.add_argument("--shard-size", type=_int_at_least(1), default=100_000,
+                   help="items per shard (default: %(default)s)")
+    _add_seed(p, "the latents")
+    p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
+                   help="items take the model's digit classes in turn, each labelled with "
+                        "its class (where the model has classes; default: yes)")
+    p.add_argument("--workers", type=_int_at_least(1), default=4,
+                   help="shards made at once (default: %(default)s)")
+    p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the shards as Ray tasks (default), or in this process")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="the Ray cluster (ray.init's address: auto, ray://HOST:10001); "
+                        "default: a local one started for the job")
+    _add_progress(p)
+    p.set_defaults(run=run_bulk)
+
+
+def run_bulk(args: argparse.Namespace) -> int:
+    from vae_client import bulk
+
+    with _connect(args) as client:
+        info = client.info()
+    digits = tuple(info.digits) if args.labels else ()
+    spec = bulk.BulkSpec(n=args.n, seed=args.seed, shard_size=args.shard_size,
+                         format=args.format, digits=digits, model_version=info.model_version)
+    longest = -(-args.n // len(digits)) if digits else args.n
+    if longest > info.limits.max_stream_n:
+        raise CliError(f"--n {args.n}: the streams would reach image {longest}, past the "
+                       f"servers' max_stream_n ({info.limits.max_stream_n}); raise "
+                       "vae-server --max-stream-n")
+    out = Path(args.out)
+    try:
+        todo = bulk.prepare(out, spec)
+    except bulk.BulkError as exc:
+        raise CliError(str(exc)) from None
+    total_done = args.n - sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in todo)
+    with Progress(args.n, "bulk", cli_io.progress_wanted(args.progress)) as bar:
+        bar.update(total_done)
+
+        def done(i: int, digest: str) -> None:
+            lo, hi = spec.shard_range(i)
+            bar.update(hi - lo)
+
+        runner = bulk.run_ray if args.ray else bulk.run_local
+        kwargs = {"address": args.ray_address} if args.ray else {}
+        try:
+            runner(args.target, spec, out, todo, args.workers, args.security, done, **kwargs)
+        except bulk.BulkError as exc:
+            raise CliError(str(exc)) from None
+    manifest = bulk.write_manifest(out, spec, dict(bulk.shard_digests(out, spec)))
+    print(f"{args.n} items in {len(manifest['shards'])} {args.format} shards -> {out} "
+          f"({len(todo)} made now)")
+    return 0
+
+
+# Every subcommand adds its add_* function here.
 COMMANDS: list[Callable[[Subparsers], None]] = [add_info, add_encode, add_decode, add_sample,
-                                                add_score, add_bench]
+                                                add_score, add_bench, add_bulk]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,256 @@
+"""`vae-client bulk`: N generated digits written as dataset shards that ML code loads directly,
+by a batch job: on a Ray cluster (the `bulk` extra), or in this process without one.
+
+Every shard is a range of item indices, made from SampleStream calls alone, so its bytes
+depend on (seed, labels, index) only: the same whatever the number of workers, servers or
+tries. Labelled items (the default where the model offers digit classes) take their classes
+in turn: item i is image i // D of the stream of class digits[i % D] (D classes), so each
+class is a tenth of every shard.
+
+Shards are written as `_<name>.part` and renamed when whole; a `_<name>.sha256` beside each
+records its hash. A run that finds a shard whose hash matches skips it, so a job that died
+resumes where it stopped. `_bulk.json` holds what the shards are of (the model version, the
+seed, the layout); a run with other settings in the same folder is refused; `_manifest.json`
+lists the shards with their hashes when the job is done.
+
+Formats:
+- parquet: columns `index` (int64), `seed` (uint64), `label` (int16, -1 unlabelled) and
+  `image` (PNG bytes, 28x28 8-bit gray), one row group per shard (needs pyarrow);
+- webdataset: tar files of `<index>.png`, `<index>.cls` (the label, as text) and
+  `<index>.json` ({"index", "seed", "label"}), as the webdataset package reads them;
+- npz: `images` uint8 [n, 28, 28], `index` int64 [n], `label` int16 [n], `seed` uint64 [1].
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vae_client.channel import Security
+from vae_client.client import VaeClient
+from vae_client.images import encode_png
+
+FORMATS = {"parquet": ".parquet", "webdataset": ".tar", "npz": ".npz"}
+# Names starting with _ are skipped by the readers of a folder of shards (pyarrow, pandas).
+SPEC_FILE = "_bulk.json"
+MANIFEST = "_manifest.json"
+NO_LABEL = -1
+
+
+class BulkError(ValueError):
+    """Settings that cannot make the dataset asked for (or not the one already begun)."""
+
+
+@dataclass(frozen=True)
+class BulkSpec:
+    """What the shards are of: the same spec always gives the same bytes."""
+
+    n: int
+    seed: int
+    shard_size: int
+    format: str
+    digits: tuple[int, ...]  # the classes items take in turn; () = unlabelled
+    model_version: str
+    chunk_size: int = 1000  # images per SampleStream chunk (the bytes do not depend on it)
+
+    @property
+    def shards(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    def shard_name(self, i: int) -> str:
+        return f"train-{i:05d}-of-{self.shards:05d}{FORMATS[self.format]}"
+
+    def shard_range(self, i: int) -> tuple[int, int]:
+        return i * self.shard_size, min(self.n, (i + 1) * self.shard_size)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["digits"] = list(self.digits)
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _record(shard: Path) -> Path:
+    return shard.with_name(f"_{shard.name}.sha256")
+
+
+def shard_done(out: Path, spec: BulkSpec, i: int) -> str | None:
+    """The sha256 of shard i when it is whole (its file matches the hash recorded beside it)."""
+    path = out / spec.shard_name(i)
+    record = _record(path)
+    if not (path.is_file() and record.is_file()):
+        return None
+    digest = record.read_text().strip()
+    return digest if _sha256(path) == digest else None
+
+
+# -- one shard -----------------------------------------------------------------------------
+
+
+def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Items lo .. hi - 1: (images uint8 [n, 28, 28], labels int16 [n])."""
+    n = hi - lo
+    images = np.empty((n, 28, 28), np.uint8)
+    labels = np.full(n, NO_LABEL, np.int16)
+    if not spec.digits:
+        for offset, x in client.sample_stream(hi, seed=spec.seed, chunk_size=spec.chunk_size,
+                                              dtype="uint8", offset=lo):
+            images[offset - lo : offset - lo + len(x)] = x
+        return images, labels
+    d = len(spec.digits)
+    for p, digit in enumerate(spec.digits):
+        # Items i = p (mod d) of the range are images j = i // d of class `digit`'s stream.
+        first = lo + (p - lo) % d
+        if first >= hi:
+            continue
+        j_lo, j_hi = first // d, (hi - 1 - p) // d + 1
+        rows = np.arange(first - lo, n, d)
+        for offset, x in client.sample_stream(j_hi, seed=spec.seed, chunk_size=spec.chunk_size,
+                                              dtype="uint8", offset=j_lo, digit=digit):
+            images[rows[offset - j_lo : offset - j_lo + len(x)]] = x
+        labels[rows] = digit
+    return images, labels
+
+
+def write_shard(path: Path, spec: BulkSpec, lo: int, images: np.ndarray,
+                labels: np.ndarray) -> None:
+    index = np.arange(lo, lo + len(images), dtype=np.int64)
+    if spec.format == "npz":
+        with open(path, "wb") as f:
+            np.savez(f, images=images, index=index, label=labels,
+                     seed=np.array([spec.seed], np.uint64))
+    elif spec.format == "webdataset":
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, image, label in zip(index.tolist(), images, labels.tolist(), strict=True):
+                meta = json.dumps({"index": i, "seed": spec.seed, "label": label}).encode()
+                for suffix, data in ((".png", encode_png(image)),
+                                     (".cls", str(label).encode()), (".json", meta)):
+                    info = tarfile.TarInfo(f"{i:09d}{suffix}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({
+            "index": pa.array(index, pa.int64()),
+            "seed": pa.array(np.full(len(index), spec.seed, np.uint64), pa.uint64()),
+            "label": pa.array(labels, pa.int16()),
+            "image": pa.array([encode_png(x) for x in images], pa.binary()),
+        })
+        pq.write_table(table, path, row_group_size=len(index), compression="zstd")
+
+
+def make_shard(target: str, spec: BulkSpec, i: int, out: str,
+               security: Security | None = None) -> str:
+    """Generate and write shard i (unless it is whole already); its sha256. What a Ray task
+    runs, on whichever node: `out` must be a folder every node writes to."""
+    folder = Path(out)
+    done = shard_done(folder, spec, i)
+    if done is not None:
+        return done
+    lo, hi = spec.shard_range(i)
+    with VaeClient(target, timeout=300, security=security) as client:
+        images, labels = shard_items(client, spec, lo, hi)
+    path = folder / spec.shard_name(i)
+    part = path.with_name(f"_{path.name}.part")
+    write_shard(part, spec, lo, images, labels)
+    os.replace(part, path)
+    digest = _sha256(path)
+    record = _record(path)
+    temporary = record.with_name(record.name + ".part")
+    temporary.write_text(digest + "\n")
+    os.replace(temporary, record)
+    return digest
+
+
+# -- the job -------------------------------------------------------------------------------
+
+
+def prepare(out: Path, spec: BulkSpec) -> list[int]:
+    """Check or write _bulk.json; the shards left to make."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / SPEC_FILE
+    if spec_path.is_file():
+        if spec_path.read_text() != spec.to_json():
+            raise BulkError(f"{out} holds the shards of other settings ({spec_path}): use "
+                            "another folder, or the same settings to resume")
+    else:
+        spec_path.write_text(spec.to_json())
+    return [i for i in range(spec.shards) if shard_done(out, spec, i) is None]
+
+
+def run_local(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: int,
+              security: Security | None, on_done: Callable[[int, str], None]) -> None:
+    """The shards by a thread pool of this process (no Ray)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {pool.submit(make_shard, target, spec, i, str(out), security): i
+                   for i in todo}
+        for future in concurrent.futures.as_completed(futures):
+            on_done(futures[future], future.result())
+
+
+def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: int,
+            security: Security | None, on_done: Callable[[int, str], None],
+            address: str | None = None) -> None:
+    """The shards as Ray tasks, at most `workers` at once, on the cluster at `address` (a
+    local one when None)."""
+    try:
+        import ray
+    except ImportError:
+        raise BulkError("Ray is not installed: pip install 'vae-serving[bulk]', or --no-ray"
+                        ) from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        task: Any = ray.remote(num_cpus=0.5, max_retries=3)(make_shard)
+        pending: dict[Any, int] = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < max(1, workers):
+                i = queue.pop(0)
+                pending[task.remote(target, spec, i, str(out.resolve()), security)] = i
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                on_done(pending.pop(ref), ray.get(ref))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def write_manifest(out: Path, spec: BulkSpec, digests: dict[int, str]) -> dict[str, Any]:
+    shards = []
+    for i in range(spec.shards):
+        lo, hi = spec.shard_range(i)
+        shards.append({"name": spec.shard_name(i), "first": lo, "count": hi - lo,
+                       "sha256": digests[i]})
+    manifest = {**json.loads(spec.to_json()), "shards": shards}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def shard_digests(out: Path, spec: BulkSpec) -> Iterator[tuple[int, str]]:
+    for i in range(spec.shards):
+        done = shard_done(out, spec, i)
+        if done is None:
+            raise BulkError(f"shard {spec.shard_name(i)} is missing or does not match its hash")
+        yield i, done

@@ -1,0 +1,201 @@
+"""`vae-client bulk` on a local Ray cluster started by the tests, against two local servers:
+the same shard bytes with 1 and 3 workers and without Ray, every format readable by what ML
+code loads it with, and a job killed midway that resumes without remaking whole shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prometheus_harness import need_module
+from serving import VENV_BIN, metric_total, replicas, target_of
+from vae_client import VaeClient
+from vae_client.bulk import BulkSpec, make_shard, shard_items
+from vae_client.images import decode_png
+from vae_core.onnx_model import OnnxVAE
+from vae_core.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir):
+    with replicas(model_dir, 2) as rs:
+        yield rs
+
+
+# The cluster's token: Ray authenticates its clients, and the jobs below are its clients.
+RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A Ray head on this machine, as `ray start` makes one; its address."""
+    need_module("ray")
+    port = free_port()
+    subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={port}",
+                    "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, env=RAY_ENV, timeout=180, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=RAY_ENV, timeout=120,
+                       capture_output=True)
+
+
+def bulk(target: str, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", target, "bulk",
+                           "--out", str(out), "--no-progress", *args], env=RAY_ENV,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def digests(out: Path) -> dict[str, str]:
+    manifest = json.loads((out / "_manifest.json").read_text())
+    return {s["name"]: s["sha256"] for s in manifest["shards"]}
+
+
+def test_labelled_items_take_the_classes_in_turn(servers, model_dir):
+    """Item i is image i // 10 of the stream of class i % 10, whatever the shard."""
+    reference = OnnxVAE(model_dir, threads=1)
+    spec = BulkSpec(n=95, seed=4, shard_size=40, format="npz", digits=tuple(range(10)),
+                    model_version="x", chunk_size=7)
+    with VaeClient(target_of(servers)) as client:
+        images, labels = shard_items(client, spec, 40, 80)
+    assert labels.tolist() == [i % 10 for i in range(40, 80)]
+    for row, i in enumerate(range(40, 80)):
+        want = reference.sample(i // 10 + 1, 4, digit=i % 10)[-1]
+        np.testing.assert_array_equal(images[row].reshape(-1),
+                                      np.rint(want * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset", "npz"])
+def test_the_same_bytes_with_1_and_3_ray_workers_and_without_ray(servers, ray_cluster, tmp_path,
+                                                                 fmt):
+    if fmt == "parquet":
+        need_module("pyarrow")
+    target = target_of(servers)
+    common = ["--n", "2300", "--shard-size", "500", "--seed", "9", "--format", fmt]
+    bulk(target, tmp_path / "one", *common, "--workers", "1", "--ray-address", ray_cluster)
+    bulk(target, tmp_path / "three", *common, "--workers", "3", "--ray-address", ray_cluster)
+    bulk(f"127.0.0.1:{servers[0].port}", tmp_path / "local", *common, "--no-ray")
+    one = digests(tmp_path / "one")
+    assert len(one) == 5 and one == digests(tmp_path / "three") == digests(tmp_path / "local")
+    for name, digest in one.items():  # the manifest's hashes are those of the files
+        import hashlib
+
+        assert hashlib.sha256((tmp_path / "three" / name).read_bytes()).hexdigest() == digest
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(
+        ["_bulk.json", "_manifest.json", *one, *(f"_{n}.sha256" for n in one)])
+    _check_loadable(tmp_path / "one", fmt, 2300)
+
+
+def _check_loadable(out: Path, fmt: str, n: int) -> None:
+    """Each format as its users load it; every item once, labelled, in order."""
+    names = sorted(json.loads((out / "_manifest.json").read_text())["shards"],
+                   key=lambda s: s["first"])
+    index, labels, first = [], [], None
+    for shard in names:
+        path = out / shard["name"]
+        if fmt == "parquet":
+            pq = need_module("pyarrow.parquet")
+            table = pq.read_table(path)
+            assert table.column_names == ["index", "seed", "label", "image"]
+            index += table.column("index").to_pylist()
+            labels += table.column("label").to_pylist()
+            image = decode_png(table.column("image")[0].as_py())
+        elif fmt == "webdataset":
+            with tarfile.open(path) as tar:
+                members = tar.getnames()
+                keys = sorted({m.split(".")[0] for m in members})
+                assert members[:3] == [f"{keys[0]}.png", f"{keys[0]}.cls", f"{keys[0]}.json"]
+                for key in keys:
+                    meta = json.loads(tar.extractfile(f"{key}.json").read())
+                    assert int(tar.extractfile(f"{key}.cls").read()) == meta["label"]
+                    index.append(meta["index"])
+                    labels.append(meta["label"])
+                image = decode_png(tar.extractfile(f"{keys[0]}.png").read())
+        else:
+            with np.load(path) as f:
+                assert f["images"].dtype == np.uint8 and f["images"].shape[1:] == (28, 28)
+                index += f["index"].tolist()
+                labels += f["label"].tolist()
+                image = f["images"][0]
+        first = image if first is None else first
+    assert index == list(range(n))
+    assert labels == [i % 10 for i in range(n)]
+    assert first.shape == (28, 28) and first.dtype == np.uint8 and first.max() > 0
+
+
+def test_a_job_killed_midway_resumes_without_remaking_whole_shards(servers, ray_cluster,
+                                                                   tmp_path):
+    target, out = target_of(servers), tmp_path / "job"
+    args = ["--n", "20000", "--shard-size", "1000", "--seed", "3", "--format", "npz",
+            "--workers", "1", "--ray-address", ray_cluster]
+    proc = subprocess.Popen([str(VENV_BIN / "vae-client"), "--target", target, "bulk",
+                             "--out", str(out), "--no-progress", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=RAY_ENV)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(out.glob("_*.sha256"))) < 3:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shards = [p.name[1:].removesuffix(".sha256") for p in out.glob("_*.sha256")]
+    whole = {name: (out / name).stat() for name in shards}
+    assert 3 <= len(whole) < 20, sorted(whole)
+    streams_before = sum(metric_total(s.metrics_port, "grpc_server_started_total",
+                                      grpc_method="SampleStream") for s in servers)
+    done = bulk(target, out, *args)
+    assert f"({20 - len(whole)} made now)" in done.stdout, done.stdout
+    # The whole shards were left as they were; the others took one stream per class each.
+    for name, stat in whole.items():
+        again = (out / name).stat()
+        assert (again.st_ino, again.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), name
+    streams = sum(metric_total(s.metrics_port, "grpc_server_started_total",
+                               grpc_method="SampleStream") for s in servers) - streams_before
+    assert streams == 10 * (20 - len(whole))
+    # And the result is the dataset an unbroken run writes.
+    fresh = tmp_path / "fresh"
+    bulk(target, fresh, *[a for a in args if a not in (ray_cluster, "--ray-address")],
+         "--no-ray", "--workers", "4")
+    assert digests(out) == digests(fresh)
+
+
+def test_other_settings_in_a_begun_folder_are_refused(servers, tmp_path):
+    target = target_of(servers)
+    bulk(target, tmp_path / "d", "--n", "100", "--shard-size", "50", "--format", "npz",
+         "--no-ray")
+    refused = bulk(target, tmp_path / "d", "--n", "100", "--shard-size", "50", "--format",
+                   "npz", "--seed", "2", "--no-ray", check=False)
+    assert refused.returncode == 1
+    assert "holds the shards of other settings" in refused.stderr
+    shutil.rmtree(tmp_path / "d")
+
+
+def test_make_shard_is_what_a_task_runs(servers, tmp_path):
+    """The task function alone: it writes its shard and its hash, and a second call finds it
+    whole and makes nothing."""
+    spec = BulkSpec(n=30, seed=1, shard_size=30, format="npz", digits=(), model_version="x")
+    digest = make_shard(target_of(servers), spec, 0, str(tmp_path))
+    path = tmp_path / spec.shard_name(0)
+    mtime = path.stat().st_mtime_ns
+    assert make_shard(target_of(servers), spec, 0, str(tmp_path)) == digest
+    assert path.stat().st_mtime_ns == mtime
+    with np.load(io.BytesIO(path.read_bytes())) as f:
+        assert f["label"].tolist() == [-1] * 30  # unlabelled
