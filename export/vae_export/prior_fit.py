@@ -109,8 +109,13 @@ def fit_gmm(x: np.ndarray, m: int, rng: np.random.Generator, covariance: str = "
             else:
                 covs[j] = np.diag((resp[:, j, None] * d * d).sum(axis=0) / counts[j]) + floor
         # E step: the responsibilities from the parameters.
-        log_p = np.log(weights) + np.stack(
-            [_log_normal(x, means[j], covs[j]) for j in range(m)], axis=1)
+        chols = np.linalg.cholesky(covs)
+        inverse = np.linalg.inv(chols)
+        log_p = np.empty((n, m))
+        for j in range(m):
+            y = (x - means[j]) @ inverse[j].T
+            log_p[:, j] = (np.log(weights[j]) - np.log(np.diagonal(chols[j])).sum()
+                           - 0.5 * k * np.log(2 * np.pi) - 0.5 * np.einsum("nk,nk->n", y, y))
         top = log_p.max(axis=1, keepdims=True)
         total = top[:, 0] + np.log(np.exp(log_p - top).sum(axis=1))
         resp = np.exp(log_p - total[:, None])
@@ -125,8 +130,3 @@ def _sq_dist(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
             - 2 * x @ centres.T)
 
 
-def _log_normal(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    chol = np.linalg.cholesky(cov)
-    y = np.linalg.solve(chol, (x - mean).T)
-    return (-0.5 * (y * y).sum(axis=0) - np.log(np.diag(chol)).sum()
-            - 0.5 * len(mean) * np.log(2 * np.pi))
