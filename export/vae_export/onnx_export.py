@@ -125,7 +125,9 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
         "latent_dim": cfg.latent_dim,
         "hidden": list(cfg.hidden),
         "likelihood": cfg.likelihood,
+        # The scoring sigma (calibrated below); generation uses f(z) and never adds noise.
         "sigma": cfg.sigma if cfg.likelihood == lk.GAUSSIAN else None,
+        "training_sigma": cfg.sigma if cfg.likelihood == lk.GAUSSIAN else None,
         "image": {
             "shape": [28, 28],
             "pixels": cfg.image_pixels,
@@ -185,6 +187,36 @@ def _describe_prior(prior: GaussianMixture | None, fitted: dict[str, Any] | None
                            "posteriors; Sample, SampleStream and LogLikelihood use it"}
 
 
+def calibrate_sigma(model: OnnxVAE, x: np.ndarray, k_samples: int, seed: int,
+                    chunk: int = 50) -> float:
+    """The Gaussian decoder's sigma that scores the validation digits `x` best: the mean
+    importance-sampled log p(x) over a grid of sigmas, finer around the best. The training
+    sigma weighs reconstruction against the KL term while the network learns; the density of
+    the finished model is best with its own. Only the squared residuals depend on sigma, so
+    the decodings are made once."""
+    d = x.shape[1]
+    sq, rest = [], []
+    for start in range(0, len(x), chunk):
+        xs = x[start : start + chunk]
+        mu, logvar = model.encode(xs)
+        eps = lk.score_noise(seed, start, len(xs), k_samples, model.latent_dim)
+        z = lk.latents(mu, logvar, eps)
+        f = model.decode(z.reshape(-1, model.latent_dim)).reshape(len(xs), k_samples, d)
+        diff = f - xs[:, None, :]
+        sq.append(np.einsum("nkd,nkd->nk", diff, diff).astype(np.float64))
+        rest.append(model.prior.log_prob(z) - lk.log_q(eps, logvar))
+    ss, other = np.concatenate(sq), np.concatenate(rest)
+
+    def mean_log_px(sigma: float) -> float:
+        w = -0.5 * ss / sigma**2 - d * (np.log(sigma) + 0.5 * lk.LOG_2PI) + other
+        return float(np.mean(lk.log_mean_exp(w, axis=1)))
+
+    coarse = np.exp(np.linspace(np.log(0.01), np.log(0.5), 81))
+    best = coarse[int(np.argmax([mean_log_px(s) for s in coarse]))]
+    fine = best * np.exp(np.linspace(-0.05, 0.05, 41))
+    return round(float(fine[int(np.argmax([mean_log_px(s) for s in fine]))]), 6)
+
+
 def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
     """Quantiles of the validation digits' log p(x) estimate, scored by the exported ONNX
     models with the same code the server runs."""
@@ -196,6 +228,9 @@ def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> di
     # Manifest's calibration entry must exist before OnnxVAE reads it; write a provisional one.
     provisional = dict(manifest, calibration={})
     (out / MANIFEST).write_text(json.dumps(provisional))
+    if manifest["likelihood"] == lk.GAUSSIAN:
+        manifest["sigma"] = calibrate_sigma(OnnxVAE(out), x, CALIBRATION_K, CALIBRATION_SEED)
+        (out / MANIFEST).write_text(json.dumps(dict(manifest, calibration={})))
     scores = OnnxVAE(out).score(x, CALIBRATION_K, CALIBRATION_SEED)
     q = np.quantile(scores.log_likelihood, CALIBRATION_LEVELS)
     return {
