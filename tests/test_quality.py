@@ -86,6 +86,10 @@ def test_eval_judges_the_samples_of_a_model(model_dir, classifier_dir, mnist_tes
     # The two halves of the test set are nearer each other than its two writer populations.
     assert 0 < ref["fd_random_halves"] < ref["fd_writers"]
     assert s["fd_over_writers"] == pytest.approx(s["frechet_distance"] / ref["fd_writers"])
+    # Real unseen digits are about as far from the training digits as from other unseen ones.
+    assert 0.9 < ref["test_copy_ratio_pixels"] < 1.1
+    assert 0.9 < ref["test_copy_ratio_features"] < 1.1
+    assert s["copy_ratio_pixels"] > 0 and s["copy_ratio_features"] > 0
     assert set(s["by_digit"]["agreement"]) == {str(d) for d in range(10)}
     assert set(s["targets"]["met"]) == {"confident_fraction", "class_entropy",
                                         "fd_over_writers", "not_copies", "digit_agreement"}

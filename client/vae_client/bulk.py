@@ -24,7 +24,6 @@ Formats:
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import io
 import json
 import os
@@ -39,6 +38,7 @@ import numpy as np
 from vae_client.channel import Security
 from vae_client.client import VaeClient
 from vae_client.images import encode_png
+from vae_core.manifest import sha256_file
 
 FORMATS = {"parquet": ".parquet", "webdataset": ".tar", "npz": ".npz"}
 # Names starting with _ are skipped by the readers of a folder of shards (pyarrow, pandas).
@@ -79,14 +79,6 @@ class BulkSpec:
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _record(shard: Path) -> Path:
     return shard.with_name(f"_{shard.name}.sha256")
 
@@ -98,7 +90,7 @@ def shard_done(out: Path, spec: BulkSpec, i: int) -> str | None:
     if not (path.is_file() and record.is_file()):
         return None
     digest = record.read_text().strip()
-    return digest if _sha256(path) == digest else None
+    return digest if sha256_file(path) == digest else None
 
 
 # -- one shard -----------------------------------------------------------------------------
@@ -174,7 +166,7 @@ def make_shard(target: str, spec: BulkSpec, i: int, out: str,
     part = path.with_name(f"_{path.name}.part")
     write_shard(part, spec, lo, images, labels)
     os.replace(part, path)
-    digest = _sha256(path)
+    digest = sha256_file(path)
     record = _record(path)
     temporary = record.with_name(record.name + ".part")
     temporary.write_text(digest + "\n")

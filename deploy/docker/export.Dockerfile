@@ -1,5 +1,5 @@
 # vae-export: trains the default model and exports it to ONNX. The CPU build of PyTorch
-# (training takes about a minute on 2 cores). Run once by docker-compose.yml (service export).
+# (training takes about two minutes on 2 cores). Run once by docker-compose.yml (service export).
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

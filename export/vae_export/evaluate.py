@@ -156,6 +156,20 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
     middle = len(test) // 2
     writers = q.frechet_distance(test_feats[:middle], test_feats[middle:])
     fd = q.frechet_distance(feats, test_feats)
+    # Copying, fairly to smooth images: the distance to the nearest training digit over the
+    # distance to the nearest of as many unseen digits (test digits of one random half). Real
+    # digits of the other half are the reference: about 1; a model that copies, below.
+    unseen = half[: len(train)]
+    others = half[len(train):]
+
+    def copy_ratio(pixels: np.ndarray, features: np.ndarray) -> tuple[float, float]:
+        return (float(np.median(q.nn_distances(pixels, train_px))
+                      / np.median(q.nn_distances(pixels, test_px[unseen]))),
+                float(np.median(q.nn_distances(features, train_feats))
+                      / np.median(q.nn_distances(features, test_feats[unseen]))))
+
+    copy_px, copy_feat = copy_ratio(samples, feats)
+    real_px, real_feat = copy_ratio(test_px[others], test_feats[others])
     result: dict[str, Any] = {
         "n": n, "seed": seed,
         "confident_fraction": q.confident_fraction(probs),
@@ -165,7 +179,11 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
         "fd_over_writers": fd / writers,
         "nn_pixels_median": float(np.median(q.nn_distances(samples, train_px))),
         "nn_features_median": float(np.median(q.nn_distances(feats, train_feats))),
+        "copy_ratio_pixels": copy_px,
+        "copy_ratio_features": copy_feat,
         "reference": {
+            "test_copy_ratio_pixels": real_px,
+            "test_copy_ratio_features": real_feat,
             "classifier": str(classifier_dir),
             "classifier_test_accuracy": float((test_probs.argmax(1) == test.labels).mean()),
             "classifier_trained": trained,
