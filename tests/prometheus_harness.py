@@ -216,12 +216,13 @@ def rejected_counts(metrics_url: str) -> dict[str, float]:
     return counts
 
 
-def queue_depth(metrics_url: str, model: str) -> float:
+def gauge(metrics_url: str, name: str, **labels: str) -> float:
+    """A sample of the server's /metrics: the first whose labels include `labels`, or 0."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(http_get(metrics_url)):
         for s in family.samples:
-            if s.name == "vae_queue_depth" and s.labels.get("model") == model:
+            if s.name == name and labels.items() <= s.labels.items():
                 return s.value
     return 0.0
 
@@ -237,18 +238,23 @@ async def _expect_error(report: LoadReport, call: Any) -> None:
 
 async def behind_a_long_run(c: AsyncVaeClient, metrics_url: str, report: LoadReport,
                             big: np.ndarray, k_samples: int, timeout: float | None,
-                            cancel_after: float | None) -> None:
+                            cancel: bool = False) -> None:
     """Start a long LogLikelihood call; once its rows are in the decoder's queue, a small
-    Decode behind them with `timeout`, cancelled by its caller after `cancel_after` s if set."""
+    Decode behind them with `timeout`; with `cancel`, its caller cancels it once the server
+    holds it (a call cancelled before the server has read it is never seen there)."""
     k = (await c.info()).latent_dim
     long_run = asyncio.ensure_future(
         _expect_error(report, c.log_likelihood(big, k=k_samples, seed=7)))
     for _ in range(1000):  # until the run's rows are in the decoder's queue
-        if long_run.done() or await asyncio.to_thread(queue_depth, metrics_url, "decoder") > 0:
+        if long_run.done() or await asyncio.to_thread(gauge, metrics_url, "vae_queue_depth",
+                                                      model="decoder") > 0:
             break
     queued = asyncio.ensure_future(c.decode(np.zeros((3, k), np.float32), timeout=timeout))
-    if cancel_after is not None:
-        await asyncio.sleep(cancel_after)
+    if cancel:
+        for _ in range(1000):  # until the server handles both calls
+            if queued.done() or await asyncio.to_thread(gauge, metrics_url,
+                                                        "vae_in_flight_calls") >= 2:
+                break
         queued.cancel()
     try:
         await queued
@@ -324,14 +330,13 @@ async def _mixed_load(target: str, metrics_url: str, seconds: float,
 
         # A call queued behind a long scoring run that its caller gives up on, and one whose
         # deadline passes while it waits.
-        def queued(timeout: float | None, cancel_after: float | None) -> Any:
-            return behind_a_long_run(c, metrics_url, report, big, per_image, timeout,
-                                     cancel_after)
+        def queued(timeout: float | None, cancel: bool) -> Any:
+            return behind_a_long_run(c, metrics_url, report, big, per_image, timeout, cancel)
 
-        await attempt("cancelled", lambda: queued(None, 0.002), 20)
+        await attempt("cancelled", lambda: queued(None, True), 20)
         # Not required: the server counts most expired deadlines as "cancelled" (see
         # test_monitoring.py, test_an_expired_deadline_is_counted_as_deadline).
-        await attempt("deadline", lambda: queued(0.002, None), deadline_tries, required=False)
+        await attempt("deadline", lambda: queued(0.002, False), deadline_tries, required=False)
     return report
 
 

@@ -273,7 +273,7 @@ def test_an_expired_deadline_is_counted_as_deadline(served):
         big = np.random.default_rng(0).random((MAX_QUEUE // 128 + 1, 784), dtype=np.float32)
         async with AsyncVaeClient(served.target, timeout=30) as c:
             for _ in range(6):
-                await behind_a_long_run(c, served.metrics_url, report, big, 64, 0.002, None)
+                await behind_a_long_run(c, served.metrics_url, report, big, 64, 0.002)
         return report
 
     before = counts()
