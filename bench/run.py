@@ -23,9 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-# As the server does (vae_server.__main__): one BLAS thread, for the in-process limits too.
-for _blas in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_blas, "1")
+from vae_core.host import cores, one_blas_thread
+
+one_blas_thread()  # as the server does, for the in-process limits too
 
 import numpy as np  # noqa: E402
 
@@ -35,7 +35,6 @@ from vae_core.ports import free_port  # noqa: E402
 from vae_proto import vae_pb2  # noqa: E402
 from vae_server import loops  # noqa: E402
 from vae_server.images import images_out  # noqa: E402
-from vae_server.runtime import cores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

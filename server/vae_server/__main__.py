@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
+from vae_core.host import one_blas_thread
 
-# Before numpy loads: its BLAS would start a thread per core for every matrix product (the
-# prior's log-density in LogLikelihood), beside ONNX Runtime's threads and the instances.
-for _blas in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_blas, "1")
+one_blas_thread()  # before numpy loads
 
 import logging  # noqa: E402
 import sys  # noqa: E402

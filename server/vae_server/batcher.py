@@ -87,10 +87,6 @@ class _Slice:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-class _WrongRows(Exception):
-    """A model run whose outputs do not have one row per input row."""
-
-
 class _Failed:
     """A slice's own failure inside a batch that ran: its job's make_rows or finish raised."""
 
@@ -465,7 +461,7 @@ class Batcher:
                 # rows of others, or too few.
                 wrong = [len(o) for o in out if len(o) != len(piece)]
                 if wrong:
-                    raise _WrongRows(f"the model returned {wrong[0]} rows for {len(piece)} "
+                    raise ValueError(f"the model returned {wrong[0]} rows for {len(piece)} "
                                      "inputs")
                 pieces.append(out)
             outputs = (pieces[0] if len(pieces) == 1

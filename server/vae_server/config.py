@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from vae_core.host import cores
 from vae_core.security import (
     CERTIFICATE,
     PRIVATE_KEY,
@@ -134,10 +135,7 @@ class Settings:
     @property
     def worker_count(self) -> int:
         """--workers resolved: 'auto' is one per core this process may run on."""
-        if self.workers == "auto":
-            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-                os.cpu_count() or 1)
-        return int(self.workers)
+        return cores() if self.workers == "auto" else int(self.workers)
 
 
 TOKENS_VAR = "VAE_AUTH_TOKENS"

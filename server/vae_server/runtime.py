@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vae_core import likelihood as lk
+from vae_core.host import cores
 from vae_core.manifest import MANIFEST, ModelSpec, load_manifest
 from vae_core.onnx_model import Provider, open_sessions
 from vae_core.prior import GaussianMixture, load_prior
@@ -38,12 +38,6 @@ def choose_providers(provider: str) -> list[str]:
 def with_cuda_graphs(providers: list[str]) -> list[Provider]:
     """`providers` with the CUDA provider's graph capture turned on."""
     return [(p, {"enable_cuda_graph": "1"}) if p == CUDA else p for p in providers]
-
-
-def cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
 
 
 def _plain(session: ort.InferenceSession, outputs: list[str], name: str) -> RunFn:

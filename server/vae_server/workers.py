@@ -34,10 +34,10 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from vae_core.host import cores
 from vae_core.manifest import load_manifest
 from vae_core.ports import free_port
 from vae_server.config import Settings
-from vae_server.runtime import cores
 
 log = logging.getLogger("vae_server.workers")
 
@@ -55,10 +55,8 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
                 ) -> None:
     """A worker process: one server on the shared port, steered by the supervisor's pipe."""
     import asyncio
-    import os
 
-    for blas in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(blas, "1")
+    # The environment is the supervisor's, one BLAS thread included (vae_server.__main__).
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s")
     from vae_server import loops
