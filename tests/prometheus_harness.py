@@ -79,6 +79,11 @@ class PanelQuery:
     def gpu(self) -> bool:
         return "vae_gpu_" in self.expr
 
+    @property
+    def workers(self) -> bool:
+        """Series that only a server run with --workers has."""
+        return "vae_worker" in self.expr
+
 
 def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Every panel, including those inside (collapsed) rows."""

@@ -387,7 +387,8 @@ def test_dashboard_covers_every_metric_the_operator_needs():
                    "vae_items_total", "vae_method_images_total", "vae_rejected_total",
                    "vae_anomalies_total", "vae_model_info", "process_cpu_seconds_total",
                    "process_resident_memory_bytes", "vae_gpu_utilization_ratio",
-                   "vae_gpu_memory_used_bytes", "vae_gpu_memory_total_bytes"):
+                   "vae_gpu_memory_used_bytes", "vae_gpu_memory_total_bytes",
+                   "vae_in_flight_calls", "vae_workers", "vae_worker_restarts_total"):
         assert metric in joined, f"no panel shows {metric}"
     for q in (0.5, 0.95, 0.99):
         assert any(e.startswith(f"histogram_quantile({q},") and "grpc_method" in e
@@ -402,3 +403,9 @@ def test_dashboard_covers_every_metric_the_operator_needs():
     assert gpu_panels
     for p in gpu_panels:
         assert p["fieldConfig"]["defaults"]["noValue"] == "no GPU", p["title"]
+    # So do the workers' panels where no server runs with --workers.
+    worker_panels = [p for p in _panels(dash)
+                     if any("vae_worker" in t["expr"] for t in p.get("targets", []))]
+    assert worker_panels
+    for p in worker_panels:
+        assert p["fieldConfig"]["defaults"]["noValue"] == "one process", p["title"]

@@ -222,7 +222,8 @@ def test_every_dashboard_query_returns_data(served, prometheus, loaded):
     queries = dashboard_queries()
     assert len(queries) >= 20
     gpu_here = any(n.startswith("vae_gpu_") for n in _families(served.metrics_url))
-    wanted = [q for q in queries if gpu_here or not q.gpu]
+    # One process here: the --workers series are test_replicas.py's.
+    wanted = [q for q in queries if (gpu_here or not q.gpu) and not q.workers]
 
     def missing() -> list[str]:
         out = []
@@ -242,10 +243,11 @@ def test_every_dashboard_query_returns_data(served, prometheus, loaded):
         time.sleep(0.5)
     assert not gaps, "dashboard queries without data:\n" + "\n".join(gaps)
 
-    if not gpu_here:  # GPU panels: no series at all, so their stat shows "no GPU"
-        for q in queries:
-            if q.gpu:
-                assert prometheus.query(q.expr) == [], q.expr
+    # GPU panels: no series at all, so their stat shows "no GPU"; the workers' panels, "one
+    # process".
+    for q in queries:
+        if (q.gpu and not gpu_here) or q.workers:
+            assert prometheus.query(q.expr) == [], q.expr
 
 
 # -- deadlines ----------------------------------------------------------------------------------

@@ -4,16 +4,23 @@ killed or restarted under load, bulk sampling split over servers, and `--workers
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 
-from serving import VENV_BIN, handled, metric_total, replicas, target_of, wait_serving
+from prometheus_harness import Prometheus, dashboard_queries, has_finite_value, need_tool, scrape_config
+from serving import VENV_BIN, handled, health_status, metric_total, replicas, target_of, wait_serving
 from vae_client import VaeClient, VaeError
 from vae_core.onnx_model import OnnxVAE
 from vae_core.ports import free_port
@@ -172,51 +179,145 @@ def test_parallel_streams_are_spread_over_the_servers(trio):
         in ([2, 1], [1, 2])  # the two parallel ones on different servers, then the whole
 
 
-def test_workers_serve_one_port_sum_their_metrics_and_drain_on_sigterm(model_dir, reference):
+@dataclass
+class Supervised:
+    proc: subprocess.Popen[str]
+    target: str
+    metrics_port: int
+    log: list[str]
+
+    def text(self) -> str:
+        return "".join(self.log)
+
+
+@contextmanager
+def supervised(model_dir: Path, workers: int = 2) -> Iterator[Supervised]:
+    """`vae-server --workers N` as a subprocess, SERVING; killed on the way out if it still
+    runs."""
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([str(VENV_BIN / "vae-server"), "--model-dir", str(model_dir),
                              "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-                             str(metrics_port), "--workers", "2", "--warmup-rounds", "1"],
+                             str(metrics_port), "--workers", str(workers),
+                             "--warmup-rounds", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
     try:
         wait_serving(f"127.0.0.1:{port}", proc)
+        yield Supervised(proc, f"127.0.0.1:{port}", metrics_port, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        reader.join(10)
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's worker processes (its spawned children, not the resource tracker)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == supervisor and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_workers_serve_one_port_sum_their_metrics_and_drain_on_sigterm(model_dir, reference):
+    with supervised(model_dir) as sup:
         workers = [int(m) for m in re.findall(r"worker \d+ vae_server: gRPC on port \d+, "
-                                              r"metrics on (\d+)", "".join(log))]
-        assert len(workers) == 2, log
+                                              r"metrics on (\d+)", sup.text())]
+        assert len(workers) == 2, sup.log
         # The kernel spreads connections: new channels until both workers have taken calls.
         z = np.zeros((1, reference.latent_dim), np.float32)
         for _ in range(200):
-            with VaeClient(f"127.0.0.1:{port}", timeout=30) as client:
+            with VaeClient(sup.target, timeout=30) as client:
                 client.decode(z)
             if all(handled(w, "Decode") > 0 for w in workers):
                 break
         per_worker = [handled(w, "Decode") for w in workers]
         assert all(n > 0 for n in per_worker), per_worker
-        assert handled(metrics_port, "Decode") == sum(per_worker)
-        assert metric_total(metrics_port, "vae_model_info") == 1.0  # an info series, once
+        assert handled(sup.metrics_port, "Decode") == sum(per_worker)
+        assert metric_total(sup.metrics_port, "vae_model_info") == 1.0  # an info series, once
         # SIGTERM with calls in flight on both workers: every call ends OK, then both exit.
         results: list[object] = []
 
         def call(seed: int) -> None:
-            with VaeClient(f"127.0.0.1:{port}", timeout=60) as client:
+            with VaeClient(sup.target, timeout=60) as client:
                 results.append(client.log_likelihood(
                     np.full((8, 784), 0.5, np.float32), k=2000, seed=seed))
 
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(call, s) for s in range(6)]
             time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
+            sup.proc.send_signal(signal.SIGTERM)
             for f in futures:
                 f.result(120)
-        assert proc.wait(60) == 0
+        assert sup.proc.wait(60) == 0
         assert len(results) == 6
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        reader.join(10)
-    text = "".join(log)
-    assert "stopped (worker exit codes [0, 0])" in text, text[-2000:]
+    assert "stopped (worker exit codes [0, 0])" in sup.text(), sup.text()[-2000:]
+
+
+def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference, tmp_path):
+    """SIGKILL one of two workers: health says NOT_SERVING until a new one is ready, the
+    restart is counted, and the dashboard's workers queries read it from a real Prometheus."""
+    with supervised(model_dir) as sup:
+        def workers(state: str) -> float:
+            return metric_total(sup.metrics_port, "vae_workers", state=state)
+
+        def restarts() -> float:
+            return metric_total(sup.metrics_port, "vae_worker_restarts_total")
+
+        assert (workers("configured"), workers("ready"), restarts()) == (2.0, 2.0, 0.0)
+        prom = Prometheus(need_tool("prometheus"), scrape_config(sup.metrics_port, "1s"),
+                          tmp_path / "prometheus")
+        try:
+            prom.wait_ready()
+            deadline = time.monotonic() + 15
+            while not prom.targets_up():
+                assert time.monotonic() < deadline, prom.api("targets")
+                time.sleep(0.2)
+            pids = worker_pids(sup.proc.pid)
+            assert len(pids) == 2, pids
+            os.kill(pids[0], signal.SIGKILL)
+            seen = set()
+            deadline = time.monotonic() + 120
+            while restarts() < 1 or workers("ready") < 2:
+                assert time.monotonic() < deadline, sup.text()[-2000:]
+                seen.add(health_status(sup.target))
+                time.sleep(0.1)
+            assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen
+            wait_serving(sup.target, sup.proc)
+            now = worker_pids(sup.proc.pid)
+            assert len(now) == 2 and pids[0] not in now and pids[1] in now, (pids, now)
+            assert (workers("configured"), restarts()) == (2.0, 1.0)
+            z = np.random.default_rng(0).standard_normal((4, reference.latent_dim),
+                                                         dtype=np.float32)
+            with VaeClient(sup.target, timeout=30) as client:
+                np.testing.assert_array_equal(client.decode(z).reshape(4, -1),
+                                              reference.decode(z))
+            # Every workers query of the dashboard has data; the restart shows.
+            queries = [q for q in dashboard_queries() if q.workers]
+            assert queries
+
+            def gaps() -> list[str]:
+                return [f"{q.panel} [{q.ref_id}]: {q.expr}" for q in queries
+                        if not has_finite_value(prom.query(q.expr))]
+
+            restarted = 'sum(vae_worker_restarts_total{job="vae-server"})'
+            deadline = time.monotonic() + 20
+            while (gaps() or [r["value"][1] for r in prom.query(restarted)] != ["1"]) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not gaps(), gaps()
+            assert [r["value"][1] for r in prom.query(restarted)] == ["1"]
+        finally:
+            prom.stop()
+    assert re.search(r"worker \d exited with -9: NOT_SERVING until its replacement is ready",
+                     sup.text()), sup.text()[-2000:]

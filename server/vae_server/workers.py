@@ -10,7 +10,8 @@ that the kernel spreads incoming connections over them, and:
   its replacement is ready. A probe that reaches any worker learns whether all of them serve.
 - metrics: each worker serves its own on a loopback port; the supervisor's metrics port
   merges them (metrics_merge): counters and histograms summed, so every metric reads as
-  one server's would, and gauges summed, or where a sum means nothing, the min or max.
+  one server's would, and gauges summed, or where a sum means nothing, the min or max. Its
+  own beside them: vae_workers{state="configured"|"ready"} and vae_worker_restarts_total.
 - SIGTERM (or SIGINT): every worker drains (NOT_SERVING, the drain delay, the grace) and the
   supervisor exits once they all have, with status 0 if all of them did.
 """
@@ -29,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from prometheus_client import start_http_server
+from prometheus_client import Counter, Gauge, start_http_server
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -127,6 +128,15 @@ class Supervisor:
         self.failed = False
         self.metrics_port: int | None = None
         self._http: Any = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(MergedMetrics(self.worker_metrics_ports))
+        workers = Gauge("vae_workers", "Serving processes of this server (--workers): "
+                        "configured, and ready (warmed up; SERVING once all are).", ("state",),
+                        registry=self.registry)
+        workers.labels("configured").set(self.count)
+        workers.labels("ready").set_function(lambda: sum(w.ready for w in self._workers))
+        self.restarts = Counter("vae_worker_restarts", "Workers that exited while serving and "
+                                "were started again.", registry=self.registry)
 
     def _start(self, index: int) -> _Worker:
         parent, child = self._context.Pipe()
@@ -148,9 +158,8 @@ class Supervisor:
     def run(self) -> int:
         load_manifest(self.settings.model_dir)  # a model it cannot serve stops it here, once
         if self.settings.metrics_port >= 0:
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(MergedMetrics(self.worker_metrics_ports))
-            self._http, _ = start_http_server(self.settings.metrics_port, registry=registry)
+            self._http, _ = start_http_server(self.settings.metrics_port,
+                                              registry=self.registry)
             self.metrics_port = self._http.server_port
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
@@ -214,6 +223,7 @@ class Supervisor:
                 w.conn.close()
                 self._serving = False
                 self._workers[i] = self._start(w.index)
+                self.restarts.inc()
                 self._broadcast(NOT_SERVING)
 
 
