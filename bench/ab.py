@@ -16,16 +16,13 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from run import wait_ready  # bench/run.py
+from run import Process, vae_server_cmd  # bench/run.py
 
 from vae_client.bench import run_bench
-from vae_core.ports import free_port
 
 PACKAGES = ("proto", "core", "export", "server", "client")
 LOADS = {  # name: run_bench arguments
@@ -35,29 +32,16 @@ LOADS = {  # name: run_bench arguments
 }
 
 
-def serve(tree: Path, model_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def measure(tree: Path, model_dir: Path, load: dict[str, object], seconds: float) -> float:
+    """The load's rate on a server of `tree`'s packages (its checkout on PYTHONPATH)."""
     path = [str(tree / p) for p in PACKAGES if (tree / p).is_dir()]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    return subprocess.Popen([sys.executable, "-m", "vae_server", "--model-dir", str(model_dir),
-                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1",
-                             "--log-level", "WARNING"], env=env, cwd=tree,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def measure(tree: Path, model_dir: Path, load: dict[str, object], seconds: float) -> float:
-    port = free_port()
-    proc = serve(tree, model_dir, port)
-    try:
-        wait_ready(f"127.0.0.1:{port}")
-        time.sleep(1.0)  # warm-up ends before SERVING; let the process settle
-        result = asyncio.run(run_bench(f"127.0.0.1:{port}", duration=seconds, warmup=1.0,
+    with Process(vae_server_cmd(model_dir), env=env, cwd=tree) as srv:
+        result = asyncio.run(run_bench(srv.target, duration=seconds, warmup=1.0,
                                        **load))  # type: ignore[arg-type]
-        if result.errors:
-            raise RuntimeError(f"{tree}: errors {result.errors}")
-        return result.calls_per_s if load["method"] == "decode" else result.images_per_s
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    if result.errors:
+        raise RuntimeError(f"{tree}: errors {result.errors}")
+    return result.calls_per_s if load["method"] == "decode" else result.images_per_s
 
 
 def main() -> int:

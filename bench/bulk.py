@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
-from run import wait_ready  # bench/run.py
+from run import Process, vae_server_cmd  # bench/run.py
 
 from vae_core.ports import free_port
 
@@ -47,18 +47,8 @@ def main() -> int:
     args = p.parse_args()
     rows: dict[str, float] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        ports = []
-        for _ in range(args.servers):
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "vae_server", "--model-dir",
-                                     str(args.model_dir), "--host", "127.0.0.1", "--port",
-                                     str(port), "--metrics-port", "-1", "--log-level",
-                                     "WARNING"], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-            stack.callback(proc.wait, 60)
-            stack.callback(proc.terminate)
-            wait_ready(f"127.0.0.1:{port}")
-            ports.append(port)
+        ports = [stack.enter_context(Process(vae_server_cmd(args.model_dir), settle=0.0)).port
+                 for _ in range(args.servers)]
         time.sleep(2.0)
         ray_port = free_port()
         subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={ray_port}",

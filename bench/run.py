@@ -54,13 +54,17 @@ def wait_ready(target: str, timeout: float = 60) -> None:
 
 
 class Process:
-    def __init__(self, cmd: list[str]) -> None:
+    """A server started with `cmd` plus --port (a free one), SERVING, then `settle` seconds
+    more; terminated on exit."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None, settle: float = 1.0) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([*cmd, "--port", str(self.port)],
+        self.proc = subprocess.Popen([*cmd, "--port", str(self.port)], env=env, cwd=cwd,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_ready(self.target)
-        time.sleep(1.0)  # warm-up of the server finishes before health says SERVING
+        time.sleep(settle)  # warm-up of the server finishes before health says SERVING
 
     def __enter__(self) -> Process:
         return self
@@ -70,15 +74,19 @@ class Process:
         self.proc.wait(30)
 
 
+def vae_server_cmd(model_dir: Path, *extra: str) -> list[str]:
+    """vae-server on loopback, quiet, without metrics, and without --port (Process adds it).
+    `python -m vae_server` is the vae-server script's main, and needs no installed script (the
+    GPU machine runs the checkout from PYTHONPATH: BENCHMARKS.md, "GPU path")."""
+    return [sys.executable, "-m", "vae_server", "--model-dir", str(model_dir),
+            "--host", "127.0.0.1", "--metrics-port", "-1", "--log-level", "WARNING", *extra]
+
+
 def server_cmd(model_dir: Path, batching: bool, threads: int, event_loop: str = "auto",
                spinning: bool = False, *extra: str) -> list[str]:
-    # `python -m vae_server` is the vae-server script's main, and needs no installed script
-    # (the GPU machine runs the checkout from PYTHONPATH: BENCHMARKS.md, "GPU path").
-    return [sys.executable, "-m", "vae_server", "--model-dir", str(model_dir),
-            "--host", "127.0.0.1",
-            "--metrics-port", "-1", "--batching", str(batching).lower(),
-            "--threads", str(threads), "--spinning", str(spinning).lower(),
-            "--event-loop", event_loop, "--log-level", "WARNING", *extra]
+    return vae_server_cmd(model_dir, "--batching", str(batching).lower(),
+                          "--threads", str(threads), "--spinning", str(spinning).lower(),
+                          "--event-loop", event_loop, *extra)
 
 
 def echo_cmd(latent_dim: int, chunk: int = 1024, event_loop: str = "auto") -> list[str]:

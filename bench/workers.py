@@ -13,30 +13,21 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from run import wait_ready  # bench/run.py
-
-from vae_core.ports import free_port
+from run import Process, vae_server_cmd  # bench/run.py
 
 BIN = Path(sys.executable).parent
 
 
 def measure(model_dir: Path, workers: int, clients: int, concurrency: int,
             seconds: float) -> float:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "vae_server", "--model-dir", str(model_dir),
-                               "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-                               "-1", "--workers", str(workers), "--log-level", "WARNING"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(f"127.0.0.1:{port}")
-        time.sleep(2.0)  # every worker warmed up
-        loads = [subprocess.Popen([str(BIN / "vae-client"), "bench", "--target",
-                                   f"127.0.0.1:{port}", "--method", "decode", "--concurrency",
-                                   str(concurrency), "--duration", str(seconds), "--json"],
+    # Two seconds after SERVING: every worker warmed up.
+    with Process(vae_server_cmd(model_dir, "--workers", str(workers)), settle=2.0) as srv:
+        loads = [subprocess.Popen([str(BIN / "vae-client"), "bench", "--target", srv.target,
+                                   "--method", "decode", "--concurrency", str(concurrency),
+                                   "--duration", str(seconds), "--json"],
                                   stdout=subprocess.PIPE, text=True) for _ in range(clients)]
         total = 0.0
         for p in loads:
@@ -46,9 +37,6 @@ def measure(model_dir: Path, workers: int, clients: int, concurrency: int,
                 raise RuntimeError(f"errors under load: {result['errors']}")
             total += result["calls_per_s"]
         return total
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 def main() -> int:

@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
 from vae_export.config import TrainConfig, VAEConfig
-from vae_export.data import load_dataset, stratified_split
-from vae_export.onnx_export import CALIBRATION_SEED, export_onnx
+from vae_export.data import run_split
+from vae_export.onnx_export import CALIBRATION_SEED, export_onnx, validation_inputs
 from vae_export.train import train
 
 # Burda et al. (2015): a latent unit is active when Cov_x(E_q[z_u]) > 0.01.
@@ -54,14 +53,6 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def config_name(cfg: VAEConfig) -> str:
     return f"k{cfg.latent_dim}_s{cfg.sigma:g}_h{'-'.join(str(h) for h in cfg.hidden)}"
-
-
-def validation_inputs(train_cfg: TrainConfig) -> np.ndarray:
-    """The validation digits, dequantised as onnx_export._calibrate does."""
-    digits = load_dataset(train_cfg.data)
-    _, val_idx = stratified_split(digits.labels, train_cfg.val_fraction, train_cfg.seed)
-    val = digits.subset(val_idx)
-    return lk.dequantize(val.images.reshape(len(val), -1), CALIBRATION_SEED)
 
 
 def score_model(model_dir: Path, x_val: np.ndarray, k_samples: int) -> dict[str, Any]:
@@ -158,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     done: dict[str, dict[str, Any]] = {}
     if result_path.exists() and not args.force:
         done = {r["name"]: r for r in json.loads(result_path.read_text())["results"]}
-    x_val = validation_inputs(train_cfg)
+    x_val = validation_inputs(run_split(asdict(train_cfg))[1])
     t_start = time.perf_counter()
     for cfg in configs:
         name = config_name(cfg)

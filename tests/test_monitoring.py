@@ -195,11 +195,7 @@ def prometheus(served, tmp_path_factory) -> Iterator[Prometheus]:
     prom = Prometheus(binary, scrape_config(served.metrics_port, "1s"),
                       tmp_path_factory.mktemp("prometheus"))
     try:
-        prom.wait_ready()
-        deadline = time.monotonic() + 15
-        while not prom.targets_up():
-            assert time.monotonic() < deadline, f"target not up: {prom.api('targets')}"
-            time.sleep(0.2)
+        prom.wait_targets_up()
         yield prom
     finally:
         prom.stop()

@@ -20,7 +20,16 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from prometheus_harness import Prometheus, dashboard_queries, has_finite_value, need_tool, scrape_config
-from serving import VENV_BIN, handled, health_status, metric_total, replicas, target_of, wait_serving
+from serving import (
+    VENV_BIN,
+    handled,
+    health_status,
+    metric_total,
+    replicas,
+    start_server_process,
+    target_of,
+    wait_serving,
+)
 from vae_client import VaeClient, VaeError
 from vae_core.onnx_model import OnnxVAE
 from vae_core.ports import free_port
@@ -195,11 +204,8 @@ def supervised(model_dir: Path, workers: int = 2) -> Iterator[Supervised]:
     """`vae-server --workers N` as a subprocess, SERVING; killed on the way out if it still
     runs."""
     port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen([str(VENV_BIN / "vae-server"), "--model-dir", str(model_dir),
-                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-                             str(metrics_port), "--workers", str(workers),
-                             "--warmup-rounds", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_server_process(model_dir, port, "--metrics-port", str(metrics_port),
+                                "--workers", str(workers), "--warmup-rounds", "1")
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
@@ -278,11 +284,7 @@ def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference
         prom = Prometheus(need_tool("prometheus"), scrape_config(sup.metrics_port, "1s"),
                           tmp_path / "prometheus")
         try:
-            prom.wait_ready()
-            deadline = time.monotonic() + 15
-            while not prom.targets_up():
-                assert time.monotonic() < deadline, prom.api("targets")
-                time.sleep(0.2)
+            prom.wait_targets_up()
             pids = worker_pids(sup.proc.pid)
             assert len(pids) == 2, pids
             os.kill(pids[0], signal.SIGKILL)

@@ -316,17 +316,14 @@ def _sample_stream(client: VaeClient, args: argparse.Namespace, chunk_size: int,
     ranges = cli_io.split_range(args.n, streams, chunk_size)
     lock = threading.Lock()
 
-    def fetch(lo: int, hi: int, bar: Progress) -> int:
+    def fetch(lo: int, hi: int, bar: Progress) -> None:
         # --timeout bounds the whole stream when given; by default a stream has no deadline.
-        got = 0
         for offset, images in client.sample_stream(hi, seed=args.seed, chunk_size=chunk_size,
                                                    dtype=args.dtype, offset=lo,
                                                    digit=args.digit, timeout=args.timeout):
             sink.put(offset, images)
-            got += len(images)
             with lock:
                 bar.update(len(images))
-        return got
 
     with Progress(args.n, "sample", cli_io.progress_wanted(args.progress)) as bar:
         if len(ranges) == 1:
@@ -443,9 +440,6 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the command ----------------------------------------------------------------------------
-
-# One registration function per subcommand, in the order `--help` lists them. A new
 # -- bulk -----------------------------------------------------------------------------------
 
 
@@ -516,13 +510,18 @@ def run_bulk(args: argparse.Namespace) -> int:
             runner(args.target, spec, out, todo, args.workers, args.security, done, **kwargs)
         except bulk.BulkError as exc:
             raise CliError(str(exc)) from None
+    # Every shard checked against its hash once all are made: Ray tasks may have written
+    # them on other nodes of a shared folder.
     manifest = bulk.write_manifest(out, spec, dict(bulk.shard_digests(out, spec)))
     print(f"{args.n} items in {len(manifest['shards'])} {args.format} shards -> {out} "
           f"({len(todo)} made now)")
     return 0
 
 
-# Every subcommand adds its add_* function here.
+# -- the command ----------------------------------------------------------------------------
+
+# One registration function per subcommand, in the order `--help` lists them. A new
+# subcommand adds its add_* function here.
 COMMANDS: list[Callable[[Subparsers], None]] = [add_info, add_encode, add_decode, add_sample,
                                                 add_score, add_bench, add_bulk]
 

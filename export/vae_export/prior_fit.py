@@ -14,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from vae_core import likelihood as lk
 from vae_core.prior import GaussianMixture
+
+PRIOR_KINDS = ("mixture", "standard")
+COVARIANCES = ("full", "diag")
 
 
 @dataclass
@@ -30,9 +34,9 @@ class PriorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("standard", "mixture"):
+        if self.kind not in PRIOR_KINDS:
             raise ValueError(f"prior kind must be standard or mixture, not {self.kind!r}")
-        if self.covariance not in ("full", "diag"):
+        if self.covariance not in COVARIANCES:
             raise ValueError(f"covariance must be full or diag, not {self.covariance!r}")
         if self.components < 1 or self.samples_per_digit < 1:
             raise ValueError("components and samples_per_digit must be >= 1")
@@ -116,8 +120,7 @@ def fit_gmm(x: np.ndarray, m: int, rng: np.random.Generator, covariance: str = "
             y = (x - means[j]) @ inverse[j].T
             log_p[:, j] = (np.log(weights[j]) - np.log(np.diagonal(chols[j])).sum()
                            - 0.5 * k * np.log(2 * np.pi) - 0.5 * np.einsum("nk,nk->n", y, y))
-        top = log_p.max(axis=1, keepdims=True)
-        total = top[:, 0] + np.log(np.exp(log_p - top).sum(axis=1))
+        total = lk.logsumexp(log_p, axis=1)
         resp = np.exp(log_p - total[:, None])
         if total.mean() - previous < tol:
             break

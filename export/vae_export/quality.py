@@ -46,24 +46,28 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
 
 
-def nn_distances(a: np.ndarray, reference: np.ndarray, chunk: int = 2000) -> np.ndarray:
-    """The Euclidean distance of each row of `a` to its nearest row of `reference`."""
+def _nearest_rows(a: np.ndarray, reference: np.ndarray, chunk: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of `a`'s nearest row of `reference`: (its index, the squared distance)."""
     a = np.asarray(a, np.float64).reshape(len(a), -1)
     ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
     rr = (ref * ref).sum(axis=1)
-    out = []
+    index, d2 = [np.zeros(0, np.int64)], [np.zeros(0)]
     for start in range(0, len(a), chunk):
         x = a[start : start + chunk]
-        d2 = (x * x).sum(axis=1)[:, None] + rr[None, :] - 2 * x @ ref.T
-        out.append(np.sqrt(np.clip(d2.min(axis=1), 0, None)))
-    return np.concatenate(out) if out else np.zeros(0)
+        d = (x * x).sum(axis=1)[:, None] + rr[None, :] - 2 * x @ ref.T
+        j = d.argmin(axis=1)
+        index.append(j)
+        d2.append(d[np.arange(len(x)), j])
+    return np.concatenate(index), np.concatenate(d2)
+
+
+def nn_distances(a: np.ndarray, reference: np.ndarray, chunk: int = 2000) -> np.ndarray:
+    """The Euclidean distance of each row of `a` to its nearest row of `reference`."""
+    return np.sqrt(np.clip(_nearest_rows(a, reference, chunk)[1], 0, None))
 
 
 def nearest(a: np.ndarray, reference: np.ndarray, chunk: int = 2000) -> np.ndarray:
     """The index of each row's nearest row of `reference` (for pictures of samples beside the
     training digits closest to them)."""
-    a = np.asarray(a, np.float64).reshape(len(a), -1)
-    ref = np.asarray(reference, np.float64).reshape(len(reference), -1)
-    rr = (ref * ref).sum(axis=1)
-    return np.concatenate([np.argmin(rr[None, :] - 2 * a[s : s + chunk] @ ref.T, axis=1)
-                           for s in range(0, len(a), chunk)])
+    return _nearest_rows(a, reference, chunk)[0]

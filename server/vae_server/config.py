@@ -177,6 +177,10 @@ def _typed(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
     p = _Parser(
@@ -190,7 +194,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     for f in dataclasses.fields(Settings):
         if f.metadata.get("env_only"):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         var = "VAE_" + f.name.upper()
         kind = type(f.default) if f.default is not dataclasses.MISSING else str
         default = f.default
@@ -214,10 +218,6 @@ def load_settings(argv: Sequence[str] | None = None,
     _check(settings)
     _check_tls(settings)
     return dataclasses.replace(settings, auth_tokens=_load_tokens(settings, env))
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _check(s: Settings) -> None:
