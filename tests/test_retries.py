@@ -1,6 +1,7 @@
 """Client retries through gRPC's own retry policy (vae_client.channel.retry_options): a call
 refused because the queue is full is retried after a back-off and succeeds once there is
-room; other errors are not retried; a client with retries=0 sees the refusal."""
+room, as is one its server cancelled; other errors are not retried; a client with retries=0
+sees the refusal."""
 
 from __future__ import annotations
 
@@ -110,3 +111,47 @@ def test_an_invalid_request_is_not_retried(model_dir, reference):
             c.decode(np.full((1, reference.latent_dim), np.nan, np.float32))
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert _started(srv, "Decode") - before == 1
+
+
+@pytest.fixture
+def cancels_once():
+    """A vae.v1 server whose GetModelInfo is cancelled on its first call, as a stopping gRPC
+    server cancels the calls it has received but not yet handed to a handler; later calls are
+    answered. Yields (target, the calls it has seen)."""
+    from concurrent import futures
+
+    from vae_core.ports import free_port
+    from vae_proto import vae_pb2
+
+    calls: list[int] = []
+
+    def info(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+        return vae_pb2.ModelInfo(latent_dim=4, image_shape=[28, 28]).SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler("vae.v1.VaeService", {
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(info)})
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", calls
+    finally:
+        server.stop(0)
+
+
+def test_a_call_its_server_cancelled_is_retried(cancels_once):
+    target, calls = cancels_once
+    with VaeClient(target) as c:
+        assert c.info().latent_dim == 4
+    assert len(calls) == 2
+
+
+def test_without_retries_a_call_its_server_cancelled_fails(cancels_once):
+    target, calls = cancels_once
+    with VaeClient(target, retries=0) as c, pytest.raises(VaeError) as err:
+        c.info()
+    assert err.value.code == grpc.StatusCode.CANCELLED and len(calls) == 1

@@ -115,12 +115,14 @@ def resolve_security(security: Security | None, channel: object | None = None,
 
 # -- retries ---------------------------------------------------------------------------------
 # gRPC retries by itself what the service config allows: UNAVAILABLE (no server reached, or it
-# went away) and RESOURCE_EXHAUSTED (the server's queue was full: it refuses before running
-# anything), after a jittered exponential back-off (each wait is drawn uniformly between 0
-# and the current cap). It never retries a call once a reply has begun (a stream that has sent
-# a chunk fails instead: resume it with `offset`). Throttling stops retrying while most calls
-# fail, so that retries cannot multiply an overload. Every vae.v1 call is a pure function of
-# its request (seeds included), so a retried call gives the answer the first would have.
+# went away), RESOURCE_EXHAUSTED (the server's queue was full: it refuses before running
+# anything) and CANCELLED by the server (one that stops cancels the calls it has received but
+# not yet handed to a handler; a call its own caller cancels is never retried), after a
+# jittered exponential back-off (each wait is drawn uniformly between 0 and the current cap).
+# It never retries a call once a reply has begun (a stream that has sent a chunk fails
+# instead: resume it with `offset`). Throttling stops retrying while most calls fail, so that
+# retries cannot multiply an overload. Every vae.v1 call is a pure function of its request
+# (seeds included), so a retried call gives the answer the first would have.
 DEFAULT_RETRIES = 4  # attempts after the first; gRPC allows at most 4
 
 
@@ -147,7 +149,7 @@ def retry_options(retries: int) -> list[tuple[str, Any]]:
                 "initialBackoff": "0.05s",
                 "maxBackoff": "2s",
                 "backoffMultiplier": 3,
-                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"],
             },
         }],
         "retryThrottling": {"maxTokens": 20, "tokenRatio": 0.2},
