@@ -20,6 +20,19 @@ import grpc
 
 from vae_server.metrics import Metrics
 
+# A cancelled call counts as expired when the server's clock says that it has this little time
+# left: the caller's deadline reaches the server as a plain cancellation over the wire (HTTP/2
+# has no code for it), which can arrive before the server's own timer for the same deadline
+# fires, and the time left is read through a clock conversion that may be off by a little too.
+DEADLINE_SLACK_S = 0.05
+
+
+def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    """Whether a cancelled call was cancelled by its deadline rather than by its caller: grpc.aio
+    cancels a handler the same way in both cases; only the time left tells them apart."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= DEADLINE_SLACK_S
+
 
 def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
     """The status code a call ended with, as go-grpc-prometheus's grpc_code label."""
@@ -29,9 +42,7 @@ def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str
     if exc is None:
         return "OK"
     if isinstance(exc, asyncio.CancelledError):
-        # The handler is cancelled both when the caller cancels and when the deadline passes.
-        remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        return "DEADLINE_EXCEEDED" if deadline_passed(context) else "CANCELLED"
     return "UNKNOWN"
 
 

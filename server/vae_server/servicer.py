@@ -29,6 +29,7 @@ from vae_server.errors import (
     ServingError,
     ShuttingDown,
 )
+from vae_server.instrument import deadline_passed
 from vae_server.jobs import ImageScores, ImportanceWeights, StreamChunk
 from vae_server.metrics import IMAGE_METHODS, Metrics
 from vae_server.runtime import ModelRuntime
@@ -57,13 +58,6 @@ def _status_of(exc: ServingError) -> tuple[grpc.StatusCode, str]:
         if cls in _STATUS:
             return _STATUS[cls]
     return grpc.StatusCode.INTERNAL, "internal"
-
-
-def _cancel_reason(context: Context) -> str:
-    """grpc.aio cancels a handler both when the caller cancels and when its deadline passes;
-    only the time left tells the two apart."""
-    remaining = context.time_remaining()
-    return "deadline" if remaining is not None and remaining <= 0 else "cancelled"
 
 
 UnaryHandler = Callable[["VaeServicer", bytes, Context], Awaitable[bytes]]
@@ -164,7 +158,8 @@ class VaeServicer:
         """The one place where a handler's errors become gRPC status codes: aborts the call
         (raises), except for a cancellation, which is counted and left to propagate."""
         if isinstance(exc, asyncio.CancelledError):
-            self.metrics.rejected.labels(_cancel_reason(context)).inc()
+            self.metrics.rejected.labels(
+                "deadline" if deadline_passed(context) else "cancelled").inc()
             return
         if isinstance(exc, grpc.aio.AbortError):  # already carries its status
             return
