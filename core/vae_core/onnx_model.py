@@ -53,20 +53,34 @@ def open_sessions(model_dir: str | Path, manifest: dict[str, Any],
     return sessions[0], sessions[1]
 
 
-class OnnxVAE:
-    """Encoder and decoder sessions of a verified model directory."""
+class ModelDirectory:
+    """What a model directory declares, read once and checked: its manifest (with the files'
+    hashes), the model's spec and its prior. The base of both ways to run a model, `OnnxVAE`
+    and the server's runtime."""
 
-    def __init__(self, model_dir: str | Path, providers: list[str] | None = None,
-                 threads: int = 0, spinning: bool = False) -> None:
+    def __init__(self, model_dir: str | Path) -> None:
         self.model_dir = Path(model_dir)
         self.manifest: dict[str, Any] = load_manifest(self.model_dir)
         self.spec = ModelSpec.of(self.manifest)
         self.latent_dim = self.spec.latent_dim
         self.likelihood = self.spec.likelihood
         self.sigma = self.spec.sigma
+        self.pixels = self.spec.pixels
         self.prior: GaussianMixture = load_prior(self.model_dir, self.manifest, self.latent_dim)
-        self.encoder, self.decoder = open_sessions(self.model_dir, self.manifest, providers,
-                                                   threads, spinning)
+
+    def open_sessions(self, providers: Sequence[Provider] | None = None, threads: int = 0,
+                      spinning: bool = False
+                      ) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+        return open_sessions(self.model_dir, self.manifest, providers, threads, spinning)
+
+
+class OnnxVAE(ModelDirectory):
+    """Encoder and decoder sessions of a verified model directory."""
+
+    def __init__(self, model_dir: str | Path, providers: list[str] | None = None,
+                 threads: int = 0, spinning: bool = False) -> None:
+        super().__init__(model_dir)
+        self.encoder, self.decoder = self.open_sessions(providers, threads, spinning)
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mu, logvar = self.encoder.run(["mu", "logvar"], {"x": np.ascontiguousarray(x, np.float32)})

@@ -5,16 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from vae_core import likelihood as lk
 from vae_core.host import cores
-from vae_core.manifest import MANIFEST, ModelSpec, load_manifest
-from vae_core.onnx_model import Provider, open_sessions
-from vae_core.prior import GaussianMixture, load_prior
+from vae_core.manifest import MANIFEST
+from vae_core.onnx_model import ModelDirectory, Provider
 from vae_server.batcher import RunFn
 from vae_server.binding import BoundRunner
 
@@ -46,7 +44,7 @@ def _plain(session: ort.InferenceSession, outputs: list[str], name: str) -> RunF
     return run
 
 
-class ModelRuntime:
+class ModelRuntime(ModelDirectory):
     """Encoder and decoder sessions; `run_encoder` / `run_decoder` are what the batchers call
     (from worker threads: InferenceSession.run is thread-safe).
 
@@ -73,15 +71,8 @@ class ModelRuntime:
     def __init__(self, model_dir: str | Path, provider: str = "auto", threads: int = 0,
                  spinning: bool = False, io_binding: str = "auto", cuda_graphs: bool = False,
                  max_rows: int = 2048, small_rows: int = 64) -> None:
-        self.model_dir = Path(model_dir)
-        self.manifest: dict[str, Any] = load_manifest(self.model_dir)
+        super().__init__(model_dir)
         self.manifest_text = (self.model_dir / MANIFEST).read_text()
-        self.spec = ModelSpec.of(self.manifest)
-        self.latent_dim = self.spec.latent_dim
-        self.likelihood = self.spec.likelihood
-        self.sigma = self.spec.sigma
-        self.pixels = self.spec.pixels
-        self.prior: GaussianMixture = load_prior(self.model_dir, self.manifest, self.latent_dim)
         cal = self.manifest.get("calibration") or {}
         self.calibration_levels = np.asarray(cal.get("levels", []), dtype=np.float64)
         self.calibration_quantiles = np.asarray(cal.get("quantiles", []), dtype=np.float64)
@@ -97,11 +88,7 @@ class ModelRuntime:
             raise RuntimeError("CUDA graphs need IO binding (--io-binding auto or on)")
         chosen: list[Provider] = with_cuda_graphs(providers) if cuda_graphs else [*providers]
 
-        def sessions(providers: list[Provider], threads: int,
-                     spinning: bool) -> tuple[ort.InferenceSession, ort.InferenceSession]:
-            return open_sessions(self.model_dir, self.manifest, providers, threads, spinning)
-
-        self.encoder, self.decoder = sessions(chosen, threads, spinning)
+        self.encoder, self.decoder = self.open_sessions(chosen, threads, spinning)
         # What ONNX Runtime actually uses: onnxruntime-gpu without a usable CUDA falls back
         # to CPU with only a logged error.
         self.provider = self.decoder.get_providers()[0]
@@ -114,9 +101,9 @@ class ModelRuntime:
         self.cuda_graphs = cuda_graphs
         self.encoder_small, self.decoder_small = self.encoder, self.decoder
         if self.provider == CPU and threads != 1:
-            self.encoder_small, self.decoder_small = sessions([CPU], 1, False)
+            self.encoder_small, self.decoder_small = self.open_sessions([CPU], 1, False)
         elif self.bound:
-            self.encoder_small, self.decoder_small = sessions(chosen, threads, spinning)
+            self.encoder_small, self.decoder_small = self.open_sessions(chosen, threads, spinning)
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         small = max(1, min(small_rows, max_rows))
         specs = [(self.encoder, ENCODER_OUTPUTS, "x", max_rows),
