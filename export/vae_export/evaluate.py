@@ -171,6 +171,20 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
                       / np.median(q.nn_distances(features, test_feats[unseen]))))
 
     copy_px, copy_feat = copy_ratio(px_train, feat_train, samples, feats)
+    # The decoder's floor: its reconstructions f(mu(x)) of the unseen test digits, judged as
+    # if they were samples. A prior's new codes are decoded no better than an unseen digit's
+    # code, so no prior that does not copy the training digits takes samples below it; the
+    # training digits' reconstructions show how far copying could go.
+    recon_test = model.decode(model.encode(test_px)[0])
+    recon_train = model.decode(model.encode(train_px)[0])
+    recon_test_feats = judge.classify(net, recon_test)[1]
+    floor = {
+        "fd_over_writers": q.frechet_distance(recon_test_feats, test_feats) / writers,
+        "train_fd_over_writers": q.frechet_distance(judge.classify(net, recon_train)[1],
+                                                    test_feats) / writers,
+        "nn_pixels_median": float(np.median(q.nn_distances(recon_test, train_px))),
+        "nn_features_median": float(np.median(q.nn_distances(recon_test_feats, train_feats))),
+    }
     real_px, real_feat = copy_ratio(test_px_train[others], test_feat_train[others],
                                     test_px[others], test_feats[others])
     result: dict[str, Any] = {
@@ -184,6 +198,7 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
         "nn_features_median": float(np.median(feat_train)),
         "copy_ratio_pixels": copy_px,
         "copy_ratio_features": copy_feat,
+        "reconstructions": floor,
         "reference": {
             "test_copy_ratio_pixels": real_px,
             "test_copy_ratio_features": real_feat,
