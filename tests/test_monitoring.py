@@ -285,9 +285,11 @@ def test_an_expired_deadline_is_counted_as_deadline(served):
     while (delta := change())["started"] > sum(delta[k] for k in ("ok", "deadline", "cancelled")
                                                ) and time.monotonic() < end:
         time.sleep(0.05)
-    # The long calls end OK; every short one that reached the server had its deadline expire
-    # there (a call can also expire before it reaches the handler: the server never sees it).
-    assert report.outcomes == {"OK": 6, "DEADLINE_EXCEEDED": 6}, report.outcomes
+    # The long calls end OK. A short one expires, at the server or before it reaches the
+    # handler (then the server never sees it), unless the long call was nearly done when it
+    # came (a busy machine can delay the caller that long): then it ends OK on both sides.
+    assert set(report.outcomes) <= {"OK", "DEADLINE_EXCEEDED"}, report.outcomes
+    assert sum(report.outcomes.values()) == 12 and report.outcomes["OK"] >= 6, report.outcomes
     expired = delta["started"] - delta["ok"]
     assert expired >= 3, (report.outcomes, delta)
     assert delta["deadline"] == expired, delta
