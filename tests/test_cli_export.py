@@ -28,7 +28,8 @@ OPTIONS = {
               "--threads", "--decoder", "--cosine", "--no-cosine", "--warmup-epochs",
               "--augment-p", "--rot-deg", "--shift-px", "--scale", "--shear-deg",
               "--elastic-alpha", "--elastic-sigma", "--prior",
-              "--prior-components", "--prior-covariance", "--quiet"],
+              "--prior-components", "--prior-covariance", "--prior-codes",
+              "--prior-temperature", "--quiet"],
     "onnx": ["--run", "--out", "--no-calibration"],
     "eval": ["--model-dir", "--data", "--k", "--seed", "--ood", "--limit", "--json", "--roc",
              "--threads", "--samples", "--classifier", "--pictures"],
@@ -112,6 +113,21 @@ def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and "missing" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--prior-temperature", "1.5"], "prior temperature must be in (0, 1], not 1.5"),
+    (["--prior-temperature", "0"], "prior temperature must be in (0, 1], not 0.0"),
+    (["--prior-components", "0"], "components and samples_per_digit must be >= 1"),
+    (["--latent-dim", "0"], "latent_dim must be >= 1"),
+    (["--hidden", "64,x"], "--hidden takes layer widths separated by commas, not '64,x'"),
+])
+def test_train_setting_out_of_range_is_one_line_and_exit_2(
+        flags: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--out", str(tmp_path / "run"), *flags]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"vae-export train: error: {says}\n"
+    assert not (tmp_path / "run").exists()
 
 
 def _tampered(model_dir: Path, tmp_path: Path) -> Path:

@@ -90,8 +90,8 @@ def test_eval_judges_the_samples_of_a_model(model_dir, classifier_dir, mnist_tes
     assert 0.9 < ref["test_copy_ratio_pixels"] < 1.1
     assert 0.9 < ref["test_copy_ratio_features"] < 1.1
     assert s["copy_ratio_pixels"] > 0 and s["copy_ratio_features"] > 0
-    # The decoder's floor, from reconstructions of real digits (this small model draws blurs:
-    # its figures are far from a real model's, so only their kind is checked here).
+    # The reconstructions of real digits, judged (this small model draws blurs: its figures are
+    # far from a real model's, so only their kind is checked here).
     rec = s["reconstructions"]
     assert rec["fd_over_writers"] > 0 and rec["train_fd_over_writers"] > 0
     assert rec["nn_pixels_median"] > 0 and rec["nn_features_median"] > 0

@@ -7,24 +7,21 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the modules import torch or numpy; --help should not wait for them
+    from vae_export.config import TrainConfig, VAEConfig
+    from vae_export.prior_fit import PriorConfig
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vae_export.config import TrainConfig, VAEConfig
-    from vae_export.prior_fit import PriorConfig
     from vae_export.train import train
 
-    model_cfg = VAEConfig(
-        latent_dim=args.latent_dim,
-        hidden=tuple(int(h) for h in args.hidden.split(",")),
-        likelihood=args.likelihood,
-        sigma=args.sigma,
-        decoder=args.decoder,
-    )
-    # Every TrainConfig field has the flag of its name.
-    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    prior_cfg = PriorConfig(kind=args.prior, components=args.prior_components,
-                            covariance=args.prior_covariance, seed=args.seed)
+    try:
+        model_cfg, train_cfg, prior_cfg = _train_configs(args)
+    except ValueError as exc:  # a setting out of its range: one line, as argparse's own
+        print(f"vae-export train: error: {exc}", file=sys.stderr)
+        return 2
     summary = train(model_cfg, train_cfg, Path(args.out), progress=not args.quiet,
                     prior_cfg=prior_cfg)
     print(
@@ -34,6 +31,30 @@ def _train(args: argparse.Namespace) -> int:
         f"{summary['prior_seconds']} s -> {args.out}/checkpoint.pt"
     )
     return 0
+
+
+def _train_configs(args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig, PriorConfig]:
+    from vae_export.config import TrainConfig, VAEConfig
+    from vae_export.prior_fit import PriorConfig
+
+    try:
+        hidden = tuple(int(h) for h in args.hidden.split(","))
+    except ValueError:
+        raise ValueError(f"--hidden takes layer widths separated by commas, not "
+                         f"{args.hidden!r}") from None
+    model_cfg = VAEConfig(
+        latent_dim=args.latent_dim,
+        hidden=hidden,
+        likelihood=args.likelihood,
+        sigma=args.sigma,
+        decoder=args.decoder,
+    )
+    # Every TrainConfig field has the flag of its name.
+    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    prior_cfg = PriorConfig(kind=args.prior, components=args.prior_components,
+                            covariance=args.prior_covariance, codes=args.prior_codes,
+                            temperature=args.prior_temperature, seed=args.seed)
+    return model_cfg, train_cfg, prior_cfg
 
 
 def _classifier(args: argparse.Namespace) -> int:
@@ -89,7 +110,7 @@ def _cas(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vae_core.likelihood import GAUSSIAN, LIKELIHOODS
     from vae_export.config import CLASSIFIER_DIR, DECODERS, ClassifierConfig, TrainConfig
-    from vae_export.prior_fit import COVARIANCES, PRIOR_KINDS, PriorConfig
+    from vae_export.prior_fit import CODES, COVARIANCES, PRIOR_KINDS, PriorConfig
 
     # The defaults live once, in the dataclasses; the model's are chosen in EVAL.md.
     m = _model_defaults()
@@ -167,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixture components per digit class (default: %(default)s)")
     t.add_argument("--prior-covariance", choices=COVARIANCES, default=pc.covariance,
                    help="the components' covariances (default: %(default)s)")
+    t.add_argument("--prior-codes", choices=CODES, default=pc.codes,
+                   help="the codes the mixture is fitted around: each training digit's MAP code, "
+                   "or the encoder's mean (default: %(default)s)")
+    t.add_argument("--prior-temperature", type=float, default=pc.temperature,
+                   help="each component's standard deviations are multiplied by this, in (0, 1] "
+                   "(default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 

@@ -171,10 +171,9 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
                       / np.median(q.nn_distances(features, test_feats[unseen]))))
 
     copy_px, copy_feat = copy_ratio(px_train, feat_train, samples, feats)
-    # The decoder's floor: its reconstructions f(mu(x)) of the unseen test digits, judged as
-    # if they were samples. A prior's new codes are decoded no better than an unseen digit's
-    # code, so no prior that does not copy the training digits takes samples below it; the
-    # training digits' reconstructions show how far copying could go.
+    # A reference for the samples: the reconstructions f(mu(x)) of the unseen test digits and
+    # of the training digits, judged as if they were samples. Not a bound: the encoder's
+    # means fall short of the codes the decoder draws a digit best from (EVAL.md).
     recon_test = model.decode(model.encode(test_px)[0])
     recon_train = model.decode(model.encode(train_px)[0])
     recon_test_feats = judge.classify(net, recon_test)[1]

@@ -1,7 +1,13 @@
 """Fitting the learned prior (vae_core.prior.GaussianMixture) to where the training digits'
-codes lie: for each digit class, a Gaussian mixture fitted by EM to latents drawn from the
-encoder's posteriors q(z|x) of that class's training digits (the aggregate posterior, not
-just its means, so that samples are new digits rather than decodings of training codes).
+codes lie: for each digit class, a Gaussian mixture fitted by EM to latents drawn around each
+of that class's training digits' codes with the spread of its posterior q(z|x) (so that samples
+are new digits rather than decodings of training codes), its components then narrowed by a
+temperature.
+
+The codes are the encoder's means, or (the default) each digit's MAP code, argmax_z
+log p(x|z) + log N(z; 0, I), found by gradient steps from the encoder's mean
+(vae_export.train): the encoder, trained to amortise, stops short of it, and the decoder draws
+sharper digits from the MAP codes (EVAL.md, "Choosing the defaults").
 
 The class weights are the classes' shares of the training digits; labelled generation draws
 from one class's components.
@@ -19,6 +25,7 @@ from vae_core.prior import GaussianMixture
 
 PRIOR_KINDS = ("mixture", "standard")
 COVARIANCES = ("full", "diag")
+CODES = ("map", "mean")
 
 
 @dataclass
@@ -32,14 +39,27 @@ class PriorConfig:
     reg: float = 1e-3  # added to each covariance's diagonal, relative to the codes' variance
     iterations: int = 100
     seed: int = 0
+    codes: str = "map"  # each digit's code: its MAP code ("map") or the encoder's mean ("mean")
+    map_steps: int = 100  # Adam steps from the encoder's mean to the MAP code
+    map_lr: float = 0.05
+    # Each component's standard deviations are multiplied by this (its covariance by the
+    # square), as sampling "at a temperature" does: the fitted components spread past where
+    # the decoder draws digits.
+    temperature: float = 0.7
 
     def __post_init__(self) -> None:
         if self.kind not in PRIOR_KINDS:
             raise ValueError(f"prior kind must be standard or mixture, not {self.kind!r}")
         if self.covariance not in COVARIANCES:
             raise ValueError(f"covariance must be full or diag, not {self.covariance!r}")
+        if self.codes not in CODES:
+            raise ValueError(f"prior codes must be map or mean, not {self.codes!r}")
         if self.components < 1 or self.samples_per_digit < 1:
             raise ValueError("components and samples_per_digit must be >= 1")
+        if not 0 < self.temperature <= 1:
+            raise ValueError(f"prior temperature must be in (0, 1], not {self.temperature}")
+        if self.map_steps < 0 or not self.map_lr > 0:
+            raise ValueError("map_steps must be >= 0 and map_lr > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,8 +75,8 @@ def posterior_samples(mu: np.ndarray, logvar: np.ndarray, labels: np.ndarray, pe
 
 def fit_prior(mu: np.ndarray, logvar: np.ndarray, labels: np.ndarray,
               cfg: PriorConfig) -> GaussianMixture:
-    """The prior fitted to the training digits' posteriors N(mu, exp(logvar)) [N, k] and
-    their labels [N]."""
+    """The prior fitted around the training digits' codes `mu` [N, k] with their posteriors'
+    spread exp(logvar) [N, k], and their labels [N]."""
     k = mu.shape[1]
     if cfg.kind == "standard":
         return GaussianMixture.standard(k)
@@ -69,7 +89,7 @@ def fit_prior(mu: np.ndarray, logvar: np.ndarray, labels: np.ndarray,
                             cfg.iterations)
         weights.append(np.mean(lab == c) * w)
         means.append(m)
-        chols.append(np.linalg.cholesky(cov))
+        chols.append(cfg.temperature * np.linalg.cholesky(cov))
         classes.append(np.full(len(w), int(c)))
     weights_all = np.concatenate(weights)
     return GaussianMixture(weights_all / weights_all.sum(), np.concatenate(means),

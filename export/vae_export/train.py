@@ -124,7 +124,7 @@ def train(
     model.eval()
 
     t1 = time.perf_counter()
-    prior = _fit_prior(model, train_px, digits.labels[train_idx], prior_cfg)
+    prior = fit_model_prior(model, train_px, digits.labels[train_idx], prior_cfg)
     prior_seconds = time.perf_counter() - t1
     (out / PRIOR_FILE).unlink(missing_ok=True)
     if not prior.is_standard:
@@ -152,16 +152,30 @@ def train(
     return summary
 
 
-@torch.no_grad()
-def _fit_prior(model: VAE, pixels: np.ndarray, labels: np.ndarray,
+def fit_model_prior(model: VAE, pixels: np.ndarray, labels: np.ndarray,
                cfg: PriorConfig) -> GaussianMixture:
-    """The prior fitted to the posteriors of the training digits, read as the served
-    encoder reads 8-bit pixels (y / 255)."""
+    """The prior fitted to the codes of the training digits, read as the served encoder
+    reads 8-bit pixels (y / 255)."""
     if cfg.kind == "standard":
         return GaussianMixture.standard(model.cfg.latent_dim)
     x = torch.from_numpy(to_unit(pixels.reshape(len(pixels), -1)))
-    mu, logvar = model.encoder(x)
-    return fit_prior(mu.numpy(), logvar.numpy(), labels, cfg)
+    with torch.no_grad():
+        mu, logvar = model.encoder(x)
+    codes = map_codes(model, x, mu, cfg.map_steps, cfg.map_lr) if cfg.codes == "map" else mu
+    return fit_prior(codes.numpy(), logvar.numpy(), labels, cfg)
+
+
+def map_codes(model: VAE, x: torch.Tensor, start: torch.Tensor, steps: int,
+              lr: float) -> torch.Tensor:
+    """argmax_z log p(x|z) + log N(z; 0, I) for each row of x, by `steps` Adam steps from
+    `start` (the encoder's means) with the network fixed; deterministic on the CPU."""
+    z = start.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        loss = (0.5 * (z * z).sum(-1) - model.log_px_given_z(x, model.decoder(z))).mean()
+        (z.grad,) = torch.autograd.grad(loss, [z])  # z's alone: the weights' are not needed
+        opt.step()
+    return z.detach()
 
 
 @torch.no_grad()
