@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoothness of the elastic field, pixels (default: %(default)s)")
     t.add_argument("--prior", choices=PRIOR_KINDS, default=pc.kind,
                    help="the prior Sample, SampleStream and LogLikelihood use: a Gaussian "
-                   "mixture per digit class fitted to the training digits' posteriors (labelled "
+                   "mixture per digit class fitted around the training digits' codes (labelled "
                    "generation), or N(0, I) (default: %(default)s)")
     t.add_argument("--prior-components", type=int, default=pc.components,
                    help="mixture components per digit class (default: %(default)s)")
