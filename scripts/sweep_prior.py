@@ -26,15 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from vae_core.onnx_model import OnnxVAE
-from vae_export import classifier as judge
-from vae_export import quality as q
 from vae_export.config import CLASSIFIER_DIR
 from vae_export.data import load_idx_dir, run_split
-from vae_export.evaluate import sample_quality
+from vae_export.evaluate import Judge, sample_quality
 from vae_export.model import load_checkpoint
 from vae_export.onnx_export import CALIBRATION_SEED, validation_inputs
-from vae_export.prior_fit import PriorConfig
-from vae_export.train import fit_model_prior
+from vae_export.prior_fit import PriorConfig, fit_prior
+from vae_export.train import training_codes
 
 
 def main() -> int:
@@ -57,21 +55,21 @@ def main() -> int:
     train, val = run_split((model.manifest.get("training") or {}).get("config") or {})
     x_val = validation_inputs(val)
     test = load_idx_dir(args.data)
-    net, _ = judge.load_classifier(args.classifier)
-    val_feats = judge.classify(net, val.images)[1]
+    judged_by = Judge.of(model, args.classifier, test, validation=val)
     rows = []
     for codes in args.codes.split(","):
+        z, logvar = training_codes(network, train.images, PriorConfig(codes=codes))
         for m in (int(v) for v in args.components.split(",")):
             for t in (float(v) for v in args.temperatures.split(",")):
                 t0 = time.perf_counter()
                 cfg = PriorConfig(components=m, codes=codes, temperature=t)
-                model.prior = fit_model_prior(network, train.images, train.labels, cfg)
+                model.prior = fit_prior(z, logvar, train.labels, cfg)
                 scores = model.score(x_val, args.k, CALIBRATION_SEED)
-                quality = sample_quality(model, args.classifier, test, args.samples)
-                sample_feats = judge.classify(net, model.sample(args.samples, 0))[1]
+                quality = sample_quality(model, args.classifier, test, args.samples,
+                                         judged_by=judged_by)
                 row = {"codes": codes, "components_per_class": m, "temperature": t,
                        "val_log_likelihood": float(np.mean(scores.log_likelihood)),
-                       "val_frechet_distance": q.frechet_distance(sample_feats, val_feats),
+                       "val_frechet_distance": quality["fd_validation"],
                        **{key: quality[key] for key in (
                            "confident_fraction", "class_entropy", "fd_over_writers",
                            "nn_pixels_median", "nn_features_median", "copy_ratio_pixels",

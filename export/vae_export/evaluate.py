@@ -5,6 +5,7 @@ out-of-distribution set (AUROC), and judge the digits the model generates (sampl
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,75 +131,67 @@ def training_digits(model: OnnxVAE) -> Digits:
     return run_split((model.manifest.get("training") or {}).get("config") or {})[0]
 
 
-def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 10_000,
-                   seed: int = 0, per_digit: int = 1000, pictures: Path | None = None,
-                   ) -> dict[str, Any]:
-    """The classifier's verdict on n samples of the model (drawn as the server draws them)
-    beside its verdict on real test digits, and, for a labelled prior, on `per_digit` samples
-    of each class."""
-    from vae_export import classifier as judge
-    from vae_export import quality as q
+@dataclass
+class Judge:
+    """What generated digits are judged against, worked out once for a model (whatever its
+    prior): the classifier, the real digits' features and distances, the reference figures,
+    and the judged reconstructions of real digits. `Judge.of` makes it."""
 
-    if not (classifier_dir / judge.WEIGHTS).is_file():
-        judge.train_classifier(classifier_dir, test=test, progress=False)
-    net, trained = judge.load_classifier(classifier_dir)
-    train = training_digits(model)
-    samples = model.sample(n, seed)
-    probs, feats = judge.classify(net, samples)
-    test_probs, test_feats = judge.classify(net, test.images)
-    _, train_feats = judge.classify(net, train.images)
-    train_px = lk.to_unit(train.images.reshape(len(train), -1))
-    test_px = lk.to_unit(test.images.reshape(len(test), -1))
-    half = np.random.default_rng(0).permutation(len(test))
-    middle = len(test) // 2
-    writers = q.frechet_distance(test_feats[:middle], test_feats[middle:])
-    fd = q.frechet_distance(feats, test_feats)
-    # Copying, fairly to smooth images: the distance to the nearest training digit over the
-    # distance to the nearest of as many unseen digits (test digits of one random half). Real
-    # digits of the other half are the reference: about 1; a model that copies, below.
-    unseen = half[: len(train)]
-    others = half[len(train):]
-    # The distances to the nearest training digit, of the samples and of every test digit.
-    px_train, feat_train = q.nn_distances(samples, train_px), q.nn_distances(feats, train_feats)
-    test_px_train = q.nn_distances(test_px, train_px)
-    test_feat_train = q.nn_distances(test_feats, train_feats)
+    net: Any  # classifier.DigitCNN
+    train_px: np.ndarray  # the model's training digits, [N, 784] in [0, 1]
+    train_feats: np.ndarray
+    test_px: np.ndarray
+    test_feats: np.ndarray
+    unseen: np.ndarray  # indices of as many test digits as training digits: the copy ratio's
+    writers: float  # the Fréchet distance between the test set's two writer populations
+    reference: dict[str, Any]
+    reconstructions: dict[str, float]
+    validation_feats: np.ndarray | None = None
 
-    def copy_ratio(to_train_px: np.ndarray, to_train_feat: np.ndarray, pixels: np.ndarray,
-                   features: np.ndarray) -> tuple[float, float]:
-        return (float(np.median(to_train_px)
-                      / np.median(q.nn_distances(pixels, test_px[unseen]))),
-                float(np.median(to_train_feat)
-                      / np.median(q.nn_distances(features, test_feats[unseen]))))
+    @classmethod
+    def of(cls, model: OnnxVAE, classifier_dir: Path, test: Digits,
+           validation: Digits | None = None) -> Judge:
+        """With `validation` digits, sample_quality also gives the samples' Fréchet distance
+        to them (a figure that choices may look at, unlike the test set's)."""
+        from vae_export import classifier as judge
+        from vae_export import quality as q
 
-    copy_px, copy_feat = copy_ratio(px_train, feat_train, samples, feats)
-    # A reference for the samples: the reconstructions f(mu(x)) of the unseen test digits and
-    # of the training digits, judged as if they were samples. Not a bound: the encoder's
-    # means fall short of the codes the decoder draws a digit best from (EVAL.md).
-    recon_test = model.decode(model.encode(test_px)[0])
-    recon_train = model.decode(model.encode(train_px)[0])
-    recon_test_feats = judge.classify(net, recon_test)[1]
-    floor = {
-        "fd_over_writers": q.frechet_distance(recon_test_feats, test_feats) / writers,
-        "train_fd_over_writers": q.frechet_distance(judge.classify(net, recon_train)[1],
-                                                    test_feats) / writers,
-        "nn_pixels_median": float(np.median(q.nn_distances(recon_test, train_px))),
-        "nn_features_median": float(np.median(q.nn_distances(recon_test_feats, train_feats))),
-    }
-    real_px, real_feat = copy_ratio(test_px_train[others], test_feat_train[others],
-                                    test_px[others], test_feats[others])
-    result: dict[str, Any] = {
-        "n": n, "seed": seed,
-        "confident_fraction": q.confident_fraction(probs),
-        "class_entropy": q.class_entropy(probs),
-        "class_histogram": np.bincount(probs.argmax(1), minlength=q.CLASSES).tolist(),
-        "frechet_distance": fd,
-        "fd_over_writers": fd / writers,
-        "nn_pixels_median": float(np.median(px_train)),
-        "nn_features_median": float(np.median(feat_train)),
-        "copy_ratio_pixels": copy_px,
-        "copy_ratio_features": copy_feat,
-        "reconstructions": floor,
-        "reference": {
+        if not (classifier_dir / judge.WEIGHTS).is_file():
+            judge.train_classifier(classifier_dir, test=test, progress=False)
+        net, trained = judge.load_classifier(classifier_dir)
+        train = training_digits(model)
+        test_probs, test_feats = judge.classify(net, test.images)
+        train_feats = judge.classify(net, train.images)[1]
+        train_px = lk.to_unit(train.images.reshape(len(train), -1))
+        test_px = lk.to_unit(test.images.reshape(len(test), -1))
+        half = np.random.default_rng(0).permutation(len(test))
+        middle = len(test) // 2
+        writers = q.frechet_distance(test_feats[:middle], test_feats[middle:])
+        # Copying, fairly to smooth images: the distance to the nearest training digit over
+        # the distance to the nearest of as many unseen digits (test digits of one random
+        # half). Real digits of the other half are the reference: about 1; a model that
+        # copies, below.
+        unseen, others = half[: len(train)], half[len(train):]
+        test_px_train = q.nn_distances(test_px, train_px)
+        test_feat_train = q.nn_distances(test_feats, train_feats)
+        # A reference for the samples: the reconstructions f(mu(x)) of the unseen test digits
+        # and of the training digits, judged as if they were samples. Not a bound: the
+        # encoder's means fall short of the codes the decoder draws a digit best from
+        # (EVAL.md).
+        recon_test = model.decode(model.encode(test_px)[0])
+        recon_train = model.decode(model.encode(train_px)[0])
+        recon_test_feats = judge.classify(net, recon_test)[1]
+        made = cls(net, train_px, train_feats, test_px, test_feats, unseen, writers, {}, {
+            "fd_over_writers": q.frechet_distance(recon_test_feats, test_feats) / writers,
+            "train_fd_over_writers": q.frechet_distance(judge.classify(net, recon_train)[1],
+                                                        test_feats) / writers,
+            "nn_pixels_median": float(np.median(q.nn_distances(recon_test, train_px))),
+            "nn_features_median": float(np.median(q.nn_distances(recon_test_feats,
+                                                                 train_feats))),
+        }, None if validation is None else judge.classify(net, validation.images)[1])
+        real_px, real_feat = made.copy_ratio(test_px_train[others], test_feat_train[others],
+                                             test_px[others], test_feats[others])
+        made.reference.update({
             "test_copy_ratio_pixels": real_px,
             "test_copy_ratio_features": real_feat,
             "classifier": str(classifier_dir),
@@ -212,8 +205,55 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
             "test_nn_pixels_median": float(np.median(test_px_train)),
             "test_nn_features_median": float(np.median(test_feat_train)),
             "n_train": len(train),
-        },
+        })
+        return made
+
+    def copy_ratio(self, to_train_px: np.ndarray, to_train_feat: np.ndarray,
+                   pixels: np.ndarray, features: np.ndarray) -> tuple[float, float]:
+        """Given images' distances to their nearest training digit (pixels, features), over
+        their distances to the nearest unseen digit."""
+        from vae_export import quality as q
+
+        return (float(np.median(to_train_px)
+                      / np.median(q.nn_distances(pixels, self.test_px[self.unseen]))),
+                float(np.median(to_train_feat)
+                      / np.median(q.nn_distances(features, self.test_feats[self.unseen]))))
+
+
+def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 10_000,
+                   seed: int = 0, per_digit: int = 1000, pictures: Path | None = None,
+                   judged_by: Judge | None = None) -> dict[str, Any]:
+    """The classifier's verdict on n samples of the model (drawn as the server draws them)
+    beside its verdict on real test digits, and, for a labelled prior, on `per_digit` samples
+    of each class. `judged_by`: a Judge.of(model, classifier_dir, test) made before, for
+    several priors of one model."""
+    from vae_export import classifier as judge
+    from vae_export import quality as q
+
+    j = judged_by or Judge.of(model, classifier_dir, test)
+    samples = model.sample(n, seed)
+    probs, feats = judge.classify(j.net, samples)
+    fd = q.frechet_distance(feats, j.test_feats)
+    # The distances to the nearest training digit.
+    px_train = q.nn_distances(samples, j.train_px)
+    feat_train = q.nn_distances(feats, j.train_feats)
+    copy_px, copy_feat = j.copy_ratio(px_train, feat_train, samples, feats)
+    result: dict[str, Any] = {
+        "n": n, "seed": seed,
+        "confident_fraction": q.confident_fraction(probs),
+        "class_entropy": q.class_entropy(probs),
+        "class_histogram": np.bincount(probs.argmax(1), minlength=q.CLASSES).tolist(),
+        "frechet_distance": fd,
+        "fd_over_writers": fd / j.writers,
+        "nn_pixels_median": float(np.median(px_train)),
+        "nn_features_median": float(np.median(feat_train)),
+        "copy_ratio_pixels": copy_px,
+        "copy_ratio_features": copy_feat,
+        "reconstructions": j.reconstructions,
+        "reference": j.reference,
     }
+    if j.validation_feats is not None:
+        result["fd_validation"] = q.frechet_distance(feats, j.validation_feats)
     ref = result["reference"]
     met = {
         "confident_fraction": result["confident_fraction"] >= TARGETS["confident_fraction"],
@@ -227,7 +267,7 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
         agreement = {}
         for d in model.prior.digits:
             by_digit[d] = model.sample(per_digit, seed, digit=d)
-            agreement[d] = float((judge.classify(net, by_digit[d])[0].argmax(1) == d).mean())
+            agreement[d] = float((judge.classify(j.net, by_digit[d])[0].argmax(1) == d).mean())
         result["by_digit"] = {"n": per_digit, "agreement": agreement,
                               "mean": float(np.mean(list(agreement.values()))),
                               "min": min(agreement.values())}
@@ -239,7 +279,7 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
         pictures.mkdir(parents=True, exist_ok=True)
         plots.save_grid(pictures / "samples.png", samples[:100], cols=10)
         pairs = samples[:40]
-        nearest = train_px[q.nearest(pairs, train_px)]
+        nearest = j.train_px[q.nearest(pairs, j.train_px)]
         rows = [part for i in range(0, len(pairs), 10) for part in (pairs[i : i + 10],
                                                                    nearest[i : i + 10])]
         plots.save_grid(pictures / "nearest.png", np.concatenate(rows), cols=10,

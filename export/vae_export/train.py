@@ -153,16 +153,24 @@ def train(
 
 
 def fit_model_prior(model: VAE, pixels: np.ndarray, labels: np.ndarray,
-               cfg: PriorConfig) -> GaussianMixture:
-    """The prior fitted to the codes of the training digits, read as the served encoder
-    reads 8-bit pixels (y / 255)."""
+                    cfg: PriorConfig) -> GaussianMixture:
+    """The prior fitted to the codes of the training digits (`training_codes`)."""
     if cfg.kind == "standard":
         return GaussianMixture.standard(model.cfg.latent_dim)
+    codes, logvar = training_codes(model, pixels, cfg)
+    return fit_prior(codes, logvar, labels, cfg)
+
+
+def training_codes(model: VAE, pixels: np.ndarray, cfg: PriorConfig
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The codes the prior is fitted around (`cfg.codes`: MAP codes or the encoder's means)
+    and the posteriors' log-variances, of digits read as the served encoder reads 8-bit
+    pixels (y / 255)."""
     x = torch.from_numpy(to_unit(pixels.reshape(len(pixels), -1)))
     with torch.no_grad():
         mu, logvar = model.encoder(x)
     codes = map_codes(model, x, mu, cfg.map_steps, cfg.map_lr) if cfg.codes == "map" else mu
-    return fit_prior(codes.numpy(), logvar.numpy(), labels, cfg)
+    return codes.numpy(), logvar.numpy()
 
 
 def map_codes(model: VAE, x: torch.Tensor, start: torch.Tensor, steps: int,
