@@ -55,7 +55,7 @@ def main() -> int:
     train, val = run_split((model.manifest.get("training") or {}).get("config") or {})
     x_val = validation_inputs(val)
     test = load_idx_dir(args.data)
-    judged_by = Judge.of(model, args.classifier, test, validation=val)
+    judged_by = Judge.of(model, args.classifier, test)
     rows = []
     for codes in args.codes.split(","):
         z, logvar = training_codes(network, train.images, PriorConfig(codes=codes))

@@ -47,6 +47,20 @@ def test_nn_distances_and_nearest_are_exact():
     np.testing.assert_array_equal(q.nearest(a, ref), [0, 1, 0])
 
 
+def test_heldout_nn_distances_look_outside_each_rows_fold():
+    line = np.arange(6.0)[:, None] * np.array([[3.0, 4.0]])  # rows 5 apart on a line
+    # One row a fold: each row's nearest other row.
+    np.testing.assert_allclose(q.heldout_nn_distances(line, folds=6), [5.0] * 6)
+    twins = np.concatenate([line, line + np.array([[0.5, 0.0]])])
+    np.testing.assert_allclose(q.heldout_nn_distances(twins, folds=12), [0.5] * 12)
+    # With fewer folds a row may lose its nearest neighbours to its own fold, never gain one.
+    points = RNG.standard_normal((300, 5))
+    loo = q.heldout_nn_distances(points, folds=300)
+    two = q.heldout_nn_distances(points, folds=2)
+    assert np.all(two >= loo - 1e-12) and np.any(two > loo)
+    np.testing.assert_array_equal(two, q.heldout_nn_distances(points, folds=2))  # seeded
+
+
 @pytest.fixture(scope="module")
 def judged(classifier_dir: Path, mnist_test_dir: Path):
     from vae_export.classifier import classify, load_classifier
@@ -90,6 +104,13 @@ def test_eval_judges_the_samples_of_a_model(model_dir, classifier_dir, mnist_tes
     assert 0.9 < ref["test_copy_ratio_pixels"] < 1.1
     assert 0.9 < ref["test_copy_ratio_features"] < 1.1
     assert s["copy_ratio_pixels"] > 0 and s["copy_ratio_features"] > 0
+    # The test digits' writers are not the training digits': unseen digits of the training
+    # digits' own population lie nearer them (in pixels, which no classifier enters).
+    assert 0.9 * ref["test_nn_pixels_median"] < ref["population_nn_pixels_median"] \
+        < ref["test_nn_pixels_median"]
+    assert ref["population_nn_features_median"] > 0
+    assert 0 < ref["population_fd_over_writers"] < 1
+    assert s["fd_validation"] > 0
     # The reconstructions of real digits, judged (this small model draws blurs: its figures are
     # far from a real model's, so only their kind is checked here).
     rec = s["reconstructions"]

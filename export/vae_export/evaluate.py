@@ -126,9 +126,14 @@ TARGETS = {"confident_fraction": 0.92, "class_entropy": 0.995, "fd_over_writers"
            "digit_agreement": 0.95}
 
 
+def model_split(model: OnnxVAE) -> tuple[Digits, Digits]:
+    """The (training, validation) digits of the run the model was exported from."""
+    return run_split((model.manifest.get("training") or {}).get("config") or {})
+
+
 def training_digits(model: OnnxVAE) -> Digits:
     """The digits the model was trained on (its run's split of its training data)."""
-    return run_split((model.manifest.get("training") or {}).get("config") or {})[0]
+    return model_split(model)[0]
 
 
 @dataclass
@@ -146,22 +151,20 @@ class Judge:
     writers: float  # the Fréchet distance between the test set's two writer populations
     reference: dict[str, Any]
     reconstructions: dict[str, float]
-    validation_feats: np.ndarray | None = None
+    validation_feats: np.ndarray  # the run's validation digits, which choices may look at
 
     @classmethod
-    def of(cls, model: OnnxVAE, classifier_dir: Path, test: Digits,
-           validation: Digits | None = None) -> Judge:
-        """With `validation` digits, sample_quality also gives the samples' Fréchet distance
-        to them (a figure that choices may look at, unlike the test set's)."""
+    def of(cls, model: OnnxVAE, classifier_dir: Path, test: Digits) -> Judge:
         from vae_export import classifier as judge
         from vae_export import quality as q
 
         if not (classifier_dir / judge.WEIGHTS).is_file():
             judge.train_classifier(classifier_dir, test=test, progress=False)
         net, trained = judge.load_classifier(classifier_dir)
-        train = training_digits(model)
+        train, held_out = model_split(model)
         test_probs, test_feats = judge.classify(net, test.images)
         train_feats = judge.classify(net, train.images)[1]
+        held_out_feats = judge.classify(net, held_out.images)[1]
         train_px = lk.to_unit(train.images.reshape(len(train), -1))
         test_px = lk.to_unit(test.images.reshape(len(test), -1))
         half = np.random.default_rng(0).permutation(len(test))
@@ -188,7 +191,7 @@ class Judge:
             "nn_pixels_median": float(np.median(q.nn_distances(recon_test, train_px))),
             "nn_features_median": float(np.median(q.nn_distances(recon_test_feats,
                                                                  train_feats))),
-        }, None if validation is None else judge.classify(net, validation.images)[1])
+        }, held_out_feats)
         real_px, real_feat = made.copy_ratio(test_px_train[others], test_feat_train[others],
                                              test_px[others], test_feats[others])
         made.reference.update({
@@ -204,6 +207,15 @@ class Judge:
             "fd_writers": writers,
             "test_nn_pixels_median": float(np.median(test_px_train)),
             "test_nn_features_median": float(np.median(test_feat_train)),
+            # The test digits are by other writers than the training digits (MNIST keeps the
+            # two sets' writers apart). Unseen digits of the training digits' own population,
+            # each fold of all the run's digits against the rest (as many as the training
+            # digits), show how far a model of that population can expect its samples to lie.
+            **_population(np.concatenate([train_px, lk.to_unit(
+                held_out.images.reshape(len(held_out), -1))]),
+                np.concatenate([train_feats, held_out_feats]), len(train)),
+            "population_fd_over_writers": q.frechet_distance(
+                np.concatenate([train_feats, held_out_feats]), test_feats) / writers,
             "n_train": len(train),
         })
         return made
@@ -218,6 +230,17 @@ class Judge:
                       / np.median(q.nn_distances(pixels, self.test_px[self.unseen]))),
                 float(np.median(to_train_feat)
                       / np.median(q.nn_distances(features, self.test_feats[self.unseen]))))
+
+
+def _population(pixels: np.ndarray, features: np.ndarray, n_train: int) -> dict[str, float]:
+    """The median distances of held-out digits of the training population to their nearest
+    neighbour among the rest, in folds that leave `n_train` digits as the rest."""
+    from vae_export import quality as q
+
+    folds = max(2, round(len(pixels) / (len(pixels) - n_train)))
+    return {"population_nn_pixels_median": float(np.median(q.heldout_nn_distances(pixels, folds))),
+            "population_nn_features_median": float(np.median(
+                q.heldout_nn_distances(features, folds)))}
 
 
 def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 10_000,
@@ -252,8 +275,9 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
         "reconstructions": j.reconstructions,
         "reference": j.reference,
     }
-    if j.validation_feats is not None:
-        result["fd_validation"] = q.frechet_distance(feats, j.validation_feats)
+    # The Fréchet distance to the run's validation digits: a figure that choices may look at,
+    # unlike the test set's.
+    result["fd_validation"] = q.frechet_distance(feats, j.validation_feats)
     ref = result["reference"]
     met = {
         "confident_fraction": result["confident_fraction"] >= TARGETS["confident_fraction"],

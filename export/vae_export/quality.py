@@ -6,7 +6,8 @@
 - frechet_distance: between the classifier's penultimate features of two image sets (the FID
   formula, on a digit classifier's features);
 - nn_distances: each image's distance to its nearest training digit, in pixels or in features,
-  to tell samples that copy training digits from new ones.
+  to tell samples that copy training digits from new ones; heldout_nn_distances: the same for
+  unseen digits of the training digits' own population, by folds.
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ def _nearest_rows(a: np.ndarray, reference: np.ndarray, chunk: int
 def nn_distances(a: np.ndarray, reference: np.ndarray, chunk: int = 2000) -> np.ndarray:
     """The Euclidean distance of each row of `a` to its nearest row of `reference`."""
     return np.sqrt(np.clip(_nearest_rows(a, reference, chunk)[1], 0, None))
+
+
+def heldout_nn_distances(a: np.ndarray, folds: int = 10, seed: int = 0) -> np.ndarray:
+    """The distance of each row of `a` to its nearest row outside its fold (rows split into
+    `folds` random folds): how far unseen members of a population lie from a sample of it
+    the size of the rest."""
+    order = np.random.default_rng(seed).permutation(len(a))
+    out = np.empty(len(a))
+    for fold in np.array_split(order, folds):
+        rest = np.setdiff1d(order, fold, assume_unique=True)
+        out[fold] = nn_distances(a[fold], a[rest])
+    return out
 
 
 def nearest(a: np.ndarray, reference: np.ndarray, chunk: int = 2000) -> np.ndarray:
