@@ -27,8 +27,8 @@ import numpy as np
 
 from vae_core.onnx_model import OnnxVAE
 from vae_export.config import CLASSIFIER_DIR
-from vae_export.data import load_idx_dir, run_split
-from vae_export.evaluate import Judge, sample_quality
+from vae_export.data import load_idx_dir
+from vae_export.evaluate import Judge, model_split, sample_quality
 from vae_export.model import load_checkpoint
 from vae_export.onnx_export import CALIBRATION_SEED, validation_inputs
 from vae_export.prior_fit import PriorConfig, fit_prior
@@ -52,7 +52,7 @@ def main() -> int:
     args = p.parse_args()
     model = OnnxVAE(args.model_dir)
     network, _ = load_checkpoint(args.run / "checkpoint.pt")
-    train, val = run_split((model.manifest.get("training") or {}).get("config") or {})
+    train, val = model_split(model)
     x_val = validation_inputs(val)
     test = load_idx_dir(args.data)
     judged_by = Judge.of(model, args.classifier, test)

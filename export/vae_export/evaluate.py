@@ -209,15 +209,7 @@ class Judge:
             "fd_writers": writers,
             "test_nn_pixels_median": float(np.median(test_px_train)),
             "test_nn_features_median": float(np.median(test_feat_train)),
-            # The test digits are by other writers than the training digits (MNIST keeps the
-            # two sets' writers apart). Unseen digits of the training digits' own population,
-            # each fold of all the run's digits against the rest (as many as the training
-            # digits), show how far a model of that population can expect its samples to lie.
-            **_population(np.concatenate([train_px, lk.to_unit(
-                held_out.images.reshape(len(held_out), -1))]),
-                np.concatenate([train_feats, held_out_feats]), len(train)),
-            "population_fd_over_writers": q.frechet_distance(
-                np.concatenate([train_feats, held_out_feats]), test_feats) / writers,
+            **_population(train_px, train_feats, held_out, held_out_feats, test_feats, writers),
             "n_train": len(train),
         })
         return made
@@ -234,15 +226,22 @@ class Judge:
                       / np.median(q.nn_distances(features, self.test_feats[self.unseen]))))
 
 
-def _population(pixels: np.ndarray, features: np.ndarray, n_train: int) -> dict[str, float]:
-    """The median distances of held-out digits of the training population to their nearest
-    neighbour among the rest, in folds that leave `n_train` digits as the rest."""
+def _population(train_px: np.ndarray, train_feats: np.ndarray, held_out: Digits,
+                held_out_feats: np.ndarray, test_feats: np.ndarray, writers: float
+                ) -> dict[str, float]:
+    """The test digits are by other writers than the training digits (MNIST keeps the two
+    sets' writers apart). Unseen digits of the training digits' own population show how far a
+    model of that population can expect its samples to lie: each fold of all the run's digits
+    against the rest, the folds leaving as many digits as the training digits as the rest."""
     from vae_export import quality as q
 
-    folds = max(2, round(len(pixels) / (len(pixels) - n_train)))
+    pixels = np.concatenate([train_px, lk.to_unit(held_out.images.reshape(len(held_out), -1))])
+    features = np.concatenate([train_feats, held_out_feats])
+    folds = max(2, round(len(pixels) / len(held_out)))
     return {"population_nn_pixels_median": float(np.median(q.heldout_nn_distances(pixels, folds))),
             "population_nn_features_median": float(np.median(
-                q.heldout_nn_distances(features, folds)))}
+                q.heldout_nn_distances(features, folds))),
+            "population_fd_over_writers": q.frechet_distance(features, test_feats) / writers}
 
 
 def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 10_000,
@@ -276,10 +275,10 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
         "copy_ratio_features": copy_feat,
         "reconstructions": j.reconstructions,
         "reference": j.reference,
+        # To the run's validation digits: a figure that choices may look at, unlike the test
+        # set's.
+        "fd_validation": q.frechet_distance(feats, j.validation_feats),
     }
-    # The Fréchet distance to the run's validation digits: a figure that choices may look at,
-    # unlike the test set's.
-    result["fd_validation"] = q.frechet_distance(feats, j.validation_feats)
     ref = result["reference"]
     met = {
         "confident_fraction": result["confident_fraction"] >= TARGETS["confident_fraction"],
