@@ -210,6 +210,9 @@ class Supervisor:
                         log.info("SERVING: %d workers ready on port %d", self.count,
                                  self.port)
             elif ready == w.process.sentinel and not self._stopping.is_set():
+                # The sentinel can fire before the process is reaped, and until it is,
+                # exitcode reads None: join it first.
+                w.process.join()
                 if not w.ready:
                     # It never came up: its replacement would not either.
                     log.error("worker %d exited with %s before it was ready: stopping",
@@ -219,7 +222,6 @@ class Supervisor:
                     return
                 log.error("worker %d exited with %s: NOT_SERVING until its replacement is "
                           "ready", w.index, w.process.exitcode)
-                w.process.join()
                 w.conn.close()
                 self._serving = False
                 self._workers[i] = self._start(w.index)
