@@ -71,8 +71,10 @@ def test_a_short_profile_of_single_image_decode(model_dir: Path, tmp_path: Path)
     if not Path(py_spy).exists():
         pytest.fail("py-spy is missing: it is in the dev extra")
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "profile_loads.py"), "--load", "decode", "--duration", "2",
-         "--rate", "100", "--model-dir", str(model_dir), "--out", str(tmp_path)],
+        # The test model's runs are a few per cent of the loop's time: enough samples (3 s at
+        # 250 Hz) that some of them land in ONNX Runtime.
+        [sys.executable, str(BENCH / "profile_loads.py"), "--load", "decode", "--duration", "3",
+         "--rate", "250", "--model-dir", str(model_dir), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "py-spy failed" in proc.stderr and (
             "Permission denied" in proc.stderr or "Operation not permitted" in proc.stderr):
