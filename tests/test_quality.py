@@ -109,6 +109,9 @@ def test_eval_judges_the_samples_of_a_model(model_dir, classifier_dir, mnist_tes
     assert 0.9 * ref["test_nn_pixels_median"] < ref["population_nn_pixels_median"] \
         < ref["test_nn_pixels_median"]
     assert ref["population_nn_features_median"] > 0
+    # And so they are nearer the training digits than the unseen test digits, as a copy ratio.
+    assert 0.8 < ref["population_copy_ratio_pixels"] < ref["test_copy_ratio_pixels"]
+    assert ref["population_copy_ratio_features"] > 0
     assert 0 < ref["population_fd_over_writers"] < 1
     assert s["fd_validation"] > 0
     # The reconstructions of real digits, judged (this small model draws blurs: its figures are
@@ -116,6 +119,7 @@ def test_eval_judges_the_samples_of_a_model(model_dir, classifier_dir, mnist_tes
     rec = s["reconstructions"]
     assert rec["fd_over_writers"] > 0 and rec["train_fd_over_writers"] > 0
     assert rec["nn_pixels_median"] > 0 and rec["nn_features_median"] > 0
+    assert rec["population_copy_ratio_pixels"] > 0 and rec["population_copy_ratio_features"] > 0
     assert set(s["by_digit"]["agreement"]) == {str(d) for d in range(10)}
     assert set(s["targets"]["met"]) == {"confident_fraction", "class_entropy",
                                         "fd_over_writers", "not_copies", "digit_agreement"}

@@ -196,9 +196,20 @@ class Judge:
         }, held_out_feats)
         real_px, real_feat = made.copy_ratio(test_px_train[others], test_feat_train[others],
                                              test_px[others], test_feats[others])
+        # The same for the run's validation digits: unseen by the model, but by the training
+        # digits' own writers, as a model's samples at best are. A like-for-like reference
+        # for samples (the features' figure is of digits the classifier was trained on), and
+        # of the decoder's drawings of those digits, smooth as samples are.
+        held_px = lk.to_unit(held_out.images.reshape(len(held_out), -1))
+        own_px, own_feat = made.copy_ratio_of(held_px)
+        recon_px, recon_feat = made.copy_ratio_of(model.decode(model.encode(held_px)[0]))
+        made.reconstructions.update({"population_copy_ratio_pixels": recon_px,
+                                     "population_copy_ratio_features": recon_feat})
         made.reference.update({
             "test_copy_ratio_pixels": real_px,
             "test_copy_ratio_features": real_feat,
+            "population_copy_ratio_pixels": own_px,
+            "population_copy_ratio_features": own_feat,
             "classifier": str(classifier_dir),
             "classifier_test_accuracy": float((test_probs.argmax(1) == test.labels).mean()),
             "classifier_trained": trained,
@@ -209,10 +220,19 @@ class Judge:
             "fd_writers": writers,
             "test_nn_pixels_median": float(np.median(test_px_train)),
             "test_nn_features_median": float(np.median(test_feat_train)),
-            **_population(train_px, train_feats, held_out, held_out_feats, test_feats, writers),
+            **_population(train_px, train_feats, held_px, held_out_feats, test_feats, writers),
             "n_train": len(train),
         })
         return made
+
+    def copy_ratio_of(self, images: np.ndarray) -> tuple[float, float]:
+        """`copy_ratio` of images [N, 784] in [0, 1]."""
+        from vae_export import classifier as judge
+        from vae_export import quality as q
+
+        feats = judge.classify(self.net, images)[1]
+        return self.copy_ratio(q.nn_distances(images, self.train_px),
+                               q.nn_distances(feats, self.train_feats), images, feats)
 
     def copy_ratio(self, to_train_px: np.ndarray, to_train_feat: np.ndarray,
                    pixels: np.ndarray, features: np.ndarray) -> tuple[float, float]:
@@ -226,7 +246,7 @@ class Judge:
                       / np.median(q.nn_distances(features, self.test_feats[self.unseen]))))
 
 
-def _population(train_px: np.ndarray, train_feats: np.ndarray, held_out: Digits,
+def _population(train_px: np.ndarray, train_feats: np.ndarray, held_out_px: np.ndarray,
                 held_out_feats: np.ndarray, test_feats: np.ndarray, writers: float
                 ) -> dict[str, float]:
     """The test digits are by other writers than the training digits (MNIST keeps the two
@@ -235,9 +255,9 @@ def _population(train_px: np.ndarray, train_feats: np.ndarray, held_out: Digits,
     against the rest, the folds leaving as many digits as the training digits as the rest."""
     from vae_export import quality as q
 
-    pixels = np.concatenate([train_px, lk.to_unit(held_out.images.reshape(len(held_out), -1))])
+    pixels = np.concatenate([train_px, held_out_px])
     features = np.concatenate([train_feats, held_out_feats])
-    folds = max(2, round(len(pixels) / len(held_out)))
+    folds = max(2, round(len(pixels) / len(held_out_px)))
     return {"population_nn_pixels_median": float(np.median(q.heldout_nn_distances(pixels, folds))),
             "population_nn_features_median": float(np.median(
                 q.heldout_nn_distances(features, folds))),
