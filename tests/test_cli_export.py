@@ -27,7 +27,7 @@ OPTIONS = {
               "--epochs", "--patience", "--batch-size", "--lr", "--val-fraction", "--seed",
               "--threads", "--decoder", "--cosine", "--no-cosine", "--warmup-epochs",
               "--augment-p", "--rot-deg", "--shift-px", "--scale", "--shear-deg",
-              "--elastic-alpha", "--elastic-sigma", "--prior",
+              "--elastic-alpha", "--elastic-sigma", "--perturb", "--prior",
               "--prior-components", "--prior-covariance", "--prior-codes",
               "--prior-temperature", "--quiet"],
     "onnx": ["--run", "--out", "--no-calibration"],
@@ -121,6 +121,8 @@ def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     (["--prior-components", "0"], "components and samples_per_digit must be >= 1"),
     (["--latent-dim", "0"], "latent_dim must be >= 1"),
     (["--hidden", "64,x"], "--hidden takes layer widths separated by commas, not '64,x'"),
+    (["--perturb", "1"], "perturb must be in [0, 1), got 1.0"),
+    (["--perturb", "-0.1"], "perturb must be in [0, 1), got -0.1"),
 ])
 def test_train_setting_out_of_range_is_one_line_and_exit_2(
         flags: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -137,3 +137,26 @@ def test_prepare_inputs() -> None:
     g2 = prepare_inputs(pixels, "gaussian", gen)
     assert not torch.equal(g, g2)
     assert torch.equal(g, prepare_inputs(pixels, "gaussian", torch.Generator().manual_seed(0)))
+
+
+def test_perturb_replaces_the_given_share_of_pixels_by_seeded_noise() -> None:
+    from vae_export.augment import perturb
+
+    x = torch.full((200, 1, 28, 28), 128.0)
+    out = perturb(x, torch.Generator().manual_seed(0), 0.2)
+    replaced = out != x
+    assert 0.19 < replaced.float().mean().item() < 0.21
+    assert out.min() >= 0 and out.max() <= 255 and out[replaced].std() > 60  # uniform on 0..255
+    again = perturb(x, torch.Generator().manual_seed(0), 0.2)
+    assert torch.equal(out, again)
+    assert torch.equal(perturb(x, torch.Generator().manual_seed(0), 0.0), x)
+
+
+def test_a_perturbed_run_differs_from_a_clean_one(tmp_path: Path, digits_500: Digits) -> None:
+    cfg = {"epochs": 1, "threads": 1, "batch_size": 64}
+    model_cfg = VAEConfig(latent_dim=2, hidden=(32,))
+    train(model_cfg, TrainConfig(**cfg), tmp_path / "clean", digits=digits_500, progress=False)
+    train(model_cfg, TrainConfig(**cfg, perturb=0.2), tmp_path / "noisy", digits=digits_500,
+          progress=False)
+    clean, noisy = _state(tmp_path / "clean"), _state(tmp_path / "noisy")
+    assert any(not torch.equal(clean[k], noisy[k]) for k in clean)

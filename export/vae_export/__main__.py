@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     t.add_argument("--elastic-sigma", type=float, default=tc.elastic_sigma,
                    help="smoothness of the elastic field, pixels (default: %(default)s)")
+    t.add_argument("--perturb", type=float, default=tc.perturb,
+                   help="probability that a training pixel is replaced by noise in an epoch: "
+                   "a background model for a likelihood ratio; 0 for a model to serve "
+                   "(default: %(default)s)")
     t.add_argument("--prior", choices=PRIOR_KINDS, default=pc.kind,
                    help="the prior Sample, SampleStream and LogLikelihood use: a Gaussian "
                    "mixture per digit class fitted around the training digits' codes (labelled "

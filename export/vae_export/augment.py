@@ -60,3 +60,10 @@ def augment(x: torch.Tensor, gen: torch.Generator, rot_deg: float = 10.0, shift_
         keep = (torch.rand(n, generator=gen) >= p).view(n, 1, 1, 1)
         out = torch.where(keep, x, out)
     return out
+
+
+def perturb(x: torch.Tensor, gen: torch.Generator, rate: float, top: float = 255.0
+            ) -> torch.Tensor:
+    """x with each pixel replaced, with probability `rate`, by a uniform value in [0, top]."""
+    replace = torch.rand(x.shape, generator=gen) < rate
+    return torch.where(replace, torch.rand(x.shape, generator=gen) * top, x)

@@ -68,6 +68,15 @@ class TrainConfig:
     shear_deg: float = 3.0
     elastic_alpha: float = 0.0
     elastic_sigma: float = 4.0
+    # Each pixel of each training image is replaced by a uniform random value with this
+    # probability, afresh each epoch; 0 for a model to serve. A model so trained learns the
+    # digits' low-level statistics better than their shapes: the background model of a
+    # likelihood ratio (Ren et al., 2019; scripts/heldout_digits.py).
+    perturb: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.perturb < 1.0:
+            raise ValueError(f"perturb must be in [0, 1), got {self.perturb}")
 
 
 # Where `vae-export classifier` writes the judge and `vae-export eval` looks for it.

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vae_core.likelihood import BERNOULLI, GAUSSIAN, to_unit
 from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export import plots
-from vae_export.augment import augment
+from vae_export.augment import augment, perturb
 from vae_export.config import TrainConfig
 from vae_export.data import Digits, load_dataset, stratified_split
 from vae_export.model import VAE, VAEConfig, save_checkpoint
@@ -44,12 +44,14 @@ def prepare_inputs(pixels: np.ndarray | torch.Tensor, likelihood: str,
 
 
 def deform(pixels: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """The epoch's deformed copy of the training digits [N, 1, 28, 28] (0..255)."""
-    if cfg.augment_p <= 0:
-        return pixels
-    return augment(pixels, gen, rot_deg=cfg.rot_deg, shift_px=cfg.shift_px, scale=cfg.scale,
-                   shear_deg=cfg.shear_deg, elastic_alpha=cfg.elastic_alpha,
-                   elastic_sigma=cfg.elastic_sigma, p=cfg.augment_p)
+    """The epoch's deformed (and with cfg.perturb, perturbed) copy of the training digits
+    [N, 1, 28, 28] (0..255)."""
+    if cfg.augment_p > 0:
+        pixels = augment(pixels, gen, rot_deg=cfg.rot_deg, shift_px=cfg.shift_px,
+                         scale=cfg.scale, shear_deg=cfg.shear_deg,
+                         elastic_alpha=cfg.elastic_alpha, elastic_sigma=cfg.elastic_sigma,
+                         p=cfg.augment_p)
+    return perturb(pixels, gen, cfg.perturb) if cfg.perturb > 0 else pixels
 
 
 @torch.no_grad()
