@@ -15,6 +15,11 @@ Scores (higher = more normal):
   training digits' codes lie, whatever its ink;
 - either: the lower of the two, log p(x) and the latent density, each as a z-score against
   the model's own validation digits: an image is as anomalous as its more anomalous score;
+- typicality: how far log p(x) lies from the validation digits' mean log p(x), in their
+  standard deviations, either way (Nalisnick et al., 2019, *Detecting out-of-distribution
+  inputs to deep generative models using typicality*, with one image a test): an image can
+  be anomalous by a likelihood higher than digits of the training classes get;
+- typical and either: the lower of the typicality and the latent density's z-score;
 - likelihood ratio (with --perturb): log p(x) over log p(x) under a background model (Ren et
   al., 2019, *Likelihood ratios for out-of-distribution detection*): the same recipe trained
   on the same digits with each pixel replaced by noise with probability --perturb afresh each
@@ -78,6 +83,12 @@ def trained(folder: Path, digits: Digits, train_cfg: TrainConfig, prior_cfg: Pri
     return OnnxVAE(model_dir), json.loads((run / "summary.json").read_text())
 
 
+def typicality(log_px: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Minus the distance of each log p(x) from the mean of the `reference` (the validation
+    digits' log p(x)), in their standard deviations: 0 for the most typical."""
+    return -np.abs(standardised(log_px, reference))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +131,8 @@ def main() -> int:
         reference = (model.score(x_val, args.k, 1).log_likelihood,
                      model.latent_log_density(x_val))
         both = either(scores, density, reference)
+        typical = typicality(scores, reference[0])
+        typical_both = np.minimum(typical, standardised(density, reference[1]))
         anomalous = test.labels == d
         row = {
             "digit": d,
@@ -128,6 +141,8 @@ def main() -> int:
                                                   (scores + complexity)[anomalous]),
             "auroc_latent_density": auroc(density[~anomalous], density[anomalous]),
             "auroc_either": auroc(both[~anomalous], both[anomalous]),
+            "auroc_typicality": auroc(typical[~anomalous], typical[anomalous]),
+            "auroc_typical_and_either": auroc(typical_both[~anomalous], typical_both[anomalous]),
             "mean_log_px_held_out": float(scores[anomalous].mean()),
             "mean_log_px_others": float(scores[~anomalous].mean()),
             "val_elbo": summary["val_elbo"],
@@ -142,6 +157,10 @@ def main() -> int:
                 "auroc_log_px": auroc(scores[normal], f_scores),
                 "auroc_latent_density": auroc(density[normal], f_density),
                 "auroc_either": auroc(both[normal], either(f_scores, f_density, reference)),
+                "auroc_typicality": auroc(typical[normal], typicality(f_scores, reference[0])),
+                "auroc_typical_and_either": auroc(typical_both[normal], np.minimum(
+                    typicality(f_scores, reference[0]),
+                    standardised(f_density, reference[1]))),
             }
         if background is not None:
             ratio = scores - background.score(x_test, args.k, 0).log_likelihood
@@ -159,8 +178,12 @@ def main() -> int:
             [r["auroc_log_px_plus_complexity"] for r in rows])),
         "mean_auroc_latent_density": float(np.mean([r["auroc_latent_density"] for r in rows])),
         "mean_auroc_either": float(np.mean([r["auroc_either"] for r in rows])),
+        "mean_auroc_typicality": float(np.mean([r["auroc_typicality"] for r in rows])),
+        "mean_auroc_typical_and_either": float(np.mean([r["auroc_typical_and_either"]
+                                                        for r in rows])),
     }
-    scores_named = ["auroc_log_px", "auroc_latent_density", "auroc_either"]
+    scores_named = ["auroc_log_px", "auroc_latent_density", "auroc_either", "auroc_typicality",
+                    "auroc_typical_and_either"]
     if args.perturb:
         result["perturb"] = args.perturb
         result["mean_auroc_likelihood_ratio"] = float(np.mean(
