@@ -1,0 +1,45 @@
+"""The anomaly scores of scripts/heldout_digits.py (EVAL.md, "Held-out digits") on known
+cases: higher is more normal."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import heldout_digits as h  # noqa: E402
+
+VALIDATION = np.array([690.0, 700.0, 710.0, 700.0])  # mean 700, sd about 7.07
+
+
+def test_typicality_is_highest_at_the_validation_mean_and_falls_either_way() -> None:
+    scores = h.typicality(np.array([700.0, 720.0, 680.0, 800.0, 300.0]), VALIDATION)
+    assert scores[0] == 0.0
+    assert scores[1] == scores[2] < 0  # as atypical above the mean as below it
+    assert scores[3] < scores[1] and scores[4] < scores[3]
+    np.testing.assert_allclose(scores[1], -20.0 / VALIDATION.std())
+
+
+def test_either_takes_the_more_anomalous_of_the_two_scores() -> None:
+    latent_reference = np.array([-10.0, 0.0, 10.0])
+    log_px = np.array([700.0, 700.0, 600.0])
+    latent = np.array([0.0, -50.0, 0.0])
+    both = h.either(log_px, latent, (VALIDATION, latent_reference))
+    assert both[0] == 0.0  # typical by both
+    assert both[1] == h.standardised(latent, latent_reference)[1]  # anomalous code
+    assert both[2] == h.standardised(log_px, VALIDATION)[2]  # anomalous likelihood
+    # A likelihood higher than the validation digits' is normal to `either`, not to typicality.
+    high = np.array([800.0])
+    assert h.either(high, np.array([0.0]), (VALIDATION, latent_reference))[0] == 0.0
+    assert h.typicality(high, VALIDATION)[0] < -10
+
+
+def test_complexity_is_the_compressed_length_in_nats() -> None:
+    blank = np.zeros((1, 28, 28), np.uint8)
+    noisy = np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8)
+    c = h.complexity_nats(np.concatenate([blank, noisy]))
+    assert 0 < c[0] < c[1]
+    assert c[1] > 784 * 8 * np.log(2) * 0.9  # noise does not compress
