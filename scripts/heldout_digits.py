@@ -89,6 +89,12 @@ def typicality(log_px: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return -np.abs(standardised(log_px, reference))
 
 
+def typical_and_either(log_px: np.ndarray, latent: np.ndarray,
+                       reference: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """`either` with the typicality in place of the one-sided log p(x) z-score."""
+    return np.minimum(typicality(log_px, reference[0]), standardised(latent, reference[1]))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,7 +138,7 @@ def main() -> int:
                      model.latent_log_density(x_val))
         both = either(scores, density, reference)
         typical = typicality(scores, reference[0])
-        typical_both = np.minimum(typical, standardised(density, reference[1]))
+        typical_both = typical_and_either(scores, density, reference)
         anomalous = test.labels == d
         row = {
             "digit": d,
@@ -158,9 +164,8 @@ def main() -> int:
                 "auroc_latent_density": auroc(density[normal], f_density),
                 "auroc_either": auroc(both[normal], either(f_scores, f_density, reference)),
                 "auroc_typicality": auroc(typical[normal], typicality(f_scores, reference[0])),
-                "auroc_typical_and_either": auroc(typical_both[normal], np.minimum(
-                    typicality(f_scores, reference[0]),
-                    standardised(f_density, reference[1]))),
+                "auroc_typical_and_either": auroc(
+                    typical_both[normal], typical_and_either(f_scores, f_density, reference)),
             }
         if background is not None:
             ratio = scores - background.score(x_test, args.k, 0).log_likelihood

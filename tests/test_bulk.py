@@ -141,21 +141,21 @@ def _check_loadable(out: Path, fmt: str, n: int) -> None:
     assert first.shape == (28, 28) and first.dtype == np.uint8 and first.max() > 0
 
 
+def stream_counts(servers) -> tuple[float, float]:
+    """SampleStreams started and ended, on all `servers`."""
+    return tuple(sum(metric_total(s.metrics_port, name, grpc_method="SampleStream")
+                     for s in servers)
+                 for name in ("grpc_server_started_total", "grpc_server_handled_total"))
+
+
 def quiet_streams(servers, quiet_s: float = 3.0, timeout: float = 120.0) -> None:
     """Waits until no SampleStream is running on `servers` and none has started for
     `quiet_s` seconds."""
-
-    def counts() -> tuple[float, float]:
-        return (sum(metric_total(s.metrics_port, "grpc_server_started_total",
-                                 grpc_method="SampleStream") for s in servers),
-                sum(metric_total(s.metrics_port, "grpc_server_handled_total",
-                                 grpc_method="SampleStream") for s in servers))
-
     deadline = time.monotonic() + timeout
-    last, since = counts(), time.monotonic()
+    last, since = stream_counts(servers), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        now = counts()
+        now = stream_counts(servers)
         if now != last:
             last, since = now, time.monotonic()
         elif now[0] == now[1] and time.monotonic() - since >= quiet_s:
@@ -184,16 +184,14 @@ def test_a_job_killed_midway_resumes_without_remaking_whole_shards(servers, ray_
     shards = [p.name[1:].removesuffix(".sha256") for p in out.glob("_*.sha256")]
     whole = {name: (out / name).stat() for name in shards}
     assert 3 <= len(whole) < 20, sorted(whole)
-    streams_before = sum(metric_total(s.metrics_port, "grpc_server_started_total",
-                                      grpc_method="SampleStream") for s in servers)
+    streams_before = stream_counts(servers)[0]
     done = bulk(target, out, *args)
     assert f"({20 - len(whole)} made now)" in done.stdout, done.stdout
     # The whole shards were left as they were; the others took one stream per class each.
     for name, stat in whole.items():
         again = (out / name).stat()
         assert (again.st_ino, again.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), name
-    streams = sum(metric_total(s.metrics_port, "grpc_server_started_total",
-                               grpc_method="SampleStream") for s in servers) - streams_before
+    streams = stream_counts(servers)[0] - streams_before
     assert streams == 10 * (20 - len(whole))
     # And the result is the dataset an unbroken run writes.
     fresh = tmp_path / "fresh"

@@ -201,7 +201,7 @@ class Judge:
         # for samples (the features' figure is of digits the classifier was trained on), and
         # of the decoder's drawings of those digits, smooth as samples are.
         held_px = lk.to_unit(held_out.images.reshape(len(held_out), -1))
-        own_px, own_feat = made.copy_ratio_of(held_px)
+        own_px, own_feat = made.copy_ratio_of(held_px, held_out_feats)
         recon_px, recon_feat = made.copy_ratio_of(model.decode(model.encode(held_px)[0]))
         made.reconstructions.update({"population_copy_ratio_pixels": recon_px,
                                      "population_copy_ratio_features": recon_feat})
@@ -225,12 +225,15 @@ class Judge:
         })
         return made
 
-    def copy_ratio_of(self, images: np.ndarray) -> tuple[float, float]:
-        """`copy_ratio` of images [N, 784] in [0, 1]."""
+    def copy_ratio_of(self, images: np.ndarray, feats: np.ndarray | None = None
+                      ) -> tuple[float, float]:
+        """`copy_ratio` of images [N, 784] in [0, 1], whose classifier features are `feats`
+        (worked out here when not given)."""
         from vae_export import classifier as judge
         from vae_export import quality as q
 
-        feats = judge.classify(self.net, images)[1]
+        if feats is None:
+            feats = judge.classify(self.net, images)[1]
         return self.copy_ratio(q.nn_distances(images, self.train_px),
                                q.nn_distances(feats, self.train_feats), images, feats)
 
