@@ -292,6 +292,36 @@ def _population(train_px: np.ndarray, train_feats: np.ndarray, held_out_px: np.n
             "population_fd_over_writers": q.frechet_distance(features, test_feats) / writers}
 
 
+def judged(j: Judge, images: np.ndarray) -> dict[str, Any]:
+    """The classifier's verdict on generated images [N, 784] in [0, 1]: how many it labels
+    with confidence, how even its classes are, their Fréchet distance to the test digits (and
+    to the run's validation digits), their distances to the nearest training digit and their
+    copy ratios."""
+    from vae_export import classifier as judge
+    from vae_export import quality as q
+
+    probs, feats = judge.classify(j.net, images)
+    fd = q.frechet_distance(feats, j.test_feats)
+    # The distances to the nearest training digit.
+    px_train = q.nn_distances(images, j.train_px)
+    feat_train = q.nn_distances(feats, j.train_feats)
+    copy_px, copy_feat = j.copy_ratio(px_train, feat_train, images, feats)
+    return {
+        "confident_fraction": q.confident_fraction(probs),
+        "class_entropy": q.class_entropy(probs),
+        "class_histogram": np.bincount(probs.argmax(1), minlength=q.CLASSES).tolist(),
+        "frechet_distance": fd,
+        "fd_over_writers": fd / j.writers,
+        "nn_pixels_median": float(np.median(px_train)),
+        "nn_features_median": float(np.median(feat_train)),
+        "copy_ratio_pixels": copy_px,
+        "copy_ratio_features": copy_feat,
+        # To the run's validation digits: a figure that choices may look at, unlike the test
+        # set's.
+        "fd_validation": q.frechet_distance(feats, j.validation_feats),
+    }
+
+
 def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 10_000,
                    seed: int = 0, per_digit: int = 1000, pictures: Path | None = None,
                    judged_by: Judge | None = None) -> dict[str, Any]:
@@ -304,29 +334,8 @@ def sample_quality(model: OnnxVAE, classifier_dir: Path, test: Digits, n: int = 
 
     j = judged_by or Judge.of(model, classifier_dir, test)
     samples = model.sample(n, seed)
-    probs, feats = judge.classify(j.net, samples)
-    fd = q.frechet_distance(feats, j.test_feats)
-    # The distances to the nearest training digit.
-    px_train = q.nn_distances(samples, j.train_px)
-    feat_train = q.nn_distances(feats, j.train_feats)
-    copy_px, copy_feat = j.copy_ratio(px_train, feat_train, samples, feats)
-    result: dict[str, Any] = {
-        "n": n, "seed": seed,
-        "confident_fraction": q.confident_fraction(probs),
-        "class_entropy": q.class_entropy(probs),
-        "class_histogram": np.bincount(probs.argmax(1), minlength=q.CLASSES).tolist(),
-        "frechet_distance": fd,
-        "fd_over_writers": fd / j.writers,
-        "nn_pixels_median": float(np.median(px_train)),
-        "nn_features_median": float(np.median(feat_train)),
-        "copy_ratio_pixels": copy_px,
-        "copy_ratio_features": copy_feat,
-        "reconstructions": j.reconstructions,
-        "reference": j.reference,
-        # To the run's validation digits: a figure that choices may look at, unlike the test
-        # set's.
-        "fd_validation": q.frechet_distance(feats, j.validation_feats),
-    }
+    result: dict[str, Any] = {"n": n, "seed": seed, **judged(j, samples),
+                              "reconstructions": j.reconstructions, "reference": j.reference}
     ref = result["reference"]
     met = {
         "confident_fraction": result["confident_fraction"] >= TARGETS["confident_fraction"],
