@@ -19,19 +19,15 @@ whose likelihood the server would have to score.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from sweep_prior import model_arguments, studied
 
-from vae_core.onnx_model import OnnxVAE
-from vae_export.config import CLASSIFIER_DIR
-from vae_export.data import load_idx_dir
-from vae_export.evaluate import Judge, judged, model_split
-from vae_export.model import load_checkpoint
+from vae_export.evaluate import judged
 from vae_export.prior_fit import PriorConfig, fit_prior
 from vae_export.train import training_codes
 
@@ -50,24 +46,14 @@ def sharpened(images: np.ndarray, c: float) -> np.ndarray:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=Path("runs/default"),
-                   help="the run the model was exported from (its network finds MAP codes)")
-    p.add_argument("--model-dir", type=Path, default=Path("models/default"))
-    p.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
-    p.add_argument("--classifier", type=Path, default=Path(CLASSIFIER_DIR))
+    p = model_arguments(__doc__)
     p.add_argument("--settings", default=SETTINGS,
                    help="comma-separated components:temperature:sharpening")
     p.add_argument("--samples", type=int, default=10_000)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     settings = [tuple(float(v) for v in s.split(":")) for s in args.settings.split(",")]
-    model = OnnxVAE(args.model_dir)
-    network, _ = load_checkpoint(args.run / "checkpoint.pt")
-    train, _ = model_split(model)
-    test = load_idx_dir(args.data)
-    judge = Judge.of(model, args.classifier, test)
+    model, network, train, _, _, judge = studied(args)
     z, logvar = training_codes(network, train.images, PriorConfig())
     rows = []
     for m, t, c in settings:

@@ -27,22 +27,39 @@ import numpy as np
 
 from vae_core.onnx_model import OnnxVAE
 from vae_export.config import CLASSIFIER_DIR
-from vae_export.data import load_idx_dir
+from vae_export.data import Digits, load_idx_dir
 from vae_export.evaluate import Judge, model_split, sample_quality
-from vae_export.model import load_checkpoint
+from vae_export.model import VAE, load_checkpoint
 from vae_export.onnx_export import CALIBRATION_SEED, validation_inputs
 from vae_export.prior_fit import PriorConfig, fit_prior
 from vae_export.train import training_codes
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
+def model_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options of a study of one trained model's prior: its run, its exported model, the
+    test digits and the judging classifier."""
+    p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("runs/default"),
                    help="the run the model was exported from (its network finds MAP codes)")
     p.add_argument("--model-dir", type=Path, default=Path("models/default"))
     p.add_argument("--data", type=Path, default=Path("../shared/data/mnist"))
     p.add_argument("--classifier", type=Path, default=Path(CLASSIFIER_DIR))
+    return p
+
+
+def studied(args: argparse.Namespace) -> tuple[OnnxVAE, VAE, Digits, Digits, Digits, Judge]:
+    """For `model_arguments`' options: the exported model, its run's network, its training
+    and validation digits, the test digits, and what its samples are judged against."""
+    model = OnnxVAE(args.model_dir)
+    network, _ = load_checkpoint(args.run / "checkpoint.pt")
+    train, val = model_split(model)
+    test = load_idx_dir(args.data)
+    return model, network, train, val, test, Judge.of(model, args.classifier, test)
+
+
+def main() -> int:
+    p = model_arguments(__doc__)
     p.add_argument("--codes", default="mean,map")
     p.add_argument("--components", default="10")
     p.add_argument("--temperatures", default="0.6,0.7,0.8,0.9,1.0")
@@ -50,12 +67,8 @@ def main() -> int:
     p.add_argument("--k", type=int, default=100, help="importance samples, validation")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    model = OnnxVAE(args.model_dir)
-    network, _ = load_checkpoint(args.run / "checkpoint.pt")
-    train, val = model_split(model)
+    model, network, train, val, test, judged_by = studied(args)
     x_val = validation_inputs(val)
-    test = load_idx_dir(args.data)
-    judged_by = Judge.of(model, args.classifier, test)
     rows = []
     for codes in args.codes.split(","):
         z, logvar = training_codes(network, train.images, PriorConfig(codes=codes))
