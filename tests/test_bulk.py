@@ -148,19 +148,32 @@ def stream_counts(servers) -> tuple[float, float]:
                  for name in ("grpc_server_started_total", "grpc_server_handled_total"))
 
 
-def quiet_streams(servers, quiet_s: float = 3.0, timeout: float = 120.0) -> None:
-    """Waits until no SampleStream is running on `servers` and none has started for
-    `quiet_s` seconds."""
+def shard_tasks_running() -> bool:
+    """Whether a Ray worker on this machine is running make_shard: Ray titles a worker's
+    process after the task it runs (its command line reads ray::make_shard meanwhile)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::make_shard"):
+                return True
+        except OSError:  # the process ended meanwhile
+            continue
+    return False
+
+
+def quiet(servers, quiet_s: float = 3.0, timeout: float = 120.0) -> None:
+    """Waits until no Ray worker runs make_shard, no SampleStream is running on `servers`, and
+    none has started for `quiet_s` seconds."""
     deadline = time.monotonic() + timeout
     last, since = stream_counts(servers), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.2)
         now = stream_counts(servers)
-        if now != last:
+        if now != last or shard_tasks_running():
             last, since = now, time.monotonic()
         elif now[0] == now[1] and time.monotonic() - since >= quiet_s:
             return
-    raise AssertionError(f"SampleStreams still starting or running after {timeout} s: {last}")
+    raise AssertionError(f"shards still being made after {timeout} s: streams {last}, "
+                         f"make_shard running: {shard_tasks_running()}")
 
 
 def test_a_job_killed_midway_resumes_without_remaking_whole_shards(servers, ray_cluster,
@@ -179,8 +192,8 @@ def test_a_job_killed_midway_resumes_without_remaking_whole_shards(servers, ray_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # The job's Ray worker is not in the killed process group: it can outlive the driver for
-    # a moment, start one more stream and even finish a shard. Count only once it is quiet.
-    quiet_streams(servers)
+    # a moment, start one more stream and even finish a shard. Count only once it has stopped.
+    quiet(servers)
     shards = [p.name[1:].removesuffix(".sha256") for p in out.glob("_*.sha256")]
     whole = {name: (out / name).stat() for name in shards}
     assert 3 <= len(whole) < 20, sorted(whole)
