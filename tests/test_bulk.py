@@ -149,13 +149,16 @@ def stream_counts(servers) -> tuple[float, float]:
 
 
 def shard_tasks_running() -> bool:
-    """Whether a Ray worker on this machine is running make_shard: Ray titles a worker's
-    process after the task it runs (its command line reads ray::make_shard meanwhile)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    """Whether a worker of this module's Ray cluster is running make_shard: Ray titles a
+    worker's process after the task it runs (its command line reads ray::make_shard
+    meanwhile), and the cluster's workers inherit its token (not another cluster's)."""
+    token = f"RAY_AUTH_TOKEN={RAY_ENV['RAY_AUTH_TOKEN']}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if cmdline.read_bytes().startswith(b"ray::make_shard"):
+            if ((proc / "cmdline").read_bytes().startswith(b"ray::make_shard")
+                    and token in (proc / "environ").read_bytes().split(b"\0")):
                 return True
-        except OSError:  # the process ended meanwhile
+        except OSError:  # the process ended meanwhile, or is another user's
             continue
     return False
 
