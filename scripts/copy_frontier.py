@@ -5,10 +5,10 @@ training digit (EVAL.md, "Copies").
 For each number of prior components a class and temperature t (the prior refitted around the
 training digits' MAP codes, as `vae-export train` fits it), and each sharpening c of the
 decoder (its logits times c: sigmoid(c logit f(z)), which thins the blur of a mean image), it
-draws the samples as the server would from that model and judges them as `vae-export eval`
-does: the Fréchet distance over the writer populations', the median distances to the nearest
-training digit in pixels and features, and the copy ratios. The target those distances miss
-is the test digits' (`reference` in the JSON).
+draws the samples as the server draws them from that prior, sharpens them by c, and judges
+them as `vae-export eval` does: the Fréchet distance over the writer populations', the
+median distances to the nearest training digit in pixels and features, and the copy ratios.
+The target those distances miss is the test digits' (`reference` in the JSON).
 
     python scripts/copy_frontier.py --run runs/default --model-dir models/default \\
         --json docs/eval/copy-frontier.json

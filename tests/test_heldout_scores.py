@@ -55,8 +55,23 @@ def test_every_score_of_a_set_is_named_and_standardised_by_its_own_reference() -
                            "typicality", "typical_and_either", "code_density_3",
                            "either_code_density_3"}
     np.testing.assert_array_equal(scores["log_px_plus_complexity"], [705.0, 705.0])
+    assert scores["code_density_3"] is code
     np.testing.assert_array_equal(scores["either"], [0.0, 0.0])
     # The code density's z-score is against the validation digits' code densities.
     both = scores["either_code_density_3"]
     assert both[0] == 0.0
     np.testing.assert_allclose(both[1], -100.0 / reference["code_density_3"].std())
+
+
+def test_the_code_density_components_are_chosen_by_the_mean_validation_auroc() -> None:
+    # Two held-out digits; 2 components a class is best on the test set, 5 on validation.
+    rows = [{"digit": d, "auroc_code_density_2": 0.9, "auroc_code_density_5": 0.8,
+             "val_auroc_code_density_2": 0.7 + 0.1 * d, "val_auroc_code_density_5": 0.85,
+             "fashion": {"n": 10, "auroc_code_density_2": 0.99, "auroc_code_density_5": 0.97}}
+            for d in (0, 1)]
+    summary = h.summarised(rows, [2, 5])
+    assert summary["chosen_code_components"] == 5
+    np.testing.assert_allclose(summary["mean_val_auroc_code_density_2"], 0.75)
+    np.testing.assert_allclose(summary["mean_auroc_code_density_2"], 0.9)
+    assert summary["fashion_mean_auroc"] == {"auroc_code_density_2": 0.99,
+                                             "auroc_code_density_5": 0.97}

@@ -375,8 +375,8 @@ def test_the_code_density_scores_a_class_it_was_not_fitted_to_as_anomalous(
     def scores(images: np.ndarray) -> np.ndarray:
         return density.log_prob(model.encode(lk.to_unit(images.reshape(len(images), -1)))[0])
 
-    # Unseen digits: those of the nine classes are normal, the 0s not (the fitted classes'
-    # codes are where the density is), and noise even less.
+    # Digits the density was not fitted to: those of the nine classes are normal, the 0s not
+    # (the density is where the fitted classes' codes are), and noise even less.
     normal = scores(digits.images[rest & (digits.labels != 0)])
     zeros = scores(digits.images[rest & (digits.labels == 0)])
     assert auroc(normal, zeros) > 0.7  # 0.5: chance
