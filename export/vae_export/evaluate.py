@@ -122,13 +122,14 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
             x_ood = _prepare(load_idx_dir(ood_dir), limit, seed + 1, model.likelihood)
             ood_scores = model.score(x_ood, k_samples, seed + 1)
             a = auroc(in_scores.log_likelihood, ood_scores.log_likelihood)
+            # The densities of the codes, latent (the prior's) and the code density, at mu(x).
+            mu_test, mu_ood = model.encode(x_test)[0], model.encode(x_ood)[0]
             codes = code_density(model, training_digits(model))
             result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model), "auroc": a,
-                             "auroc_latent_density": auroc(model.latent_log_density(x_test),
-                                                           model.latent_log_density(x_ood)),
-                             "auroc_code_density": auroc(
-                                 codes.log_prob(model.encode(x_test)[0]),
-                                 codes.log_prob(model.encode(x_ood)[0]))}
+                             "auroc_latent_density": auroc(model.prior.log_prob(mu_test),
+                                                           model.prior.log_prob(mu_ood)),
+                             "auroc_code_density": auroc(codes.log_prob(mu_test),
+                                                         codes.log_prob(mu_ood))}
             if roc_path is not None:
                 from vae_export import plots
 
