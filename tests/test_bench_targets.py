@@ -37,3 +37,19 @@ def test_each_target_reads_its_row_and_says_met_or_missed() -> None:
     first = run.targets(rows[1:])[0]
     assert first["ratio"] is None and not first["met"]
     assert "| 0.9 | - | not measured |" in run.targets_markdown([first])
+
+
+def test_interleaved_rounds_alternate_which_server_goes_first(monkeypatch) -> None:
+    run = _run_module()
+    calls: list[tuple[str, str, float, dict[str, object]]] = []
+
+    def bench(target: str, method: str, duration: float, **kw: object) -> str:
+        calls.append((target, method, duration, kw))
+        return f"{target}{len(calls)}"
+
+    monkeypatch.setattr(run, "bench", bench)
+    a, b = run.interleaved("echo", "server", 3, "decode", 5.0, concurrency=64)
+    assert [c[0] for c in calls] == ["echo", "server", "server", "echo", "echo", "server"]
+    assert all(c[1:] == ("decode", 5.0, {"concurrency": 64}) for c in calls)
+    # Each server's results in the order they were taken.
+    assert a == ["echo1", "echo4", "echo5"] and b == ["server2", "server3", "server6"]
