@@ -35,6 +35,10 @@ from vae_export.train import training_codes
 SETTINGS = ("10:0.7:1,10:0.7:1.5,10:0.85:1.5,10:0.85:2,10:0.9:1.5,10:0.9:1.75,10:0.9:2,"
             "10:1.0:1.5,10:1.0:2,3:0.8:2,3:1.0:1.5,1:0.8:1.5")
 
+# What a row records of `judged`'s verdict on the samples.
+JUDGED = ("fd_over_writers", "fd_validation", "confident_fraction", "nn_pixels_median",
+          "nn_features_median", "copy_ratio_pixels", "copy_ratio_features")
+
 
 def sharpened(images: np.ndarray, c: float) -> np.ndarray:
     """sigmoid(c logit(images)) for mean images in [0, 1]: the decoder with its logits times c
@@ -62,10 +66,7 @@ def main() -> int:
                                 PriorConfig(components=int(m), temperature=t))
         verdict = judged(judge, sharpened(model.sample(args.samples, 0), c))
         row = {"components_per_class": int(m), "temperature": t, "sharpening": c,
-               **{key: verdict[key] for key in (
-                   "fd_over_writers", "fd_validation", "confident_fraction",
-                   "nn_pixels_median", "nn_features_median", "copy_ratio_pixels",
-                   "copy_ratio_features")},
+               **{key: verdict[key] for key in JUDGED},
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from copy_frontier import JUDGED
 from sweep_prior import model_arguments, studied
 
 from vae_core.likelihood import to_unit
@@ -31,9 +32,6 @@ from vae_export.evaluate import judged
 from vae_export.model import VAE, VAEConfig
 from vae_export.prior_fit import PriorConfig, fit_prior
 from vae_export.train import training_codes
-
-JUDGED = ("fd_over_writers", "fd_validation", "confident_fraction", "nn_pixels_median",
-          "nn_features_median", "copy_ratio_pixels", "copy_ratio_features")
 
 
 def finetuned(network: VAE, pixels: np.ndarray, epochs: int, sigma: float, lr: float,
