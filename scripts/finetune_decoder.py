@@ -1,13 +1,15 @@
-"""Fine-tune a trained model's decoder alone on its training digits at their MAP codes, with a
-smaller sigma, and judge the samples of the refitted prior as `vae-export eval` judges them
-(EVAL.md, "Copies"): does a decoder trained where the prior draws move the samples off the
-front of `copy_frontier.py`?
+"""Fine-tune a trained model's decoder alone on its training digits at their MAP codes, and
+judge the samples of the refitted prior as `vae-export eval` judges them (EVAL.md, "Copies"):
+does a decoder trained where the prior draws move the samples off the front of
+`copy_frontier.py`?
 
 The encoder is left as it is. The decoder is trained on the pairs (MAP code, digit) of the
 4,500 training digits (the codes the prior is fitted around, found as `vae-export train` finds
-them), minibatches of 128, Adam, with log p(x|z) at --sigma. Then the MAP codes are found again
-under the new decoder, the prior (10 components a class) is refitted around them, and for each
-temperature 10,000 samples are drawn as the server draws them and decoded by the new decoder.
+them), minibatches of 128, Adam, on the squared error (the Gaussian log p(x|z) up to its scale,
+which Adam does not see: sigma plays no part). Then the MAP codes are found again under the
+new decoder (at the model's sigma, as `vae-export train` finds them), the prior (10 components
+a class) is refitted around them, and for each temperature 10,000 samples are drawn as the
+server draws them and decoded by the new decoder.
 
     python scripts/finetune_decoder.py --run runs/default --model-dir models/default \\
         --json docs/eval/finetune-decoder.json
@@ -17,6 +19,7 @@ The first row is the network as trained (epochs 0), the reference.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -29,26 +32,26 @@ from sweep_prior import model_arguments, studied
 
 from vae_core.likelihood import to_unit
 from vae_export.evaluate import judged
-from vae_export.model import VAE, VAEConfig
+from vae_export.model import VAE
 from vae_export.prior_fit import PriorConfig, fit_prior
 from vae_export.train import training_codes
 
 
-def finetuned(network: VAE, pixels: np.ndarray, epochs: int, sigma: float, lr: float,
-              seed: int = 0, batch: int = 128) -> VAE:
+def finetuned(network: VAE, pixels: np.ndarray, epochs: int, lr: float, seed: int = 0,
+              batch: int = 128) -> VAE:
     """A copy of `network` whose decoder has trained `epochs` epochs on the digits `pixels`
-    (8-bit, [N, 784]) at their MAP codes under `network`, with log p(x|z) at `sigma`."""
+    (8-bit, [N, 784]) at their MAP codes under `network`, on the squared error."""
     z, _ = training_codes(network, pixels, PriorConfig())
     x = torch.from_numpy(to_unit(pixels.reshape(len(pixels), -1)))
     codes = torch.from_numpy(z)
-    tuned = VAE(VAEConfig(**{**network.cfg.to_dict(), "sigma": sigma}))
-    tuned.load_state_dict(network.state_dict())
+    tuned = copy.deepcopy(network)
     opt = torch.optim.Adam(tuned.decoder.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     tuned.decoder.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(batch):
-            loss = -tuned.log_px_given_z(x[idx], tuned.decoder(codes[idx])).mean()
+            images = torch.sigmoid(tuned.decoder(codes[idx]))
+            loss = ((images - x[idx]) ** 2).sum(-1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -59,7 +62,6 @@ def finetuned(network: VAE, pixels: np.ndarray, epochs: int, sigma: float, lr: f
 def main() -> int:
     p = model_arguments(__doc__)
     p.add_argument("--epochs", default="0,60,120", help="comma-separated epochs of fine-tuning")
-    p.add_argument("--sigma", type=float, default=0.05, help="sigma of log p(x|z) while tuning")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperatures", default="0.7,0.85,0.9,1.0")
     p.add_argument("--samples", type=int, default=10_000)
@@ -70,7 +72,7 @@ def main() -> int:
     rows = []
     for epochs in (int(e) for e in args.epochs.split(",")):
         t0 = time.perf_counter()
-        net = finetuned(network, train.images, epochs, args.sigma, args.lr) if epochs else network
+        net = finetuned(network, train.images, epochs, args.lr) if epochs else network
         tuned_s = time.perf_counter() - t0
         z, logvar = training_codes(net, train.images, PriorConfig())
         for t in (float(v) for v in args.temperatures.split(",")):
@@ -79,8 +81,7 @@ def main() -> int:
                 images = torch.sigmoid(net.decoder(torch.from_numpy(
                     prior.latents(0, 0, args.samples)))).numpy()
             verdict = judged(judge, images)
-            row = {"epochs": epochs, "sigma": args.sigma if epochs else network.cfg.sigma,
-                   "temperature": t, **{key: verdict[key] for key in JUDGED},
+            row = {"epochs": epochs, "temperature": t, **{key: verdict[key] for key in JUDGED},
                    "tuning_seconds": round(tuned_s, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
