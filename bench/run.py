@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
 import json
 import os
@@ -202,6 +203,8 @@ def main() -> int:
                    help="the servers' event loop, echo server and vae-server alike")
     p.add_argument("--out", default=str(ROOT / "bench-results"))
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     model_dir = Path(args.model_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,11 +275,13 @@ def main() -> int:
     row(section, "echo server, c=64, in turns", echo_median, "calls/s", None, "transport")
     row(section, INTERLEAVED_ROW, statistics.median(r.calls_per_s for r in server_rounds),
         "calls/s", echo_median, "echo c=64 in turns")
-    rows[-1]["rounds"] = [{"echo": e.calls_per_s, "server": s.calls_per_s}
+    rows[-1]["rounds"] = [{"echo": e.calls_per_s, "server": s.calls_per_s,
+                           "echo_p50_ms": e.latency_ms["p50"], "server_p50_ms": s.latency_ms["p50"]}
                           for e, s in zip(echo_rounds, server_rounds, strict=True)]
-    print(f"{'':<28} rounds, server / echo: " + ", ".join(
-        f"{s.calls_per_s / e.calls_per_s:.2f}"
-        for e, s in zip(echo_rounds, server_rounds, strict=True)), flush=True)
+    # Failed calls of any round count against the row, as in every other row.
+    rows[-1]["errors"] = dict(sum((collections.Counter(r.errors) for r in server_rounds),
+                                  collections.Counter()))
+    print(f"{'':<28} {rounds_line(rows[-1])}", flush=True)
 
     # (b) SampleStream and (c) LogLikelihood, batching on, against in-process ORT; each on a
     # server of its own, as (a) is (a LogLikelihood load right after a stream load on the same
@@ -389,6 +394,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def rounds_line(row: dict[str, Any]) -> str:
+    """A row measured in turns: each round's ratio, and its errors if any."""
+    line = "rounds, server / echo: " + ", ".join(
+        f"{x['server'] / x['echo']:.2f}" for x in row["rounds"])
+    if row.get("errors"):
+        line += "; errors: " + ", ".join(f"{k} {v}" for k, v in row["errors"].items())
+    return line
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"Measured {meta['date']} on {meta['machine']}; model {meta['model_version']}; "
              f"`{meta['command']}` ({meta['duration_s']:g} s per figure; servers on "
@@ -402,8 +416,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         p99 = f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else ""
         lines.append(f"| {r['section']} | {r['what']} | {r['value']:,.0f} {r['unit']} | {ratio} "
                      f"| {p50} | {p99} |")
-    lines += [f"\n{r['what']}: the median of rounds, server / echo " + ", ".join(
-        f"{x['server'] / x['echo']:.2f}" for x in r["rounds"]) + "." for r in rows if "rounds" in r]
+    lines += [f"\n{r['what']}: {rounds_line(r)}." for r in rows if "rounds" in r]
     return "\n".join(lines) + "\n"
 
 

@@ -53,3 +53,18 @@ def test_interleaved_rounds_alternate_which_server_goes_first(monkeypatch) -> No
     assert all(c[1:] == ("decode", 5.0, {"concurrency": 64}) for c in calls)
     # Each server's results in the order they were taken.
     assert a == ["echo1", "echo4", "echo5"] and b == ["server2", "server3", "server6"]
+
+
+def test_a_row_taken_in_turns_lists_its_rounds_and_errors_in_the_markdown() -> None:
+    run = _run_module()
+    meta = {"date": "d", "machine": "m", "model_version": "v", "command": "make bench",
+            "duration_s": 5.0, "event_loop": "uvloop", "ort_threads": 0, "ort_spinning": False,
+            "instances": 2}
+    row = {"section": "decode, 1 image per call", "what": run.INTERLEAVED_ROW, "value": 950.0,
+           "unit": "calls/s", "limit": "echo c=64 in turns", "ratio": 0.95, "p50_ms": None,
+           "p99_ms": None, "errors": {},
+           "rounds": [{"echo": 1000.0, "server": 900.0}, {"echo": 1000.0, "server": 1050.0}]}
+    md = run.markdown(meta, [row])
+    assert f"{run.INTERLEAVED_ROW}: rounds, server / echo: 0.90, 1.05." in md
+    row["errors"] = {"RESOURCE_EXHAUSTED": 3}
+    assert "; errors: RESOURCE_EXHAUSTED 3." in run.markdown(meta, [row])
