@@ -1,0 +1,59 @@
+"""The elastic field of the training deformations (vae_export.augment)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from vae_export.augment import augment, blur_matrix, elastic_field
+
+
+def _conv_blur(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """The separable Gaussian blur by two convolutions with zero padding: the reference."""
+    r = int(math.ceil(3 * sigma_px))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    g = g / g.sum()
+    out = F.conv2d(images[:, None], g.view(1, 1, 1, -1), padding=(0, r))
+    return F.conv2d(out, g.view(1, 1, -1, 1), padding=(r, 0))[:, 0]
+
+
+@pytest.mark.parametrize("sigma_px", [0.5, 1.0, 4.0, 12.0])
+def test_the_blur_matrix_blurs_as_the_convolutions_do(sigma_px: float) -> None:
+    images = torch.rand(16, 28, 28, generator=torch.Generator().manual_seed(0))
+    b = blur_matrix(sigma_px)
+    torch.testing.assert_close(b @ images @ b.T, _conv_blur(images, sigma_px),
+                               atol=1e-6, rtol=1e-5)
+    # A constant image keeps its value away from the edges (the kernel sums to one), and
+    # fades towards them (zeros beyond).
+    flat = b @ torch.ones(28, 28) @ b.T
+    r = math.ceil(3 * sigma_px)
+    if 2 * r < 28:
+        torch.testing.assert_close(flat[r:28 - r, r:28 - r], torch.ones(28 - 2 * r, 28 - 2 * r))
+    assert flat[0, 0] < 1
+
+
+def test_the_elastic_field_is_seeded_smooth_and_of_the_size_asked() -> None:
+    field = elastic_field(64, torch.Generator().manual_seed(1), alpha_px=2.0, sigma_px=4.0)
+    assert field.shape == (64, 28, 28, 2)
+    assert torch.equal(field, elastic_field(64, torch.Generator().manual_seed(1), 2.0, 4.0))
+    # Its typical displacement is alpha_px pixels (2 / 28 per pixel in grid units).
+    assert field.std().item() == pytest.approx(2.0 * 2 / 28, rel=1e-3)
+    # Smooth: neighbouring pixels move alike, unlike white noise.
+    step = (field[:, 1:] - field[:, :-1]).abs().mean()
+    assert step < 0.2 * field.abs().mean()
+
+
+def test_an_elastic_deformation_moves_ink_and_keeps_the_batch_shape() -> None:
+    x = torch.zeros(8, 1, 28, 28)
+    x[:, :, 10:18, 12:16] = 255.0
+    gen = torch.Generator().manual_seed(2)
+    out = augment(x, gen, rot_deg=0, shift_px=0, scale=0, elastic_alpha=2.0)
+    assert out.shape == x.shape
+    assert not torch.allclose(out, x)
+    # Plain affine identity without the field leaves the images as they were.
+    same = augment(x, torch.Generator().manual_seed(2), rot_deg=0, shift_px=0, scale=0)
+    torch.testing.assert_close(same, x, atol=1e-3, rtol=0)
