@@ -172,15 +172,17 @@ def in_process_loglik_images(model: OnnxVAE, k: int, seconds: float, callers: in
 
 
 def add_row(rows: list[dict[str, Any]], section: str, what: str, value: float, unit: str,
-            limit: float | None, limit_name: str, extra: BenchResult | None = None) -> None:
+            limit: float | None, limit_name: str, extra: BenchResult | None = None,
+            **fields: Any) -> None:
     """Append a figure to `rows` and print it, with its ratio to `limit` where one is given
-    (a row without one is a limit: `limit_name` says which kind)."""
+    (a row without one is a limit: `limit_name` says which kind). `fields` add to the row or
+    replace its entries."""
     ratio = value / limit if limit else None
     rows.append({"section": section, "what": what, "value": value, "unit": unit,
                  "limit": limit_name, "ratio": ratio,
                  "p50_ms": extra.latency_ms["p50"] if extra else None,
                  "p99_ms": extra.latency_ms["p99"] if extra else None,
-                 "errors": extra.errors if extra else {}})
+                 "errors": extra.errors if extra else {}, **fields})
     r = f"{ratio:.2f} of {limit_name}" if ratio is not None else "(limit)"
     lat = (f"  p50 {extra.latency_ms['p50']:.2f} ms p99 {extra.latency_ms['p99']:.2f} ms"
            if extra else "")
@@ -273,14 +275,14 @@ def main() -> int:
                                                  "decode", d, concurrency=64)
     echo_median = statistics.median(r.calls_per_s for r in echo_rounds)
     row(section, "echo server, c=64, in turns", echo_median, "calls/s", None, "transport")
-    row(section, INTERLEAVED_ROW, statistics.median(r.calls_per_s for r in server_rounds),
-        "calls/s", echo_median, "echo c=64 in turns")
-    rows[-1]["rounds"] = [{"echo": e.calls_per_s, "server": s.calls_per_s,
-                           "echo_p50_ms": e.latency_ms["p50"], "server_p50_ms": s.latency_ms["p50"]}
-                          for e, s in zip(echo_rounds, server_rounds, strict=True)]
     # Failed calls of any round count against the row, as in every other row.
-    rows[-1]["errors"] = dict(sum((collections.Counter(r.errors) for r in server_rounds),
-                                  collections.Counter()))
+    row(section, INTERLEAVED_ROW, statistics.median(r.calls_per_s for r in server_rounds),
+        "calls/s", echo_median, "echo c=64 in turns",
+        rounds=[{"echo": e.calls_per_s, "server": s.calls_per_s,
+                 "echo_p50_ms": e.latency_ms["p50"], "server_p50_ms": s.latency_ms["p50"]}
+                for e, s in zip(echo_rounds, server_rounds, strict=True)],
+        errors=dict(sum((collections.Counter(r.errors) for r in server_rounds),
+                        collections.Counter())))
     print(f"{'':<28} {rounds_line(rows[-1])}", flush=True)
 
     # (b) SampleStream and (c) LogLikelihood, batching on, against in-process ORT; each on a

@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from copy_frontier import JUDGED
 from sweep_prior import model_arguments, studied
@@ -37,13 +36,10 @@ from vae_export.prior_fit import PriorConfig, fit_prior
 from vae_export.train import training_codes
 
 
-def finetuned(network: VAE, pixels: np.ndarray, epochs: int, lr: float, seed: int = 0,
-              batch: int = 128) -> VAE:
-    """A copy of `network` whose decoder has trained `epochs` epochs on the digits `pixels`
-    (8-bit, [N, 784]) at their MAP codes under `network`, on the squared error."""
-    z, _ = training_codes(network, pixels, PriorConfig())
-    x = torch.from_numpy(to_unit(pixels.reshape(len(pixels), -1)))
-    codes = torch.from_numpy(z)
+def finetuned(network: VAE, x: torch.Tensor, codes: torch.Tensor, epochs: int, lr: float,
+              seed: int = 0, batch: int = 128) -> VAE:
+    """A copy of `network` whose decoder has trained `epochs` epochs on the digits x [N, 784]
+    in [0, 1] at their codes [N, k] (their MAP codes under `network`), on the squared error."""
     tuned = copy.deepcopy(network)
     opt = torch.optim.Adam(tuned.decoder.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -69,12 +65,19 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(2)
     model, network, train, _, _, judge = studied(args)
+    # The MAP codes under the network as trained: what the decoder is tuned at, and the
+    # untuned reference's prior.
+    start = training_codes(network, train.images, PriorConfig())
+    x = torch.from_numpy(to_unit(train.images.reshape(len(train.images), -1)))
     rows = []
     for epochs in (int(e) for e in args.epochs.split(",")):
         t0 = time.perf_counter()
-        net = finetuned(network, train.images, epochs, args.lr) if epochs else network
+        net = network
+        z, logvar = start
+        if epochs:
+            net = finetuned(network, x, torch.from_numpy(start[0]), epochs, args.lr)
+            z, logvar = training_codes(net, train.images, PriorConfig())
         tuned_s = time.perf_counter() - t0
-        z, logvar = training_codes(net, train.images, PriorConfig())
         for t in (float(v) for v in args.temperatures.split(",")):
             prior = fit_prior(z, logvar, train.labels, PriorConfig(temperature=t))
             with torch.no_grad():

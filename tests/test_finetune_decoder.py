@@ -24,11 +24,11 @@ def test_the_decoder_alone_learns_the_digits_at_their_map_codes() -> None:
     network = VAE(VAEConfig(latent_dim=4, hidden=(32,))).eval()
     before = {k: v.clone() for k, v in network.state_dict().items()}
     pixels = np.random.default_rng(0).integers(0, 256, (64, 784), dtype=np.uint8)
-    tuned = fd.finetuned(network, pixels, epochs=20, lr=1e-2, batch=16)
-
     z, _ = training_codes(network, pixels, PriorConfig())
     x = torch.from_numpy(to_unit(pixels))
     codes = torch.from_numpy(z)
+    tuned = fd.finetuned(network, x, codes, epochs=20, lr=1e-2, batch=16)
+
     with torch.no_grad():
         err_before = ((torch.sigmoid(network.decoder(codes)) - x) ** 2).sum(-1).mean()
         err_after = ((torch.sigmoid(tuned.decoder(codes)) - x) ** 2).sum(-1).mean()
@@ -42,9 +42,9 @@ def test_the_decoder_alone_learns_the_digits_at_their_map_codes() -> None:
         assert torch.equal(value, before[f"encoder.{name}"])
     assert all(torch.equal(v, before[k]) for k, v in network.state_dict().items())
     # Seeded: the same call gives the same decoder.
-    again = fd.finetuned(network, pixels, epochs=20, lr=1e-2, batch=16)
+    again = fd.finetuned(network, x, codes, epochs=20, lr=1e-2, batch=16)
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(),
                                                   again.state_dict().values(), strict=True))
     # No epochs: the decoder is the network's.
-    same = fd.finetuned(network, pixels, epochs=0, lr=1e-2)
+    same = fd.finetuned(network, x, codes, epochs=0, lr=1e-2)
     assert all(torch.equal(v, before[k]) for k, v in same.state_dict().items())
