@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vae_export.augment import augment, blur_matrix, elastic_field
+from vae_export.augment import augment, blur_matrix, elastic_field, field_basis
 
 
 def _conv_blur(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
@@ -34,6 +34,42 @@ def test_the_blur_matrix_blurs_as_the_convolutions_do(sigma_px: float) -> None:
     if 2 * r < 28:
         torch.testing.assert_close(flat[r:28 - r, r:28 - r], torch.ones(28 - 2 * r, 28 - 2 * r))
     assert flat[0, 0] < 1
+
+
+@pytest.mark.parametrize("sigma_px", [1.0, 4.0, 12.0])
+def test_the_field_basis_has_the_blurred_noise_covariance(sigma_px: float) -> None:
+    b = blur_matrix(sigma_px)
+    basis = field_basis(sigma_px)
+    assert basis.shape[0] == 28 and basis.shape[1] <= 28
+    torch.testing.assert_close(basis @ basis.T, b @ b.T, atol=1e-5 * float((b @ b.T).max()),
+                               rtol=0)
+    # A wide blur leaves few modes: that is what makes the field cheap.
+    if sigma_px >= 4:
+        assert basis.shape[1] <= 12
+
+
+def test_the_elastic_field_is_drawn_as_blurred_white_noise_is() -> None:
+    """The same distribution as Simard's white noise blurred by the Gaussian: the per-pixel
+    spread and the correlation between neighbours, over many fields, agree."""
+    n, sigma_px = 4000, 4.0
+    field = elastic_field(n, torch.Generator().manual_seed(3), 1.0, sigma_px)
+    field = field.permute(0, 3, 1, 2).reshape(2 * n, 28, 28)
+    b = blur_matrix(sigma_px)
+    ref = b @ (torch.rand(2 * n, 28, 28, generator=torch.Generator().manual_seed(4)) * 2 - 1) @ b.T
+    ref = ref * (field.std() / ref.std())
+
+    def profile(f: torch.Tensor) -> torch.Tensor:  # spread by row: the edges fade
+        return f.std(dim=(0, 2))
+
+    def neighbour_corr(f: torch.Tensor, lag: int) -> float:
+        a, c = f[:, :, :-lag].flatten(), f[:, :, lag:].flatten()
+        return float(torch.corrcoef(torch.stack([a, c]))[0, 1])
+
+    torch.testing.assert_close(profile(field), profile(ref), rtol=0.05, atol=0)
+    for lag in (1, 4, 8):
+        assert neighbour_corr(field, lag) == pytest.approx(neighbour_corr(ref, lag), abs=0.02)
+    # Not white: neighbours are strongly correlated.
+    assert neighbour_corr(field, 1) > 0.9
 
 
 def test_the_elastic_field_is_seeded_smooth_and_of_the_size_asked() -> None:
