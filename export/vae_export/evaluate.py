@@ -40,7 +40,7 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
 
 # Components per class of the code density: the count with the best mean validation AUROC of
 # the held-out-digit protocol (scripts/heldout_digits.py, EVAL.md "Held-out digits").
-CODE_DENSITY_COMPONENTS = 3
+CODE_DENSITY_COMPONENTS = 5
 
 
 def code_density(model: OnnxVAE, digits: Digits,
