@@ -177,10 +177,9 @@ def main() -> int:
     p.add_argument("--perturb", type=float, default=0.0,
                    help="train background models with this pixel noise rate and score the "
                    "likelihood ratio too (0: neither)")
-    recipe = TrainConfig()
-    p.add_argument("--epochs", type=int, default=recipe.epochs,
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs,
                    help="the recipe's epochs, as `vae-export train --epochs` (default: %(default)s)")
-    p.add_argument("--elastic-alpha", type=float, default=recipe.elastic_alpha,
+    p.add_argument("--elastic-alpha", type=float, default=TrainConfig.elastic_alpha,
                    help="the recipe's elastic field, as `vae-export train --elastic-alpha` "
                    "(default: %(default)s)")
     p.add_argument("--json", type=Path, default=None)

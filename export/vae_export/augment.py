@@ -65,8 +65,8 @@ def field_basis(sigma_px: float, size: int = 28, rel_tol: float = 1e-6) -> torch
 
 def blur_matrix(sigma_px: float, size: int = 28) -> torch.Tensor:
     """B [size, size] with B @ v the Gaussian blur of v (sigma_px, truncated at 3 sigma, the
-    image taken as zero beyond its edges): the 1-D convolution as a matrix, so that a batch of
-    fields is blurred by two small matrix products rather than two convolutions."""
+    image taken as zero beyond its edges): the 1-D convolution as a matrix. B @ v @ B.T blurs
+    an image v; `field_basis` draws the elastic field from B's covariance."""
     r = int(math.ceil(3 * sigma_px))
     x = torch.arange(-r, r + 1, dtype=torch.float32)
     g = torch.exp(-0.5 * (x / sigma_px) ** 2)
