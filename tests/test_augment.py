@@ -1,4 +1,4 @@
-"""The elastic field of the training deformations (vae_export.augment)."""
+"""The training deformations (vae_export.augment): the affine grid and the elastic field."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vae_export.augment import augment, blur_matrix, elastic_field, field_basis
+from vae_export.augment import (
+    augment,
+    blur_matrix,
+    elastic_field,
+    field_basis,
+    planar_affine_grid,
+    random_affine_theta,
+)
 
 
 def _conv_blur(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
@@ -93,3 +100,17 @@ def test_an_elastic_deformation_moves_ink_and_keeps_the_batch_shape() -> None:
     # Plain affine identity without the field leaves the images as they were.
     same = augment(x, torch.Generator().manual_seed(2), rot_deg=0, shift_px=0, scale=0)
     torch.testing.assert_close(same, x, atol=1e-3, rtol=0)
+
+
+def test_the_planar_affine_grid_is_affine_grids_with_its_last_axis_first() -> None:
+    gen = torch.Generator().manual_seed(5)
+    theta = random_affine_theta(300, gen, rot_deg=30, shift_px=3, scale=0.3, shear_deg=10)
+    ref = F.affine_grid(theta, [300, 1, 28, 28], align_corners=False)
+    grid = planar_affine_grid(theta).view(300, 2, 28, 28).permute(0, 2, 3, 1)
+    # The same products and sums: equal to float32 rounding (bit for bit where the CPU's
+    # batched matmul adds them in the same order, as on the machines of this project).
+    torch.testing.assert_close(grid, ref, atol=1e-6, rtol=0)
+    # The identity map is the pixel centres themselves.
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    assert torch.equal(planar_affine_grid(identity).view(1, 2, 28, 28).permute(0, 2, 3, 1),
+                       F.affine_grid(identity, [1, 1, 28, 28], align_corners=False))
