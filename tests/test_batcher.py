@@ -409,6 +409,71 @@ def test_a_reservation_refuses_at_once_and_holds_room_until_submitted_or_release
     np.testing.assert_array_equal(other[0], rows(10, 2) * 2)
 
 
+def test_waiting_for_room_returns_once_images_leave_the_queue(executor):
+    """Work of a call already admitted (a stream's later chunks) waits for room, in the order
+    it came, and is then admitted; a reservation released frees room too."""
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=4, max_queue=8, instances=1)
+        model.gate.clear()
+        running = asyncio.ensure_future(b.submit(rows(0, 4)))
+        await asyncio.sleep(0.05)  # running, held by the gate: out of the queue
+        queued = asyncio.ensure_future(b.submit(rows(10, 4)))
+        room = b.reserve(4)
+        await asyncio.sleep(0.01)
+        assert b.queued_images == 4
+        order: list[str] = []
+
+        async def chunk(name: str, start: int) -> list[np.ndarray]:
+            await b.wait_room(4)
+            order.append(name)
+            return await b.submit(rows(start, 4))
+
+        first = asyncio.ensure_future(chunk("first", 20))
+        second = asyncio.ensure_future(chunk("second", 30))
+        await asyncio.sleep(0.05)
+        assert order == []  # 4 queued + 4 reserved: no room for either
+        with pytest.raises(QueueFull):
+            b.check_room(1)  # a new call is still refused
+        room.__exit__(None, None, None)  # the reservation is released: room for one
+        await asyncio.sleep(0.05)
+        assert order == ["first"]
+        model.gate.set()  # the runs go on: room for the second
+        done = await asyncio.gather(running, queued, first, second)
+        await b.close()
+        return order, done
+
+    order, done = asyncio.run(main())
+    assert order == ["first", "second"]
+    for out, start in zip(done, (0, 10, 20, 30), strict=True):
+        np.testing.assert_array_equal(out[0], rows(start, 4) * 2)
+
+
+def test_waiting_for_room_ends_at_the_deadline_on_close_or_at_once_if_it_can_never_fit(executor):
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=4, max_queue=4, instances=1)
+        with pytest.raises(QueueFull):
+            await b.wait_room(5)  # more than the whole queue: refused, not waited for
+        held = b.reserve(4)
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExpired, match="waiting for room"):
+            await b.wait_room(1, deadline=time.monotonic() + 0.1)
+        waited = time.monotonic() - t0
+        waiting = asyncio.ensure_future(b.wait_room(1))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await b.close()
+        with pytest.raises(ShuttingDown):
+            await waiting
+        held.__exit__(None, None, None)
+        return waited
+
+    assert 0.09 <= asyncio.run(main()) < 5
+
+
 def test_a_job_makes_its_rows_and_its_result_in_the_thread_that_runs_the_batch(executor):
     model = Model()
     model.gate.clear()  # hold the first run so that the next calls queue up and merge

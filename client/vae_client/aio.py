@@ -104,6 +104,8 @@ class AsyncVaeClient:
                     progressed = True
                 return
             except grpc.RpcError as err:
+                if resume >= n:  # every image came (VaeClient.sample_stream)
+                    return
                 if not stream_resumable(err, progressed, self.retries):
                     raise VaeError.from_rpc_error(err, resume_offset=resume) from None
             finally:

@@ -119,6 +119,8 @@ class VaeClient:
                     progressed = True
                 return
             except grpc.RpcError as err:
+                if resume >= n:  # every image came: what broke after them loses nothing
+                    return
                 if not stream_resumable(err, progressed, self.retries):
                     raise VaeError.from_rpc_error(err, resume_offset=resume) from None
             finally:

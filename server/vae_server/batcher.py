@@ -23,6 +23,8 @@ event loop.
   takes only the large ones. A single-image call then does not wait behind a stream's
   chunks (BENCHMARKS.md).
 - Queue capacity is counted in images; a call that does not fit fails at once (QueueFull).
+  Work of a call already admitted (a SampleStream's later chunks) waits for room instead
+  (`wait_room`): a stream under way is paced by the queue, not broken off by other calls.
 - A call larger than `max_batch` is split into slices and reassembled in order.
 - A slice whose deadline has passed or whose caller cancelled is dropped before it runs.
 - A failed run fails only the callers in that batch (BatchFailed); the batcher goes on.
@@ -112,7 +114,9 @@ class Reservation:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.take(self.held)  # release what was not submitted
+        if self.held:  # release what was not submitted
+            self.take(self.held)
+            self._batcher._room_freed()
 
 
 class Batcher:
@@ -150,6 +154,7 @@ class Batcher:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reserved = 0  # images of Reservations not yet submitted
+        self._room_waiters: list[asyncio.Future[None]] = []  # wait_room's callers
         # Calls in the last batch: under steady load, about as many arrive for the next one.
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
@@ -196,6 +201,43 @@ class Batcher:
         self.check_room(n)
         self._reserved += n
         return Reservation(self, n)
+
+    async def wait_room(self, n: int, deadline: float | None = None) -> None:
+        """Return once `n` more images fit (a submit() straight after, with no await between,
+        is then admitted): for work of a call already admitted, which the queue paces rather
+        than refuses. Raises ShuttingDown when the batcher closes, DeadlineExpired at
+        `deadline`, and QueueFull at once if `n` images can never fit."""
+        if n > self.max_queue:
+            self.check_room(n)
+        loop = self._loop or asyncio.get_running_loop()
+        while True:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down; retry")
+            if self._queued_images + self._reserved + n <= self.max_queue:
+                return
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                self.dropped["deadline"] += 1
+                raise DeadlineExpired("deadline expired while waiting for room in the queue")
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                self.dropped["deadline"] += 1
+                raise DeadlineExpired("deadline expired while waiting for room in the "
+                                      "queue") from None
+            finally:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
+
+    def _room_freed(self) -> None:
+        """Images left the queue or a reservation: every wait_room caller looks again (in
+        the order they came; the first that fits takes the room before the next looks)."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None,
                      reservation: Reservation | None = None) -> list[np.ndarray]:
@@ -293,6 +335,8 @@ class Batcher:
                                                            [s], self._run)
         finally:
             self._queued_images -= s.n
+            if self._room_waiters:
+                self._room_freed()
         self._record_runs(runs, [0.0])
         if isinstance(results[0], _Failed):
             raise results[0].exc
@@ -306,6 +350,7 @@ class Batcher:
             if not s.future.done():
                 s.future.set_exception(ShuttingDown("the server is shutting down; retry"))
         self._queued_images = 0
+        self._room_freed()  # waiters see the batcher closed
 
     # -- the drain: runs as a callback on the event loop ------------------------------------
 
@@ -558,6 +603,8 @@ class Batcher:
             batch.append(s)
             size += s.n
         self._queue.extendleft(reversed(passed))
+        if self._room_waiters:
+            self._room_freed()
         return batch, size
 
     def _record_runs(self, runs: list[tuple[int, float]], queue_wait: list[float]) -> None:

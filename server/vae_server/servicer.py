@@ -246,6 +246,10 @@ class VaeServicer:
         async def produce(first: int) -> tuple[int, bytes]:
             chunk = StreamChunk(prior, req.seed, first, min(req.chunk, req.n - first),
                                 req.digit, req.dtype)
+            # The stream was admitted on its first chunk (below): each chunk waits for room
+            # in the queue rather than break off a stream under way, whether other calls
+            # fill the queue or the queue holds fewer than AHEAD chunks.
+            await self.decoder.wait_room(chunk.rows, deadline)
             if chunk.rows <= self.decoder.max_batch:
                 # One decoder job: its noise, its run and its reply bytes (the uint8
                 # conversion, the one copy of the pixels) in the thread that runs the batch.
@@ -253,8 +257,9 @@ class VaeServicer:
             # A chunk larger than one batch is split into batches that the idle instances
             # run at once (as one job they would run one after another in one thread); its
             # noise and its reply leave the event loop too.
-            z = await loop.run_in_executor(self.executor, chunk.make_rows)
-            outputs = await self.decoder.submit(z, deadline)
+            with self.decoder.reserve(chunk.rows) as room:
+                z = await loop.run_in_executor(self.executor, chunk.make_rows)
+                outputs = await self.decoder.submit(z, deadline, room)
             return chunk.rows, await loop.run_in_executor(self.executor, chunk.finish, outputs)
 
         # AHEAD chunks are under way while an earlier one is sent. Memory stays at a few
@@ -269,6 +274,8 @@ class VaeServicer:
                 next_first += min(req.chunk, req.n - next_first)
 
         try:
+            # Admission, as for any call: a full queue refuses the stream before any work.
+            self.decoder.check_room(min(req.chunk, req.n - req.offset))
             fill()
             while pending:
                 size, reply = await pending.popleft()

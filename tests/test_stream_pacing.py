@@ -1,0 +1,201 @@
+"""A SampleStream under way is paced by the decoder's queue, never broken off by it: its later
+chunks wait for room while other calls fill the queue, and a queue that holds only one chunk
+still serves a stream. The stream itself is admitted like any call: refused at once when the
+queue is full as it starts. And a stream whose every image arrived is complete, even when
+its connection then breaks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from serving import server_thread
+from vae_client import VaeClient, VaeError
+from vae_core.onnx_model import OnnxVAE
+from vae_core.ports import free_port
+from vae_proto import vae_pb2
+from vae_proto.tensor import to_tensor
+
+CHUNK = 64
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return OnnxVAE(model_dir)
+
+
+def test_a_queue_of_one_chunk_serves_a_stream_on_an_idle_server(model_dir, reference):
+    """Before: the chunk computed ahead found the queue full of the stream's own chunk and
+    the stream broke off with RESOURCE_EXHAUSTED, on a server with nothing else to do."""
+    n = 10 * CHUNK
+    with server_thread(model_dir, max_batch_size=CHUNK, max_queue_images=CHUNK,
+                       max_images_per_request=CHUNK, max_sample_n=CHUNK,
+                       max_chunk_size=CHUNK, default_chunk_size=CHUNK) as srv, \
+            VaeClient(srv.target, retries=0) as c:
+        chunks = list(c.sample_stream(n, seed=3, chunk_size=CHUNK))
+        refused = srv.running.metrics.registry.get_sample_value(
+            "vae_rejected_total", {"reason": "queue_full"})
+    assert [offset for offset, _ in chunks] == list(range(0, n, CHUNK))
+    np.testing.assert_allclose(np.concatenate([x for _, x in chunks]).reshape(n, -1),
+                               reference.sample(n, 3), rtol=0, atol=1e-5)
+    assert not refused
+
+
+@pytest.fixture
+def held_decoder(model_dir):
+    """A server (queue of two chunks, one run at a time) whose decoder is held running one
+    Decode call while a second waits in the queue, until `gate` is set."""
+    with server_thread(model_dir, max_batch_size=CHUNK, max_queue_images=2 * CHUNK,
+                       max_images_per_request=CHUNK, max_sample_n=CHUNK,
+                       max_chunk_size=CHUNK, default_chunk_size=CHUNK, inline_rows=0,
+                       max_delay_ms=0, instances=1) as srv:
+        gate = threading.Event()
+        batcher = srv.running.servicer.decoder
+        real_run = batcher._run
+
+        def held(z):
+            gate.wait(30)
+            return real_run(z)
+
+        batcher._run = held
+        z = np.zeros((CHUNK, batcher_latent_dim(srv)), np.float32)
+        answered: list[np.ndarray] = []
+
+        def call() -> None:
+            with VaeClient(srv.target, retries=0) as c:
+                answered.append(c.decode(z))
+
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.2)  # the first runs (held), the second waits in the queue
+        assert batcher.queued_images == CHUNK
+        yield srv, gate
+        gate.set()
+        for t in threads:
+            t.join(30)
+        assert len(answered) == 2
+
+
+def batcher_latent_dim(srv) -> int:
+    return srv.running.servicer.runtime.latent_dim
+
+
+def test_a_stream_under_way_waits_for_room_rather_than_break_off(held_decoder, reference):
+    """The stream is admitted (its first chunk fits beside the queued call); the chunk it
+    computes ahead does not fit until the held run ends. Before: that chunk was refused and
+    the stream broke off with RESOURCE_EXHAUSTED after its first chunk, which a client does
+    not resume."""
+    srv, gate = held_decoder
+    n = 4 * CHUNK
+    got: list[tuple[int, np.ndarray]] = []
+    errors: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            with VaeClient(srv.target, retries=0) as c:
+                got.extend(c.sample_stream(n, seed=9, chunk_size=CHUNK))
+        except BaseException as exc:  # noqa: BLE001 - the assertion below reports it
+            errors.append(exc)
+
+    caller = threading.Thread(target=stream)
+    caller.start()
+    batcher = srv.running.servicer.decoder
+    deadline = time.monotonic() + 10
+    while batcher.queued_images < 2 * CHUNK and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.queued_images == 2 * CHUNK  # the queued call and the first chunk: full
+    time.sleep(0.2)
+    gate.set()
+    caller.join(30)
+    assert not errors, errors
+    assert [offset for offset, _ in got] == list(range(0, n, CHUNK))
+    np.testing.assert_allclose(np.concatenate([x for _, x in got]).reshape(n, -1),
+                               reference.sample(n, 9), rtol=0, atol=1e-5)
+
+
+def test_a_stream_that_starts_on_a_full_queue_is_refused_at_once(held_decoder):
+    srv, gate = held_decoder
+    batcher = srv.running.servicer.decoder
+    # A stream admitted first fills the queue's other half (its first chunk waits there).
+    admitted: list[tuple[int, np.ndarray]] = []
+    with VaeClient(srv.target, retries=0) as first:
+        waiting = threading.Thread(target=lambda: admitted.extend(
+            first.sample_stream(2 * CHUNK, seed=1, chunk_size=CHUNK)))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while batcher.queued_images < 2 * CHUNK and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with VaeClient(srv.target, retries=0) as c:
+            t0 = time.perf_counter()
+            with pytest.raises(VaeError) as err:
+                list(c.sample_stream(CHUNK, seed=2, chunk_size=CHUNK))
+            assert time.perf_counter() - t0 < 1.0
+        gate.set()
+        waiting.join(30)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue full" in err.value.details
+    assert [offset for offset, _ in admitted] == [0, CHUNK]  # the admitted one was served
+
+
+@pytest.fixture
+def breaks_after_the_last_chunk():
+    """A vae.v1 server whose SampleStream sends every image asked for, then breaks off with
+    UNAVAILABLE (its connection aged out, or it began to stop); a call asking for an offset
+    at n or past it gets INVALID_ARGUMENT, as from vae-server. Yields (target, the requests
+    it has seen)."""
+    seen: list[vae_pb2.SampleStreamRequest] = []
+
+    def stream(raw: bytes, context: grpc.ServicerContext):
+        req = vae_pb2.SampleStreamRequest.FromString(raw)
+        seen.append(req)
+        if req.offset >= req.n:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"offset: {req.offset} is out of range; it must be 0 .. n - 1")
+        for first in range(req.offset, req.n, req.chunk_size):
+            rows = min(req.chunk_size, req.n - first)
+            images = np.full((rows, 28, 28), first, np.float32)
+            yield vae_pb2.SampleChunk(offset=first, images=to_tensor(images)).SerializeToString()
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the connection went away")
+
+    handler = grpc.method_handlers_generic_handler("vae.v1.VaeService", {
+        "SampleStream": grpc.unary_stream_rpc_method_handler(stream)})
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", seen
+    finally:
+        server.stop(None)
+
+
+def test_a_stream_that_brought_every_image_is_complete_whatever_breaks_after(
+        breaks_after_the_last_chunk):
+    """Before: the client resumed at offset n and raised the server's INVALID_ARGUMENT,
+    though it had every image."""
+    target, seen = breaks_after_the_last_chunk
+    with VaeClient(target) as c:
+        chunks = list(c.sample_stream(20, seed=4, chunk_size=10))
+    assert [offset for offset, _ in chunks] == [0, 10]
+    assert len(seen) == 1  # nothing left to resume
+
+
+def test_the_async_client_too(breaks_after_the_last_chunk):
+    import asyncio
+
+    from vae_client.aio import AsyncVaeClient
+
+    target, seen = breaks_after_the_last_chunk
+
+    async def main() -> list[int]:
+        async with AsyncVaeClient(target) as c:
+            return [offset async for offset, _ in c.sample_stream(20, seed=4, chunk_size=10)]
+
+    assert asyncio.run(main()) == [0, 10]
+    assert len(seen) == 1
