@@ -272,7 +272,8 @@ def test_workers_serve_one_port_sum_their_metrics_and_drain_on_sigterm(model_dir
 
 def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference, tmp_path):
     """SIGKILL one of two workers: health says NOT_SERVING until a new one is ready, the
-    restart is counted, and the dashboard's workers queries read it from a real Prometheus."""
+    restart is counted, the merged counters keep what the dead worker counted, and the
+    dashboard's workers queries read it all from a real Prometheus."""
     with supervised(model_dir) as sup:
         def workers(state: str) -> float:
             return metric_total(sup.metrics_port, "vae_workers", state=state)
@@ -281,6 +282,17 @@ def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference
             return metric_total(sup.metrics_port, "vae_worker_restarts_total")
 
         assert (workers("configured"), workers("ready"), restarts()) == (2.0, 2.0, 0.0)
+        # Calls on both workers, so that whichever dies had counted some.
+        ports = [int(m) for m in re.findall(r"worker \d+ vae_server: gRPC on port \d+, "
+                                            r"metrics on (\d+)", sup.text())]
+        z = np.zeros((1, reference.latent_dim), np.float32)
+        for _ in range(200):
+            with VaeClient(sup.target, timeout=30) as client:
+                client.decode(z)
+            if all(handled(p, "Decode") > 0 for p in ports):
+                break
+        assert all(handled(p, "Decode") > 0 for p in ports)
+        before = handled(sup.metrics_port, "Decode")
         prom = Prometheus(need_tool("prometheus"), scrape_config(sup.metrics_port, "1s"),
                           tmp_path / "prometheus")
         try:
@@ -299,6 +311,9 @@ def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference
             now = worker_pids(sup.proc.pid)
             assert len(now) == 2 and pids[0] not in now and pids[1] in now, (pids, now)
             assert (workers("configured"), restarts()) == (2.0, 1.0)
+            # No call since: the dead worker's calls are still counted (before, they
+            # vanished with it, and Prometheus read a counter reset).
+            assert handled(sup.metrics_port, "Decode") == before
             z = np.random.default_rng(0).standard_normal((4, reference.latent_dim),
                                                          dtype=np.float32)
             with VaeClient(sup.target, timeout=30) as client:

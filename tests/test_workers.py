@@ -1,4 +1,5 @@
-"""The --workers supervisor's handling of a worker's exit, without starting any process.
+"""The --workers supervisor's handling of a worker's exit, and its merge of the workers'
+metrics, without starting any process.
 
 A process's sentinel becomes ready when the process dies, which can be before the parent
 has reaped it: until then `exitcode` reads None. These tests drive `Supervisor._handle`
@@ -11,16 +12,18 @@ import logging
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from vae_server.config import load_settings
-from vae_server.workers import Supervisor, _Worker
+from vae_server.workers import MergedMetrics, Supervisor, _Worker
 
 
 class _UnreapedProcess:
     """A process killed by SIGKILL whose exit status is known only once it is joined."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int = 4242) -> None:
         self.sentinel = object()
+        self.pid = pid
         self._joined = False
 
     @property
@@ -71,3 +74,56 @@ def test_a_worker_dead_before_ready_is_logged_with_its_exit_status(
         supervisor._handle(process.sentinel)
     assert "worker 0 exited with -9 before it was ready: stopping" in caplog.text
     assert supervisor.failed and started == []
+
+
+def _exposition(calls: float, in_flight: float, seconds: float) -> str:
+    return (
+        "# HELP calls_total Calls handled.\n# TYPE calls_total counter\n"
+        f"calls_total{{method=\"Decode\"}} {calls}\n"
+        "# HELP in_flight Calls in flight.\n# TYPE in_flight gauge\n"
+        f"in_flight {in_flight}\n"
+        "# HELP latency Call latency.\n# TYPE latency histogram\n"
+        f"latency_bucket{{le=\"0.1\"}} {calls}\nlatency_bucket{{le=\"+Inf\"}} {calls}\n"
+        f"latency_count {calls}\nlatency_sum {seconds}\n"
+    )
+
+
+def _values(merged: MergedMetrics) -> dict[str, float]:
+    text = "".join(f"{s.name} {s.value}\n" for family in merged.collect() for s in family.samples)
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()}
+
+
+def test_merged_counters_never_go_down_when_a_worker_restarts_or_cannot_be_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the merge summed the workers it could read, so a worker's exit (or a failed
+    read) took its counts away, and Prometheus read a counter reset."""
+    live = [(101, 9001), (102, 9002)]
+    texts = {9001: _exposition(5, 1, 0.5), 9002: _exposition(3, 2, 0.25)}
+    merged = MergedMetrics(lambda: list(live))
+
+    def read(port: int) -> str:
+        if port not in texts:
+            raise OSError("connection refused")
+        return texts[port]
+
+    monkeypatch.setattr(merged, "_read", read)
+    values = _values(merged)
+    assert (values["calls_total"], values["in_flight"], values["latency_count"],
+            values["latency_sum"]) == (8, 3, 8, 0.75)
+    del texts[9001]  # worker 101 cannot be read at this scrape: it counts as last read
+    assert _values(merged)["calls_total"] == 8
+    # Worker 101 exits; its replacement 103 starts from zero.
+    merged.retire(101)
+    live[0] = (103, 9003)
+    texts[9003] = _exposition(0, 0, 0.0)
+    values = _values(merged)
+    assert values["calls_total"] == 8 and values["latency_count"] == 8
+    assert values["latency_sum"] == 0.75
+    assert values["in_flight"] == 2  # a gauge is of the processes running now
+    texts[9002] = _exposition(6, 0, 0.5)
+    texts[9003] = _exposition(2, 1, 0.125)
+    assert _values(merged)["calls_total"] == 5 + 6 + 2
+    # One family each, as one server's exposition.
+    names = [f.name for f in text_string_to_metric_families(
+        "".join(f"# TYPE {f.name} {f.type}\n" for f in merged.collect()))]
+    assert sorted(names) == ["calls", "in_flight", "latency"]

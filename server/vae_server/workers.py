@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -129,7 +129,8 @@ class Supervisor:
         self.metrics_port: int | None = None
         self._http: Any = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MergedMetrics(self.worker_metrics_ports))
+        self.merged = MergedMetrics(self.worker_metrics_ports)
+        self.registry.register(self.merged)
         workers = Gauge("vae_workers", "Serving processes of this server (--workers): "
                         "configured, and ready (warmed up; SERVING once all are).", ("state",),
                         registry=self.registry)
@@ -152,8 +153,10 @@ class Supervisor:
             with contextlib.suppress(OSError):  # one that is gone: its sentinel says so
                 w.conn.send(message)
 
-    def worker_metrics_ports(self) -> list[int]:
-        return [w.metrics_port for w in self._workers if w.metrics_port is not None]
+    def worker_metrics_ports(self) -> list[tuple[int, int]]:
+        """(pid, metrics port) of each ready worker."""
+        return [(w.process.pid or 0, w.metrics_port) for w in self._workers
+                if w.metrics_port is not None]
 
     def run(self) -> int:
         load_manifest(self.settings.model_dir)  # a model it cannot serve stops it here, once
@@ -224,6 +227,8 @@ class Supervisor:
                           "ready", w.index, w.process.exitcode)
                 w.conn.close()
                 self._serving = False
+                if w.process.pid is not None:
+                    self.merged.retire(w.process.pid)
                 self._workers[i] = self._start(w.index)
                 self.restarts.inc()
                 self._broadcast(NOT_SERVING)
@@ -244,32 +249,67 @@ _MAX = ("process_max_fds",)
 class MergedMetrics(Collector):
     """The workers' metrics as one server's: each worker's exposition read from its loopback
     port when scraped, samples of the same name and labels added up (info series, the same
-    in every worker, kept once; start times, the earliest; limits, the largest)."""
+    in every worker, kept once; start times, the earliest; limits, the largest).
 
-    def __init__(self, ports: Any, timeout: float = 2.0) -> None:
-        self._ports = ports
+    Counters, histograms and summaries never go down, as one server's do not: a worker that
+    cannot be read at a scrape counts as it last read, and a worker that exits leaves what
+    it last read to the sum (`retire`). Otherwise a restart would read as a counter reset,
+    and rate() would add a false increase."""
+
+    def __init__(self, workers: Callable[[], list[tuple[int, int]]], timeout: float = 2.0
+                 ) -> None:
+        self._workers = workers  # (pid, metrics port) of each ready worker
         self._timeout = timeout
+        self._lock = threading.Lock()  # scrapes, and the supervisor's retire
+        self._last: dict[int, str] = {}  # each worker's exposition as last read, by pid
+        self._retired = _Sum(cumulative_only=True)  # what the exited workers counted
 
     def collect(self) -> Iterable[Metric]:
-        texts = []
-        for port in self._ports():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                            timeout=self._timeout) as reply:
-                    texts.append(reply.read().decode("utf-8"))
-            except OSError as exc:  # a worker restarting: the others still count
-                log.warning("metrics of the worker on port %d unreadable: %s", port, exc)
-        return merge_expositions(texts)
+        with self._lock:
+            total = _Sum()
+            total.add(self._retired.metrics())
+            for pid, port in self._workers():
+                try:
+                    self._last[pid] = self._read(port)
+                except OSError as exc:  # a worker restarting: the others still count
+                    log.warning("metrics of the worker on port %d unreadable: %s", port, exc)
+                if pid in self._last:
+                    total.add(text_string_to_metric_families(self._last[pid]))
+            return total.metrics()
+
+    def retire(self, pid: int) -> None:
+        """The worker `pid` exited: what it counted stays in the sum."""
+        with self._lock:
+            text = self._last.pop(pid, None)
+            if text is not None:
+                self._retired.add(text_string_to_metric_families(text))
+
+    def _read(self, port: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                    timeout=self._timeout) as reply:
+            return str(reply.read().decode("utf-8"))
 
 
-def merge_expositions(texts: Iterable[str]) -> list[Metric]:
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
-            families.setdefault(family.name, Metric(family.name, family.documentation,
-                                                    family.type, family.unit))
-            series = values.setdefault(family.name, {})
+# Families whose samples only grow while a process runs.
+_CUMULATIVE = ("counter", "histogram", "summary")
+
+
+class _Sum:
+    """Metric families of several processes, samples of the same name and labels merged as
+    MergedMetrics says; `cumulative_only` keeps counters, histograms and summaries alone."""
+
+    def __init__(self, cumulative_only: bool = False) -> None:
+        self._cumulative_only = cumulative_only
+        self._families: dict[str, Metric] = {}
+        self._values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+
+    def add(self, families: Iterable[Metric]) -> None:
+        for family in families:
+            if self._cumulative_only and family.type not in _CUMULATIVE:
+                continue
+            self._families.setdefault(family.name, Metric(family.name, family.documentation,
+                                                          family.type, family.unit))
+            series = self._values.setdefault(family.name, {})
             info = family.type in ("info", "stateset") or family.name.endswith("_info")
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
@@ -283,9 +323,13 @@ def merge_expositions(texts: Iterable[str]) -> list[Metric]:
                     series[key] = max(series[key], sample.value)
                 else:
                     series[key] = series[key] + sample.value
-    out = []
-    for name, family in families.items():
-        for (sample_name, labels), value in values[name].items():
-            family.add_sample(sample_name, dict(labels), value)
-        out.append(family)
-    return out
+
+    def metrics(self) -> list[Metric]:
+        out = []
+        for name, kept in self._families.items():
+            family = Metric(name, kept.documentation, kept.type, kept.unit)
+            for (sample_name, labels), value in self._values[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+            out.append(family)
+        return out
+
