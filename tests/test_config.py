@@ -51,6 +51,10 @@ BAD_SETTINGS = {
     "negative": ([], {"VAE_INSTANCES": "-1"}, "--instances", ">= 0"),
     "over the queue": (["--max-sample-n", "100000", "--max-queue-images", "65536"], {},
                        "--max-sample-n", "--max-queue-images"),
+    "replies over the message limit": (["--max-message-mb", "8"], {}, "--max-sample-n",
+                                       "over --max-message-mb 8"),
+    "message limit past gRPC's": (["--max-message-mb", "4096"], {}, "--max-message-mb",
+                                  "at most 2047"),
     "graphs on the CPU": (["--cuda-graphs", "true", "--provider", "cpu"], {}, "--cuda-graphs",
                           "CUDA provider"),
     "unknown flag": (["--batch-window", "8"], {}, "--batch-window", "unrecognized"),
@@ -72,7 +76,7 @@ def test_a_bad_setting_is_one_error_naming_it(case):
 
 @pytest.mark.parametrize("case", ["int variable", "float flag", "bool variable",
                                   "choice variable", "port range", "unknown flag", "file",
-                                  "token variable"])
+                                  "token variable", "message limit past gRPC's"])
 def test_vae_server_prints_one_line_and_exits_2(case, tmp_path):
     """The real program, as a user starts it: one line on stderr, status 2, no traceback."""
     argv, env, setting, words = BAD_SETTINGS[case]

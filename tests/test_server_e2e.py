@@ -15,6 +15,7 @@ from vae_client import AsyncVaeClient, VaeClient, VaeError
 from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
 from vae_proto import vae_pb2, vae_pb2_grpc
+from vae_server.config import REPLY_OVERHEAD
 
 pytestmark = pytest.mark.e2e
 
@@ -316,12 +317,39 @@ def test_bad_stream_requests_get_invalid_argument(server, request_msg, words):
 
 
 def test_oversized_message_is_refused_by_grpc(model_dir):
-    with server_thread(model_dir, max_message_mb=1) as srv:
+    # Every reply of the limits fits in 1 MiB (vae_server.config refuses limits that do not).
+    small = {name: 256 for name in ("max_sample_n", "max_chunk_size", "default_chunk_size",
+                                    "max_images_per_request")}
+    with server_thread(model_dir, max_message_mb=1, **small) as srv:
         with VaeClient(srv.target) as c, pytest.raises(VaeError) as err:
             c.encode(np.zeros((1000, 784), np.float32))  # 3.1 MB > 1 MiB
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         with VaeClient(srv.target) as c:
             assert c.sample(2, seed=0).shape == (2, 28, 28)  # and the server goes on
+
+
+def test_sample_with_latents_over_the_message_limit_is_refused_before_the_work(model_dir):
+    """333 float32 images fit in 1 MiB, but not with their latents beside them. Before, the
+    decoder ran and the reply then failed to send: RESOURCE_EXHAUSTED, counted as OK."""
+    n = (2**20 - REPLY_OVERHEAD) // (784 * 4)
+    with server_thread(model_dir, max_message_mb=1, max_sample_n=n, max_chunk_size=256,
+                       default_chunk_size=256, max_images_per_request=256) as srv:
+        k = srv.running.servicer.runtime.latent_dim
+        fit = (2**20 - REPLY_OVERHEAD) // ((784 + k) * 4)
+        assert fit < n
+        channel, stub = _raw_stub(srv)
+        with channel:
+            runs = srv.running.servicer.decoder.runs
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Sample(vae_pb2.SampleRequest(n=n, return_latents=True), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"n: {n} images with return_latents" in err.value.details()
+            assert f"the most is {fit}" in err.value.details()
+            assert srv.running.servicer.decoder.runs == runs  # refused before any work
+            reply = stub.Sample(vae_pb2.SampleRequest(n=fit, return_latents=True), timeout=10)
+            assert list(reply.latents.shape) == [fit, k]
+            assert len(stub.Sample(vae_pb2.SampleRequest(n=n), timeout=10).images.data) == \
+                n * 784 * 4
 
 
 def test_client_errors_carry_the_status_code(client):

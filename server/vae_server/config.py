@@ -220,6 +220,18 @@ def load_settings(argv: Sequence[str] | None = None,
     return dataclasses.replace(settings, auth_tokens=_load_tokens(settings, env))
 
 
+# The largest --max-message-mb: gRPC's message limits are C ints (2 GiB - 1 byte).
+MAX_MESSAGE_MB = 2047
+# A reply's bytes beyond its arrays (field keys, lengths, shapes, small fields), with room.
+REPLY_OVERHEAD = 4096
+
+
+def reply_bytes(images: int, latent_dim: int = 0) -> int:
+    """The bytes of a reply of `images` float32 28 x 28 images (and as many latents of
+    `latent_dim`, for Sample's return_latents), at most."""
+    return images * (28 * 28 + latent_dim) * 4 + REPLY_OVERHEAD
+
+
 def _check(s: Settings) -> None:
     for name in ("max_delay_ms", "inline_rows", "instances", "threads", "warmup_rounds",
                  "grace_seconds", "drain_delay_s", "max_connection_age_s",
@@ -257,6 +269,18 @@ def _check(s: Settings) -> None:
             raise SettingsError(
                 f"{_flag(name)}: {getattr(s, name)} must not exceed --max-queue-images "
                 f"({s.max_queue_images})")
+    # gRPC takes the message limit as a C int: past it the server would die at the start.
+    if s.max_message_mb > MAX_MESSAGE_MB:
+        raise SettingsError(f"--max-message-mb: {s.max_message_mb}; it must be at most "
+                            f"{MAX_MESSAGE_MB} (gRPC's limit, 2 GiB)")
+    # A reply of float32 images that could not be sent would fail after its work was done.
+    for name in ("max_sample_n", "max_chunk_size", "max_images_per_request"):
+        need = reply_bytes(getattr(s, name))
+        if need > s.max_message_bytes:
+            raise SettingsError(
+                f"{_flag(name)}: {getattr(s, name)} float32 images make a reply of "
+                f"{need / 2**20:.1f} MiB, over --max-message-mb {s.max_message_mb}; raise "
+                f"--max-message-mb or lower {_flag(name)}")
 
 
 def _check_tls(s: Settings) -> None:

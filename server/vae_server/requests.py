@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 
 from vae_proto import vae_pb2
 from vae_proto.tensor import TensorError, from_tensor
+from vae_server.config import REPLY_OVERHEAD
 from vae_server.errors import InvalidArgument
 
 IMAGE_SIDE = 28
@@ -32,6 +33,7 @@ class Limits:
     pixels: int
     latent_dim: int
     digits: tuple[int, ...] = ()  # the classes Sample and SampleStream may ask for
+    max_message_bytes: int | None = None  # the largest reply that can be sent
 
 
 class EncodeInput(NamedTuple):
@@ -103,8 +105,18 @@ def decode(raw: bytes, limits: Limits) -> DecodeInput:
 def sample(raw: bytes, limits: Limits) -> SampleInput:
     request = _message(vae_pb2.SampleRequest, raw)
     dtype = output_dtype(request.output_dtype)
-    return SampleInput(count(request.n, "n", limits.max_sample_n), int(request.seed), dtype,
-                       bool(request.return_latents), digit(request, limits))
+    n = count(request.n, "n", limits.max_sample_n)
+    if request.return_latents and limits.max_message_bytes is not None:
+        # The images alone fit (vae_server.config checks max_sample_n); with the latents
+        # beside them they may not, and the reply would fail after the work.
+        fit = (limits.max_message_bytes - REPLY_OVERHEAD) // ((limits.pixels
+                                                                + limits.latent_dim) * 4)
+        if n > fit:
+            raise InvalidArgument(f"n: {n} images with return_latents make a reply over the "
+                                  f"{limits.max_message_bytes}-byte message limit; the most "
+                                  f"is {fit}")
+    return SampleInput(n, int(request.seed), dtype, bool(request.return_latents),
+                       digit(request, limits))
 
 
 def sample_stream(raw: bytes, limits: Limits) -> StreamInput:

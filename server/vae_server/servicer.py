@@ -148,7 +148,8 @@ class VaeServicer:
             max_chunk_size=settings.max_chunk_size,
             default_chunk_size=settings.default_chunk_size, max_k=settings.max_k,
             max_queue_images=settings.max_queue_images, pixels=runtime.pixels,
-            latent_dim=runtime.latent_dim, digits=tuple(runtime.prior.digits))
+            latent_dim=runtime.latent_dim, digits=tuple(runtime.prior.digits),
+            max_message_bytes=settings.max_message_bytes)
         self._images = {m: metrics.method_images.labels(m) for m in IMAGE_METHODS}
         self._in_flight = 0  # vae.v1 calls being handled, for a graceful stop
         self._idle: asyncio.Event | None = None
