@@ -11,10 +11,13 @@ PYTEST_ARGS ?=
 
 # A stamp file so set-up runs once, and again whenever pyproject.toml changes.
 # torch goes first and pinned: pip takes the CPU build on disk, never a multi-GB CUDA build.
+# A machine without that wheel on disk names the CPU index instead:
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[cpu,train,dev,bulk]'
 	touch $@
 

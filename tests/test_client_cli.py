@@ -100,6 +100,19 @@ def test_sample_png_is_a_grid(cli, client, tmp_path):
     assert read_png(out).shape == (2 * 30 + 2, 5 * 30 + 2)
 
 
+def test_one_sampled_png_is_the_digit_alone_and_encodes(cli, client, tmp_path):
+    """Before: a grid of one tile, 32 x 32 with its gutter, which `encode --in` refused."""
+    out = tmp_path / "one.png"
+    cli("sample", "--n", "1", "--seed", "4", "--out", str(out))
+    picture = read_png(out)
+    assert picture.shape == (28, 28)
+    np.testing.assert_array_equal(picture,
+                                  np.rint(client.sample(1, seed=4)[0] * 255).astype(np.uint8))
+    cli("encode", "--in", str(out), "--out", str(tmp_path / "one.npz"))
+    mu, _ = client.encode(picture[None])
+    np.testing.assert_allclose(np.load(tmp_path / "one.npz")["mu"], mu, rtol=1e-6)
+
+
 def test_sample_uint8(cli, client, tmp_path):
     out = tmp_path / "u.npy"
     cli("sample", "--n", "32", "--seed", "1", "--dtype", "uint8", "--out", str(out))

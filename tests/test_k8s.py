@@ -5,6 +5,7 @@ autoscaler's query returns a per-pod value from a real Prometheus scraping real 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import threading
@@ -132,6 +133,10 @@ def test_the_pods_run_non_root_read_only_with_limits_and_a_versioned_model(docs)
     (model,) = spec["initContainers"]
     # The model comes from an image tagged with a model version, never trained in the pod.
     assert re.fullmatch(r"vae-serving-model:[0-9a-f]{16}", model["image"]), model["image"]
+    # ... and that version is the default model's, whose figures EVAL.md gives (the tag was
+    # left at a model two defaults old once).
+    default = json.loads((REPO_ROOT / "docs" / "eval" / "eval-k1000.json").read_text())
+    assert model["image"] == f"vae-serving-model:{default['model_version']}"
     assert "vae-export" not in " ".join(model["command"])
     (server,) = spec["containers"]
     mounts = {m["mountPath"]: m for m in server["volumeMounts"]}

@@ -51,7 +51,8 @@ def read_images(paths: Sequence[str]) -> np.ndarray:
 class ImageSink:
     """Images [n, 28, 28] written by pieces at their offsets: to an NPY file through a
     memory map (memory stays bounded whatever n is), or kept as uint8 and written as one PNG
-    grid on close(). abort() removes a partly written file."""
+    grid on close() (a lone image as the 28 x 28 digit alone). abort() removes a partly
+    written file."""
 
     def __init__(self, path: str, n: int, dtype: str, cols: int | None = None) -> None:
         self.path, self.n, self.cols = path, n, cols
@@ -75,7 +76,8 @@ class ImageSink:
 
     def close(self) -> None:
         if self.kind == ".png":
-            write_png(self.path, grid(self._array, self.cols))
+            # One image is the digit itself, 28 x 28, so that `encode --in` reads it back.
+            write_png(self.path, self._array[0] if self.n == 1 else grid(self._array, self.cols))
         else:
             self._array.flush()  # type: ignore[attr-defined]
             del self._array

