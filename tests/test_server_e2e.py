@@ -248,6 +248,9 @@ BAD_CASES = [
      ["z", "NaN or Inf"]),
     ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.full((1, k), np.inf, np.float32))),
      ["z", "NaN or Inf"]),
+    # Finite, but the decoder's sums overflow: before, NaN images with status OK.
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.full((1, k), 3e38, np.float32))),
+     ["z", "magnitude 3e+38", "within +-1e+06"]),
     ("Decode", lambda k: vae_pb2.DecodeRequest(z=_t(np.zeros((0, k), np.float32))),
      ["z.shape[0]", "1 .."]),
     ("Decode", lambda k: vae_pb2.DecodeRequest(), ["z", "missing"]),
@@ -282,6 +285,13 @@ BAD_CASES = [
     ("LogLikelihood", lambda k: vae_pb2.LogLikelihoodRequest(
         images=_t(np.zeros((8, 784), np.float32)), k=5000), ["images x k", "limit"]),
 ]
+
+
+def test_latents_at_the_bound_decode_to_images_in_range(client, reference):
+    k = reference.latent_dim
+    z = np.where(np.arange(2 * k).reshape(2, k) % 2, 1e6, -1e6).astype(np.float32)
+    images = client.decode(z)
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
 
 
 @pytest.mark.parametrize("method,build,words", BAD_CASES,

@@ -212,6 +212,11 @@ def images(msg: vae_pb2.Tensor, field: str, max_n: int, pixels: int) -> np.ndarr
     return arr
 
 
+# The largest latent coordinate Decode takes. Every prior lies within a few tens of the
+# origin; far past this bound the decoder's sums overflow float32 and its images are NaN.
+MAX_LATENT = 1e6
+
+
 def latents(msg: vae_pb2.Tensor, field: str, max_n: int, latent_dim: int) -> np.ndarray:
     try:
         arr = from_tensor(msg, field)
@@ -225,6 +230,10 @@ def latents(msg: vae_pb2.Tensor, field: str, max_n: int, latent_dim: int) -> np.
         raise InvalidArgument(f"{field}.shape: {list(arr.shape)}; expected [N, {latent_dim}]")
     count(arr.shape[0], f"{field}.shape[0]", max_n)
     _finite(arr, field)
+    largest = float(np.abs(arr).max()) if arr.size else 0.0
+    if largest > MAX_LATENT:
+        raise InvalidArgument(f"{field}: a value of magnitude {largest:.3g}; latents must lie "
+                              f"within +-{MAX_LATENT:g}")
     return arr
 
 
