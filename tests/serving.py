@@ -193,3 +193,43 @@ def replicas(model_dir: Path, count: int, *extra: str) -> Iterator[list[Replica]
             stack.callback(lambda r=r: stop_process(r.proc))
             started.append(r)
         yield started
+
+
+@contextmanager
+def held_decoder(srv: ServerThread, rows: int) -> Iterator[threading.Event]:
+    """Hold `srv`'s decoder (one run at a time, `--instances 1`): its runs wait for the gate
+    this yields, and two Decode calls of `rows` latents are sent, the first running (held),
+    the second waiting in the queue. On the way out the gate opens and both calls must have
+    been answered."""
+    import numpy as np
+
+    from vae_client import VaeClient
+
+    gate = threading.Event()
+    batcher = srv.running.servicer.decoder
+    real_run = batcher._run
+
+    def held(z: Any) -> Any:
+        gate.wait(30)
+        return real_run(z)
+
+    batcher._run = held
+    z = np.zeros((rows, srv.running.servicer.runtime.latent_dim), np.float32)
+    answered: list[Any] = []
+
+    def call() -> None:
+        with VaeClient(srv.target, retries=0) as c:
+            answered.append(c.decode(z))
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+            time.sleep(0.2)  # the first runs (held), the second waits in the queue
+        assert batcher.queued_images == rows
+        yield gate
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(30)
+    assert len(answered) == 2  # the calls that held the decoder were answered

@@ -235,20 +235,26 @@ def worker_pids(supervisor: int) -> list[int]:
     return sorted(pids)
 
 
+def calls_on_every_worker(sup: Supervised, reference: OnnxVAE, workers: int = 2) -> list[int]:
+    """The workers' metrics ports, once Decode calls have reached each of them: the kernel
+    spreads connections, not calls, so each call comes on a new channel."""
+    ports = [int(m) for m in re.findall(r"worker \d+ vae_server: gRPC on port \d+, "
+                                        r"metrics on (\d+)", sup.text())]
+    assert len(ports) == workers, sup.log
+    z = np.zeros((1, reference.latent_dim), np.float32)
+    for _ in range(200):
+        with VaeClient(sup.target, timeout=30) as client:
+            client.decode(z)
+        if all(handled(p, "Decode") > 0 for p in ports):
+            break
+    assert all(handled(p, "Decode") > 0 for p in ports), [handled(p, "Decode") for p in ports]
+    return ports
+
+
 def test_workers_serve_one_port_sum_their_metrics_and_drain_on_sigterm(model_dir, reference):
     with supervised(model_dir) as sup:
-        workers = [int(m) for m in re.findall(r"worker \d+ vae_server: gRPC on port \d+, "
-                                              r"metrics on (\d+)", sup.text())]
-        assert len(workers) == 2, sup.log
-        # The kernel spreads connections: new channels until both workers have taken calls.
-        z = np.zeros((1, reference.latent_dim), np.float32)
-        for _ in range(200):
-            with VaeClient(sup.target, timeout=30) as client:
-                client.decode(z)
-            if all(handled(w, "Decode") > 0 for w in workers):
-                break
+        workers = calls_on_every_worker(sup, reference)
         per_worker = [handled(w, "Decode") for w in workers]
-        assert all(n > 0 for n in per_worker), per_worker
         assert handled(sup.metrics_port, "Decode") == sum(per_worker)
         assert metric_total(sup.metrics_port, "vae_model_info") == 1.0  # an info series, once
         # SIGTERM with calls in flight on both workers: every call ends OK, then both exit.
@@ -282,16 +288,7 @@ def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference
             return metric_total(sup.metrics_port, "vae_worker_restarts_total")
 
         assert (workers("configured"), workers("ready"), restarts()) == (2.0, 2.0, 0.0)
-        # Calls on both workers, so that whichever dies had counted some.
-        ports = [int(m) for m in re.findall(r"worker \d+ vae_server: gRPC on port \d+, "
-                                            r"metrics on (\d+)", sup.text())]
-        z = np.zeros((1, reference.latent_dim), np.float32)
-        for _ in range(200):
-            with VaeClient(sup.target, timeout=30) as client:
-                client.decode(z)
-            if all(handled(p, "Decode") > 0 for p in ports):
-                break
-        assert all(handled(p, "Decode") > 0 for p in ports)
+        calls_on_every_worker(sup, reference)  # whichever dies has counted some
         before = handled(sup.metrics_port, "Decode")
         prom = Prometheus(need_tool("prometheus"), scrape_config(sup.metrics_port, "1s"),
                           tmp_path / "prometheus")

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving import server_thread
+from serving import held_decoder, server_thread
 from vae_client import VaeClient, VaeError
 from vae_core.onnx_model import OnnxVAE
 
@@ -38,39 +38,14 @@ def _started(srv, method: str) -> float:
 
 
 @pytest.fixture
-def full_queue(model_dir, reference):
+def full_queue(model_dir):
     """A server whose decoder is held running one call while a second fills the queue: the
-    next Decode is refused until `open` is set."""
+    next Decode is refused until the gate is set."""
     with server_thread(model_dir, max_batch_size=ROWS, max_queue_images=ROWS,
                        max_images_per_request=ROWS, max_sample_n=ROWS, max_chunk_size=ROWS,
                        default_chunk_size=ROWS, inline_rows=0, max_delay_ms=0,
-                       instances=1) as srv:  # one run at a time: the second call queues
-        gate = threading.Event()
-        batcher = srv.running.servicer.decoder
-        real_run = batcher._run
-
-        def held(z):
-            gate.wait(30)
-            return real_run(z)
-
-        batcher._run = held
-        z = np.zeros((ROWS, reference.latent_dim), np.float32)
-        background = []
-
-        def call() -> None:
-            with VaeClient(srv.target, retries=0) as c:
-                background.append(c.decode(z))
-
-        threads = [threading.Thread(target=call) for _ in range(2)]
-        for t in threads:
-            t.start()
-            time.sleep(0.2)  # the first is running (held), the second is queued
-        assert batcher.queued_images == ROWS
+                       instances=1) as srv, held_decoder(srv, ROWS) as gate:
         yield srv, gate
-        gate.set()
-        for t in threads:
-            t.join(30)
-        assert len(background) == 2  # the calls that held the queue were answered
 
 
 def test_a_refused_call_is_retried_and_succeeds_once_there_is_room(full_queue, reference):

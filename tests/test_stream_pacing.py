@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving import server_thread
+from serving import held_decoder, server_thread
 from vae_client import VaeClient, VaeError
 from vae_core.onnx_model import OnnxVAE
 from vae_core.ports import free_port
@@ -47,51 +47,22 @@ def test_a_queue_of_one_chunk_serves_a_stream_on_an_idle_server(model_dir, refer
 
 
 @pytest.fixture
-def held_decoder(model_dir):
+def held(model_dir):
     """A server (queue of two chunks, one run at a time) whose decoder is held running one
-    Decode call while a second waits in the queue, until `gate` is set."""
+    Decode call while a second waits in the queue, until the gate is set."""
     with server_thread(model_dir, max_batch_size=CHUNK, max_queue_images=2 * CHUNK,
                        max_images_per_request=CHUNK, max_sample_n=CHUNK,
                        max_chunk_size=CHUNK, default_chunk_size=CHUNK, inline_rows=0,
-                       max_delay_ms=0, instances=1) as srv:
-        gate = threading.Event()
-        batcher = srv.running.servicer.decoder
-        real_run = batcher._run
-
-        def held(z):
-            gate.wait(30)
-            return real_run(z)
-
-        batcher._run = held
-        z = np.zeros((CHUNK, batcher_latent_dim(srv)), np.float32)
-        answered: list[np.ndarray] = []
-
-        def call() -> None:
-            with VaeClient(srv.target, retries=0) as c:
-                answered.append(c.decode(z))
-
-        threads = [threading.Thread(target=call) for _ in range(2)]
-        for t in threads:
-            t.start()
-            time.sleep(0.2)  # the first runs (held), the second waits in the queue
-        assert batcher.queued_images == CHUNK
+                       max_delay_ms=0, instances=1) as srv, held_decoder(srv, CHUNK) as gate:
         yield srv, gate
-        gate.set()
-        for t in threads:
-            t.join(30)
-        assert len(answered) == 2
 
 
-def batcher_latent_dim(srv) -> int:
-    return srv.running.servicer.runtime.latent_dim
-
-
-def test_a_stream_under_way_waits_for_room_rather_than_break_off(held_decoder, reference):
+def test_a_stream_under_way_waits_for_room_rather_than_break_off(held, reference):
     """The stream is admitted (its first chunk fits beside the queued call); the chunk it
     computes ahead does not fit until the held run ends. Before: that chunk was refused and
     the stream broke off with RESOURCE_EXHAUSTED after its first chunk, which a client does
     not resume."""
-    srv, gate = held_decoder
+    srv, gate = held
     n = 4 * CHUNK
     got: list[tuple[int, np.ndarray]] = []
     errors: list[BaseException] = []
@@ -119,8 +90,8 @@ def test_a_stream_under_way_waits_for_room_rather_than_break_off(held_decoder, r
                                reference.sample(n, 9), rtol=0, atol=1e-5)
 
 
-def test_a_stream_that_starts_on_a_full_queue_is_refused_at_once(held_decoder):
-    srv, gate = held_decoder
+def test_a_stream_that_starts_on_a_full_queue_is_refused_at_once(held):
+    srv, gate = held
     batcher = srv.running.servicer.decoder
     # A stream admitted first fills the queue's other half (its first chunk waits there).
     admitted: list[tuple[int, np.ndarray]] = []
