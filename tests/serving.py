@@ -233,3 +233,20 @@ def held_decoder(srv: ServerThread, rows: int) -> Iterator[threading.Event]:
         for t in threads:
             t.join(30)
     assert len(answered) == 2  # the calls that held the decoder were answered
+
+
+@contextmanager
+def stub_server(handlers: dict[str, grpc.RpcMethodHandler]) -> Iterator[str]:
+    """A stand-in vae.v1 server on loopback whose methods are `handlers` (by name, with raw
+    bytes in and out); yields its target."""
+    from concurrent import futures
+
+    handler = grpc.method_handlers_generic_handler("vae.v1.VaeService", handlers)
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)

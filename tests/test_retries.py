@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving import held_decoder, server_thread
+from serving import held_decoder, server_thread, stub_server
 from vae_client import VaeClient, VaeError
 from vae_core.onnx_model import OnnxVAE
 
@@ -93,9 +93,7 @@ def cancels_once():
     """A vae.v1 server whose GetModelInfo is cancelled on its first call, as a stopping gRPC
     server cancels the calls it has received but not yet handed to a handler; later calls are
     answered. Yields (target, the calls it has seen)."""
-    from concurrent import futures
 
-    from vae_core.ports import free_port
     from vae_proto import vae_pb2
 
     calls: list[int] = []
@@ -106,16 +104,8 @@ def cancels_once():
             context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
         return vae_pb2.ModelInfo(latent_dim=4, image_shape=[28, 28]).SerializeToString()
 
-    handler = grpc.method_handlers_generic_handler("vae.v1.VaeService", {
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(info)})
-    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", calls
-    finally:
-        server.stop(0)
+    with stub_server({"GetModelInfo": grpc.unary_unary_rpc_method_handler(info)}) as target:
+        yield target, calls
 
 
 def test_a_call_its_server_cancelled_is_retried(cancels_once):

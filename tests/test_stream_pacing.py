@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
 
-from serving import held_decoder, server_thread
+from serving import held_decoder, server_thread, stub_server
 from vae_client import VaeClient, VaeError
 from vae_core.onnx_model import OnnxVAE
-from vae_core.ports import free_port
 from vae_proto import vae_pb2
 from vae_proto.tensor import to_tensor
 
@@ -134,16 +132,8 @@ def breaks_after_the_last_chunk():
             yield vae_pb2.SampleChunk(offset=first, images=to_tensor(images)).SerializeToString()
         context.abort(grpc.StatusCode.UNAVAILABLE, "the connection went away")
 
-    handler = grpc.method_handlers_generic_handler("vae.v1.VaeService", {
-        "SampleStream": grpc.unary_stream_rpc_method_handler(stream)})
-    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", seen
-    finally:
-        server.stop(None)
+    with stub_server({"SampleStream": grpc.unary_stream_rpc_method_handler(stream)}) as target:
+        yield target, seen
 
 
 def test_a_stream_that_brought_every_image_is_complete_whatever_breaks_after(
