@@ -13,6 +13,7 @@ import pytest
 from serving import server_thread
 from vae_client import AsyncVaeClient, VaeClient, VaeError
 from vae_core import likelihood as lk
+from vae_core.calibration import Calibration
 from vae_core.onnx_model import OnnxVAE
 from vae_proto import vae_pb2, vae_pb2_grpc
 from vae_server.config import REPLY_OVERHEAD
@@ -108,10 +109,10 @@ def test_log_likelihood_agrees_with_the_evaluator(client, reference, digits):
         np.testing.assert_allclose(got.elbo, ref.elbo, rtol=1e-5)
         np.testing.assert_allclose(got.bits_per_dim, ref.bits_per_dim, rtol=1e-5)
     assert got.k == k
-    cal = reference.manifest["calibration"]
-    pct = lk.percentile_of(ref.log_likelihood, np.array(cal["quantiles"]), np.array(cal["levels"]))
+    calibration = Calibration(reference.manifest["calibration"])
+    pct = calibration.percentile(ref.log_likelihood, k)  # among estimates with K = 200 too
     np.testing.assert_allclose(got.percentile, pct, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(got.anomaly, pct < cal["anomaly_percentile"])
+    np.testing.assert_array_equal(got.anomaly, pct < calibration.anomaly_percentile)
 
 
 def test_idle_instances_share_a_lone_images_samples(model_dir, reference, digits):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from vae_core import likelihood as lk
+from vae_core.calibration import Calibration
 from vae_core.onnx_model import OnnxVAE
 from vae_core.prior import GaussianMixture
 from vae_export.config import CLASSIFIER_DIR
@@ -77,18 +78,17 @@ def _prepare(digits: Digits, limit: int | None, seed: int, likelihood: str) -> n
     return lk.dequantize(flat, seed)
 
 
-def _summary(scores: lk.Scores, model: OnnxVAE) -> dict[str, Any]:
-    cal = model.manifest.get("calibration") or {}
+def _summary(scores: lk.Scores, model: OnnxVAE, k: int) -> dict[str, Any]:
+    calibration = Calibration(model.manifest.get("calibration"))
     out: dict[str, Any] = {
         "n": int(len(scores.elbo)),
         "mean_elbo": float(np.mean(scores.elbo)),
         "mean_log_likelihood": float(np.mean(scores.log_likelihood)),
         "bits_per_dim": float(np.mean(scores.bits_per_dim)),
     }
-    if cal.get("quantiles"):
-        pct = lk.percentile_of(scores.log_likelihood, np.array(cal["quantiles"]),
-                               np.array(cal["levels"]))
-        out["flagged_fraction"] = float(np.mean(pct < cal["anomaly_percentile"]))
+    if not calibration.empty:
+        pct = calibration.percentile(scores.log_likelihood, k)
+        out["flagged_fraction"] = float(np.mean(pct < calibration.anomaly_percentile))
     return out
 
 
@@ -117,7 +117,7 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
     if k_samples > 0:
         x_test = _prepare(test, limit, seed, model.likelihood)
         in_scores = model.score(x_test, k_samples, seed)
-        result["test"] = _summary(in_scores, model)
+        result["test"] = _summary(in_scores, model, k_samples)
         if ood_dir is not None and Path(ood_dir).is_dir():
             x_ood = _prepare(load_idx_dir(ood_dir), limit, seed + 1, model.likelihood)
             ood_scores = model.score(x_ood, k_samples, seed + 1)
@@ -125,7 +125,8 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
             # The densities of the codes, latent (the prior's) and the code density, at mu(x).
             mu_test, mu_ood = model.encode(x_test)[0], model.encode(x_ood)[0]
             codes = code_density(model, training_digits(model))
-            result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model), "auroc": a,
+            result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model, k_samples),
+                             "auroc": a,
                              "auroc_latent_density": auroc(model.prior.log_prob(mu_test),
                                                            model.prior.log_prob(mu_ood)),
                              "auroc_code_density": auroc(codes.log_prob(mu_test),

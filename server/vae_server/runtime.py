@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vae_core import likelihood as lk
+from vae_core.calibration import Calibration
 from vae_core.host import cores
 from vae_core.manifest import MANIFEST
 from vae_core.onnx_model import ModelDirectory, Provider
@@ -73,10 +74,8 @@ class ModelRuntime(ModelDirectory):
                  max_rows: int = 2048, small_rows: int = 64) -> None:
         super().__init__(model_dir)
         self.manifest_text = (self.model_dir / MANIFEST).read_text()
-        cal = self.manifest.get("calibration") or {}
-        self.calibration_levels = np.asarray(cal.get("levels", []), dtype=np.float64)
-        self.calibration_quantiles = np.asarray(cal.get("quantiles", []), dtype=np.float64)
-        self.anomaly_percentile = float(cal.get("anomaly_percentile", 1.0))
+        self.calibration = Calibration(self.manifest.get("calibration"))
+        self.anomaly_percentile = self.calibration.anomaly_percentile
 
         if io_binding not in ("auto", "on", "off"):
             raise ValueError(f"io_binding must be auto, on or off, not {io_binding!r}")
@@ -158,8 +157,6 @@ class ModelRuntime(ModelDirectory):
             self.run_encoder_small(rng.random((n, self.pixels), dtype=np.float32))
             self.run_decoder_small(rng.standard_normal((n, self.latent_dim), dtype=np.float32))
 
-    def percentile(self, log_likelihood: np.ndarray) -> np.ndarray:
-        if len(self.calibration_quantiles) == 0:
-            return np.full(len(log_likelihood), np.nan)
-        return lk.percentile_of(log_likelihood, self.calibration_quantiles,
-                                self.calibration_levels)
+    def percentile(self, log_likelihood: np.ndarray, k: int) -> np.ndarray:
+        """Each estimate's percentile among the held-out digits' made with the same K."""
+        return self.calibration.percentile(log_likelihood, k)

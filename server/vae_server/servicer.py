@@ -292,7 +292,7 @@ class VaeServicer:
         req = requests.log_likelihood(raw, self.limits)
         scores = await self._score(req, _deadline(context))
         rt = self.runtime
-        pct = rt.percentile(scores.log_likelihood)
+        pct = rt.percentile(scores.log_likelihood, req.k)
         flags = pct < rt.anomaly_percentile
         self._images["LogLikelihood"].inc(len(req.images))
         self.metrics.anomalies.inc(int(flags.sum()))

@@ -1,0 +1,71 @@
+"""The anomaly score's calibration: where an image's log p(x) estimate falls among the
+estimates of held-out digits (the run's validation digits) made with the same number of
+importance samples K.
+
+The estimate log mean_k w_k is biased low, by less as K grows (Burda et al., 2015), so an
+image scored with K = 1 against estimates made with K = 100 would read too low a percentile:
+a table of quantiles calibrated at K = 100 alone flagged twice the advertised share of the
+held-out digits at K = 1. The manifest's calibration holds a table for each of a ladder of Ks
+(`by_k`); a K between two of them takes their tables interpolated in log K, and a K beyond
+them the nearest end's. A manifest with one table (`quantiles`, at `k`) serves it for any K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from vae_core.likelihood import percentile_of
+
+
+class Calibration:
+    def __init__(self, entry: Mapping[str, Any] | None) -> None:
+        entry = entry or {}
+        self.levels = np.asarray(entry.get("levels", []), dtype=np.float64)
+        by_k = entry.get("by_k")
+        if by_k:
+            self.ks = np.asarray(by_k["k"], dtype=np.float64)
+            self.tables = np.asarray(by_k["quantiles"], dtype=np.float64)
+        elif entry.get("quantiles"):
+            self.ks = np.asarray([entry.get("k", 1)], dtype=np.float64)
+            self.tables = np.asarray([entry["quantiles"]], dtype=np.float64)
+        else:
+            self.ks = np.zeros(0)
+            self.tables = np.zeros((0, len(self.levels)))
+        if len(self.ks) and (self.tables.shape != (len(self.ks), len(self.levels))
+                             or np.any(np.diff(self.ks) <= 0)):
+            raise ValueError("calibration: one table of quantiles per K, the Ks ascending, "
+                             "each as long as the levels")
+        self.anomaly_percentile = float(entry.get("anomaly_percentile", 1.0))
+        self._cache: dict[int, np.ndarray] = {}
+
+    @property
+    def empty(self) -> bool:
+        return len(self.ks) == 0
+
+    def quantiles(self, k: int) -> np.ndarray:
+        """The quantiles of the held-out digits' log p(x) estimates with K = k samples."""
+        table = self._cache.get(k)
+        if table is None:
+            at = np.log(k)
+            logs = np.log(self.ks)
+            j = int(np.searchsorted(logs, at))
+            if j == 0:
+                table = self.tables[0]
+            elif j == len(logs):
+                table = self.tables[-1]
+            else:
+                w = (at - logs[j - 1]) / (logs[j] - logs[j - 1])
+                table = (1 - w) * self.tables[j - 1] + w * self.tables[j]
+            self._cache[k] = table
+        return table
+
+    def percentile(self, log_likelihood: np.ndarray, k: int) -> np.ndarray:
+        """Percentile (0..100) of each estimate made with K = k among the held-out digits'
+        (NaN without a calibration)."""
+        scores = np.asarray(log_likelihood, np.float64)
+        if self.empty:
+            return np.full(scores.shape, np.nan)
+        return percentile_of(scores, self.quantiles(k), self.levels)

@@ -1,0 +1,44 @@
+"""vae_core.calibration on known tables: a K between two calibrated ones reads their tables
+interpolated in log K, a K beyond them the nearest end's, a manifest of one table that table
+for any K, and no calibration NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vae_core.calibration import Calibration
+
+LEVELS = [0.0, 0.5, 1.0]
+ENTRY = {"levels": LEVELS, "k": 10, "quantiles": [-20.0, -10.0, 0.0],
+         "by_k": {"k": [1, 10, 100], "quantiles": [[-40.0, -30.0, -20.0], [-20.0, -10.0, 0.0],
+                                                   [-10.0, 0.0, 10.0]]},
+         "anomaly_percentile": 1.0}
+
+
+def test_the_table_of_each_calibrated_k_and_between_them_in_log_k() -> None:
+    c = Calibration(ENTRY)
+    np.testing.assert_array_equal(c.quantiles(1), [-40, -30, -20])
+    np.testing.assert_array_equal(c.quantiles(100), [-10, 0, 10])
+    np.testing.assert_allclose(c.quantiles(round(10**1.5)), [-15, -5, 5], atol=0.1)
+    np.testing.assert_allclose(c.quantiles(np.sqrt(10)), [-30, -20, -10])
+    np.testing.assert_array_equal(c.quantiles(5000), [-10, 0, 10])  # beyond: the last
+    # An estimate of -10 is the median among K = 10's estimates, below all of K = 100's.
+    np.testing.assert_allclose(c.percentile(np.array([-10.0, -30.0, 50.0]), 10), [50, 0, 100])
+    np.testing.assert_allclose(c.percentile(np.array([-10.0]), 100), [0])
+    np.testing.assert_allclose(c.percentile(np.array([-10.0]), 1), [100])
+
+
+def test_one_table_serves_every_k_and_none_gives_nan() -> None:
+    one = Calibration({k: v for k, v in ENTRY.items() if k != "by_k"})
+    for k in (1, 10, 1000):
+        np.testing.assert_array_equal(one.quantiles(k), [-20, -10, 0])
+    none = Calibration(None)
+    assert none.empty and np.isnan(none.percentile(np.zeros(3), 10)).all()
+
+
+def test_a_malformed_ladder_is_refused() -> None:
+    with pytest.raises(ValueError, match="one table of quantiles per K"):
+        Calibration({**ENTRY, "by_k": {"k": [10, 1], "quantiles": [[0, 1, 2], [0, 1, 2]]}})
+    with pytest.raises(ValueError, match="one table of quantiles per K"):
+        Calibration({**ENTRY, "by_k": {"k": [1, 10], "quantiles": [[0, 1, 2]]}})
