@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from prometheus_harness import need_module
-from serving import VENV_BIN, metric_total, replicas, target_of
+from serving import VENV_BIN, metric_total, replicas, served_process, target_of
 from vae_client import VaeClient
 from vae_client.bulk import BulkSpec, make_shard, shard_items
 from vae_client.images import decode_png
@@ -238,3 +238,31 @@ def test_make_shard_is_what_a_task_runs(servers, tmp_path):
     assert path.stat().st_mtime_ns == mtime
     with np.load(io.BytesIO(path.read_bytes())) as f:
         assert f["label"].tolist() == [-1] * 30  # unlabelled
+
+
+def test_bulk_asks_for_chunks_the_server_takes(servers, model_dir, tmp_path):
+    """Before: every stream asked for chunks of 1,000 images, and a server with
+    --max-chunk-size 256 refused each of them (INVALID_ARGUMENT). The shards are those of
+    servers with the default limits, to the byte."""
+    args = ("--n", "600", "--shard-size", "300", "--format", "npz", "--no-ray")
+    with served_process(model_dir, "--max-chunk-size", "256", "--max-queue-images", "512",
+                        "--max-batch-size", "256", "--default-chunk-size", "256",
+                        "--max-sample-n", "256", "--max-images-per-request", "256",
+                        "--warmup-rounds", "1") as (target, _):
+        bulk(target, tmp_path / "small", *args)
+    bulk(target_of(servers), tmp_path / "default", *args)
+    assert digests(tmp_path / "small") == digests(tmp_path / "default")
+
+
+def test_a_shard_missing_at_the_end_is_one_line(servers, tmp_path, monkeypatch, capsys):
+    """Before: shard_digests' BulkError came out as a traceback (runners whose nodes do not
+    share --out leave the driver without the shards)."""
+    from vae_client import __main__ as cli
+    from vae_client import bulk as bulk_module
+
+    monkeypatch.setattr(bulk_module, "run_local", lambda *args, **kwargs: None)
+    code = cli.main(["--target", target_of(servers), "bulk", "--out", str(tmp_path / "e"),
+                     "--n", "20", "--shard-size", "10", "--no-ray", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "shard train-00000-of-00002" in err and "is missing" in err and "share" in err

@@ -274,3 +274,43 @@ def test_file_and_usage_errors(cli, tmp_path):
 def test_unreachable_server(cli, tmp_path):
     proc = cli("info", target_=f"127.0.0.1:{free_port()}", expect=1)
     assert proc.stderr.startswith("vae-client: error: UNAVAILABLE")
+
+
+# -- files: written whole or not at all, named as asked, read or refused in one line --------
+
+
+def test_a_failed_sample_leaves_the_file_there_as_it_was(cli, tmp_path):
+    """Before: the .npy was memory-mapped at its own path and removed on failure, so a
+    failing call deleted the user's file (and a killed one left a whole-looking file)."""
+    keep = tmp_path / "keep.npy"
+    cli("sample", "--n", "4", "--seed", "1", "--out", str(keep))
+    before = np.load(keep)
+    proc = cli("sample", "--n", "4", "--digit", "12", "--out", str(keep), expect=1)
+    assert "digit" in proc.stderr
+    np.testing.assert_array_equal(np.load(keep), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.npy"]  # no part left
+
+
+def test_latents_go_to_the_name_asked_whatever_its_case(cli, digits, tmp_path):
+    """Before: numpy added its own lower-case suffix: Z.NPY became Z.NPY.npy."""
+    np.save(tmp_path / "d.npy", digits[:3])
+    for name in ("Z.NPY", "Z2.NPZ"):
+        cli("encode", "--in", str(tmp_path / "d.npy"), "--out", str(tmp_path / name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Z.NPY", "Z2.NPZ", "d.npy"]
+    cli("decode", "--in", str(tmp_path / "Z.NPY"), "--out", str(tmp_path / "x.npy"))
+    cli("decode", "--in", str(tmp_path / "Z2.NPZ"), "--out", str(tmp_path / "y.npy"))
+
+
+def test_a_truncated_npz_is_one_line(cli, digits, tmp_path):
+    np.save(tmp_path / "d.npy", digits[:3])
+    cli("encode", "--in", str(tmp_path / "d.npy"), "--out", str(tmp_path / "z.npz"))
+    (tmp_path / "t.npz").write_bytes((tmp_path / "z.npz").read_bytes()[:200])
+    proc = cli("decode", "--in", str(tmp_path / "t.npz"), "--out", str(tmp_path / "x.npy"),
+               expect=1)
+    assert proc.stderr.count("\n") == 1 and "cannot read it as NPZ" in proc.stderr
+
+
+def test_bench_refuses_a_rate_that_is_not_positive(cli):
+    for rate in ("0", "-10"):
+        proc = cli("bench", "--rate", rate, "--duration", "1", expect=2)
+        assert "--rate" in proc.stderr and "must be > 0" in proc.stderr

@@ -315,12 +315,15 @@ def _sample_stream(client: VaeClient, args: argparse.Namespace, chunk_size: int,
     streams = args.streams or cli_io.target_addresses(args.target)
     ranges = cli_io.split_range(args.n, streams, chunk_size)
     lock = threading.Lock()
+    stop = threading.Event()  # one stream failed, or the user interrupted: the others end
 
     def fetch(lo: int, hi: int, bar: Progress) -> None:
         # --timeout bounds the whole stream when given; by default a stream has no deadline.
         for offset, images in client.sample_stream(hi, seed=args.seed, chunk_size=chunk_size,
                                                    dtype=args.dtype, offset=lo,
                                                    digit=args.digit, timeout=args.timeout):
+            if stop.is_set():
+                return  # leaving the loop cancels the call
             sink.put(offset, images)
             with lock:
                 bar.update(len(images))
@@ -330,8 +333,12 @@ def _sample_stream(client: VaeClient, args: argparse.Namespace, chunk_size: int,
             fetch(*ranges[0], bar)
         else:
             with concurrent.futures.ThreadPoolExecutor(len(ranges)) as pool:
-                for future in [pool.submit(fetch, lo, hi, bar) for lo, hi in ranges]:
-                    future.result()
+                try:
+                    for future in [pool.submit(fetch, lo, hi, bar) for lo, hi in ranges]:
+                        future.result()
+                except BaseException:
+                    stop.set()
+                    raise
     if bar.done != args.n:
         raise CliError(f"the stream ended after {bar.done} of {args.n} images")
 
@@ -409,7 +416,7 @@ def add_bench(sub: Subparsers) -> None:
                         "(default: %(default)s)")
     p.add_argument("--concurrency", type=_int_at_least(1), default=1,
                    help="calls in flight, closed loop (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=None,
+    p.add_argument("--rate", type=_positive_float, default=None,
                    help="open loop: start this many calls per second instead (default: closed)")
     p.add_argument("--duration", type=float, default=10.0,
                    help="seconds measured after the warm-up (default: %(default)s)")
@@ -506,13 +513,20 @@ def run_bulk(args: argparse.Namespace) -> int:
 
         runner = bulk.run_ray if args.ray else bulk.run_local
         kwargs = {"address": args.ray_address} if args.ray else {}
+        # Chunks the servers take: their limits, not the spec's, may be the smaller.
+        chunk = min(spec.chunk_size, info.limits.max_chunk_size, info.batching.max_queue_images)
         try:
-            runner(args.target, spec, out, todo, args.workers, args.security, done, **kwargs)
+            runner(args.target, spec, out, todo, args.workers, args.security, done,
+                   chunk_size=chunk, **kwargs)
         except bulk.BulkError as exc:
             raise CliError(str(exc)) from None
     # Every shard checked against its hash once all are made: Ray tasks may have written
     # them on other nodes of a shared folder.
-    manifest = bulk.write_manifest(out, spec, dict(bulk.shard_digests(out, spec)))
+    try:
+        digests = dict(bulk.shard_digests(out, spec))
+    except bulk.BulkError as exc:
+        raise CliError(f"{exc} (do the Ray nodes share {out}?)") from None
+    manifest = bulk.write_manifest(out, spec, digests)
     print(f"{args.n} items in {len(manifest['shards'])} {args.format} shards -> {out} "
           f"({len(todo)} made now)")
     return 0

@@ -18,7 +18,7 @@ from vae_client.channel import (
     create_aio_channel,
     resolve_security,
 )
-from vae_client.errors import VaeError, stream_resumable
+from vae_client.errors import VaeError, stream_error, stream_resumable
 from vae_proto import vae_pb2, vae_pb2_grpc
 
 
@@ -107,7 +107,7 @@ class AsyncVaeClient:
                 if resume >= n:  # every image came (VaeClient.sample_stream)
                     return
                 if not stream_resumable(err, progressed, self.retries):
-                    raise VaeError.from_rpc_error(err, resume_offset=resume) from None
+                    raise stream_error(err, resume) from None
             finally:
                 # A caller that stops iterating cancels the call (VaeClient.sample_stream).
                 call.cancel()

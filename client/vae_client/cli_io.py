@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -51,8 +53,9 @@ def read_images(paths: Sequence[str]) -> np.ndarray:
 class ImageSink:
     """Images [n, 28, 28] written by pieces at their offsets: to an NPY file through a
     memory map (memory stays bounded whatever n is), or kept as uint8 and written as one PNG
-    grid on close() (a lone image as the 28 x 28 digit alone). abort() removes a partly
-    written file."""
+    grid on close() (a lone image as the 28 x 28 digit alone). The NPY file is written beside
+    the path and takes its name on close(), so a file already there is replaced only by a
+    whole one; abort() removes the partly written one."""
 
     def __init__(self, path: str, n: int, dtype: str, cols: int | None = None) -> None:
         self.path, self.n, self.cols = path, n, cols
@@ -63,8 +66,10 @@ class ImageSink:
                                f"{MAX_PNG_IMAGES}); write a .npy file")
             self._array: np.ndarray = np.zeros((n, SIDE, SIDE), dtype=np.uint8)
         else:
-            self._array = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype),
-                                                    shape=(n, SIDE, SIDE))
+            where = Path(path)
+            self._part = where.with_name(f".{where.name}.part")
+            self._array = np.lib.format.open_memmap(self._part, mode="w+",
+                                                    dtype=np.dtype(dtype), shape=(n, SIDE, SIDE))
 
     def put(self, offset: int, images: np.ndarray) -> None:
         if offset < 0 or offset + len(images) > self.n:
@@ -81,11 +86,12 @@ class ImageSink:
         else:
             self._array.flush()  # type: ignore[attr-defined]
             del self._array
+            os.replace(self._part, self.path)
 
     def abort(self) -> None:
         if self.kind == ".npy":
             del self._array
-            Path(self.path).unlink(missing_ok=True)
+            self._part.unlink(missing_ok=True)
 
 
 def target_addresses(target: str) -> int:
@@ -125,7 +131,7 @@ def read_latents(path: str) -> np.ndarray:
     npz = suffix_of(path, LATENT_SUFFIXES, "--in") == ".npz"
     try:
         z = _load_latents(path, npz)
-    except (ValueError, EOFError) as exc:  # not an NPY/NPZ file, or a pickled one
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # not NPY/NPZ, or pickled
         raise CliError(f"--in {path}: cannot read it as {'NPZ' if npz else 'NPY'} ({exc})"
                        ) from None
     z = z[None] if z.ndim == 1 else z
@@ -137,13 +143,17 @@ def read_latents(path: str) -> np.ndarray:
 
 def write_latents(path: str, mu: np.ndarray, logvar: np.ndarray, z: np.ndarray | None) -> None:
     """.npz: arrays mu, logvar (and z when sampled). .npy: z when sampled, else mu."""
-    if suffix_of(path, LATENT_SUFFIXES, "--out") == ".npz":
-        if z is None:
-            np.savez(path, mu=mu, logvar=logvar)
+    # Through an open file: given a name, numpy adds ".npy" or ".npz" to one that does not
+    # end so in lower case (Z.NPY would become Z.NPY.npy).
+    npz = suffix_of(path, LATENT_SUFFIXES, "--out") == ".npz"
+    with open(path, "wb") as f:
+        if npz:
+            if z is None:
+                np.savez(f, mu=mu, logvar=logvar)
+            else:
+                np.savez(f, mu=mu, logvar=logvar, z=z)
         else:
-            np.savez(path, mu=mu, logvar=logvar, z=z)
-    else:
-        np.save(path, mu if z is None else z)
+            np.save(f, mu if z is None else z)
 
 
 # -- scores ---------------------------------------------------------------------------------

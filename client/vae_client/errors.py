@@ -21,11 +21,30 @@ class VaeError(Exception):
         self.details = details
         self.resume_offset = resume_offset
 
+    def __reduce__(self) -> tuple[type[VaeError], tuple[grpc.StatusCode, str, int | None]]:
+        # Pickled as its arguments: a Ray task's error then reaches the driver as itself.
+        return VaeError, (self.code, self.details, self.resume_offset)
+
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError, resume_offset: int | None = None) -> VaeError:
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
         return cls(code, details or "", resume_offset)
+
+
+# Statuses that the same request would get again: a stream they end is not resumed by offset.
+NOT_RESUMABLE = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.NOT_FOUND})
+
+
+def stream_error(err: grpc.RpcError, resume: int) -> VaeError:
+    """The error of a stream that broke off before image `resume`, with the offset that
+    resumes it unless the same request would fail the same way."""
+    code = err.code() if hasattr(err, "code") else None
+    return VaeError.from_rpc_error(err, None if code in NOT_RESUMABLE else resume)
 
 
 def stream_resumable(err: grpc.RpcError, progressed: bool, retries: int) -> bool:

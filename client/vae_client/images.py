@@ -146,6 +146,9 @@ def decode_png(data: bytes, name: str = "<png>") -> np.ndarray:
                 raise ImageFileError(f"{name}: IHDR of {length} bytes (expected 13)")
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"PLTE":
+            if length % 3:
+                raise ImageFileError(f"{name}: a PLTE chunk of {length} bytes (not a multiple "
+                                     "of 3)")
             palette = np.frombuffer(body, dtype=np.uint8).reshape(-1, 3)
         elif kind == b"IDAT":
             idat.append(body)
