@@ -314,3 +314,21 @@ def test_bench_refuses_a_rate_that_is_not_positive(cli):
     for rate in ("0", "-10"):
         proc = cli("bench", "--rate", rate, "--duration", "1", expect=2)
         assert "--rate" in proc.stderr and "must be > 0" in proc.stderr
+
+
+def test_decode_batches_fit_the_client_s_message_limit(model_dir, client, tmp_path):
+    """A server that takes 30,000 images a call in 256 MiB messages: 25,000 float32 images
+    are 78 MB, over the client's own 64 MiB. Before, the CLI sent them in one call and the
+    reply was refused (RESOURCE_EXHAUSTED); now it sends batches that fit."""
+    k = client.info().latent_dim
+    z = np.random.default_rng(0).standard_normal((25_000, k), dtype=np.float32)
+    np.save(tmp_path / "z.npy", z)
+    with served_process(model_dir, "--max-message-mb", "256", "--max-images-per-request",
+                        "30000", "--warmup-rounds", "1") as (target, _):
+        proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", target, "decode",
+                               "--in", str(tmp_path / "z.npy"), "--out", str(tmp_path / "x.npy")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        x = np.load(tmp_path / "x.npy", mmap_mode="r")
+        assert x.shape == (25_000, 28, 28)
+        np.testing.assert_array_equal(x[-3:].reshape(3, -1), client.decode(z[-3:]).reshape(3, -1))

@@ -101,6 +101,12 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 # -- helpers --------------------------------------------------------------------------------
 
 
+# The largest message the CLI's client takes (VaeClient's default), and a message's bytes
+# beyond its arrays, with room.
+CLIENT_MESSAGE_BYTES = 64 * 1024 * 1024
+MESSAGE_OVERHEAD = 4096
+
+
 def _connect(args: argparse.Namespace) -> VaeClient:
     timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
     return VaeClient(args.target, timeout=timeout, security=args.security)
@@ -132,9 +138,12 @@ def _spans(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def _max_images(info: ModelInfo) -> int:
-    """Most images per request: the server's per-request limit, and no more than its queue
-    holds (a call larger than the queue is refused whatever the load)."""
-    return max(1, min(info.limits.max_images_per_request, info.batching.max_queue_images))
+    """Most images per request: the server's per-request limit, no more than its queue holds
+    (a call larger than the queue is refused whatever the load), and no more float32 images
+    than a message carries, the server's or this client's (VaeClient's 64 MiB)."""
+    message = min(info.limits.max_message_bytes or CLIENT_MESSAGE_BYTES, CLIENT_MESSAGE_BYTES)
+    fit = (message - MESSAGE_OVERHEAD) // (28 * 28 * 4)
+    return max(1, min(info.limits.max_images_per_request, info.batching.max_queue_images, fit))
 
 
 def _batch_seed(seed: int, start: int) -> int:
