@@ -32,6 +32,7 @@ from vae_client.cli_io import CliError, ImageSink, Progress
 from vae_client.client import VaeClient
 from vae_client.errors import VaeError
 from vae_client.images import ImageFileError
+from vae_core.rng import key_words
 from vae_core.security import SecurityFileError
 from vae_proto.vae_pb2 import ModelInfo
 
@@ -152,7 +153,7 @@ def _batch_seed(seed: int, start: int) -> int:
     independent stream derived from (seed, start) for the others."""
     if start == 0:
         return seed
-    return int(np.random.SeedSequence([seed, start]).generate_state(1, np.uint64)[0])
+    return int(np.random.SeedSequence(key_words(seed, start)).generate_state(1, np.uint64)[0])
 
 
 # -- info -----------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import cast
 
 import numpy as np
 
+from vae_core.rng import keyed_rng
+
 LOG_2PI = float(np.log(2.0 * np.pi))
 GAUSSIAN = "gaussian"
 BERNOULLI = "bernoulli"
@@ -139,7 +141,7 @@ def dequantize(pixels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
     pixels = np.asarray(pixels)
     out = np.empty(pixels.shape, dtype=np.float32)
     for j in range(len(pixels)):
-        u = np.random.default_rng([seed, start + j, 1]).random(pixels.shape[1:], dtype=np.float32)
+        u = keyed_rng(seed, start + j, 1).random(pixels.shape[1:], dtype=np.float32)
         out[j] = (pixels[j].astype(np.float32) + u) / np.float32(PIXEL_LEVELS)
     return out
 
@@ -157,7 +159,7 @@ def score_noise(seed: int, start: int, n: int, k_samples: int, latent_dim: int) 
     """
     out = np.empty((n, k_samples, latent_dim), dtype=np.float32)
     for j in range(n):
-        rng = np.random.default_rng([seed, start + j])
+        rng = keyed_rng(seed, start + j)
         out[j] = rng.standard_normal((k_samples, latent_dim), dtype=np.float32)
     return out
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vae_core.likelihood import LOG_2PI, log_normal_std
+from vae_core.rng import keyed_rng
 
 BLOCK = 1024
 PRIOR_FILE = "prior.npz"
@@ -127,12 +128,11 @@ class GaussianMixture:
         for b in range(first, last + 1):
             lo = max(start, b * BLOCK) - b * BLOCK
             hi = min(start + n, (b + 1) * BLOCK) - b * BLOCK
-            eps = np.random.default_rng([seed, b]).standard_normal((BLOCK, k),
-                                                                   dtype=np.float32)[lo:hi]
+            eps = keyed_rng(seed, b).standard_normal((BLOCK, k), dtype=np.float32)[lo:hi]
             if cdf is None:
                 out[pos : pos + hi - lo] = eps
             else:
-                u = np.random.default_rng([seed, b, 1]).random(BLOCK)[lo:hi]
+                u = keyed_rng(seed, b, 1).random(BLOCK)[lo:hi]
                 comp = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
                 out[pos : pos + hi - lo] = self._transform(comp, eps)
             pos += hi - lo

@@ -1,0 +1,39 @@
+"""Random streams addressed by keys of non-negative integers: (seed, index) and the like.
+
+numpy seeds a generator from a list of integers by joining their 32-bit words, so the keys
+[s + 2**32 h, b] and [s, h, b] name one stream, and a short list is padded with zeros, so
+[s, h, 0] is [s, h]: Sample(seed=2**32 + 5) gave the images 1024 - 2047 of Sample(seed=5).
+`key_words` keeps numpy's list for keys whose values all fit in 32 bits, the keys of every
+output before this module, and gives any other key its own words: each value's length and
+32-bit words, and a mark that no key of the first form ends with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_WORD = 2**32
+_MARK = 0x5EED_C0DE  # ends every key of the second form (no small key has 5 words or more)
+
+
+def key_words(*key: int) -> list[int]:
+    """The entropy words of `key` for numpy's SeedSequence (see the module's doc)."""
+    if all(0 <= v < _WORD for v in key):
+        return [int(v) for v in key]
+    words: list[int] = []
+    for v in key:
+        if v < 0:
+            raise ValueError(f"a stream key holds non-negative integers, not {v}")
+        parts = []
+        while True:
+            parts.append(int(v) % _WORD)
+            v = int(v) // _WORD
+            if not v:
+                break
+        words += [len(parts), *parts]
+    return [*words, _MARK]
+
+
+def keyed_rng(*key: int) -> np.random.Generator:
+    """The generator of the stream named by `key`."""
+    return np.random.default_rng(key_words(*key))

@@ -1,0 +1,46 @@
+"""vae_core.rng: the streams of keys whose values fit in 32 bits are numpy's own (every
+earlier seeded output stays what it was), and keys with larger values no longer share a
+stream with another key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vae_core import likelihood as lk
+from vae_core.prior import BLOCK, GaussianMixture
+from vae_core.rng import key_words, keyed_rng
+
+BIG = 2**32
+
+
+@pytest.mark.parametrize("key", [(0, 0), (5, 1), (2**32 - 1, 7, 1), (20261124, 499)])
+def test_small_keys_are_numpy_s_own_streams(key):
+    np.testing.assert_array_equal(keyed_rng(*key).random(8),
+                                  np.random.default_rng(list(key)).random(8))
+
+
+def test_large_keys_have_streams_of_their_own():
+    keys = [(5, 1), (5, 1, 0), (BIG + 5, 0), (BIG + 5, 2), (5, 1, 2), (BIG + 5, 1),
+            (5, BIG + 1), (5 + 2 * BIG, 1), (5, 1 + 2 * BIG), (BIG + 5, 2, 1), (2**64 + 3, 0)]
+    draws = {key: tuple(keyed_rng(*key).integers(0, 2**63, 4)) for key in keys}
+    # (5, 1) and (5, 1, 0) are one stream, as in numpy (a short key is padded with zeros);
+    # every other pair differs.
+    assert draws[(5, 1)] == draws[(5, 1, 0)]
+    others = [draws[key] for key in keys if key != (5, 1, 0)]
+    assert len(set(others)) == len(others)
+    with pytest.raises(ValueError):
+        key_words(-1, BIG)
+
+
+def test_a_large_seed_is_not_another_seed_s_later_images():
+    """Before: Sample(seed=2**32 + 5) gave the images 1024 - 2047 of Sample(seed=5) under
+    N(0, I), and LogLikelihood with seed 2**32 + 5 the noise of seed 5 at offset 1."""
+    prior = GaussianMixture.standard(4)
+    assert not np.array_equal(prior.latents(BIG + 5, 0, BLOCK), prior.latents(5, BLOCK, BLOCK))
+    assert not np.array_equal(lk.score_noise(BIG + 5, 0, 1, 8, 4),
+                              lk.score_noise(5, 1, 1, 8, 4))
+    # An offset past 2**32 draws its own noise, not image i's dequantisation noise.
+    pixels = np.zeros((1, 784), np.uint8)
+    assert not np.array_equal(lk.dequantize(pixels, 5, BIG + 1),
+                              lk.dequantize(pixels, 5 + BIG, 1))
