@@ -576,3 +576,19 @@ def test_a_failed_model_run_is_internal_for_its_callers_only(model_dir, referenc
         assert err.value.code == grpc.StatusCode.INTERNAL
         z = np.zeros((2, k), np.float32)
         np.testing.assert_array_equal(c.decode(z).reshape(2, -1), reference.decode(z))
+
+
+def test_a_bernoulli_model_scores_uint8_digits_binarised(bernoulli_model_dir, digits):
+    """A Bernoulli decoder's probability is of binary images: uint8 digits are binarised
+    (x ~ Bernoulli(y / 255), drawn from the seed), as vae-export eval and the calibration
+    score them. Before, they were dequantised to grey levels, whose 'log-likelihood' under a
+    Bernoulli decoder is no probability of any image."""
+    reference = OnnxVAE(bernoulli_model_dir)
+    assert reference.manifest["calibration"]["data"].endswith("binarised")
+    x = lk.binarize(digits[:6].reshape(6, -1), 9)
+    assert set(np.unique(x).tolist()) == {0.0, 1.0}
+    expected = reference.score(x, 50, 9)
+    with server_thread(bernoulli_model_dir) as srv, VaeClient(srv.target) as c:
+        got = c.log_likelihood(digits[:6], k=50, seed=9)
+    np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood, rtol=1e-5)
+    np.testing.assert_allclose(got.bits_per_dim, expected.bits_per_dim, rtol=1e-5)

@@ -146,6 +146,27 @@ def dequantize(pixels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
     return out
 
 
+def binarize(pixels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
+    """uint8 images [n, D] -> float32 binary images x ~ Bernoulli(y / 255) (dynamic
+    binarisation, what a Bernoulli decoder scores), image i's draws from the generator of
+    (seed, start + i, 1) alone, as `dequantize`'s."""
+    pixels = np.asarray(pixels)
+    out = np.empty(pixels.shape, dtype=np.float32)
+    for j in range(len(pixels)):
+        u = keyed_rng(seed, start + j, 1).random(pixels.shape[1:], dtype=np.float32)
+        out[j] = u < pixels[j].astype(np.float32) / np.float32(255.0)
+    return out
+
+
+def scored_inputs(pixels: np.ndarray, likelihood: str, seed: int, start: int = 0) -> np.ndarray:
+    """uint8 images as a model of `likelihood` scores them: dequantised for the Gaussian
+    decoder, whose density is of continuous pixels; binarised for the Bernoulli decoder,
+    whose probability is of binary images."""
+    if likelihood == BERNOULLI:
+        return binarize(pixels, seed, start)
+    return dequantize(pixels, seed, start)
+
+
 def to_unit(pixels: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 in [0, 1] (y / 255): the serving and display scale."""
     return (pixels.astype(np.float32) / np.float32(255.0)).astype(np.float32)

@@ -219,16 +219,16 @@ def calibrate_sigma(model: OnnxVAE, x: np.ndarray, k_samples: int, seed: int,
     return round(float(fine[int(np.argmax([mean_log_px(s) for s in fine]))]), 6)
 
 
-def validation_inputs(val: Digits) -> np.ndarray:
-    """A run's validation digits (data.run_split), dequantised as the calibration scores
-    them."""
-    return lk.dequantize(val.images.reshape(len(val), -1), CALIBRATION_SEED)
+def validation_inputs(val: Digits, likelihood: str = lk.GAUSSIAN) -> np.ndarray:
+    """A run's validation digits (data.run_split) as the calibration scores them: dequantised
+    for the Gaussian decoder, binarised for the Bernoulli one (lk.scored_inputs)."""
+    return lk.scored_inputs(val.images.reshape(len(val), -1), likelihood, CALIBRATION_SEED)
 
 
 def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
     """Quantiles of the validation digits' log p(x) estimate, scored by the exported ONNX
     models with the same code the server runs."""
-    x = validation_inputs(run_split(train)[1])
+    x = validation_inputs(run_split(train)[1], manifest["likelihood"])
     # Manifest's calibration entry must exist before OnnxVAE reads it; write a provisional one.
     provisional = dict(manifest, calibration={})
     (out / MANIFEST).write_text(json.dumps(provisional))
@@ -248,7 +248,8 @@ def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> di
         "k": CALIBRATION_K,
         "seed": CALIBRATION_SEED,
         "n": int(len(x)),
-        "data": "validation split of the training data, dequantised",
+        "data": "validation split of the training data, "
+                + ("binarised" if manifest["likelihood"] == lk.BERNOULLI else "dequantised"),
         "levels": [round(float(v), 6) for v in CALIBRATION_LEVELS],
         # At CALIBRATION_K; `by_k` holds the table of each K, which the server uses.
         "quantiles": tables[CALIBRATION_K],

@@ -309,7 +309,8 @@ class VaeServicer:
             x = req.images
             if x.dtype == np.uint8:  # float images are scored as they are: no hop for them
                 x = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, lk.dequantize, x, req.seed, req.offset)
+                    self.executor, lk.scored_inputs, x, self.runtime.likelihood, req.seed,
+                    req.offset)
             mu, logvar = await self.encoder.submit(x, deadline)
             # Instances with nothing else to do share the call: a lone image's samples are
             # split among them, several images are spread over them. Under load, when none
