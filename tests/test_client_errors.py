@@ -4,15 +4,12 @@ a broken stream offers a resume offset only where the same request can succeed."
 from __future__ import annotations
 
 import pickle
-import struct
-import zlib
 
 import grpc
 import pytest
 
 from vae_client import VaeError
 from vae_client.errors import stream_error
-from vae_client.images import ImageFileError, decode_png
 
 
 def test_a_vae_error_pickles_as_itself():
@@ -46,17 +43,3 @@ def test_a_stream_error_offers_a_resume_only_where_it_can_help(code, resumable):
     assert err.code == code
     assert (err.resume_offset == 40) == resumable
     assert ("offset=40 resumes it" in str(err)) == resumable
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return (struct.pack(">I", len(body)) + kind + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-
-
-def test_a_palette_of_a_length_not_a_multiple_of_three_is_refused():
-    """Before: a plain ValueError from numpy's reshape, a traceback in the CLI."""
-    png = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 3, 0, 0, 0))
-           + _chunk(b"PLTE", b"\x00\x00\x00\xff") + _chunk(b"IDAT", zlib.compress(b"\x00" * 29 * 28))
-           + _chunk(b"IEND", b""))
-    with pytest.raises(ImageFileError, match="PLTE chunk of 4 bytes"):
-        decode_png(png, "bad.png")

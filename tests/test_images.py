@@ -157,6 +157,34 @@ def test_low_bit_depth_gray_and_palette(depth):
     np.testing.assert_array_equal(decode_png(png), expected)
 
 
+def test_transparency_of_a_trns_chunk_is_composited_over_black():
+    """A white digit on a transparent background, as a palette or a gray PNG with a tRNS
+    chunk (what Pillow writes for a quantised RGBA digit). Before, tRNS was ignored and the
+    palette image read all white."""
+    digit = np.zeros((6, 5), np.uint8)
+    digit[1:5, 2] = 1  # palette index 1: the stroke
+    palette = chunk(b"PLTE", bytes([255, 255, 255, 255, 255, 255]))  # both entries white
+    alphas = chunk(b"tRNS", bytes([0]))  # entry 0 transparent; entry 1 opaque (omitted)
+    png = make_png(rows_of(digit), 5, 8, 3, [0] * 6, 1, extra=palette + alphas)
+    np.testing.assert_array_equal(decode_png(png), digit * 255)
+    # Gray: the value 200 is transparent, every other opaque.
+    gray = np.where(digit == 1, 255, 200).astype(np.uint8)
+    png = make_png(rows_of(gray), 5, 8, 0, [0] * 6, 1,
+                   extra=chunk(b"tRNS", struct.pack(">H", 200)))
+    np.testing.assert_array_equal(decode_png(png), digit * 255)
+    with pytest.raises(ImageFileError, match="tRNS chunk of 6 bytes for colour type 0"):
+        decode_png(make_png(rows_of(gray), 5, 8, 0, [0] * 6, 1,
+                            extra=chunk(b"tRNS", bytes(6))))
+
+
+def test_a_palette_of_a_length_not_a_multiple_of_three_is_refused():
+    """Before: a plain ValueError from numpy's reshape, a traceback in the CLI."""
+    png = make_png(rows_of(np.zeros((2, 2), np.uint8)), 2, 8, 3, [0, 0], 1,
+                   extra=chunk(b"PLTE", b"\x00\x00\x00\xff"))
+    with pytest.raises(ImageFileError, match="PLTE chunk of 4 bytes"):
+        decode_png(png)
+
+
 def test_png_from_pillow_if_installed(tmp_path):
     """Cross-check against an independent encoder (Pillow chooses its own filters)."""
     image = pytest.importorskip("PIL.Image")

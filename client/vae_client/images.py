@@ -124,12 +124,15 @@ def _samples(rows: np.ndarray, width: int, channels: int, depth: int) -> np.ndar
 def decode_png(data: bytes, name: str = "<png>") -> np.ndarray:
     """The bytes of a PNG -> uint8 grayscale [H, W].
 
-    Colour becomes gray by BT.601 luma; alpha is composited over black (the MNIST background);
-    16-bit samples are rounded to 8 bits and 1/2/4-bit grays are scaled to 0..255.
+    Colour becomes gray by BT.601 luma; alpha, an alpha channel's or a tRNS chunk's (palette
+    alphas, or the one transparent gray or colour), is composited over black (the MNIST
+    background); 16-bit samples are rounded to 8 bits and 1/2/4-bit grays are scaled to
+    0..255.
     Interlaced (Adam7) PNGs are not supported. Chunk CRCs are checked."""
     if not data.startswith(PNG_SIGNATURE):
         raise ImageFileError(f"{name}: not a PNG file (bad signature)")
     pos, header, palette, idat = len(PNG_SIGNATURE), None, None, []
+    transparency: bytes | None = None
     while True:
         if pos + 8 > len(data):
             raise ImageFileError(f"{name}: truncated (no IEND chunk)")
@@ -150,6 +153,8 @@ def decode_png(data: bytes, name: str = "<png>") -> np.ndarray:
                 raise ImageFileError(f"{name}: a PLTE chunk of {length} bytes (not a multiple "
                                      "of 3)")
             palette = np.frombuffer(body, dtype=np.uint8).reshape(-1, 3)
+        elif kind == b"tRNS":
+            transparency = body
         elif kind == b"IDAT":
             idat.append(body)
         elif kind == b"IEND":
@@ -181,7 +186,21 @@ def decode_png(data: bytes, name: str = "<png>") -> np.ndarray:
             raise ImageFileError(f"{name}: palette image without a PLTE chunk")
         if int(px.max()) >= len(palette):
             raise ImageFileError(f"{name}: palette index out of range")
-        px, depth = palette[px[:, :, 0]], 8
+        index = px[:, :, 0]
+        px, depth = palette[index], 8
+        if transparency is not None:  # an alpha for each of the first palette entries
+            alpha = np.full(len(palette), 255, np.uint8)
+            given = np.frombuffer(transparency, np.uint8)[: len(palette)]
+            alpha[: len(given)] = given
+            px = np.concatenate([px, alpha[index][:, :, None]], axis=2)
+    elif color in (0, 2) and transparency is not None:  # one gray or colour is transparent
+        if len(transparency) != 2 * channels:
+            raise ImageFileError(f"{name}: a tRNS chunk of {len(transparency)} bytes for "
+                                 f"colour type {color} (expected {2 * channels})")
+        key = np.frombuffer(transparency, ">u2").astype(np.int64)
+        opaque = ~np.all(px.astype(np.int64) == key, axis=2)
+        px = np.concatenate([px, (opaque * ((1 << depth) - 1)).astype(px.dtype)[:, :, None]],
+                            axis=2)
     maxval = (1 << depth) - 1
     px = px.astype(np.float64)
     gray = px[:, :, :3] @ _LUMA if px.shape[2] >= 3 else px[:, :, 0]
