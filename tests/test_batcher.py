@@ -426,9 +426,9 @@ def test_waiting_for_room_returns_once_images_leave_the_queue(executor):
         order: list[str] = []
 
         async def chunk(name: str, start: int) -> list[np.ndarray]:
-            await b.wait_room(4)
-            order.append(name)
-            return await b.submit(rows(start, 4))
+            with await b.wait_room(4) as room:
+                order.append(name)
+                return await b.submit(rows(start, 4), reservation=room)
 
         first = asyncio.ensure_future(chunk("first", 20))
         second = asyncio.ensure_future(chunk("second", 30))
@@ -437,6 +437,8 @@ def test_waiting_for_room_returns_once_images_leave_the_queue(executor):
         with pytest.raises(QueueFull):
             b.check_room(1)  # a new call is still refused
         room.__exit__(None, None, None)  # the reservation is released: room for one
+        with pytest.raises(QueueFull, match="of calls under way"):
+            b.check_room(1)  # ... which a new call does not take from the waiters
         await asyncio.sleep(0.05)
         assert order == ["first"]
         model.gate.set()  # the runs go on: room for the second

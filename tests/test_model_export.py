@@ -196,9 +196,10 @@ def test_calibration_is_reproducible_with_onnx_runtime(model_dir: Path) -> None:
 
 
 def test_held_out_digits_are_flagged_at_the_advertised_rate_whatever_k(model_dir: Path) -> None:
-    """Before, every K was compared with the estimates made with K = 100: scored with K = 1
+    """Before, every K was compared with the estimates made with K = 100: scored with K = 2
     (a lower estimate), the validation digits themselves were flagged about twice as often
-    as the 1 % the flag stands for."""
+    as the 1 % the flag stands for. The Ks here are not rungs of the calibration's ladder,
+    whose own tables hold for its digits by construction."""
     from vae_core.calibration import Calibration
     from vae_export.data import stratified_split
 
@@ -209,7 +210,7 @@ def test_held_out_digits_are_flagged_at_the_advertised_rate_whatever_k(model_dir
     _, val_idx = stratified_split(digits.labels, 0.1, 0)
     x = lk.dequantize(digits.images[val_idx].reshape(len(val_idx), -1), cal["seed"])
     model = OnnxVAE(model_dir, threads=1)
-    for k in (1, 2, 10, 100):
+    for k in (2, 5, 20, 50):  # between the calibrated Ks: read between their tables
         pct = calibration.percentile(model.score(x, k, cal["seed"]).log_likelihood, k)
         assert np.mean(pct < cal["anomaly_percentile"]) <= 0.012, k
         assert 46 <= np.median(pct) <= 54, k

@@ -361,6 +361,10 @@ def test_sample_with_latents_over_the_message_limit_is_refused_before_the_work(m
             assert list(reply.latents.shape) == [fit, k]
             assert len(stub.Sample(vae_pb2.SampleRequest(n=n), timeout=10).images.data) == \
                 n * 784 * 4
+            # uint8 images are a quarter the size: with their latents, n of them fit.
+            reply = stub.Sample(vae_pb2.SampleRequest(n=n, return_latents=True,
+                                                      output_dtype=vae_pb2.UINT8), timeout=10)
+            assert list(reply.latents.shape) == [n, k]
 
 
 def test_client_errors_carry_the_status_code(client):

@@ -145,6 +145,10 @@ def test_a_stream_that_brought_every_image_is_complete_whatever_breaks_after(
         chunks = list(c.sample_stream(20, seed=4, chunk_size=10))
     assert [offset for offset, _ in chunks] == [0, 10]
     assert len(seen) == 1  # nothing left to resume
+    # A request past its own end is still the server's error, not an empty stream.
+    with VaeClient(target) as c, pytest.raises(VaeError) as err:
+        list(c.sample_stream(20, seed=4, chunk_size=10, offset=20))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_the_async_client_too(breaks_after_the_last_chunk):

@@ -343,9 +343,10 @@ def _sample_stream(client: VaeClient, args: argparse.Namespace, chunk_size: int,
             fetch(*ranges[0], bar)
         else:
             with concurrent.futures.ThreadPoolExecutor(len(ranges)) as pool:
+                futures = [pool.submit(fetch, lo, hi, bar) for lo, hi in ranges]
                 try:
-                    for future in [pool.submit(fetch, lo, hi, bar) for lo, hi in ranges]:
-                        future.result()
+                    for future in concurrent.futures.as_completed(futures):
+                        future.result()  # the first to fail raises here, whichever it is
                 except BaseException:
                     stop.set()
                     raise

@@ -104,7 +104,7 @@ class AsyncVaeClient:
                     progressed = True
                 return
             except grpc.RpcError as err:
-                if resume >= n:  # every image came (VaeClient.sample_stream)
+                if offset < n <= resume:  # every image came (VaeClient.sample_stream)
                     return
                 if not stream_resumable(err, progressed, self.retries):
                     raise stream_error(err, resume) from None

@@ -230,7 +230,15 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
                                     chunk_size)] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                on_done(pending.pop(ref), ray.get(ref))
+                try:
+                    digest = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    # The task's own error (a VaeError, say), not Ray's report of it with the
+                    # worker's traceback in its message.
+                    if isinstance(exc.cause, Exception):
+                        raise exc.cause from None
+                    raise
+                on_done(pending.pop(ref), digest)
     finally:
         if started_here:
             ray.shutdown()

@@ -119,7 +119,7 @@ class VaeClient:
                     progressed = True
                 return
             except grpc.RpcError as err:
-                if resume >= n:  # every image came: what broke after them loses nothing
+                if offset < n <= resume:  # every image came: what broke after them loses nothing
                     return
                 if not stream_resumable(err, progressed, self.retries):
                     raise stream_error(err, resume) from None

@@ -155,6 +155,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reserved = 0  # images of Reservations not yet submitted
         self._room_waiters: list[asyncio.Future[None]] = []  # wait_room's callers
+        self._waiting = 0  # the images they wait to submit
         # Calls in the last batch: under steady load, about as many arrive for the next one.
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
@@ -186,9 +187,12 @@ class Batcher:
         """Raise QueueFull (or ShuttingDown when closed) unless `n` more images fit."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry")
-        if self._queued_images + self._reserved + n > self.max_queue:
+        # Work of admitted calls waiting for room (wait_room) keeps its place: a new call
+        # does not take the room it waits for, or a stream could wait for ever.
+        if self._queued_images + self._reserved + self._waiting + n > self.max_queue:
             self.dropped["queue_full"] += 1
             held = f" and {self._reserved} reserved" if self._reserved else ""
+            held += f" and {self._waiting} of calls under way" if self._waiting else ""
             raise QueueFull(
                 f"queue full: {self._queued_images} images waiting{held}, the limit is "
                 f"{self.max_queue}; retry later"
@@ -202,32 +206,37 @@ class Batcher:
         self._reserved += n
         return Reservation(self, n)
 
-    async def wait_room(self, n: int, deadline: float | None = None) -> None:
-        """Return once `n` more images fit (a submit() straight after, with no await between,
-        is then admitted): for work of a call already admitted, which the queue paces rather
-        than refuses. Raises ShuttingDown when the batcher closes, DeadlineExpired at
-        `deadline`, and QueueFull at once if `n` images can never fit."""
+    async def wait_room(self, n: int, deadline: float | None = None) -> Reservation:
+        """Room for `n` images, held for the caller (a Reservation, as reserve() gives) once
+        it is free: for work of a call already admitted, which the queue paces rather than
+        refuses. While it waits, new calls do not take the room it waits for. Raises
+        ShuttingDown when the batcher closes, DeadlineExpired at `deadline`, and QueueFull at
+        once if `n` images can never fit."""
         if n > self.max_queue:
             self.check_room(n)
         loop = self._loop or asyncio.get_running_loop()
         while True:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry")
+            # Other waiters' images are not counted: woken together, each takes what is free.
             if self._queued_images + self._reserved + n <= self.max_queue:
-                return
+                self._reserved += n
+                return Reservation(self, n)
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 self.dropped["deadline"] += 1
                 raise DeadlineExpired("deadline expired while waiting for room in the queue")
             waiter: asyncio.Future[None] = loop.create_future()
             self._room_waiters.append(waiter)
+            self._waiting += n
             try:
                 await asyncio.wait_for(waiter, timeout)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 self.dropped["deadline"] += 1
                 raise DeadlineExpired("deadline expired while waiting for room in the "
                                       "queue") from None
             finally:
+                self._waiting -= n
                 if waiter in self._room_waiters:
                     self._room_waiters.remove(waiter)
 

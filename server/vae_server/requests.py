@@ -109,8 +109,9 @@ def sample(raw: bytes, limits: Limits) -> SampleInput:
     if request.return_latents and limits.max_message_bytes is not None:
         # The images alone fit (vae_server.config checks max_sample_n); with the latents
         # beside them they may not, and the reply would fail after the work.
-        fit = (limits.max_message_bytes - REPLY_OVERHEAD) // ((limits.pixels
-                                                                + limits.latent_dim) * 4)
+        pixel_bytes = 1 if dtype == vae_pb2.UINT8 else 4
+        fit = (limits.max_message_bytes - REPLY_OVERHEAD) // (limits.pixels * pixel_bytes
+                                                              + limits.latent_dim * 4)
         if n > fit:
             raise InvalidArgument(f"n: {n} images with return_latents make a reply over the "
                                   f"{limits.max_message_bytes}-byte message limit; the most "

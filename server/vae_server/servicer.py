@@ -250,15 +250,15 @@ class VaeServicer:
             # The stream was admitted on its first chunk (below): each chunk waits for room
             # in the queue rather than break off a stream under way, whether other calls
             # fill the queue or the queue holds fewer than AHEAD chunks.
-            await self.decoder.wait_room(chunk.rows, deadline)
-            if chunk.rows <= self.decoder.max_batch:
-                # One decoder job: its noise, its run and its reply bytes (the uint8
-                # conversion, the one copy of the pixels) in the thread that runs the batch.
-                return chunk.rows, await self.decoder.submit_job(chunk, deadline)
-            # A chunk larger than one batch is split into batches that the idle instances
-            # run at once (as one job they would run one after another in one thread); its
-            # noise and its reply leave the event loop too.
-            with self.decoder.reserve(chunk.rows) as room:
+            with await self.decoder.wait_room(chunk.rows, deadline) as room:
+                if chunk.rows <= self.decoder.max_batch:
+                    # One decoder job: its noise, its run and its reply bytes (the uint8
+                    # conversion, the one copy of the pixels) in the thread that runs the
+                    # batch.
+                    return chunk.rows, await self.decoder.submit_job(chunk, deadline, room)
+                # A chunk larger than one batch is split into batches that the idle
+                # instances run at once (as one job they would run one after another in one
+                # thread); its noise and its reply leave the event loop too.
                 z = await loop.run_in_executor(self.executor, chunk.make_rows)
                 outputs = await self.decoder.submit(z, deadline, room)
             return chunk.rows, await loop.run_in_executor(self.executor, chunk.finish, outputs)
