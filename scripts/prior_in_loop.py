@@ -45,7 +45,13 @@ from vae_export.evaluate import Judge, evaluate, model_split, sample_quality
 from vae_export.model import VAE, load_checkpoint, save_checkpoint
 from vae_export.onnx_export import export_onnx
 from vae_export.prior_fit import PriorConfig, fit_prior
-from vae_export.train import deform, fit_model_prior, prepare_inputs, training_codes
+from vae_export.train import (
+    deform,
+    epoch_lr,
+    fit_model_prior,
+    prepare_inputs,
+    training_codes,
+)
 
 
 class ClassMixture(nn.Module):
@@ -125,14 +131,14 @@ def train_in_loop(cfg: TrainConfig, warm: int, components: int
     val = -math.inf
     for epoch in range(1, cfg.epochs + 1):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
+            group["lr"] = epoch_lr(cfg, epoch)
         if epoch == warm + 1:
             model.eval()
             codes = PriorConfig(components=components, codes="mean", temperature=1.0)
             prior = ClassMixture(fit_prior(*training_codes(model, train_px, codes),
                                            labels.numpy(), codes))
             opt.add_param_group({"params": list(prior.parameters()),
-                                "lr": opt.param_groups[0]["lr"]})
+                                "lr": epoch_lr(cfg, epoch)})
         model.train()
         x_train = prepare_inputs(deform(pixels, cfg, gen), GAUSSIAN, gen)
         for idx in torch.randperm(len(x_train), generator=gen).split(cfg.batch_size):
@@ -197,12 +203,12 @@ def main() -> int:
     means = PriorConfig(codes="mean", temperature=1.0)
     train = model_split(OnnxVAE(refitted_run / "model"))[0]
     at_means = fit_prior(*training_codes(network, train.images, means), train.labels, means)
-    for name, run, prior in (("learned in the loop", learned_run, None),
-                             ("learned, narrowed by the default's temperature", learned_run,
-                              narrowed),
-                             ("refitted after training, as the default", refitted_run, None),
-                             ("refitted around the encoder's means, temperature 1",
-                              refitted_run, at_means)):
+    judged: list[tuple[str, Path, GaussianMixture | None]] = [  # None: the exported prior
+        ("learned in the loop", learned_run, None),
+        ("learned, narrowed by the default's temperature", learned_run, narrowed),
+        ("refitted after training, as the default", refitted_run, None),
+        ("refitted around the encoder's means, temperature 1", refitted_run, at_means)]
+    for name, run, prior in judged:
         model = OnnxVAE(run / "model")
         if prior is not None:
             model.prior = prior

@@ -16,7 +16,7 @@ from vae_core import likelihood as lk
 from vae_core.calibration import Calibration
 from vae_core.onnx_model import OnnxVAE
 from vae_proto import vae_pb2, vae_pb2_grpc
-from vae_server.config import REPLY_OVERHEAD
+from vae_proto.tensor import MESSAGE_OVERHEAD
 
 pytestmark = pytest.mark.e2e
 
@@ -342,11 +342,11 @@ def test_oversized_message_is_refused_by_grpc(model_dir):
 def test_sample_with_latents_over_the_message_limit_is_refused_before_the_work(model_dir):
     """333 float32 images fit in 1 MiB, but not with their latents beside them. Before, the
     decoder ran and the reply then failed to send: RESOURCE_EXHAUSTED, counted as OK."""
-    n = (2**20 - REPLY_OVERHEAD) // (784 * 4)
+    n = (2**20 - MESSAGE_OVERHEAD) // (784 * 4)
     with server_thread(model_dir, max_message_mb=1, max_sample_n=n, max_chunk_size=256,
                        default_chunk_size=256, max_images_per_request=256) as srv:
         k = srv.running.servicer.runtime.latent_dim
-        fit = (2**20 - REPLY_OVERHEAD) // ((784 + k) * 4)
+        fit = (2**20 - MESSAGE_OVERHEAD) // ((784 + k) * 4)
         assert fit < n
         channel, stub = _raw_stub(srv)
         with channel:

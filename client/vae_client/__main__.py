@@ -27,13 +27,14 @@ from typing import TypeAlias
 import numpy as np
 
 from vae_client import cli_io
-from vae_client.channel import Security, read_token_file
+from vae_client.channel import DEFAULT_MAX_MESSAGE_MB, Security, read_token_file
 from vae_client.cli_io import CliError, ImageSink, Progress
 from vae_client.client import VaeClient
 from vae_client.errors import VaeError
 from vae_client.images import ImageFileError
 from vae_core.rng import key_words
 from vae_core.security import SecurityFileError
+from vae_proto.tensor import images_per_message
 from vae_proto.vae_pb2 import ModelInfo
 
 PROG = "vae-client"
@@ -102,12 +103,6 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 # -- helpers --------------------------------------------------------------------------------
 
 
-# The largest message the CLI's client takes (VaeClient's default), and a message's bytes
-# beyond its arrays, with room.
-CLIENT_MESSAGE_BYTES = 64 * 1024 * 1024
-MESSAGE_OVERHEAD = 4096
-
-
 def _connect(args: argparse.Namespace) -> VaeClient:
     timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
     return VaeClient(args.target, timeout=timeout, security=args.security)
@@ -142,8 +137,8 @@ def _max_images(info: ModelInfo) -> int:
     """Most images per request: the server's per-request limit, no more than its queue holds
     (a call larger than the queue is refused whatever the load), and no more float32 images
     than a message carries, the server's or this client's (VaeClient's 64 MiB)."""
-    message = min(info.limits.max_message_bytes or CLIENT_MESSAGE_BYTES, CLIENT_MESSAGE_BYTES)
-    fit = (message - MESSAGE_OVERHEAD) // (28 * 28 * 4)
+    own = DEFAULT_MAX_MESSAGE_MB * 1024 * 1024  # what _connect's client takes
+    fit = images_per_message(min(info.limits.max_message_bytes or own, own))
     return max(1, min(info.limits.max_images_per_request, info.batching.max_queue_images, fit))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from vae_client import _codec
 from vae_client._codec import Scores
 from vae_client.channel import (
+    DEFAULT_MAX_MESSAGE_MB,
     DEFAULT_RETRIES,
     PemSource,
     Security,
@@ -29,7 +30,7 @@ class AsyncVaeClient:
     TLS and token options are those of VaeClient.
     """
 
-    def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = 64,
+    def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
                  channel: grpc.aio.Channel | None = None, *, tls: bool = False,
                  tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
                  tls_key: PemSource | None = None, tls_server_name: str | None = None,

@@ -124,6 +124,7 @@ def resolve_security(security: Security | None, channel: object | None = None,
 # retries cannot multiply an overload. Every vae.v1 call is a pure function of its request
 # (seeds included), so a retried call gives the answer the first would have.
 DEFAULT_RETRIES = 4  # attempts after the first; gRPC allows at most 4
+DEFAULT_MAX_MESSAGE_MB = 64  # the largest message a client sends or receives
 
 
 # A target may name several servers (`ipv4:10.0.0.1:50051,10.0.0.2:50051`, or a DNS name
@@ -158,7 +159,8 @@ def retry_options(retries: int) -> list[tuple[str, Any]]:
 
 
 def create_channel(target: str, security: Security | None = None,
-                   max_message_mb: int = 64, retries: int = DEFAULT_RETRIES) -> grpc.Channel:
+                   max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+                   retries: int = DEFAULT_RETRIES) -> grpc.Channel:
     """A synchronous channel to `target` with `security` (default: plaintext, no token),
     retrying refused and unreachable calls up to `retries` times."""
     sec = security or Security()
@@ -171,7 +173,7 @@ def create_channel(target: str, security: Security | None = None,
 
 
 def create_aio_channel(target: str, security: Security | None = None,
-                       max_message_mb: int = 64, retries: int = DEFAULT_RETRIES
+                       max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, retries: int = DEFAULT_RETRIES
                        ) -> grpc.aio.Channel:
     """An asyncio channel to `target`, as create_channel."""
     sec = security or Security()

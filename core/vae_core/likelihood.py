@@ -139,23 +139,25 @@ def dequantize(pixels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
     the generator seeded by (seed, start + i, 1) alone: a set split into parts dequantises
     exactly as the whole. (score_noise uses (seed, index): the two never share a stream.)"""
     pixels = np.asarray(pixels)
-    out = np.empty(pixels.shape, dtype=np.float32)
-    for j in range(len(pixels)):
-        u = keyed_rng(seed, start + j, 1).random(pixels.shape[1:], dtype=np.float32)
-        out[j] = (pixels[j].astype(np.float32) + u) / np.float32(PIXEL_LEVELS)
-    return out
+    u = _pixel_noise(pixels.shape, seed, start)
+    return (pixels.astype(np.float32) + u) / np.float32(PIXEL_LEVELS)
 
 
 def binarize(pixels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
     """uint8 images [n, D] -> float32 binary images x ~ Bernoulli(y / 255) (dynamic
-    binarisation, what a Bernoulli decoder scores), image i's draws from the generator of
-    (seed, start + i, 1) alone, as `dequantize`'s."""
+    binarisation, what a Bernoulli decoder scores), from the same uniforms as `dequantize`."""
     pixels = np.asarray(pixels)
-    out = np.empty(pixels.shape, dtype=np.float32)
-    for j in range(len(pixels)):
-        u = keyed_rng(seed, start + j, 1).random(pixels.shape[1:], dtype=np.float32)
-        out[j] = u < pixels[j].astype(np.float32) / np.float32(255.0)
-    return out
+    u = _pixel_noise(pixels.shape, seed, start)
+    return (u < pixels.astype(np.float32) / np.float32(255.0)).astype(np.float32)
+
+
+def _pixel_noise(shape: tuple[int, ...], seed: int, start: int) -> np.ndarray:
+    """u ~ U[0, 1) float32 of `shape` [n, ...]: image i's from the generator of
+    (seed, start + i, 1) alone."""
+    u = np.empty(shape, dtype=np.float32)
+    for j in range(shape[0]):
+        u[j] = keyed_rng(seed, start + j, 1).random(shape[1:], dtype=np.float32)
+    return u
 
 
 def scored_inputs(pixels: np.ndarray, likelihood: str, seed: int, start: int = 0) -> np.ndarray:

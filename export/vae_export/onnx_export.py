@@ -237,12 +237,10 @@ def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> di
         # The quantiles are those of the scoring sigma (the caller writes it to the manifest).
         manifest["sigma"] = model.sigma = calibrate_sigma(model, x, CALIBRATION_K,
                                                           CALIBRATION_SEED)
-    tables = {}
-    for k in CALIBRATION_KS:
-        scores_k = model.score(x, k, CALIBRATION_SEED)
-        tables[k] = [float(v) for v in np.quantile(scores_k.log_likelihood, CALIBRATION_LEVELS)]
-        if k == CALIBRATION_K:
-            scores = scores_k
+    by_k = {k: model.score(x, k, CALIBRATION_SEED) for k in CALIBRATION_KS}
+    tables = {k: [float(v) for v in np.quantile(s.log_likelihood, CALIBRATION_LEVELS)]
+              for k, s in by_k.items()}
+    scores = by_k[CALIBRATION_K]
     return {
         "score": "log_likelihood",
         "k": CALIBRATION_K,

@@ -54,6 +54,14 @@ def deform(pixels: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torc
     return perturb(pixels, gen, cfg.perturb) if cfg.perturb > 0 else pixels
 
 
+def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch 1 .. cfg.epochs: cfg.lr, decayed to 0 along a half cosine
+    when cfg.cosine."""
+    if not cfg.cosine:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
+
+
 @torch.no_grad()
 def evaluate_elbo(model: VAE, x: torch.Tensor, seed: int) -> float:
     """Mean ELBO (nats per image) with fixed noise, so epochs compare like with like."""
@@ -96,8 +104,7 @@ def train(
     for epoch in bar:
         if train_cfg.cosine:
             for group in opt.param_groups:
-                group["lr"] = train_cfg.lr * 0.5 * (
-                    1 + math.cos(math.pi * (epoch - 1) / train_cfg.epochs))
+                group["lr"] = epoch_lr(train_cfg, epoch)
         beta = min(1.0, epoch / train_cfg.warmup_epochs) if train_cfg.warmup_epochs else 1.0
         model.train()
         x_train = prepare_inputs(deform(pixels, train_cfg, gen), model_cfg.likelihood, gen)

@@ -176,3 +176,13 @@ def message_bytes(*fields: bytes | list[bytes | np.ndarray]) -> bytes:
             pieces.append(f)
     # ndarrays are buffers (numpy's stubs do not say so); TensorField made them contiguous.
     return b"".join(pieces)  # type: ignore[arg-type]
+
+
+# A message's bytes beyond its arrays (field keys, lengths, shapes, small fields), with room.
+MESSAGE_OVERHEAD = 4096
+
+
+def images_per_message(message_bytes: int, image_bytes: int = 28 * 28 * 4) -> int:
+    """The most images of `image_bytes` each (float32 28 x 28 ones by default, with whatever
+    rides beside each) that one message of `message_bytes` carries."""
+    return max(0, (message_bytes - MESSAGE_OVERHEAD) // image_bytes)

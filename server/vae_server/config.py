@@ -22,6 +22,7 @@ from vae_core.security import (
     read_tokens,
     valid_token,
 )
+from vae_proto.tensor import images_per_message
 from vae_server import loops
 
 
@@ -222,14 +223,6 @@ def load_settings(argv: Sequence[str] | None = None,
 
 # The largest --max-message-mb: gRPC's message limits are C ints (2 GiB - 1 byte).
 MAX_MESSAGE_MB = 2047
-# A reply's bytes beyond its arrays (field keys, lengths, shapes, small fields), with room.
-REPLY_OVERHEAD = 4096
-
-
-def reply_bytes(images: int, latent_dim: int = 0) -> int:
-    """The bytes of a reply of `images` float32 28 x 28 images (and as many latents of
-    `latent_dim`, for Sample's return_latents), at most."""
-    return images * (28 * 28 + latent_dim) * 4 + REPLY_OVERHEAD
 
 
 def _check(s: Settings) -> None:
@@ -274,12 +267,12 @@ def _check(s: Settings) -> None:
         raise SettingsError(f"--max-message-mb: {s.max_message_mb}; it must be at most "
                             f"{MAX_MESSAGE_MB} (gRPC's limit, 2 GiB)")
     # A reply of float32 images that could not be sent would fail after its work was done.
+    fit = images_per_message(s.max_message_bytes)
     for name in ("max_sample_n", "max_chunk_size", "max_images_per_request"):
-        need = reply_bytes(getattr(s, name))
-        if need > s.max_message_bytes:
+        if getattr(s, name) > fit:
             raise SettingsError(
-                f"{_flag(name)}: {getattr(s, name)} float32 images make a reply of "
-                f"{need / 2**20:.1f} MiB, over --max-message-mb {s.max_message_mb}; raise "
+                f"{_flag(name)}: {getattr(s, name)} float32 images make a reply over "
+                f"--max-message-mb {s.max_message_mb}, which carries {fit}; raise "
                 f"--max-message-mb or lower {_flag(name)}")
 
 

@@ -12,8 +12,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from vae_proto import vae_pb2
-from vae_proto.tensor import TensorError, from_tensor
-from vae_server.config import REPLY_OVERHEAD
+from vae_proto.tensor import TensorError, from_tensor, images_per_message
 from vae_server.errors import InvalidArgument
 
 IMAGE_SIDE = 28
@@ -110,8 +109,8 @@ def sample(raw: bytes, limits: Limits) -> SampleInput:
         # The images alone fit (vae_server.config checks max_sample_n); with the latents
         # beside them they may not, and the reply would fail after the work.
         pixel_bytes = 1 if dtype == vae_pb2.UINT8 else 4
-        fit = (limits.max_message_bytes - REPLY_OVERHEAD) // (limits.pixels * pixel_bytes
-                                                              + limits.latent_dim * 4)
+        fit = images_per_message(limits.max_message_bytes,
+                                 limits.pixels * pixel_bytes + limits.latent_dim * 4)
         if n > fit:
             raise InvalidArgument(f"n: {n} images with return_latents make a reply over the "
                                   f"{limits.max_message_bytes}-byte message limit; the most "

@@ -75,7 +75,6 @@ class ModelRuntime(ModelDirectory):
         super().__init__(model_dir)
         self.manifest_text = (self.model_dir / MANIFEST).read_text()
         self.calibration = Calibration(self.manifest.get("calibration"))
-        self.anomaly_percentile = self.calibration.anomaly_percentile
 
         if io_binding not in ("auto", "on", "off"):
             raise ValueError(f"io_binding must be auto, on or off, not {io_binding!r}")
@@ -156,7 +155,3 @@ class ModelRuntime(ModelDirectory):
         for n in small_sizes:
             self.run_encoder_small(rng.random((n, self.pixels), dtype=np.float32))
             self.run_decoder_small(rng.standard_normal((n, self.latent_dim), dtype=np.float32))
-
-    def percentile(self, log_likelihood: np.ndarray, k: int) -> np.ndarray:
-        """Each estimate's percentile among the held-out digits' made with the same K."""
-        return self.calibration.percentile(log_likelihood, k)

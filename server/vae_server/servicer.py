@@ -291,9 +291,9 @@ class VaeServicer:
     async def LogLikelihood(self, raw: bytes, context: Context) -> bytes:
         req = requests.log_likelihood(raw, self.limits)
         scores = await self._score(req, _deadline(context))
-        rt = self.runtime
-        pct = rt.percentile(scores.log_likelihood, req.k)
-        flags = pct < rt.anomaly_percentile
+        calibration = self.runtime.calibration
+        pct = calibration.percentile(scores.log_likelihood, req.k)
+        flags = pct < calibration.anomaly_percentile
         self._images["LogLikelihood"].inc(len(req.images))
         self.metrics.anomalies.inc(int(flags.sum()))
         return replies.log_likelihood(scores.elbo, scores.log_likelihood, scores.bits_per_dim,
@@ -359,7 +359,7 @@ class VaeServicer:
                 max_stream_n=s.max_stream_n, max_chunk_size=s.max_chunk_size,
                 default_chunk_size=s.default_chunk_size, max_k=s.max_k,
                 max_message_bytes=s.max_message_bytes),
-            anomaly_percentile=rt.anomaly_percentile,
+            anomaly_percentile=rt.calibration.anomaly_percentile,
             manifest_json=rt.manifest_text,
             digits=rt.prior.digits,
         ).SerializeToString()

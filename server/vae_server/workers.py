@@ -129,7 +129,7 @@ class Supervisor:
         self.metrics_port: int | None = None
         self._http: Any = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.merged = MergedMetrics(self.worker_metrics_ports)
+        self.merged = MergedMetrics(self.ready_workers)
         self.registry.register(self.merged)
         workers = Gauge("vae_workers", "Serving processes of this server (--workers): "
                         "configured, and ready (warmed up; SERVING once all are).", ("state",),
@@ -153,7 +153,7 @@ class Supervisor:
             with contextlib.suppress(OSError):  # one that is gone: its sentinel says so
                 w.conn.send(message)
 
-    def worker_metrics_ports(self) -> list[tuple[int, int]]:
+    def ready_workers(self) -> list[tuple[int, int]]:
         """(pid, metrics port) of each ready worker."""
         return [(w.process.pid or 0, w.metrics_port) for w in self._workers
                 if w.metrics_port is not None]
