@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import struct
 import subprocess
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from serving import VENV_BIN, served_process
+from serving import SERVICE, VENV_BIN, Replica, metric_total, served_process, stop_process
 from vae_client import VaeClient
 from vae_client.images import grid, read_png, write_png
 from vae_core import likelihood as lk
@@ -332,3 +335,50 @@ def test_decode_batches_fit_the_client_s_message_limit(model_dir, client, tmp_pa
         x = np.load(tmp_path / "x.npy", mmap_mode="r")
         assert x.shape == (25_000, 28, 28)
         np.testing.assert_array_equal(x[-3:].reshape(3, -1), client.decode(z[-3:]).reshape(3, -1))
+
+
+def test_ctrl_c_stops_every_stream_and_keeps_the_file(model_dir, tmp_path):
+    """SIGINT during `sample --streams 2`: the CLI says so in one line and exits 130, both
+    streams are cancelled at the server (not left computing), and the file already at the
+    path is left as it was, with no part file beside it."""
+    keep = tmp_path / "keep.npy"
+    np.save(keep, np.arange(5, dtype=np.uint8))
+    part = tmp_path / ".keep.npy.part"
+    started = "grpc_server_started_total"
+    server = Replica(model_dir, None, "--warmup-rounds", "1")
+    try:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "vae-client"), "--target", f"127.0.0.1:{server.port}", "sample",
+             "--n", "1000000", "--streams", "2", "--chunk-size", "500", "--dtype", "uint8",
+             "--out", str(keep)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: metric_total(server.metrics_port, started, grpc_service=SERVICE,
+                                            grpc_method="SampleStream") == 2, proc)
+            assert part.exists()  # the streams are writing
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 130, (out, err)
+        assert err.strip().splitlines()[-1] == "vae-client: error: interrupted", err
+        wait_until(lambda: server.handled("SampleStream") == 2)
+        codes = {code: metric_total(server.metrics_port, "grpc_server_handled_total",
+                                    grpc_method="SampleStream", grpc_code=code)
+                 for code in ("CANCELLED", "UNKNOWN", "OK", "INTERNAL")}
+        # Before: a stream cancelled while a chunk was being sent counted as UNKNOWN.
+        assert codes["CANCELLED"] == 2, codes
+        np.testing.assert_array_equal(np.load(keep), np.arange(5, dtype=np.uint8))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.npy"]
+    finally:
+        stop_process(server.proc)
+
+
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[str] | None = None,
+               timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc is None or proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.05)

@@ -9,6 +9,7 @@ Without the prometheus package these tests skip, except in CI (env CI set), wher
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import subprocess
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,6 +40,7 @@ from prometheus_harness import (
 from serving import served_process
 from vae_client import AsyncVaeClient, VaeError
 from vae_core.ports import free_port
+from vae_proto import vae_pb2, vae_pb2_grpc
 from vae_server.instrument import code_of
 from vae_server.metrics import LATENCY_BUCKETS
 
@@ -318,3 +321,44 @@ def test_a_cancellation_just_before_the_deadline_is_the_deadline():
     assert code_of(_Cancelled(0.004), cancelled) == "DEADLINE_EXCEEDED"
     assert code_of(_Cancelled(1.0), cancelled) == "CANCELLED"
     assert code_of(_Cancelled(None), cancelled) == "CANCELLED"  # no deadline at all
+
+
+def test_a_stream_closed_while_sending_is_cancelled():
+    """grpc.aio closes a streaming handler with GeneratorExit, not CancelledError, when its
+    call is cancelled while a reply is being written. Before, that counted as UNKNOWN."""
+    assert code_of(_Cancelled(1.0), GeneratorExit()) == "CANCELLED"
+    assert code_of(_Cancelled(0.0), GeneratorExit()) == "DEADLINE_EXCEEDED"
+
+
+def test_cancelled_streams_are_counted_as_cancelled(served):
+    """Streams cancelled after their first chunk, while the next ones are being sent: each
+    counts once as CANCELLED and once as rejected for `cancelled`, however it was stopped."""
+
+    def counts() -> dict[str, float]:
+        families = _families(served.metrics_url)
+        out: dict[str, float] = collections.Counter()
+        for s in families["grpc_server_handled"].samples:
+            if s.name == "grpc_server_handled_total" and s.labels["grpc_method"] == "SampleStream":
+                out[s.labels["grpc_code"]] += s.value
+        for s in families["vae_rejected"].samples:
+            if s.name == "vae_rejected_total":
+                out["rejected " + s.labels["reason"]] += s.value
+        return out
+
+    before = counts()
+    streams = 20
+    with grpc.insecure_channel(served.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        for seed in range(streams):
+            replies = stub.SampleStream(vae_pb2.SampleStreamRequest(n=100_000, seed=seed,
+                                                                    chunk_size=1024))
+            next(replies)
+            replies.cancel()
+    end = time.monotonic() + 10  # until the server has ended every stream
+    while True:
+        delta = {k: v - before.get(k, 0) for k, v in counts().items() if v != before.get(k, 0)}
+        if sum(v for k, v in delta.items() if not k.startswith("rejected")) >= streams:
+            break
+        assert time.monotonic() < end, delta
+        time.sleep(0.05)
+    assert delta == {"CANCELLED": streams, "rejected cancelled": streams}, delta

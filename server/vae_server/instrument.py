@@ -34,6 +34,13 @@ def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= DEADLINE_SLACK_S
 
 
+def cancelled(exc: BaseException) -> bool:
+    """Whether a handler ended because its call was cancelled (by the caller or a deadline):
+    a coroutine gets CancelledError; a streaming handler whose reply could not be written gets
+    GeneratorExit instead, as grpc.aio closes its generator."""
+    return isinstance(exc, (asyncio.CancelledError, GeneratorExit))
+
+
 def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
     """The status code a call ended with, as go-grpc-prometheus's grpc_code label."""
     code = context.code()
@@ -41,7 +48,7 @@ def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str
         return code.name
     if exc is None:
         return "OK"
-    if isinstance(exc, asyncio.CancelledError):
+    if cancelled(exc):
         return "DEADLINE_EXCEEDED" if deadline_passed(context) else "CANCELLED"
     return "UNKNOWN"
 

@@ -10,7 +10,7 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -29,7 +29,7 @@ from vae_server.errors import (
     ServingError,
     ShuttingDown,
 )
-from vae_server.instrument import deadline_passed
+from vae_server.instrument import cancelled, deadline_passed
 from vae_server.jobs import ImageScores, ImportanceWeights, StreamChunk
 from vae_server.metrics import IMAGE_METHODS, Metrics
 from vae_server.runtime import ModelRuntime
@@ -61,7 +61,7 @@ def _status_of(exc: ServingError) -> tuple[grpc.StatusCode, str]:
 
 
 UnaryHandler = Callable[["VaeServicer", bytes, Context], Awaitable[bytes]]
-StreamHandler = Callable[["VaeServicer", bytes, Context], AsyncIterator[bytes]]
+StreamHandler = Callable[["VaeServicer", bytes, Context], AsyncGenerator[bytes, None]]
 
 
 def _unary(handler: UnaryHandler) -> UnaryHandler:
@@ -84,15 +84,21 @@ def _unary(handler: UnaryHandler) -> UnaryHandler:
 
 def _streaming(handler: StreamHandler) -> StreamHandler:
     @functools.wraps(handler)
-    async def wrapper(self: VaeServicer, raw: bytes, context: Context) -> AsyncIterator[bytes]:
+    async def wrapper(self: VaeServicer, raw: bytes, context: Context
+                      ) -> AsyncGenerator[bytes, None]:
         self._in_flight += 1
+        items = handler(self, raw, context)
         try:
-            async for item in handler(self, raw, context):
+            async for item in items:
                 yield item
-        except (Exception, asyncio.CancelledError) as exc:
+        # GeneratorExit: the call was cancelled while a reply was being sent.
+        except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
             await self._failed(context, exc, handler.__name__)
             raise
         finally:
+            # Close the handler now, not when it is collected: its own clean-up (the chunks
+            # under way) runs while the call ends.
+            await items.aclose()
             self._call_ended()
 
     return wrapper
@@ -158,7 +164,7 @@ class VaeServicer:
     async def _failed(self, context: Context, exc: BaseException, name: str) -> None:
         """The one place where a handler's errors become gRPC status codes: aborts the call
         (raises), except for a cancellation, which is counted and left to propagate."""
-        if isinstance(exc, asyncio.CancelledError):
+        if cancelled(exc):
             self.metrics.rejected.labels(
                 "deadline" if deadline_passed(context) else "cancelled").inc()
             return
@@ -237,7 +243,7 @@ class VaeServicer:
         return replies.sample(outputs[0], req.dtype, z if req.return_latents else None)
 
     @_streaming
-    async def SampleStream(self, raw: bytes, context: Context) -> AsyncIterator[bytes]:
+    async def SampleStream(self, raw: bytes, context: Context) -> AsyncGenerator[bytes, None]:
         req = requests.sample_stream(raw, self.limits)
         counter = self._images["SampleStream"]
         deadline = _deadline(context)
