@@ -128,6 +128,29 @@ def test_services_and_their_wiring(compose):
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
 
 
+def _seconds(duration: str) -> float:
+    """A Compose duration ("25s", "1m30s", "1500ms") in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@pytest.mark.parametrize("name", ["vae-server", "vae-server-gpu"])
+def test_the_stop_grace_period_covers_the_whole_drain(compose, name):
+    """Before: 15 s, under the drain of the server's own settings (1 + 10 + 5 s): Docker
+    killed a server that was still finishing its calls in flight."""
+    from vae_server.config import load_settings
+    from vae_server.server import FINISH_SECONDS
+
+    service = compose["services"][name]
+    env = {k: str(v) for k, v in service["environment"].items() if k.startswith("VAE_")}
+    settings = load_settings([], env=env)
+    assert settings.worker_count == 1  # with --workers the supervisor adds its own seconds
+    drain = settings.drain_delay_s + settings.grace_seconds + FINISH_SECONDS
+    assert _seconds(service["stop_grace_period"]) >= drain + 5, drain  # 5 s to spare, as k8s
+
+
 def test_prometheus_scrapes_the_compose_services_on_the_metrics_port(compose):
     config = _yaml(PROMETHEUS_CONFIG)
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "vae-server")
