@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vae_core.calibration import Calibration
+from vae_core.manifest import ManifestError
 
 LEVELS = [0.0, 0.5, 1.0]
 ENTRY = {"levels": LEVELS, "k": 10, "quantiles": [-20.0, -10.0, 0.0],
@@ -42,3 +43,24 @@ def test_a_malformed_ladder_is_refused() -> None:
         Calibration({**ENTRY, "by_k": {"k": [10, 1], "quantiles": [[0, 1, 2], [0, 1, 2]]}})
     with pytest.raises(ValueError, match="one table of quantiles per K"):
         Calibration({**ENTRY, "by_k": {"k": [1, 10], "quantiles": [[0, 1, 2]]}})
+
+
+@pytest.mark.parametrize(("entry", "says"), [
+    ({**ENTRY, "by_k": {"k": [1, 10], "quantiles": [[0, 1, 2], [0, 1]]}}, "as long as the levels"),
+    ({**ENTRY, "by_k": {"k": [1, 10], "quantiles": [[0, 1, 2], [2, 1, 0]]}}, "ascending"),
+    ({**ENTRY, "by_k": {"k": [1, 10], "quantiles": [[0, 1, None], [0, 1, 2]]}}, "finite"),
+    ({**ENTRY, "by_k": {"k": [0, 10], "quantiles": [[0, 1, 2], [0, 1, 2]]}}, "ascending from 1"),
+    ({**ENTRY, "by_k": {"quantiles": [[0, 1, 2]]}}, "by_k has no 'k' entry"),
+    ({**ENTRY, "levels": [0.0, 1.0, 0.5]}, "levels must ascend within [0, 1]"),
+    ({**ENTRY, "levels": [0.0, 0.5, 2.0]}, "levels must ascend within [0, 1]"),
+    ({**ENTRY, "levels": "abc"}, "numbers"),
+    ({**ENTRY, "anomaly_percentile": -1}, "anomaly_percentile"),
+    ([1, 2], "not an object"),
+], ids=["ragged", "descending", "null", "k-zero", "no-k", "levels-order", "levels-range",
+        "levels-text", "percentile", "a-list"])
+def test_a_malformed_table_is_a_manifest_error(entry, says) -> None:
+    """Refused when the model loads, with one line, not when scoring fails later (np.interp
+    reads descending quantiles without a word)."""
+    with pytest.raises(ManifestError) as err:
+        Calibration(entry)
+    assert says in str(err.value) and "\n" not in str(err.value)

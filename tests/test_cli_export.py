@@ -4,6 +4,7 @@ model directory from being trusted."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -17,10 +18,14 @@ import pytest
 
 from vae_core.manifest import DECODER, ENCODER, MANIFEST, ManifestError, load_manifest
 from vae_core.onnx_model import OnnxVAE
+from vae_core.prior import PRIOR_FILE
 from vae_export.__main__ import build_parser, main
 from vae_export.evaluate import FASHION_MNIST_DIR, evaluate
 from vae_export.model import VAEConfig
 from vae_export.train import TrainConfig
+
+# The default model of EVAL.md (models/default); its version must not change.
+DEFAULT_VERSION = "199cec9fbdb95c71"
 
 OPTIONS = {
     "train": ["--out", "--data", "--latent-dim", "--hidden", "--likelihood", "--sigma",
@@ -209,6 +214,131 @@ def test_missing_file_and_broken_manifest(model_dir: Path, tmp_path: Path) -> No
     (broken / MANIFEST).write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(broken)
+
+
+def _version(files: dict[str, Any]) -> str:
+    """The model version vae-export onnx writes: the sha256 of the files' sha256s, in order."""
+    return hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()[:16]
+
+
+def _restamped(edit: Edit) -> Edit:
+    """`edit`, then the model version its files' hashes give: a check other than the version's
+    must refuse it."""
+    def both(m: dict[str, Any]) -> None:
+        edit(m)
+        m["model_version"] = _version(m["files"])
+    return both
+
+
+def _set(path: str, value: object) -> Edit:
+    def edit(m: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        for p in parents:
+            m = m[p]
+        m[last] = value
+    return edit
+
+
+def _drop_prior_entry(m: dict[str, Any]) -> None:
+    m["files"].pop(PRIOR_FILE)
+
+
+def _standard_with_stray_file(m: dict[str, Any]) -> None:
+    m["files"].pop(PRIOR_FILE)
+    m["prior"] = {"kind": "standard", "description": "N(0, I)"}
+
+
+def _short_table(m: dict[str, Any]) -> None:
+    m["calibration"]["by_k"]["quantiles"][0] = m["calibration"]["by_k"]["quantiles"][0][:-1]
+
+
+def _descending_table(m: dict[str, Any]) -> None:
+    m["calibration"]["by_k"]["quantiles"][2].reverse()
+
+
+def _outside_file(m: dict[str, Any]) -> None:
+    m["files"]["../elsewhere/prior.npz"] = m["files"][PRIOR_FILE]
+
+
+MALFORMED: dict[str, tuple[Edit, list[str]]] = {
+    "prior-entry-dropped": (_restamped(_drop_prior_entry),
+                            ["prior kind 'mixture'", "no entry for prior.npz"]),
+    "standard-but-listed": (_set("prior.kind", "standard"), ["prior kind 'standard'"]),
+    "unlisted-prior-file": (_restamped(_standard_with_stray_file),
+                            ["prior.npz lies in the model directory"]),
+    "unknown-prior-kind": (_set("prior.kind", "flow"), ["prior kind 'flow'"]),
+    "version-changed": (_set("model_version", "ffffffffffffffff"),
+                        ["model_version 'ffffffffffffffff'", "hashes"]),
+    "sha-missing": (lambda m: m["files"][ENCODER].pop("sha256"), ["encoder.onnx", "sha256"]),
+    "files-a-list": (_set("files", [ENCODER, DECODER]), ["files is a JSON list"]),
+    "latent-dim-16": (_set("latent_dim", 16), ["latent_dim 16", "'mu'"]),
+    "latent-dim-text": (_set("latent_dim", "abc"), ["latent_dim 'abc'"]),
+    "pixels-100": (_set("image.pixels", 100), ["image.pixels 100", "'x'"]),
+    "sigma-negative": (_set("sigma", -0.1), ["sigma -0.1"]),
+    "sigma-null": (_set("sigma", None), ["sigma None"]),
+    "likelihood-unknown": (_set("likelihood", "poisson"), ["likelihood 'poisson'"]),
+    "bernoulli-without-logits": (_set("likelihood", "bernoulli"), ["'logits'"]),
+    "decoder-inputs-dropped": (lambda m: m["files"][DECODER].pop("inputs"),
+                               ["decoder.onnx", "inputs"]),
+    "calibration-ragged": (_short_table, ["calibration", "as long as the levels"]),
+    "calibration-descending": (_descending_table, ["calibration", "ascending"]),
+    "calibration-levels-text": (_set("calibration.levels", "abc"), ["calibration"]),
+    "file-outside-the-directory": (_restamped(_outside_file), ["not a file name"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_manifest_is_one_error_line(case: str, model_dir: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Each is refused when the model loads, by a ManifestError that vae-export prints as one
+    line: not served with another prior or sigma, nor a traceback once scoring starts."""
+    edit, words = MALFORMED[case]
+    bad = _edit_manifest(model_dir, tmp_path, edit)
+    with pytest.raises(ManifestError) as err:
+        OnnxVAE(bad)
+    for w in words:
+        assert w in str(err.value)
+    assert main(["eval", "--model-dir", str(bad), "--data", str(tmp_path), "--ood", "none",
+                 "--samples", "0"]) == 2
+    out, err_text = capsys.readouterr()
+    assert out == "" and err_text.startswith("vae-export: error: ")
+    assert err_text.count("\n") == 1 and "Traceback" not in err_text
+
+
+@pytest.mark.parametrize("raw", [b"[1, 2]", b'{"a": "\xff"}'], ids=["a-list", "not-utf8"])
+def test_manifest_that_is_no_json_object_is_refused(raw: bytes, model_dir: Path,
+                                                    tmp_path: Path) -> None:
+    bad = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (bad / MANIFEST).write_bytes(raw)
+    with pytest.raises(ManifestError, match="not an object|not UTF-8"):
+        load_manifest(bad)
+
+
+def test_a_broken_prior_file_is_one_error_line(model_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    bad = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (bad / PRIOR_FILE).write_bytes(b"not a prior")
+    manifest = json.loads((bad / MANIFEST).read_text())
+    manifest["files"][PRIOR_FILE]["sha256"] = hashlib.sha256(b"not a prior").hexdigest()
+    manifest["model_version"] = _version(manifest["files"])
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["eval", "--model-dir", str(bad), "--data", str(tmp_path), "--ood", "none",
+                 "--samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vae-export: error: ") and "not a prior file" in err
+    assert err.count("\n") == 1
+
+
+def test_the_default_model_loads_as_exported() -> None:
+    """The checks take nothing away from a model exported as it should be: the default."""
+    default = Path(__file__).resolve().parents[1] / "models" / "default"
+    if not (default / MANIFEST).is_file():
+        pytest.skip("no models/default (make model)")
+    manifest = load_manifest(default)
+    assert manifest["model_version"] == _version(manifest["files"])
+    if manifest["model_version"] != DEFAULT_VERSION:
+        pytest.skip(f"models/default is {manifest['model_version']}, not {DEFAULT_VERSION}")
+    assert OnnxVAE(default, threads=1).prior.digits == list(range(10))
 
 
 # ---------------------------------------------------------------------------------------

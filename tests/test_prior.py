@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vae_core.manifest import ManifestError
 from vae_core.prior import BLOCK, GaussianMixture, PriorError, load_prior
 
 K = 4
@@ -98,7 +99,7 @@ def test_a_prior_file_round_trips_and_a_bad_one_is_refused(tmp_path):
     manifest = {"files": {"prior.npz": {}}}
     loaded = load_prior(tmp_path, manifest, K)
     np.testing.assert_array_equal(loaded.latents(1, 0, 100, 1), prior.latents(1, 0, 100, 1))
-    assert load_prior(tmp_path, {"files": {}}, K).is_standard
+    assert load_prior(tmp_path / "empty", {"files": {}}, K).is_standard
     with pytest.raises(PriorError, match="R\\^4"):
         load_prior(tmp_path, manifest, 8)
     (tmp_path / "prior.npz").write_bytes(b"not a prior")
@@ -107,3 +108,25 @@ def test_a_prior_file_round_trips_and_a_bad_one_is_refused(tmp_path):
     with pytest.raises(PriorError, match="sum to 1"):
         GaussianMixture(np.array([0.5, 0.2]), np.zeros((2, K)), np.stack([np.eye(K)] * 2),
                         np.array([0, 1]))
+
+
+def test_the_prior_kind_and_the_files_must_agree(tmp_path):
+    """A manifest that says "mixture" without listing the prior file, or lists none while one
+    lies beside it, is refused rather than served as N(0, I); a PriorError is a ManifestError,
+    which the CLIs print as one line."""
+    mixture().save(tmp_path / "prior.npz")
+    listed = {"files": {"prior.npz": {}}}
+    unlisted: dict = {"files": {}}
+    assert not load_prior(tmp_path, {**listed, "prior": {"kind": "mixture"}}, K).is_standard
+    with pytest.raises(ManifestError, match="prior kind 'mixture', but files has no entry"):
+        load_prior(tmp_path, {**unlisted, "prior": {"kind": "mixture"}}, K)
+    with pytest.raises(ManifestError, match="prior kind 'standard', but files lists"):
+        load_prior(tmp_path, {**listed, "prior": {"kind": "standard"}}, K)
+    for kind in ("standard", None):
+        entry = {"prior": {"kind": kind}} if kind else {}
+        with pytest.raises(ManifestError, match="lies in the model directory but the manifest "
+                                                "does not list it"):
+            load_prior(tmp_path, {**unlisted, **entry}, K)
+    with pytest.raises(ManifestError, match="prior kind 'flow'"):
+        load_prior(tmp_path, {**listed, "prior": {"kind": "flow"}}, K)
+    assert issubclass(PriorError, ManifestError)

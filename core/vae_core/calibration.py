@@ -18,27 +18,51 @@ from typing import Any
 import numpy as np
 
 from vae_core.likelihood import percentile_of
+from vae_core.manifest import ManifestError
 
 
 class Calibration:
+    """The calibration entry of a manifest, checked: a malformed one (tables of other lengths
+    than the levels, Ks not ascending, quantiles descending, levels outside [0, 1]) is a
+    ManifestError."""
+
     def __init__(self, entry: Mapping[str, Any] | None) -> None:
         entry = entry or {}
-        self.levels = np.asarray(entry.get("levels", []), dtype=np.float64)
-        by_k = entry.get("by_k")
-        if by_k:
-            self.ks = np.asarray(by_k["k"], dtype=np.float64)
-            self.tables = np.asarray(by_k["quantiles"], dtype=np.float64)
-        elif entry.get("quantiles"):
-            self.ks = np.asarray([entry.get("k", 1)], dtype=np.float64)
-            self.tables = np.asarray([entry["quantiles"]], dtype=np.float64)
-        else:
-            self.ks = np.zeros(0)
-            self.tables = np.zeros((0, len(self.levels)))
-        if len(self.ks) and (self.tables.shape != (len(self.ks), len(self.levels))
-                             or np.any(np.diff(self.ks) <= 0)):
-            raise ValueError("calibration: one table of quantiles per K, the Ks ascending, "
-                             "each as long as the levels")
-        self.anomaly_percentile = float(entry.get("anomaly_percentile", 1.0))
+        if not isinstance(entry, Mapping):
+            raise ManifestError(f"calibration: a JSON {type(entry).__name__}, not an object")
+        try:
+            self.levels = np.asarray(entry.get("levels", []), dtype=np.float64)
+            by_k = entry.get("by_k")
+            if by_k:
+                self.ks = np.asarray(by_k["k"], dtype=np.float64)
+                self.tables = np.asarray(by_k["quantiles"], dtype=np.float64)
+            elif entry.get("quantiles"):
+                self.ks = np.asarray([entry.get("k", 1)], dtype=np.float64)
+                self.tables = np.asarray([entry["quantiles"]], dtype=np.float64)
+            else:
+                self.ks = np.zeros(0)
+                self.tables = np.zeros((0, len(self.levels)))
+            self.anomaly_percentile = float(entry.get("anomaly_percentile", 1.0))
+        except KeyError as exc:
+            raise ManifestError(f"calibration: by_k has no {exc} entry") from None
+        except (TypeError, ValueError):  # a string or null where a number goes, ragged tables
+            raise ManifestError("calibration: the levels, Ks and quantiles must be numbers, "
+                                "each table as long as the levels") from None
+        if len(self.ks) and (self.ks.ndim != 1 or self.levels.ndim != 1
+                             or self.tables.shape != (len(self.ks), len(self.levels))
+                             or np.any(np.diff(self.ks) <= 0) or not np.all(self.ks >= 1)):
+            raise ManifestError("calibration: one table of quantiles per K, the Ks ascending "
+                                "from 1, each as long as the levels")
+        if len(self.ks) and not (np.all(np.isfinite(self.tables))
+                                 and np.all(np.diff(self.tables, axis=1) >= 0)):
+            raise ManifestError("calibration: each table's quantiles must be finite and "
+                                "ascending")
+        if len(self.ks) and not (np.all(np.diff(self.levels) > 0) and self.levels[0] >= 0
+                                 and self.levels[-1] <= 1):
+            raise ManifestError("calibration: the levels must ascend within [0, 1]")
+        if not 0.0 <= self.anomaly_percentile <= 100.0:
+            raise ManifestError(f"calibration: anomaly_percentile {self.anomaly_percentile} "
+                                f"is not within [0, 100]")
         self._cache: dict[int, np.ndarray] = {}
 
     @property

@@ -1,20 +1,28 @@
 """manifest.json: what a model directory holds, and the checks a server runs before trusting it.
 
-The standard library only: training writes it, the server and evaluation check it.
+The standard library only (the calibration's checks, numpy's, are imported when asked for):
+training writes it, the server and evaluation check it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"
+PRIOR_FILE = "prior.npz"  # a learned prior (vae_core.prior); without it, N(0, I)
+# vae_core.likelihood's names (that module needs numpy; this one does not).
+GAUSSIAN, BERNOULLI = "gaussian", "bernoulli"
+LIKELIHOODS = (GAUSSIAN, BERNOULLI)
+PRIOR_KINDS = ("standard", "mixture")
 
 
 class ManifestError(ValueError):
@@ -29,29 +37,130 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def model_version(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """The model version `vae-export onnx` writes: the first 16 hex digits of the sha256 of
+    the listed files' sha256s, joined in the manifest's order. A changed file, or a changed
+    list of files, is another model."""
+    joined = "".join(str(entry["sha256"]) for entry in files.values())
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
 def load_manifest(model_dir: str | Path, verify_hashes: bool = True) -> dict[str, Any]:
-    """Read and check manifest.json: format version, required keys, every listed file
-    present with the sha256 the manifest gives."""
+    """Read and check manifest.json (`check_manifest`)."""
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path}: missing (is {model_dir} an exported model directory?)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                            ) from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot be read ({exc.strerror})") from None
+    check_manifest(manifest, model_dir, verify_hashes, where=path)
+    return manifest
+
+
+def _is_int(v: Any) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> TypeGuard[int | float]:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_manifest(manifest: Any, model_dir: str | Path, verify_hashes: bool = True,
+                   where: str | Path | None = None) -> None:
+    """Check a manifest (parsed JSON) against itself and its model directory: format version,
+    required keys and their types, every listed file present with the sha256 the manifest gives
+    and the model version those hashes give, the ONNX inputs and outputs it declares of the
+    widths its latent_dim and image pixels say, its prior's kind the files it lists, and its
+    calibration tables. Each fault is a ManifestError of one line."""
+    model_dir = Path(model_dir)
+    path = where if where is not None else model_dir / MANIFEST
+
+    def fail(msg: str) -> ManifestError:
+        return ManifestError(f"{path}: {msg}")
+
+    if not isinstance(manifest, dict):
+        raise fail(f"a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(
-            f"{path}: format_version {manifest.get('format_version')!r}, this code reads "
-            f"{FORMAT_VERSION}"
-        )
+        raise fail(f"format_version {manifest.get('format_version')!r}, this code reads "
+                   f"{FORMAT_VERSION}")
     for key in ("model_version", "latent_dim", "likelihood", "files", "image", "calibration"):
         if key not in manifest:
-            raise ManifestError(f"{path}: no {key!r} entry")
+            raise fail(f"no {key!r} entry")
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise fail(f"files is a JSON {type(files).__name__}, not an object of file entries")
     for name in (ENCODER, DECODER):
-        if name not in manifest["files"]:
-            raise ManifestError(f"{path}: files has no entry for {name}")
-    for name, entry in manifest["files"].items():
+        if name not in files:
+            raise fail(f"files has no entry for {name}")
+    for name, entry in files.items():
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise fail(f"files lists {name!r}: not a file name in the model directory")
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(sha, str) or len(sha) != 64 or set(sha) - set("0123456789abcdef"):
+            raise fail(f"files[{name!r}] has no sha256 of 64 hex digits")
+    want = model_version(files)
+    if manifest["model_version"] != want:
+        raise fail(f"model_version {manifest['model_version']!r} is not the one its files' "
+                   f"hashes give ({want}): the manifest was changed after export")
+
+    latent_dim = manifest["latent_dim"]
+    if not _is_int(latent_dim) or latent_dim < 1:
+        raise fail(f"latent_dim {latent_dim!r}: not a whole number >= 1")
+    likelihood = manifest["likelihood"]
+    if likelihood not in LIKELIHOODS:
+        raise fail(f"likelihood {likelihood!r}: this code reads {', '.join(LIKELIHOODS)}")
+    sigma = manifest.get("sigma")
+    if (likelihood == GAUSSIAN or sigma is not None) and not (_is_number(sigma) and sigma > 0):
+        raise fail(f"sigma {sigma!r}: the Gaussian decoder's standard deviation must be a "
+                   f"number > 0")
+    image = manifest["image"]
+    pixels = image.get("pixels") if isinstance(image, dict) else None
+    if not _is_int(pixels) or pixels < 1:
+        raise fail(f"image.pixels {pixels!r}: not a whole number >= 1")
+
+    # The inputs and outputs the code runs, of the widths the manifest says: a latent_dim or
+    # image.pixels at odds with the models is refused here, not by a broadcast error later
+    # (open_sessions checks the declared shapes against the models themselves).
+    widths = {"latent_dim": latent_dim, "image.pixels": pixels}
+    needed = {ENCODER: {"inputs": [("x", "image.pixels")],
+                        "outputs": [("mu", "latent_dim"), ("logvar", "latent_dim")]},
+              DECODER: {"inputs": [("z", "latent_dim")],
+                        "outputs": [("x_mean", "image.pixels")]
+                        + ([("logits", "image.pixels")] if likelihood == BERNOULLI else [])}}
+    for name, kinds in needed.items():
+        for kind, specs in kinds.items():
+            declared = files[name].get(kind)
+            if not isinstance(declared, list) or not all(
+                    isinstance(d, dict) and isinstance(d.get("name"), str)
+                    and isinstance(d.get("shape"), list) for d in declared):
+                raise fail(f"files[{name!r}] has no {kind} list of {{name, shape}} entries")
+            shapes = {d["name"]: d["shape"] for d in declared}
+            for io_name, field in specs:
+                if io_name not in shapes:
+                    raise fail(f"files[{name!r}] declares {kind} {sorted(shapes)}, not "
+                               f"{io_name!r} (a {likelihood} model's {name} has it)")
+                shape = shapes[io_name]
+                if len(shape) != 2 or shape[1] != widths[field]:
+                    raise fail(f"{field} {widths[field]} disagrees with {name}'s {kind[:-1]} "
+                               f"{io_name!r} of shape {shape}")
+
+    prior_kind(manifest, model_dir, where=path)
+    if manifest["calibration"] is not None:
+        from vae_core.calibration import Calibration  # numpy: only when there is a table
+
+        try:
+            Calibration(manifest["calibration"])
+        except ManifestError as exc:
+            raise fail(str(exc)) from None
+
+    for name, entry in files.items():
         file = model_dir / name
         if not file.is_file():
             raise ManifestError(f"{file}: listed in the manifest but missing")
@@ -62,7 +171,35 @@ def load_manifest(model_dir: str | Path, verify_hashes: bool = True) -> dict[str
                     f"{file}: sha256 {got[:16]}... does not match the manifest's "
                     f"{entry['sha256'][:16]}... (the file changed after export)"
                 )
-    return manifest
+
+
+def prior_kind(manifest: Mapping[str, Any], model_dir: str | Path,
+               where: str | Path | None = None) -> str:
+    """"mixture" or "standard": the prior a manifest declares, its `prior.kind` and its files
+    agreeing (a manifest without a prior entry goes by its files). A prior file in the model
+    directory that the manifest does not list is refused too: the model would not be the one
+    exported."""
+    path = where if where is not None else Path(model_dir) / MANIFEST
+    files = manifest.get("files")
+    listed = isinstance(files, dict) and PRIOR_FILE in files
+    entry = manifest.get("prior")
+    if entry is None:
+        kind = "mixture" if listed else "standard"
+    elif not isinstance(entry, dict) or entry.get("kind") not in PRIOR_KINDS:
+        got = entry.get("kind") if isinstance(entry, dict) else entry
+        raise ManifestError(f"{path}: prior kind {got!r}: this code reads "
+                            f"{', '.join(PRIOR_KINDS)}")
+    else:
+        kind = entry["kind"]
+    if kind == "mixture" and not listed:
+        raise ManifestError(f"{path}: prior kind 'mixture', but files has no entry for "
+                            f"{PRIOR_FILE}")
+    if kind == "standard" and listed:
+        raise ManifestError(f"{path}: prior kind 'standard', but files lists {PRIOR_FILE}")
+    if not listed and (Path(model_dir) / PRIOR_FILE).exists():
+        raise ManifestError(f"{path}: {Path(model_dir) / PRIOR_FILE} lies in the model "
+                            f"directory but the manifest does not list it")
+    return kind
 
 
 @dataclass(frozen=True)

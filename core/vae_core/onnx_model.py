@@ -13,7 +13,14 @@ import numpy as np
 import onnxruntime as ort
 
 from vae_core import likelihood as lk
-from vae_core.manifest import DECODER, ENCODER, ModelSpec, check_session_io, load_manifest
+from vae_core.manifest import (
+    DECODER,
+    ENCODER,
+    ModelSpec,
+    check_manifest,
+    check_session_io,
+    load_manifest,
+)
 from vae_core.prior import GaussianMixture, load_prior
 
 # An execution provider's name, or its name and options.
@@ -56,11 +63,16 @@ def open_sessions(model_dir: str | Path, manifest: dict[str, Any],
 class ModelDirectory:
     """What a model directory declares, read once and checked: its manifest (with the files'
     hashes), the model's spec and its prior. The base of both ways to run a model, `OnnxVAE`
-    and the server's runtime."""
+    and the server's runtime. `manifest`: one not (yet) written to the directory, checked as
+    load_manifest checks manifest.json (what `vae-export onnx` calibrates with)."""
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, manifest: dict[str, Any] | None = None) -> None:
         self.model_dir = Path(model_dir)
-        self.manifest: dict[str, Any] = load_manifest(self.model_dir)
+        if manifest is None:
+            manifest = load_manifest(self.model_dir)
+        else:
+            check_manifest(manifest, self.model_dir, where="the manifest being written")
+        self.manifest: dict[str, Any] = manifest
         self.spec = ModelSpec.of(self.manifest)
         self.latent_dim = self.spec.latent_dim
         self.likelihood = self.spec.likelihood
@@ -78,8 +90,9 @@ class OnnxVAE(ModelDirectory):
     """Encoder and decoder sessions of a verified model directory."""
 
     def __init__(self, model_dir: str | Path, providers: list[str] | None = None,
-                 threads: int = 0, spinning: bool = False) -> None:
-        super().__init__(model_dir)
+                 threads: int = 0, spinning: bool = False,
+                 manifest: dict[str, Any] | None = None) -> None:
+        super().__init__(model_dir, manifest)
         self.encoder, self.decoder = self.open_sessions(providers, threads, spinning)
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

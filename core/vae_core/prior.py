@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from vae_core.likelihood import LOG_2PI, log_normal_std
+from vae_core.manifest import PRIOR_FILE as PRIOR_FILE
+from vae_core.manifest import ManifestError, prior_kind
 from vae_core.rng import keyed_rng
 
 BLOCK = 1024
-PRIOR_FILE = "prior.npz"
 NO_CLASS = -1
 _CHUNK = 4096  # latents per matrix product in log_prob: [4096, C k] float32 at most
 
 
-class PriorError(ValueError):
-    """A prior file whose arrays do not make a mixture of the model's latent size."""
+class PriorError(ManifestError):
+    """A prior file whose arrays do not make a mixture of the model's latent size (a model
+    directory that cannot be trusted, as the CLIs report it)."""
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,8 @@ class GaussianMixture:
 
 def load_prior(model_dir: str | Path, manifest: dict[str, object], latent_dim: int
                ) -> GaussianMixture:
-    """The prior a model directory declares: its prior file, or N(0, I) without one."""
-    files = manifest.get("files")
-    if isinstance(files, dict) and PRIOR_FILE in files:
+    """The prior a model directory declares: its prior file, or N(0, I) without one; the
+    manifest's prior kind and its files must agree (manifest.prior_kind)."""
+    if prior_kind(manifest, model_dir) == "mixture":
         return GaussianMixture.load(Path(model_dir) / PRIOR_FILE, latent_dim)
     return GaussianMixture.standard(latent_dim)
