@@ -23,10 +23,12 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-$(RUN_DIR)/checkpoint.pt: | $(BIN)/.installed
-	$(BIN)/vae-export train --out $(RUN_DIR)
-
-$(MODEL_DIR)/manifest.json: | $(RUN_DIR)/checkpoint.pt
+# The model is trained and exported only when its manifest is missing: a model directory
+# that exists is served as it is, whether or not the run that made it is still here (an
+# order-only prerequisite would still be built when missing, so the training is a step of
+# this rule, skipped when the run's checkpoint exists).
+$(MODEL_DIR)/manifest.json: | $(BIN)/.installed
+	test -f $(RUN_DIR)/checkpoint.pt || $(BIN)/vae-export train --out $(RUN_DIR)
 	$(BIN)/vae-export onnx --run $(RUN_DIR) --out $(MODEL_DIR)
 
 model: $(BIN)/.installed $(MODEL_DIR)/manifest.json

@@ -70,3 +70,31 @@ def test_the_base_install_pulls_neither_ray_nor_onnxruntime_nor_torch():
     bulk = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower()
             for d in project["optional-dependencies"]["bulk"]}
     assert bulk == {"ray", "pyarrow"}
+
+
+def _make_run_plan(tmp_path: Path, model_dir: Path) -> str:
+    """What `make run` would do (make -n) for the model directory `model_dir` and a run
+    directory that does not exist."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run(["make", "-n", "run", f"MODEL_DIR={model_dir}",
+                           f"RUN_DIR={tmp_path / 'no-run'}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_make_run_trains_only_when_the_model_is_missing(tmp_path):
+    """README: `make run` trains and exports the default model if missing. Before, it
+    trained whenever the run's checkpoint was missing, even beside an exported model (the
+    order-only prerequisite was still built when missing)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "manifest.json").write_text("{}")
+    plan = _make_run_plan(tmp_path, model)
+    assert "vae-export" not in plan, plan
+    assert f"vae-server --model-dir {model}" in plan
+    missing = _make_run_plan(tmp_path, tmp_path / "none")
+    assert "vae-export train" in missing and "vae-export onnx" in missing, missing
