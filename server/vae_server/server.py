@@ -16,6 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
+from vae_core.host import quota_cores
 from vae_proto import vae_pb2
 from vae_server import loops
 from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
@@ -111,7 +112,10 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     metrics = Metrics()
     metrics.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
     if runtime is None:
-        runtime = ModelRuntime(settings.model_dir, settings.provider, settings.threads,
+        # --threads 0: ONNX Runtime's own count, the machine's cores, unless a cgroup CPU
+        # quota (a pod's limit) allows fewer.
+        runtime = ModelRuntime(settings.model_dir, settings.provider,
+                               settings.threads or quota_cores(),
                                settings.spinning, settings.io_binding, settings.cuda_graphs,
                                max_rows=settings.max_batch_size,
                                small_rows=settings.inline_rows)
