@@ -944,3 +944,70 @@ def test_idle_instances_counts_those_that_would_start_new_work_at_once(executor)
         return seen
 
     assert asyncio.run(main()) == [2, 1, 0, 2]
+
+
+def test_a_cancelled_caller_gives_its_queued_room_back_at_once(executor):
+    """Before, a cancelled call's rows stayed counted in the queue until a drain passed them,
+    after the run in progress: a new call was refused as queue full, and a caller waiting
+    for room kept waiting, for work that no one waited for."""
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=100, max_queue=1000)
+        model.gate.clear()
+        blocker = asyncio.ensure_future(b.submit(rows(0, 100)))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(b.submit(rows(1000, 800)))  # split in 8 slices
+        alone = asyncio.ensure_future(b.submit(rows(5000, 50)))
+        await asyncio.sleep(0.05)
+        assert b.queued_images == 850
+        waiting = asyncio.ensure_future(b.wait_room(900))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        gone.cancel()
+        alone.cancel()
+        await asyncio.sleep(0.01)
+        queued = b.queued_images
+        room = await asyncio.wait_for(waiting, 1)  # woken by the room given back
+        kept = asyncio.ensure_future(b.submit(rows(9000, 30), reservation=room))
+        model.gate.set()
+        await blocker
+        out = await kept
+        room.__exit__()
+        await b.close()
+        return b, queued, out
+
+    b, queued, out = asyncio.run(main())
+    assert queued == 0
+    np.testing.assert_array_equal(out[0], rows(9000, 30) * 2)
+    ran = np.concatenate(model.ran_rows)[:, 0]
+    assert not np.isin([1000, 1799, 5000], ran).any()  # the cancelled calls never ran
+    assert b.dropped["cancelled"] == 9 and b.queued_images == 0
+
+
+def test_batching_off_keeps_a_started_run_s_room_until_it_ends(executor):
+    """With batching off, a run that has started cannot be stopped: its images count in the
+    queue until it ends, whether or not its caller still waits. Before, a cancelled caller
+    gave the room back at once while the run went on holding the cores."""
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=100, max_queue=1000, merge=False)
+        model.gate.clear()
+        call = asyncio.ensure_future(b.submit(rows(0, 600)))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        await asyncio.sleep(0.05)
+        during = b.queued_images
+        with pytest.raises(QueueFull):
+            b.check_room(500)
+        model.gate.set()
+        for _ in range(100):
+            if b.queued_images == 0:
+                break
+            await asyncio.sleep(0.01)
+        await b.close()
+        return during, b.queued_images
+
+    during, after = asyncio.run(main())
+    assert (during, after) == (600, 0)

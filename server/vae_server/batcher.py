@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class _Slice:
     deadline: float | None  # time.monotonic() after which the caller no longer waits
     job: Job[Any] | None = None
     enqueued: float = field(default_factory=time.monotonic)
+    queued: bool = True  # in the queue, its images counted in queued_images
 
 
 class _Failed:
@@ -265,8 +267,7 @@ class Batcher:
         try:
             parts = await asyncio.gather(*(s.future for s in slices))
         except BaseException:
-            for s in slices:
-                s.future.cancel()
+            self._withdraw(slices)
             raise
         return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
 
@@ -305,8 +306,25 @@ class Batcher:
         try:
             return await s.future
         except BaseException:
-            s.future.cancel()  # a cancelled caller: its slice must not run
+            self._withdraw((s,))  # a cancelled caller: its slice must not run
             raise
+
+    def _withdraw(self, slices: Sequence[_Slice]) -> None:
+        """The caller of `slices` has gone: they must not run, and those still queued give
+        their room back now, not when a drain next passes them (after the run in progress):
+        new calls would be refused, and streams waiting for room kept waiting, for work that
+        no one waits for."""
+        freed = 0
+        for s in slices:
+            s.future.cancel()
+            if s.queued:
+                s.queued = False
+                freed += s.n
+                self.dropped["cancelled"] += 1
+        if freed:
+            self._queued_images -= freed
+            if self._room_waiters:
+                self._room_freed()
 
     def _enqueue(self, slices: Sequence[_Slice], n: int, loop: asyncio.AbstractEventLoop) -> None:
         self._queue.extend(slices)
@@ -340,25 +358,40 @@ class Batcher:
             if s.n <= self.inline_rows:
                 results, runs = self._execute([s], self._run_inline)
             else:
-                results, runs = await loop.run_in_executor(self._executor, self._execute,
-                                                           [s], self._run)
+                # The room is given back when the run ends, not when the caller stops
+                # waiting: a run that has started cannot be stopped, and its images hold the
+                # cores until it ends. (One not yet started is cancelled with its caller.)
+                run = self._executor.submit(self._execute, [s], self._run)
+                s.queued = False
+                run.add_done_callback(lambda _: self._release_threadsafe(loop, s.n))
+                results, runs = await asyncio.wrap_future(run, loop=loop)
         finally:
-            self._queued_images -= s.n
-            if self._room_waiters:
-                self._room_freed()
+            if s.queued:
+                self._release(s.n)
         self._record_runs(runs, [0.0])
         if isinstance(results[0], _Failed):
             raise results[0].exc
         return results[0]
+
+    def _release(self, n: int) -> None:
+        self._queued_images -= n
+        if self._room_waiters:
+            self._room_freed()
+
+    def _release_threadsafe(self, loop: asyncio.AbstractEventLoop, n: int) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nothing is left to admit
+            loop.call_soon_threadsafe(self._release, n)
 
     async def close(self) -> None:
         """Fail what is queued; a run in progress still delivers to its callers."""
         self._closed = True
         while self._queue:
             s = self._queue.popleft()
+            if s.queued:
+                s.queued = False
+                self._queued_images -= s.n
             if not s.future.done():
                 s.future.set_exception(ShuttingDown("the server is shutting down; retry"))
-        self._queued_images = 0
         self._room_freed()  # waiters see the batcher closed
 
     # -- the drain: runs as a callback on the event loop ------------------------------------
@@ -426,7 +459,7 @@ class Batcher:
 
     def _large_rows(self) -> int:
         """Images queued in slices of more than inline_rows."""
-        return sum(s.n for s in self._queue if s.n > self.inline_rows)
+        return sum(s.n for s in self._queue if s.n > self.inline_rows and s.queued)
 
     def _drain_small(self, loop: asyncio.AbstractEventLoop) -> None:
         """While every instance runs a large batch: run the queued small slices (up to
@@ -438,7 +471,7 @@ class Batcher:
         oldest: float | None = None
         images = 0
         for s in self._queue:
-            if s.n <= self.inline_rows and not s.future.done():
+            if s.n <= self.inline_rows and s.queued:
                 oldest = s.enqueued if oldest is None else oldest
                 images += s.n
         if oldest is None:
@@ -591,13 +624,12 @@ class Batcher:
         now = time.monotonic()
         while self._queue:
             s = self._queue[0]
-            if s.future.done():  # cancelled by its caller
+            if not s.queued:  # withdrawn by its caller: its room is already back
                 self._queue.popleft()
-                self._queued_images -= s.n
-                self.dropped["cancelled"] += 1
                 continue
             if s.deadline is not None and now >= s.deadline:
                 self._queue.popleft()
+                s.queued = False
                 self._queued_images -= s.n
                 self.dropped["deadline"] += 1
                 s.future.set_exception(DeadlineExpired("deadline expired while queued"))
@@ -608,6 +640,7 @@ class Batcher:
             if (batch or small) and size + s.n > limit:
                 break
             self._queue.popleft()
+            s.queued = False
             self._queued_images -= s.n
             batch.append(s)
             size += s.n
