@@ -61,6 +61,21 @@ BAD_SETTINGS = {
     "file": (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], {},
              "--tls-cert", "cannot read"),
     "token variable": ([], {"VAE_AUTH_TOKENS": "has space"}, "VAE_AUTH_TOKENS", "token 1"),
+    # Before: accepted, then the server crashed at the start (gRPC's C int) or at SIGTERM
+    # (nan as a sleep), or sent every connection away at once (0.0001 s is 0 ms).
+    "age inf": (["--max-connection-age-s", "inf"], {}, "--max-connection-age-s",
+                "'inf' is not a finite number"),
+    "age past gRPC's": (["--max-connection-age-s", "2592000"], {}, "--max-connection-age-s",
+                        "at most 2147483"),
+    "age grace past gRPC's": ([], {"VAE_MAX_CONNECTION_AGE_GRACE_S": "2592000"},
+                              "--max-connection-age-grace-s", "at most 2147483"),
+    "age under 1 ms": (["--max-connection-age-s", "0.0001"], {}, "--max-connection-age-s",
+                       "under 0.001"),
+    "grace nan": (["--grace-seconds", "nan"], {}, "--grace-seconds",
+                  "'nan' is not a finite number"),
+    "drain delay nan variable": ([], {"VAE_DRAIN_DELAY_S": "NaN"}, "VAE_DRAIN_DELAY_S",
+                                 "'NaN' is not a finite number"),
+    "delay -inf": (["--max-delay-ms=-inf"], {}, "--max-delay-ms", "not a finite number"),
 }
 
 
@@ -76,7 +91,9 @@ def test_a_bad_setting_is_one_error_naming_it(case):
 
 @pytest.mark.parametrize("case", ["int variable", "float flag", "bool variable",
                                   "choice variable", "port range", "unknown flag", "file",
-                                  "token variable", "message limit past gRPC's"])
+                                  "token variable", "message limit past gRPC's",
+                                  "age past gRPC's", "grace nan",
+                                  "drain delay nan variable"])
 def test_vae_server_prints_one_line_and_exits_2(case, tmp_path):
     """The real program, as a user starts it: one line on stderr, status 2, no traceback."""
     argv, env, setting, words = BAD_SETTINGS[case]
@@ -88,6 +105,40 @@ def test_vae_server_prints_one_line_and_exits_2(case, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("vae-server: ") and setting in lines[0] and words in lines[0]
     assert proc.stdout == ""
+
+
+def test_no_float_setting_takes_inf_or_nan():
+    """Every float setting, from a flag and from its variable (nan compares false with every
+    bound, so a range check alone lets it through)."""
+    import dataclasses
+
+    from vae_server.config import Settings
+
+    floats = [f.name for f in dataclasses.fields(Settings) if isinstance(f.default, float)]
+    assert {"max_delay_ms", "grace_seconds", "drain_delay_s", "max_connection_age_s",
+            "max_connection_age_grace_s"} <= set(floats)
+    for name in floats:
+        flag, var = "--" + name.replace("_", "-"), "VAE_" + name.upper()
+        for value in ("nan", "inf", "-inf", "Infinity"):
+            with pytest.raises(SettingsError, match="not a finite number"):
+                load_settings([f"{flag}={value}"], env={})
+            with pytest.raises(SettingsError, match=f"{var}: .* not a finite number"):
+                load_settings([], env={var: value})
+
+
+def test_connection_ages_reach_grpc_as_the_milliseconds_given():
+    from vae_server.config import MAX_CONNECTION_AGE_S
+    from vae_server.server import grpc_options
+
+    def options(*argv: str) -> dict[str, int]:
+        return dict(grpc_options(load_settings(list(argv), env={})))
+
+    most = options("--max-connection-age-s", str(MAX_CONNECTION_AGE_S),
+                   "--max-connection-age-grace-s", str(MAX_CONNECTION_AGE_S))
+    assert most["grpc.max_connection_age_ms"] <= 2**31 - 1
+    assert most["grpc.max_connection_age_grace_ms"] <= 2**31 - 1
+    assert options("--max-connection-age-s", "0.001")["grpc.max_connection_age_ms"] == 1
+    assert "grpc.max_connection_age_ms" not in options("--max-connection-age-s", "0")
 
 
 def test_a_model_directory_that_cannot_be_served_exits_2(tmp_path):

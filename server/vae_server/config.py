@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import ssl
 from collections.abc import Callable, Mapping, Sequence
@@ -162,9 +163,27 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-_PARSERS: dict[type, Callable[[str], Any]] = {bool: _parse_bool, int: int, float: float, str: str}
+class _NotFinite(ValueError):
+    pass
+
+
+def _parse_float(text: str) -> float:
+    """A finite number: inf and nan would pass every range check (nan compares false with
+    everything) and then fail where they are used, at the earliest on SIGTERM."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text)
+    return value
+
+
+_PARSERS: dict[type, Callable[[str], Any]] = {bool: _parse_bool, int: int, float: _parse_float,
+                                              str: str}
 _TYPE_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number",
                str: "text"}
+
+
+def _wanted(kind: type, exc: ValueError) -> str:
+    return "a finite number" if isinstance(exc, _NotFinite) else _TYPE_NAMES[kind]
 
 
 def _typed(kind: type) -> Callable[[str], Any]:
@@ -172,8 +191,8 @@ def _typed(kind: type) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             return _PARSERS[kind](text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {_TYPE_NAMES[kind]}") from None
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_wanted(kind, exc)}") from None
     parse.__name__ = kind.__name__
     return parse
 
@@ -202,8 +221,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         if var in env:
             try:
                 default = _PARSERS[kind](env[var])
-            except ValueError:
-                raise SettingsError(f"{var}: {env[var]!r} is not {_TYPE_NAMES[kind]}") from None
+            except ValueError as exc:
+                raise SettingsError(f"{var}: {env[var]!r} is not {_wanted(kind, exc)}"
+                                    ) from None
         p.add_argument(flag, dest=f.name, type=_typed(kind), default=default,
                        help=f"{f.metadata['help']} [{var}] (default: %(default)s)")
     return p
@@ -223,14 +243,30 @@ def load_settings(argv: Sequence[str] | None = None,
 
 # The largest --max-message-mb: gRPC's message limits are C ints (2 GiB - 1 byte).
 MAX_MESSAGE_MB = 2047
+# gRPC takes the connection age and its grace in milliseconds, as C ints: at most 2^31 - 1 ms
+# (24.8 days); the age at least 1 ms, as a shorter one would be 0 ms, every connection sent
+# away at once.
+MAX_CONNECTION_AGE_S = (2**31 - 1) // 1000
+MIN_CONNECTION_AGE_S = 0.001
 
 
 def _check(s: Settings) -> None:
+    for f in dataclasses.fields(Settings):  # whatever built them: no inf or nan
+        value = getattr(s, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{_flag(f.name)}: {value} is not a finite number")
     for name in ("max_delay_ms", "inline_rows", "instances", "threads", "warmup_rounds",
                  "grace_seconds", "drain_delay_s", "max_connection_age_s",
                  "max_connection_age_grace_s"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{_flag(name)}: {getattr(s, name)} is negative; it must be >= 0")
+    for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+        if getattr(s, name) > MAX_CONNECTION_AGE_S:
+            raise SettingsError(f"{_flag(name)}: {getattr(s, name)}; it must be at most "
+                                f"{MAX_CONNECTION_AGE_S} (gRPC's limit, 2^31 - 1 ms)")
+    if 0 < s.max_connection_age_s < MIN_CONNECTION_AGE_S:
+        raise SettingsError(f"--max-connection-age-s: {s.max_connection_age_s} is under "
+                            f"{MIN_CONNECTION_AGE_S} (1 ms, gRPC's unit); 0 = never")
     for name in ("port", "metrics_port"):
         low = -1 if name == "metrics_port" else 0
         if not low <= getattr(s, name) <= 65535:

@@ -96,9 +96,9 @@ def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str
     ]
     if settings.max_connection_age_s > 0:
         options += [
-            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms",
-             int(settings.max_connection_age_grace_s * 1000)),
+             round(settings.max_connection_age_grace_s * 1000)),
         ]
     return options
 
