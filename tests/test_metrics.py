@@ -25,3 +25,55 @@ def test_queue_depth_is_read_from_the_queue_when_scraped():
     assert m.registry.get_sample_value("vae_queue_depth", {"model": "decoder"}) == 0
     queued["decoder"] = 1500
     assert m.registry.get_sample_value("vae_queue_depth", {"model": "decoder"}) == 1500
+
+
+# A stand-in for nvidia-ml-py (the module pynvml): one GPU, device-wide figures as NVML's.
+FAKE_PYNVML = '''
+class NVMLError(Exception): pass
+class NVMLError_NotSupported(NVMLError): pass
+class _Util: gpu = {utilization}
+class _Mem: used = 20 << 30; total = 80 << 30
+def nvmlInit(): pass
+def nvmlDeviceGetCount(): return 1
+def nvmlDeviceGetHandleByIndex(i): return i
+def nvmlDeviceGetName(h): return "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+def nvmlDeviceGetMemoryInfo(h): return _Mem()
+def nvmlDeviceGetUtilizationRates(h):
+    if {utilization} < 0: raise NVMLError_NotSupported("Not Supported")
+    return _Util()
+'''
+
+
+def fake_pynvml(monkeypatch, tmp_path, utilization: int) -> None:
+    """Put a fake pynvml first on the path, as PYTHONPATH would: `utilization` percent busy,
+    or, if negative, NotSupported for utilisation (as on a MIG instance)."""
+    import sys
+
+    where = tmp_path / "fakenvml"
+    where.mkdir(exist_ok=True)
+    (where / "pynvml.py").write_text(FAKE_PYNVML.format(utilization=utilization))
+    monkeypatch.syspath_prepend(str(where))
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+
+
+def test_an_nvml_query_that_fails_leaves_out_its_series_and_is_logged_once(
+        monkeypatch, tmp_path, caplog):
+    """Before: NotSupported from the utilisation query escaped collect(), and since the
+    registry collects once when a collector is registered, the server could not start."""
+    import logging
+
+    from vae_server.metrics import Metrics
+
+    fake_pynvml(monkeypatch, tmp_path, utilization=-1)
+    with caplog.at_level(logging.WARNING, logger="vae_server.metrics"):
+        m = Metrics()  # the registry's auto_describe collects here
+        for _ in range(3):  # every scrape
+            names = {s.name for f in m.registry.collect() for s in f.samples}
+            assert "vae_gpu_utilization_ratio" not in names
+            labels = {"gpu": "0", "name": "NVIDIA H100 80GB HBM3 MIG 1g.10gb"}
+            assert m.registry.get_sample_value("vae_gpu_memory_used_bytes", labels) == 20 << 30
+            assert m.registry.get_sample_value("vae_gpu_memory_total_bytes", labels) == 80 << 30
+            assert m.registry.get_sample_value("process_resident_memory_bytes") > 0
+    warnings = [r for r in caplog.records if "nvmlDeviceGetUtilizationRates" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "Not Supported" in warnings[0].getMessage()

@@ -37,10 +37,16 @@ log = logging.getLogger(__name__)
 
 class GpuCollector(Collector):
     """GPU utilisation and memory from NVML (nvidia-ml-py), read at scrape time. Without the
-    library or a GPU it collects nothing, and says why once in the log."""
+    library or a GPU it collects nothing, and says why once in the log.
+
+    A query that NVML refuses (utilisation on a MIG instance is NotSupported, a GPU fallen off
+    the bus is Unknown) leaves out the series it would give, and is logged once per query: it
+    must neither stop the server from starting (the registry collects once when this is
+    registered) nor break every scrape."""
 
     def __init__(self) -> None:
         self._nvml = None
+        self._failed: set[str] = set()  # queries whose failure is logged already
         try:
             import pynvml
 
@@ -51,10 +57,20 @@ class GpuCollector(Collector):
             log.info("no GPU metrics: %s", exc)
             self.count = 0
 
+    def _query(self, name: str, *args: Any) -> Any:
+        """NVML's `name`(*args), or None (logged the first time) if NVML refuses it."""
+        try:
+            return getattr(self._nvml, name)(*args)
+        except Exception as exc:  # noqa: BLE001 - NVMLError and its many subclasses
+            if name not in self._failed:
+                self._failed.add(name)
+                log.warning("GPU metrics: NVML's %s failed (%s: %s); the series it gives are "
+                            "left out", name, type(exc).__name__, exc)
+            return None
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if not self.count or self._nvml is None:
             return
-        nv = self._nvml
         util = GaugeMetricFamily("vae_gpu_utilization_ratio",
                                  "GPU busy fraction over the last sample period (NVML).",
                                  labels=["gpu", "name"])
@@ -63,14 +79,20 @@ class GpuCollector(Collector):
         total = GaugeMetricFamily("vae_gpu_memory_total_bytes", "GPU memory in all (NVML).",
                                   labels=["gpu", "name"])
         for i in range(self.count):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
-            name = nv.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            mem = nv.nvmlDeviceGetMemoryInfo(h)
-            util.add_metric([str(i), name], nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
-            used.add_metric([str(i), name], float(mem.used))
-            total.add_metric([str(i), name], float(mem.total))
-        yield from (util, used, total)
+            h = self._query("nvmlDeviceGetHandleByIndex", i)
+            if h is None:
+                continue
+            name = self._query("nvmlDeviceGetName", h)
+            name = name.decode() if isinstance(name, bytes) else str(name or "")
+            labels = [str(i), name]
+            rates = self._query("nvmlDeviceGetUtilizationRates", h)
+            if rates is not None:
+                util.add_metric(labels, rates.gpu / 100.0)
+            mem = self._query("nvmlDeviceGetMemoryInfo", h)
+            if mem is not None:
+                used.add_metric(labels, float(mem.used))
+                total.add_metric(labels, float(mem.total))
+        yield from (f for f in (util, used, total) if f.samples)
 
 
 class Metrics:
