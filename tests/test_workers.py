@@ -127,3 +127,26 @@ def test_merged_counters_never_go_down_when_a_worker_restarts_or_cannot_be_read(
     names = [f.name for f in text_string_to_metric_families(
         "".join(f"# TYPE {f.name} {f.type}\n" for f in merged.collect()))]
     assert sorted(names) == ["calls", "in_flight", "latency"]
+
+
+def test_device_wide_gpu_gauges_merge_as_one_reading_not_a_sum(monkeypatch, tmp_path):
+    """Every worker reads the same GPU from NVML: before, the merge added their readings,
+    and two workers on a GPU 60 % busy read 120 %."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from test_metrics import fake_pynvml
+
+    from vae_server.metrics import Metrics
+
+    fake_pynvml(monkeypatch, tmp_path, utilization=60)
+    texts = {port: generate_latest(Metrics(CollectorRegistry(auto_describe=True)).registry
+                                   ).decode() for port in (9001, 9002)}
+    merged = MergedMetrics(lambda: [(101, 9001), (102, 9002)])
+    monkeypatch.setattr(merged, "_read", texts.__getitem__)
+    values = {(s.name, s.labels.get("gpu")): s.value for f in merged.collect()
+              for s in f.samples}
+    assert values[("vae_gpu_utilization_ratio", "0")] == 0.6
+    assert values[("vae_gpu_memory_used_bytes", "0")] == 20 << 30
+    assert values[("vae_gpu_memory_total_bytes", "0")] == 80 << 30
+    # A process's own figures are still added up across workers.
+    assert values[("process_resident_memory_bytes", None)] == 2 * float(
+        texts[9001].split("\nprocess_resident_memory_bytes ")[1].split()[0])

@@ -10,8 +10,8 @@ that the kernel spreads incoming connections over them, and:
   its replacement is ready. A probe that reaches any worker learns whether all of them serve.
 - metrics: each worker serves its own on a loopback port; the supervisor's metrics port
   merges them (metrics_merge): counters and histograms summed, so every metric reads as
-  one server's would, and gauges summed, or where a sum means nothing, the min or max. Its
-  own beside them: vae_workers{state="configured"|"ready"} and vae_worker_restarts_total.
+  one server's would, and gauges summed, or where a sum means nothing, the min or max (the
+  GPU's gauges, of one device that every worker reads, the max). Its own beside them: vae_workers{state="configured"|"ready"} and vae_worker_restarts_total.
 - SIGTERM (or SIGINT): every worker drains (NOT_SERVING, the drain delay, the grace) and the
   supervisor exits once they all have, with status 0 if all of them did.
 """
@@ -244,6 +244,9 @@ def supervise(settings: Settings) -> int:
 # Samples that a sum would make meaningless: the earliest start, the largest limit.
 _MIN = ("_created", "process_start_time_seconds")
 _MAX = ("process_max_fds",)
+# Gauges of a whole device that every worker reads alike (NVML's utilisation and memory):
+# the largest reading, not N times it.
+_DEVICE = ("vae_gpu_",)
 
 
 class MergedMetrics(Collector):
@@ -319,7 +322,7 @@ class _Sum:
                     series[key] = max(series[key], sample.value)
                 elif sample.name.endswith(_MIN) or sample.name in _MIN:
                     series[key] = min(series[key], sample.value)
-                elif sample.name in _MAX:
+                elif sample.name in _MAX or sample.name.startswith(_DEVICE):
                     series[key] = max(series[key], sample.value)
                 else:
                     series[key] = series[key] + sample.value
