@@ -11,15 +11,26 @@ import subprocess
 import time
 from collections.abc import Callable
 
+import grpc
 import numpy as np
 import pytest
 
-from serving import SERVICE, VENV_BIN, Replica, metric_total, served_process, stop_process
+from serving import (
+    SERVICE,
+    VENV_BIN,
+    Replica,
+    metric_total,
+    served_process,
+    stop_process,
+    stub_server,
+)
 from vae_client import VaeClient
 from vae_client.images import grid, read_png, write_png
 from vae_core import likelihood as lk
 from vae_core.onnx_model import OnnxVAE
 from vae_core.ports import free_port
+from vae_proto import vae_pb2
+from vae_proto.tensor import to_tensor
 
 pytestmark = pytest.mark.e2e
 
@@ -317,6 +328,109 @@ def test_bench_refuses_a_rate_that_is_not_positive(cli):
     for rate in ("0", "-10"):
         proc = cli("bench", "--rate", rate, "--duration", "1", expect=2)
         assert "--rate" in proc.stderr and "must be > 0" in proc.stderr
+
+
+U32, U64 = 2**32 - 1, 2**64 - 1
+
+
+@pytest.mark.parametrize("args,option", [
+    (("sample", "--n", "3", "--digit", str(U32 + 1)), "--digit"),
+    (("sample", "--n", "5000", "--chunk-size", str(U32 + 1)), "--chunk-size"),
+    (("sample", "--n", str(U64 + 1)), "--n"),
+    (("score", "--k", str(U32 + 1)), "--k"),
+    (("bench", "--method", "loglik", "--k", str(U32 + 1)), "--k"),
+    (("bench", "--method", "sample", "--batch", str(U32 + 1)), "--batch"),
+    (("bench", "--method", "stream", "--stream-n", str(U64 + 1)), "--stream-n"),
+])
+def test_numbers_past_their_wire_fields_are_usage_errors(cli, digits, tmp_path, args, option):
+    """Before: protobuf's `ValueError: Value out of range` as a traceback (exit 1), or a
+    field the value did not fit in left to numpy (`bench --batch`: 64 GiB asked for)."""
+    out = tmp_path / "out"
+    np.save(tmp_path / "x.npy", digits[:2])
+    more = {"sample": ("--out", str(out / "x.npy")), "score": ("--in", str(tmp_path / "x.npy")),
+            "bench": ("--duration", "0.3", "--warmup", "0")}
+    proc = cli(*args, *more[args[0]], expect=2)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"vae-client {args[0]}: error: argument {option}"), proc.stderr
+    assert "out of range" in last and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_numbers_that_fit_their_fields_reach_the_server(cli, tmp_path):
+    """The bounds are the wire's, no tighter: the server judges what fits."""
+    proc = cli("sample", "--n", "3", "--digit", str(U32), "--out", str(tmp_path / "x.npy"),
+               expect=1)
+    assert proc.stderr.startswith(f"vae-client: error: INVALID_ARGUMENT: digit: {U32} ")
+    assert proc.stderr.count("\n") == 1
+
+
+def test_more_images_than_the_server_sends_is_one_line(cli, client, tmp_path):
+    """Before: `--n 4294967296 --no-stream` and `--n 2^63` came out as tracebacks (protobuf's
+    ValueError, numpy's OverflowError), after a sparse file of terabytes was made for them."""
+    limits = client.info().limits
+    out = tmp_path / "x.npy"
+    proc = cli("sample", "--n", str(U32 + 1), "--no-stream", "--out", str(out), expect=1)
+    assert proc.stderr == (f"vae-client: error: --n {U32 + 1}: more than the server's "
+                           f"max_sample_n ({limits.max_sample_n}); let the images stream "
+                           "(--stream)\n")
+    proc = cli("sample", "--n", str(2**63), "--dtype", "uint8", "--out", str(out), expect=1)
+    assert proc.stderr == (f"vae-client: error: --n {2**63}: more than the server's "
+                           f"max_stream_n ({limits.max_stream_n})\n")
+    assert not list(tmp_path.iterdir())
+
+
+def _stub_info(**limits: int) -> bytes:
+    return vae_pb2.ModelInfo(
+        latent_dim=4, image_shape=[28, 28], model_version="stub",
+        limits=vae_pb2.Limits(max_sample_n=64, max_stream_n=10**7, max_chunk_size=1000,
+                              default_chunk_size=100, max_images_per_request=64,
+                              max_message_bytes=64 << 20, **limits),
+        batching=vae_pb2.BatchingInfo(max_batch_size=64, max_queue_images=1000),
+    ).SerializeToString()
+
+
+def test_a_broken_stream_offers_no_offset_the_command_lacks(cli, tmp_path):
+    """Before: 'the same request with offset=100 resumes it', the library's hint, though the
+    command has no offset option and keeps none of the images received. A stand-in server
+    sends one chunk of 100 images, then fails the stream (INTERNAL: not resumed)."""
+    def stream(raw: bytes, context: grpc.ServicerContext):
+        yield vae_pb2.SampleChunk(offset=0, images=to_tensor(
+            np.zeros((100, 28, 28), np.uint8))).SerializeToString()
+        context.abort(grpc.StatusCode.INTERNAL, "the stand-in broke")
+
+    handlers = {"GetModelInfo": grpc.unary_unary_rpc_method_handler(lambda r, c: _stub_info()),
+                "SampleStream": grpc.unary_stream_rpc_method_handler(stream)}
+    out = tmp_path / "x.npy"
+    with stub_server(handlers) as stub:
+        proc = cli("sample", "--n", "500", "--stream", "--dtype", "uint8", "--out", str(out),
+                   target_=stub, expect=1)
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("vae-client: error: INTERNAL: the stand-in broke")
+    assert "offset" not in proc.stderr and "resumes" not in proc.stderr
+    assert "before image 100" in proc.stderr and f"nothing was written to {out}" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_bulk_streams_keep_the_timeout(cli, tmp_path):
+    """Before: --timeout bounded bulk's GetModelInfo only; the shards' streams (each task
+    makes its own client) had no deadline. A stand-in server notes the deadline of each
+    stream, then refuses it."""
+    deadlines: list[float | None] = []
+
+    def stream(raw: bytes, context: grpc.ServicerContext):
+        deadlines.append(context.time_remaining())
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the stand-in makes no images")
+        yield b""  # a generator: a stream handler
+
+    handlers = {"GetModelInfo": grpc.unary_unary_rpc_method_handler(lambda r, c: _stub_info()),
+                "SampleStream": grpc.unary_stream_rpc_method_handler(stream)}
+    with stub_server(handlers) as stub:
+        proc = cli("bulk", "--n", "10", "--shard-size", "10", "--format", "npz", "--no-ray",
+                   "--no-progress", "--out", str(tmp_path / "d"), "--timeout", "7",
+                   target_=stub, expect=1)
+    assert "the stand-in makes no images" in proc.stderr
+    # (gRPC rounds a deadline up on the wire: the server may see a little more than asked.)
+    assert deadlines and all(t is not None and 0 < t <= 8 for t in deadlines), deadlines
 
 
 def test_decode_batches_fit_the_client_s_message_limit(model_dir, client, tmp_path):

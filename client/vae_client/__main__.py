@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import sys
 import threading
@@ -27,6 +28,7 @@ from typing import TypeAlias
 import numpy as np
 
 from vae_client import cli_io
+from vae_client._codec import UINT32_MAX, UINT64_MAX
 from vae_client.channel import DEFAULT_MAX_MESSAGE_MB, Security, read_token_file
 from vae_client.cli_io import CliError, ImageSink, Progress
 from vae_client.client import VaeClient
@@ -65,13 +67,27 @@ def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
     return value
 
 
@@ -261,16 +277,17 @@ def add_sample(sub: Subparsers) -> None:
         f"Above {STREAM_THRESHOLD} images (or the server's "
         "max_sample_n or max_queue_images) the images come by SampleStream, in chunks, "
         "written to the NPY file as they arrive, so memory stays bounded.")
-    p.add_argument("--n", type=_int_at_least(1), required=True, help="number of images")
+    p.add_argument("--n", type=_int_at_least(1, UINT64_MAX), required=True,
+                   help="number of images")
     _add_seed(p, "the latents")
-    p.add_argument("--digit", type=_int_at_least(0), default=None,
+    p.add_argument("--digit", type=_int_at_least(0, UINT32_MAX), default=None,
                    help="generate digits of this class only (one of the model's digits, "
                         "`info`; default: any class)")
     _add_dtype(p)
     p.add_argument("--out", required=True, metavar="OUT",
                    help="OUT.npy (images [n, 28, 28] of --dtype) or OUT.png (one grid of the "
                         "images, white digits on black, with gray gutters)")
-    p.add_argument("--chunk-size", type=_int_at_least(0), default=0,
+    p.add_argument("--chunk-size", type=_int_at_least(0, UINT32_MAX), default=0,
                    help="images per streamed chunk; 0 = the server's default_chunk_size, or "
                         "less where its queue is smaller "
                         "(default: %(default)s)")
@@ -296,7 +313,16 @@ def run_sample(args: argparse.Namespace) -> int:
         if stream is None:
             stream = args.n > min(STREAM_THRESHOLD, info.limits.max_sample_n,
                                   info.batching.max_queue_images)
-        sink = ImageSink(args.out, args.n, args.dtype, args.cols)
+        # What the server would refuse, refused before a file of n images is made for it.
+        limit, name = ((info.limits.max_stream_n, "max_stream_n") if stream
+                       else (info.limits.max_sample_n, "max_sample_n"))
+        if limit and args.n > limit:
+            raise CliError(f"--n {args.n}: more than the server's {name} ({limit})"
+                           + ("" if stream else "; let the images stream (--stream)"))
+        try:
+            sink = ImageSink(args.out, args.n, args.dtype, args.cols)
+        except (OverflowError, ValueError):  # n x 784 pixels past what numpy can address
+            raise CliError(f"--n {args.n}: too many images for one file") from None
         try:
             if stream:
                 # The server's default chunk may not fit a small queue: then ask for less.
@@ -306,6 +332,15 @@ def run_sample(args: argparse.Namespace) -> int:
             else:
                 sink.put(0, client.sample(args.n, seed=args.seed, dtype=args.dtype,
                                           digit=args.digit))
+        except VaeError as exc:
+            sink.abort()
+            if exc.resume_offset is None:
+                raise
+            # The library's hint (the same request with offset=N) is for API users: this
+            # command has no offset, and the images received are not kept.
+            raise CliError(f"{exc.code.name}: {exc.details} (the stream stopped before "
+                           f"image {exc.resume_offset}; nothing was written to {args.out})"
+                           ) from None
         except BaseException:
             sink.abort()
             raise
@@ -365,7 +400,7 @@ def add_score(sub: Subparsers) -> None:
     p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
                    help="image files: NPY ([N, 784] or [N, 28, 28], float in [0, 1] or "
                         "uint8), IDX (gzipped or not) or PNG; several are joined in order")
-    p.add_argument("--k", type=_int_at_least(1), default=100,
+    p.add_argument("--k", type=_int_at_least(1, UINT32_MAX), default=100,
                    help="importance samples per image; 1 gives the ELBO (default: %(default)s)")
     _add_seed(p, "the importance sampling and the dequantisation of uint8 pixels")
     p.add_argument("--batch", type=_int_at_least(1), default=256,
@@ -424,17 +459,17 @@ def add_bench(sub: Subparsers) -> None:
                    help="calls in flight, closed loop (default: %(default)s)")
     p.add_argument("--rate", type=_positive_float, default=None,
                    help="open loop: start this many calls per second instead (default: closed)")
-    p.add_argument("--duration", type=float, default=10.0,
-                   help="seconds measured after the warm-up (default: %(default)s)")
-    p.add_argument("--warmup", type=float, default=1.0,
-                   help="seconds of load before measuring (default: %(default)s)")
-    p.add_argument("--batch", type=_int_at_least(1), default=1,
+    p.add_argument("--duration", type=_positive_float, default=10.0,
+                   help="seconds measured after the warm-up, > 0 (default: %(default)s)")
+    p.add_argument("--warmup", type=_non_negative_float, default=1.0,
+                   help="seconds of load before measuring, >= 0 (default: %(default)s)")
+    p.add_argument("--batch", type=_int_at_least(1, UINT32_MAX), default=1,
                    help="images per call, or per chunk for stream (default: %(default)s)")
-    p.add_argument("--k", type=_int_at_least(1), default=1000,
+    p.add_argument("--k", type=_int_at_least(1, UINT32_MAX), default=1000,
                    help="importance samples for loglik (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "uint8"), default="float32",
                    help="image dtype of decode, sample and stream replies (default: %(default)s)")
-    p.add_argument("--stream-n", type=_int_at_least(1), default=100_000,
+    p.add_argument("--stream-n", type=_int_at_least(1, UINT64_MAX), default=100_000,
                    help="images per SampleStream call (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run_bench)
@@ -448,7 +483,8 @@ def run_bench(args: argparse.Namespace) -> int:
     result = asyncio.run(bench(
         args.target, args.method, concurrency=args.concurrency, duration=args.duration,
         batch=args.batch, rate=args.rate, k=args.k, dtype=args.dtype, stream_n=args.stream_n,
-        warmup=args.warmup, timeout=args.timeout, security=args.security))
+        warmup=args.warmup, security=args.security,
+        timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -522,8 +558,9 @@ def run_bulk(args: argparse.Namespace) -> int:
         # Chunks the servers take: their limits, not the spec's, may be the smaller.
         chunk = min(spec.chunk_size, info.limits.max_chunk_size, info.batching.max_queue_images)
         try:
+            # --timeout, when given, bounds each stream whole, as `sample` takes it.
             runner(args.target, spec, out, todo, args.workers, args.security, done,
-                   chunk_size=chunk, **kwargs)
+                   chunk_size=chunk, timeout=args.timeout, **kwargs)
         except bulk.BulkError as exc:
             raise CliError(str(exc)) from None
     # Every shard checked against its hash once all are made: Ray tasks may have written
@@ -601,7 +638,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.security = _security(args)
         return args.run(args)
-    except (VaeError, CliError, ImageFileError) as exc:
+    except VaeError as exc:
+        # Without the library's resume hint (offset=N), which this command has no use for.
+        _error(f"{exc.code.name}: {exc.details}")
+    except (CliError, ImageFileError) as exc:
         _error(str(exc))
     except BrokenPipeError:
         # The reader went away (`vae-client info | head`): not an error worth a message.

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import grpc
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
+from vae_client.errors import VaeError
 from vae_proto import vae_pb2
 from vae_proto.tensor import from_tensor, to_tensor
 
 DTYPES = {"float32": vae_pb2.FLOAT32, "uint8": vae_pb2.UINT8}
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+# What each integer type of the wire holds: a value outside is refused before it is sent.
+_WIRE_RANGE = {
+    FieldDescriptor.TYPE_UINT32: (0, UINT32_MAX), FieldDescriptor.TYPE_UINT64: (0, UINT64_MAX),
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1)}
+M = TypeVar("M", bound=Message)
+
+
+def request(cls: type[M], **fields: Any) -> M:
+    """cls(**fields), with every integer checked against its field's wire type first: one
+    that does not fit raises VaeError INVALID_ARGUMENT naming the field and the limit (not
+    protobuf's ValueError, which names neither). None leaves an optional field unset."""
+    for name, value in fields.items():
+        bounds = _WIRE_RANGE.get(cls.DESCRIPTOR.fields_by_name[name].type)
+        if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:
+            raise VaeError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{name}: {value} is out of range; it must be "
+                           f"{bounds[0]} .. {bounds[1]}")
+    return cls(**fields)
 
 
 def dtype_enum(dtype: str) -> vae_pb2.DType:
@@ -29,14 +55,26 @@ def images_tensor(images: np.ndarray) -> vae_pb2.Tensor:
     return to_tensor(arr)
 
 
+def encode_request(images: np.ndarray, sample: bool, seed: int) -> vae_pb2.EncodeRequest:
+    return request(vae_pb2.EncodeRequest, images=images_tensor(images), sample=sample,
+                   seed=seed)
+
+
 def sample_request(n: int, seed: int, dtype: str, digit: int | None) -> vae_pb2.SampleRequest:
-    return vae_pb2.SampleRequest(n=n, seed=seed, output_dtype=dtype_enum(dtype), digit=digit)
+    return request(vae_pb2.SampleRequest, n=n, seed=seed, output_dtype=dtype_enum(dtype),
+                   digit=digit)
 
 
 def stream_request(n: int, seed: int, chunk_size: int, dtype: str, offset: int,
                    digit: int | None) -> vae_pb2.SampleStreamRequest:
-    return vae_pb2.SampleStreamRequest(n=n, seed=seed, chunk_size=chunk_size,
-                                       output_dtype=dtype_enum(dtype), offset=offset, digit=digit)
+    return request(vae_pb2.SampleStreamRequest, n=n, seed=seed, chunk_size=chunk_size,
+                   output_dtype=dtype_enum(dtype), offset=offset, digit=digit)
+
+
+def loglik_request(images: np.ndarray, k: int, seed: int,
+                   offset: int) -> vae_pb2.LogLikelihoodRequest:
+    return request(vae_pb2.LogLikelihoodRequest, images=images_tensor(images), k=k, seed=seed,
+                   offset=offset)
 
 
 def latents_tensor(z: np.ndarray) -> vae_pb2.Tensor:

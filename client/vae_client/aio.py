@@ -66,7 +66,7 @@ class AsyncVaeClient:
     async def encode(self, images: np.ndarray, sample: bool = False, seed: int = 0,
                      timeout: float | None = None) -> tuple[np.ndarray, ...]:
         """Images -> (mu, logvar), or (mu, logvar, z) when `sample` is set."""
-        req = vae_pb2.EncodeRequest(images=_codec.images_tensor(images), sample=sample, seed=seed)
+        req = _codec.encode_request(images, sample, seed)
         reply = await self._call(self._stub.Encode, req, timeout)
         out = (_codec.array(reply.mu, "mu"), _codec.array(reply.logvar, "logvar"))
         return (*out, _codec.array(reply.z, "z")) if sample else out
@@ -117,6 +117,5 @@ class AsyncVaeClient:
                              offset: int = 0, timeout: float | None = None) -> Scores:
         """Per image: ELBO, log p(x) with k samples, bits/dim, percentile and flag; `offset`
         as in VaeClient.log_likelihood."""
-        req = vae_pb2.LogLikelihoodRequest(images=_codec.images_tensor(images), k=k, seed=seed,
-                                           offset=offset)
+        req = _codec.loglik_request(images, k, seed, offset)
         return Scores.from_reply(await self._call(self._stub.LogLikelihood, req, timeout))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from vae_client._codec import images_tensor, latents_tensor
+from vae_client._codec import images_tensor, latents_tensor, request
 from vae_client.channel import Security, create_aio_channel
 from vae_client.errors import VaeError
 from vae_proto import vae_pb2
@@ -42,21 +43,27 @@ class BenchResult:
     errors: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON takes it: a latency that no call measured (NaN) is None (null), since
+        JSON has no NaN."""
+        d = asdict(self)
+        d["latency_ms"] = {k: None if math.isnan(v) else v for k, v in self.latency_ms.items()}
+        return d
 
     def summary(self) -> str:
         lat = self.latency_ms
         errs = ", ".join(f"{k} {v}" for k, v in self.errors.items()) or "none"
+        latency = (f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, p99 {lat['p99']:.2f} ms, "
+                   f"max {lat['max']:.2f} ms" if self.calls else "no latency (no call succeeded)")
         return (f"{self.method} {self.mode} c={self.concurrency} batch={self.batch}: "
                 f"{self.calls_per_s:,.0f} calls/s, {self.images_per_s:,.0f} images/s, "
-                f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, p99 {lat['p99']:.2f} ms, "
-                f"max {lat['max']:.2f} ms; errors: {errs}")
+                f"{latency}; errors: {errs}")
 
 
 def build_request(method: str, batch: int, latent_dim: int, k: int = 1000,
                   dtype: vae_pb2.DType = vae_pb2.FLOAT32, stream_n: int = 100_000,
                   seed: int = 0) -> tuple[str, bytes, int]:
-    """(RPC path, serialised request, images per call) for one benchmark method."""
+    """(RPC path, serialised request, images per call) for one benchmark method. A number
+    too large for its field raises VaeError INVALID_ARGUMENT, as the clients' calls do."""
     rng = np.random.default_rng(seed)
     if method == "decode":
         z = rng.standard_normal((batch, latent_dim), dtype=np.float32)
@@ -67,15 +74,15 @@ def build_request(method: str, batch: int, latent_dim: int, k: int = 1000,
         req = vae_pb2.EncodeRequest(images=images_tensor(x))
         return SERVICE + "Encode", req.SerializeToString(), batch
     if method == "sample":
-        req = vae_pb2.SampleRequest(n=batch, seed=seed, output_dtype=dtype)
+        req = request(vae_pb2.SampleRequest, n=batch, seed=seed, output_dtype=dtype)
         return SERVICE + "Sample", req.SerializeToString(), batch
     if method == "loglik":
         x = rng.random((batch, 784), dtype=np.float32)
-        req = vae_pb2.LogLikelihoodRequest(images=images_tensor(x), k=k, seed=seed)
+        req = request(vae_pb2.LogLikelihoodRequest, images=images_tensor(x), k=k, seed=seed)
         return SERVICE + "LogLikelihood", req.SerializeToString(), batch
     if method == "stream":
-        req = vae_pb2.SampleStreamRequest(n=stream_n, seed=seed, chunk_size=batch,
-                                          output_dtype=dtype)
+        req = request(vae_pb2.SampleStreamRequest, n=stream_n, seed=seed, chunk_size=batch,
+                      output_dtype=dtype)
         return SERVICE + "SampleStream", req.SerializeToString(), stream_n
     raise ValueError(f"method must be one of {METHODS}, not {method!r}")
 
@@ -93,9 +100,14 @@ def _percentiles(latencies: list[float]) -> dict[str, float]:
 async def run_bench(target: str, method: str, concurrency: int = 1, duration: float = 10.0,
                     batch: int = 1, rate: float | None = None, k: int = 1000,
                     dtype: str = "float32", stream_n: int = 100_000, warmup: float = 1.0,
-                    timeout: float = 30.0, security: Security | None = None) -> BenchResult:
-    """Drive `method` for `duration` seconds after `warmup` seconds that are not counted.
+                    timeout: float | None = 30.0, security: Security | None = None) -> BenchResult:
+    """Drive `method` for `duration` seconds (finite, > 0) after `warmup` seconds (finite,
+    >= 0) that are not counted. `timeout`: the deadline of every call, None for none.
     `security`: TLS and token of the channel (default: plaintext, no token)."""
+    if not (math.isfinite(duration) and duration > 0):
+        raise ValueError(f"duration: {duration}; it must be a finite number > 0")
+    if not (math.isfinite(warmup) and warmup >= 0):
+        raise ValueError(f"warmup: {warmup}; it must be a finite number >= 0")
     dtype_enum = vae_pb2.UINT8 if dtype == "uint8" else vae_pb2.FLOAT32
     # No retries: the load generator counts every refusal.
     async with create_aio_channel(target, security, 64, retries=0) as channel:

@@ -97,9 +97,11 @@ def shard_done(out: Path, spec: BulkSpec, i: int) -> str | None:
 
 
 def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int,
-                chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                chunk_size: int | None = None, timeout: float | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Items lo .. hi - 1: (images uint8 [n, 28, 28], labels int16 [n]), in stream chunks of
-    `chunk_size` images (spec.chunk_size by default; the bytes do not depend on it)."""
+    `chunk_size` images (spec.chunk_size by default; the bytes do not depend on it).
+    `timeout` bounds each stream whole (default: none)."""
     n = hi - lo
     images = np.empty((n, 28, 28), np.uint8)
     labels = np.full(n, NO_LABEL, np.int16)
@@ -114,7 +116,8 @@ def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int,
         rows = np.arange(first - lo, n, d)
         for offset, x in client.sample_stream(j_hi, seed=spec.seed,
                                               chunk_size=chunk_size or spec.chunk_size,
-                                              dtype="uint8", offset=j_lo, digit=digit):
+                                              dtype="uint8", offset=j_lo, digit=digit,
+                                              timeout=timeout):
             images[rows[offset - j_lo : offset - j_lo + len(x)]] = x
         if digit is not None:
             labels[rows] = digit
@@ -151,17 +154,18 @@ def write_shard(path: Path, spec: BulkSpec, lo: int, images: np.ndarray,
 
 
 def make_shard(target: str, spec: BulkSpec, i: int, out: str,
-               security: Security | None = None, chunk_size: int | None = None) -> str:
+               security: Security | None = None, chunk_size: int | None = None,
+               timeout: float | None = None) -> str:
     """Generate and write shard i (unless it is whole already); its sha256. What a Ray task
-    runs, on whichever node: `out` must be a folder every node writes to. `chunk_size`: as
-    shard_items takes it (what the servers allow)."""
+    runs, on whichever node: `out` must be a folder every node writes to. `chunk_size` and
+    `timeout`: as shard_items takes them (what the servers allow; each stream's deadline)."""
     folder = Path(out)
     done = shard_done(folder, spec, i)
     if done is not None:
         return done
     lo, hi = spec.shard_range(i)
-    with VaeClient(target, security=security) as client:  # streams: no deadline
-        images, labels = shard_items(client, spec, lo, hi, chunk_size)
+    with VaeClient(target, security=security) as client:
+        images, labels = shard_items(client, spec, lo, hi, chunk_size, timeout)
     path = folder / spec.shard_name(i)
     part = path.with_name(f"_{path.name}.part")
     write_shard(part, spec, lo, images, labels)
@@ -192,11 +196,12 @@ def prepare(out: Path, spec: BulkSpec) -> list[int]:
 
 def run_local(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: int,
               security: Security | None, on_done: Callable[[int, str], None],
-              chunk_size: int | None = None) -> None:
+              chunk_size: int | None = None, timeout: float | None = None) -> None:
     """The shards by a thread pool of this process (no Ray). A failure or an interrupt stops
     the job once the shards under way end: the others are not started."""
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = {pool.submit(make_shard, target, spec, i, str(out), security, chunk_size): i
+        futures = {pool.submit(make_shard, target, spec, i, str(out), security, chunk_size,
+                               timeout): i
                    for i in todo}
         try:
             for future in concurrent.futures.as_completed(futures):
@@ -208,7 +213,8 @@ def run_local(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: 
 
 def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: int,
             security: Security | None, on_done: Callable[[int, str], None],
-            chunk_size: int | None = None, address: str | None = None) -> None:
+            chunk_size: int | None = None, address: str | None = None,
+            timeout: float | None = None) -> None:
     """The shards as Ray tasks, at most `workers` at once, on the cluster at `address` (a
     local one when None)."""
     try:
@@ -227,7 +233,7 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
             while queue and len(pending) < max(1, workers):
                 i = queue.pop(0)
                 pending[task.remote(target, spec, i, str(out.resolve()), security,
-                                    chunk_size)] = i
+                                    chunk_size, timeout)] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 try:

@@ -74,7 +74,7 @@ class VaeClient:
                timeout: float | None = None) -> tuple[np.ndarray, ...]:
         """Images [N, 784] or [N, 28, 28] (float in [0, 1] or uint8) -> (mu, logvar), or
         (mu, logvar, z) with z ~ q(z|x) drawn from `seed` when `sample` is set."""
-        req = vae_pb2.EncodeRequest(images=_codec.images_tensor(images), sample=sample, seed=seed)
+        req = _codec.encode_request(images, sample, seed)
         reply = self._call(self._stub.Encode, req, timeout)
         out = (_codec.array(reply.mu, "mu"), _codec.array(reply.logvar, "logvar"))
         return (*out, _codec.array(reply.z, "z")) if sample else out
@@ -134,6 +134,5 @@ class VaeClient:
         """Per image: ELBO, importance-sampled log p(x) with k samples, bits/dim, and the
         anomaly percentile and flag. `offset` is the index of images[0] within a larger set
         sent in parts: the parts then score exactly as the whole would."""
-        req = vae_pb2.LogLikelihoodRequest(images=_codec.images_tensor(images), k=k, seed=seed,
-                                           offset=offset)
+        req = _codec.loglik_request(images, k, seed, offset)
         return Scores.from_reply(self._call(self._stub.LogLikelihood, req, timeout))
