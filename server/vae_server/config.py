@@ -35,7 +35,8 @@ def _doc(text: str, **kw: Any) -> Any:
 class Settings:
     model_dir: str = _doc("model directory written by `vae-export onnx` (manifest.json, *.onnx)",
                           default="models/default")
-    host: str = _doc("address to bind the gRPC port on", default="[::]")
+    host: str = _doc("address to bind the gRPC and metrics ports on ([::]: every IPv6 and "
+                     "IPv4 address)", default="[::]")
     port: int = _doc("gRPC port; 0 picks a free one", default=50051)
     metrics_port: int = _doc("Prometheus /metrics port; 0 picks a free one, -1 disables",
                              default=8000)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     PLATFORM_COLLECTOR,
@@ -15,6 +16,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -33,6 +35,20 @@ IMAGE_METHODS = ("Encode", "Decode", "Sample", "SampleStream", "LogLikelihood")
 
 
 log = logging.getLogger(__name__)
+
+
+def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> WSGIServer:
+    """/metrics of `registry` over HTTP on `host` (as --host is written: "[::]" for every
+    IPv6 and IPv4 address, "0.0.0.0", "127.0.0.1", a name) and `port` (0: a free one). A port
+    or address that cannot be had raises a RuntimeError that names --metrics-port, which
+    vae-server prints on one line before it exits with status 2."""
+    addr = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        http, _ = start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:  # busy, or an address this host does not have
+        raise RuntimeError(f"--metrics-port {port}: cannot listen on {host}: "
+                           f"{exc.strerror or exc}") from None
+    return http
 
 
 class GpuCollector(Collector):

@@ -14,7 +14,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from prometheus_client import start_http_server
 
 from vae_core.host import quota_cores
 from vae_proto import vae_pb2
@@ -22,7 +21,7 @@ from vae_server import loops
 from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
 from vae_server.config import Settings
 from vae_server.instrument import InstrumentedServer
-from vae_server.metrics import Metrics
+from vae_server.metrics import Metrics, serve_metrics
 from vae_server.runtime import ModelRuntime
 from vae_server.servicer import VaeServicer
 
@@ -104,11 +103,12 @@ def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str
 
 
 async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
-                        reuse_port: bool = False, metrics_addr: str = "0.0.0.0",
+                        reuse_port: bool = False, metrics_addr: str | None = None,
                         announce: bool = True) -> RunningServer:
     """Load (unless given) and warm up the model, start gRPC and metrics; health is SERVING
     on return (unless not `announce`: a worker's supervisor says when). Bind port 0 to get a
-    free port (returned); `reuse_port` lets workers share the port."""
+    free port (returned); `reuse_port` lets workers share the port. Metrics listen on the
+    gRPC port's --host unless `metrics_addr` says otherwise (a worker's, loopback)."""
     metrics = Metrics()
     metrics.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
     if runtime is None:
@@ -160,8 +160,12 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
                     "TLS-terminating proxy in front of this port")
     metrics_port, http = None, None
     if settings.metrics_port >= 0:
-        http, _ = start_http_server(settings.metrics_port, addr=metrics_addr,
-                                    registry=metrics.registry)
+        try:
+            http = serve_metrics(settings.metrics_port, metrics_addr or settings.host,
+                                 metrics.registry)
+        except RuntimeError:
+            executor.shutdown(wait=False)
+            raise
         metrics_port = http.server_port
     running = RunningServer(server, port, metrics_port, health, servicer, metrics, executor,
                             http)

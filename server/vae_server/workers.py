@@ -11,7 +11,8 @@ that the kernel spreads incoming connections over them, and:
 - metrics: each worker serves its own on a loopback port; the supervisor's metrics port
   merges them (metrics_merge): counters and histograms summed, so every metric reads as
   one server's would, and gauges summed, or where a sum means nothing, the min or max (the
-  GPU's gauges, of one device that every worker reads, the max). Its own beside them: vae_workers{state="configured"|"ready"} and vae_worker_restarts_total.
+  GPU's gauges, of one device that every worker reads, the max). Its own beside them:
+  vae_workers{state="configured"|"ready"} and vae_worker_restarts_total.
 - SIGTERM (or SIGINT): every worker drains (NOT_SERVING, the drain delay, the grace) and the
   supervisor exits once they all have, with status 0 if all of them did.
 """
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -39,6 +40,7 @@ from vae_core.host import cores
 from vae_core.manifest import load_manifest
 from vae_core.ports import free_port
 from vae_server.config import Settings
+from vae_server.metrics import serve_metrics
 
 log = logging.getLogger("vae_server.workers")
 
@@ -161,8 +163,8 @@ class Supervisor:
     def run(self) -> int:
         load_manifest(self.settings.model_dir)  # a model it cannot serve stops it here, once
         if self.settings.metrics_port >= 0:
-            self._http, _ = start_http_server(self.settings.metrics_port,
-                                              registry=self.registry)
+            self._http = serve_metrics(self.settings.metrics_port, self.settings.host,
+                                       self.registry)
             self.metrics_port = self._http.server_port
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())

@@ -1,0 +1,71 @@
+"""vae-server's listeners, as a program: a busy metrics port, the metrics port's address."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from serving import VENV_BIN, ServerThread
+from vae_core.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@contextmanager
+def listening(host: str = "127.0.0.1", reuse_port: bool = False) -> Iterator[int]:
+    """A port that another process listens on; yields it."""
+    with socket.socket() as other:
+        if reuse_port:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind((host, 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "vae-server"), "--host", "127.0.0.1",
+                           "--warmup-rounds", "1", *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _one_line_exit_2(proc: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vae-server: ") and all(w in last for w in words), proc.stderr
+    return last
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_busy_metrics_port_is_one_line_naming_it_and_exit_2(model_dir, workers):
+    """Before: an OSError traceback and status 1, unlike a busy gRPC port."""
+    with listening() as busy:
+        proc = _run("--model-dir", str(model_dir), "--port", str(free_port()),
+                    "--metrics-port", str(busy), "--workers", workers)
+    _one_line_exit_2(proc, f"--metrics-port {busy}", "in use")
+
+
+def test_the_metrics_listener_follows_host(model_dir):
+    """Before: metrics always listened on 0.0.0.0, open to all with --host 127.0.0.1, and
+    out of reach on an IPv6-only network."""
+    srv = ServerThread(model_dir, metrics_port=0)  # --host 127.0.0.1
+    try:
+        assert srv.running.metrics_http is not None
+        assert srv.running.metrics_http.server_address[0] == "127.0.0.1"
+    finally:
+        srv.stop()
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    srv = ServerThread(model_dir, metrics_port=0, host="[::1]")
+    try:
+        assert srv.running.metrics_http is not None
+        assert srv.running.metrics_http.server_address[0] == "::1"
+    finally:
+        srv.stop()
