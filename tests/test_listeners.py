@@ -1,15 +1,18 @@
-"""vae-server's listeners, as a program: a busy metrics port, the metrics port's address."""
+"""vae-server's listeners, as a program: a busy metrics port, the metrics port's address,
+and `--workers N` on a port that another server holds, or with a worker that cannot start."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
-from serving import VENV_BIN, ServerThread
+from serving import VENV_BIN, ServerThread, start_server_process, wait_serving
 from vae_core.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -69,3 +72,44 @@ def test_the_metrics_listener_follows_host(model_dir):
         assert srv.running.metrics_http.server_address[0] == "::1"
     finally:
         srv.stop()
+
+
+def test_a_second_workers_server_on_the_port_is_refused(model_dir):
+    """Before: the second `vae-server --workers 2` bound beside the first one's workers
+    (SO_REUSEPORT) and took a share of its connections. Also: with --metrics-port -1 no
+    worker listens for metrics (before, each opened a loopback listener)."""
+    port = free_port()
+    first = start_server_process(model_dir, port, "--workers", "2", "--warmup-rounds", "1")
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(first.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_serving(f"127.0.0.1:{port}", first)
+        second = _run("--model-dir", str(model_dir), "--port", str(port),
+                      "--metrics-port", "-1", "--workers", "2")
+        _one_line_exit_2(second, f"could not bind 127.0.0.1:{port}")
+        assert "worker" not in second.stderr.split("could not bind")[0], second.stderr
+        assert first.poll() is None
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+        reader.join(10)
+    text = "".join(log)
+    assert text.count("metrics on None") == 3, text  # the supervisor and both workers
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_one_line_and_status_2(model_dir):
+    """Before: the supervisor said "signal received: draining" (there was none) and exited
+    with 1 below the worker's traceback. The failure here is one that only a worker meets:
+    --provider cuda where ONNX Runtime has no CUDA provider."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the workers would start")
+    proc = _run("--model-dir", str(model_dir), "--port", str(free_port()), "--metrics-port",
+                "-1", "--workers", "2", "--provider", "cuda")
+    _one_line_exit_2(proc, "could not start", "--provider cuda")
+    assert "signal received" not in proc.stderr, proc.stderr

@@ -9,13 +9,14 @@ with a stand-in process that behaves so, and check what the supervisor logs and 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vae_server.config import load_settings
-from vae_server.workers import MergedMetrics, Supervisor, _Worker
+from vae_server.workers import FAILED, READY, MergedMetrics, Supervisor, _Worker, claim_port
 
 
 class _UnreapedProcess:
@@ -33,20 +34,40 @@ class _UnreapedProcess:
     def join(self, timeout: float | None = None) -> None:
         self._joined = True
 
+    def is_alive(self) -> bool:
+        return not self._joined
+
+    def kill(self) -> None:
+        self._joined = True
+
 
 class _Pipe:
+    """The supervisor's end of a worker's pipe; `said` what the worker sent before it
+    exited."""
+
+    def __init__(self, said: list[Any] | None = None) -> None:
+        self.said = list(said or [])
+
     def close(self) -> None:
         pass
 
     def send(self, message: Any) -> None:
         pass
 
+    def poll(self) -> bool:
+        return bool(self.said)
 
-def _supervisor(monkeypatch: pytest.MonkeyPatch, *, ready: bool) -> tuple[Supervisor, Any]:
-    supervisor = Supervisor(load_settings(["--model-dir", "unused", "--workers", "1"], env={}))
+    def recv(self) -> Any:
+        return self.said.pop(0)
+
+
+def _supervisor(monkeypatch: pytest.MonkeyPatch, *, ready: bool, said: list[Any] | None = None,
+                flags: tuple[str, ...] = ()) -> tuple[Supervisor, Any]:
+    supervisor = Supervisor(load_settings(["--model-dir", "unused", "--workers", "1", *flags],
+                                          env={}))
     process = _UnreapedProcess()
-    supervisor._workers = [_Worker(0, process, _Pipe(),  # type: ignore[arg-type]
-                                   metrics_port=12345 if ready else None)]
+    supervisor._workers = [_Worker(0, process, _Pipe(said),  # type: ignore[arg-type]
+                                   metrics_port=12345 if ready else None, ready=ready)]
     started: list[int] = []
 
     def start(index: int) -> _Worker:
@@ -74,6 +95,76 @@ def test_a_worker_dead_before_ready_is_logged_with_its_exit_status(
         supervisor._handle(process.sentinel)
     assert "worker 0 exited with -9 before it was ready: stopping" in caplog.text
     assert supervisor.failed and started == []
+
+
+def test_a_worker_that_could_not_start_stops_the_server_with_its_reason_and_status_2(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Before: the supervisor logged "signal received: draining" (no signal came) and exited
+    with 1, the worker's traceback above it; now the worker's one-line reason, status 2."""
+    reason = "Failed to bind to address 127.0.0.1:50051"
+    supervisor, (process, started) = _supervisor(
+        monkeypatch, ready=False, said=[(FAILED, reason)])
+    with caplog.at_level(logging.INFO, logger="vae_server.workers"):
+        supervisor._handle(process.sentinel)
+        assert supervisor._stopping.is_set()
+        assert supervisor._watch() == 2
+    assert supervisor.failure == f"worker 0 could not start: {reason}"
+    assert "signal received" not in caplog.text
+    assert "stopping the other workers" in caplog.text
+    assert started == []
+
+
+def test_a_worker_killed_before_ready_without_a_reason_still_exits_1(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    supervisor, (process, _) = _supervisor(monkeypatch, ready=False)
+    with caplog.at_level(logging.INFO, logger="vae_server.workers"):
+        supervisor._handle(process.sentinel)
+        assert supervisor._watch() == 1
+    assert supervisor.failure is None and "signal received" not in caplog.text
+
+
+def test_metrics_off_means_no_worker_listens_for_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: --metrics-port -1 still gave each worker a loopback metrics listener, and a
+    worker was ready only once it named one."""
+    supervisor, (process, _) = _supervisor(monkeypatch, ready=False,
+                                           flags=("--metrics-port", "-1"))
+    assert supervisor.worker_settings.metrics_port == -1
+    on = Supervisor(load_settings(["--model-dir", "unused", "--workers", "2"], env={}))
+    assert on.worker_settings.metrics_port == 0  # a free loopback port each, merged
+    worker = supervisor._workers[0]
+    worker.conn.said.append((READY, None))  # type: ignore[attr-defined]
+    supervisor._handle(worker.conn)
+    assert worker.ready and supervisor._serving
+    assert supervisor.ready_workers() == []  # nothing to merge
+
+
+def test_the_port_is_refused_while_another_process_listens_on_it_sharing_or_not() -> None:
+    """Workers bind with SO_REUSEPORT; before, a supervisor started on a port where another
+    server's workers (or any process that set SO_REUSEPORT) listened joined them."""
+    import socket
+
+    for reuse_port in (True, False):
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            port = other.getsockname()[1]
+            for host in ("127.0.0.1", "0.0.0.0", "[::]"):
+                with pytest.raises(RuntimeError, match=f"could not bind {re.escape(host)}:{port}"):
+                    claim_port(host, port)
+    # Free, it is claimed, once at a time, and let go.
+    lock = claim_port("127.0.0.1", port)
+    try:
+        with pytest.raises(RuntimeError, match="another vae-server --workers"):
+            claim_port("127.0.0.1", port)
+    finally:
+        if lock is not None:
+            lock.close()
+    again = claim_port("127.0.0.1", port)
+    if again is not None:
+        again.close()
 
 
 def _exposition(calls: float, in_flight: float, seconds: float) -> str:

@@ -5,6 +5,12 @@ the way past it on one host. The supervisor (this process) starts N workers, eac
 server (its own batchers and model sessions) bound to the same port with SO_REUSEPORT, so
 that the kernel spreads incoming connections over them, and:
 
+- the port: before it starts a worker, the supervisor makes sure that no one else holds the
+  port (a second `vae-server --workers N` would otherwise join the first one's sockets and
+  take a share of its connections) and holds a lock on it for its whole life, so that two
+  started at once cannot both pass; it fails as a lone server does on a busy port. Workers
+  started again after a crash bind beside the others, as before.
+
 - health: each worker warms up, says so, and waits; once all are ready the supervisor tells
   them to report SERVING, and when one dies it tells the others to report NOT_SERVING until
   its replacement is ready. A probe that reaches any worker learns whether all of them serve.
@@ -12,9 +18,13 @@ that the kernel spreads incoming connections over them, and:
   merges them (metrics_merge): counters and histograms summed, so every metric reads as
   one server's would, and gauges summed, or where a sum means nothing, the min or max (the
   GPU's gauges, of one device that every worker reads, the max). Its own beside them:
-  vae_workers{state="configured"|"ready"} and vae_worker_restarts_total.
+  vae_workers{state="configured"|"ready"} and vae_worker_restarts_total. With
+  --metrics-port -1 neither the supervisor nor the workers listen for metrics.
 - SIGTERM (or SIGINT): every worker drains (NOT_SERVING, the drain delay, the grace) and the
   supervisor exits once they all have, with status 0 if all of them did.
+- a worker that fails before it is ready (a busy port, a model it cannot load) stops the
+  whole server: the supervisor stops the others and exits with the worker's reason on one
+  line and status 2, as a lone server would.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
+import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -37,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from vae_core.host import cores
-from vae_core.manifest import load_manifest
+from vae_core.manifest import ManifestError, load_manifest
 from vae_core.ports import free_port
 from vae_server.config import Settings
 from vae_server.metrics import serve_metrics
@@ -45,7 +57,8 @@ from vae_server.metrics import serve_metrics
 log = logging.getLogger("vae_server.workers")
 
 # Messages between the supervisor and a worker, over a pipe.
-READY = "ready"  # worker -> supervisor, with its metrics port
+READY = "ready"  # worker -> supervisor, with its metrics port (None: no metrics)
+FAILED = "failed"  # worker -> supervisor, with why it could not start
 SERVING = "serving"  # supervisor -> worker: report SERVING
 NOT_SERVING = "not_serving"  # report NOT_SERVING
 STOP = "stop"  # drain and exit
@@ -65,9 +78,16 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
     from vae_server import loops
     from vae_server.server import create_server
 
-    async def serve() -> None:
-        running = await create_server(settings, reuse_port=True, metrics_addr="127.0.0.1",
-                                      announce=False)
+    async def serve() -> int:
+        try:
+            running = await create_server(settings, reuse_port=True,
+                                          metrics_addr="127.0.0.1", announce=False)
+        except (RuntimeError, OSError, ManifestError) as exc:
+            # What stops a lone server's start with one line (a busy port, a model it
+            # cannot load): the supervisor says it, once, and exits with status 2.
+            with contextlib.suppress(OSError):
+                conn.send((FAILED, str(exc)))
+            return 2
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
@@ -89,8 +109,68 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
         conn.send((READY, running.metrics_port))
         await stop.wait()
         await running.stop(settings.grace_seconds, settings.drain_delay_s)
+        return 0
 
-    loops.run(serve(), settings.event_loop)
+    code = loops.run(serve(), settings.event_loop)
+    if code:
+        sys.exit(code)
+
+
+# -- the port ----------------------------------------------------------------------------------
+
+
+def claim_port(host: str, port: int) -> socket.socket | None:
+    """Refuse `host`:`port` (as --host and --port are written) if another process holds it,
+    and return a lock on it that the caller keeps while its workers serve there (None where
+    the platform has no abstract sockets). The workers bind with SO_REUSEPORT, which would
+    let them join the sockets of another server that did the same; so first a lock, one per
+    port, that a second supervisor cannot take, then a bind of the port without
+    SO_REUSEPORT, which fails while anything listens there. Both raise a RuntimeError that
+    vae-server prints on one line."""
+    address = f"{host}:{port}"
+    lock = None
+    if sys.platform.startswith("linux"):
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lock.bind(f"\0vae-server-workers:{port}")
+        except OSError:
+            lock.close()
+            raise RuntimeError(f"could not bind {address}: another vae-server --workers "
+                               f"serves port {port}") from None
+    try:
+        _probe(host, port, address)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock
+
+
+def _probe(host: str, port: int, address: str) -> None:
+    """Bind each address of `host` on `port` without SO_REUSEPORT, and let go: an error if
+    anything listens there (whether it shares the port or not)."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        infos = socket.getaddrinfo(name or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise RuntimeError(f"could not bind {address}: {exc}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # a family this host lacks (IPv6): gRPC skips it too
+            continue
+        with probe:
+            # As gRPC binds: past connections in TIME_WAIT do not count, listeners do.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "[::]" takes IPv4 too, as gRPC's does
+                with contextlib.suppress(OSError):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise RuntimeError(f"could not bind {address}: {exc.strerror or exc}"
+                                   ) from None
 
 
 # -- the supervisor ----------------------------------------------------------------------------
@@ -101,11 +181,9 @@ class _Worker:
     index: int
     process: multiprocessing.process.BaseProcess
     conn: multiprocessing.connection.Connection
-    metrics_port: int | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.metrics_port is not None
+    metrics_port: int | None = None  # its loopback metrics port, once ready (None: off)
+    ready: bool = False  # warmed up
+    failure: str | None = None  # why it could not start, as it said
 
 
 class Supervisor:
@@ -118,7 +196,10 @@ class Supervisor:
         # Each takes its share of the cores for its ONNX Runtime threads and instances, unless
         # they are set.
         share = max(1, cores() // self.count)
-        self.worker_settings = replace(settings, port=port, metrics_port=0, workers="1",
+        # With the metrics off (-1), the workers' are off too: nothing would read them.
+        self.worker_settings = replace(settings, port=port,
+                                       metrics_port=-1 if settings.metrics_port < 0 else 0,
+                                       workers="1",
                                        threads=settings.threads or share,
                                        instances=settings.instances or share)
         self.settings = settings
@@ -128,6 +209,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._serving = False
         self.failed = False
+        self.failure: str | None = None  # a worker's start-up failure, as it said it
         self.metrics_port: int | None = None
         self._http: Any = None
         self.registry = CollectorRegistry(auto_describe=False)
@@ -155,28 +237,45 @@ class Supervisor:
             with contextlib.suppress(OSError):  # one that is gone: its sentinel says so
                 w.conn.send(message)
 
+    @staticmethod
+    def _drain(w: _Worker) -> None:
+        """Read what a worker that exited sent last (its reason, if it said one)."""
+        with contextlib.suppress(OSError, EOFError, ValueError, TypeError):
+            while w.conn.poll():
+                kind, value = w.conn.recv()
+                if kind == FAILED:
+                    w.failure = value
+
     def ready_workers(self) -> list[tuple[int, int]]:
         """(pid, metrics port) of each ready worker."""
         return [(w.process.pid or 0, w.metrics_port) for w in self._workers
-                if w.metrics_port is not None]
+                if w.ready and w.metrics_port is not None]
 
     def run(self) -> int:
+        """Serve until SIGTERM or SIGINT: 0 if every worker drained. A start that fails
+        raises a RuntimeError or ManifestError (vae-server prints it on one line)."""
         load_manifest(self.settings.model_dir)  # a model it cannot serve stops it here, once
-        if self.settings.metrics_port >= 0:
-            self._http = serve_metrics(self.settings.metrics_port, self.settings.host,
-                                       self.registry)
-            self.metrics_port = self._http.server_port
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stopping.set())
-        self._workers = [self._start(i) for i in range(self.count)]
-        log.info("%d workers on port %d, metrics on %s", self.count, self.port,
-                 self.metrics_port)
+        lock = claim_port(self.settings.host, self.port)
         try:
-            return self._watch()
+            if self.settings.metrics_port >= 0:
+                self._http = serve_metrics(self.settings.metrics_port, self.settings.host,
+                                           self.registry)
+                self.metrics_port = self._http.server_port
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stopping.set())
+            self._workers = [self._start(i) for i in range(self.count)]
+            log.info("%d workers on port %d, metrics on %s", self.count, self.port,
+                     self.metrics_port)
+            code = self._watch()
         finally:
             if self._http is not None:
                 self._http.shutdown()
                 self._http.server_close()
+            if lock is not None:
+                lock.close()
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
+        return code
 
     def _watch(self) -> int:
         while not self._stopping.is_set():
@@ -184,7 +283,10 @@ class Supervisor:
             waitables += [w.process.sentinel for w in self._workers]
             for ready in multiprocessing.connection.wait(waitables, timeout=0.2):
                 self._handle(ready)
-        log.info("signal received: draining %d workers", len(self._workers))
+        if self.failed:
+            log.info("stopping the other workers")
+        else:
+            log.info("signal received: draining %d workers", len(self._workers))
         self._broadcast(STOP)
         deadline = time.monotonic() + (self.settings.drain_delay_s
                                        + self.settings.grace_seconds + 30.0)
@@ -198,17 +300,21 @@ class Supervisor:
                 w.process.join()
             codes.append(w.process.exitcode)
         log.info("stopped (worker exit codes %s)", codes)
+        if self.failure is not None:
+            return 2
         return 0 if all(code == 0 for code in codes) and not self.failed else 1
 
     def _handle(self, ready: Any) -> None:
         for i, w in enumerate(self._workers):
             if ready is w.conn:
                 try:
-                    kind, port = w.conn.recv()
+                    kind, value = w.conn.recv()
                 except EOFError:
                     continue  # the sentinel reports the exit
-                if kind == READY:
-                    w.metrics_port = port
+                if kind == FAILED:
+                    w.failure = value
+                elif kind == READY:
+                    w.metrics_port, w.ready = value, True
                     if all(x.ready for x in self._workers) and not self._serving:
                         self._serving = True
                         self._broadcast(SERVING)
@@ -220,8 +326,13 @@ class Supervisor:
                 w.process.join()
                 if not w.ready:
                     # It never came up: its replacement would not either.
-                    log.error("worker %d exited with %s before it was ready: stopping",
-                              w.index, w.process.exitcode)
+                    if w.failure is None:
+                        self._drain(w)
+                    if w.failure is not None and self.failure is None:
+                        self.failure = f"worker {w.index} could not start: {w.failure}"
+                    log.error("worker %d exited with %s before it was ready: stopping%s",
+                              w.index, w.process.exitcode,
+                              f" ({w.failure})" if w.failure is not None else "")
                     self.failed = True
                     self._stopping.set()
                     return
