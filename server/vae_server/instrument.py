@@ -1,5 +1,6 @@
 """gRPC-level Prometheus metrics under go-grpc-prometheus's names, for every service the
-server offers (vae.v1, health, reflection).
+server offers (vae.v1, health, and reflection, whose one method is a bidirectional stream:
+grpc_type bidi_stream).
 
 The metrics wrap each method handler once, when it is registered, rather than coming from a
 server interceptor: an interceptor costs every call an extra coroutine and a handler rebuilt
@@ -122,12 +123,18 @@ def wrap_handler(handler: grpc.RpcMethodHandler, unary: Wrap,
     return handler
 
 
+# go-grpc-prometheus's grpc_type, by (request streaming, response streaming).
+_KINDS = {(False, False): "unary", (False, True): "server_stream",
+          (True, False): "client_stream", (True, True): "bidi_stream"}
+
+
 def instrument(handler: grpc.RpcMethodHandler, service: str, method: str,
                metrics: Metrics) -> grpc.RpcMethodHandler:
-    """The same handler, counted and timed."""
-    if handler.request_streaming:
-        return handler  # client and bidirectional streaming: none in this server
-    kind = "server_stream" if handler.response_streaming else "unary"
+    """The same handler, counted and timed. A request-streaming handler (reflection's
+    ServerReflectionInfo is bidirectional) takes its request iterator where a unary one takes
+    its request, so the same wrappers serve it; which one is chosen here, once, so a unary
+    call's cost is the same whatever other kinds there are."""
+    kind = _KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
     obs = _Observer(metrics, service, method, kind)
     return wrap_handler(handler, lambda b: _observed_unary(b, obs),
                         lambda b: _observed_stream(b, obs))
