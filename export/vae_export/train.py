@@ -64,9 +64,12 @@ def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
 
 @torch.no_grad()
 def evaluate_elbo(model: VAE, x: torch.Tensor, seed: int) -> float:
-    """Mean ELBO (nats per image) with fixed noise, so epochs compare like with like."""
-    torch.manual_seed(seed)
-    return float(model.elbo(x)[0].mean())
+    """Mean ELBO (nats per image) with fixed noise, so epochs compare like with like. The
+    noise comes from a fork of torch's global generator: training's own draws go on from
+    where they were, rather than start again from `seed` after every epoch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return float(model.elbo(x)[0].mean())
 
 
 def train(
