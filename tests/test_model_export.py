@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,14 @@ import pytest
 import torch
 
 from vae_core import likelihood as lk
-from vae_core.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, load_manifest
+from vae_core.manifest import (
+    DECODER,
+    ENCODER,
+    FORMAT_VERSION,
+    MANIFEST,
+    ManifestError,
+    load_manifest,
+)
 from vae_core.manifest import sha256_file as manifest_sha256
 from vae_core.onnx_model import OnnxVAE
 from vae_core.prior import PRIOR_FILE
@@ -359,6 +367,48 @@ def test_export_is_reproducible_and_names_no_build_path(gaussian_export: Exporte
         assert str(Path(__file__).resolve().parents[1]).encode() not in data
         assert b"site-packages" not in data
     assert manifest["model_version"] == load_manifest(gaussian_export.model_dir)["model_version"]
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "over-an-earlier-export"])
+def test_an_export_interrupted_in_calibration_leaves_no_manifest(
+        gaussian_export: ExportedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        earlier: bool) -> None:
+    """Nothing there loads as a model (uncalibrated, with the training sigma) after an export
+    cut short: manifest.json is written whole, last, and an earlier export's is removed first."""
+    from vae_export import onnx_export
+
+    out = tmp_path / "model"
+    if earlier:
+        shutil.copytree(gaussian_export.model_dir, out)
+
+    def interrupted(*args: object, **kwargs: object) -> float:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "calibrate_sigma", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(gaussian_export.run_dir, out)
+    assert (out / ENCODER).is_file() and not (out / MANIFEST).exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([ENCODER, DECODER, PRIOR_FILE])
+    with pytest.raises(ManifestError, match="missing"):
+        OnnxVAE(out)
+
+
+def test_no_calibration_keeps_the_training_sigma_as_its_help_says(
+        gaussian_export: ExportedModel, tmp_path: Path) -> None:
+    """--no-calibration skips fitting the scoring sigma too, under the same model version;
+    the help says so. A complete export leaves no temporary file beside its manifest."""
+    from vae_export.__main__ import build_parser
+
+    manifest = export_onnx(gaussian_export.run_dir, tmp_path / "m", calibrate=False)
+    assert manifest["calibration"] is None and manifest["sigma"] == manifest["training_sigma"]
+    calibrated = load_manifest(gaussian_export.model_dir)
+    assert calibrated["sigma"] != manifest["sigma"]
+    assert calibrated["model_version"] == manifest["model_version"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(
+        [ENCODER, DECODER, PRIOR_FILE, MANIFEST])
+    onnx_help = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()
+                     if a.prog.endswith(" onnx")).format_help()
+    assert "training sigma" in " ".join(onnx_help.split())
 
 
 def test_the_scoring_sigma_is_the_one_that_scores_the_validation_digits_best(

@@ -6,9 +6,9 @@ takes z. The batch axis is dynamic, the opset pinned, the weights inside each fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import warnings
@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from vae_core import likelihood as lk
-from vae_core.manifest import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, sha256_file
+from vae_core.manifest import (
+    DECODER,
+    ENCODER,
+    FORMAT_VERSION,
+    MANIFEST,
+    model_version,
+    sha256_file,
+)
 from vae_core.onnx_model import OnnxVAE
 from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export.data import DataError, Digits, run_split
@@ -93,7 +100,12 @@ def _io_spec(names: list[str], widths: list[int]) -> list[dict[str, Any]]:
 
 
 def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, Any]:
-    """Export the checkpoint in `run_dir` to `out`; returns the manifest written there."""
+    """Export the checkpoint in `run_dir` to `out`; returns the manifest written there.
+
+    manifest.json is written last, whole (a temporary file renamed over it), once the export
+    is complete: an export interrupted before then, in calibration say, leaves a directory
+    without a manifest, which no loader takes for a model (one of a previous export there is
+    removed first)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     checkpoint = run_dir / "checkpoint.pt"
     if not checkpoint.is_file():
@@ -101,6 +113,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     model, extra = load_checkpoint(checkpoint)
     cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
     x_example = torch.rand(2, cfg.image_pixels)
     z_example = torch.randn(2, cfg.latent_dim)
     _export(_EncoderGraph(model), x_example, out / ENCODER, "x", ["mu", "logvar"])
@@ -118,11 +131,10 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     prior = _copy_prior(run_dir, out, cfg.latent_dim)
     if prior is not None:
         files[PRIOR_FILE] = {"sha256": sha256_file(out / PRIOR_FILE)}
-    version = hashlib.sha256("".join(f["sha256"] for f in files.values()).encode())
     train = extra.get("train", {})
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "model_version": version.hexdigest()[:16],
+        "model_version": model_version(files),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "latent_dim": cfg.latent_dim,
         "hidden": list(cfg.hidden),
@@ -164,7 +176,9 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     }
     if calibrate:
         manifest["calibration"] = _calibrate(out, manifest, train)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    partial = out / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(partial, out / MANIFEST)
     return manifest
 
 
@@ -229,10 +243,10 @@ def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> di
     """Quantiles of the validation digits' log p(x) estimate, scored by the exported ONNX
     models with the same code the server runs."""
     x = validation_inputs(run_split(train)[1], manifest["likelihood"])
-    # Manifest's calibration entry must exist before OnnxVAE reads it; write a provisional one.
-    provisional = dict(manifest, calibration={})
-    (out / MANIFEST).write_text(json.dumps(provisional))
-    model = OnnxVAE(out)
+    # The models are read with the manifest being made (as JSON reads it back), not from a
+    # manifest.json: none is written before the export is complete.
+    provisional = json.loads(json.dumps(dict(manifest, calibration={})))
+    model = OnnxVAE(out, manifest=provisional)
     if manifest["likelihood"] == lk.GAUSSIAN:
         # The quantiles are those of the scoring sigma (the caller writes it to the manifest).
         manifest["sigma"] = model.sigma = calibrate_sigma(model, x, CALIBRATION_K,
