@@ -128,6 +128,16 @@ def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     (["--hidden", "64,x"], "--hidden takes layer widths separated by commas, not '64,x'"),
     (["--perturb", "1"], "perturb must be in [0, 1), got 1.0"),
     (["--perturb", "-0.1"], "perturb must be in [0, 1), got -0.1"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--threads", "0"], "threads must be >= 1, got 0"),
+    (["--val-fraction", "0"], "val_fraction must be in (0, 1), got 0.0"),
+    (["--val-fraction", "1"], "val_fraction must be in (0, 1), got 1.0"),
+    (["--epochs", "2", "--warmup-epochs", "2"], "warmup_epochs must be < epochs (2), got 2"),
+    (["--epochs", "1", "--warmup-epochs", "5"], "warmup_epochs must be < epochs (1), got 5"),
+    (["--augment-p", "2"], "augment_p must be in [0, 1], got 2.0"),
+    (["--elastic-alpha", "1", "--elastic-sigma", "0"],
+     "elastic_sigma must be > 0 for an elastic field (elastic_alpha 1.0), got 0.0"),
 ])
 def test_train_setting_out_of_range_is_one_line_and_exit_2(
         flags: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,6 +145,49 @@ def test_train_setting_out_of_range_is_one_line_and_exit_2(
     out, err = capsys.readouterr()
     assert out == "" and err == f"vae-export train: error: {says}\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_classifier_epochs_out_of_range_is_one_line(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["classifier", "--out", str(tmp_path / "c"), "--epochs", "0", "--quiet"]) == 2
+    assert capsys.readouterr().err == "vae-export classifier: error: epochs must be >= 1, got 0\n"
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--seed", "-1"], "argument --seed: must be >= 0, not -1"),
+    (["--k", "-5"], "argument --k: must be >= 0, not -5"),
+    (["--limit", "0"], "argument --limit: must be >= 1, not 0"),
+    (["--limit", "-9995"], "argument --limit: must be >= 1, not -9995"),
+    (["--threads", "-1"], "argument --threads: must be >= 0, not -1"),
+    (["--samples", "-1"], "argument --samples: must be >= 0, not -1"),
+    (["--limit", "x"], "argument --limit: invalid int value: 'x'"),
+])
+def test_eval_option_out_of_range_is_refused_by_argparse(
+        flags: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before any work: a negative seed tracebacks in numpy, --k -5 skipped the scores in
+    silence, --limit 0 scored every image and --limit -9995 the first five."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model-dir", str(tmp_path), "--data", str(tmp_path), *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"vae-export eval: error: {says}"
+
+
+@pytest.mark.parametrize("where", ["no-folder", "a-directory"])
+def test_eval_json_that_cannot_be_written_is_refused_before_the_work(
+        where: str, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import vae_export.evaluate
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("evaluated before the output path was checked")
+
+    monkeypatch.setattr(vae_export.evaluate, "evaluate", never)
+    path = tmp_path / "absent" / "x.json" if where == "no-folder" else tmp_path
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(tmp_path),
+                 "--json", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vae-export eval: error: --json {path}: ") and err.count("\n") == 1
 
 
 def _tampered(model_dir: Path, tmp_path: Path) -> Path:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,13 +59,44 @@ def _train_configs(args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig, Pr
     return model_cfg, train_cfg, prior_cfg
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= low, refused with argparse's one error line."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError: argparse says "invalid int value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, not {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def _unwritable(option: str, path: str | None) -> str | None:
+    """Why a file cannot be written at `path` (None: it can), asked before the work whose
+    result it is to hold."""
+    if not path:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        return f"{option} {path}: a directory"
+    folder = target.parent
+    if not folder.is_dir():
+        return f"{option} {path}: no folder {folder}"
+    if not os.access(target if target.exists() else folder, os.W_OK):
+        return f"{option} {path}: not writable"
+    return None
+
+
 def _classifier(args: argparse.Namespace) -> int:
     from vae_export.classifier import train_classifier
     from vae_export.config import ClassifierConfig
     from vae_export.data import load_idx_dir
 
+    try:
+        cfg = ClassifierConfig(data=args.data, epochs=args.epochs, seed=args.seed)
+    except ValueError as exc:  # one line, as train's
+        print(f"vae-export classifier: error: {exc}", file=sys.stderr)
+        return 2
     test = load_idx_dir(args.test) if args.test else None
-    cfg = ClassifierConfig(data=args.data, epochs=args.epochs, seed=args.seed)
     summary = train_classifier(Path(args.out), cfg, test=test, progress=not args.quiet)
     acc = summary.get("test_accuracy")
     print(f"classifier trained in {summary['train_seconds']} s"
@@ -82,6 +115,11 @@ def _onnx(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vae_export.evaluate import evaluate
 
+    for option, path in (("--json", args.json), ("--roc", args.roc)):
+        why = _unwritable(option, path)
+        if why:
+            print(f"vae-export eval: error: {why}", file=sys.stderr)
+            return 2
     ood = None if args.ood in ("", "none") else Path(args.ood)
     roc = Path(args.roc) if args.roc else None
     result = evaluate(Path(args.model_dir), Path(args.data), k_samples=args.k, seed=args.seed,
@@ -98,6 +136,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _cas(args: argparse.Namespace) -> int:
     from vae_export.cas import classification_accuracy_score
 
+    why = _unwritable("--json", args.json)
+    if why:
+        print(f"vae-export cas: error: {why}", file=sys.stderr)
+        return 2
     result = classification_accuracy_score(Path(args.model_dir), Path(args.data), n=args.n,
                                            seed=args.seed, progress=not args.quiet)
     text = json.dumps(result, indent=2)
@@ -152,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate (default: %(default)s)")
     t.add_argument("--val-fraction", type=float, default=tc.val_fraction,
                    help="fraction of each digit class held out for validation (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=tc.seed,
+    t.add_argument("--seed", type=_at_least(0), default=tc.seed,
                    help="seeds the split, initialisation and all noise (default: %(default)s)")
     t.add_argument("--threads", type=int, default=tc.threads,
                    help="PyTorch CPU threads; the same seed and threads give the same weights "
@@ -215,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IDX test set whose accuracy the summary reports; '' for none "
                    "(default: %(default)s)")
     c.add_argument("--epochs", type=int, default=cc.epochs, help="(default: %(default)s)")
-    c.add_argument("--seed", type=int, default=cc.seed, help="(default: %(default)s)")
+    c.add_argument("--seed", type=_at_least(0), default=cc.seed, help="(default: %(default)s)")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     c.set_defaults(func=_classifier)
 
@@ -240,21 +282,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True,
                    help="folder with t10k-images-idx3-ubyte[.gz] (and labels), e.g. "
                    "../shared/data/mnist")
-    e.add_argument("--k", type=int, default=1000,
+    e.add_argument("--k", type=_at_least(0), default=1000,
                    help="importance samples per image; 1 gives the ELBO, 0 skips the "
                    "likelihood (default: %(default)s)")
-    e.add_argument("--seed", type=int, default=0,
+    e.add_argument("--seed", type=_at_least(0), default=0,
                    help="seeds dequantisation and importance-sampling noise (default: %(default)s)")
     e.add_argument("--ood", default="/usr/share/datasets/fashion-mnist",
                    help="folder of out-of-distribution IDX test files for the AUROC; 'none' to "
                    "skip (default: %(default)s, from Debian's dataset-fashion-mnist)")
-    e.add_argument("--limit", type=int, default=None,
+    e.add_argument("--limit", type=_at_least(1), default=None,
                    help="score only the first N images of each set (default: all)")
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     e.add_argument("--roc", default="roc.png", help="ROC curve picture (default: %(default)s)")
-    e.add_argument("--threads", type=int, default=0,
+    e.add_argument("--threads", type=_at_least(0), default=0,
                    help="ONNX Runtime intra-op threads, 0 for one per core (default: %(default)s)")
-    e.add_argument("--samples", type=int, default=10_000,
+    e.add_argument("--samples", type=_at_least(0), default=10_000,
                    help="generated digits to judge, drawn as the server draws them: the share "
                    "the classifier labels with confidence >= 0.9, the evenness of its classes, "
                    "the Fréchet distance of its features to the test digits', the distance to "
@@ -275,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", required=True, help="directory written by `vae-export onnx`")
     s.add_argument("--data", default="../shared/data/mnist",
                    help="IDX test set (default: %(default)s)")
-    s.add_argument("--n", type=int, default=50_000,
+    s.add_argument("--n", type=_at_least(1), default=50_000,
                    help="generated digits, as many of each class (default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    s.add_argument("--seed", type=_at_least(0), default=0, help="(default: %(default)s)")
     s.add_argument("--json", default=None, help="write the result to this JSON file")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=_cas)

@@ -75,6 +75,29 @@ class TrainConfig:
     perturb: float = 0.0
 
     def __post_init__(self) -> None:
+        # Each a one-line error before any work (vae-export train prints it as argparse would).
+        for name in ("epochs", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("patience", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_epochs >= self.epochs:
+            # Only epochs after the warm-up, at the full KL weight, compete for the checkpoint
+            # kept: with none, the untrained model would be saved.
+            raise ValueError(f"warmup_epochs must be < epochs ({self.epochs}), got "
+                             f"{self.warmup_epochs}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.augment_p <= 1.0:
+            raise ValueError(f"augment_p must be in [0, 1], got {self.augment_p}")
+        if not self.elastic_alpha >= 0:
+            raise ValueError(f"elastic_alpha must be >= 0, got {self.elastic_alpha}")
+        if self.elastic_alpha > 0 and not self.elastic_sigma > 0:
+            raise ValueError(f"elastic_sigma must be > 0 for an elastic field (elastic_alpha "
+                             f"{self.elastic_alpha}), got {self.elastic_sigma}")
         if not 0.0 <= self.perturb < 1.0:
             raise ValueError(f"perturb must be in [0, 1), got {self.perturb}")
 
@@ -100,3 +123,8 @@ class ClassifierConfig:
     scale: float = 0.12
     shear_deg: float = 8.0
     aug_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
