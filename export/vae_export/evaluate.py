@@ -16,7 +16,7 @@ from vae_core.calibration import Calibration
 from vae_core.onnx_model import OnnxVAE
 from vae_core.prior import GaussianMixture
 from vae_export.config import CLASSIFIER_DIR
-from vae_export.data import Digits, load_idx_dir, run_split
+from vae_export.data import DataError, Digits, load_idx_dir, run_split
 from vae_export.prior_fit import PriorConfig, fit_prior
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -114,6 +114,8 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
         "seed": seed,
         "data": str(data_dir),
     }
+    if samples > 0:  # before the scores, which take the longest
+        check_unseen_digits(len(test), len(training_digits(model)))
     if k_samples > 0:
         x_test = _prepare(test, limit, seed, model.likelihood)
         in_scores = model.score(x_test, k_samples, seed)
@@ -165,6 +167,16 @@ def training_digits(model: OnnxVAE) -> Digits:
     return model_split(model)[0]
 
 
+def check_unseen_digits(n_test: int, n_train: int) -> None:
+    """Judging samples takes as many test digits as the model's training digits for the copy
+    ratio's unseen digits, and the rest for its reference: a test set of no more digits than
+    the training digits leaves no rest."""
+    if n_test <= n_train:
+        raise DataError(f"judging samples needs more test digits than the model's {n_train} "
+                        f"training digits (as many for the copy ratio, the rest for its "
+                        f"reference); the test set has {n_test} (or --samples 0)")
+
+
 @dataclass
 class Judge:
     """What generated digits are judged against, worked out once for a model (whatever its
@@ -187,10 +199,11 @@ class Judge:
         from vae_export import classifier as judge
         from vae_export import quality as q
 
+        train, held_out = model_split(model)
+        check_unseen_digits(len(test), len(train))
         if not (classifier_dir / judge.WEIGHTS).is_file():
             judge.train_classifier(classifier_dir, test=test, progress=False)
         net, trained = judge.load_classifier(classifier_dir)
-        train, held_out = model_split(model)
         test_probs, test_feats = judge.classify(net, test.images)
         train_feats = judge.classify(net, train.images)[1]
         held_out_feats = judge.classify(net, held_out.images)[1]
