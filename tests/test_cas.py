@@ -1,0 +1,68 @@
+"""vae_export.cas: the labelled digits the classification accuracy score trains on, as many
+of each class as n allows, and a model without classes refused with one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vae_core.manifest import MANIFEST
+from vae_core.onnx_model import OnnxVAE
+from vae_core.prior import PRIOR_FILE
+from vae_export.__main__ import main
+from vae_export.cas import generated_digits
+
+
+@pytest.mark.parametrize(("n", "counts"), [
+    (15, [2] * 5 + [1] * 5),
+    (95, [10] * 5 + [9] * 5),
+    (3, [1] * 3 + [0] * 7),
+    (40, [4] * 10),
+])
+def test_n_is_spread_over_the_classes_as_evenly_as_it_goes(model_dir: Path, n: int,
+                                                           counts: list[int]) -> None:
+    """n = 15 gave [2, 2, 2, 2, 2, 2, 2, 1, 0, 0]: ceil(n / 10) of each class, cut to n."""
+    model = OnnxVAE(model_dir, threads=1)
+    assert model.prior.digits == list(range(10))
+    made = generated_digits(model, n, seed=3)
+    assert len(made) == n and made.images.shape == (n, 28, 28)
+    assert np.bincount(made.labels, minlength=10).tolist() == counts
+    # Each class's digits are the first of its seeded sequence, as the server sends them.
+    for d in range(10):
+        if counts[d]:
+            want = np.rint(model.sample(counts[d], 3, digit=d) * 255.0).astype(np.uint8)
+            np.testing.assert_array_equal(made.images[made.labels == d].reshape(counts[d], -1),
+                                          want)
+
+
+def test_fifty_thousand_digits_are_those_of_before(model_dir: Path) -> None:
+    """The default n (EVAL.md's figure): 5,000 of each class, the same digits as before."""
+    model = OnnxVAE(model_dir, threads=1)
+    made = generated_digits(model, 50_000, seed=0)
+    before = hashlib.sha256()
+    for d in range(10):
+        before.update(np.rint(model.sample(5000, 0, digit=d) * 255.0).astype(np.uint8).tobytes())
+    assert hashlib.sha256(made.images.tobytes()).hexdigest() == before.hexdigest()
+    np.testing.assert_array_equal(made.labels, np.repeat(np.arange(10, dtype=np.uint8), 5000))
+
+
+def test_a_model_without_classes_is_one_error_line(model_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    plain = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (plain / PRIOR_FILE).unlink()
+    manifest = json.loads((plain / MANIFEST).read_text())
+    del manifest["files"][PRIOR_FILE]
+    manifest["prior"] = {"kind": "standard", "description": "N(0, I)"}
+    manifest["model_version"] = hashlib.sha256("".join(
+        f["sha256"] for f in manifest["files"].values()).encode()).hexdigest()[:16]
+    (plain / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["cas", "--model-dir", str(plain), "--data", str(tmp_path / "absent"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vae-export: error: ") and "no digit classes" in err
+    assert err.count("\n") == 1
