@@ -3,9 +3,13 @@ class-labelled Gaussian mixture."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import vae_core.prior
 from vae_core.manifest import ManifestError
 from vae_core.prior import BLOCK, GaussianMixture, PriorError, load_prior
 
@@ -130,3 +134,65 @@ def test_the_prior_kind_and_the_files_must_agree(tmp_path):
     with pytest.raises(ManifestError, match="prior kind 'flow'"):
         load_prior(tmp_path, {**listed, "prior": {"kind": "flow"}}, K)
     assert issubclass(PriorError, ManifestError)
+
+
+class _EdgeDraws:
+    """A stand-in for keyed_rng: noise of zeros, and every uniform draw the largest double
+    below 1 (1 - 2^-53), where a class's cumulative weights may end."""
+
+    def __init__(self, *key: int) -> None:
+        pass
+
+    def standard_normal(self, shape: tuple[int, int], dtype: type) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    def random(self, n: int) -> np.ndarray:
+        return np.full(n, np.nextafter(1.0, 0.0))
+
+
+@pytest.mark.parametrize("digit", [None, 0, 1])
+def test_a_draw_at_the_end_of_a_class_stays_in_the_class(monkeypatch, digit):
+    """Weights whose class sums, normalised, end at 1 - 2^-53: a draw there ran past the
+    class's components, to the next class's (or, clipped, the last component of all)."""
+    weights = np.array([0.2, 0.6, 0.2])
+    classes = np.array([0, 0, 1])
+    # The premise: class 0's cumulative weights end short of 1.
+    w = np.where(classes == 0, weights, 0.0)
+    assert np.cumsum(w / w.sum())[-1] == np.nextafter(1.0, 0.0)
+    means = np.arange(3, dtype=np.float64)[:, None] * np.ones((3, K))
+    prior = GaussianMixture(weights, means, np.stack([np.eye(K)] * 3), classes)
+    monkeypatch.setattr(vae_core.prior, "keyed_rng", _EdgeDraws)
+    z = prior.latents(0, 0, 3, digit)
+    # Zero noise: z is the mean of the component drawn, whose index the means give.
+    last = {None: 2, 0: 1, 1: 2}[digit]
+    assert z[:, 0].astype(int).tolist() == [last] * 3
+
+
+# Images (digit, seed, start, n) of models/default and the sha256 (first 16 hex digits) of
+# their latents, which with the unchanged decoder make Sample's images: what the server sent
+# before the edge of the class draws was mended.
+DEFAULT_LATENTS = [
+    (None, 0, 0, 2048, "431092361a6be1f3"),
+    (3, 7, 0, 1500, "29d86240d1f3d0c4"),
+    (8, 123, 1000, 300, "5d8c47d67f545e41"),
+    (0, 2**40, 5, 64, "4478ce9aef5a74ec"),
+    (9, 5, 0, 1024, "3b10a1b7f43a628f"),
+]
+
+
+def test_the_default_models_samples_are_those_of_before():
+    """Mending the edge changed no draw below it: Sample's latents for the default model of
+    EVAL.md (version 199cec9fbdb95c71, in models/default or kept beside it) are the same."""
+    from vae_core.manifest import load_manifest
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    found = [d for d in [models / "default", *sorted(models.glob("*"))]
+             if (d / "manifest.json").is_file()
+             and '"199cec9fbdb95c71"' in (d / "manifest.json").read_text()]
+    if not found:
+        pytest.skip("no model 199cec9fbdb95c71 under models/")
+    manifest = load_manifest(found[0])
+    prior = load_prior(found[0], manifest, manifest["latent_dim"])
+    for digit, seed, start, n, sha in DEFAULT_LATENTS:
+        z = prior.latents(seed, start, n, digit)
+        assert hashlib.sha256(z.tobytes()).hexdigest()[:16] == sha, (digit, seed)

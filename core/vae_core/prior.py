@@ -150,7 +150,14 @@ class GaussianMixture:
             if digit not in self._digits:
                 raise ValueError(f"digit {digit}: this prior has classes {self.digits}")
             w = np.where(self.classes == digit, self.weights, 0.0)
-        return np.cumsum(w / w.sum())
+        cdf = np.cumsum(w / w.sum())
+        # Rounding can end the sum short of 1 (at 1 - 2^-53, say), and a uniform draw at or
+        # above its end would run past the last component with weight: to another class's
+        # component, or clipped to the last one. The entries at the end (that component's and
+        # the weightless ones after it) are set to exactly 1; every draw below the end picks
+        # the component it picked before.
+        cdf[cdf >= cdf[-1]] = 1.0
+        return cdf
 
     def _transform(self, comp: np.ndarray, eps: np.ndarray) -> np.ndarray:
         """m_j + L_j eps for each row's component j, one matrix product per component."""
