@@ -3,6 +3,7 @@ and `--workers N` on a port that another server holds, or with a worker that can
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import subprocess
@@ -113,3 +114,47 @@ def test_a_worker_that_cannot_start_stops_the_server_with_one_line_and_status_2(
                 "-1", "--workers", "2", "--provider", "cuda")
     _one_line_exit_2(proc, "could not start", "--provider cuda")
     assert "signal received" not in proc.stderr, proc.stderr
+
+
+def test_metrics_on_every_address_fall_back_to_ipv4_without_ipv6(monkeypatch):
+    """On a kernel without IPv6 (ipv6.disable=1) gRPC takes "[::]", the default --host, as
+    every IPv4 address; the metrics listener must too. Before, vae-server exited 2 there."""
+    from prometheus_client import CollectorRegistry
+
+    from vae_server.metrics import serve_metrics
+
+    real = socket.socket
+
+    class NoIPv6(real):  # type: ignore[misc, valid-type]
+        def __init__(self, family: int = socket.AF_INET, *args: object, **kw: object) -> None:
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            super().__init__(family, *args, **kw)
+
+    monkeypatch.setattr(socket, "socket", NoIPv6)
+    http = serve_metrics(0, "[::]", CollectorRegistry())
+    try:
+        assert http.server_address[0] == "0.0.0.0"
+    finally:
+        http.shutdown()
+        http.server_close()
+    with pytest.raises(RuntimeError, match="--metrics-port 0: cannot listen on \\[::1\\]"):
+        serve_metrics(0, "[::1]", CollectorRegistry())  # one address: no other to fall to
+
+
+def test_workers_on_other_addresses_of_one_port_do_not_refuse_each_other():
+    """The supervisor's lock is per address and port: before, one on 127.0.0.1:P refused a
+    second on 127.0.0.2:P, where nothing listened."""
+    from vae_server.workers import claim_port
+
+    port = free_port()
+    lock = claim_port("127.0.0.1", port)
+    try:
+        other = claim_port("127.0.0.2", port)
+        if other is not None:
+            other.close()
+        with pytest.raises(RuntimeError, match="another vae-server --workers serves it"):
+            claim_port("127.0.0.1", port)
+    finally:
+        if lock is not None:
+            lock.close()

@@ -322,9 +322,7 @@ class Batcher:
                 freed += s.n
                 self.dropped["cancelled"] += 1
         if freed:
-            self._queued_images -= freed
-            if self._room_waiters:
-                self._room_freed()
+            self._release(freed)
 
     def _enqueue(self, slices: Sequence[_Slice], n: int, loop: asyncio.AbstractEventLoop) -> None:
         self._queue.extend(slices)

@@ -3,6 +3,7 @@ passed in, so each test can build a fresh CollectorRegistry."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vae_core.ports import bare_host
 from vae_server.batcher import BatcherObserver
 
 # From tens of microseconds (a single decode on the CPU) to seconds (bulk scoring).
@@ -42,9 +44,16 @@ def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> WSGIServ
     IPv6 and IPv4 address, "0.0.0.0", "127.0.0.1", a name) and `port` (0: a free one). A port
     or address that cannot be had raises a RuntimeError that names --metrics-port, which
     vae-server prints on one line before it exits with status 2."""
-    addr = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    addr = bare_host(host)
     try:
-        http, _ = start_http_server(port, addr=addr, registry=registry)
+        try:
+            http, _ = start_http_server(port, addr=addr, registry=registry)
+        except OSError as exc:
+            # Every address on a host without IPv6: IPv4's, as gRPC falls back for "[::]".
+            if addr not in ("::", "") or exc.errno not in (errno.EAFNOSUPPORT,
+                                                            errno.EADDRNOTAVAIL):
+                raise
+            http, _ = start_http_server(port, addr="0.0.0.0", registry=registry)
     except OSError as exc:  # busy, or an address this host does not have
         raise RuntimeError(f"--metrics-port {port}: cannot listen on {host}: "
                            f"{exc.strerror or exc}") from None

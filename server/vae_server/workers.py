@@ -50,7 +50,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from vae_core.host import cores
 from vae_core.manifest import ManifestError, load_manifest
-from vae_core.ports import free_port
+from vae_core.ports import bare_host, free_port
 from vae_server.config import Settings
 from vae_server.metrics import serve_metrics
 
@@ -124,19 +124,20 @@ def claim_port(host: str, port: int) -> socket.socket | None:
     and return a lock on it that the caller keeps while its workers serve there (None where
     the platform has no abstract sockets). The workers bind with SO_REUSEPORT, which would
     let them join the sockets of another server that did the same; so first a lock, one per
-    port, that a second supervisor cannot take, then a bind of the port without
-    SO_REUSEPORT, which fails while anything listens there. Both raise a RuntimeError that
-    vae-server prints on one line."""
+    address and port, that a second supervisor cannot take, then a bind of the port without
+    SO_REUSEPORT, which fails while anything listens there (on that address, or on every
+    address where `host` is one). Both raise a RuntimeError that vae-server prints on one
+    line."""
     address = f"{host}:{port}"
     lock = None
     if sys.platform.startswith("linux"):
         lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            lock.bind(f"\0vae-server-workers:{port}")
+            lock.bind(f"\0vae-server-workers:{bare_host(host)}:{port}")
         except OSError:
             lock.close()
             raise RuntimeError(f"could not bind {address}: another vae-server --workers "
-                               f"serves port {port}") from None
+                               "serves it") from None
     try:
         _probe(host, port, address)
     except BaseException:
@@ -149,7 +150,7 @@ def claim_port(host: str, port: int) -> socket.socket | None:
 def _probe(host: str, port: int, address: str) -> None:
     """Bind each address of `host` on `port` without SO_REUSEPORT, and let go: an error if
     anything listens there (whether it shares the port or not)."""
-    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    name = bare_host(host)
     try:
         infos = socket.getaddrinfo(name or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
