@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vae_core.manifest import MANIFEST
+from vae_core.manifest import MANIFEST, model_version
 from vae_core.onnx_model import OnnxVAE
 from vae_core.prior import PRIOR_FILE
 from vae_export.__main__ import main
@@ -58,8 +58,7 @@ def test_a_model_without_classes_is_one_error_line(model_dir: Path, tmp_path: Pa
     manifest = json.loads((plain / MANIFEST).read_text())
     del manifest["files"][PRIOR_FILE]
     manifest["prior"] = {"kind": "standard", "description": "N(0, I)"}
-    manifest["model_version"] = hashlib.sha256("".join(
-        f["sha256"] for f in manifest["files"].values()).encode()).hexdigest()[:16]
+    manifest["model_version"] = model_version(manifest["files"])
     (plain / MANIFEST).write_text(json.dumps(manifest))
     assert main(["cas", "--model-dir", str(plain), "--data", str(tmp_path / "absent"),
                  "--quiet"]) == 2

@@ -481,3 +481,27 @@ def test_train_onnx_eval_through_the_cli(tmp_path: Path, mnist_test_dir: Path) -
                  "--samples", "0", "--json", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert "flagged_fraction" not in result["test"]  # no calibration, no flags
+
+
+@pytest.mark.parametrize("flags", [["--k", "0"], ["--ood", "none"]])
+def test_eval_asks_nothing_of_roc_when_it_draws_none(
+        flags: list[str], model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without scores of both sets no ROC is drawn, so --roc (roc.png in the working folder
+    by default) need not be writable. Before, such a run was refused."""
+    import vae_export.evaluate
+
+    seen: dict[str, object] = {}
+
+    def record(*args: object, **kwargs: object) -> dict[str, object]:
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(vae_export.evaluate, "evaluate", record)
+    roc = tmp_path / "absent" / "roc.png"
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(tmp_path),
+                 "--roc", str(roc), *flags]) == 0
+    assert seen["roc_path"] is None
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(tmp_path),
+                 "--roc", str(roc), "--ood", str(tmp_path)]) == 2  # it would be drawn there
+    assert capsys.readouterr().err.startswith(f"vae-export eval: error: --roc {roc}: ")

@@ -52,7 +52,8 @@ def test_bench_calls_have_the_default_deadline():
     None over run_bench's 30 s), so against a server that never answers `bench` waited
     forever while `info` gave up after 30 s. The stand-in server notes the deadline of every
     call it is sent."""
-    deadlines: dict[str, list[float | None]] = {"GetModelInfo": [], "Decode": []}
+    deadlines: dict[str, list[float | None]] = {"GetModelInfo": [], "Decode": [],
+                                                "SampleStream": []}
 
     def info(raw: bytes, context: grpc.ServicerContext) -> bytes:
         deadlines["GetModelInfo"].append(context.time_remaining())
@@ -62,18 +63,31 @@ def test_bench_calls_have_the_default_deadline():
         deadlines["Decode"].append(context.time_remaining())
         return vae_pb2.DecodeResponse().SerializeToString()
 
+    def stream(raw: bytes, context: grpc.ServicerContext):
+        deadlines["SampleStream"].append(context.time_remaining())
+        yield vae_pb2.SampleChunk().SerializeToString()
+
     handlers = {"GetModelInfo": grpc.unary_unary_rpc_method_handler(info),
-                "Decode": grpc.unary_unary_rpc_method_handler(decode)}
+                "Decode": grpc.unary_unary_rpc_method_handler(decode),
+                "SampleStream": grpc.unary_stream_rpc_method_handler(stream)}
     with stub_server(handlers) as stub:
         bench(stub, "--duration", "0.2", "--warmup", "0", "--json")
-    assert len(deadlines["GetModelInfo"]) == 1 and deadlines["Decode"]
+        bench(stub, "--method", "stream", "--duration", "0.2", "--warmup", "0")
+    assert len(deadlines["GetModelInfo"]) == 2 and deadlines["Decode"]
     # (gRPC rounds a deadline up on the wire: the server may see a little more than asked.)
-    for method, left in deadlines.items():
+    for method in ("GetModelInfo", "Decode"):
+        left = deadlines[method]
         assert all(t is not None and 0 < t <= DEFAULT_TIMEOUT + 1 for t in left), (method, left)
-    # --timeout, when given, is the deadline instead.
-    deadlines = {"GetModelInfo": [], "Decode": []}
+    # A stream has none (grpc reads that as about 2^63 s left): it may last longer than any
+    # fixed deadline, as `sample` has it.
+    assert deadlines["SampleStream"]
+    assert all(t is None or t > 1e9 for t in deadlines["SampleStream"]), deadlines
+    # --timeout, when given, is the deadline instead, of streams too.
+    deadlines = {"GetModelInfo": [], "Decode": [], "SampleStream": []}
     with stub_server(handlers) as stub:
         bench(stub, "--duration", "0.2", "--warmup", "0", "--timeout", "5")
+        bench(stub, "--method", "stream", "--duration", "0.2", "--warmup", "0", "--timeout", "5")
+    assert all(deadlines.values()), deadlines
     assert all(t is not None and 0 < t <= 6 for left in deadlines.values() for t in left)
 
 

@@ -338,9 +338,8 @@ def run_sample(args: argparse.Namespace) -> int:
                 raise
             # The library's hint (the same request with offset=N) is for API users: this
             # command has no offset, and the images received are not kept.
-            raise CliError(f"{exc.code.name}: {exc.details} (the stream stopped before "
-                           f"image {exc.resume_offset}; nothing was written to {args.out})"
-                           ) from None
+            raise CliError(f"{exc.status} (the stream stopped before image "
+                           f"{exc.resume_offset}; nothing was written to {args.out})") from None
         except BaseException:
             sink.abort()
             raise
@@ -484,7 +483,8 @@ def run_bench(args: argparse.Namespace) -> int:
         args.target, args.method, concurrency=args.concurrency, duration=args.duration,
         batch=args.batch, rate=args.rate, k=args.k, dtype=args.dtype, stream_n=args.stream_n,
         warmup=args.warmup, security=args.security,
-        timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout))
+        timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
+        stream_timeout=args.timeout))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except VaeError as exc:
         # Without the library's resume hint (offset=N), which this command has no use for.
-        _error(f"{exc.code.name}: {exc.details}")
+        _error(exc.status)
     except (CliError, ImageFileError) as exc:
         _error(str(exc))
     except BrokenPipeError:

@@ -100,10 +100,13 @@ def _percentiles(latencies: list[float]) -> dict[str, float]:
 async def run_bench(target: str, method: str, concurrency: int = 1, duration: float = 10.0,
                     batch: int = 1, rate: float | None = None, k: int = 1000,
                     dtype: str = "float32", stream_n: int = 100_000, warmup: float = 1.0,
-                    timeout: float | None = 30.0, security: Security | None = None) -> BenchResult:
+                    timeout: float | None = 30.0, stream_timeout: float | None = None,
+                    security: Security | None = None) -> BenchResult:
     """Drive `method` for `duration` seconds (finite, > 0) after `warmup` seconds (finite,
-    >= 0) that are not counted. `timeout`: the deadline of every call, None for none.
-    `security`: TLS and token of the channel (default: plaintext, no token)."""
+    >= 0) that are not counted. `timeout`: the deadline of every unary call, None for none;
+    `stream_timeout`: that of each whole stream (default none: a stream may outlast any
+    fixed deadline). `security`: TLS and token of the channel (default: plaintext, no
+    token)."""
     if not (math.isfinite(duration) and duration > 0):
         raise ValueError(f"duration: {duration}; it must be a finite number > 0")
     if not (math.isfinite(warmup) and warmup >= 0):
@@ -138,7 +141,7 @@ async def run_bench(target: str, method: str, concurrency: int = 1, duration: fl
                     # measurement, and counting it whole at its end would credit the window
                     # with images received before it (or after).
                     received = 0
-                    async for _ in stub(payload, timeout=timeout):
+                    async for _ in stub(payload, timeout=stream_timeout):
                         size = min(batch, stream_n - received)
                         received += size
                         if counting:

@@ -12,14 +12,19 @@ class VaeError(Exception):
 
     def __init__(self, code: grpc.StatusCode, details: str,
                  resume_offset: int | None = None) -> None:
-        message = f"{code.name}: {details}"
+        self.code = code
+        self.details = details
+        self.resume_offset = resume_offset
+        message = self.status
         if resume_offset is not None:
             message += (f" (the stream stopped before image {resume_offset}: the same request "
                         f"with offset={resume_offset} resumes it)")
         super().__init__(message)
-        self.code = code
-        self.details = details
-        self.resume_offset = resume_offset
+
+    @property
+    def status(self) -> str:
+        """The status alone, "CODE: details", without the resume hint."""
+        return f"{self.code.name}: {self.details}"
 
     def __reduce__(self) -> tuple[type[VaeError], tuple[grpc.StatusCode, str, int | None]]:
         # Pickled as its arguments: a Ray task's error then reaches the driver as itself.

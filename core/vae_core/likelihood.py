@@ -18,12 +18,13 @@ from typing import cast
 
 import numpy as np
 
+# The likelihoods' names, defined with the manifest that records them.
+from vae_core.manifest import BERNOULLI as BERNOULLI
+from vae_core.manifest import GAUSSIAN as GAUSSIAN
+from vae_core.manifest import LIKELIHOODS as LIKELIHOODS
 from vae_core.rng import keyed_rng
 
 LOG_2PI = float(np.log(2.0 * np.pi))
-GAUSSIAN = "gaussian"
-BERNOULLI = "bernoulli"
-LIKELIHOODS = (GAUSSIAN, BERNOULLI)
 # 8-bit pixels dequantised onto [0, 1]: x = (y + u) / 256, u ~ U[0, 1).
 PIXEL_LEVELS = 256
 

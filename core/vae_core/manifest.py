@@ -19,7 +19,8 @@ MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"
 PRIOR_FILE = "prior.npz"  # a learned prior (vae_core.prior); without it, N(0, I)
-# vae_core.likelihood's names (that module needs numpy; this one does not).
+# The decoder's likelihoods (vae_core.likelihood scores them; it takes these names from here,
+# which needs no numpy).
 GAUSSIAN, BERNOULLI = "gaussian", "bernoulli"
 LIKELIHOODS = (GAUSSIAN, BERNOULLI)
 PRIOR_KINDS = ("standard", "mixture")

@@ -115,13 +115,14 @@ def _onnx(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vae_export.evaluate import evaluate
 
-    for option, path in (("--json", args.json), ("--roc", args.roc)):
+    ood = None if args.ood in ("", "none") else Path(args.ood)
+    # The ROC is drawn only where there are scores of both sets: its path matters only then.
+    roc = Path(args.roc) if args.roc and args.k > 0 and ood is not None and ood.is_dir() else None
+    for option, path in (("--json", args.json), ("--roc", args.roc if roc else None)):
         why = _unwritable(option, path)
         if why:
             print(f"vae-export eval: error: {why}", file=sys.stderr)
             return 2
-    ood = None if args.ood in ("", "none") else Path(args.ood)
-    roc = Path(args.roc) if args.roc else None
     result = evaluate(Path(args.model_dir), Path(args.data), k_samples=args.k, seed=args.seed,
                       ood_dir=ood, limit=args.limit, roc_path=roc, threads=args.threads,
                       samples=args.samples, classifier=Path(args.classifier),
