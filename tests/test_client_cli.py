@@ -464,7 +464,10 @@ def test_ctrl_c_stops_every_stream_and_keeps_the_file(model_dir, tmp_path):
         proc = subprocess.Popen(
             [str(VENV_BIN / "vae-client"), "--target", f"127.0.0.1:{server.port}", "sample",
              "--n", "1000000", "--streams", "2", "--chunk-size", "500", "--dtype", "uint8",
-             "--out", str(keep)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             "--out", str(keep)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # A shell's background job starts with SIGINT ignored, and Python then keeps it
+            # ignored: the CLI must get it as a terminal would send it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_until(lambda: metric_total(server.metrics_port, started, grpc_service=SERVICE,
                                             grpc_method="SampleStream") == 2, proc)
