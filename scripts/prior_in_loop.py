@@ -147,8 +147,8 @@ def train_in_loop(cfg: TrainConfig, warm: int, components: int
             loss.backward()
             opt.step()
         model.eval()
-        torch.manual_seed(cfg.seed + 2)
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # as train.evaluate_elbo
+            torch.manual_seed(cfg.seed + 2)
             val = float(elbo(model, prior, x_val, val_labels).mean())
         if epoch % 20 == 0 or epoch == cfg.epochs:
             print(f"epoch {epoch}: validation ELBO {val:.1f}", file=sys.stderr, flush=True)
