@@ -181,8 +181,9 @@ DEFAULT_LATENTS = [
 
 
 def test_the_default_models_samples_are_those_of_before():
-    """Mending the edge changed no draw below it: Sample's latents for the default model of
-    EVAL.md (version 199cec9fbdb95c71, in models/default or kept beside it) are the same."""
+    """Mending the edge changed no draw below it: Sample's latents for model
+    199cec9fbdb95c71 (the default when it was mended, where a checkout keeps it under
+    models/) are the same."""
     from vae_core.manifest import load_manifest
 
     models = Path(__file__).resolve().parents[1] / "models"
