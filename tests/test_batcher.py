@@ -1011,3 +1011,33 @@ def test_batching_off_keeps_a_started_run_s_room_until_it_ends(executor):
 
     during, after = asyncio.run(main())
     assert (during, after) == (600, 0)
+
+
+def test_a_drain_before_a_cancelled_caller_wakes_does_not_stop(executor):
+    """A task's cancel() cancels the future it awaits at once; the caller withdraws its slice
+    only when it next runs. A drain between the two found the slice still queued and, its
+    deadline past, set an exception on the cancelled future: InvalidStateError stopped the
+    drain, and the calls queued behind waited for their deadlines (30 s in a test)."""
+    model = Model()
+
+    async def main():
+        b = Batcher(model, executor, max_batch=100, max_queue=1000)
+        model.gate.clear()
+        blocker = asyncio.ensure_future(b.submit(rows(0, 1)))
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(b.submit(rows(10, 5), deadline=time.monotonic() + 0.01))
+        await asyncio.sleep(0.05)  # the late call's deadline passes while it is queued
+        late.cancel()  # its future is cancelled now; the call withdraws at the next pass
+        batch, size = b._take_batch()  # a drain that comes first
+        model.gate.set()
+        await blocker
+        out = await asyncio.wait_for(b.submit(rows(20, 3)), 5)
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        await b.close()
+        return b, [s.n for s in batch], size, out
+
+    b, batch, size, out = asyncio.run(main())
+    assert (batch, size) == ([], 0)  # the cancelled call is dropped, not failed
+    np.testing.assert_array_equal(out[0], rows(20, 3) * 2)
+    assert b.queued_images == 0 and b.dropped["cancelled"] == 1
