@@ -622,17 +622,12 @@ class Batcher:
         now = time.monotonic()
         while self._queue:
             s = self._queue[0]
-            if not s.queued:  # withdrawn by its caller: its room is already back
+            if not s.queued or s.future.done():
+                # Withdrawn by its caller, or cancelled with its caller not yet woken to
+                # withdraw it (a task's cancel() cancels the future it awaits at once): it
+                # must not run, nor reach set_exception below, which a done future refuses.
                 self._queue.popleft()
-                continue
-            if s.future.done():
-                # Cancelled, and its caller not yet woken to withdraw it (a task's cancel()
-                # cancels the future it awaits at once): withdrawn here. It must not reach
-                # set_exception below, which a done future refuses.
-                self._queue.popleft()
-                s.queued = False
-                self._queued_images -= s.n
-                self.dropped["cancelled"] += 1
+                self._withdraw((s,))
                 continue
             if s.deadline is not None and now >= s.deadline:
                 self._queue.popleft()
