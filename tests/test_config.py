@@ -76,6 +76,11 @@ BAD_SETTINGS = {
     "drain delay nan variable": ([], {"VAE_DRAIN_DELAY_S": "NaN"}, "VAE_DRAIN_DELAY_S",
                                  "'NaN' is not a finite number"),
     "delay -inf": (["--max-delay-ms=-inf"], {}, "--max-delay-ms", "not a finite number"),
+    # A watch that fires faster than a busy worker's loop answers would kill healthy ones.
+    "worker timeout under 1 s": (["--worker-timeout-s", "0.5"], {}, "--worker-timeout-s",
+                                 "under 1; 0 = never"),
+    "worker timeout negative": ([], {"VAE_WORKER_TIMEOUT_S": "-1"}, "--worker-timeout-s",
+                                "negative"),
 }
 
 

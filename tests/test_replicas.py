@@ -200,12 +200,12 @@ class Supervised:
 
 
 @contextmanager
-def supervised(model_dir: Path, workers: int = 2) -> Iterator[Supervised]:
-    """`vae-server --workers N` as a subprocess, SERVING; killed on the way out if it still
-    runs."""
+def supervised(model_dir: Path, workers: int = 2, *flags: str) -> Iterator[Supervised]:
+    """`vae-server --workers N` (and `flags`) as a subprocess, SERVING; killed on the way out
+    if it still runs."""
     port, metrics_port = free_port(), free_port()
     proc = start_server_process(model_dir, port, "--metrics-port", str(metrics_port),
-                                "--workers", str(workers), "--warmup-rounds", "1")
+                                "--workers", str(workers), "--warmup-rounds", "1", *flags)
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
@@ -335,3 +335,35 @@ def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference
             prom.stop()
     assert re.search(r"worker \d exited with -9: NOT_SERVING until its replacement is ready",
                      sup.text()), sup.text()[-2000:]
+
+
+def test_a_hung_worker_is_killed_and_replaced(model_dir, reference):
+    """A worker stopped (SIGSTOP, as a hung event loop looks from outside) still holds its
+    share of the port's connections, and their calls waited for their deadlines. Before, the
+    supervisor never noticed; now it kills the worker once it has not answered for
+    --worker-timeout-s, and starts another, which serves."""
+    with supervised(model_dir, 2, "--worker-timeout-s", "2") as sup:
+        def restarts() -> float:
+            return metric_total(sup.metrics_port, "vae_worker_restarts_total")
+
+        pids = worker_pids(sup.proc.pid)
+        assert len(pids) == 2, pids
+        time.sleep(3)  # answering workers are left alone past the timeout
+        assert restarts() == 0.0 and worker_pids(sup.proc.pid) == pids
+        os.kill(pids[0], signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while restarts() < 1 or metric_total(sup.metrics_port, "vae_workers",
+                                             state="ready") < 2:
+            assert time.monotonic() < deadline, sup.text()[-2000:]
+            time.sleep(0.2)
+        wait_serving(sup.target, sup.proc)
+        now = worker_pids(sup.proc.pid)
+        assert len(now) == 2 and pids[0] not in now and pids[1] in now, (pids, now)
+        # Every new connection is served, the new worker's among them.
+        z = np.zeros((2, reference.latent_dim), np.float32)
+        for _ in range(10):
+            with VaeClient(sup.target, timeout=10) as client:
+                np.testing.assert_array_equal(client.decode(z).reshape(2, -1),
+                                              reference.decode(z))
+    assert re.search(r"worker \d has not answered for \d+ s: killed", sup.text()), \
+        sup.text()[-2000:]

@@ -16,7 +16,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vae_server.config import load_settings
-from vae_server.workers import FAILED, READY, MergedMetrics, Supervisor, _Worker, claim_port
+from vae_server.workers import (
+    FAILED,
+    PING,
+    PONG,
+    READY,
+    MergedMetrics,
+    Supervisor,
+    _Worker,
+    claim_port,
+)
 
 
 class _UnreapedProcess:
@@ -47,12 +56,13 @@ class _Pipe:
 
     def __init__(self, said: list[Any] | None = None) -> None:
         self.said = list(said or [])
+        self.sent: list[Any] = []
 
     def close(self) -> None:
         pass
 
     def send(self, message: Any) -> None:
-        pass
+        self.sent.append(message)
 
     def poll(self) -> bool:
         return bool(self.said)
@@ -121,6 +131,56 @@ def test_a_worker_killed_before_ready_without_a_reason_still_exits_1(
         supervisor._handle(process.sentinel)
         assert supervisor._watch() == 1
     assert supervisor.failure is None and "signal received" not in caplog.text
+
+
+def test_a_worker_that_stops_answering_is_killed_and_one_that_answers_is_asked_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """One question at a time: a hung worker does not read its pipe, whose buffer would
+    fill, and the supervisor would then block on its next send."""
+    supervisor, (process, _) = _supervisor(monkeypatch, ready=True,
+                                           flags=("--worker-timeout-s", "10"))
+    w = supervisor._workers[0]
+    w.heard = 100.0
+    supervisor._check_hung(105.0)
+    supervisor._check_hung(108.0)
+    assert w.conn.sent == [PING] and process.is_alive()  # asked once, not yet answered
+    w.conn.said.append((PONG, None))
+    supervisor._handle(w.conn)
+    assert not w.asked and w.heard > 100.0
+    w.heard = 100.0  # answered at 100, then nothing more
+    supervisor._check_hung(109.0)
+    assert w.conn.sent == [PING, PING] and process.is_alive()
+    with caplog.at_level(logging.ERROR, logger="vae_server.workers"):
+        supervisor._check_hung(110.5)
+        supervisor._check_hung(112.0)
+    assert not process.is_alive()  # killed: its sentinel then starts another
+    assert caplog.text.count("worker 0 has not answered for 10 s: killed") == 1
+    assert w.conn.sent == [PING, PING]
+
+
+def test_a_pipe_reset_by_a_killed_worker_is_left_to_its_sentinel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed with a message of ours unread resets its end of the socket pair.
+    Before, the reset ended the supervisor with a traceback (seen with a hung worker killed
+    while a PING waited in its pipe); now the sentinel starts another, as for any exit."""
+    supervisor, (process, started) = _supervisor(monkeypatch, ready=True)
+    w = supervisor._workers[0]
+
+    def reset() -> Any:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(w.conn, "recv", reset)
+    supervisor._handle(w.conn)
+    supervisor._handle(process.sentinel)
+    assert started == [0] and supervisor.restarts._value.get() == 1
+
+
+def test_workers_not_yet_ready_are_not_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warming up can take longer than the timeout; that is not hanging."""
+    supervisor, (process, _) = _supervisor(monkeypatch, ready=False,
+                                           flags=("--worker-timeout-s", "1"))
+    supervisor._check_hung(1000.0)
+    assert process.is_alive() and supervisor._workers[0].conn.sent == []
 
 
 def test_metrics_off_means_no_worker_listens_for_them(monkeypatch: pytest.MonkeyPatch) -> None:

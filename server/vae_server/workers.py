@@ -22,6 +22,10 @@ that the kernel spreads incoming connections over them, and:
   --metrics-port -1 neither the supervisor nor the workers listen for metrics.
 - SIGTERM (or SIGINT): every worker drains (NOT_SERVING, the drain delay, the grace) and the
   supervisor exits once they all have, with status 0 if all of them did.
+- a hung worker: the supervisor asks each ready worker's event loop to answer every few
+  seconds; one that has not answered for --worker-timeout-s (a loop blocked, a process
+  stopped) still holds its share of the port's connections, whose calls would wait for their
+  deadlines, so it is killed, and started again as one that died.
 - a worker that fails before it is ready (a busy port, a model it cannot load) stops the
   whole server: the supervisor stops the others and exits with the worker's reason on one
   line and status 2, as a lone server would.
@@ -62,6 +66,8 @@ FAILED = "failed"  # worker -> supervisor, with why it could not start
 SERVING = "serving"  # supervisor -> worker: report SERVING
 NOT_SERVING = "not_serving"  # report NOT_SERVING
 STOP = "stop"  # drain and exit
+PING = "ping"  # supervisor -> worker: answer PONG, from the event loop
+PONG = "pong"  # worker -> supervisor
 
 
 # -- a worker ----------------------------------------------------------------------------------
@@ -100,6 +106,9 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
                 return
             if message == STOP:
                 stop.set()
+            elif message == PING:
+                with contextlib.suppress(OSError):
+                    conn.send((PONG, None))
             else:
                 asyncio.ensure_future(running.set_serving(message == SERVING))
 
@@ -185,6 +194,9 @@ class _Worker:
     metrics_port: int | None = None  # its loopback metrics port, once ready (None: off)
     ready: bool = False  # warmed up
     failure: str | None = None  # why it could not start, as it said
+    heard: float = 0.0  # when it last sent anything (time.monotonic())
+    asked: bool = False  # a PING not yet answered (one at a time: a pipe's buffer is finite)
+    killed: bool = False  # by the supervisor, as hung
 
 
 class Supervisor:
@@ -205,6 +217,7 @@ class Supervisor:
                                        instances=settings.instances or share)
         self.settings = settings
         self.port = port
+        self.timeout = settings.worker_timeout_s  # 0: no watch for hung workers
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._stopping = threading.Event()
@@ -221,8 +234,9 @@ class Supervisor:
                         registry=self.registry)
         workers.labels("configured").set(self.count)
         workers.labels("ready").set_function(lambda: sum(w.ready for w in self._workers))
-        self.restarts = Counter("vae_worker_restarts", "Workers that exited while serving and "
-                                "were started again.", registry=self.registry)
+        self.restarts = Counter("vae_worker_restarts", "Workers that exited while serving "
+                                "(or were killed as hung) and were started again.",
+                                registry=self.registry)
 
     def _start(self, index: int) -> _Worker:
         parent, child = self._context.Pipe()
@@ -279,11 +293,15 @@ class Supervisor:
         return code
 
     def _watch(self) -> int:
+        pinged = time.monotonic()
         while not self._stopping.is_set():
             waitables: list[Any] = [w.conn for w in self._workers]
             waitables += [w.process.sentinel for w in self._workers]
             for ready in multiprocessing.connection.wait(waitables, timeout=0.2):
                 self._handle(ready)
+            if self.timeout and time.monotonic() - pinged >= min(5.0, self.timeout / 4):
+                pinged = time.monotonic()
+                self._check_hung(pinged)
         if self.failed:
             log.info("stopping the other workers")
         else:
@@ -305,13 +323,34 @@ class Supervisor:
             return 2
         return 0 if all(code == 0 for code in codes) and not self.failed else 1
 
+    def _check_hung(self, now: float) -> None:
+        """Kill each ready worker that has not answered for the timeout (its sentinel then
+        starts another), and ask the others to answer."""
+        for w in self._workers:
+            if not w.ready or w.killed:
+                continue
+            if now - w.heard > self.timeout:
+                log.error("worker %d has not answered for %.0f s: killed, to be started "
+                          "again", w.index, now - w.heard)
+                w.killed = True
+                with contextlib.suppress(OSError):
+                    w.process.kill()
+                continue
+            if not w.asked:
+                w.asked = True
+                with contextlib.suppress(OSError):
+                    w.conn.send(PING)
+
     def _handle(self, ready: Any) -> None:
         for i, w in enumerate(self._workers):
             if ready is w.conn:
                 try:
                     kind, value = w.conn.recv()
-                except EOFError:
-                    continue  # the sentinel reports the exit
+                except (EOFError, OSError):
+                    # Gone: its sentinel reports the exit. A socket pair reads as reset, not
+                    # as closed, when the process died with our messages still unread.
+                    continue
+                w.heard, w.asked = time.monotonic(), False
                 if kind == FAILED:
                     w.failure = value
                 elif kind == READY:
