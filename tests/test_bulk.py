@@ -248,7 +248,7 @@ def test_bulk_asks_for_chunks_the_server_takes(servers, model_dir, tmp_path):
     with served_process(model_dir, "--max-chunk-size", "256", "--max-queue-images", "512",
                         "--max-batch-size", "256", "--default-chunk-size", "256",
                         "--max-sample-n", "256", "--max-images-per-request", "256",
-                        "--warmup-rounds", "1") as (target, _):
+                        "--max-k", "512", "--warmup-rounds", "1") as (target, _):
         bulk(target, tmp_path / "small", *args)
     bulk(target_of(servers), tmp_path / "default", *args)
     assert digests(tmp_path / "small") == digests(tmp_path / "default")

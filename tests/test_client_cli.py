@@ -41,7 +41,8 @@ MAX_QUEUE = 8192
 @pytest.fixture(scope="module")
 def target(model_dir):
     with served_process(model_dir, "--log-level", "WARNING", "--warmup-rounds", "1",
-                        "--max-queue-images", str(MAX_QUEUE), timeout=30) as (target, _):
+                        "--max-queue-images", str(MAX_QUEUE), "--max-k", str(MAX_QUEUE),
+                        timeout=30) as (target, _):
         yield target
 
 

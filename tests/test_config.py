@@ -76,6 +76,24 @@ BAD_SETTINGS = {
     "drain delay nan variable": ([], {"VAE_DRAIN_DELAY_S": "NaN"}, "VAE_DRAIN_DELAY_S",
                                  "'NaN' is not a finite number"),
     "delay -inf": (["--max-delay-ms=-inf"], {}, "--max-delay-ms", "not a finite number"),
+    # Before, these started: every SampleStream left at chunk_size 0 was then refused for
+    # a size the caller never sent, and the max_k that GetModelInfo offered was refused.
+    "default chunk over the largest": (["--max-chunk-size", "1000"], {},
+                                       "--default-chunk-size",
+                                       "--default-chunk-size 1024 exceeds --max-chunk-size 1000"),
+    "max k over the queue": ([], {"VAE_MAX_QUEUE_IMAGES": "4096", "VAE_MAX_SAMPLE_N": "4096",
+                                  "VAE_MAX_IMAGES_PER_REQUEST": "4096",
+                                  "VAE_MAX_CHUNK_SIZE": "4096", "VAE_MAX_BATCH_SIZE": "1024"},
+                             "--max-k", "--max-k 10000 exceeds --max-queue-images 4096"),
+    # A queue lowered alone: every limit it bounds is named in the one line.
+    "queue alone": (["--max-queue-images", "1000"], {}, "--max-queue-images",
+                    "--max-batch-size 2048 exceeds --max-queue-images 1000; "
+                    "--max-images-per-request 8192 exceeds --max-queue-images 1000; "
+                    "--max-sample-n 8192 exceeds --max-queue-images 1000; "
+                    "--max-chunk-size 8192 exceeds --max-queue-images 1000; "
+                    "--max-k 10000 exceeds --max-queue-images 1000; "
+                    "--default-chunk-size 1024 exceeds --max-queue-images 1000: each must be at "
+                    "most its bound"),
     # A watch that fires faster than a busy worker's loop answers would kill healthy ones.
     "worker timeout under 1 s": (["--worker-timeout-s", "0.5"], {}, "--worker-timeout-s",
                                  "under 1; 0 = never"),

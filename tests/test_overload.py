@@ -56,8 +56,8 @@ DECODE_N = QUEUE      # latents per Decode call (float32 images back: no convers
                       # the server's event loop); like LogLikelihood, it fills the decoder queue
 SERVER_FLAGS = ("--max-queue-images", str(QUEUE), "--max-batch-size", "1024",
                 "--max-images-per-request", str(QUEUE), "--max-sample-n", "256",
-                "--max-chunk-size", "256", "--max-k", str(QUEUE), "--threads", "1",
-                "--warmup-rounds", "1", "--log-level", "WARNING")
+                "--max-chunk-size", "256", "--default-chunk-size", "256", "--max-k", str(QUEUE),
+                "--threads", "1", "--warmup-rounds", "1", "--log-level", "WARNING")
 CAPACITY_IN_FLIGHT = 6  # calls in flight while measuring capacity
 CAPACITY_BACKOFF = 0.01  # seconds a caller waits after a refusal while measuring capacity
 CAPACITY_SECONDS = 1.5

@@ -43,7 +43,7 @@ def full_queue(model_dir):
     next Decode is refused until the gate is set."""
     with server_thread(model_dir, max_batch_size=ROWS, max_queue_images=ROWS,
                        max_images_per_request=ROWS, max_sample_n=ROWS, max_chunk_size=ROWS,
-                       default_chunk_size=ROWS, inline_rows=0, max_delay_ms=0,
+                       default_chunk_size=ROWS, max_k=ROWS, inline_rows=0, max_delay_ms=0,
                        instances=1) as srv, held_decoder(srv, ROWS) as gate:
         yield srv, gate
 

@@ -382,7 +382,7 @@ def test_full_queue_answers_resource_exhausted_at_once(model_dir):
     # the 4,096-image queue full.
     with server_thread(model_dir, max_batch_size=16, max_queue_images=4096,
                        max_images_per_request=1024, max_sample_n=1024,
-                       max_chunk_size=1024) as srv:
+                       max_chunk_size=1024, max_k=4096) as srv:
         async def timed(c, i):
             t0 = time.perf_counter()
             try:

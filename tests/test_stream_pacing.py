@@ -33,7 +33,7 @@ def test_a_queue_of_one_chunk_serves_a_stream_on_an_idle_server(model_dir, refer
     n = 10 * CHUNK
     with server_thread(model_dir, max_batch_size=CHUNK, max_queue_images=CHUNK,
                        max_images_per_request=CHUNK, max_sample_n=CHUNK,
-                       max_chunk_size=CHUNK, default_chunk_size=CHUNK) as srv, \
+                       max_chunk_size=CHUNK, default_chunk_size=CHUNK, max_k=CHUNK) as srv, \
             VaeClient(srv.target, retries=0) as c:
         chunks = list(c.sample_stream(n, seed=3, chunk_size=CHUNK))
         refused = srv.running.metrics.registry.get_sample_value(
@@ -50,7 +50,7 @@ def held(model_dir):
     Decode call while a second waits in the queue, until the gate is set."""
     with server_thread(model_dir, max_batch_size=CHUNK, max_queue_images=2 * CHUNK,
                        max_images_per_request=CHUNK, max_sample_n=CHUNK,
-                       max_chunk_size=CHUNK, default_chunk_size=CHUNK, inline_rows=0,
+                       max_chunk_size=CHUNK, default_chunk_size=CHUNK, max_k=CHUNK, inline_rows=0,
                        max_delay_ms=0, instances=1) as srv, held_decoder(srv, CHUNK) as gate:
         yield srv, gate
 

@@ -299,12 +299,22 @@ def _check(s: Settings) -> None:
                  "max_message_mb"):
         if getattr(s, name) < 1:
             raise SettingsError(f"{_flag(name)}: {getattr(s, name)}; it must be >= 1")
-    # A call that could never fit in the queue would be told "queue full, retry" forever.
-    for name in ("max_batch_size", "max_images_per_request", "max_sample_n", "max_chunk_size"):
-        if getattr(s, name) > s.max_queue_images:
-            raise SettingsError(
-                f"{_flag(name)}: {getattr(s, name)} must not exceed --max-queue-images "
-                f"({s.max_queue_images})")
+    # A call that could never fit in the queue would be told "queue full, retry" forever
+    # (one image at --max-k is k decoder rows), and a stream that leaves its chunk size to
+    # the server would be refused for a size it never sent.
+    # Every one named at once: lowering the queue alone would otherwise take a restart each.
+    over = [f"{_flag(name)} {getattr(s, name)} exceeds {_flag(limit)} {getattr(s, limit)}"
+            for name, limit in (("max_batch_size", "max_queue_images"),
+                                ("max_images_per_request", "max_queue_images"),
+                                ("max_sample_n", "max_queue_images"),
+                                ("max_chunk_size", "max_queue_images"),
+                                ("max_k", "max_queue_images"),
+                                ("default_chunk_size", "max_queue_images"),
+                                ("default_chunk_size", "max_chunk_size"))
+            if getattr(s, name) > getattr(s, limit)]
+    if over:
+        raise SettingsError(f"{'; '.join(dict.fromkeys(over))}: each must be at most its "
+                            "bound")
     # gRPC takes the message limit as a C int: past it the server would die at the start.
     if s.max_message_mb > MAX_MESSAGE_MB:
         raise SettingsError(f"--max-message-mb: {s.max_message_mb}; it must be at most "
