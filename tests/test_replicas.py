@@ -31,6 +31,7 @@ from serving import (
     wait_serving,
 )
 from vae_client import VaeClient, VaeError
+from vae_client.channel import CLIENT_KEEPALIVE_S, CLIENT_KEEPALIVE_TIMEOUT_S
 from vae_core.onnx_model import OnnxVAE
 from vae_core.ports import free_port
 
@@ -138,6 +139,39 @@ def test_a_stream_whose_server_is_killed_resumes_on_another_byte_for_byte(model_
     assert resumed == 1  # the rest of the stream came from another server, in one call
     offsets = [o for o, _ in chunks]
     assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)  # none twice
+    got = np.concatenate([x for _, x in chunks])
+    assert got.shape == want.shape and got.tobytes() == want.tobytes()
+
+
+def test_a_stream_whose_server_hangs_resumes_on_another_byte_for_byte(model_dir, reference):
+    """A server that stops answering (SIGSTOP: a hung host, or one cut off the network) does
+    not close its connection, and a stream has no deadline by default: before, the client
+    waited for the next chunk for ever. Its keepalive pings now find the connection dead
+    (CLIENT_KEEPALIVE), and the stream resumes by offset on another server."""
+    n, chunk = 40_000, 500
+    want = np.rint(reference.sample(n, 22) * 255).astype(np.uint8).reshape(n, 28, 28)
+    with replicas(model_dir, 2) as rs, VaeClient(target_of(rs), timeout=120) as client:
+        chunks: list[tuple[int, np.ndarray]] = []
+        stream = client.sample_stream(n, seed=22, chunk_size=chunk, dtype="uint8")
+        chunks.append(next(stream))
+        sending = [r for r in rs if metric_total(
+            r.metrics_port, "grpc_server_started_total", grpc_method="SampleStream")
+            > r.handled("SampleStream")]
+        assert len(sending) == 1
+        other = next(r for r in rs if r is not sending[0])
+        sending[0].proc.send_signal(signal.SIGSTOP)
+        try:
+            reader = threading.Thread(target=lambda: chunks.extend(stream), daemon=True)
+            reader.start()
+            reader.join(CLIENT_KEEPALIVE_S + CLIENT_KEEPALIVE_TIMEOUT_S + 30)
+            assert not reader.is_alive(), f"the stream waited: {len(chunks)} chunks"
+            resumed = metric_total(other.metrics_port, "grpc_server_started_total",
+                                   grpc_method="SampleStream")
+        finally:
+            sending[0].proc.send_signal(signal.SIGCONT)
+    assert resumed == 1  # the rest of the stream came from the other server, in one call
+    offsets = [o for o, _ in chunks]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
     got = np.concatenate([x for _, x in chunks])
     assert got.shape == want.shape and got.tobytes() == want.tobytes()
 

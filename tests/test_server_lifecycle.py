@@ -18,6 +18,7 @@ from serving import (
     VENV_BIN,
     rss_mb,
     served_process,
+    server_thread,
     start_server_process,
     wait_serving,
 )
@@ -275,3 +276,32 @@ def test_the_metrics_port_closes_with_the_server(model_dir):
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port),
                                                                           timeout=5):
         pass
+
+
+def test_a_long_call_s_keepalive_pings_are_answered_not_sent_away(model_dir):
+    """Clients ping while a call is in flight (vae_client every 20 s) to find a server that
+    stopped answering. gRPC's servers accept one ping in 5 minutes while they send nothing,
+    and close the connection (GOAWAY too_many_pings) on the third too soon, failing the
+    calls on it: a LogLikelihood or a stream waiting for room for a minute would be cut.
+    vae-server accepts pings every few seconds. Here a client pings every 5.5 s through a
+    call held 31 s: by gRPC's default the fifth ping, at 27.5 s, is the third too soon."""
+    from vae_proto import vae_pb2, vae_pb2_grpc
+    from vae_proto.tensor import to_tensor
+
+    pings = [("grpc.keepalive_time_ms", 5500), ("grpc.keepalive_timeout_ms", 5000),
+             ("grpc.http2.max_pings_without_data", 0)]
+    with server_thread(model_dir, instances=1, inline_rows=0) as srv:
+        gate = threading.Event()
+        batcher = srv.running.servicer.decoder
+        real_run = batcher._run
+        batcher._run = lambda z: (gate.wait(60), real_run(z))[1]
+        z = np.zeros((2, srv.running.servicer.runtime.latent_dim), np.float32)
+        with grpc.insecure_channel(srv.target, options=pings) as channel:
+            call = vae_pb2_grpc.VaeServiceStub(channel).Decode.future(
+                vae_pb2.DecodeRequest(z=to_tensor(z)), timeout=60)
+            time.sleep(31)
+            held = not call.done()
+            gate.set()
+            reply = call.result(30)
+    assert held  # the call was in flight through every ping
+    assert reply.images.shape

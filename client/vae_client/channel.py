@@ -135,6 +135,24 @@ DEFAULT_MAX_MESSAGE_MB = 64  # the largest message a client sends or receives
 LOAD_BALANCING: list[dict[str, Any]] = [{"round_robin": {}}]
 
 
+# A server that stops answering without closing its connection (a hung host, a network cut)
+# would keep a call waiting for its deadline, and a stream, which has none by default, for
+# ever. Keepalive pings while calls are in flight find such a connection dead: its calls
+# fail UNAVAILABLE, and a stream resumes by offset on another server. vae-server accepts
+# pings this often (grpc.http2.min_ping_interval_without_data_ms); a proxy in between may
+# need the same. Pings go on without data frames: a server-streaming call sends none.
+CLIENT_KEEPALIVE_S = 20
+CLIENT_KEEPALIVE_TIMEOUT_S = 10
+KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_S * 1000),
+    ("grpc.keepalive_timeout_ms", CLIENT_KEEPALIVE_TIMEOUT_S * 1000),
+    # gRPC waits for a ping's ack this long (1 minute by default) whatever keepalive_timeout
+    # says: without it the keepalive ping's wait is the minute.
+    ("grpc.http2.ping_timeout_ms", CLIENT_KEEPALIVE_TIMEOUT_S * 1000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
 def retry_options(retries: int) -> list[tuple[str, Any]]:
     """Channel options that balance calls over the target's servers (round_robin) and let
     gRPC retry vae.v1 calls up to `retries` times (0: never)."""
@@ -164,7 +182,8 @@ def create_channel(target: str, security: Security | None = None,
     """A synchronous channel to `target` with `security` (default: plaintext, no token),
     retrying refused and unreachable calls up to `retries` times."""
     sec = security or Security()
-    options = sec.options(channel_options(max_message_mb) + retry_options(retries))
+    options = sec.options(channel_options(max_message_mb) + retry_options(retries)
+                          + KEEPALIVE_OPTIONS)
     channel = (grpc.secure_channel(target, sec.credentials(), options=options) if sec.tls
                else grpc.insecure_channel(target, options=options))
     if sec.token:
@@ -177,7 +196,8 @@ def create_aio_channel(target: str, security: Security | None = None,
                        ) -> grpc.aio.Channel:
     """An asyncio channel to `target`, as create_channel."""
     sec = security or Security()
-    options = sec.options(channel_options(max_message_mb) + retry_options(retries))
+    options = sec.options(channel_options(max_message_mb) + retry_options(retries)
+                          + KEEPALIVE_OPTIONS)
     interceptors: list[grpc.aio.ClientInterceptor] | None = None
     if sec.token:
         interceptors = [_AioUnaryMetadata(sec.metadata), _AioStreamMetadata(sec.metadata)]

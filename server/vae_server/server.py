@@ -86,12 +86,25 @@ class RunningServer:
             self.metrics_http.server_close()
 
 
+MIN_CLIENT_PING_INTERVAL_MS = 5_000
+SERVER_KEEPALIVE_MS = 60_000
+SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
+
+
 def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Workers share the port; a lone server must not share it with a stray process.
         ("grpc.so_reuseport", int(reuse_port)),
+        # Clients ping while their calls are in flight (vae_client's keepalive, every 20 s),
+        # to find a server that stopped answering; gRPC's default (one ping in 5 minutes
+        # while the server sends nothing) would answer a long call's pings with GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        # And the server's own, to find clients gone without a word, whose streams would
+        # otherwise hold queue room until their connection's age ends them.
+        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
     ]
     if settings.max_connection_age_s > 0:
         options += [
