@@ -305,3 +305,34 @@ def test_a_long_call_s_keepalive_pings_are_answered_not_sent_away(model_dir):
             reply = call.result(30)
     assert held  # the call was in flight through every ping
     assert reply.images.shape
+
+
+def test_a_stream_to_a_client_that_stopped_answering_ends(model_dir, monkeypatch, tmp_path):
+    """A client gone without a word (SIGSTOP: a hung host, a network cut) stops reading, and
+    its stream would hold its room in the queue until the connection's age and grace ran out
+    (12 minutes by default). The server's keepalive pings find the connection dead and end
+    the call. The pings' period is shortened here; vae-server's is a minute."""
+    from vae_server import server as server_module
+
+    monkeypatch.setattr(server_module, "SERVER_KEEPALIVE_MS", 2000)
+    monkeypatch.setattr(server_module, "SERVER_KEEPALIVE_TIMEOUT_MS", 2000)
+    with server_thread(model_dir) as srv:
+        servicer = srv.running.servicer
+        client = subprocess.Popen(
+            [str(VENV_BIN / "vae-client"), "--target", srv.target, "sample", "--n", "5000000",
+             "--stream", "--chunk-size", "1000", "--no-progress", "--out",
+             str(tmp_path / "big.npy")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while servicer._in_flight == 0:
+                assert time.monotonic() < deadline and client.poll() is None
+                time.sleep(0.05)
+            time.sleep(0.5)  # chunks flowing
+            client.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 30
+            while servicer._in_flight:
+                assert time.monotonic() < deadline, "the stream still runs"
+                time.sleep(0.1)
+        finally:
+            client.kill()
+            client.wait()

@@ -105,6 +105,8 @@ def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str
         # otherwise hold queue room until their connection's age ends them.
         ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),  # else a minute
+        ("grpc.http2.max_pings_without_data", 0),  # a stalled reader gets no data frames
     ]
     if settings.max_connection_age_s > 0:
         options += [
