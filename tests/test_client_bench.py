@@ -94,14 +94,16 @@ def test_bench_calls_have_the_default_deadline():
 def test_json_with_no_successful_call_is_valid_json(target):
     """Before: the latency percentiles of a run in which every call was refused came out as
     bare NaN, which is not JSON (jq and JSON.parse refuse the whole document)."""
-    proc = bench(target, "--batch", str(MAX_IMAGES + 1), "--duration", "0.3", "--warmup", "0",
-                 "--json")
+    # k over the server's max_k (10000): every call is refused. (A batch over its limit is
+    # refused by bench itself before any call.)
+    proc = bench(target, "--method", "loglik", "--k", "10001", "--duration", "0.3", "--warmup",
+                 "0", "--json")
     result = strict_json(proc.stdout)
     assert result["calls"] == 0 and result["errors"].get("INVALID_ARGUMENT", 0) > 0
     assert set(result["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
     assert all(v is None for v in result["latency_ms"].values()), result["latency_ms"]
     # The text says so in words, not "nan ms".
-    text = bench(target, "--batch", str(MAX_IMAGES + 1), "--duration", "0.3", "--warmup",
+    text = bench(target, "--method", "loglik", "--k", "10001", "--duration", "0.3", "--warmup",
                  "0").stdout
     assert "nan" not in text.lower() and "no call succeeded" in text
     assert "INVALID_ARGUMENT" in text

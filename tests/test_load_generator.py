@@ -49,8 +49,8 @@ def test_open_loop_starts_calls_at_the_rate_asked(server):
 
 
 def test_refused_calls_are_counted_by_status_code(server):
-    # 9 images: over the server's max_images_per_request (8) on every call.
-    r = bench(server.target, "decode", concurrency=2, duration=0.3, batch=9)
+    # k over the server's max_k (10000) on every call.
+    r = bench(server.target, "loglik", concurrency=2, duration=0.3, k=10001)
     assert r.calls == 0 and r.errors.get("INVALID_ARGUMENT", 0) > 0
     assert set(r.errors) == {"INVALID_ARGUMENT"}
 

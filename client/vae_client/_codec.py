@@ -15,6 +15,9 @@ from vae_proto import vae_pb2
 from vae_proto.tensor import from_tensor, to_tensor
 
 DTYPES = {"float32": vae_pb2.FLOAT32, "uint8": vae_pb2.UINT8}
+# gRPC takes its message limits in bytes as C ints: 2047 MiB at most, as vae-server's
+# --max-message-mb.
+MAX_MESSAGE_MB = 2047
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 # What each integer type of the wire holds: a value outside is refused before it is sent.
@@ -39,10 +42,13 @@ def request(cls: type[M], **fields: Any) -> M:
 
 
 def dtype_enum(dtype: str) -> vae_pb2.DType:
+    """The DType of a call's `dtype`; another is VaeError INVALID_ARGUMENT, as every bad
+    argument of a call is (`request`)."""
     try:
         return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be 'float32' or 'uint8', not {dtype!r}") from None
+    except (KeyError, TypeError):  # TypeError: unhashable, a list say
+        raise VaeError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"dtype: {dtype!r}; it must be 'float32' or 'uint8'") from None
 
 
 def images_tensor(images: np.ndarray) -> vae_pb2.Tensor:
@@ -119,5 +125,10 @@ class Scores:
 
 
 def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """The message limits of a channel; a size gRPC cannot take is a ValueError, as other
+    bad arguments of the clients' constructors are (not gRPC's OverflowError)."""
+    if not 1 <= max_message_mb <= MAX_MESSAGE_MB:
+        raise ValueError(f"max_message_mb: {max_message_mb}; it must be 1 .. {MAX_MESSAGE_MB} "
+                         "(gRPC's limit)")
     size = max_message_mb * 1024 * 1024
     return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]

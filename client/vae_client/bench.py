@@ -25,6 +25,11 @@ from vae_proto import vae_pb2
 
 SERVICE = "/vae.v1.VaeService/"
 METHODS = ("decode", "encode", "sample", "stream", "loglik")
+# The server's limit (a field of ModelInfo.limits) on each method's `batch`: the images of a
+# call, or of a chunk for stream.
+BATCH_LIMITS = {"decode": "max_images_per_request", "encode": "max_images_per_request",
+                "loglik": "max_images_per_request", "sample": "max_sample_n",
+                "stream": "max_chunk_size"}
 
 
 @dataclass
@@ -87,6 +92,19 @@ def build_request(method: str, batch: int, latent_dim: int, k: int = 1000,
     raise ValueError(f"method must be one of {METHODS}, not {method!r}")
 
 
+def check_batch(method: str, batch: int, limits: vae_pb2.Limits) -> None:
+    """Refuse a batch over the server's own limit for `method` (VaeError INVALID_ARGUMENT):
+    every call of it would be refused, and its images, allocated first, may not even fit in
+    memory. A limit of 0 is one the server did not say."""
+    name = BATCH_LIMITS.get(method)  # another method: build_request refuses it
+    limit = getattr(limits, name) if name else 0
+    if limit and batch > limit:
+        per = "chunk" if method == "stream" else "call"
+        raise VaeError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"batch: {batch} images per {per}, more than the server's {name} "
+                       f"({limit})")
+
+
 def _percentiles(latencies: list[float]) -> dict[str, float]:
     if not latencies:
         return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"),
@@ -121,6 +139,7 @@ async def run_bench(target: str, method: str, concurrency: int = 1, duration: fl
             info = await info_call(vae_pb2.GetModelInfoRequest(), timeout=timeout)
         except grpc.RpcError as err:  # no server, refused credentials: no load to generate
             raise VaeError.from_rpc_error(err) from None
+        check_batch(method, batch, info.limits)  # before build_request allocates the batch
         path, payload, images_per_call = build_request(method, batch, info.latent_dim, k,
                                                        dtype_enum, stream_n)
         if method == "stream":

@@ -37,7 +37,7 @@ import numpy as np
 
 from vae_client.channel import Security
 from vae_client.client import VaeClient
-from vae_client.images import encode_png
+from vae_client.images import encode_png, replacing
 from vae_core.manifest import sha256_file
 
 FORMATS = {"parquet": ".parquet", "webdataset": ".tar", "npz": ".npz"}
@@ -190,7 +190,8 @@ def prepare(out: Path, spec: BulkSpec) -> list[int]:
             raise BulkError(f"{out} holds the shards of other settings ({spec_path}): use "
                             "another folder, or the same settings to resume")
     else:
-        spec_path.write_text(spec.to_json())
+        with replacing(spec_path, "w", encoding="utf-8") as f:
+            f.write(spec.to_json())
     return [i for i in range(spec.shards) if shard_done(out, spec, i) is None]
 
 
@@ -224,7 +225,11 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
                         ) from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except (ValueError, ConnectionError) as exc:  # an address it cannot read, or reach
+            where = "a local Ray cluster" if address is None else f"--ray-address {address}"
+            raise BulkError(f"{where}: {' '.join(str(exc).split())}") from None
     try:
         task: Any = ray.remote(num_cpus=0.5, max_retries=3)(make_shard)
         pending: dict[Any, int] = {}
@@ -257,7 +262,8 @@ def write_manifest(out: Path, spec: BulkSpec, digests: dict[int, str]) -> dict[s
         shards.append({"name": spec.shard_name(i), "first": lo, "count": hi - lo,
                        "sha256": digests[i]})
     manifest = {**json.loads(spec.to_json()), "shards": shards}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    with replacing(out / MANIFEST, "w", encoding="utf-8") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -4,20 +4,31 @@ tables, and a text progress bar. Nothing here talks to the server."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import sys
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from vae_client._codec import Scores
-from vae_client.images import SIDE, grid, load_images, to_uint8, write_png
+from vae_client.images import (
+    SIDE,
+    grid,
+    load_images,
+    name_file,
+    part_path,
+    replacing,
+    to_uint8,
+    write_png,
+)
 
 IMAGE_SUFFIXES = (".npy", ".png")
 LATENT_SUFFIXES = (".npy", ".npz")
@@ -38,6 +49,27 @@ def suffix_of(path: str, allowed: Sequence[str], option: str) -> str:
 
 # -- images ---------------------------------------------------------------------------------
 
+# What posix_fallocate answers where the file system cannot reserve space (and glibc does not
+# emulate it): the file then stays sparse, as it was before reserving.
+_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS})
+
+
+def reserve(path: Path) -> None:
+    """Allocate the blocks of the whole file at `path` now. A memory map of a sparse file
+    that finds the disk full when it writes a page kills the process with SIGBUS, without a
+    word; reserved up front, a full disk is an OSError (ENOSPC) before any page is written."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: left sparse
+        return
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno in _NO_FALLOCATE:
+                return
+            raise OSError(exc.errno, f"{exc.strerror} (the file needs {size:,} bytes)"
+                          ) from None
+
 
 def read_images(paths: Sequence[str]) -> np.ndarray:
     """One or more image files (see images.load_images) -> one array, uint8 or float32."""
@@ -55,7 +87,8 @@ class ImageSink:
     memory map (memory stays bounded whatever n is), or kept as uint8 and written as one PNG
     grid on close() (a lone image as the 28 x 28 digit alone). The NPY file is written beside
     the path and takes its name on close(), so a file already there is replaced only by a
-    whole one; abort() removes the partly written one."""
+    whole one; abort() removes the partly written one. Its space is reserved when the sink
+    is made: a disk too small refuses then, with an OSError naming the path."""
 
     def __init__(self, path: str, n: int, dtype: str, cols: int | None = None) -> None:
         self.path, self.n, self.cols = path, n, cols
@@ -66,10 +99,16 @@ class ImageSink:
                                f"{MAX_PNG_IMAGES}); write a .npy file")
             self._array: np.ndarray = np.zeros((n, SIDE, SIDE), dtype=np.uint8)
         else:
-            where = Path(path)
-            self._part = where.with_name(f".{where.name}.part")
-            self._array = np.lib.format.open_memmap(self._part, mode="w+",
-                                                    dtype=np.dtype(dtype), shape=(n, SIDE, SIDE))
+            self._part = part_path(path)
+            try:
+                array = np.lib.format.open_memmap(self._part, mode="w+", dtype=np.dtype(dtype),
+                                                  shape=(n, SIDE, SIDE))
+                reserve(self._part)
+            except BaseException as exc:
+                # The caller has no sink to abort(): the part file goes here.
+                self._remove_part(exc)
+                raise
+            self._array = array
 
     def put(self, offset: int, images: np.ndarray) -> None:
         if offset < 0 or offset + len(images) > self.n:
@@ -84,14 +123,25 @@ class ImageSink:
             # One image is the digit itself, 28 x 28, so that `encode --in` reads it back.
             write_png(self.path, self._array[0] if self.n == 1 else grid(self._array, self.cols))
         else:
-            self._array.flush()  # type: ignore[attr-defined]
-            del self._array
-            os.replace(self._part, self.path)
+            try:
+                self._array.flush()  # type: ignore[attr-defined]
+                del self._array
+                os.replace(self._part, self.path)
+            except BaseException as exc:
+                self._remove_part(exc)
+                raise
 
     def abort(self) -> None:
         if self.kind == ".npy":
             del self._array
             self._part.unlink(missing_ok=True)
+
+    def _remove_part(self, exc: BaseException) -> None:
+        """The part file removed after `exc`, which, an OSError, then names the path."""
+        with suppress(OSError):  # `exc` is the error to report
+            self._part.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            name_file(exc, self.path)
 
 
 def target_addresses(target: str) -> int:
@@ -146,7 +196,7 @@ def write_latents(path: str, mu: np.ndarray, logvar: np.ndarray, z: np.ndarray |
     # Through an open file: given a name, numpy adds ".npy" or ".npz" to one that does not
     # end so in lower case (Z.NPY would become Z.NPY.npy).
     npz = suffix_of(path, LATENT_SUFFIXES, "--out") == ".npz"
-    with open(path, "wb") as f:
+    with replacing(path) as f:
         if npz:
             if z is None:
                 np.savez(f, mu=mu, logvar=logvar)
@@ -167,31 +217,29 @@ def concat_scores(parts: Sequence[Scores]) -> Scores:
                   k=parts[0].k)
 
 
-def _open_out(path: str) -> IO[str]:
-    return sys.stdout if path == "-" else open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115
+@contextmanager
+def _open_out(path: str) -> Iterator[IO[str]]:
+    """stdout for '-', else the file at `path`, written whole or not at all (`replacing`)."""
+    if path == "-":
+        yield sys.stdout
+    else:
+        with replacing(path, "w", newline="", encoding="utf-8") as f:
+            yield f
 
 
 def write_scores_json(path: str, scores: Scores) -> None:
     """A JSON list of one object per image (Scores.records()), one line each; '-' = stdout."""
-    f = _open_out(path)
-    try:
-        lines = ",\n".join(json.dumps(r) for r in scores.records())
+    lines = ",\n".join(json.dumps(r) for r in scores.records())
+    with _open_out(path) as f:
         f.write(f"[\n{lines}\n]\n")
-    finally:
-        if f is not sys.stdout:
-            f.close()
 
 
 def write_scores_csv(path: str, scores: Scores) -> None:
     """CSV with a header row, one row per image; '-' = stdout."""
-    f = _open_out(path)
-    try:
+    with _open_out(path) as f:
         writer = csv.DictWriter(f, fieldnames=_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(scores.records())
-    finally:
-        if f is not sys.stdout:
-            f.close()
 
 
 def scores_table(scores: Scores) -> str:

@@ -2,6 +2,7 @@
 
 - PNG: `write_png` writes 8-bit grayscale; `read_png` reads any non-interlaced PNG
   (grayscale, gray+alpha, RGB, RGBA, palette; 1 to 16 bits) and returns 8-bit grayscale.
+- `replacing`: a file written beside its path and renamed when whole, as every output is.
 - `grid`: many 28x28 digits as one picture, white digits on black as in MNIST.
 - IDX: the MNIST file format, read by `vae_core.idx`.
 - `load_images`: a .png, .npy or IDX file -> images for the server ([N, 28, 28]).
@@ -13,7 +14,10 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -58,9 +62,42 @@ def encode_png(image: np.ndarray) -> bytes:
             + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + _chunk(b"IEND", b""))
 
 
+def part_path(path: str | os.PathLike[str]) -> Path:
+    """Where a file is written before it takes its name: `.NAME.part` beside it."""
+    where = Path(path)
+    return where.with_name(f".{where.name}.part")
+
+
+def name_file(exc: OSError, path: str | os.PathLike[str]) -> None:
+    """Make `exc` name the file asked for: a write's error (ENOSPC) names none, and an
+    open's names the part file, which the user never asked for."""
+    if exc.filename is None or exc.filename == str(part_path(path)):
+        exc.filename = str(path)
+
+
+@contextmanager
+def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
+    """open(part_path(path), mode, **kwargs), renamed to `path` once written and closed: a
+    failure (a full disk, an error of the caller's) leaves the file already at `path` as it
+    was, removes the part file, and raises an OSError naming `path`."""
+    part = part_path(path)
+    try:
+        with open(part, mode, **kwargs) as f:
+            yield f
+        os.replace(part, path)
+    except BaseException as exc:
+        with suppress(OSError):  # the error that stopped the write is the one to report
+            part.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            name_file(exc, path)
+        raise
+
+
 def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
-    """Write uint8 [H, W] as an 8-bit grayscale PNG."""
-    Path(path).write_bytes(encode_png(image))
+    """Write uint8 [H, W] as an 8-bit grayscale PNG, whole or not at all (`replacing`)."""
+    data = encode_png(image)
+    with replacing(path) as f:
+        f.write(data)
 
 
 def _paeth(a: int, b: int, c: int) -> int:

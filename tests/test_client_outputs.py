@@ -1,0 +1,273 @@
+"""The client's outputs are written whole or not at all, and its refusals come as the README
+promises: a disk that fills up (a small tmpfs) or a file size limit (RLIMIT_FSIZE) leaves the
+file already at the path as it was, with no part file beside it and one line naming the file;
+a bulk job, a bench and the library's constructors and calls refuse what cannot work in one
+line, before anything is allocated or sent. The CLI runs as a subprocess against a real
+vae-server subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import resource
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from prometheus_harness import need_module
+from serving import VENV_BIN, served_process
+from vae_client import VaeClient, VaeError
+from vae_client.aio import AsyncVaeClient
+from vae_client.cli_io import ImageSink
+from vae_core.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+# Small per-call limits: a bench of one image more is refused, one of the limit runs cheaply.
+LIMITS = {"max_images_per_request": 16, "max_sample_n": 24, "max_chunk_size": 32}
+TMPFS_BYTES = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def target(model_dir):
+    flags = [a for name, value in LIMITS.items()
+             for a in ("--" + name.replace("_", "-"), str(value))]
+    with served_process(model_dir, "--log-level", "WARNING", "--warmup-rounds", "1", *flags,
+                        "--default-chunk-size", str(LIMITS["max_chunk_size"]),
+                        timeout=30) as (target, _):
+        yield target
+
+
+Cli = Callable[..., subprocess.CompletedProcess]
+
+
+@pytest.fixture(scope="module")
+def cli(target) -> Cli:
+    def run(*args: str, expect: int = 0,
+            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", target, *args],
+                              capture_output=True, text=True, timeout=120,
+                              preexec_fn=preexec_fn)
+        assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    return run
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A tmpfs of 4 MiB: a disk that fills up. Skipped where mounting is not permitted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs",
+                           str(disk)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True, timeout=30)
+
+
+def fill(disk: Path) -> None:
+    """Write zeros to `disk` until it is full."""
+    block = bytes(4096)
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(block)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def file_size_limit(nbytes: int) -> Callable[[], None]:
+    """A preexec_fn: the child may write no file past `nbytes` bytes (EFBIG after them; Python
+    ignores SIGXFSZ). It fails as a full disk does, without root."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "filler"}
+
+
+def one_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("vae-client: error: "), proc.stderr
+    return proc.stderr
+
+
+# -- .npy: its space is reserved before a page is written ------------------------------------
+
+
+def test_an_npy_larger_than_the_disk_is_one_line_not_sigbus(cli, small_disk):
+    """Before: the memory-mapped .npy was a sparse file, so the first page that found the disk
+    full killed the CLI with SIGBUS (exit 135, no message) and left 60 MB of part file."""
+    out = small_disk / "x.npy"
+    cli("sample", "--n", "2", "--seed", "1", "--out", str(out))
+    before = snapshot(small_disk)
+    proc = cli("sample", "--n", "20000", "--seed", "1", "--out", str(out), expect=1)
+    line = one_line(proc)
+    assert f"{out}: No space left on device" in line, line
+    assert snapshot(small_disk) == before  # the old file as it was, no part file
+
+
+def test_an_npy_over_the_file_size_limit_is_one_line_and_leaves_no_part(cli, tmp_path):
+    """Before: the sink's constructor failed (EFBIG) after creating its part file, which
+    nothing removed, and the message named no file."""
+    out = tmp_path / "x.npy"
+    cli("sample", "--n", "2", "--seed", "1", "--out", str(out))
+    before = snapshot(tmp_path)
+    proc = cli("sample", "--n", "4", "--seed", "2", "--out", str(out), expect=1,
+               preexec_fn=file_size_limit(4096))
+    assert f"{out}: File too large" in one_line(proc)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_sink_that_cannot_reserve_its_file_removes_it(target, tmp_path, monkeypatch, capsys):
+    """The space is reserved (posix_fallocate) when the sink is made; a refusal is an OSError
+    that names the file, printed in one line, and the part file is gone."""
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this system")
+    from vae_client import __main__ as main_module
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    out = tmp_path / "x.npy"
+    with pytest.raises(OSError) as err:
+        ImageSink(str(out), 10, "float32")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(out)
+    assert not list(tmp_path.iterdir())
+    code = main_module.main(["--target", target, "sample", "--n", "4", "--out", str(out)])
+    message = capsys.readouterr().err
+    assert code == 1 and message.count("\n") == 1, message
+    assert message.startswith(f"vae-client: error: {out}: No space left on device"), message
+    assert not list(tmp_path.iterdir())
+
+
+# -- every other output: a part file beside it, renamed when whole ---------------------------
+
+
+# Each output written small first, then larger by a command that fails to write it: larger,
+# since writing in place frees the old file's blocks first.
+OUTPUTS = [
+    ("a.png", lambda x, n, out: ("sample", "--n", n, "--seed", "1", "--out", out)),
+    ("z.npz", lambda x, n, out: ("encode", "--in", x, "--out", out)),
+    ("z.npy", lambda x, n, out: ("encode", "--in", x, "--out", out)),
+    ("s.json", lambda x, n, out: ("score", "--in", x, "--k", "2", "--json", out)),
+    ("s.csv", lambda x, n, out: ("score", "--in", x, "--k", "2", "--csv", out)),
+]
+
+
+@pytest.mark.parametrize("how", ["full disk", "file size limit"])
+def test_an_output_that_cannot_be_written_leaves_the_old_file(cli, tmp_path, request, how):
+    """Before: .png, .npz, latent .npy and score files were truncated in place, so a full
+    disk destroyed the previous file and left a corrupt one."""
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for n in (3, 1000):
+        inputs[n] = str(tmp_path / f"x{n}.npy")
+        np.save(inputs[n], rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+    folder = request.getfixturevalue("small_disk") if how == "full disk" else tmp_path / "o"
+    folder.mkdir(exist_ok=True)
+    for name, args in OUTPUTS:
+        cli(*args(inputs[3], "3", str(folder / name)))
+    before = snapshot(folder)
+    assert all(before.values())
+    limit = None
+    if how == "full disk":
+        fill(folder)
+    else:
+        limit = file_size_limit(16)
+    lines = {name: one_line(cli(*args(inputs[1000], "1000", str(folder / name)), expect=1,
+                                preexec_fn=limit))
+             for name, args in OUTPUTS}
+    assert snapshot(folder) == before  # every file as it was, no part file left
+    for name, line in lines.items():  # and the message names the file
+        assert f"{folder / name}: " in line, line
+
+
+# -- refusals in one line, before anything is allocated or sent ------------------------------
+
+
+def test_bulk_with_an_address_ray_cannot_read_is_one_line(cli, tmp_path):
+    """Before: ray.init's ValueError ('Invalid address format') came out as a traceback."""
+    need_module("ray")
+    proc = cli("bulk", "--n", "10", "--shard-size", "10", "--format", "npz", "--no-progress",
+               "--out", str(tmp_path / "d"), "--ray-address", "garbage", expect=1)
+    line = one_line(proc)
+    assert "--ray-address garbage" in line and "Invalid address format" in line, line
+
+
+@pytest.mark.parametrize("method,limit", [
+    ("decode", "max_images_per_request"), ("encode", "max_images_per_request"),
+    ("loglik", "max_images_per_request"), ("sample", "max_sample_n"),
+    ("stream", "max_chunk_size"),
+])
+def test_bench_refuses_a_batch_over_the_server_s_limit(cli, method, limit):
+    """Before: `--method decode --batch 4294967295` asked numpy for 512 GiB of latents (a
+    MemoryError traceback); sample and stream sent calls that were all refused."""
+    for batch in (str(2**32 - 1), str(LIMITS[limit] + 1)):
+        proc = cli("bench", "--method", method, "--batch", batch, "--k", "2", "--duration",
+                   "0.2", "--warmup", "0", expect=1)
+        per = "chunk" if method == "stream" else "call"
+        assert one_line(proc) == (f"vae-client: error: INVALID_ARGUMENT: batch: {batch} "
+                                  f"images per {per}, more than the server's {limit} "
+                                  f"({LIMITS[limit]})\n")
+    # The limit itself is sent, and served.
+    proc = cli("bench", "--method", method, "--batch", str(LIMITS[limit]), "--k", "2",
+               "--stream-n", "64", "--duration", "0.2", "--warmup", "0")
+    assert "errors: none" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("client", [VaeClient, AsyncVaeClient])
+def test_a_message_limit_grpc_cannot_take_is_a_value_error(client):
+    """Before: max_message_mb=2048 raised OverflowError from deep in gRPC; 0 made a client
+    whose every reply was refused."""
+    for mb in (2048, 0):
+        with pytest.raises(ValueError) as err:
+            client(f"127.0.0.1:{free_port()}", max_message_mb=mb)
+        assert str(err.value) == f"max_message_mb: {mb}; it must be 1 .. 2047 (gRPC's limit)"
+    with VaeClient(f"127.0.0.1:{free_port()}", max_message_mb=2047):
+        pass
+
+
+def test_a_dtype_the_server_does_not_send_is_invalid_argument():
+    """Before: a ValueError, where the README promises a VaeError of every failed call.
+    Refused before anything is sent (no server listens at the target)."""
+    z = np.zeros((1, 4), np.float32)
+    calls = [lambda c: c.decode(z, dtype="float64"), lambda c: c.sample(2, dtype="float64"),
+             lambda c: next(c.sample_stream(2, dtype="float64"))]
+    with VaeClient(f"127.0.0.1:{free_port()}") as c:
+        for call in calls:
+            with pytest.raises(VaeError) as err:
+                call(c)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details == "dtype: 'float64'; it must be 'float32' or 'uint8'"
+
+    async def main() -> list[VaeError]:
+        errors = []
+        async with AsyncVaeClient(f"127.0.0.1:{free_port()}") as c:
+            for call in (c.decode(z, dtype="float64"), c.sample(2, dtype="float64")):
+                try:
+                    await call
+                except VaeError as exc:
+                    errors.append(exc)
+            try:
+                await anext(c.sample_stream(2, dtype="float64"))
+            except VaeError as exc:
+                errors.append(exc)
+        return errors
+
+    errors = asyncio.run(main())
+    assert len(errors) == 3
+    assert all(e.code == grpc.StatusCode.INVALID_ARGUMENT for e in errors)
