@@ -152,6 +152,37 @@ def test_the_gpu_overlay_asks_for_a_gpu(docs):
     assert gpu == server["image"].startswith("vae-serving-server-gpu:")
 
 
+def test_the_autoscaler_alone_sets_the_replica_count(docs):
+    """Before: the Deployment said `replicas: 2` beside the HPA, so every `kubectl apply -k`
+    reset a scaled-out Deployment to 2 pods. The count is the HPA's, whose floor keeps a pod
+    serving while the PodDisruptionBudget lets another go."""
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpas
+    for hpa in hpas:
+        target = hpa["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment"
+        assert "replicas" not in deployments[target["name"]]["spec"], target["name"]
+        assert hpa["spec"]["minReplicas"] - one(docs, "PodDisruptionBudget")["spec"][
+            "maxUnavailable"] >= 1
+        assert hpa["spec"]["maxReplicas"] >= hpa["spec"]["minReplicas"]
+
+
+def test_the_server_image_is_pinned_to_the_version_its_dockerfile_builds(docs):
+    """Before: the overlays pinned vae-serving-server:0.1.0 while the documented builds made
+    :latest, so the pods asked for an image no build gave. The tag is the project's version,
+    and the build command in the image's Dockerfile makes exactly that image."""
+    tomllib = need_module("tomllib")
+    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    (server,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    name, _, tag = server["image"].partition(":")
+    assert tag == version, server["image"]
+    dockerfile = Path("deploy/docker") / (name.removeprefix("vae-serving-") + ".Dockerfile")
+    built = re.findall(rf"^#\s+docker build -f {re.escape(str(dockerfile))} -t (\S+) \.$",
+                       (REPO_ROOT / dockerfile).read_text(), re.M)
+    assert built == [server["image"]], (dockerfile, built)
+
+
 def adapter_rule(docs: list[dict[str, Any]]) -> dict[str, Any]:
     yaml = need_module("yaml")
     config = yaml.safe_load(one(docs, "ConfigMap", "vae-serving-adapter-rules")["data"]

@@ -77,3 +77,22 @@ def test_an_nvml_query_that_fails_leaves_out_its_series_and_is_logged_once(
     warnings = [r for r in caplog.records if "nvmlDeviceGetUtilizationRates" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
     assert "Not Supported" in warnings[0].getMessage()
+
+
+def test_latency_buckets_reach_the_longest_call_the_defaults_allow():
+    """Before: the last bucket was 30 s, so histogram_quantile read every longer SampleStream
+    (timed whole; 10^7 images take about 100 s) as 30 s. A call may run for as long as its
+    connection's age plus the grace after it."""
+    import itertools
+
+    from vae_server.config import load_settings
+    from vae_server.metrics import LATENCY_BUCKETS
+
+    settings = load_settings(["--model-dir", "unused"], env={})
+    longest = settings.max_connection_age_s + settings.max_connection_age_grace_s
+    assert LATENCY_BUCKETS[-1] >= longest
+    assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))
+    # Past a second, bounds at most 3x apart: a stream reads within its bucket's factor.
+    long = [b for b in LATENCY_BUCKETS if b >= 1.0]
+    assert all(hi / lo <= 3.0 for lo, hi in itertools.pairwise(long))
+    assert len(LATENCY_BUCKETS) <= 25  # every histogram series costs one each

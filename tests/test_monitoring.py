@@ -12,18 +12,28 @@ import asyncio
 import collections
 import json
 import math
+import os
+import re
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from prometheus_harness import (
+    DASHBOARD,
     PROMETHEUS_CONFIG,
     REJECT_REASONS,
     SERVER_JOB,
@@ -33,16 +43,17 @@ from prometheus_harness import (
     dashboard_queries,
     has_finite_value,
     http_get,
+    iter_panels,
     mixed_load,
     need_tool,
     scrape_config,
 )
-from serving import served_process
+from serving import served_process, start_server_process, stop_process, wait_serving
 from vae_client import AsyncVaeClient, VaeError
 from vae_core.ports import free_port
 from vae_proto import vae_pb2, vae_pb2_grpc
 from vae_server.instrument import code_of
-from vae_server.metrics import LATENCY_BUCKETS
+from vae_server.metrics import LATENCY_BUCKETS, Metrics, serve_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -181,7 +192,8 @@ def test_latency_buckets_span_what_the_server_measures(served):
         finite = sorted(le for le in buckets if math.isfinite(le))
         assert finite == sorted(LATENCY_BUCKETS), name
         total = buckets[math.inf]
-        assert total > 0 and buckets[finite[-1]] == total, f"{name}: observations past 30 s"
+        assert total > 0 and buckets[finite[-1]] == total, \
+            f"{name}: observations past {finite[-1]} s"
         counts = np.diff([0.0] + [buckets[le] for le in finite])
         # The buckets resolve what was seen: RPC latencies (health checks to large scoring
         # calls) spread over several; model runs and queue waits, more alike, over two or more
@@ -248,6 +260,152 @@ def test_every_dashboard_query_returns_data(served, prometheus, loaded):
     for q in queries:
         if (q.gpu and not gpu_here) or q.workers:
             assert prometheus.query(q.expr) == [], q.expr
+
+
+def test_a_stream_longer_than_30_s_reads_as_its_length_on_the_latency_panels(tmp_path):
+    """Before: the last finite bucket was 30 s, so the dashboard's p50/p95/p99 read a whole
+    SampleStream of 100 s (10^7 images, the default limit) as 30 s. Here a real Prometheus
+    scrapes the server's own histograms, in which one stream took 100 s, and every latency
+    panel puts it in its bucket, (60 s, 120 s]."""
+    binary = need_tool("prometheus")
+    metrics = Metrics(CollectorRegistry(), gpu=False)
+    stream = metrics.handling.labels("vae.v1.VaeService", "SampleStream", "server_stream")
+    http = serve_metrics(0, "127.0.0.1", metrics.registry)
+    prom = Prometheus(binary, scrape_config(http.server_port, "1s"), tmp_path / "prometheus")
+    panels = [q for q in dashboard_queries() if q.panel.startswith("Latency p")]
+    assert len(panels) == 3
+    try:
+        prom.wait_targets_up()  # a scrape before the stream ends: rate() sees it begin
+        stream.observe(100.0)
+        deadline = time.monotonic() + 20
+        while True:
+            read = {q.panel: [float(r["value"][1]) for r in prom.query(q.expr)
+                              if r["metric"].get("grpc_method") == "SampleStream"]
+                    for q in panels}
+            if all(v and math.isfinite(v[0]) for v in read.values()) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        prom.stop()
+        http.shutdown()
+        http.server_close()
+    for panel, values in read.items():
+        assert len(values) == 1 and 60.0 < values[0] <= 120.0, (panel, values)
+
+
+# -- --workers: the supervisor's merged metrics ------------------------------------------------
+
+
+@dataclass
+class Supervised:
+    proc: subprocess.Popen[str]
+    target: str
+    metrics_url: str
+    worker_urls: list[str]
+
+
+@pytest.fixture(scope="module")
+def supervised(model_dir) -> Iterator[Supervised]:
+    """`vae-server --workers 2`, with the metrics port of the supervisor (the merge) and of
+    each worker (loopback ports that its log names)."""
+    port, metrics_port = free_port(), free_port()
+    proc = start_server_process(model_dir, port, "--metrics-port", str(metrics_port),
+                                "--workers", "2", *SERVER_FLAGS)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        ports = re.findall(r"worker \d+ vae_server: gRPC on port \d+, metrics on (\d+)",
+                           "".join(log))
+        assert len(ports) == 2, log
+        yield Supervised(proc, f"127.0.0.1:{port}",
+                         f"http://127.0.0.1:{metrics_port}/metrics",
+                         [f"http://127.0.0.1:{p}/metrics" for p in ports])
+    finally:
+        stop_process(proc)
+        reader.join(10)
+
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def _get(url: str, accept: str | None = None) -> tuple[str, str]:
+    """The page and its content type, in the format `accept` asks for."""
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return reply.read().decode(), reply.headers["Content-Type"]
+
+
+def test_the_workers_merged_metrics_parse_as_text_and_as_openmetrics(supervised):
+    """Before: the merge re-emitted each X_created gauge of the workers' text format beside
+    the counter or histogram X, and OpenMetrics' parser rejected the page ("Clashing name:
+    grpc_server_started_created"); a lone server's page parsed. Both formats, as Prometheus
+    may ask for either."""
+    for _ in range(2):  # two channels: most likely calls on both workers
+        _some_traffic(supervised.target)
+    text, kind = _get(supervised.metrics_url)
+    assert kind.startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    om, kind = _get(supervised.metrics_url, OPENMETRICS)
+    assert kind.startswith("application/openmetrics-text")
+    om_families = {f.name: f for f in openmetrics_families(om)}
+    # The creation times are folded into their families, not dropped: the earliest worker's.
+    started = om_families["grpc_server_started"]
+    created = [s for s in started.samples if s.name == "grpc_server_started_created"]
+    assert created and len(created) == len(
+        [s for s in started.samples if s.name == "grpc_server_started_total"])
+    assert not [n for n in om_families if n.endswith("_created")]
+    # The text page has what a lone server's has: X_created as gauges of their own.
+    assert families["grpc_server_started_created"].type == "gauge"
+    worker = {f.name for url in supervised.worker_urls
+              for f in text_string_to_metric_families(_get(url)[0])}
+    assert worker <= set(families), worker - set(families)
+
+
+def _process_values(url: str) -> dict[str, float]:
+    return {s.name: s.value for f in text_string_to_metric_families(_get(url)[0])
+            if f.name.startswith("process_") for s in f.samples}
+
+
+def _own_start_time(pid: int) -> float:
+    """A process's start time as prometheus_client's process collector reads it."""
+    btime = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                 if line.startswith("btime "))
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return btime + float(stat.rsplit(")", 1)[1].split()[19]) / ticks
+
+
+def _rss_bytes(pid: int) -> float:
+    return float(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_workers_merged_process_metrics_include_the_supervisor(supervised):
+    """Before: process_* summed the workers alone, so the CPU and Memory panels under-read
+    a server run with --workers by its supervisor. Now the supervisor's own figures are in
+    the sums, and its start, the server's, is the earliest."""
+    pid = supervised.proc.pid
+    workers = [_process_values(url) for url in supervised.worker_urls]
+    own_cpu = sum(float(v) for v in Path(f"/proc/{pid}/stat").read_text()
+                  .rsplit(")", 1)[1].split()[11:13]) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    merged = _process_values(supervised.metrics_url)
+    # The supervisor started before it spawned its workers (tenths of a second at least).
+    assert merged["process_start_time_seconds"] == pytest.approx(_own_start_time(pid),
+                                                                 abs=0.02)
+    assert min(w["process_start_time_seconds"] for w in workers) > _own_start_time(pid) + 0.05
+    # Resident memory: the workers' (idle, steady) and the supervisor's, tens of MB.
+    own_rss = _rss_bytes(pid)
+    rest = merged["process_resident_memory_bytes"] - sum(
+        w["process_resident_memory_bytes"] for w in workers)
+    assert 0.5 * own_rss < rest < 1.5 * own_rss, (rest, own_rss)
+    # File descriptors: the supervisor holds at least its standard three and its pipes.
+    assert merged["process_open_fds"] - sum(w["process_open_fds"] for w in workers) >= 3
+    # CPU seconds only grow, and the merge was read after the workers' and the supervisor's.
+    assert merged["process_cpu_seconds_total"] >= sum(
+        w["process_cpu_seconds_total"] for w in workers) + own_cpu - 0.02
+    assert merged["process_max_fds"] == max(w["process_max_fds"] for w in workers)
 
 
 # -- deadlines ----------------------------------------------------------------------------------
@@ -332,7 +490,9 @@ def test_a_stream_closed_while_sending_is_cancelled():
 
 def test_cancelled_streams_are_counted_as_cancelled(served):
     """Streams cancelled after their first chunk, while the next ones are being sent: each
-    counts once as CANCELLED and once as rejected for `cancelled`, however it was stopped."""
+    counts once as CANCELLED and once as rejected for `cancelled`, however it was stopped,
+    after the model ran its first chunk; the dashboard's Rejections panel says so (before, it
+    said that none of the calls it counts had reached the model)."""
 
     def counts() -> dict[str, float]:
         families = _families(served.metrics_url)
@@ -345,7 +505,11 @@ def test_cancelled_streams_are_counted_as_cancelled(served):
                 out["rejected " + s.labels["reason"]] += s.value
         return out
 
-    before = counts()
+    def decoded() -> float:
+        return sum(s.value for s in _families(served.metrics_url)["vae_items"].samples
+                   if s.name == "vae_items_total" and s.labels["model"] == "decoder")
+
+    before, rows = counts(), decoded()
     streams = 20
     with grpc.insecure_channel(served.target) as channel:
         stub = vae_pb2_grpc.VaeServiceStub(channel)
@@ -364,3 +528,8 @@ def test_cancelled_streams_are_counted_as_cancelled(served):
             break
         time.sleep(0.05)
     assert delta == expected, delta
+    assert decoded() - rows >= streams * 1024  # every first chunk ran through the decoder
+    (panel,) = [p for p in iter_panels(json.loads(DASHBOARD.read_text())["panels"])
+                if p.get("title") == "Rejections by reason"]
+    assert "None of these reached the model" not in panel["description"]
+    assert "a SampleStream stopped mid-way has already run" in panel["description"]

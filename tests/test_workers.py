@@ -301,3 +301,49 @@ def test_device_wide_gpu_gauges_merge_as_one_reading_not_a_sum(monkeypatch, tmp_
     # A process's own figures are still added up across workers.
     assert values[("process_resident_memory_bytes", None)] == 2 * float(
         texts[9001].split("\nprocess_resident_memory_bytes ")[1].split()[0])
+
+
+def test_merged_created_series_fold_into_their_families_and_parse_as_openmetrics(monkeypatch):
+    """Before: each worker's X_created, a gauge family of its own in the text format, was
+    served beside X, and OpenMetrics' parser refused the page ("Clashing name"). Now they
+    are X's `_created` samples, the earliest worker's, in both formats, before and after a
+    worker exits."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as openmetrics_families,
+    )
+
+    from vae_server.metrics import Metrics
+
+    texts = {}
+    for port, code in ((9001, "OK"), (9002, "INVALID_ARGUMENT")):
+        m = Metrics(CollectorRegistry(auto_describe=True), gpu=False)
+        labels = ("vae.v1.VaeService", "Decode", "unary")
+        m.started.labels(*labels).inc()
+        m.handled.labels(*labels, code).inc()  # a series only one worker has
+        m.handling.labels(*labels).observe(0.01)
+        texts[port] = generate_latest(m.registry).decode()
+    created = [min(float(re.search(rf'^{name}{{.*grpc_method="Decode".*}} (\S+)$', t,
+                                   re.M).group(1)) for t in texts.values())
+               for name in ("grpc_server_started_created", "grpc_server_handling_seconds_created")]
+    live = [(101, 9001), (102, 9002)]
+    merged = MergedMetrics(lambda: list(live))
+    monkeypatch.setattr(merged, "_read", texts.__getitem__)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(merged)
+    for _ in range(2):
+        families = {f.name: f for f in openmetrics_families(openmetrics(registry).decode())}
+        assert not [name for name in families if name.endswith("_created")]
+        values = {(s.name, s.labels.get("grpc_method"), s.labels.get("grpc_code")): s.value
+                  for f in families.values() for s in f.samples}
+        assert values[("grpc_server_started_created", "Decode", None)] == created[0]
+        assert values[("grpc_server_handling_seconds_created", "Decode", None)] == created[1]
+        assert values[("grpc_server_started_total", "Decode", None)] == 2
+        assert values[("grpc_server_handled_total", "Decode", "INVALID_ARGUMENT")] == 1
+        text = {f.name: f.type for f in text_string_to_metric_families(
+            generate_latest(registry).decode())}
+        assert text["grpc_server_started"] == "counter"
+        assert text["grpc_server_started_created"] == "gauge"  # as a lone server's page
+        merged.retire(101)  # the second round: one worker's counts retired
+        live[:] = [(102, 9002)]

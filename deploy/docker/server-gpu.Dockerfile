@@ -1,5 +1,8 @@
 # vae-server on an NVIDIA GPU: onnxruntime-gpu (`pip install .[gpu]`) on a CUDA + cuDNN base
-# image, no PyTorch. Built by docker-compose.yml (service vae-server-gpu, profile gpu).
+# image, no PyTorch. docker-compose.yml builds it as vae-serving-server-gpu:latest (service
+# vae-server-gpu, profile gpu). For Kubernetes, build it from the repository root tagged with
+# the project's version (pyproject.toml), the tag that deploy/k8s/overlays/gpu pins:
+#   docker build -f deploy/docker/server-gpu.Dockerfile -t vae-serving-server-gpu:0.1.0 .
 # onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9: the base image must match.
 # Needs the NVIDIA Container Toolkit on the host.
 FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04

@@ -1,6 +1,8 @@
 # vae-server on the CPU: ONNX Runtime alone, no PyTorch (`pip install .[cpu]`).
-# Built by docker-compose.yml (service vae-server) from the repository root:
-#   docker build -f deploy/docker/server.Dockerfile -t vae-serving-server .
+# docker-compose.yml builds it as vae-serving-server:latest (service vae-server). For
+# Kubernetes, build it from the repository root tagged with the project's version
+# (pyproject.toml), the tag that deploy/k8s/overlays/cpu pins:
+#   docker build -f deploy/docker/server.Dockerfile -t vae-serving-server:0.1.0 .
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -25,10 +25,13 @@ from prometheus_client.registry import Collector
 from vae_core.ports import bare_host
 from vae_server.batcher import BatcherObserver
 
-# From tens of microseconds (a single decode on the CPU) to seconds (bulk scoring).
+# From tens of microseconds (a single decode on the CPU) to seconds (bulk scoring), and on to
+# minutes: a SampleStream is timed whole (10^7 images, the default limit, take about 100 s on
+# two cores), and may last as long as its connection's age plus grace (120 s + 600 s by
+# default). histogram_quantile reads anything past the last bound as that bound.
 LATENCY_BUCKETS = (
     25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3,
-    250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0,
+    250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
 )
 BATCH_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
 REJECTION_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthenticated",

@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import PROCESS_COLLECTOR, Counter, Gauge
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -227,7 +227,8 @@ class Supervisor:
         self.metrics_port: int | None = None
         self._http: Any = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.merged = MergedMetrics(self.ready_workers)
+        # The supervisor's own CPU, memory and file descriptors are the server's too.
+        self.merged = MergedMetrics(self.ready_workers, own=PROCESS_COLLECTOR)
         self.registry.register(self.merged)
         workers = Gauge("vae_workers", "Serving processes of this server (--workers): "
                         "configured, and ready (warmed up; SERVING once all are).", ("state",),
@@ -405,17 +406,20 @@ _DEVICE = ("vae_gpu_",)
 class MergedMetrics(Collector):
     """The workers' metrics as one server's: each worker's exposition read from its loopback
     port when scraped, samples of the same name and labels added up (info series, the same
-    in every worker, kept once; start times, the earliest; limits, the largest).
+    in every worker, kept once; start times, the earliest; limits, the largest). `own`, the
+    supervisor's process collector, is merged the same way, so that process_* covers every
+    process of the server.
 
     Counters, histograms and summaries never go down, as one server's do not: a worker that
     cannot be read at a scrape counts as it last read, and a worker that exits leaves what
     it last read to the sum (`retire`). Otherwise a restart would read as a counter reset,
     and rate() would add a false increase."""
 
-    def __init__(self, workers: Callable[[], list[tuple[int, int]]], timeout: float = 2.0
-                 ) -> None:
+    def __init__(self, workers: Callable[[], list[tuple[int, int]]], timeout: float = 2.0,
+                 own: Collector | None = None) -> None:
         self._workers = workers  # (pid, metrics port) of each ready worker
         self._timeout = timeout
+        self._own = own
         self._lock = threading.Lock()  # scrapes, and the supervisor's retire
         self._last: dict[int, str] = {}  # each worker's exposition as last read, by pid
         self._retired = _Sum(cumulative_only=True)  # what the exited workers counted
@@ -424,6 +428,8 @@ class MergedMetrics(Collector):
         with self._lock:
             total = _Sum()
             total.add(self._retired.metrics())
+            if self._own is not None:
+                total.add(self._own.collect())
             for pid, port in self._workers():
                 try:
                     self._last[pid] = self._read(port)
@@ -452,7 +458,12 @@ _CUMULATIVE = ("counter", "histogram", "summary")
 
 class _Sum:
     """Metric families of several processes, samples of the same name and labels merged as
-    MergedMetrics says; `cumulative_only` keeps counters, histograms and summaries alone."""
+    MergedMetrics says; `cumulative_only` keeps counters, histograms and summaries alone.
+
+    The text format writes the `_created` samples of a counter or histogram X as a gauge
+    family of their own, X_created; they are folded back into X (the earliest, as a start
+    time), since beside a family X, OpenMetrics forbids a family X_created ("Clashing name"),
+    and text-format exposition writes them out as X_created again."""
 
     def __init__(self, cumulative_only: bool = False) -> None:
         self._cumulative_only = cumulative_only
@@ -460,13 +471,18 @@ class _Sum:
         self._values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
 
     def add(self, families: Iterable[Metric]) -> None:
+        families = list(families)  # one process's: X_created follows X
+        cumulative = {f.name: f for f in families if f.type in _CUMULATIVE}
         for family in families:
-            if self._cumulative_only and family.type not in _CUMULATIVE:
+            kind = family  # the family whose name, type and help the samples go under
+            if family.type == "gauge" and family.name.endswith("_created"):
+                kind = cumulative.get(family.name[:-len("_created")], family)
+            if self._cumulative_only and kind.type not in _CUMULATIVE:
                 continue
-            self._families.setdefault(family.name, Metric(family.name, family.documentation,
-                                                          family.type, family.unit))
-            series = self._values.setdefault(family.name, {})
-            info = family.type in ("info", "stateset") or family.name.endswith("_info")
+            self._families.setdefault(kind.name, Metric(kind.name, kind.documentation,
+                                                        kind.type, kind.unit))
+            series = self._values.setdefault(kind.name, {})
+            info = kind.type in ("info", "stateset") or kind.name.endswith("_info")
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 if key not in series:
@@ -484,8 +500,15 @@ class _Sum:
         out = []
         for name, kept in self._families.items():
             family = Metric(name, kept.documentation, kept.type, kept.unit)
+            # OpenMetrics wants each series' samples together (a histogram's buckets, count,
+            # sum and created), and the folded X_created samples came after all of X's.
+            by_series: dict[Any, list[tuple[str, dict[str, str], float]]] = {}
             for (sample_name, labels), value in self._values[name].items():
-                family.add_sample(sample_name, dict(labels), value)
+                series = tuple(kv for kv in labels if kv[0] not in ("le", "quantile"))
+                by_series.setdefault(series, []).append((sample_name, dict(labels), value))
+            for samples in by_series.values():
+                for sample in samples:
+                    family.add_sample(*sample)
             out.append(family)
         return out
 
