@@ -8,6 +8,7 @@ import json
 import signal
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -500,3 +501,58 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[str] | None = N
         assert proc is None or proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "not reached in time"
         time.sleep(0.05)
+
+
+def _stalling_streams(fail_after_offset: bool, release: threading.Event,
+                      started: list[int]) -> dict[str, grpc.RpcMethodHandler]:
+    """A stand-in server whose SampleStream sends one chunk of 100 images and then stalls
+    (until `release`: a server alive but stuck), except, with `fail_after_offset`, a stream
+    that starts past image 0, which fails (INTERNAL) after its chunk."""
+    def stream(raw: bytes, context: grpc.ServicerContext):
+        req = vae_pb2.SampleStreamRequest.FromString(raw)
+        started.append(req.offset)
+        yield vae_pb2.SampleChunk(offset=req.offset, images=to_tensor(
+            np.zeros((100, 28, 28), np.uint8))).SerializeToString()
+        if fail_after_offset and req.offset > 0:
+            context.abort(grpc.StatusCode.INTERNAL, "the stand-in broke")
+        release.wait(60)
+
+    return {"GetModelInfo": grpc.unary_unary_rpc_method_handler(lambda r, c: _stub_info()),
+            "SampleStream": grpc.unary_stream_rpc_method_handler(stream)}
+
+
+@pytest.mark.parametrize("ending", ["a stream fails", "ctrl-c"])
+def test_streams_beside_a_stalled_one_end_at_once(tmp_path, ending):
+    """`sample --streams 2` while the server holds one stream stalled: before, when the
+    other stream failed, the CLI waited for the stalled one (it looked at the stop flag only
+    when a chunk came), and the first Ctrl-C did not end it either. Now the stalled call is
+    cancelled: one line, and the exit status of the failure or of the interrupt."""
+    release, started = threading.Event(), []
+    handlers = _stalling_streams(ending == "a stream fails", release, started)
+    out = tmp_path / "x.npy"
+    with stub_server(handlers) as stub:
+        try:
+            proc = subprocess.Popen(
+                [str(VENV_BIN / "vae-client"), "--target", stub, "sample", "--n", "2000",
+                 "--streams", "2", "--chunk-size", "100", "--dtype", "uint8", "--out",
+                 str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            try:
+                wait_until(lambda: len(started) == 2, proc)
+                if ending == "ctrl-c":
+                    time.sleep(0.5)  # both stalled after their chunk
+                    proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=20)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            release.set()
+    last = err.strip().splitlines()[-1]
+    if ending == "ctrl-c":
+        assert (proc.returncode, last) == (130, "vae-client: error: interrupted"), err
+    else:
+        assert proc.returncode == 1, err
+        assert last.startswith("vae-client: error: INTERNAL: the stand-in broke"), err
+    assert not list(tmp_path.iterdir())

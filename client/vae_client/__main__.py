@@ -378,6 +378,10 @@ def _sample_stream(client: VaeClient, args: argparse.Namespace, chunk_size: int,
                         future.result()  # the first to fail raises here, whichever it is
                 except BaseException:
                     stop.set()
+                    # A stream waiting for a chunk that does not come (a server alive but
+                    # stuck) would never see `stop`, and leaving the pool waits for it:
+                    # closing the channel cancels every call on it.
+                    client.close()
                     raise
     if bar.done != args.n:
         raise CliError(f"the stream ended after {bar.done} of {args.n} images")
