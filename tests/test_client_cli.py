@@ -453,6 +453,14 @@ def test_decode_batches_fit_the_client_s_message_limit(model_dir, client, tmp_pa
         np.testing.assert_array_equal(x[-3:].reshape(3, -1), client.decode(z[-3:]).reshape(3, -1))
 
 
+def interruptible_cli(target: str, *args: str) -> subprocess.Popen[str]:
+    """vae-client as a terminal starts it: a shell's background job starts with SIGINT
+    ignored, and Python then keeps it ignored; the CLI must get it as Ctrl-C sends it."""
+    return subprocess.Popen([str(VENV_BIN / "vae-client"), "--target", target, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def test_ctrl_c_stops_every_stream_and_keeps_the_file(model_dir, tmp_path):
     """SIGINT during `sample --streams 2`: the CLI says so in one line and exits 130, both
     streams are cancelled at the server (not left computing), and the file already at the
@@ -463,13 +471,9 @@ def test_ctrl_c_stops_every_stream_and_keeps_the_file(model_dir, tmp_path):
     started = "grpc_server_started_total"
     server = Replica(model_dir, None, "--warmup-rounds", "1")
     try:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "vae-client"), "--target", f"127.0.0.1:{server.port}", "sample",
-             "--n", "1000000", "--streams", "2", "--chunk-size", "500", "--dtype", "uint8",
-             "--out", str(keep)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            # A shell's background job starts with SIGINT ignored, and Python then keeps it
-            # ignored: the CLI must get it as a terminal would send it.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = interruptible_cli(f"127.0.0.1:{server.port}", "sample", "--n", "1000000",
+                                 "--streams", "2", "--chunk-size", "500", "--dtype", "uint8",
+                                 "--out", str(keep))
         try:
             wait_until(lambda: metric_total(server.metrics_port, started, grpc_service=SERVICE,
                                             grpc_method="SampleStream") == 2, proc)
@@ -532,11 +536,8 @@ def test_streams_beside_a_stalled_one_end_at_once(tmp_path, ending):
     out = tmp_path / "x.npy"
     with stub_server(handlers) as stub:
         try:
-            proc = subprocess.Popen(
-                [str(VENV_BIN / "vae-client"), "--target", stub, "sample", "--n", "2000",
-                 "--streams", "2", "--chunk-size", "100", "--dtype", "uint8", "--out",
-                 str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            proc = interruptible_cli(stub, "sample", "--n", "2000", "--streams", "2",
+                                     "--chunk-size", "100", "--dtype", "uint8", "--out", str(out))
             try:
                 wait_until(lambda: len(started) == 2, proc)
                 if ending == "ctrl-c":

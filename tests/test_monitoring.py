@@ -433,7 +433,9 @@ def test_an_expired_deadline_is_counted_as_deadline(served):
         report = LoadReport()
         big = np.random.default_rng(0).random((MAX_QUEUE // 128 + 1, 784), dtype=np.float32)
         async with AsyncVaeClient(served.target, timeout=30) as c:
-            for _ in range(6):
+            # Ten tries: on a busy machine the long call is sometimes seen queued only when
+            # nearly done, and the short one then ends OK (below).
+            for _ in range(10):
                 await behind_a_long_run(c, served.metrics_url, report, big, 64, 0.05)
         return report
 
@@ -450,7 +452,7 @@ def test_an_expired_deadline_is_counted_as_deadline(served):
     # handler (then the server never sees it), unless the long call was nearly done when it
     # came (a busy machine can delay the caller that long): then it ends OK on both sides.
     assert set(report.outcomes) <= {"OK", "DEADLINE_EXCEEDED"}, report.outcomes
-    assert sum(report.outcomes.values()) == 12 and report.outcomes["OK"] >= 6, report.outcomes
+    assert sum(report.outcomes.values()) == 20 and report.outcomes["OK"] >= 10, report.outcomes
     expired = delta["started"] - delta["ok"]
     assert expired >= 3, (report.outcomes, delta)
     assert delta["deadline"] == expired, delta

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_harness import Prometheus, dashboard_queries, has_finite_value, need_tool, scrape_config
 from serving import (
     VENV_BIN,
+    Replica,
     handled,
     health_status,
     metric_total,
@@ -118,6 +119,16 @@ def test_a_server_killed_mid_load_loses_no_call(model_dir, reference):
     assert load.done > done_at_kill  # the load went on over the two left
 
 
+def streaming_replica(rs: list[Replica]) -> Replica:
+    """The one server sending a stream: the one with a SampleStream started and not
+    handled."""
+    sending = [r for r in rs if metric_total(
+        r.metrics_port, "grpc_server_started_total", grpc_method="SampleStream")
+        > r.handled("SampleStream")]
+    assert len(sending) == 1
+    return sending[0]
+
+
 def test_a_stream_whose_server_is_killed_resumes_on_another_byte_for_byte(model_dir,
                                                                           reference):
     n, chunk = 40_000, 500
@@ -126,14 +137,10 @@ def test_a_stream_whose_server_is_killed_resumes_on_another_byte_for_byte(model_
         chunks: list[tuple[int, np.ndarray]] = []
         stream = client.sample_stream(n, seed=21, chunk_size=chunk, dtype="uint8")
         chunks.append(next(stream))
-        # The server sending it: the one with a SampleStream started and not handled.
-        sending = [r for r in rs if metric_total(
-            r.metrics_port, "grpc_server_started_total", grpc_method="SampleStream")
-            > r.handled("SampleStream")]
-        assert len(sending) == 1
-        sending[0].proc.kill()
+        sending = streaming_replica(rs)
+        sending.proc.kill()
         chunks.extend(stream)
-        others = [r for r in rs if r is not sending[0]]
+        others = [r for r in rs if r is not sending]
         resumed = sum(metric_total(r.metrics_port, "grpc_server_started_total",
                                    grpc_method="SampleStream") for r in others)
     assert resumed == 1  # the rest of the stream came from another server, in one call
@@ -154,12 +161,9 @@ def test_a_stream_whose_server_hangs_resumes_on_another_byte_for_byte(model_dir,
         chunks: list[tuple[int, np.ndarray]] = []
         stream = client.sample_stream(n, seed=22, chunk_size=chunk, dtype="uint8")
         chunks.append(next(stream))
-        sending = [r for r in rs if metric_total(
-            r.metrics_port, "grpc_server_started_total", grpc_method="SampleStream")
-            > r.handled("SampleStream")]
-        assert len(sending) == 1
-        other = next(r for r in rs if r is not sending[0])
-        sending[0].proc.send_signal(signal.SIGSTOP)
+        sending = streaming_replica(rs)
+        other = next(r for r in rs if r is not sending)
+        sending.proc.send_signal(signal.SIGSTOP)
         try:
             reader = threading.Thread(target=lambda: chunks.extend(stream), daemon=True)
             reader.start()
@@ -168,7 +172,7 @@ def test_a_stream_whose_server_hangs_resumes_on_another_byte_for_byte(model_dir,
             resumed = metric_total(other.metrics_port, "grpc_server_started_total",
                                    grpc_method="SampleStream")
         finally:
-            sending[0].proc.send_signal(signal.SIGCONT)
+            sending.proc.send_signal(signal.SIGCONT)
     assert resumed == 1  # the rest of the stream came from the other server, in one call
     offsets = [o for o, _ in chunks]
     assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
