@@ -33,6 +33,25 @@ def test_every_flag_names_its_environment_variable_in_help():
         assert "VAE_" + flag[2:].replace("-", "_").upper() in text
 
 
+def test_help_prints_whatever_the_variables_hold():
+    """Before: a VAE_ variable that could not be read stopped --help with its error, so the
+    user could not read what it should hold."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+    proc = subprocess.run([str(VENV_BIN / "vae-server"), "--help"],
+                          env={**clean, "VAE_MAX_BATCH_SIZE": "abc"}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--max-batch-size" in proc.stdout and "VAE_MAX_BATCH_SIZE" in proc.stdout
+
+
+@pytest.mark.parametrize(("given", "bound"), [("::1", "[::1]"), ("[::1]", "[::1]"),
+                                              ("::", "[::]"), ("127.0.0.1", "127.0.0.1"),
+                                              ("localhost", "localhost")])
+def test_an_ipv6_host_is_bracketed_as_grpc_binds_it(given, bound):
+    """Before: --host ::1 failed with gRPC's own "Failed to bind to address ::1:50051"."""
+    assert load_settings(["--host", given], env={}).host == bound
+
+
 # Every kind of setting, wrong from a flag and from a VAE_ variable: (argv, env, the setting
 # the one-line message must name, words it must hold).
 BAD_SETTINGS = {

@@ -158,6 +158,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise SettingsError(message)
 
+    # A variable that cannot be read, raised once the flags are parsed: --help still prints.
+    env_error: SettingsError | None = None
+
 
 def _parse_bool(text: str) -> bool:
     low = text.strip().lower()
@@ -206,7 +209,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+def build_parser(env: Mapping[str, str] | None = None) -> _Parser:
     env = os.environ if env is None else env
     p = _Parser(
         prog="vae-server",
@@ -227,8 +230,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
             try:
                 default = _PARSERS[kind](env[var])
             except ValueError as exc:
-                raise SettingsError(f"{var}: {env[var]!r} is not {_wanted(kind, exc)}"
-                                    ) from None
+                p.env_error = p.env_error or SettingsError(
+                    f"{var}: {env[var]!r} is not {_wanted(kind, exc)}")
         p.add_argument(flag, dest=f.name, type=_typed(kind), default=default,
                        help=f"{f.metadata['help']} [{var}] (default: %(default)s)")
     return p
@@ -239,7 +242,13 @@ def load_settings(argv: Sequence[str] | None = None,
     """The settings of flags `argv` over variables `env` (default: the command line and the
     environment). A bad one raises SettingsError; --help prints and exits."""
     env = os.environ if env is None else env
-    args = build_parser(env).parse_args(argv)
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    if parser.env_error is not None:
+        raise parser.env_error
+    # gRPC binds "HOST:PORT", so an IPv6 address goes in brackets: "::1" alone fails to bind.
+    if ":" in args.host and not args.host.startswith("["):
+        args.host = f"[{args.host}]"
     settings = Settings(**vars(args))
     _check(settings)
     _check_tls(settings)
