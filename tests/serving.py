@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +252,53 @@ def stub_server(handlers: dict[str, grpc.RpcMethodHandler]) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         server.stop(0)
+
+
+@dataclass
+class Supervised:
+    proc: subprocess.Popen[str]
+    target: str
+    metrics_port: int
+    log: list[str]
+
+    def text(self) -> str:
+        return "".join(self.log)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def worker_metrics_ports(self) -> list[int]:
+        """Each worker's loopback metrics port, as its log names it."""
+        return [int(m) for m in re.findall(r"worker \d+ vae_server: gRPC on port \d+, "
+                                           r"metrics on (\d+)", self.text())]
+
+
+@contextmanager
+def supervised(model_dir: Path, workers: int = 2, *flags: str) -> Iterator[Supervised]:
+    """`vae-server --workers N` (and `flags`) as a subprocess, SERVING; killed on the way out
+    if it still runs."""
+    port, metrics_port = free_port(), free_port()
+    proc = start_server_process(model_dir, port, "--metrics-port", str(metrics_port),
+                                "--workers", str(workers), "--warmup-rounds", "1", *flags)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        yield Supervised(proc, f"127.0.0.1:{port}", metrics_port, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        reader.join(10)
+
+
+def run_cli(target: str, *args: str, expect: int = 0, timeout: float = 60,
+            preexec_fn: Callable[[], Any] | None = None) -> subprocess.CompletedProcess[str]:
+    """`vae-client --target TARGET ARGS...`, its output captured; its exit status must be
+    `expect`."""
+    proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", target, *args],
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+    assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+    return proc

@@ -46,6 +46,14 @@ def rows(start: int, n: int) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.float32)[:, None].repeat(3, axis=1)
 
 
+async def hold_a_run(b: Batcher, model: Model, n: int) -> asyncio.Future:
+    """A call of `n` rows from 0, running and held there by `model`'s gate."""
+    model.gate.clear()
+    run = asyncio.ensure_future(b.submit(rows(0, n)))
+    await asyncio.sleep(0.05)
+    return run
+
+
 @dataclass
 class FnJob:
     """A batcher.Job of functions: `rows` rows made by `make`, finished by `then`."""
@@ -145,9 +153,7 @@ def test_expired_and_cancelled_calls_never_run(executor):
 
     async def main():
         b = Batcher(model, executor, max_batch=100, max_queue=1000)
-        model.gate.clear()
-        blocker = asyncio.ensure_future(b.submit(rows(0, 1)))
-        await asyncio.sleep(0.05)
+        blocker = await hold_a_run(b, model, 1)
         expired = asyncio.ensure_future(b.submit(rows(500, 2), deadline=time.monotonic() + 0.01))
         cancelled = asyncio.ensure_future(b.submit(rows(700, 3)))
         kept = asyncio.ensure_future(b.submit(rows(900, 4)))
@@ -566,10 +572,7 @@ def beside(big: Model, executor, max_batch: int = 100, max_delay: float = 0.0,
 
 async def hold_a_large_run(b: Batcher, big: Model) -> asyncio.Future:
     """A 50-row call, running in the worker and held there by `big`'s gate."""
-    big.gate.clear()
-    large = asyncio.ensure_future(b.submit(rows(0, 50)))
-    await asyncio.sleep(0.05)
-    return large
+    return await hold_a_run(b, big, 50)
 
 
 def test_small_calls_do_not_wait_behind_a_large_run(executor):
@@ -954,9 +957,7 @@ def test_a_cancelled_caller_gives_its_queued_room_back_at_once(executor):
 
     async def main():
         b = Batcher(model, executor, max_batch=100, max_queue=1000)
-        model.gate.clear()
-        blocker = asyncio.ensure_future(b.submit(rows(0, 100)))
-        await asyncio.sleep(0.05)
+        blocker = await hold_a_run(b, model, 100)
         gone = asyncio.ensure_future(b.submit(rows(1000, 800)))  # split in 8 slices
         alone = asyncio.ensure_future(b.submit(rows(5000, 50)))
         await asyncio.sleep(0.05)
@@ -1022,9 +1023,7 @@ def test_a_drain_before_a_cancelled_caller_wakes_does_not_stop(executor):
 
     async def main():
         b = Batcher(model, executor, max_batch=100, max_queue=1000)
-        model.gate.clear()
-        blocker = asyncio.ensure_future(b.submit(rows(0, 1)))
-        await asyncio.sleep(0.05)
+        blocker = await hold_a_run(b, model, 1)
         late = asyncio.ensure_future(b.submit(rows(10, 5), deadline=time.monotonic() + 0.01))
         await asyncio.sleep(0.05)  # the late call's deadline passes while it is queued
         late.cancel()  # its future is cancelled now; the call withdraws at the next pass

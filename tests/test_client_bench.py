@@ -12,7 +12,7 @@ import subprocess
 import grpc
 import pytest
 
-from serving import VENV_BIN, served_process, stub_server
+from serving import run_cli, served_process, stub_server
 from vae_client.__main__ import DEFAULT_TIMEOUT
 from vae_client.bench import run_bench
 from vae_core.ports import free_port
@@ -32,10 +32,7 @@ def target(model_dir):
 
 
 def bench(target: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", target, "bench", *args],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
-    return proc
+    return run_cli(target, "bench", *args, expect=expect, timeout=120)
 
 
 def strict_json(text: str) -> dict:

@@ -21,6 +21,7 @@ from serving import (
     VENV_BIN,
     Replica,
     metric_total,
+    run_cli,
     served_process,
     stop_process,
     stub_server,
@@ -56,10 +57,7 @@ def client(target):
 @pytest.fixture(scope="module")
 def cli(target):
     def run(*args: str, expect: int = 0, target_: str = target) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", target_, *args],
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
-        return proc
+        return run_cli(target_, *args, expect=expect)
 
     return run
 

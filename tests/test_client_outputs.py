@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from prometheus_harness import need_module
-from serving import VENV_BIN, served_process
+from serving import run_cli, served_process
 from vae_client import VaeClient, VaeError
 from vae_client.aio import AsyncVaeClient
 from vae_client.cli_io import ImageSink
@@ -51,11 +51,7 @@ Cli = Callable[..., subprocess.CompletedProcess]
 def cli(target) -> Cli:
     def run(*args: str, expect: int = 0,
             preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", target, *args],
-                              capture_output=True, text=True, timeout=120,
-                              preexec_fn=preexec_fn)
-        assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
-        return proc
+        return run_cli(target, *args, expect=expect, timeout=120, preexec_fn=preexec_fn)
 
     return run
 

@@ -13,9 +13,7 @@ import collections
 import json
 import math
 import os
-import re
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -48,7 +46,7 @@ from prometheus_harness import (
     need_tool,
     scrape_config,
 )
-from serving import served_process, start_server_process, stop_process, wait_serving
+from serving import Supervised, rss_mb, served_process, supervised
 from vae_client import AsyncVaeClient, VaeError
 from vae_core.ports import free_port
 from vae_proto import vae_pb2, vae_pb2_grpc
@@ -297,35 +295,17 @@ def test_a_stream_longer_than_30_s_reads_as_its_length_on_the_latency_panels(tmp
 # -- --workers: the supervisor's merged metrics ------------------------------------------------
 
 
-@dataclass
-class Supervised:
-    proc: subprocess.Popen[str]
-    target: str
-    metrics_url: str
-    worker_urls: list[str]
-
-
 @pytest.fixture(scope="module")
-def supervised(model_dir) -> Iterator[Supervised]:
-    """`vae-server --workers 2`, with the metrics port of the supervisor (the merge) and of
-    each worker (loopback ports that its log names)."""
-    port, metrics_port = free_port(), free_port()
-    proc = start_server_process(model_dir, port, "--metrics-port", str(metrics_port),
-                                "--workers", "2", *SERVER_FLAGS)
-    log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        wait_serving(f"127.0.0.1:{port}", proc)
-        ports = re.findall(r"worker \d+ vae_server: gRPC on port \d+, metrics on (\d+)",
-                           "".join(log))
-        assert len(ports) == 2, log
-        yield Supervised(proc, f"127.0.0.1:{port}",
-                         f"http://127.0.0.1:{metrics_port}/metrics",
-                         [f"http://127.0.0.1:{p}/metrics" for p in ports])
-    finally:
-        stop_process(proc)
-        reader.join(10)
+def workers2(model_dir) -> Iterator[Supervised]:
+    """`vae-server --workers 2`: the supervisor's metrics port (the merge), and each worker's
+    (loopback ports that its log names)."""
+    with supervised(model_dir, 2, *SERVER_FLAGS) as sup:
+        assert len(sup.worker_metrics_ports()) == 2, sup.log
+        yield sup
+
+
+def _worker_urls(sup: Supervised) -> list[str]:
+    return [f"http://127.0.0.1:{p}/metrics" for p in sup.worker_metrics_ports()]
 
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -338,17 +318,17 @@ def _get(url: str, accept: str | None = None) -> tuple[str, str]:
         return reply.read().decode(), reply.headers["Content-Type"]
 
 
-def test_the_workers_merged_metrics_parse_as_text_and_as_openmetrics(supervised):
+def test_the_workers_merged_metrics_parse_as_text_and_as_openmetrics(workers2):
     """Before: the merge re-emitted each X_created gauge of the workers' text format beside
     the counter or histogram X, and OpenMetrics' parser rejected the page ("Clashing name:
     grpc_server_started_created"); a lone server's page parsed. Both formats, as Prometheus
     may ask for either."""
     for _ in range(2):  # two channels: most likely calls on both workers
-        _some_traffic(supervised.target)
-    text, kind = _get(supervised.metrics_url)
+        _some_traffic(workers2.target)
+    text, kind = _get(workers2.metrics_url)
     assert kind.startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    om, kind = _get(supervised.metrics_url, OPENMETRICS)
+    om, kind = _get(workers2.metrics_url, OPENMETRICS)
     assert kind.startswith("application/openmetrics-text")
     om_families = {f.name: f for f in openmetrics_families(om)}
     # The creation times are folded into their families, not dropped: the earliest worker's.
@@ -359,7 +339,7 @@ def test_the_workers_merged_metrics_parse_as_text_and_as_openmetrics(supervised)
     assert not [n for n in om_families if n.endswith("_created")]
     # The text page has what a lone server's has: X_created as gauges of their own.
     assert families["grpc_server_started_created"].type == "gauge"
-    worker = {f.name for url in supervised.worker_urls
+    worker = {f.name for url in _worker_urls(workers2)
               for f in text_string_to_metric_families(_get(url)[0])}
     assert worker <= set(families), worker - set(families)
 
@@ -378,25 +358,21 @@ def _own_start_time(pid: int) -> float:
     return btime + float(stat.rsplit(")", 1)[1].split()[19]) / ticks
 
 
-def _rss_bytes(pid: int) -> float:
-    return float(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def test_the_workers_merged_process_metrics_include_the_supervisor(supervised):
+def test_the_workers_merged_process_metrics_include_the_supervisor(workers2):
     """Before: process_* summed the workers alone, so the CPU and Memory panels under-read
     a server run with --workers by its supervisor. Now the supervisor's own figures are in
     the sums, and its start, the server's, is the earliest."""
-    pid = supervised.proc.pid
-    workers = [_process_values(url) for url in supervised.worker_urls]
+    pid = workers2.proc.pid
+    workers = [_process_values(url) for url in _worker_urls(workers2)]
     own_cpu = sum(float(v) for v in Path(f"/proc/{pid}/stat").read_text()
                   .rsplit(")", 1)[1].split()[11:13]) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    merged = _process_values(supervised.metrics_url)
+    merged = _process_values(workers2.metrics_url)
     # The supervisor started before it spawned its workers (tenths of a second at least).
     assert merged["process_start_time_seconds"] == pytest.approx(_own_start_time(pid),
                                                                  abs=0.02)
     assert min(w["process_start_time_seconds"] for w in workers) > _own_start_time(pid) + 0.05
     # Resident memory: the workers' (idle, steady) and the supervisor's, tens of MB.
-    own_rss = _rss_bytes(pid)
+    own_rss = rss_mb(pid) * 2**20
     rest = merged["process_resident_memory_bytes"] - sum(
         w["process_resident_memory_bytes"] for w in workers)
     assert 0.5 * own_rss < rest < 1.5 * own_rss, (rest, own_rss)

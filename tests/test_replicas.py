@@ -10,9 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +20,18 @@ from prometheus_harness import Prometheus, dashboard_queries, has_finite_value, 
 from serving import (
     VENV_BIN,
     Replica,
+    Supervised,
     handled,
     health_status,
     metric_total,
     replicas,
-    start_server_process,
+    supervised,
     target_of,
     wait_serving,
 )
 from vae_client import VaeClient, VaeError
 from vae_client.channel import CLIENT_KEEPALIVE_S, CLIENT_KEEPALIVE_TIMEOUT_S
 from vae_core.onnx_model import OnnxVAE
-from vae_core.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -226,37 +223,6 @@ def test_parallel_streams_are_spread_over_the_servers(trio):
         in ([2, 1], [1, 2])  # the two parallel ones on different servers, then the whole
 
 
-@dataclass
-class Supervised:
-    proc: subprocess.Popen[str]
-    target: str
-    metrics_port: int
-    log: list[str]
-
-    def text(self) -> str:
-        return "".join(self.log)
-
-
-@contextmanager
-def supervised(model_dir: Path, workers: int = 2, *flags: str) -> Iterator[Supervised]:
-    """`vae-server --workers N` (and `flags`) as a subprocess, SERVING; killed on the way out
-    if it still runs."""
-    port, metrics_port = free_port(), free_port()
-    proc = start_server_process(model_dir, port, "--metrics-port", str(metrics_port),
-                                "--workers", str(workers), "--warmup-rounds", "1", *flags)
-    log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        wait_serving(f"127.0.0.1:{port}", proc)
-        yield Supervised(proc, f"127.0.0.1:{port}", metrics_port, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        reader.join(10)
-
-
 def worker_pids(supervisor: int) -> list[int]:
     """The supervisor's worker processes (its spawned children, not the resource tracker)."""
     pids = []
@@ -276,8 +242,7 @@ def worker_pids(supervisor: int) -> list[int]:
 def calls_on_every_worker(sup: Supervised, reference: OnnxVAE, workers: int = 2) -> list[int]:
     """The workers' metrics ports, once Decode calls have reached each of them: the kernel
     spreads connections, not calls, so each call comes on a new channel."""
-    ports = [int(m) for m in re.findall(r"worker \d+ vae_server: gRPC on port \d+, "
-                                        r"metrics on (\d+)", sup.text())]
+    ports = sup.worker_metrics_ports()
     assert len(ports) == workers, sup.log
     z = np.zeros((1, reference.latent_dim), np.float32)
     for _ in range(200):

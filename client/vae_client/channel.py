@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from vae_client._codec import channel_options
+from vae_core.ports import keepalive_options
 from vae_core.security import (
     CERTIFICATE,
     PRIVATE_KEY,
@@ -140,17 +141,11 @@ LOAD_BALANCING: list[dict[str, Any]] = [{"round_robin": {}}]
 # ever. Keepalive pings while calls are in flight find such a connection dead: its calls
 # fail UNAVAILABLE, and a stream resumes by offset on another server. vae-server accepts
 # pings this often (grpc.http2.min_ping_interval_without_data_ms); a proxy in between may
-# need the same. Pings go on without data frames: a server-streaming call sends none.
+# need the same.
 CLIENT_KEEPALIVE_S = 20
 CLIENT_KEEPALIVE_TIMEOUT_S = 10
-KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_S * 1000),
-    ("grpc.keepalive_timeout_ms", CLIENT_KEEPALIVE_TIMEOUT_S * 1000),
-    # gRPC waits for a ping's ack this long (1 minute by default) whatever keepalive_timeout
-    # says: without it the keepalive ping's wait is the minute.
-    ("grpc.http2.ping_timeout_ms", CLIENT_KEEPALIVE_TIMEOUT_S * 1000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+KEEPALIVE_OPTIONS = keepalive_options(CLIENT_KEEPALIVE_S * 1000,
+                                      CLIENT_KEEPALIVE_TIMEOUT_S * 1000)
 
 
 def retry_options(retries: int) -> list[tuple[str, Any]]:

@@ -12,7 +12,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,9 +21,9 @@ import numpy as np
 from vae_client._codec import Scores
 from vae_client.images import (
     SIDE,
+    discard_part,
     grid,
     load_images,
-    name_file,
     part_path,
     replacing,
     to_uint8,
@@ -105,8 +105,7 @@ class ImageSink:
                                                   shape=(n, SIDE, SIDE))
                 reserve(self._part)
             except BaseException as exc:
-                # The caller has no sink to abort(): the part file goes here.
-                self._remove_part(exc)
+                discard_part(path, exc)  # the caller has no sink to abort()
                 raise
             self._array = array
 
@@ -128,20 +127,13 @@ class ImageSink:
                 del self._array
                 os.replace(self._part, self.path)
             except BaseException as exc:
-                self._remove_part(exc)
+                discard_part(self.path, exc)
                 raise
 
     def abort(self) -> None:
         if self.kind == ".npy":
             del self._array
             self._part.unlink(missing_ok=True)
-
-    def _remove_part(self, exc: BaseException) -> None:
-        """The part file removed after `exc`, which, an OSError, then names the path."""
-        with suppress(OSError):  # `exc` is the error to report
-            self._part.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            name_file(exc, self.path)
 
 
 def target_addresses(target: str) -> int:

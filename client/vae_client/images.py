@@ -68,10 +68,14 @@ def part_path(path: str | os.PathLike[str]) -> Path:
     return where.with_name(f".{where.name}.part")
 
 
-def name_file(exc: OSError, path: str | os.PathLike[str]) -> None:
-    """Make `exc` name the file asked for: a write's error (ENOSPC) names none, and an
-    open's names the part file, which the user never asked for."""
-    if exc.filename is None or exc.filename == str(part_path(path)):
+def discard_part(path: str | os.PathLike[str], exc: BaseException) -> None:
+    """After `exc` stopped a write to part_path(path): the part file removed, and `exc`, an
+    OSError, made to name the file asked for (a write's error, ENOSPC, names none, and an
+    open's names the part file, which the user never asked for)."""
+    part = part_path(path)
+    with suppress(OSError):  # `exc` is the error to report
+        part.unlink(missing_ok=True)
+    if isinstance(exc, OSError) and exc.filename in (None, str(part)):
         exc.filename = str(path)
 
 
@@ -86,10 +90,7 @@ def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> 
             yield f
         os.replace(part, path)
     except BaseException as exc:
-        with suppress(OSError):  # the error that stopped the write is the one to report
-            part.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            name_file(exc, path)
+        discard_part(path, exc)
         raise
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from vae_core.host import cores
+from vae_core.ports import grpc_host
 from vae_core.security import (
     CERTIFICATE,
     PRIVATE_KEY,
@@ -246,9 +247,7 @@ def load_settings(argv: Sequence[str] | None = None,
     args = parser.parse_args(argv)
     if parser.env_error is not None:
         raise parser.env_error
-    # gRPC binds "HOST:PORT", so an IPv6 address goes in brackets: "::1" alone fails to bind.
-    if ":" in args.host and not args.host.startswith("["):
-        args.host = f"[{args.host}]"
+    args.host = grpc_host(args.host)
     settings = Settings(**vars(args))
     _check(settings)
     _check_tls(settings)

@@ -16,6 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from vae_core.host import quota_cores
+from vae_core.ports import keepalive_options
 from vae_proto import vae_pb2
 from vae_server import loops
 from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
@@ -103,10 +104,7 @@ def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         # And the server's own, to find clients gone without a word, whose streams would
         # otherwise hold queue room until their connection's age ends them.
-        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_MS),
-        ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
-        ("grpc.http2.ping_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),  # else a minute
-        ("grpc.http2.max_pings_without_data", 0),  # a stalled reader gets no data frames
+        *keepalive_options(SERVER_KEEPALIVE_MS, SERVER_KEEPALIVE_TIMEOUT_MS),
     ]
     if settings.max_connection_age_s > 0:
         options += [

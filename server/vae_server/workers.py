@@ -217,7 +217,6 @@ class Supervisor:
                                        instances=settings.instances or share)
         self.settings = settings
         self.port = port
-        self.timeout = settings.worker_timeout_s  # 0: no watch for hung workers
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._stopping = threading.Event()
@@ -294,13 +293,13 @@ class Supervisor:
         return code
 
     def _watch(self) -> int:
-        pinged = time.monotonic()
+        timeout, pinged = self.settings.worker_timeout_s, time.monotonic()  # 0: no watch
         while not self._stopping.is_set():
             waitables: list[Any] = [w.conn for w in self._workers]
             waitables += [w.process.sentinel for w in self._workers]
             for ready in multiprocessing.connection.wait(waitables, timeout=0.2):
                 self._handle(ready)
-            if self.timeout and time.monotonic() - pinged >= min(5.0, self.timeout / 4):
+            if timeout and time.monotonic() - pinged >= min(5.0, timeout / 4):
                 pinged = time.monotonic()
                 self._check_hung(pinged)
         if self.failed:
@@ -330,7 +329,7 @@ class Supervisor:
         for w in self._workers:
             if not w.ready or w.killed:
                 continue
-            if now - w.heard > self.timeout:
+            if now - w.heard > self.settings.worker_timeout_s:
                 log.error("worker %d has not answered for %.0f s: killed, to be started "
                           "again", w.index, now - w.heard)
                 w.killed = True
