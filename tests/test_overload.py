@@ -13,6 +13,8 @@ the decoder's whole queue. What must hold:
 - the server's memory (VmRSS) stays within a bound while it sheds the load, and after;
 - once the load stops, a normal call is answered at once, with the same bytes as before.
 
+The timing bounds alone get a second run when the first misses them (assert_sheds_load).
+
 The model is wider than conftest's small one (hidden 1,024): the decoder's compute, not
 gRPC, then sets what the server can serve, as with a real model, and fifteen times that rate
 is a load that one Python client can offer and that the server can afford to refuse.
@@ -35,7 +37,7 @@ import collections
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,8 +273,27 @@ def run_overload(model_dir: Path, mix: tuple[str, ...], ll_images: int, ll_k: in
     return result
 
 
-def assert_sheds_load(r: Result, refusal_p99_ms: float = REFUSAL_P99_MS,
-                      refusal_speedup: float = 5.0) -> None:
+def assert_sheds_load(run: Callable[[], Result], refusal_p99_ms: float = REFUSAL_P99_MS,
+                      refusal_speedup: float = 5.0) -> Result:
+    """Runs `run` and checks that the server shed its load; returns the run checked.
+
+    Only the timing bounds get a second run, when the first misses them: on a small shared
+    machine one stall of the whole machine, a few hundred ms, delays every call due meanwhile,
+    accepted or refused, past any bound that still tells a prompt refusal from a late one. A
+    server that refuses late misses them on every run. Everything else holds on every run."""
+    r = run()
+    for attempt in range(2):
+        assert_nothing_lost(r)
+        missed = timing_misses(r, refusal_p99_ms, refusal_speedup)
+        if not missed:
+            return r
+        if attempt == 0:
+            print(f"timing bounds missed, measured again: {missed}")
+            r = run()
+    raise AssertionError(f"{missed}: {r.figures()}")
+
+
+def assert_nothing_lost(r: Result) -> None:
     figures = r.figures()
     ok = r.of(grpc.StatusCode.OK)
     refused = r.of(grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -284,17 +305,26 @@ def assert_sheds_load(r: Result, refusal_p99_ms: float = REFUSAL_P99_MS,
     # Each accepted call got its own full, correct answer.
     wrong = [(o.method, o.variant) for o in ok if not o.correct]
     assert not wrong, f"replies that differ from the same call's on a quiet server: {wrong}"
-    # Refusals are prompt, and far quicker than serving.
-    refused_s = [o.seconds for o in refused]
-    assert ms(refused_s, 99) < refusal_p99_ms, figures
-    assert ms(refused_s, 50) < ms([o.seconds for o in ok], 50) / refusal_speedup, figures
     # Memory stays bounded.
     assert r.rss_peak - r.rss_before < RSS_PEAK_GROWTH_MB, figures
     assert r.rss_settled - r.rss_before < RSS_SETTLED_GROWTH_MB, figures
-    # Served at once afterwards, with the same answer as before the load.
-    assert r.normal_correct
-    assert r.normal_ms < NORMAL_CALL_MS and r.healthy_after, figures
+    # Served afterwards, with the same answer as before the load.
+    assert r.normal_correct and r.healthy_after, figures
     assert not any("Traceback" in line for line in r.log), "".join(r.log)
+
+
+def timing_misses(r: Result, refusal_p99_ms: float, refusal_speedup: float) -> list[str]:
+    """The timing bounds that `r` misses: refusals prompt and far quicker than serving, and a
+    normal call answered at once after the load."""
+    refused = [o.seconds for o in r.of(grpc.StatusCode.RESOURCE_EXHAUSTED)]
+    accepted = [o.seconds for o in r.of(grpc.StatusCode.OK)]
+    bounds = {
+        f"refusals' p99 under {refusal_p99_ms:g} ms": ms(refused, 99) < refusal_p99_ms,
+        f"refusals' p50 under 1/{refusal_speedup:g} of accepted calls'":
+            ms(refused, 50) < ms(accepted, 50) / refusal_speedup,
+        f"a normal call afterwards under {NORMAL_CALL_MS:g} ms": r.normal_ms < NORMAL_CALL_MS,
+    }
+    return [name for name, held in bounds.items() if not held]
 
 
 @pytest.fixture(scope="module")
@@ -312,15 +342,11 @@ def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "model"
 
 
-@pytest.fixture(scope="module")
-def overloaded(wide_model_dir: Path) -> Iterator[Result]:
+def test_overload_is_shed_promptly_and_nothing_is_lost(wide_model_dir: Path) -> None:
     # LogLikelihood of one image with K = 4,096 (4,096 decoder rows: the whole queue), and
-    # Decode of 1,024 latents.
-    yield run_overload(wide_model_dir, ("LogLikelihood", "Decode"), ll_images=1, ll_k=QUEUE)
-
-
-def test_overload_is_shed_promptly_and_nothing_is_lost(overloaded: Result) -> None:
-    assert_sheds_load(overloaded)
+    # Decode of 4,096 latents.
+    assert_sheds_load(lambda: run_overload(
+        wide_model_dir, ("LogLikelihood", "Decode"), ll_images=1, ll_k=QUEUE))
 
 
 def test_loglikelihood_overload_on_a_cheap_decoder(model_dir: Path) -> None:
@@ -329,9 +355,10 @@ def test_loglikelihood_overload_on_a_cheap_decoder(model_dir: Path) -> None:
     # calls/s, so the load offered rose with it, and refusals took p50 20 - 40 ms against
     # accepted calls' 56 - 69 ms (3 - 4 ms against 28 ms with one instance), too near for the
     # bound below (BENCHMARKS.md, instances). The wide model's tests run two.
-    r = run_overload(model_dir, ("LogLikelihood",), 16, 256, "--instances", "1")
     # Refusals wait their turn on a loop that also parses ~40 MB/s of requests: seen here at
     # p50 2 - 50 ms, p99 40 - 500 ms (against seconds when they were refused late).
-    assert_sheds_load(r, refusal_p99_ms=1500.0, refusal_speedup=2.0)
+    r = assert_sheds_load(lambda: run_overload(
+        model_dir, ("LogLikelihood",), 16, 256, "--instances", "1"),
+        refusal_p99_ms=1500.0, refusal_speedup=2.0)
     served = len(r.of(grpc.StatusCode.OK)) / r.load_s
     assert served >= 0.4 * r.capacity, r.figures()  # refused work does not eat the capacity
