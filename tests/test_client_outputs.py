@@ -204,6 +204,19 @@ def test_bulk_with_an_address_ray_cannot_read_is_one_line(cli, tmp_path):
     assert "--ray-address garbage" in line and "Invalid address format" in line, line
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_bulk_with_a_ray_address_nothing_answers_at_is_one_line(cli, tmp_path, address):
+    """Before: ray.init retried a port that nobody listens on for minutes (cut here at 120 s
+    by the test's own timeout)."""
+    need_module("ray")
+    address = address.format(port=free_port())
+    proc = cli("bulk", "--n", "10", "--shard-size", "10", "--format", "npz", "--no-progress",
+               "--out", str(tmp_path / "d"), "--ray-address", address, expect=1)
+    line = one_line(proc)
+    assert f"--ray-address {address}: no connection to 127.0.0.1:" in line, line
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").glob("*.npz"))
+
+
 @pytest.mark.parametrize("method,limit", [
     ("decode", "max_images_per_request"), ("encode", "max_images_per_request"),
     ("loglik", "max_images_per_request"), ("sample", "max_sample_n"),

@@ -27,6 +27,7 @@ import concurrent.futures
 import io
 import json
 import os
+import socket
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -225,6 +226,8 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
                         ) from None
     started_here = not ray.is_initialized()
     if started_here:
+        if address is not None:
+            check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except (ValueError, ConnectionError) as exc:  # an address it cannot read, or reach
@@ -253,6 +256,22 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
     finally:
         if started_here:
             ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raises BulkError when `address` names a host and port (HOST:PORT, ray://HOST:PORT)
+    that takes no TCP connection within `timeout` seconds: ray.init retries such an address
+    for minutes before it gives up. Other forms (auto, local) are ray.init's to read."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, OverflowError) as exc:  # refused, unreachable, timed out, no such host
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise BulkError(f"--ray-address {address}: no connection to {host}:{port} "
+                        f"within {timeout:g} s ({reason})") from None
 
 
 def write_manifest(out: Path, spec: BulkSpec, digests: dict[int, str]) -> dict[str, Any]:
