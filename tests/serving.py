@@ -211,7 +211,10 @@ def held_decoder(srv: ServerThread, rows: int) -> Iterator[threading.Event]:
     batcher = srv.running.servicer.decoder
     real_run = batcher._run
 
+    entered = threading.Event()
+
     def held(z: Any) -> Any:
+        entered.set()
         gate.wait(30)
         return real_run(z)
 
@@ -225,9 +228,12 @@ def held_decoder(srv: ServerThread, rows: int) -> Iterator[threading.Event]:
 
     threads = [threading.Thread(target=call) for _ in range(2)]
     try:
-        for t in threads:
-            t.start()
-            time.sleep(0.2)  # the first runs (held), the second waits in the queue
+        threads[0].start()  # the first runs (held) ...
+        assert entered.wait(30)
+        threads[1].start()  # ... the second waits in the queue
+        deadline = time.monotonic() + 30
+        while batcher.queued_images < rows and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert batcher.queued_images == rows
         yield gate
     finally:

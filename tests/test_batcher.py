@@ -144,7 +144,7 @@ def test_full_queue_fails_at_once_without_waiting(executor):
         return refused_in, done
 
     refused_in, done = asyncio.run(main())
-    assert refused_in < 0.05
+    assert refused_in < 1.0  # room only comes when the gate opens, after this
     np.testing.assert_array_equal(done[1][0], rows(10, 20) * 2)
 
 
@@ -615,7 +615,7 @@ def test_small_calls_beside_a_large_run_gather_for_at_most_max_delay(executor):
     big, inline = Model(), InlineRun()
 
     async def main():
-        b = beside(big, executor, max_delay=0.2, inline=inline)
+        b = beside(big, executor, max_delay=1.0, inline=inline)
         large = await hold_a_large_run(b, big)
         t0 = time.perf_counter()
         await b.submit(rows(100, 1))
@@ -635,8 +635,10 @@ def test_small_calls_beside_a_large_run_gather_for_at_most_max_delay(executor):
     alone, gathered, held = asyncio.run(main())
     assert held
     assert inline.sizes == [1, 3]
-    assert alone < 0.1  # the lane was idle: no wait
-    assert 0.15 < gathered < 2.0  # gathered for about max_delay (0.2 s), not for the run
+    # A max_delay long beside the calls' 20 ms spacing, so that a stall of the machine does
+    # not let the lane's timer run the calls apart.
+    assert alone < 0.5  # the lane was idle: no wait
+    assert 0.9 < gathered < 5.0  # gathered for about max_delay (1 s), not for the run
 
 
 def test_small_calls_gathering_beside_a_run_join_the_next_batch_when_it_ends(executor):

@@ -274,17 +274,18 @@ def run_overload(model_dir: Path, mix: tuple[str, ...], ll_images: int, ll_k: in
 
 
 def assert_sheds_load(run: Callable[[], Result], refusal_p99_ms: float = REFUSAL_P99_MS,
-                      refusal_speedup: float = 5.0) -> Result:
+                      refusal_speedup: float = 5.0, served_share: float = 0.0) -> Result:
     """Runs `run` and checks that the server shed its load; returns the run checked.
 
     Only the timing bounds get a second run, when the first misses them: on a small shared
     machine one stall of the whole machine, a few hundred ms, delays every call due meanwhile,
-    accepted or refused, past any bound that still tells a prompt refusal from a late one. A
-    server that refuses late misses them on every run. Everything else holds on every run."""
+    accepted or refused, past any bound that still tells a prompt refusal from a late one; in
+    the capacity's window it lowers the load offered. A server that refuses late misses them
+    on every run. Everything else holds on every run."""
     r = run()
     for attempt in range(2):
         assert_nothing_lost(r)
-        missed = timing_misses(r, refusal_p99_ms, refusal_speedup)
+        missed = timing_misses(r, refusal_p99_ms, refusal_speedup, served_share)
         if not missed:
             return r
         if attempt == 0:
@@ -300,8 +301,7 @@ def assert_nothing_lost(r: Result) -> None:
     # Nothing lost; nothing but OK and RESOURCE_EXHAUSTED.
     assert len(r.outcomes) == r.sent, figures
     assert len(ok) + len(refused) == r.sent, figures
-    # Far above capacity: at least OVERLOAD calls offered per call served.
-    assert ok and r.sent >= OVERLOAD * len(ok), figures
+    assert ok, figures
     # Each accepted call got its own full, correct answer.
     wrong = [(o.method, o.variant) for o in ok if not o.correct]
     assert not wrong, f"replies that differ from the same call's on a quiet server: {wrong}"
@@ -313,12 +313,18 @@ def assert_nothing_lost(r: Result) -> None:
     assert not any("Traceback" in line for line in r.log), "".join(r.log)
 
 
-def timing_misses(r: Result, refusal_p99_ms: float, refusal_speedup: float) -> list[str]:
-    """The timing bounds that `r` misses: refusals prompt and far quicker than serving, and a
-    normal call answered at once after the load."""
+def timing_misses(r: Result, refusal_p99_ms: float, refusal_speedup: float,
+                  served_share: float) -> list[str]:
+    """The bounds that depend on the clock and that `r` misses: a load far above capacity (the
+    capacity is measured in a window of time), refusals prompt and far quicker than serving,
+    at least `served_share` of the capacity still served under the load, and a normal call
+    answered at once after it."""
     refused = [o.seconds for o in r.of(grpc.StatusCode.RESOURCE_EXHAUSTED)]
     accepted = [o.seconds for o in r.of(grpc.StatusCode.OK)]
     bounds = {
+        f"at least {OVERLOAD} calls offered per call served": r.sent >= OVERLOAD * len(accepted),
+        f"at least {served_share:g} of the capacity served under the load":
+            len(accepted) / r.load_s >= served_share * r.capacity,
         f"refusals' p99 under {refusal_p99_ms:g} ms": ms(refused, 99) < refusal_p99_ms,
         f"refusals' p50 under 1/{refusal_speedup:g} of accepted calls'":
             ms(refused, 50) < ms(accepted, 50) / refusal_speedup,
@@ -357,8 +363,7 @@ def test_loglikelihood_overload_on_a_cheap_decoder(model_dir: Path) -> None:
     # bound below (BENCHMARKS.md, instances). The wide model's tests run two.
     # Refusals wait their turn on a loop that also parses ~40 MB/s of requests: seen here at
     # p50 2 - 50 ms, p99 40 - 500 ms (against seconds when they were refused late).
-    r = assert_sheds_load(lambda: run_overload(
+    # Refused work does not eat the capacity: at least 0.4 of it is still served.
+    assert_sheds_load(lambda: run_overload(
         model_dir, ("LogLikelihood",), 16, 256, "--instances", "1"),
-        refusal_p99_ms=1500.0, refusal_speedup=2.0)
-    served = len(r.of(grpc.StatusCode.OK)) / r.load_s
-    assert served >= 0.4 * r.capacity, r.figures()  # refused work does not eat the capacity
+        refusal_p99_ms=1500.0, refusal_speedup=2.0, served_share=0.4)

@@ -408,7 +408,7 @@ def test_full_queue_answers_resource_exhausted_at_once(model_dir):
             assert np.isfinite(scores.log_likelihood).all()
         # Refusals do not wait for the queue to drain.
         assert max(t for _, t in refused) < max(t for _, t in accepted)
-        assert max(t for _, t in refused) < 0.5
+        assert max(t for _, t in refused) < 2.0
         assert srv.running.metrics.registry.get_sample_value(
             "vae_rejected_total", {"reason": "queue_full"}) == len(refused)
 
