@@ -112,6 +112,72 @@ def test_a_stream_that_starts_on_a_full_queue_is_refused_at_once(held):
     assert [offset for offset, _ in admitted] == [0, CHUNK]  # the admitted one was served
 
 
+def test_callers_that_stop_reading_hold_queue_room_not_memory(model_dir):
+    """A stream's chunks that have run wait for their caller to read them while holding room
+    in the decoder's queue: callers that stop reading make the server refuse new work, and
+    their replies are bounded by the queue. Before: a chunk gave its room back as soon as it
+    ran, and replies waited in memory without bound (16 such callers of 8,192-image float32
+    chunks held 1.7 GB) while every new call was admitted."""
+    chunk = 1024
+    queue = 4 * chunk
+    with server_thread(model_dir, max_batch_size=chunk, max_queue_images=queue,
+                       max_images_per_request=chunk, max_sample_n=chunk, max_chunk_size=chunk,
+                       default_chunk_size=chunk, max_k=chunk) as srv:
+        batcher = srv.running.servicer.decoder
+        z = np.zeros((chunk, batcher_latent_dim(srv)), np.float32)
+        decode = vae_pb2.DecodeRequest(z=to_tensor(z)).SerializeToString()
+        channels, streams = [], []
+        refused = None
+        try:
+            # Callers that read one chunk and then nothing, on connections of their own,
+            # until the server turns a Decode away.
+            for i in range(16):
+                channel = grpc.insecure_channel(srv.target)
+                channels.append(channel)
+                stream = channel.unary_stream("/vae.v1.VaeService/SampleStream")(
+                    vae_pb2.SampleStreamRequest(n=10**7, chunk_size=chunk,
+                                                seed=i).SerializeToString(), timeout=60)
+                streams.append(stream)
+                next(stream)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # until this stream has filled what it can
+                    before = batcher.unsent_images
+                    time.sleep(0.3)
+                    if batcher.unsent_images == before:
+                        break
+                try:
+                    channels[0].unary_unary("/vae.v1.VaeService/Decode")(decode, timeout=30)
+                except grpc.RpcError as err:
+                    refused = err
+                    break
+            assert refused is not None, f"{len(streams)} stalled streams, all admitted"
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+            assert "made for streams, not yet sent" in refused.details(), refused.details()
+            # Bounded by the queue, give or take the chunks that ran as the last room went.
+            assert 0 < batcher.unsent_images <= queue + chunk * batcher.instances
+            assert srv.running.metrics.registry.get_sample_value(
+                "vae_stream_unsent_images") == batcher.unsent_images
+        finally:
+            for stream in streams:
+                stream.cancel()
+            for channel in channels:
+                channel.close()
+        # The callers gone, their room comes back and the server serves again.
+        def in_flight() -> float:
+            return srv.running.metrics.registry.get_sample_value("vae_in_flight_calls")
+
+        deadline = time.monotonic() + 10
+        while (batcher.unsent_images or in_flight()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert batcher.unsent_images == 0 and in_flight() == 0
+        with VaeClient(srv.target, retries=0) as c:
+            assert c.decode(z).shape[0] == chunk
+
+
+def batcher_latent_dim(srv) -> int:
+    return srv.running.servicer.runtime.latent_dim
+
+
 @pytest.fixture
 def breaks_after_the_last_chunk():
     """A vae.v1 server whose SampleStream sends every image asked for, then breaks off with

@@ -158,6 +158,7 @@ class Batcher:
         self._reserved = 0  # images of Reservations not yet submitted
         self._room_waiters: list[asyncio.Future[None]] = []  # wait_room's callers
         self._waiting = 0  # the images they wait to submit
+        self._unsent = 0  # images run for SampleStream chunks and not yet sent (hold_unsent)
         # Calls in the last batch: under steady load, about as many arrive for the next one.
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
@@ -173,6 +174,23 @@ class Batcher:
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def unsent_images(self) -> int:
+        """Images of stream chunks that have run and wait to be sent (hold_unsent)."""
+        return self._unsent
+
+    def hold_unsent(self, n: int) -> None:
+        """Count `n` images that have run, and whose reply waits for its caller to read it,
+        against the queue's room until release_unsent(n): a caller that stops reading holds
+        room, which new calls are refused for, rather than memory that nothing bounds."""
+        self._unsent += n
+
+    def release_unsent(self, n: int) -> None:
+        """The images of hold_unsent(n) were sent, or will never be."""
+        if n:
+            self._unsent -= n
+            self._room_freed()
 
     @property
     def _running(self) -> bool:
@@ -191,10 +209,13 @@ class Batcher:
             raise ShuttingDown("the server is shutting down; retry")
         # Work of admitted calls waiting for room (wait_room) keeps its place: a new call
         # does not take the room it waits for, or a stream could wait for ever.
-        if self._queued_images + self._reserved + self._waiting + n > self.max_queue:
+        if (self._queued_images + self._reserved + self._waiting + self._unsent + n
+                > self.max_queue):
             self.dropped["queue_full"] += 1
             held = f" and {self._reserved} reserved" if self._reserved else ""
             held += f" and {self._waiting} of calls under way" if self._waiting else ""
+            held += (f" and {self._unsent} made for streams, not yet sent" if self._unsent
+                     else "")
             raise QueueFull(
                 f"queue full: {self._queued_images} images waiting{held}, the limit is "
                 f"{self.max_queue}; retry later"
@@ -221,7 +242,7 @@ class Batcher:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry")
             # Other waiters' images are not counted: woken together, each takes what is free.
-            if self._queued_images + self._reserved + n <= self.max_queue:
+            if self._queued_images + self._reserved + self._unsent + n <= self.max_queue:
                 self._reserved += n
                 return Reservation(self, n)
             timeout = None if deadline is None else deadline - time.monotonic()

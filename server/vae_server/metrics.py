@@ -152,6 +152,9 @@ class Metrics:
                                    ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("vae_queue_depth", "Images waiting in the batcher's queue.",
                                  ("model",), registry=r)
+        self.unsent = Gauge("vae_stream_unsent_images",
+                            "SampleStream images made and waiting for their callers to read "
+                            "them; they count against the decoder's queue limit.", registry=r)
         self.in_flight = Gauge("vae_in_flight_calls",
                                "vae.v1 calls being handled, streams included: the load of "
                                "this replica (the autoscaler's signal).", registry=r)
@@ -193,6 +196,10 @@ class Metrics:
     def watch_queue(self, model: str, images: Callable[[], float]) -> None:
         """vae_queue_depth{model} reads `images()` when scraped: nothing to set per call."""
         self.queue_depth.labels(model).set_function(images)
+
+    def watch_unsent(self, images: Callable[[], float]) -> None:
+        """vae_stream_unsent_images reads `images()` when scraped."""
+        self.unsent.set_function(images)
 
 
 class _ModelObserver(BatcherObserver):

@@ -53,6 +53,37 @@ _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
 }
 
 
+class _Unsent:
+    """A stream's images that have run and wait to be sent, held in its batcher's queue
+    (Batcher.hold_unsent) until sent or until the stream closes this."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self.images = 0
+        self.closed = False
+
+    def hold(self, n: int) -> None:
+        if not self.closed:  # a chunk that ends after its stream holds nothing
+            self.images += n
+            self._batcher.hold_unsent(n)
+
+    def release(self, n: int) -> None:
+        if not self.closed:
+            self.images -= n
+            self._batcher.release_unsent(n)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._batcher.release_unsent(self.images)
+            self.images = 0
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _status_of(exc: ServingError) -> tuple[grpc.StatusCode, str]:
     for cls in type(exc).__mro__:
         if cls in _STATUS:
@@ -87,6 +118,18 @@ def _streaming(handler: StreamHandler) -> StreamHandler:
     async def wrapper(self: VaeServicer, raw: bytes, context: Context
                       ) -> AsyncGenerator[bytes, None]:
         self._in_flight += 1
+        ended = False
+
+        def end(_: object = None) -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self._call_ended()
+
+        # A reply that gRPC fails to send (the caller went away, or its receive limit is
+        # lower) ends the call without closing this generator: it stays suspended until it
+        # is collected, perhaps much later. The call's end is counted when gRPC ends it.
+        context.add_done_callback(end)
         items = handler(self, raw, context)
         try:
             async for item in items:
@@ -99,7 +142,7 @@ def _streaming(handler: StreamHandler) -> StreamHandler:
             # Close the handler now, not when it is collected: its own clean-up (the chunks
             # under way) runs while the call ends.
             await items.aclose()
-            self._call_ended()
+            end()
 
     return wrapper
 
@@ -148,6 +191,7 @@ class VaeServicer:
                                run_inline=runtime.run_decoder_small, **batching)
         metrics.watch_queue("encoder", lambda: self.encoder.queued_images)
         metrics.watch_queue("decoder", lambda: self.decoder.queued_images)
+        metrics.watch_unsent(lambda: self.decoder.unsent_images)
         self.limits = requests.Limits(
             max_images_per_request=settings.max_images_per_request,
             max_sample_n=settings.max_sample_n, max_stream_n=settings.max_stream_n,
@@ -250,6 +294,8 @@ class VaeServicer:
         loop = asyncio.get_running_loop()
         prior = self.runtime.prior
 
+        unsent = _Unsent(self.decoder)
+
         async def produce(first: int) -> tuple[int, bytes]:
             chunk = StreamChunk(prior, req.seed, first, min(req.chunk, req.n - first),
                                 req.digit, req.dtype)
@@ -261,13 +307,20 @@ class VaeServicer:
                     # One decoder job: its noise, its run and its reply bytes (the uint8
                     # conversion, the one copy of the pixels) in the thread that runs the
                     # batch.
-                    return chunk.rows, await self.decoder.submit_job(chunk, deadline, room)
-                # A chunk larger than one batch is split into batches that the idle
-                # instances run at once (as one job they would run one after another in one
-                # thread); its noise and its reply leave the event loop too.
-                z = await loop.run_in_executor(self.executor, chunk.make_rows)
-                outputs = await self.decoder.submit(z, deadline, room)
-            return chunk.rows, await loop.run_in_executor(self.executor, chunk.finish, outputs)
+                    reply: bytes | None = await self.decoder.submit_job(chunk, deadline, room)
+                else:
+                    # A chunk larger than one batch is split into batches that the idle
+                    # instances run at once (as one job they would run one after another in
+                    # one thread); its noise and its reply leave the event loop too.
+                    z = await loop.run_in_executor(self.executor, chunk.make_rows)
+                    outputs = await self.decoder.submit(z, deadline, room)
+                    reply = None
+            if reply is None:
+                reply = await loop.run_in_executor(self.executor, chunk.finish, outputs)
+            # Until it is sent, the reply holds room in the queue: a client that stops reading
+            # makes the server refuse work (RESOURCE_EXHAUSTED) instead of hoarding replies.
+            unsent.hold(chunk.rows)
+            return chunk.rows, reply
 
         # AHEAD chunks are under way while an earlier one is sent. Memory stays at a few
         # chunks whatever n is (gRPC's flow control holds `yield` when the client lags).
@@ -280,18 +333,32 @@ class VaeServicer:
                 pending.append(asyncio.ensure_future(produce(next_first)))
                 next_first += min(req.chunk, req.n - next_first)
 
+        def clean_up(_: object = None) -> None:
+            """Stop the chunks under way and give back the room of those made and not sent:
+            when the stream ends, or when gRPC ends the call (see _streaming)."""
+            while pending:
+                task = pending.popleft()
+                task.cancel()
+                # One that failed meanwhile (its deadline, say) is not awaited: read its
+                # exception, or asyncio logs it as never retrieved.
+                task.add_done_callback(_retrieve)
+            unsent.close()
+
+        context.add_done_callback(clean_up)
         try:
             # Admission, as for any call: a full queue refuses the stream before any work.
             self.decoder.check_room(min(req.chunk, req.n - req.offset))
             fill()
             while pending:
-                size, reply = await pending.popleft()
+                # The chunk stays in `pending` while it is awaited, so that clean_up finds it.
+                size, reply = await pending[0]
+                pending.popleft()
                 fill()
                 counter.inc(size)
                 yield reply
+                unsent.release(size)
         finally:
-            for task in pending:
-                task.cancel()
+            clean_up()
 
     @_unary
     async def LogLikelihood(self, raw: bytes, context: Context) -> bytes:
