@@ -118,6 +118,16 @@ BAD_SETTINGS = {
                                  "under 1; 0 = never"),
     "worker timeout negative": ([], {"VAE_WORKER_TIMEOUT_S": "-1"}, "--worker-timeout-s",
                                 "negative"),
+    # Before: accepted, then every GetModelInfo (which every vae-client command calls first)
+    # failed with INTERNAL, "Value out of range", for its uint32 and uint64 fields.
+    "queue past GetModelInfo's uint32": (["--max-queue-images", str(2**32)], {},
+                                         "--max-queue-images", "at most 4294967295"),
+    "stream n past GetModelInfo's uint64": ([], {"VAE_MAX_STREAM_N": str(2**64)},
+                                            "--max-stream-n", "at most 18446744073709551615"),
+    # Before: "²".isdigit() held and int("²") raised, a traceback; "٣" started 3 workers.
+    "workers not ASCII": (["--workers", "\u00b2"], {}, "--workers", "not a count"),
+    "workers another script's digit": (["--workers", "\u0663"], {}, "--workers",
+                                       "not a count"),
 }
 
 

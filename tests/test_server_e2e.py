@@ -267,6 +267,9 @@ BAD_CASES = [
      ["images", "[0, 1]"]),
     ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.full((1, 784), -0.1, np.float32))),
      ["images", "[0, 1]"]),
+    # Before: "found values in [1, 1]", the bound it broke printed as the bound itself.
+    ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.full((1, 784), np.nextafter(
+        np.float32(1), np.float32(2)), np.float32))), ["images", "[1.0000001192092896, "]),
     ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.zeros((0, 784), np.float32))),
      ["images.shape[0]", "1 .."]),
     ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.zeros((1, 784), np.float32), data=b"x")),
@@ -311,7 +314,10 @@ def test_bad_input_gets_invalid_argument_naming_the_field(server, method, build,
 STREAM_BAD = [
     (vae_pb2.SampleStreamRequest(n=0), ["n", "1 .."]),
     (vae_pb2.SampleStreamRequest(n=10**8), ["n", "10000000"]),
-    (vae_pb2.SampleStreamRequest(n=10, chunk_size=10**6), ["chunk_size", "8192"]),
+    # 0 is valid too: the server's default. Before, the message said "1 .. 8192".
+    (vae_pb2.SampleStreamRequest(n=10, chunk_size=10**6),
+     ["chunk_size: 1000000 is out of range; it must be 0 (the server's default, 1024) or "
+      "1 .. 8192"]),
     (vae_pb2.SampleStreamRequest(n=10, offset=10), ["offset", "0 .. n - 1"]),
     (vae_pb2.SampleStreamRequest(n=10, output_dtype=5), ["output_dtype"]),
 ]

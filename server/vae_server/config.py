@@ -293,7 +293,8 @@ def _check(s: Settings) -> None:
             raise SettingsError(f"{_flag(name)}: {value!r} is not one of {', '.join(allowed)}")
     if 0 < s.worker_timeout_s < 1:
         raise SettingsError(f"--worker-timeout-s: {s.worker_timeout_s} is under 1; 0 = never")
-    if s.workers != "auto" and not (s.workers.isdigit() and int(s.workers) >= 1):
+    if s.workers != "auto" and not (s.workers.isascii() and s.workers.isdigit()
+                                    and int(s.workers) >= 1):
         raise SettingsError(f"--workers: {s.workers!r} is not a count >= 1 or 'auto'")
     if s.cuda_graphs and (s.provider == "cpu" or s.io_binding == "off"):
         raise SettingsError("--cuda-graphs needs the CUDA provider and IO binding "
@@ -323,6 +324,12 @@ def _check(s: Settings) -> None:
     if over:
         raise SettingsError(f"{'; '.join(dict.fromkeys(over))}: each must be at most its "
                             "bound")
+    # GetModelInfo reports the limits in uint32 fields (every per-call limit is at most the
+    # queue) and --max-stream-n in a uint64: past them, every GetModelInfo would fail.
+    for name, bits in (("max_queue_images", 32), ("max_stream_n", 64)):
+        if getattr(s, name) > 2**bits - 1:
+            raise SettingsError(f"{_flag(name)}: {getattr(s, name)}; it must be at most "
+                                f"{2**bits - 1} (GetModelInfo's uint{bits})")
     # gRPC takes the message limit as a C int: past it the server would die at the start.
     if s.max_message_mb > MAX_MESSAGE_MB:
         raise SettingsError(f"--max-message-mb: {s.max_message_mb}; it must be at most "

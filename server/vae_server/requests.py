@@ -123,8 +123,11 @@ def sample_stream(raw: bytes, limits: Limits) -> StreamInput:
     request = _message(vae_pb2.SampleStreamRequest, raw)
     dtype = output_dtype(request.output_dtype)
     n = count(request.n, "n", limits.max_stream_n)
-    chunk = count(request.chunk_size or limits.default_chunk_size, "chunk_size",
-                  limits.max_chunk_size)
+    chunk = request.chunk_size or limits.default_chunk_size
+    if chunk > limits.max_chunk_size:
+        raise InvalidArgument(f"chunk_size: {chunk} is out of range; it must be 0 (the "
+                              f"server's default, {limits.default_chunk_size}) or 1 .. "
+                              f"{limits.max_chunk_size}")
     if request.offset >= n:
         raise InvalidArgument(f"offset: {request.offset} is out of range; it must be "
                               f"0 .. n - 1 = {n - 1}")
@@ -207,7 +210,7 @@ def images(msg: vae_pb2.Tensor, field: str, max_n: int, pixels: int) -> np.ndarr
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
             raise InvalidArgument(
-                f"{field}: FLOAT32 pixels must lie in [0, 1]; found values in [{lo:g}, {hi:g}]"
+                f"{field}: FLOAT32 pixels must lie in [0, 1]; found values in [{lo!r}, {hi!r}]"
             )
     return arr
 

@@ -185,12 +185,15 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     await running.set_serving(False)
     await health.set(LIVENESS, SERVING)
     await server.start()
-    log.info("gRPC on port %d, metrics on %s; warming up", port, metrics_port)
+    log.info("gRPC on port %d, metrics %s; warming up", port,
+             "off" if metrics_port is None else f"on port {metrics_port}")
     loop = asyncio.get_running_loop()
     sizes = sorted({1, 16, min(256, settings.max_batch_size), settings.max_batch_size})
     for _ in range(max(1, settings.warmup_rounds)):
         await loop.run_in_executor(executor, runtime.warm_up, sizes,
-                                   sorted({1, 16, settings.inline_rows} - {0}))
+                                   # Inline batches are batches: at most max_batch_size.
+                                   sorted({1, 16, min(settings.inline_rows,
+                                                      settings.max_batch_size)} - {0}))
     if announce:
         await running.set_serving(True)
     log.info("%s model %s on %s, %d instance(s) per model, event loop %s",
