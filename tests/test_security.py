@@ -437,6 +437,22 @@ def test_cli_with_mutual_tls_and_a_token(locked_server, pki, token_file, tmp_pat
     assert "--tls-key" in capsys.readouterr().err
 
 
+def test_cli_names_its_own_flags_for_a_bad_file(pki, tmp_path, capsys):
+    """Before: "cannot read tls_ca nope.pem", the library's argument, not the flag."""
+    text = tmp_path / "text.txt"
+    text.write_text("not a certificate\n")
+    for flag, path, words in (("--tls-ca", str(tmp_path / "nope.pem"), "cannot read --tls-ca"),
+                              ("--tls-ca", str(text), "--tls-ca " + str(text) + " holds no PEM")):
+        assert client_main(["--target", "127.0.0.1:1", flag, path, "info"]) == 1
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    assert client_main(["--target", "127.0.0.1:1", "--tls-cert", pki.client_pem, "--tls-key",
+                        str(text), "info"]) == 1
+    assert "--tls-key " + str(text) + " holds no PEM private key" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cannot read tls_ca"):  # the library's own names
+        Security.from_options(tls_ca=str(tmp_path / "nope.pem"))
+
+
 def test_load_generator_with_mutual_tls_and_a_token(locked_server, pki):
     security = Security.from_options(tls_ca=pki.ca_pem, tls_cert=pki.client_pem,
                                      tls_key=pki.client_key, token=TOKENS[0])

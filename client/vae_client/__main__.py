@@ -137,7 +137,7 @@ def _security(args: argparse.Namespace) -> Security:
     try:
         return Security.from_options(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                                      tls_key=args.tls_key, tls_server_name=args.tls_server_name,
-                                     token=token)
+                                     token=token, as_flags=True)
     except SecurityFileError as exc:  # names the option and the file
         raise CliError(str(exc)) from None
     except ValueError as exc:  # only the token is left to be wrong; never print it

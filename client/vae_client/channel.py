@@ -74,17 +74,24 @@ class Security:
     @classmethod
     def from_options(cls, *, tls: bool = False, tls_ca: PemSource | None = None,
                      tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
-                     tls_server_name: str | None = None, token: str | None = None) -> Security:
+                     tls_server_name: str | None = None, token: str | None = None,
+                     as_flags: bool = False) -> Security:
         """From the options that VaeClient, AsyncVaeClient and the CLI take. Each PEM
         option is the file's contents (bytes) or its path; giving any TLS option turns TLS
         on. Raises ValueError for a certificate without its key (or the reverse), and for a
-        file that cannot be read or holds no PEM certificate (key)."""
+        file that cannot be read or holds no PEM certificate (key), naming the option as the
+        library spells it (tls_ca), or as the CLI does with `as_flags` (--tls-ca)."""
+        def name(option: str) -> str:
+            return "--" + option.replace("_", "-") if as_flags else option
+
         if (tls_cert is None) != (tls_key is None):
-            raise ValueError("a client certificate (tls_cert) and its key (tls_key) go together")
+            raise ValueError(f"a client certificate ({name('tls_cert')}) and its key "
+                             f"({name('tls_key')}) go together")
         on = tls or any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
-        return cls(tls=on, root_certificates=_pem(tls_ca, "tls_ca"),
-                   certificate_chain=_pem(tls_cert, "tls_cert"),
-                   private_key=_pem(tls_key, "tls_key", PRIVATE_KEY), server_name=tls_server_name,
+        return cls(tls=on, root_certificates=_pem(tls_ca, name("tls_ca")),
+                   certificate_chain=_pem(tls_cert, name("tls_cert")),
+                   private_key=_pem(tls_key, name("tls_key"), PRIVATE_KEY),
+                   server_name=tls_server_name,
                    token=None if token is None else _check_token(token))
 
     @property

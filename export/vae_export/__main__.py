@@ -257,8 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--test", default="../shared/data/mnist",
                    help="IDX test set whose accuracy the summary reports; '' for none "
                    "(default: %(default)s)")
-    c.add_argument("--epochs", type=int, default=cc.epochs, help="(default: %(default)s)")
-    c.add_argument("--seed", type=_at_least(0), default=cc.seed, help="(default: %(default)s)")
+    c.add_argument("--epochs", type=int, default=cc.epochs,
+                   help="passes over the augmented training digits (default: %(default)s)")
+    c.add_argument("--seed", type=_at_least(0), default=cc.seed,
+                   help="seeds the initialisation, the augmentation and the order "
+                   "(default: %(default)s)")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     c.set_defaults(func=_classifier)
 
@@ -320,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IDX test set (default: %(default)s)")
     s.add_argument("--n", type=_at_least(1), default=50_000,
                    help="generated digits, as many of each class (default: %(default)s)")
-    s.add_argument("--seed", type=_at_least(0), default=0, help="(default: %(default)s)")
+    s.add_argument("--seed", type=_at_least(0), default=0,
+                   help="seeds the generated digits (default: %(default)s)")
     s.add_argument("--json", default=None, help="write the result to this JSON file")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=_cas)
