@@ -333,6 +333,18 @@ def test_bad_stream_requests_get_invalid_argument(server, request_msg, words):
         assert w in err.value.details()
 
 
+def test_inline_rows_past_the_largest_batch_warm_up_as_the_largest_batch(model_dir, reference):
+    """Before: the warm-up ran an inline batch of --inline-rows images whatever the largest
+    batch, so 10^9 asked numpy for 2.85 TiB and the server died after binding its port."""
+    with server_thread(model_dir, inline_rows=10**9, max_batch_size=64, max_k=64,
+                       max_images_per_request=64, max_sample_n=64, max_chunk_size=64,
+                       default_chunk_size=64, max_queue_images=1024) as srv, \
+            VaeClient(srv.target) as c:
+        z = np.zeros((64, reference.latent_dim), np.float32)
+        np.testing.assert_allclose(c.decode(z).reshape(64, -1), reference.decode(z),
+                                   rtol=0, atol=1e-5)
+
+
 def test_oversized_message_is_refused_by_grpc(model_dir):
     # Every reply of the limits fits in 1 MiB (vae_server.config refuses limits that do not).
     small = {name: 256 for name in ("max_sample_n", "max_chunk_size", "default_chunk_size",
