@@ -277,7 +277,7 @@ class Supervised:
     def worker_metrics_ports(self) -> list[int]:
         """Each worker's loopback metrics port, as its log names it."""
         return [int(m) for m in re.findall(r"worker \d+ vae_server: gRPC on port \d+, "
-                                           r"metrics on (\d+)", self.text())]
+                                           r"metrics on port (\d+)", self.text())]
 
 
 @contextmanager

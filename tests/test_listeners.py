@@ -75,6 +75,20 @@ def test_the_metrics_listener_follows_host(model_dir):
         srv.stop()
 
 
+def test_a_busy_grpc_port_is_one_line_with_its_reason(model_dir):
+    """Before, without --workers: gRPC's own "E... add_port.cc:83] Failed to add port" line,
+    then "Failed to bind to address ...; set GRPC_VERBOSITY=debug ..." without the reason."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _run("--model-dir", str(model_dir), "--port", str(port), "--metrics-port", "-1")
+    last = _one_line_exit_2(proc, f"could not bind 127.0.0.1:{port}", "Address already in use")
+    assert not [line for line in proc.stderr.splitlines()
+                if "add_port" in line or "GRPC_VERBOSITY" in line], proc.stderr
+    assert last == f"vae-server: could not bind 127.0.0.1:{port}: Address already in use"
+
+
 def test_a_second_workers_server_on_the_port_is_refused(model_dir):
     """Before: the second `vae-server --workers 2` bound beside the first one's workers
     (SO_REUSEPORT) and took a share of its connections. Also: with --metrics-port -1 no
@@ -99,7 +113,7 @@ def test_a_second_workers_server_on_the_port_is_refused(model_dir):
         first.wait()
         reader.join(10)
     text = "".join(log)
-    assert text.count("metrics on None") == 3, text  # the supervisor and both workers
+    assert text.count("metrics off") == 3, text  # the supervisor and both workers
 
 
 def test_a_worker_that_cannot_start_stops_the_server_with_one_line_and_status_2(model_dir):

@@ -3,6 +3,7 @@ socket layer and as gRPC take it; and the keepalive options of gRPC channels and
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 
@@ -35,3 +36,31 @@ def keepalive_options(every_ms: int, timeout_ms: int) -> list[tuple[str, int]]:
     return [("grpc.keepalive_time_ms", every_ms), ("grpc.keepalive_timeout_ms", timeout_ms),
             ("grpc.http2.ping_timeout_ms", timeout_ms),
             ("grpc.http2.max_pings_without_data", 0)]
+
+
+def probe_bind(host: str, port: int, address: str) -> None:
+    """Bind each address of `host` on `port` without SO_REUSEPORT, and let go: a RuntimeError
+    ("could not bind ADDRESS: why") if anything listens there, whether it shares the port or
+    not. gRPC finds the same, but says it in its own log lines first."""
+    name = bare_host(host)
+    try:
+        infos = socket.getaddrinfo(name or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise RuntimeError(f"could not bind {address}: {exc}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # a family this host lacks (IPv6): gRPC skips it too
+            continue
+        with probe:
+            # As gRPC binds: past connections in TIME_WAIT do not count, listeners do.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "[::]" takes IPv4 too, as gRPC's does
+                with contextlib.suppress(OSError):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise RuntimeError(f"could not bind {address}: {exc.strerror or exc}"
+                                   ) from None

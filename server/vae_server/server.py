@@ -16,7 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from vae_core.host import quota_cores
-from vae_core.ports import keepalive_options
+from vae_core.ports import keepalive_options, probe_bind
 from vae_proto import vae_pb2
 from vae_server import loops
 from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
@@ -162,6 +162,9 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME)), services)
     address = f"{settings.host}:{settings.port}"
+    if settings.port and not reuse_port:
+        # A busy port in one line (a worker's siblings share theirs: the supervisor probed).
+        probe_bind(settings.host, settings.port, address)
     credentials = server_credentials(settings)
     port = (server.add_secure_port(address, credentials) if credentials is not None
             else server.add_insecure_port(address))

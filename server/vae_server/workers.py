@@ -54,7 +54,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from vae_core.host import cores
 from vae_core.manifest import ManifestError, load_manifest
-from vae_core.ports import bare_host, free_port
+from vae_core.ports import bare_host, free_port, probe_bind
 from vae_server.config import Settings
 from vae_server.metrics import serve_metrics
 
@@ -148,39 +148,12 @@ def claim_port(host: str, port: int) -> socket.socket | None:
             raise RuntimeError(f"could not bind {address}: another vae-server --workers "
                                "serves it") from None
     try:
-        _probe(host, port, address)
+        probe_bind(host, port, address)
     except BaseException:
         if lock is not None:
             lock.close()
         raise
     return lock
-
-
-def _probe(host: str, port: int, address: str) -> None:
-    """Bind each address of `host` on `port` without SO_REUSEPORT, and let go: an error if
-    anything listens there (whether it shares the port or not)."""
-    name = bare_host(host)
-    try:
-        infos = socket.getaddrinfo(name or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise RuntimeError(f"could not bind {address}: {exc}") from None
-    for family, kind, proto, _, sockaddr in infos:
-        try:
-            probe = socket.socket(family, kind, proto)
-        except OSError:  # a family this host lacks (IPv6): gRPC skips it too
-            continue
-        with probe:
-            # As gRPC binds: past connections in TIME_WAIT do not count, listeners do.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:  # "[::]" takes IPv4 too, as gRPC's does
-                with contextlib.suppress(OSError):
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            try:
-                probe.bind(sockaddr)
-            except OSError as exc:
-                raise RuntimeError(f"could not bind {address}: {exc.strerror or exc}"
-                                   ) from None
 
 
 # -- the supervisor ----------------------------------------------------------------------------
@@ -279,8 +252,8 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._stopping.set())
             self._workers = [self._start(i) for i in range(self.count)]
-            log.info("%d workers on port %d, metrics on %s", self.count, self.port,
-                     self.metrics_port)
+            log.info("%d workers on port %d, metrics %s", self.count, self.port,
+                     "off" if self.metrics_port is None else f"on port {self.metrics_port}")
             code = self._watch()
         finally:
             if self._http is not None:
