@@ -246,6 +246,24 @@ def test_tls_refuses_a_client_that_trusts_another_ca(tls_server, pki):
         _refused(client.info)
 
 
+def test_the_cli_s_failed_handshake_is_its_one_line_alone(tls_server, pki):
+    """Before: four of gRPC's own "I... ssl_transport_security.cc:2563] Handshake failed"
+    lines came above vae-client's one-line error. GRPC_VERBOSITY from the environment still
+    wins."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    argv = [str(VENV_BIN / "vae-client"), "--target", tls_server.target, "--timeout", "5",
+            "--tls-ca", pki.other_ca_pem, "info"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("vae-client: error: "), \
+        proc.stderr
+    loud = subprocess.run(argv, env={**env, "GRPC_VERBOSITY": "INFO"}, capture_output=True,
+                          text=True, timeout=60)
+    assert "Handshake failed" in loud.stderr, loud.stderr
+
+
 def test_tls_refuses_plaintext_and_a_wrong_server_name(tls_server, pki):
     with VaeClient(tls_server.target, timeout=10, retries=NO_RETRY) as client:
         _refused(client.info)

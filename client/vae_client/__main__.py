@@ -14,30 +14,34 @@ Each subcommand is one `add_*` function in COMMANDS: it registers its parser and
 
 from __future__ import annotations
 
-import argparse
-import concurrent.futures
-import json
-import math
-import os
-import sys
-import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TypeAlias
+from vae_core.host import quiet_grpc_core
 
-import numpy as np
+quiet_grpc_core()  # before gRPC loads
 
-from vae_client import cli_io
-from vae_client._codec import UINT32_MAX, UINT64_MAX
-from vae_client.channel import DEFAULT_MAX_MESSAGE_MB, Security, read_token_file
-from vae_client.cli_io import CliError, ImageSink, Progress
-from vae_client.client import VaeClient
-from vae_client.errors import VaeError
-from vae_client.images import ImageFileError
-from vae_core.rng import key_words
-from vae_core.security import SecurityFileError
-from vae_proto.tensor import images_per_message
-from vae_proto.vae_pb2 import ModelInfo
+import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TypeAlias  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from vae_client import cli_io  # noqa: E402
+from vae_client._codec import UINT32_MAX, UINT64_MAX  # noqa: E402
+from vae_client.channel import DEFAULT_MAX_MESSAGE_MB, Security, read_token_file  # noqa: E402
+from vae_client.cli_io import CliError, ImageSink, Progress  # noqa: E402
+from vae_client.client import VaeClient  # noqa: E402
+from vae_client.errors import VaeError  # noqa: E402
+from vae_client.images import ImageFileError  # noqa: E402
+from vae_core.rng import key_words  # noqa: E402
+from vae_core.security import SecurityFileError  # noqa: E402
+from vae_proto.tensor import images_per_message  # noqa: E402
+from vae_proto.vae_pb2 import ModelInfo  # noqa: E402
 
 PROG = "vae-client"
 DEFAULT_TIMEOUT = 30.0

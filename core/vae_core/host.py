@@ -1,5 +1,6 @@
-"""What the process may use of the machine. Imports nothing but the standard library, so that
-one_blas_thread() can run before numpy loads."""
+"""What the process may use of the machine, and how loud its libraries are. Imports nothing
+but the standard library, so that one_blas_thread() can run before numpy loads and
+quiet_grpc_core() before gRPC does."""
 
 from __future__ import annotations
 
@@ -109,3 +110,11 @@ def one_blas_thread() -> None:
     threads and the server's instances. It takes effect only before numpy loads."""
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+
+
+def quiet_grpc_core() -> None:
+    """Unless set, GRPC_VERBOSITY=ERROR for the commands (vae-client, vae-server): by default
+    gRPC's C core prints its INFO lines (a failed TLS handshake, say) to stderr, above a
+    command's one-line error or between the server's formatted log lines. It takes effect
+    only before gRPC loads; GRPC_VERBOSITY=INFO shows them again."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from vae_core.host import one_blas_thread
+from vae_core.host import one_blas_thread, quiet_grpc_core
 
 one_blas_thread()  # before numpy loads
+quiet_grpc_core()  # before gRPC loads
 
 import logging  # noqa: E402
 import sys  # noqa: E402
