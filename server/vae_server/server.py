@@ -115,6 +115,32 @@ def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str
     return options
 
 
+class _UnsentReply(logging.Filter):
+    """grpc.aio logs a reply it could not send as an ERROR with its traceback ("ExecuteBatchError
+    raised in core by servicer method [...]"), although the call had ended already: its caller
+    cancelled it or went away mid-stream, or refused a reply over its receive limit (4 MiB by
+    default in most gRPC clients). That is one WARNING line here, naming the method."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            method = message[len(self.PREFIX):].strip("[]")
+            record.msg = ("a reply of %s was not sent: the call had ended (cancelled, or its "
+                          "caller went away or refused a reply over its receive limit)")
+            record.args = (method,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_unsent_replies() -> None:
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _UnsentReply) for f in logger.filters):
+        logger.addFilter(_UnsentReply())
+
+
 async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
                         reuse_port: bool = False, metrics_addr: str | None = None,
                         announce: bool = True) -> RunningServer:
@@ -122,6 +148,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     on return (unless not `announce`: a worker's supervisor says when). Bind port 0 to get a
     free port (returned); `reuse_port` lets workers share the port. Metrics listen on the
     gRPC port's --host unless `metrics_addr` says otherwise (a worker's, loopback)."""
+    _quiet_unsent_replies()
     metrics = Metrics()
     metrics.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
     if runtime is None:
