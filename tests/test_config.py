@@ -118,6 +118,8 @@ BAD_SETTINGS = {
                                  "under 1; 0 = never"),
     "worker timeout negative": ([], {"VAE_WORKER_TIMEOUT_S": "-1"}, "--worker-timeout-s",
                                 "negative"),
+    "worker start timeout under 1 s": (["--worker-start-timeout-s", "0.5"], {},
+                                       "--worker-start-timeout-s", "under 1; 0 = never"),
     # Before: accepted, then every GetModelInfo (which every vae-client command calls first)
     # failed with INTERNAL, "Value out of range", for its uint32 and uint64 fields.
     "queue past GetModelInfo's uint32": (["--max-queue-images", str(2**32)], {},

@@ -116,6 +116,16 @@ def test_a_second_workers_server_on_the_port_is_refused(model_dir):
     assert text.count("metrics off") == 3, text  # the supervisor and both workers
 
 
+def test_a_worker_not_ready_in_time_stops_the_server_with_one_line(model_dir):
+    """Before: a worker that hung while loading or warming up (here: a warm-up of 10^5
+    rounds) was never watched, as it could not answer yet; the server stayed NOT_SERVING for
+    ever (this test was cut by its 120 s timeout)."""
+    proc = _run("--model-dir", str(model_dir), "--port", str(free_port()), "--metrics-port",
+                "-1", "--workers", "2", "--worker-start-timeout-s", "2",
+                "--warmup-rounds", "100000")
+    _one_line_exit_2(proc, "could not start: not ready within --worker-start-timeout-s 2")
+
+
 def test_a_worker_that_cannot_start_stops_the_server_with_one_line_and_status_2(model_dir):
     """Before: the supervisor said "signal received: draining" (there was none) and exited
     with 1 below the worker's traceback. The failure here is one that only a worker meets:

@@ -114,6 +114,10 @@ class Settings:
         "with --workers: a worker whose event loop has not answered the supervisor for this "
         "long (hung, or stopped) is killed and started again, as one that died; 0 = never, "
         "else at least 1", default=30.0)
+    worker_start_timeout_s: float = _doc(
+        "with --workers: a worker not ready (its model loaded and warmed up) this long after it "
+        "started is killed, and the server stops with status 2, as for a worker that cannot "
+        "start; 0 = never, else at least 1", default=600.0)
     log_level: str = _doc("logging level", default="INFO")
     tls_cert: str = _doc("PEM certificate (chain) of the gRPC port; with --tls-key it turns TLS on",
                          default="")
@@ -270,7 +274,7 @@ def _check(s: Settings) -> None:
             raise SettingsError(f"{_flag(f.name)}: {value} is not a finite number")
     for name in ("max_delay_ms", "inline_rows", "instances", "threads", "warmup_rounds",
                  "grace_seconds", "drain_delay_s", "max_connection_age_s",
-                 "max_connection_age_grace_s", "worker_timeout_s"):
+                 "max_connection_age_grace_s", "worker_timeout_s", "worker_start_timeout_s"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{_flag(name)}: {getattr(s, name)} is negative; it must be >= 0")
     for name in ("max_connection_age_s", "max_connection_age_grace_s"):
@@ -291,8 +295,9 @@ def _check(s: Settings) -> None:
         value = getattr(s, name)
         if (value.upper() if name == "log_level" else value) not in allowed:
             raise SettingsError(f"{_flag(name)}: {value!r} is not one of {', '.join(allowed)}")
-    if 0 < s.worker_timeout_s < 1:
-        raise SettingsError(f"--worker-timeout-s: {s.worker_timeout_s} is under 1; 0 = never")
+    for name in ("worker_timeout_s", "worker_start_timeout_s"):
+        if 0 < getattr(s, name) < 1:
+            raise SettingsError(f"{_flag(name)}: {getattr(s, name)} is under 1; 0 = never")
     if s.workers != "auto" and not (s.workers.isascii() and s.workers.isdigit()
                                     and int(s.workers) >= 1):
         raise SettingsError(f"--workers: {s.workers!r} is not a count >= 1 or 'auto'")

@@ -28,7 +28,9 @@ that the kernel spreads incoming connections over them, and:
   deadlines, so it is killed, and started again as one that died.
 - a worker that fails before it is ready (a busy port, a model it cannot load) stops the
   whole server: the supervisor stops the others and exits with the worker's reason on one
-  line and status 2, as a lone server would.
+  line and status 2, as a lone server would. So does one not ready --worker-start-timeout-s
+  after it started (hung while loading or warming up, where it cannot answer yet): it is
+  killed first.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import PROCESS_COLLECTOR, Counter, Gauge
@@ -170,6 +172,7 @@ class _Worker:
     heard: float = 0.0  # when it last sent anything (time.monotonic())
     asked: bool = False  # a PING not yet answered (one at a time: a pipe's buffer is finite)
     killed: bool = False  # by the supervisor, as hung
+    started: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -272,6 +275,7 @@ class Supervisor:
             waitables += [w.process.sentinel for w in self._workers]
             for ready in multiprocessing.connection.wait(waitables, timeout=0.2):
                 self._handle(ready)
+            self._check_starting(time.monotonic())
             if timeout and time.monotonic() - pinged >= min(5.0, timeout / 4):
                 pinged = time.monotonic()
                 self._check_hung(pinged)
@@ -295,6 +299,19 @@ class Supervisor:
         if self.failure is not None:
             return 2
         return 0 if all(code == 0 for code in codes) and not self.failed else 1
+
+    def _check_starting(self, now: float) -> None:
+        """Kill each worker not ready --worker-start-timeout-s after it started: its sentinel
+        then stops the server, with this reason, as for a worker that could not start."""
+        limit = self.settings.worker_start_timeout_s
+        for w in self._workers:
+            if limit and not w.ready and not w.killed and now - w.started > limit:
+                log.error("worker %d is not ready %.0f s after it started: killed", w.index,
+                          now - w.started)
+                w.killed = True
+                w.failure = f"not ready within --worker-start-timeout-s {limit:g}"
+                with contextlib.suppress(OSError):
+                    w.process.kill()
 
     def _check_hung(self, now: float) -> None:
         """Kill each ready worker that has not answered for the timeout (its sentinel then
