@@ -231,9 +231,7 @@ def held_decoder(srv: ServerThread, rows: int) -> Iterator[threading.Event]:
         threads[0].start()  # the first runs (held) ...
         assert entered.wait(30)
         threads[1].start()  # ... the second waits in the queue
-        deadline = time.monotonic() + 30
-        while batcher.queued_images < rows and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: batcher.queued_images >= rows, timeout=30, every=0.005)
         assert batcher.queued_images == rows
         yield gate
     finally:
@@ -308,3 +306,15 @@ def run_cli(target: str, *args: str, expect: int = 0, timeout: float = 60,
                           capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
     assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
     return proc
+
+
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[str] | None = None,
+               timeout: float = 60.0, what: str = "not reached in time",
+               every: float = 0.05) -> None:
+    """Poll `ready` until it holds; fail with `what` after `timeout` seconds, or at once if
+    `proc` has exited."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc is None or proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, what
+        time.sleep(every)

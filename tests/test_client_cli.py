@@ -10,7 +10,6 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -25,6 +24,7 @@ from serving import (
     served_process,
     stop_process,
     stub_server,
+    wait_until,
 )
 from vae_client import VaeClient
 from vae_client.images import grid, read_png, write_png
@@ -494,15 +494,6 @@ def test_ctrl_c_stops_every_stream_and_keeps_the_file(model_dir, tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.npy"]
     finally:
         stop_process(server.proc)
-
-
-def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[str] | None = None,
-               timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc is None or proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "not reached in time"
-        time.sleep(0.05)
 
 
 def _stalling_streams(fail_after_offset: bool, release: threading.Event,

@@ -195,12 +195,17 @@ def test_an_output_that_cannot_be_written_leaves_the_old_file(cli, tmp_path, req
 # -- refusals in one line, before anything is allocated or sent ------------------------------
 
 
+def bulk_refused(cli: Cli, out: Path, address: str) -> str:
+    """The one line of a small bulk job on the Ray cluster at `address`, which fails."""
+    need_module("ray")
+    return one_line(cli("bulk", "--n", "10", "--shard-size", "10", "--format", "npz",
+                        "--no-progress", "--out", str(out), "--ray-address", address,
+                        expect=1))
+
+
 def test_bulk_with_an_address_ray_cannot_read_is_one_line(cli, tmp_path):
     """Before: ray.init's ValueError ('Invalid address format') came out as a traceback."""
-    need_module("ray")
-    proc = cli("bulk", "--n", "10", "--shard-size", "10", "--format", "npz", "--no-progress",
-               "--out", str(tmp_path / "d"), "--ray-address", "garbage", expect=1)
-    line = one_line(proc)
+    line = bulk_refused(cli, tmp_path / "d", "garbage")
     assert "--ray-address garbage" in line and "Invalid address format" in line, line
 
 
@@ -208,11 +213,8 @@ def test_bulk_with_an_address_ray_cannot_read_is_one_line(cli, tmp_path):
 def test_bulk_with_a_ray_address_nothing_answers_at_is_one_line(cli, tmp_path, address):
     """Before: ray.init retried a port that nobody listens on for minutes (cut here at 120 s
     by the test's own timeout)."""
-    need_module("ray")
     address = address.format(port=free_port())
-    proc = cli("bulk", "--n", "10", "--shard-size", "10", "--format", "npz", "--no-progress",
-               "--out", str(tmp_path / "d"), "--ray-address", address, expect=1)
-    line = one_line(proc)
+    line = bulk_refused(cli, tmp_path / "d", address)
     assert f"--ray-address {address}: no connection to 127.0.0.1:" in line, line
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").glob("*.npz"))
 

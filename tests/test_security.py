@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,8 +251,6 @@ def test_the_cli_s_failed_handshake_is_its_one_line_alone(tls_server, pki):
     """Before: four of gRPC's own "I... ssl_transport_security.cc:2563] Handshake failed"
     lines came above vae-client's one-line error. GRPC_VERBOSITY from the environment still
     wins."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
     argv = [str(VENV_BIN / "vae-client"), "--target", tls_server.target, "--timeout", "5",
             "--tls-ca", pki.other_ca_pem, "info"]

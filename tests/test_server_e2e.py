@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -351,8 +352,6 @@ def test_a_reply_grpc_could_not_send_is_one_warning(server, caplog):
     when the caller's reset beats it, as an ERROR with an eight-line traceback. Before, that
     record reached the log as it was; here it is one WARNING line. (The record is made as
     grpc.aio makes it: whether gRPC logs a real one depends on that race.)"""
-    import logging
-
     grpc_log = logging.getLogger("grpc._cython.cygrpc")
     with caplog.at_level(logging.INFO, logger=grpc_log.name):
         try:

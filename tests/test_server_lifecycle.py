@@ -21,6 +21,7 @@ from serving import (
     server_thread,
     start_server_process,
     wait_serving,
+    wait_until,
 )
 from vae_client import VaeClient, VaeError
 from vae_core.ports import free_port
@@ -323,16 +324,11 @@ def test_a_stream_to_a_client_that_stopped_answering_ends(model_dir, monkeypatch
              "--stream", "--chunk-size", "1000", "--no-progress", "--out",
              str(tmp_path / "big.npy")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 60
-            while servicer._in_flight == 0:
-                assert time.monotonic() < deadline and client.poll() is None
-                time.sleep(0.05)
+            wait_until(lambda: servicer._in_flight > 0, client)
             time.sleep(0.5)  # chunks flowing
             client.send_signal(signal.SIGSTOP)
-            deadline = time.monotonic() + 30
-            while servicer._in_flight:
-                assert time.monotonic() < deadline, "the stream still runs"
-                time.sleep(0.1)
+            wait_until(lambda: servicer._in_flight == 0, timeout=30,
+                       what="the stream still runs", every=0.1)
         finally:
             client.kill()
             client.wait()

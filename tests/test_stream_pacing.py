@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving import held_decoder, server_thread, stub_server
+from serving import held_decoder, server_thread, stub_server, wait_until
 from vae_client import VaeClient, VaeError
 from vae_core.onnx_model import OnnxVAE
 from vae_proto import vae_pb2
@@ -124,7 +124,7 @@ def test_callers_that_stop_reading_hold_queue_room_not_memory(model_dir):
                        max_images_per_request=chunk, max_sample_n=chunk, max_chunk_size=chunk,
                        default_chunk_size=chunk, max_k=chunk) as srv:
         batcher = srv.running.servicer.decoder
-        z = np.zeros((chunk, batcher_latent_dim(srv)), np.float32)
+        z = np.zeros((chunk, srv.running.servicer.runtime.latent_dim), np.float32)
         decode = vae_pb2.DecodeRequest(z=to_tensor(z)).SerializeToString()
         channels, streams = [], []
         refused = None
@@ -166,16 +166,10 @@ def test_callers_that_stop_reading_hold_queue_room_not_memory(model_dir):
         def in_flight() -> float:
             return srv.running.metrics.registry.get_sample_value("vae_in_flight_calls")
 
-        deadline = time.monotonic() + 10
-        while (batcher.unsent_images or in_flight()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert batcher.unsent_images == 0 and in_flight() == 0
+        wait_until(lambda: batcher.unsent_images == 0 and in_flight() == 0, timeout=10,
+                   what="stream images still held, or calls in flight")
         with VaeClient(srv.target, retries=0) as c:
             assert c.decode(z).shape[0] == chunk
-
-
-def batcher_latent_dim(srv) -> int:
-    return srv.running.servicer.runtime.latent_dim
 
 
 @pytest.fixture

@@ -188,8 +188,8 @@ class Batcher:
 
     def release_unsent(self, n: int) -> None:
         """The images of hold_unsent(n) were sent, or will never be."""
-        if n:
-            self._unsent -= n
+        self._unsent -= n
+        if n and self._room_waiters:
             self._room_freed()
 
     @property

@@ -103,7 +103,8 @@ class ModelRuntime(ModelDirectory):
         elif self.bound:
             self.encoder_small, self.decoder_small = self.open_sessions(chosen, threads, spinning)
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
-        small = max(1, min(small_rows, max_rows))
+        # The small sessions' batches: at most small_rows, and never past a batch.
+        self.small_rows = small = max(1, min(small_rows, max_rows))
         specs = [(self.encoder, ENCODER_OUTPUTS, "x", max_rows),
                  (self.decoder, self._decoder_outputs, "z", max_rows),
                  (self.encoder_small, ENCODER_OUTPUTS, "x", small),

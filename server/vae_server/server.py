@@ -221,9 +221,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     sizes = sorted({1, 16, min(256, settings.max_batch_size), settings.max_batch_size})
     for _ in range(max(1, settings.warmup_rounds)):
         await loop.run_in_executor(executor, runtime.warm_up, sizes,
-                                   # Inline batches are batches: at most max_batch_size.
-                                   sorted({1, 16, min(settings.inline_rows,
-                                                      settings.max_batch_size)} - {0}))
+                                   sorted({1, 16, runtime.small_rows}))
     if announce:
         await running.set_serving(True)
     log.info("%s model %s on %s, %d instance(s) per model, event loop %s",

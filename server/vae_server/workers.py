@@ -300,6 +300,13 @@ class Supervisor:
             return 2
         return 0 if all(code == 0 for code in codes) and not self.failed else 1
 
+    @staticmethod
+    def _kill(w: _Worker) -> None:
+        """Kill a worker found hung; its sentinel then says what follows."""
+        w.killed = True
+        with contextlib.suppress(OSError):
+            w.process.kill()
+
     def _check_starting(self, now: float) -> None:
         """Kill each worker not ready --worker-start-timeout-s after it started: its sentinel
         then stops the server, with this reason, as for a worker that could not start."""
@@ -308,10 +315,8 @@ class Supervisor:
             if limit and not w.ready and not w.killed and now - w.started > limit:
                 log.error("worker %d is not ready %.0f s after it started: killed", w.index,
                           now - w.started)
-                w.killed = True
                 w.failure = f"not ready within --worker-start-timeout-s {limit:g}"
-                with contextlib.suppress(OSError):
-                    w.process.kill()
+                self._kill(w)
 
     def _check_hung(self, now: float) -> None:
         """Kill each ready worker that has not answered for the timeout (its sentinel then
@@ -322,9 +327,7 @@ class Supervisor:
             if now - w.heard > self.settings.worker_timeout_s:
                 log.error("worker %d has not answered for %.0f s: killed, to be started "
                           "again", w.index, now - w.heard)
-                w.killed = True
-                with contextlib.suppress(OSError):
-                    w.process.kill()
+                self._kill(w)
                 continue
             if not w.asked:
                 w.asked = True
