@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -126,25 +127,41 @@ def streaming_replica(rs: list[Replica]) -> Replica:
     return sending[0]
 
 
+STREAM_N, STREAM_CHUNK = 40_000, 500
+
+
+def begin_stream(client: VaeClient, rs: list[Replica], seed: int
+                 ) -> tuple[list[tuple[int, np.ndarray]], Iterator[tuple[int, np.ndarray]],
+                            Replica]:
+    """A uint8 stream of STREAM_N images begun: its first chunk, the rest of it, and the
+    replica that sends it."""
+    stream = client.sample_stream(STREAM_N, seed=seed, chunk_size=STREAM_CHUNK, dtype="uint8")
+    chunks = [next(stream)]
+    return chunks, stream, streaming_replica(rs)
+
+
+def assert_whole_stream(chunks: list[tuple[int, np.ndarray]], reference: OnnxVAE,
+                        seed: int) -> None:
+    """Every image of the stream, in order, once, and byte for byte the model's."""
+    want = np.rint(reference.sample(STREAM_N, seed) * 255).astype(np.uint8).reshape(
+        STREAM_N, 28, 28)
+    offsets = [o for o, _ in chunks]
+    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)  # none twice
+    got = np.concatenate([x for _, x in chunks])
+    assert got.shape == want.shape and got.tobytes() == want.tobytes()
+
+
 def test_a_stream_whose_server_is_killed_resumes_on_another_byte_for_byte(model_dir,
                                                                           reference):
-    n, chunk = 40_000, 500
-    want = np.rint(reference.sample(n, 21) * 255).astype(np.uint8).reshape(n, 28, 28)
     with replicas(model_dir, 3) as rs, VaeClient(target_of(rs), timeout=120) as client:
-        chunks: list[tuple[int, np.ndarray]] = []
-        stream = client.sample_stream(n, seed=21, chunk_size=chunk, dtype="uint8")
-        chunks.append(next(stream))
-        sending = streaming_replica(rs)
+        chunks, stream, sending = begin_stream(client, rs, 21)
         sending.proc.kill()
         chunks.extend(stream)
         others = [r for r in rs if r is not sending]
         resumed = sum(metric_total(r.metrics_port, "grpc_server_started_total",
                                    grpc_method="SampleStream") for r in others)
     assert resumed == 1  # the rest of the stream came from another server, in one call
-    offsets = [o for o, _ in chunks]
-    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)  # none twice
-    got = np.concatenate([x for _, x in chunks])
-    assert got.shape == want.shape and got.tobytes() == want.tobytes()
+    assert_whole_stream(chunks, reference, 21)
 
 
 def test_a_stream_whose_server_hangs_resumes_on_another_byte_for_byte(model_dir, reference):
@@ -152,13 +169,8 @@ def test_a_stream_whose_server_hangs_resumes_on_another_byte_for_byte(model_dir,
     not close its connection, and a stream has no deadline by default: before, the client
     waited for the next chunk for ever. Its keepalive pings now find the connection dead
     (CLIENT_KEEPALIVE), and the stream resumes by offset on another server."""
-    n, chunk = 40_000, 500
-    want = np.rint(reference.sample(n, 22) * 255).astype(np.uint8).reshape(n, 28, 28)
     with replicas(model_dir, 2) as rs, VaeClient(target_of(rs), timeout=120) as client:
-        chunks: list[tuple[int, np.ndarray]] = []
-        stream = client.sample_stream(n, seed=22, chunk_size=chunk, dtype="uint8")
-        chunks.append(next(stream))
-        sending = streaming_replica(rs)
+        chunks, stream, sending = begin_stream(client, rs, 22)
         other = next(r for r in rs if r is not sending)
         sending.proc.send_signal(signal.SIGSTOP)
         try:
@@ -171,10 +183,7 @@ def test_a_stream_whose_server_hangs_resumes_on_another_byte_for_byte(model_dir,
         finally:
             sending.proc.send_signal(signal.SIGCONT)
     assert resumed == 1  # the rest of the stream came from the other server, in one call
-    offsets = [o for o, _ in chunks]
-    assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
-    got = np.concatenate([x for _, x in chunks])
-    assert got.shape == want.shape and got.tobytes() == want.tobytes()
+    assert_whole_stream(chunks, reference, 22)
 
 
 def test_a_server_restarted_with_sigterm_under_load_fails_no_call(model_dir, reference):
