@@ -82,6 +82,9 @@ BAD_SETTINGS = {
     "token variable": ([], {"VAE_AUTH_TOKENS": "has space"}, "VAE_AUTH_TOKENS", "token 1"),
     # Before: accepted, then the server crashed at the start (gRPC's C int) or at SIGTERM
     # (nan as a sleep), or sent every connection away at once (0.0001 s is 0 ms).
+    "pending calls past gRPC's": (["--max-pending-calls", "2147483648"], {},
+                                  "--max-pending-calls", "at most 2147483647"),
+    "no pending calls": ([], {"VAE_MAX_PENDING_CALLS": "0"}, "--max-pending-calls", ">= 1"),
     "age inf": (["--max-connection-age-s", "inf"], {}, "--max-connection-age-s",
                 "'inf' is not a finite number"),
     "age past gRPC's": (["--max-connection-age-s", "2592000"], {}, "--max-connection-age-s",
@@ -193,6 +196,14 @@ def test_connection_ages_reach_grpc_as_the_milliseconds_given():
     assert most["grpc.max_connection_age_grace_ms"] <= 2**31 - 1
     assert options("--max-connection-age-s", "0.001")["grpc.max_connection_age_ms"] == 1
     assert "grpc.max_connection_age_ms" not in options("--max-connection-age-s", "0")
+
+
+def test_pending_calls_reach_grpc_as_both_of_its_bounds():
+    from vae_server.server import grpc_options
+
+    options = dict(grpc_options(load_settings(["--max-pending-calls", "123"], env={})))
+    assert options["grpc.server.max_pending_requests"] == 123
+    assert options["grpc.server.max_pending_requests_hard_limit"] == 123
 
 
 def test_a_model_directory_that_cannot_be_served_exits_2(tmp_path):

@@ -68,6 +68,10 @@ class Settings:
     max_queue_images: int = _doc(
         "most images waiting per model; a call that does not fit gets RESOURCE_EXHAUSTED",
         default=65536)
+    max_pending_calls: int = _doc(
+        "calls gRPC holds for the server to take when they arrive faster than its event loop "
+        "takes them (about 15 KB each); gRPC cancels calls beyond it (CANCELLED)",
+        default=20000)
     max_delay_ms: float = _doc(
         "longest a batch waits to fill: for calls the server already holds, or for as many "
         "calls as the last batch had (so a lone caller does not wait, except the first one "
@@ -308,9 +312,9 @@ def _check(s: Settings) -> None:
         loops.resolve(s.event_loop)
     except (ValueError, RuntimeError) as exc:
         raise SettingsError(f"--event-loop: {exc}") from None
-    for name in ("max_batch_size", "max_queue_images", "max_images_per_request", "max_sample_n",
-                 "max_stream_n", "max_chunk_size", "default_chunk_size", "max_k",
-                 "max_message_mb"):
+    for name in ("max_batch_size", "max_queue_images", "max_pending_calls",
+                 "max_images_per_request", "max_sample_n", "max_stream_n", "max_chunk_size",
+                 "default_chunk_size", "max_k", "max_message_mb"):
         if getattr(s, name) < 1:
             raise SettingsError(f"{_flag(name)}: {getattr(s, name)}; it must be >= 1")
     # A call that could never fit in the queue would be told "queue full, retry" forever
@@ -335,7 +339,10 @@ def _check(s: Settings) -> None:
         if getattr(s, name) > 2**bits - 1:
             raise SettingsError(f"{_flag(name)}: {getattr(s, name)}; it must be at most "
                                 f"{2**bits - 1} (GetModelInfo's uint{bits})")
-    # gRPC takes the message limit as a C int: past it the server would die at the start.
+    # gRPC takes these as C ints: past them the server would die at the start.
+    if s.max_pending_calls > 2**31 - 1:
+        raise SettingsError(f"--max-pending-calls: {s.max_pending_calls}; it must be at most "
+                            f"{2**31 - 1} (gRPC's limit)")
     if s.max_message_mb > MAX_MESSAGE_MB:
         raise SettingsError(f"--max-message-mb: {s.max_message_mb}; it must be at most "
                             f"{MAX_MESSAGE_MB} (gRPC's limit, 2 GiB)")

@@ -105,6 +105,12 @@ def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str
         # And the server's own, to find clients gone without a word, whose streams would
         # otherwise hold queue room until their connection's age ends them.
         *keepalive_options(SERVER_KEEPALIVE_MS, SERVER_KEEPALIVE_TIMEOUT_MS),
+        # Calls the event loop has not taken yet wait in gRPC, which by default cancels some
+        # past 1,000 of them and all past 3,000: a burst of calls would end CANCELLED, a code
+        # that says the caller gave up, instead of reaching the queue, which serves them or
+        # refuses them with RESOURCE_EXHAUSTED. Soft and hard bounds equal: none at random.
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_calls),
     ]
     if settings.max_connection_age_s > 0:
         options += [
