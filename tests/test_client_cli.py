@@ -187,6 +187,20 @@ def test_encode_sample_writes_z(cli, client, digits, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "z.npy"), z_ref)
 
 
+def test_encode_sample_z_does_not_depend_on_the_server_s_call_limit(model_dir, client,
+                                                                    digits, tmp_path):
+    # The CLI sends at most --max-images-per-request images a call. It used to draw each
+    # call's noise from a seed of its own, so the z of one file and one --seed changed with
+    # the server it was sent to; each image's noise is now its index's.
+    np.save(tmp_path / "d.npy", digits)
+    _, _, z_ref = client.encode(digits, sample=True, seed=5)
+    with served_process(model_dir, "--log-level", "WARNING", "--warmup-rounds", "1",
+                        "--max-images-per-request", "16", timeout=30) as (small, _):
+        run_cli(small, "encode", "--in", str(tmp_path / "d.npy"), "--sample", "--seed", "5",
+                "--out", str(tmp_path / "z.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "z.npy"), z_ref)
+
+
 def test_decode_to_npy_and_png(cli, client, tmp_path):
     z = np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32)
     np.save(tmp_path / "z.npy", z)

@@ -16,6 +16,7 @@ from vae_client import AsyncVaeClient, VaeClient, VaeError
 from vae_core import likelihood as lk
 from vae_core.calibration import Calibration
 from vae_core.onnx_model import OnnxVAE
+from vae_core.rng import indexed_normals
 from vae_proto import vae_pb2, vae_pb2_grpc
 from vae_proto.tensor import MESSAGE_OVERHEAD
 
@@ -56,6 +57,20 @@ def test_model_info(client, model_dir, reference):
     assert info.batching.enabled and info.batching.max_batch_size == 256
     assert info.limits.max_k >= 1000 and list(info.image_shape) == [28, 28]
     assert '"calibration"' in info.manifest_json
+
+
+def test_encode_z_of_a_set_sent_in_parts_is_the_z_of_the_whole(client):
+    x = np.random.default_rng(3).integers(0, 256, (2500, 784), dtype=np.uint8)
+    mu, logvar, z = client.encode(x, sample=True, seed=11)
+    parts = [client.encode(x[a:b], sample=True, seed=11, offset=a)[2]
+             for a, b in [(0, 1000), (1000, 1030), (1030, 2500)]]
+    np.testing.assert_array_equal(np.concatenate(parts), z)
+    eps = indexed_normals(11, 0, 2500, mu.shape[1])
+    np.testing.assert_allclose(z, mu + np.exp(0.5 * logvar) * eps, rtol=1e-6, atol=1e-6)
+    # The offset moves each image along the stream: image 0 at offset 7 gets image 7's noise.
+    _, _, z7 = client.encode(x[:1], sample=True, seed=11, offset=7)
+    np.testing.assert_allclose(z7, mu[:1] + np.exp(0.5 * logvar[:1]) * eps[7:8], rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_encode_decode_sample_equal_the_model_run_in_process(client, reference, digits):

@@ -38,7 +38,6 @@ from vae_client.cli_io import CliError, ImageSink, Progress  # noqa: E402
 from vae_client.client import VaeClient  # noqa: E402
 from vae_client.errors import VaeError  # noqa: E402
 from vae_client.images import ImageFileError  # noqa: E402
-from vae_core.rng import key_words  # noqa: E402
 from vae_core.security import SecurityFileError  # noqa: E402
 from vae_proto.tensor import images_per_message  # noqa: E402
 from vae_proto.vae_pb2 import ModelInfo  # noqa: E402
@@ -162,15 +161,6 @@ def _max_images(info: ModelInfo) -> int:
     return max(1, min(info.limits.max_images_per_request, info.batching.max_queue_images, fit))
 
 
-def _batch_seed(seed: int, start: int) -> int:
-    """The seed of the request that starts at image `start`: `seed` itself for the first,
-    so a file that fits one request gets exactly what the library call returns, and an
-    independent stream derived from (seed, start) for the others."""
-    if start == 0:
-        return seed
-    return int(np.random.SeedSequence(key_words(seed, start)).generate_state(1, np.uint64)[0])
-
-
 # -- info -----------------------------------------------------------------------------------
 
 
@@ -226,7 +216,7 @@ def run_encode(args: argparse.Namespace) -> int:
         with Progress(len(images), "encode", cli_io.progress_wanted(args.progress)) as bar:
             for start, stop in _spans(len(images), batch):
                 parts.append(client.encode(images[start:stop], sample=args.sample,
-                                           seed=_batch_seed(args.seed, start)))
+                                           seed=args.seed, offset=start))
                 bar.update(stop - start)
     mu, logvar, *z = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
     cli_io.write_latents(args.out, mu, logvar, z[0] if z else None)

@@ -61,9 +61,10 @@ def images_tensor(images: np.ndarray) -> vae_pb2.Tensor:
     return to_tensor(arr)
 
 
-def encode_request(images: np.ndarray, sample: bool, seed: int) -> vae_pb2.EncodeRequest:
+def encode_request(images: np.ndarray, sample: bool, seed: int,
+                   offset: int) -> vae_pb2.EncodeRequest:
     return request(vae_pb2.EncodeRequest, images=images_tensor(images), sample=sample,
-                   seed=seed)
+                   seed=seed, offset=offset)
 
 
 def sample_request(n: int, seed: int, dtype: str, digit: int | None) -> vae_pb2.SampleRequest:

@@ -64,9 +64,10 @@ class AsyncVaeClient:
         return await self._call(self._stub.GetModelInfo, vae_pb2.GetModelInfoRequest(), timeout)
 
     async def encode(self, images: np.ndarray, sample: bool = False, seed: int = 0,
-                     timeout: float | None = None) -> tuple[np.ndarray, ...]:
-        """Images -> (mu, logvar), or (mu, logvar, z) when `sample` is set."""
-        req = _codec.encode_request(images, sample, seed)
+                     offset: int = 0, timeout: float | None = None) -> tuple[np.ndarray, ...]:
+        """Images -> (mu, logvar), or (mu, logvar, z) when `sample` is set; `offset` as in
+        VaeClient.encode."""
+        req = _codec.encode_request(images, sample, seed, offset)
         reply = await self._call(self._stub.Encode, req, timeout)
         out = (_codec.array(reply.mu, "mu"), _codec.array(reply.logvar, "logvar"))
         return (*out, _codec.array(reply.z, "z")) if sample else out

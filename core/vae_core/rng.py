@@ -37,3 +37,26 @@ def key_words(*key: int) -> list[int]:
 def keyed_rng(*key: int) -> np.random.Generator:
     """The generator of the stream named by `key`."""
     return np.random.default_rng(key_words(*key))
+
+
+ROWS_PER_BLOCK = 1024
+
+
+def indexed_normals(seed: int, start: int, n: int, width: int) -> np.ndarray:
+    """Rows start .. start + n - 1 of an endless float32 array [., width] of N(0, 1) draws
+    named by `seed`: row i depends on (seed, i) alone, so a set of rows split over several
+    calls gets the draws it would get in one. Rows come in blocks of ROWS_PER_BLOCK: block 0
+    is numpy's default_rng(seed), the stream of the whole call before rows had indices (so
+    the first rows keep their draws), and block b > 0 the stream (seed, b, 2)."""
+    out = np.empty((n, width), dtype=np.float32)
+    first, last = start // ROWS_PER_BLOCK, (start + n - 1) // ROWS_PER_BLOCK
+    for b in range(first, last + 1) if n else ():
+        rng = np.random.default_rng(seed) if b == 0 else keyed_rng(seed, b, 2)
+        lo = b * ROWS_PER_BLOCK
+        # Only the block's rows up to the last one asked for are drawn: a block's stream
+        # gives its rows in order, so the draws of a row do not depend on how many follow.
+        hi = min(lo + ROWS_PER_BLOCK, start + n)
+        block = rng.standard_normal((hi - lo, width), dtype=np.float32)
+        a = max(start, lo)
+        out[a - start : hi - start] = block[a - lo :]
+    return out

@@ -39,6 +39,7 @@ class EncodeInput(NamedTuple):
     images: np.ndarray  # float32 [N, D] in [0, 1]; uint8 pixels y read as (y + 0.5) / 256
     sample: bool
     seed: int
+    offset: int  # the first image's index within the caller's data set
 
 
 class DecodeInput(NamedTuple):
@@ -91,7 +92,7 @@ def encode(raw: bytes, limits: Limits) -> EncodeInput:
     if x.dtype == np.uint8:
         # The centre of the pixel's dequantisation interval (vae.proto, EncodeRequest).
         x = (x.astype(np.float32) + np.float32(0.5)) / np.float32(256.0)
-    return EncodeInput(x, bool(request.sample), int(request.seed))
+    return EncodeInput(x, bool(request.sample), int(request.seed), int(request.offset))
 
 
 def decode(raw: bytes, limits: Limits) -> DecodeInput:

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from vae_core import likelihood as lk
+from vae_core.rng import indexed_normals
 from vae_proto import vae_pb2
 from vae_server import replies, requests
 from vae_server.batcher import Batcher
@@ -266,7 +267,7 @@ class VaeServicer:
         self._images["Encode"].inc(len(mu))
         z = None
         if req.sample:
-            eps = np.random.default_rng(req.seed).standard_normal(mu.shape, dtype=np.float32)
+            eps = indexed_normals(req.seed, req.offset, *mu.shape)
             z = mu + np.exp(np.float32(0.5) * logvar) * eps
         return replies.encode(mu, logvar, z)
 
