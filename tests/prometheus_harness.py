@@ -92,14 +92,22 @@ def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from iter_panels(panel.get("panels", []))
 
 
+# Grafana's rate window: the larger of 4 scrape intervals (the datasource's timeInterval, 15 s)
+# and the step plus one scrape interval. The tests' queries are instant, over a few minutes
+# of data: 1 minute, what Grafana gives a range of up to about an hour.
+RATE_INTERVAL = "$__rate_interval"
+RATE_INTERVAL_HERE = "1m"
+
+
 def dashboard_queries(path: Path = DASHBOARD) -> list[PanelQuery]:
+    """The dashboard's PromQL, with $__rate_interval as Grafana sets it for a short range."""
     dash = json.loads(path.read_text())
     out = []
     for panel in iter_panels(dash["panels"]):
         for target in panel.get("targets", []):
             if target.get("expr"):
                 out.append(PanelQuery(panel.get("title", ""), target.get("refId", ""),
-                                      target["expr"]))
+                                      target["expr"].replace(RATE_INTERVAL, RATE_INTERVAL_HERE)))
     return out
 
 

@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from prometheus_harness import DASHBOARD, PROMETHEUS_CONFIG, REPO_ROOT, dashboard_queries, need_module
+from prometheus_harness import (
+    DASHBOARD,
+    PROMETHEUS_CONFIG,
+    RATE_INTERVAL,
+    REPO_ROOT,
+    dashboard_queries,
+    need_module,
+)
 from serving import server_thread, wait_serving
 from vae_core.ports import free_port
 
@@ -396,8 +403,12 @@ def test_dashboard_is_valid_and_names_the_provisioned_datasource():
         assert p["targets"], p["title"]
         for t in p["targets"]:
             assert t["datasource"]["uid"] == uid, p["title"]
-            # Plain PromQL: no Grafana variables for the e2e test to substitute.
-            assert "$" not in t["expr"], t["expr"]
+            # PromQL with one Grafana variable, which the e2e test substitutes. A rate over a
+            # fixed window drops what happens between the points of a long time range (a
+            # 1-minute window every 2 minutes at 24 h); $__rate_interval follows the step.
+            assert "$" not in t["expr"].replace(RATE_INTERVAL, ""), t["expr"]
+            for window in re.findall(r"\brate\([^()]*\[([^]]*)\]\)", t["expr"]):
+                assert window == RATE_INTERVAL, f"{p['title']}: rate over [{window}]"
 
 
 def test_dashboard_covers_every_metric_the_operator_needs():
