@@ -11,6 +11,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -266,3 +267,15 @@ def test_a_shard_missing_at_the_end_is_one_line(servers, tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1, err
     assert "shard train-00000-of-00002" in err and "is missing" in err and "share" in err
+
+
+def test_parquet_without_pyarrow_is_refused_before_any_work(monkeypatch, tmp_path):
+    # pyarrow comes with the bulk extra only. It was imported when the first shard was
+    # written: a traceback, once the images had been made and _bulk.json written.
+    from vae_client.bulk import BulkError, prepare
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as where it is not installed
+    spec = BulkSpec(n=30, seed=1, shard_size=30, format="parquet", digits=(), model_version="x")
+    with pytest.raises(BulkError, match=r"parquet needs pyarrow.*vae-serving\[bulk\]"):
+        prepare(tmp_path / "out", spec)
+    assert not (tmp_path / "out").exists()

@@ -184,6 +184,12 @@ def make_shard(target: str, spec: BulkSpec, i: int, out: str,
 
 def prepare(out: Path, spec: BulkSpec) -> list[int]:
     """Check or write _bulk.json; the shards left to make."""
+    if spec.format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise BulkError("--format parquet needs pyarrow: pip install 'vae-serving[bulk]', "
+                            "or --format npz or webdataset") from None
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / SPEC_FILE
     if spec_path.is_file():
