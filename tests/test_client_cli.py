@@ -560,3 +560,25 @@ def test_streams_beside_a_stalled_one_end_at_once(tmp_path, ending):
         assert proc.returncode == 1, err
         assert last.startswith("vae-client: error: INTERNAL: the stand-in broke"), err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args", [
+    ["score", "--in", "x.npy", "--json", "missing/s.json"],
+    ["score", "--in", "x.npy", "--csv", "missing/s.csv"],
+    ["encode", "--in", "x.npy", "--out", "missing/z.npz"],
+    ["encode", "--in", "x.npy", "--out", "folder.npz"],
+], ids=["score json", "score csv", "encode", "encode to a folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_call(args, digits, tmp_path):
+    # Checked only when written, after the work: scoring a whole test set at K = 1000 took
+    # minutes and then failed. Nothing listens at the target, so the refusal can only be
+    # the file's, made before any call.
+    np.save(tmp_path / "x.npy", digits[:3])
+    (tmp_path / "folder.npz").mkdir()
+    proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", f"127.0.0.1:{free_port()}",
+                           *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    out = args[-1]
+    assert proc.stderr.startswith(f"vae-client: error: {out}: "), proc.stderr
+    assert ("Is a directory" if out == "folder.npz" else "No such file or directory") \
+        in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.npz", "x.npy"]

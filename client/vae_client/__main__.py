@@ -209,6 +209,7 @@ def add_encode(sub: Subparsers) -> None:
 
 def run_encode(args: argparse.Namespace) -> int:
     cli_io.suffix_of(args.out, cli_io.LATENT_SUFFIXES, "--out")
+    cli_io.check_writable(args.out)
     images = cli_io.read_images(args.inputs)
     parts: list[tuple[np.ndarray, ...]] = []
     with _connect(args) as client:
@@ -413,6 +414,8 @@ def add_score(sub: Subparsers) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     images = cli_io.read_images(args.inputs)
+    for path in (args.json, args.csv):
+        cli_io.check_writable(path)
     parts = []
     with _connect(args) as client:
         info = client.info()

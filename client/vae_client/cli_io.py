@@ -183,6 +183,23 @@ def read_latents(path: str) -> np.ndarray:
     return z.astype(np.float32, copy=False)
 
 
+def check_writable(path: str | None) -> None:
+    """Refuse now an output file that could not be written once the work is done: a folder
+    that is missing or read-only, or a folder where the file should be (an OSError naming
+    `path`, as the write would). None and '-' (stdout) pass."""
+    if path is None or path == "-":
+        return
+    if Path(path).is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    part = part_path(path)
+    try:
+        with open(part, "wb"):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+    part.unlink(missing_ok=True)
+
+
 def write_latents(path: str, mu: np.ndarray, logvar: np.ndarray, z: np.ndarray | None) -> None:
     """.npz: arrays mu, logvar (and z when sampled). .npy: z when sampled, else mu."""
     # Through an open file: given a name, numpy adds ".npy" or ".npz" to one that does not
