@@ -582,3 +582,34 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_call(args, digit
     assert ("Is a directory" if out == "folder.npz" else "No such file or directory") \
         in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.npz", "x.npy"]
+
+
+def test_sample_streams_in_the_server_s_default_chunks_whatever_its_call_limit(model_dir,
+                                                                              tmp_path):
+    # The default chunk was also capped by --max-images-per-request, a limit on Encode,
+    # Decode and LogLikelihood calls, not on chunks: 3,000 images came in 30 chunks of 100
+    # instead of 3 of at most 1,024 (the server's default_chunk_size), and took longer.
+    port = free_port()
+    with served_process(model_dir, "--log-level", "WARNING", "--warmup-rounds", "1",
+                        "--max-images-per-request", "100", "--metrics-port", str(port),
+                        timeout=30) as (target, _):
+        before = metric_total(port, "vae_batch_size_count", model="decoder")
+        run_cli(target, "sample", "--n", "3000", "--stream", "--out", str(tmp_path / "x.npy"))
+        runs = metric_total(port, "vae_batch_size_count", model="decoder") - before
+    assert np.load(tmp_path / "x.npy").shape == (3000, 28, 28)
+    assert 1 <= runs <= 3, f"{runs} decoder runs for 3 chunks"
+
+
+def test_sample_no_stream_past_the_client_s_message_limit_is_refused_before_the_work(
+        model_dir, tmp_path):
+    # A server that allows 40,000 images a Sample and 256 MiB messages: 30,000 float32
+    # images (94 MB) were made, then refused by this client's own 64 MiB receive limit.
+    port = free_port()
+    with served_process(model_dir, "--log-level", "WARNING", "--warmup-rounds", "1",
+                        "--max-message-mb", "256", "--max-sample-n", "40000",
+                        "--metrics-port", str(port), timeout=30) as (target, _):
+        proc = run_cli(target, "sample", "--n", "30000", "--no-stream", "--out",
+                       str(tmp_path / "x.npy"), expect=1)
+        assert metric_total(port, "vae_batch_size_count", model="decoder") == 0
+    assert "--n 30000: float32 images in one reply past this client's 64 MiB" in proc.stderr
+    assert "--stream" in proc.stderr and not (tmp_path / "x.npy").exists()

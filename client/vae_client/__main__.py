@@ -283,8 +283,7 @@ def add_sample(sub: Subparsers) -> None:
                    help="OUT.npy (images [n, 28, 28] of --dtype) or OUT.png (one grid of the "
                         "images, white digits on black, with gray gutters)")
     p.add_argument("--chunk-size", type=_int_at_least(0, UINT32_MAX), default=0,
-                   help="images per streamed chunk; 0 = the server's default_chunk_size, or "
-                        "less where its queue is smaller "
+                   help="images per streamed chunk; 0 = the server's default_chunk_size "
                         "(default: %(default)s)")
     p.add_argument("--streams", type=_int_at_least(0), default=0,
                    help="streams at once, each of a contiguous range of the images (by "
@@ -314,15 +313,21 @@ def run_sample(args: argparse.Namespace) -> int:
         if limit and args.n > limit:
             raise CliError(f"--n {args.n}: more than the server's {name} ({limit})"
                            + ("" if stream else "; let the images stream (--stream)"))
+        # A reply this client could not take would come after the server's work.
+        fit = images_per_message(DEFAULT_MAX_MESSAGE_MB * 1024 * 1024,
+                                 28 * 28 * (1 if args.dtype == "uint8" else 4))
+        if not stream and args.n > fit:
+            raise CliError(f"--n {args.n}: {args.dtype} images in one reply past this client's "
+                           f"{DEFAULT_MAX_MESSAGE_MB} MiB message limit ({fit} images); let "
+                           "the images stream (--stream)")
         try:
             sink = ImageSink(args.out, args.n, args.dtype, args.cols)
         except (OverflowError, ValueError):  # n x 784 pixels past what numpy can address
             raise CliError(f"--n {args.n}: too many images for one file") from None
         try:
             if stream:
-                # The server's default chunk may not fit a small queue: then ask for less.
-                chunk = args.chunk_size or min(info.limits.default_chunk_size,
-                                               _max_images(info))
+                # The server's default chunk, where this client can take it whole.
+                chunk = args.chunk_size or max(1, min(info.limits.default_chunk_size, fit))
                 _sample_stream(client, args, chunk, sink)
             else:
                 sink.put(0, client.sample(args.n, seed=args.seed, dtype=args.dtype,
