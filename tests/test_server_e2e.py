@@ -71,6 +71,8 @@ def test_encode_z_of_a_set_sent_in_parts_is_the_z_of_the_whole(client):
     _, _, z7 = client.encode(x[:1], sample=True, seed=11, offset=7)
     np.testing.assert_allclose(z7, mu[:1] + np.exp(0.5 * logvar[:1]) * eps[7:8], rtol=1e-6,
                                atol=1e-6)
+    # `offset` came after the fourth argument, the timeout, which callers may pass by place.
+    np.testing.assert_array_equal(client.encode(x[:3], True, 11, 30.0)[2], z[:3])
 
 
 def test_encode_decode_sample_equal_the_model_run_in_process(client, reference, digits):

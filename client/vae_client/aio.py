@@ -64,7 +64,8 @@ class AsyncVaeClient:
         return await self._call(self._stub.GetModelInfo, vae_pb2.GetModelInfoRequest(), timeout)
 
     async def encode(self, images: np.ndarray, sample: bool = False, seed: int = 0,
-                     offset: int = 0, timeout: float | None = None) -> tuple[np.ndarray, ...]:
+                     timeout: float | None = None, *, offset: int = 0,
+                     ) -> tuple[np.ndarray, ...]:
         """Images -> (mu, logvar), or (mu, logvar, z) when `sample` is set; `offset` as in
         VaeClient.encode."""
         req = _codec.encode_request(images, sample, seed, offset)

@@ -70,8 +70,8 @@ class VaeClient:
         """The model's manifest, execution provider, batching settings and limits."""
         return self._call(self._stub.GetModelInfo, vae_pb2.GetModelInfoRequest(), timeout)
 
-    def encode(self, images: np.ndarray, sample: bool = False, seed: int = 0, offset: int = 0,
-               timeout: float | None = None) -> tuple[np.ndarray, ...]:
+    def encode(self, images: np.ndarray, sample: bool = False, seed: int = 0,
+               timeout: float | None = None, *, offset: int = 0) -> tuple[np.ndarray, ...]:
         """Images [N, 784] or [N, 28, 28] (float in [0, 1] or uint8) -> (mu, logvar), or
         (mu, logvar, z) with z ~ q(z|x) drawn from `seed` when `sample` is set. `offset` is
         the index of images[0] within a larger set sent in parts: the parts then get the z
