@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from vae_core.ports import free_port
+from vae_proto import vae_pb2
 from vae_server.config import load_settings
 from vae_server.server import RunningServer, create_server
 
@@ -256,6 +257,22 @@ def stub_server(handlers: dict[str, grpc.RpcMethodHandler]) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         server.stop(0)
+
+
+@contextmanager
+def refusing_server(method: str, code: grpc.StatusCode) -> Iterator[str]:
+    """A stand-in vae.v1 server that says no limits (a model of 4 latents) and refuses every
+    `method` call with `code`: a load that the load generator cannot tell will be refused
+    (it refuses at once what a real server's limits would refuse); yields its target."""
+    def info(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        return vae_pb2.ModelInfo(latent_dim=4, image_shape=[28, 28]).SerializeToString()
+
+    def refuse(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(code, "refused by the stand-in server")
+
+    with stub_server({"GetModelInfo": grpc.unary_unary_rpc_method_handler(info),
+                      method: grpc.unary_unary_rpc_method_handler(refuse)}) as target:
+        yield target
 
 
 @dataclass

@@ -12,7 +12,7 @@ import subprocess
 import grpc
 import pytest
 
-from serving import run_cli, served_process, stub_server
+from serving import refusing_server, run_cli, served_process, stub_server
 from vae_client.__main__ import DEFAULT_TIMEOUT
 from vae_client.bench import run_bench
 from vae_core.ports import free_port
@@ -88,20 +88,19 @@ def test_bench_calls_have_the_default_deadline():
     assert all(t is not None and 0 < t <= 6 for left in deadlines.values() for t in left)
 
 
-def test_json_with_no_successful_call_is_valid_json(target):
+def test_json_with_no_successful_call_is_valid_json():
     """Before: the latency percentiles of a run in which every call was refused came out as
     bare NaN, which is not JSON (jq and JSON.parse refuse the whole document)."""
-    # k over the server's max_k (10000): every call is refused. (A batch over its limit is
-    # refused by bench itself before any call.)
-    proc = bench(target, "--method", "loglik", "--k", "10001", "--duration", "0.3", "--warmup",
-                 "0", "--json")
+    # (A load over a real server's limits is refused by bench itself before any call.)
+    with refusing_server("LogLikelihood", grpc.StatusCode.INVALID_ARGUMENT) as target:
+        proc = bench(target, "--method", "loglik", "--duration", "0.3", "--warmup", "0",
+                     "--json")
+        text = bench(target, "--method", "loglik", "--duration", "0.3", "--warmup", "0").stdout
     result = strict_json(proc.stdout)
     assert result["calls"] == 0 and result["errors"].get("INVALID_ARGUMENT", 0) > 0
     assert set(result["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
     assert all(v is None for v in result["latency_ms"].values()), result["latency_ms"]
     # The text says so in words, not "nan ms".
-    text = bench(target, "--method", "loglik", "--k", "10001", "--duration", "0.3", "--warmup",
-                 "0").stdout
     assert "nan" not in text.lower() and "no call succeeded" in text
     assert "INVALID_ARGUMENT" in text
 

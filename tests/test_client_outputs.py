@@ -240,6 +240,21 @@ def test_bench_refuses_a_batch_over_the_server_s_limit(cli, method, limit):
     assert "errors: none" in proc.stdout, proc.stdout
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--method", "loglik", "--batch", "1", "--k", "10001"],
+     "k: 10001 importance samples, more than the server's max_k (10000)"),
+    (["--method", "loglik", "--batch", "16", "--k", "5000"],
+     "batch x k: 16 x 5000 = 80000 decoder rows, more than the server's max_queue_images "
+     "(65536)"),
+    (["--method", "stream", "--batch", "32", "--stream-n", "10000001"],
+     "stream_n: 10000001 images, more than the server's max_stream_n (10000000)"),
+], ids=["k", "rows", "stream_n"])
+def test_bench_refuses_a_load_the_server_would_refuse_every_call_of(cli, args, message):
+    """Before: the whole --duration of calls, every one INVALID_ARGUMENT, and status 0."""
+    proc = cli("bench", *args, "--duration", "0.2", "--warmup", "0", expect=1)
+    assert one_line(proc) == f"vae-client: error: INVALID_ARGUMENT: {message}\n"
+
+
 @pytest.mark.parametrize("client", [VaeClient, AsyncVaeClient])
 def test_a_message_limit_grpc_cannot_take_is_a_value_error(client):
     """Before: max_message_mb=2048 raised OverflowError from deep in gRPC; 0 made a client

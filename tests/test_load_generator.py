@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import grpc
 import pytest
 
-from serving import server_thread
+from serving import refusing_server, server_thread
 from vae_client import VaeError
 from vae_client.__main__ import main as client_main
 from vae_client.bench import run_bench
@@ -48,9 +49,10 @@ def test_open_loop_starts_calls_at_the_rate_asked(server):
     assert 70 <= r.calls <= 130
 
 
-def test_refused_calls_are_counted_by_status_code(server):
-    # k over the server's max_k (10000) on every call.
-    r = bench(server.target, "loglik", concurrency=2, duration=0.3, k=10001)
+def test_refused_calls_are_counted_by_status_code():
+    # (A load over a real server's limits is refused before any call: test_client_outputs.)
+    with refusing_server("LogLikelihood", grpc.StatusCode.INVALID_ARGUMENT) as target:
+        r = bench(target, "loglik", concurrency=2, duration=0.3)
     assert r.calls == 0 and r.errors.get("INVALID_ARGUMENT", 0) > 0
     assert set(r.errors) == {"INVALID_ARGUMENT"}
 

@@ -92,17 +92,32 @@ def build_request(method: str, batch: int, latent_dim: int, k: int = 1000,
     raise ValueError(f"method must be one of {METHODS}, not {method!r}")
 
 
-def check_batch(method: str, batch: int, limits: vae_pb2.Limits) -> None:
-    """Refuse a batch over the server's own limit for `method` (VaeError INVALID_ARGUMENT):
-    every call of it would be refused, and its images, allocated first, may not even fit in
-    memory. A limit of 0 is one the server did not say."""
-    name = BATCH_LIMITS.get(method)  # another method: build_request refuses it
+def check_load(method: str, batch: int, info: vae_pb2.ModelInfo, k: int = 1,
+               stream_n: int = 1) -> None:
+    """Refuse a load of which the server would refuse every call (VaeError INVALID_ARGUMENT):
+    a batch over its limit for `method` (whose images, allocated first, may not even fit in
+    memory), LogLikelihood's k or decoder rows (batch x k) over its limits, a stream longer
+    than it serves. A limit of 0 is one the server did not say."""
+    limits = info.limits
+
+    def refuse(what: str, name: str, limit: int) -> None:
+        raise VaeError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"{what}, more than the server's {name} ({limit})")
+
+    name = BATCH_LIMITS.get(method, "")  # another method: build_request refuses it
     limit = getattr(limits, name) if name else 0
     if limit and batch > limit:
-        per = "chunk" if method == "stream" else "call"
-        raise VaeError(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"batch: {batch} images per {per}, more than the server's {name} "
-                       f"({limit})")
+        refuse(f"batch: {batch} images per {'chunk' if method == 'stream' else 'call'}", name,
+               limit)
+    if method == "loglik":
+        if limits.max_k and k > limits.max_k:
+            refuse(f"k: {k} importance samples", "max_k", limits.max_k)
+        queue = info.batching.max_queue_images
+        if queue and batch * k > queue:
+            refuse(f"batch x k: {batch} x {k} = {batch * k} decoder rows", "max_queue_images",
+                   queue)
+    if method == "stream" and limits.max_stream_n and stream_n > limits.max_stream_n:
+        refuse(f"stream_n: {stream_n} images", "max_stream_n", limits.max_stream_n)
 
 
 def _percentiles(latencies: list[float]) -> dict[str, float]:
@@ -139,7 +154,7 @@ async def run_bench(target: str, method: str, concurrency: int = 1, duration: fl
             info = await info_call(vae_pb2.GetModelInfoRequest(), timeout=timeout)
         except grpc.RpcError as err:  # no server, refused credentials: no load to generate
             raise VaeError.from_rpc_error(err) from None
-        check_batch(method, batch, info.limits)  # before build_request allocates the batch
+        check_load(method, batch, info, k, stream_n)  # before build_request allocates it
         path, payload, images_per_call = build_request(method, batch, info.latent_dim, k,
                                                        dtype_enum, stream_n)
         if method == "stream":
