@@ -470,6 +470,28 @@ def test_cli_names_its_own_flags_for_a_bad_file(pki, tmp_path, capsys):
         Security.from_options(tls_ca=str(tmp_path / "nope.pem"))
 
 
+def test_cli_refuses_a_bad_pair_or_ca_file_in_one_line_before_connecting(pki, tmp_path,
+                                                                         capsys):
+    """Before: gRPC found them at the handshake, after seconds of retries: several C-core
+    lines ("Invalid private key.", "Handshaker factory creation failed"), then UNAVAILABLE
+    "Failed to create security handshaker", which names neither the file nor the option."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n"
+                       "-----END CERTIFICATE-----\n")
+    for flags, words in (
+            (["--tls-ca", pki.ca_pem, "--tls-cert", pki.client_pem, "--tls-key",
+              pki.server_key], f"--tls-cert {pki.client_pem} and --tls-key {pki.server_key} "
+                               "are not a usable pair"),
+            (["--tls-ca", str(garbage)], f"--tls-ca {garbage}: not usable as CA certificates")):
+        assert client_main(["--target", f"127.0.0.1:{free_port()}", *flags, "info"]) == 1
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    with pytest.raises(ValueError, match="tls_cert .* and tls_key .* are not a usable pair"):
+        Security.from_options(tls_cert=pki.client_pem, tls_key=pki.server_key)
+    with pytest.raises(ValueError, match="tls_ca: not usable as CA certificates"):
+        Security.from_options(tls_ca=garbage.read_bytes())
+
+
 def test_load_generator_with_mutual_tls_and_a_token(locked_server, pki):
     security = Security.from_options(tls_ca=pki.ca_pem, tls_cert=pki.client_pem,
                                      tls_key=pki.client_key, token=TOKENS[0])

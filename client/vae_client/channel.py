@@ -24,6 +24,8 @@ from vae_core.security import (
     CERTIFICATE,
     PRIVATE_KEY,
     TOKEN_RULE,
+    check_ca,
+    check_pair,
     read_pem,
     read_tokens,
     valid_token,
@@ -88,11 +90,20 @@ class Security:
             raise ValueError(f"a client certificate ({name('tls_cert')}) and its key "
                              f"({name('tls_key')}) go together")
         on = tls or any(x is not None for x in (tls_ca, tls_cert, tls_key, tls_server_name))
-        return cls(tls=on, root_certificates=_pem(tls_ca, name("tls_ca")),
-                   certificate_chain=_pem(tls_cert, name("tls_cert")),
-                   private_key=_pem(tls_key, name("tls_key"), PRIVATE_KEY),
-                   server_name=tls_server_name,
-                   token=None if token is None else _check_token(token))
+        security = cls(tls=on, root_certificates=_pem(tls_ca, name("tls_ca")),
+                       certificate_chain=_pem(tls_cert, name("tls_cert")),
+                       private_key=_pem(tls_key, name("tls_key"), PRIVATE_KEY),
+                       server_name=tls_server_name,
+                       token=None if token is None else _check_token(token))
+        # gRPC would find a bad CA or pair only at the handshake, after its retries, and say
+        # "Failed to create security handshaker". OpenSSL reads files, not bytes: a pair
+        # given as bytes is left to gRPC.
+        if tls_ca is not None:
+            check_ca(tls_ca, name("tls_ca"))
+        if tls_cert is not None and tls_key is not None and not isinstance(tls_cert, bytes) \
+                and not isinstance(tls_key, bytes):
+            check_pair(tls_cert, tls_key, name("tls_cert"), name("tls_key"))
+        return security
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

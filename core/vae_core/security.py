@@ -7,6 +7,7 @@ Messages name the file and the setting it came from, never a token.
 from __future__ import annotations
 
 import os
+import ssl
 
 CERTIFICATE = "certificate"
 PRIVATE_KEY = "private key"
@@ -40,6 +41,34 @@ def read_pem(path: str | os.PathLike[str], setting: str, kind: str = CERTIFICATE
     if _MARKERS[kind] not in data:
         raise SecurityFileError(f"{setting} {os.fspath(path)} holds no PEM {kind}")
     return data
+
+
+def check_pair(cert: str | os.PathLike[str], key: str | os.PathLike[str], cert_setting: str,
+               key_setting: str) -> None:
+    """Refuse a certificate and key files that are not a usable pair (a key of another
+    certificate, or an encrypted one): gRPC finds it only at the first handshake."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise SecurityFileError(
+            f"{cert_setting} {os.fspath(cert)} and {key_setting} {os.fspath(key)} are not a "
+            f"usable pair (an encrypted key, or a key of another certificate?): "
+            f"{exc.reason or exc}") from None
+
+
+def check_ca(ca: bytes | str | os.PathLike[str], setting: str) -> None:
+    """Refuse CA certificates, PEM bytes or a file, that OpenSSL cannot load."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if isinstance(ca, bytes):
+            ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        else:
+            ctx.load_verify_locations(cafile=ca)
+    except ssl.SSLError as exc:
+        where = setting if isinstance(ca, bytes) else f"{setting} {os.fspath(ca)}"
+        raise SecurityFileError(f"{where}: not usable as CA certificates: "
+                                f"{exc.reason or exc}") from None
 
 
 def read_tokens(path: str | os.PathLike[str], setting: str) -> list[str]:

@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import math
 import os
-import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -20,6 +19,8 @@ from vae_core.security import (
     PRIVATE_KEY,
     TOKEN_RULE,
     SecurityFileError,
+    check_ca,
+    check_pair,
     read_pem,
     read_tokens,
     valid_token,
@@ -373,22 +374,12 @@ def _check_tls(s: Settings) -> None:
         read_pem(s.tls_key, "--tls-key", PRIVATE_KEY)
         if s.tls_client_ca:
             read_pem(s.tls_client_ca, "--tls-client-ca", CERTIFICATE)
+        # gRPC would only find a bad pair or CA at the first handshake; OpenSSL checks now.
+        check_pair(s.tls_cert, s.tls_key, "--tls-cert", "--tls-key")
+        if s.tls_client_ca:
+            check_ca(s.tls_client_ca, "--tls-client-ca")
     except SecurityFileError as exc:
         raise SettingsError(str(exc)) from None
-    # gRPC would only find a bad pair at the first handshake; OpenSSL checks it now.
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        ctx.load_cert_chain(s.tls_cert, s.tls_key, password=lambda: b"")
-    except ssl.SSLError as exc:
-        raise SettingsError(f"--tls-cert {s.tls_cert} and --tls-key {s.tls_key} are not a "
-                            f"usable pair (an encrypted key, or a key of another "
-                            f"certificate?): {exc.reason or exc}") from None
-    if s.tls_client_ca:
-        try:
-            ctx.load_verify_locations(cafile=s.tls_client_ca)
-        except ssl.SSLError as exc:
-            raise SettingsError(f"--tls-client-ca {s.tls_client_ca}: not usable as CA "
-                                f"certificates: {exc.reason or exc}") from None
 
 
 def _load_tokens(s: Settings, env: Mapping[str, str]) -> tuple[str, ...]:
