@@ -192,3 +192,18 @@ def test_every_epoch_draws_fresh_noise(tmp_path: Path, digits_500: Digits,
     state = torch.get_rng_state()
     evaluate_elbo(model, x, seed=5)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_run_that_diverges_stops_and_writes_no_checkpoint(tmp_path: Path,
+                                                             digits_500: Digits) -> None:
+    # lr 100: the loss is NaN after the first steps. NaN never beats the best ELBO so far, so
+    # the run kept the untrained starting weights as its best, wrote them, and then failed
+    # drawing its curves; `vae-export onnx` exported them, with a manifest holding
+    # "val_elbo": -Infinity, which is not JSON.
+    from vae_export.config import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"diverged at epoch 1 .*lower --lr \(100.0\)"):
+        train(VAEConfig(latent_dim=2, hidden=(32,)),
+              TrainConfig(epochs=2, patience=2, threads=1, batch_size=64, lr=100.0),
+              tmp_path / "run", digits=digits_500, progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -342,11 +342,12 @@ def _model_defaults() -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vae_core.manifest import ManifestError
+    from vae_export.config import TrainingDiverged
     from vae_export.data import DataError
 
     try:
         return int(args.func(args))
-    except (DataError, ManifestError) as exc:
+    except (DataError, ManifestError, TrainingDiverged) as exc:
         print(f"vae-export: error: {exc}", file=sys.stderr)
         return 2
 

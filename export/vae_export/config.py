@@ -13,6 +13,10 @@ from vae_core.likelihood import GAUSSIAN, LIKELIHOODS
 DECODERS = ("mlp", "conv")
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the validation ELBO stopped being a finite number."""
+
+
 @dataclass
 class VAEConfig:
     """Everything needed to rebuild the network."""

@@ -21,7 +21,7 @@ from vae_core.likelihood import BERNOULLI, GAUSSIAN, to_unit
 from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export import plots
 from vae_export.augment import augment, perturb
-from vae_export.config import TrainConfig
+from vae_export.config import TrainConfig, TrainingDiverged
 from vae_export.data import Digits, load_dataset, stratified_split
 from vae_export.model import VAE, VAEConfig, save_checkpoint
 from vae_export.prior_fit import PriorConfig, fit_prior
@@ -124,6 +124,12 @@ def train(
             seen += len(xb)
         model.eval()
         val_elbo = evaluate_elbo(model, x_val, seed=train_cfg.seed + 2)
+        # NaN never beats the best ELBO so far: the run would keep and write the weights it
+        # started from as its best.
+        if not (math.isfinite(total / seen) and math.isfinite(val_elbo)):
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch} (loss {total / seen}, validation ELBO "
+                f"{val_elbo}): lower --lr ({train_cfg.lr}); no checkpoint was written")
         history.append({"epoch": epoch, "train_loss": total / seen, "val_elbo": val_elbo})
         # Only epochs at the full KL weight compete for the best checkpoint.
         if beta >= 1.0 and val_elbo > best_elbo:
