@@ -84,6 +84,16 @@ def test_idx_dir_without_labels_gives_zero_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(digits.labels, np.zeros(4, np.uint8))
 
 
+def test_training_data_without_labels_is_refused(tmp_path: Path) -> None:
+    # Training and the classifier need each digit's class (the stratified split, the
+    # prior's classes, the classifier's targets). Zero labels made a model whose only class
+    # was digit 0: `--digit 0` drew any digit, and no other digit could be asked for.
+    images, _ = random_digits(4)
+    write_pair(tmp_path, idx_bytes(images), None, gz=False, split="train")
+    with pytest.raises(data.DataError, match="no train-labels-idx1-ubyte.* classes of its digits are needed"):
+        data.load_dataset(str(tmp_path))
+
+
 def test_read_idx_of_other_shapes(tmp_path: Path) -> None:
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     path = tmp_path / "a.idx"

