@@ -106,9 +106,13 @@ def test_a_prior_file_round_trips_and_a_bad_one_is_refused(tmp_path):
     assert load_prior(tmp_path / "empty", {"files": {}}, K).is_standard
     with pytest.raises(PriorError, match="R\\^4"):
         load_prior(tmp_path, manifest, 8)
-    (tmp_path / "prior.npz").write_bytes(b"not a prior")
-    with pytest.raises(PriorError, match="not a prior file"):
-        load_prior(tmp_path, manifest, K)
+    whole = (tmp_path / "prior.npz").read_bytes()
+    # Not a zip, and a zip cut short (a write interrupted): the second was a BadZipFile
+    # traceback from `vae-export onnx`.
+    for spoilt in (b"not a prior", whole[: len(whole) // 2]):
+        (tmp_path / "prior.npz").write_bytes(spoilt)
+        with pytest.raises(PriorError, match="not a prior file"):
+            load_prior(tmp_path, manifest, K)
     with pytest.raises(PriorError, match="sum to 1"):
         GaussianMixture(np.array([0.5, 0.2]), np.zeros((2, K)), np.stack([np.eye(K)] * 2),
                         np.array([0, 1]))
@@ -197,3 +201,21 @@ def test_the_default_models_samples_are_those_of_before():
     for digit, seed, start, n, sha in DEFAULT_LATENTS:
         z = prior.latents(seed, start, n, digit)
         assert hashlib.sha256(z.tobytes()).hexdigest()[:16] == sha, (digit, seed)
+
+
+def test_a_prior_written_over_another_is_whole_or_the_other(tmp_path, monkeypatch):
+    # A training run wrote prior.npz in place: one interrupted left a file cut short.
+    prior = mixture()
+    prior.save(tmp_path / "prior.npz")
+
+    def cut_short(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        mixture().save(tmp_path / "prior.npz")
+    monkeypatch.undo()
+    loaded = load_prior(tmp_path, {"files": {"prior.npz": {}}}, K)
+    np.testing.assert_array_equal(loaded.means, prior.means)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prior.npz"]

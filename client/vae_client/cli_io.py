@@ -19,16 +19,8 @@ from typing import IO, Any
 import numpy as np
 
 from vae_client._codec import Scores
-from vae_client.images import (
-    SIDE,
-    discard_part,
-    grid,
-    load_images,
-    part_path,
-    replacing,
-    to_uint8,
-    write_png,
-)
+from vae_client.images import SIDE, grid, load_images, to_uint8, write_png
+from vae_core.files import discard_part, part_path, replacing
 
 IMAGE_SUFFIXES = (".npy", ".png")
 LATENT_SUFFIXES = (".npy", ".npz")

@@ -2,7 +2,8 @@
 
 - PNG: `write_png` writes 8-bit grayscale; `read_png` reads any non-interlaced PNG
   (grayscale, gray+alpha, RGB, RGBA, palette; 1 to 16 bits) and returns 8-bit grayscale.
-- `replacing`: a file written beside its path and renamed when whole, as every output is.
+- `replacing` (vae_core.files): a file written beside its path and renamed when whole, as
+  every output is.
 - `grid`: many 28x28 digits as one picture, white digits on black as in MNIST.
 - IDX: the MNIST file format, read by `vae_core.idx`.
 - `load_images`: a .png, .npy or IDX file -> images for the server ([N, 28, 28]).
@@ -14,14 +15,12 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
 
 import numpy as np
 
 from vae_core import idx
+from vae_core.files import replacing
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NPY_MAGIC = b"\x93NUMPY"
@@ -60,38 +59,6 @@ def encode_png(image: np.ndarray) -> bytes:
     header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit gray, no interlace
     return (PNG_SIGNATURE + _chunk(b"IHDR", header)
             + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + _chunk(b"IEND", b""))
-
-
-def part_path(path: str | os.PathLike[str]) -> Path:
-    """Where a file is written before it takes its name: `.NAME.part` beside it."""
-    where = Path(path)
-    return where.with_name(f".{where.name}.part")
-
-
-def discard_part(path: str | os.PathLike[str], exc: BaseException) -> None:
-    """After `exc` stopped a write to part_path(path): the part file removed, and `exc`, an
-    OSError, made to name the file asked for (a write's error, ENOSPC, names none, and an
-    open's names the part file, which the user never asked for)."""
-    part = part_path(path)
-    with suppress(OSError):  # `exc` is the error to report
-        part.unlink(missing_ok=True)
-    if isinstance(exc, OSError) and exc.filename in (None, str(part)):
-        exc.filename = str(path)
-
-
-@contextmanager
-def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
-    """open(part_path(path), mode, **kwargs), renamed to `path` once written and closed: a
-    failure (a full disk, an error of the caller's) leaves the file already at `path` as it
-    was, removes the part file, and raises an OSError naming `path`."""
-    part = part_path(path)
-    try:
-        with open(part, mode, **kwargs) as f:
-            yield f
-        os.replace(part, path)
-    except BaseException as exc:
-        discard_part(path, exc)
-        raise
 
 
 def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:

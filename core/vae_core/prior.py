@@ -17,11 +17,13 @@ ones before it, whatever the batching, and for N(0, I) z = eps exactly.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from vae_core.files import replacing
 from vae_core.likelihood import LOG_2PI, log_normal_std
 from vae_core.manifest import PRIOR_FILE as PRIOR_FILE
 from vae_core.manifest import ManifestError, prior_kind
@@ -100,15 +102,17 @@ class GaussianMixture:
     # -- files ----------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, weights=self.weights, means=self.means, chols=self.chols,
-                 classes=self.classes)
+        """Written whole or not at all (vae_core.files.replacing)."""
+        with replacing(path) as f:
+            np.savez(f, weights=self.weights, means=self.means, chols=self.chols,
+                     classes=self.classes)
 
     @classmethod
     def load(cls, path: str | Path, latent_dim: int) -> GaussianMixture:
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {name: f[name] for name in ("weights", "means", "chols", "classes")}
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise PriorError(f"{path}: not a prior file ({exc})") from None
         prior = cls(arrays["weights"].astype(np.float64), arrays["means"].astype(np.float64),
                     arrays["chols"].astype(np.float64), arrays["classes"].astype(np.int64))

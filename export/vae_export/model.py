@@ -8,6 +8,7 @@ from the file alone.
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vae_core.files import replacing
 from vae_core.likelihood import GAUSSIAN
 from vae_export.config import VAEConfig
+from vae_export.data import DataError
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -102,14 +105,20 @@ class VAE(nn.Module):
 
 
 def save_checkpoint(path: Path, model: VAE, extra: dict[str, Any] | None = None) -> None:
-    torch.save(
-        {"config": model.cfg.to_dict(), "state_dict": model.state_dict(), "extra": extra or {}},
-        path,
-    )
+    """Written whole or not at all (vae_core.files.replacing)."""
+    with replacing(path) as f:
+        torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict(),
+                    "extra": extra or {}}, f)
 
 
 def load_checkpoint(path: Path) -> tuple[VAE, dict[str, Any]]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise DataError(f"{path}: not a checkpoint ({' '.join(str(exc).split())[:200]})"
+                        ) from None
     model = VAE(VAEConfig(**blob["config"]))
     model.load_state_dict(blob["state_dict"])
     model.eval()

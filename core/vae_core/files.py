@@ -1,0 +1,43 @@
+"""Files written whole or not at all: beside their path, renamed once written and closed, so
+that an interrupted or failed write leaves the file that was there (or none), never part of
+one. Every output of the client, and a training run's checkpoint and prior, are written so."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+
+def part_path(path: str | os.PathLike[str]) -> Path:
+    """Where a file is written before it takes its name: `.NAME.part` beside it."""
+    where = Path(path)
+    return where.with_name(f".{where.name}.part")
+
+
+def discard_part(path: str | os.PathLike[str], exc: BaseException) -> None:
+    """After `exc` stopped a write to part_path(path): the part file removed, and `exc`, an
+    OSError, made to name the file asked for (a write's error, ENOSPC, names none, and an
+    open's names the part file, which the user never asked for)."""
+    part = part_path(path)
+    with suppress(OSError):  # `exc` is the error to report
+        part.unlink(missing_ok=True)
+    if isinstance(exc, OSError) and exc.filename in (None, str(part)):
+        exc.filename = str(path)
+
+
+@contextmanager
+def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
+    """open(part_path(path), mode, **kwargs), renamed to `path` once written and closed: a
+    failure (a full disk, an error of the caller's) leaves the file already at `path` as it
+    was, removes the part file, and raises an OSError naming `path`."""
+    part = part_path(path)
+    try:
+        with open(part, mode, **kwargs) as f:
+            yield f
+        os.replace(part, path)
+    except BaseException as exc:
+        discard_part(path, exc)
+        raise
