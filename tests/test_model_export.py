@@ -249,6 +249,22 @@ def test_export_of_untrained_checkpoint_without_calibration(tmp_path: Path) -> N
 # OnnxVAE (what the server runs) against the PyTorch model's own likelihood code
 
 
+def test_the_manifest_names_the_decoder_and_how_its_likelihood_scores_pixels(
+        tmp_path: Path, gaussian_export: ExportedModel) -> None:
+    """Before: every manifest said "hidden" and described scoring by dequantisation, and
+    none said which decoder: a conv decoder's Bernoulli model read as an MLP on dequantised
+    pixels, while it scores binarised ones."""
+    cfg = VAEConfig(latent_dim=3, hidden=(32, 16), likelihood="bernoulli", decoder="conv")
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", VAE(cfg))
+    manifest = export_onnx(tmp_path / "run", tmp_path / "model", calibrate=False)
+    assert manifest["decoder"] == "conv"
+    assert "binarised" in manifest["image"]["scaling"]
+    assert "dequantisation" not in manifest["image"]["scaling"]
+    gaussian = load_manifest(gaussian_export.model_dir)
+    assert gaussian["decoder"] == "mlp" and "dequantisation" in gaussian["image"]["scaling"]
+
+
 def test_onnx_log_weights_match_pytorch(exported: ExportedModel) -> None:
     model, _ = load_checkpoint(exported.run_dir / "checkpoint.pt")
     vae = OnnxVAE(exported.model_dir, threads=1)

@@ -138,6 +138,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "latent_dim": cfg.latent_dim,
         "hidden": list(cfg.hidden),
+        "decoder": cfg.decoder,
         "likelihood": cfg.likelihood,
         # The scoring sigma (calibrated below); generation uses f(z) and never adds noise.
         "sigma": cfg.sigma if cfg.likelihood == lk.GAUSSIAN else None,
@@ -145,8 +146,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
         "image": {
             "shape": [28, 28],
             "pixels": cfg.image_pixels,
-            "scaling": "float32 in [0, 1]; 8-bit pixels y map to (y + u) / 256, u ~ U[0, 1) "
-                       "(uniform dequantisation) for scoring, y / 255 for display",
+            "scaling": _SCALING[cfg.likelihood],
             "pixel_levels": lk.PIXEL_LEVELS,
         },
         "training": {
@@ -180,6 +180,15 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     partial.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(partial, out / MANIFEST)
     return manifest
+
+
+# How 8-bit pixels are read, as vae_core.likelihood.scored_inputs reads them.
+_SCALING = {
+    lk.GAUSSIAN: "float32 in [0, 1]; 8-bit pixels y map to (y + u) / 256, u ~ U[0, 1) "
+                 "(uniform dequantisation) for scoring, y / 255 for display",
+    lk.BERNOULLI: "float32 in [0, 1]; 8-bit pixels y are binarised for scoring, "
+                  "x ~ Bernoulli(y / 255), and map to y / 255 for display",
+}
 
 
 def _copy_prior(run_dir: Path, out: Path, latent_dim: int) -> GaussianMixture | None:
