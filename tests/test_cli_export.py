@@ -21,6 +21,7 @@ from vae_core.manifest import DECODER, ENCODER, MANIFEST, ManifestError, load_ma
 from vae_core.onnx_model import OnnxVAE
 from vae_core.prior import PRIOR_FILE
 from vae_export.__main__ import build_parser, main
+from vae_export.data import DataError
 from vae_export.evaluate import FASHION_MNIST_DIR, evaluate
 from vae_export.model import VAEConfig
 from vae_export.train import TrainConfig
@@ -192,6 +193,40 @@ def test_eval_json_that_cannot_be_written_is_refused_before_the_work(
                  "--json", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"vae-export eval: error: --json {path}: ") and err.count("\n") == 1
+
+
+def test_eval_pictures_that_cannot_be_made_are_refused_before_the_work(
+        model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: made after the samples were judged, and the figures, not yet written, lost.
+    import vae_export.evaluate
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("evaluated before the pictures' folder was checked")
+
+    monkeypatch.setattr(vae_export.evaluate, "evaluate", never)
+    (tmp_path / "afile").write_text("")
+    path = tmp_path / "afile" / "pics"
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(tmp_path),
+                 "--samples", "100", "--pictures", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vae-export eval: error: --pictures {path}: ") \
+        and err.count("\n") == 1, err
+
+
+def test_eval_reads_the_out_of_distribution_set_before_scoring(
+        model_dir: Path, mnist_test_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: an --ood folder without images failed once the test set had been scored.
+    from vae_core.onnx_model import OnnxVAE
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scored before the out-of-distribution set was read")
+
+    monkeypatch.setattr(OnnxVAE, "score", never)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no t10k-images-idx3-ubyte"):
+        evaluate(model_dir, mnist_test_dir, k_samples=10, ood_dir=tmp_path / "empty", limit=10)
 
 
 def _tampered(model_dir: Path, tmp_path: Path) -> Path:

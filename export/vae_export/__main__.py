@@ -125,6 +125,13 @@ def _eval(args: argparse.Namespace) -> int:
         if why:
             print(f"vae-export eval: error: {why}", file=sys.stderr)
             return 2
+    if args.pictures and args.samples > 0:  # made only once the samples are judged
+        try:
+            Path(args.pictures).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"vae-export eval: error: --pictures {args.pictures}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     result = evaluate(Path(args.model_dir), Path(args.data), k_samples=args.k, seed=args.seed,
                       ood_dir=ood, limit=args.limit, roc_path=roc, threads=args.threads,
                       samples=args.samples, classifier=Path(args.classifier),

@@ -102,6 +102,9 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
     model = OnnxVAE(model_dir, threads=threads)
     t0 = time.perf_counter()
     test = load_idx_dir(data_dir)
+    # Read before the test set's scores, which take the longest: a wrong folder fails first.
+    ood = (load_idx_dir(ood_dir) if k_samples > 0 and ood_dir is not None
+           and Path(ood_dir).is_dir() else None)
     result: dict[str, Any] = {
         "model_dir": str(model_dir),
         "model_version": model.manifest["model_version"],
@@ -120,8 +123,8 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
         x_test = _prepare(test, limit, seed, model.likelihood)
         in_scores = model.score(x_test, k_samples, seed)
         result["test"] = _summary(in_scores, model, k_samples)
-        if ood_dir is not None and Path(ood_dir).is_dir():
-            x_ood = _prepare(load_idx_dir(ood_dir), limit, seed + 1, model.likelihood)
+        if ood is not None:
+            x_ood = _prepare(ood, limit, seed + 1, model.likelihood)
             ood_scores = model.score(x_ood, k_samples, seed + 1)
             a = auroc(in_scores.log_likelihood, ood_scores.log_likelihood)
             # The densities of the codes, latent (the prior's) and the code density, at mu(x).
@@ -138,7 +141,7 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
 
                 fpr, tpr = roc_curve(in_scores.log_likelihood, ood_scores.log_likelihood)
                 plots.save_roc(roc_path, fpr, tpr, a,
-                               f"MNIST vs {Path(ood_dir).name}, K={k_samples}")
+                               f"MNIST vs {Path(ood.source).name}, K={k_samples}")
         elif ood_dir is not None:
             result["ood"] = {"data": str(ood_dir), "skipped": "directory not found"}
     if samples > 0:
