@@ -265,6 +265,15 @@ def test_the_manifest_names_the_decoder_and_how_its_likelihood_scores_pixels(
     assert gaussian["decoder"] == "mlp" and "dequantisation" in gaussian["image"]["scaling"]
 
 
+def test_a_run_exports_into_its_own_folder(tmp_path: Path,
+                                           gaussian_export: ExportedModel) -> None:
+    """Before: shutil.SameFileError, copying prior.npz onto itself, after the ONNX files."""
+    run = Path(shutil.copytree(gaussian_export.run_dir, tmp_path / "run"))
+    manifest = export_onnx(run, run, calibrate=False)
+    assert PRIOR_FILE in manifest["files"] and load_manifest(run) == manifest
+    assert OnnxVAE(run, threads=1).prior.latent_dim == manifest["latent_dim"]
+
+
 def test_onnx_log_weights_match_pytorch(exported: ExportedModel) -> None:
     model, _ = load_checkpoint(exported.run_dir / "checkpoint.pt")
     vae = OnnxVAE(exported.model_dir, threads=1)

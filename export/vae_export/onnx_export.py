@@ -198,7 +198,9 @@ def _copy_prior(run_dir: Path, out: Path, latent_dim: int) -> GaussianMixture | 
         (out / PRIOR_FILE).unlink(missing_ok=True)
         return None
     prior = GaussianMixture.load(path, latent_dim)
-    shutil.copyfile(path, out / PRIOR_FILE)
+    target = out / PRIOR_FILE
+    if not (target.exists() and os.path.samefile(path, target)):  # a run exported in place
+        shutil.copyfile(path, target)
     return prior
 
 
