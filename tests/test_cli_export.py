@@ -130,6 +130,11 @@ def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     (["--prior-temperature", "0"], "prior temperature must be in (0, 1], not 0.0"),
     (["--prior-components", "0"], "components and samples_per_digit must be >= 1"),
     (["--latent-dim", "0"], "latent_dim must be >= 1"),
+    # Before: a RuntimeError traceback from torch, and a 0-wide network trained and saved.
+    (["--hidden", "-5"], "hidden widths must be >= 1, got (-5,)"),
+    (["--hidden", "64,0"], "hidden widths must be >= 1, got (64, 0)"),
+    # Before: "Overflow when unpacking long long" from torch (the run seeds seed + 1, + 2).
+    (["--seed", str(2**64 - 1)], f"seed must be < 2^63, got {2**64 - 1}"),
     (["--hidden", "64,x"], "--hidden takes layer widths separated by commas, not '64,x'"),
     (["--perturb", "1"], "perturb must be in [0, 1), got 1.0"),
     (["--perturb", "-0.1"], "perturb must be in [0, 1), got -0.1"),
@@ -156,7 +161,43 @@ def test_classifier_epochs_out_of_range_is_one_line(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["classifier", "--out", str(tmp_path / "c"), "--epochs", "0", "--quiet"]) == 2
     assert capsys.readouterr().err == "vae-export classifier: error: epochs must be >= 1, got 0\n"
+    assert main(["classifier", "--out", str(tmp_path / "c"), "--seed", str(2**63),
+                 "--quiet"]) == 2
+    assert capsys.readouterr().err == \
+        f"vae-export classifier: error: seed must be < 2^63, got {2**63}\n"
     assert not (tmp_path / "c").exists()
+
+
+def test_a_validation_share_that_leaves_no_training_digit_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: every digit of each class went to validation, and torch failed ("cannot
+    # reshape tensor of 0 elements").
+    assert main(["train", "--out", str(tmp_path / "run"), "--val-fraction", "0.9999",
+                 "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vae-export: error: --val-fraction 0.9999 leaves no training digit "
+                          "of class 0") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["train", "onnx"])
+def test_an_out_that_is_a_file_is_one_line(command: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a FileExistsError traceback (from mkdir).
+    (tmp_path / "afile").write_text("")
+    extra = ["--run", str(tmp_path)] if command == "onnx" else ["--epochs", "1", "--quiet"]
+    assert main([command, "--out", str(tmp_path / "afile"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'afile'}: a file, not a folder" in err and err.count("\n") == 1
+
+
+def test_eval_of_one_sample_is_refused(model_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: numpy's LinAlgError ("Eigenvalues did not converge"): one sample has no
+    # covariance for the Frechet distance.
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(tmp_path), "--k", "0",
+                 "--samples", "1"]) == 2
+    assert capsys.readouterr().err == \
+        "vae-export eval: error: --samples 1: the Fréchet distance needs 2 or more (or 0)\n"
 
 
 @pytest.mark.parametrize(("flags", "says"), [

@@ -24,6 +24,8 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a setting out of its range: one line, as argparse's own
         print(f"vae-export train: error: {exc}", file=sys.stderr)
         return 2
+    if _not_a_folder("train", args.out):
+        return 2
     summary = train(model_cfg, train_cfg, Path(args.out), progress=not args.quiet,
                     prior_cfg=prior_cfg)
     print(
@@ -72,6 +74,14 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _not_a_folder(command: str, out: str) -> bool:
+    """Whether --out is a file, not a folder to write the command's files in (said in a line)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        print(f"vae-export {command}: error: --out {out}: a file, not a folder", file=sys.stderr)
+        return True
+    return False
+
+
 def _unwritable(option: str, path: str | None) -> str | None:
     """Why a file cannot be written at `path` (None: it can), asked before the work whose
     result it is to hold."""
@@ -109,6 +119,8 @@ def _classifier(args: argparse.Namespace) -> int:
 def _onnx(args: argparse.Namespace) -> int:
     from vae_export.onnx_export import export_onnx
 
+    if _not_a_folder("onnx", args.out):
+        return 2
     manifest = export_onnx(Path(args.run), Path(args.out), calibrate=not args.no_calibration)
     print(f"exported model {manifest['model_version']} (opset {manifest['opset']}) -> {args.out}")
     return 0
@@ -125,6 +137,10 @@ def _eval(args: argparse.Namespace) -> int:
         if why:
             print(f"vae-export eval: error: {why}", file=sys.stderr)
             return 2
+    if args.samples == 1:  # one sample has no covariance
+        print("vae-export eval: error: --samples 1: the Fréchet distance needs 2 or more (or 0)",
+              file=sys.stderr)
+        return 2
     if args.pictures and args.samples > 0:  # made only once the samples are judged
         try:
             Path(args.pictures).mkdir(parents=True, exist_ok=True)

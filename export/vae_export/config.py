@@ -17,6 +17,12 @@ class TrainingDiverged(ValueError):
     """The loss or the validation ELBO stopped being a finite number."""
 
 
+def check_seed(seed: int) -> None:
+    """A seed torch takes, with room for the streams a run derives from it (seed + 1, ...)."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be < 2^63, got {seed}")
+
+
 @dataclass
 class VAEConfig:
     """Everything needed to rebuild the network."""
@@ -34,6 +40,8 @@ class VAEConfig:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.latent_dim < 1:
             raise ValueError("latent_dim must be >= 1")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.likelihood == GAUSSIAN and not self.sigma > 0:
@@ -86,6 +94,7 @@ class TrainConfig:
         for name in ("patience", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_seed(self.seed)
         if self.warmup_epochs >= self.epochs:
             # Only epochs after the warm-up, at the full KL weight, compete for the checkpoint
             # kept: with none, the untrained model would be saved.
@@ -132,3 +141,4 @@ class ClassifierConfig:
         for name in ("epochs", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_seed(self.seed)
