@@ -11,6 +11,7 @@ import pytest
 
 from vae_client.images import (
     ImageFileError,
+    as_images,
     decode_png,
     encode_png,
     grid,
@@ -287,7 +288,7 @@ def test_idx_errors(tmp_path):
     with pytest.raises(ImageFileError, match="truncated"):
         load_images(tmp_path / "cut")
     (tmp_path / "labels").write_bytes(idx_bytes(np.zeros(5, np.uint8)))
-    with pytest.raises(ImageFileError, match=r"shape \[1, 5\]"):
+    with pytest.raises(ImageFileError, match=r"shape \[5\]"):
         load_images(tmp_path / "labels")
     (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + b"junk")
     with pytest.raises(ImageFileError, match="gzip"):
@@ -324,3 +325,11 @@ def test_load_images_errors(tmp_path):
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(ImageFileError, match="not a PNG, NPY or IDX"):
         load_images(tmp_path / "x.txt")
+
+
+def test_a_one_dimensional_array_is_named_by_its_own_shape() -> None:
+    # Before: "images of shape [1, 10000]", the shape after taking it for one image, for an
+    # IDX file of 10,000 labels.
+    with pytest.raises(ImageFileError, match=r"images of shape \[10000\]; expected"):
+        as_images(np.zeros(10000, np.uint8), "labels")
+    assert as_images(np.zeros(784, np.uint8), "one").shape == (1, 784)

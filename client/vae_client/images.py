@@ -283,7 +283,7 @@ def as_images(arr: np.ndarray, name: str) -> np.ndarray:
     [28, 28] -> [N, 28, 28] (or [N, 784]), uint8 kept, other numbers as float32.
 
     Pixel ranges are left to the server, which names the field and the limit."""
-    if arr.ndim == 1 or arr.shape == (SIDE, SIDE):
+    if (arr.ndim == 1 and len(arr) == PIXELS) or arr.shape == (SIDE, SIDE):
         arr = arr[None]
     if not ((arr.ndim == 2 and arr.shape[1] == PIXELS)
             or (arr.ndim == 3 and arr.shape[1:] == (SIDE, SIDE))):
