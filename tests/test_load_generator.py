@@ -43,8 +43,12 @@ def test_closed_loop_counts_calls_images_and_latency_of_every_method(server, met
 
 
 def test_open_loop_starts_calls_at_the_rate_asked(server):
-    r = bench(server.target, "decode", rate=100, duration=1.0)
+    r = bench(server.target, "decode", rate=100, duration=1.0, concurrency=8)
     assert r.mode == "open" and r.errors == {}
+    # The open loop has no concurrency: a --concurrency given beside --rate was reported as
+    # if it had applied ("decode open c=8").
+    assert r.concurrency is None and r.to_dict()["concurrency"] is None
+    assert r.summary().startswith("decode open rate=100/s batch=1: ")
     # 100 calls/s for about a second: the calls counted are those that ended in that second.
     assert 70 <= r.calls <= 130
 

@@ -461,7 +461,7 @@ def add_bench(sub: Subparsers) -> None:
                         "loglik: LogLikelihood of --batch images with --k samples "
                         "(default: %(default)s)")
     p.add_argument("--concurrency", type=_int_at_least(1), default=1,
-                   help="calls in flight, closed loop (default: %(default)s)")
+                   help="calls in flight, closed loop; not with --rate (default: %(default)s)")
     p.add_argument("--rate", type=_positive_float, default=None,
                    help="open loop: start this many calls per second instead (default: closed)")
     p.add_argument("--duration", type=_positive_float, default=10.0,

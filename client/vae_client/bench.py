@@ -36,7 +36,7 @@ BATCH_LIMITS = {"decode": "max_images_per_request", "encode": "max_images_per_re
 class BenchResult:
     method: str
     mode: str  # "closed" (concurrency) or "open" (rate)
-    concurrency: int
+    concurrency: int | None  # None in the open loop, which has none
     rate: float | None
     batch: int
     duration_s: float
@@ -59,7 +59,8 @@ class BenchResult:
         errs = ", ".join(f"{k} {v}" for k, v in self.errors.items()) or "none"
         latency = (f"p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f} ms, p99 {lat['p99']:.2f} ms, "
                    f"max {lat['max']:.2f} ms" if self.calls else "no latency (no call succeeded)")
-        return (f"{self.method} {self.mode} c={self.concurrency} batch={self.batch}: "
+        load = f"c={self.concurrency}" if self.rate is None else f"rate={self.rate:g}/s"
+        return (f"{self.method} {self.mode} {load} batch={self.batch}: "
                 f"{self.calls_per_s:,.0f} calls/s, {self.images_per_s:,.0f} images/s, "
                 f"{latency}; errors: {errs}")
 
@@ -230,7 +231,8 @@ async def run_bench(target: str, method: str, concurrency: int = 1, duration: fl
 
     calls = len(latencies)
     return BenchResult(
-        method=method, mode="closed" if rate is None else "open", concurrency=concurrency,
+        method=method, mode="closed" if rate is None else "open",
+        concurrency=concurrency if rate is None else None,
         rate=rate, batch=batch, duration_s=round(elapsed, 3), calls=calls, images=images,
         calls_per_s=calls / elapsed, images_per_s=images / elapsed,
         latency_ms=_percentiles(latencies), errors=dict(errors))
