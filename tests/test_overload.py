@@ -400,9 +400,9 @@ async def _burst(target: str, latent_dim: int) -> tuple[collections.Counter[str]
 def test_a_burst_of_calls_is_served_or_refused_never_cancelled(model_dir: Path) -> None:
     # Calls arrive faster than the server's event loop takes them from gRPC, which holds the
     # rest meanwhile. gRPC's own bounds on those (1,000, then 3,000 calls) used to cancel
-    # most of such a burst: 4,000 - 7,000 of 10,000 calls ended CANCELLED, a code that says
-    # the caller gave up, and that gRPC's retry policies do not retry. Held instead, each
-    # reaches the server's queue, which serves it or refuses it with RESOURCE_EXHAUSTED.
+    # much of such a burst: CANCELLED, a code that says the caller gave up, and that gRPC's
+    # retry policies do not retry. Held instead, each reaches the server's queue, which
+    # serves it or refuses it with RESOURCE_EXHAUSTED.
     with served_process(model_dir, *SERVER_FLAGS) as (target, _proc):
         latent_dim = vae_pb2.ModelInfo.FromString(
             grpc.insecure_channel(target).unary_unary(SERVICE + "GetModelInfo")(

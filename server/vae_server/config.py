@@ -71,7 +71,8 @@ class Settings:
         default=65536)
     max_pending_calls: int = _doc(
         "calls gRPC holds for the server to take when they arrive faster than its event loop "
-        "takes them (about 15 KB each); gRPC cancels calls beyond it (CANCELLED)",
+        "takes them (about 15 KB each, more with large requests); gRPC cancels calls beyond "
+        "it (CANCELLED)",
         default=20000)
     max_delay_ms: float = _doc(
         "longest a batch waits to fill: for calls the server already holds, or for as many "
