@@ -490,6 +490,11 @@ def test_cli_refuses_a_bad_pair_or_ca_file_in_one_line_before_connecting(pki, tm
         Security.from_options(tls_cert=pki.client_pem, tls_key=pki.server_key)
     with pytest.raises(ValueError, match="tls_ca: not usable as CA certificates"):
         Security.from_options(tls_ca=garbage.read_bytes())
+    # PEM bytes with text outside the blocks, not all ASCII, are CA certificates still.
+    pem = Path(pki.ca_pem).read_bytes()
+    assert Security.from_options(tls_ca="# Zertifizierungsstelle für Tests\n".encode() + pem)
+    with pytest.raises(ValueError, match="tls_ca: not usable as CA certificates"):
+        Security.from_options(tls_ca=b"")
 
 
 def test_load_generator_with_mutual_tls_and_a_token(locked_server, pki):

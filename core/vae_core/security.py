@@ -62,13 +62,14 @@ def check_ca(ca: bytes | str | os.PathLike[str], setting: str) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         if isinstance(ca, bytes):
-            ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+            # Text outside the PEM blocks may be anything: OpenSSL reads the blocks alone.
+            ctx.load_verify_locations(cadata=ca.decode("ascii", "ignore"))
         else:
             ctx.load_verify_locations(cafile=ca)
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, ValueError) as exc:  # ValueError: no certificate in the bytes
         where = setting if isinstance(ca, bytes) else f"{setting} {os.fspath(ca)}"
-        raise SecurityFileError(f"{where}: not usable as CA certificates: "
-                                f"{exc.reason or exc}") from None
+        reason = getattr(exc, "reason", None) or exc
+        raise SecurityFileError(f"{where}: not usable as CA certificates: {reason}") from None
 
 
 def read_tokens(path: str | os.PathLike[str], setting: str) -> list[str]:
