@@ -46,20 +46,27 @@ def test_a_large_seed_is_not_another_seed_s_later_images():
                               lk.dequantize(pixels, 5 + BIG, 1))
 
 
-@pytest.mark.parametrize("seed", [5, 2**64 - 1])
+@pytest.mark.parametrize("seed", [5, 2**32 + 5, 2**64 - 1])
 def test_indexed_normals_of_a_row_do_not_depend_on_the_call(seed):
     whole = indexed_normals(seed, 0, 3 * ROWS_PER_BLOCK + 5, 4)
     for start, n in [(0, 1), (1023, 2), (1000, 2070), (3 * ROWS_PER_BLOCK, 5), (7, 0)]:
         np.testing.assert_array_equal(indexed_normals(seed, start, n, 4),
                                       whole[start : start + n], err_msg=f"{start}, {n}")
-    # The first block is the stream of the whole call before rows had indices.
-    np.testing.assert_array_equal(
-        whole[:ROWS_PER_BLOCK],
-        np.random.default_rng(seed).standard_normal((5000, 4), dtype=np.float32)[:1024])
+    # Below 2^32, the first block is the stream of the whole call before rows had indices.
+    if seed < 2**32:
+        np.testing.assert_array_equal(
+            whole[:ROWS_PER_BLOCK],
+            np.random.default_rng(seed).standard_normal((5000, 4), dtype=np.float32)[:1024])
     # Blocks are streams of their own, and so are other seeds'.
     blocks = whole[: 3 * ROWS_PER_BLOCK].reshape(3, -1)
     assert len({row.tobytes() for row in blocks}) == 3
     assert not np.array_equal(indexed_normals(seed ^ 1, 0, 10, 4), whole[:10])
+    # numpy reads a seed 2^32 h + s as the key [s, h], Sample's stream of block h of seed s:
+    # past 32 bits, the first block is a stream of its own.
+    if seed >= 2**32:
+        assert not np.array_equal(whole[:ROWS_PER_BLOCK],
+                                  keyed_rng(seed % 2**32, seed // 2**32).standard_normal(
+                                      (ROWS_PER_BLOCK, 4), dtype=np.float32))
     # Far rows cost their block, not their index; their values are ordinary draws.
     far = indexed_normals(seed, 2**64 - 3, 2000, 4)
     assert far.dtype == np.float32 and abs(float(far.mean())) < 0.1

@@ -45,13 +45,15 @@ ROWS_PER_BLOCK = 1024
 def indexed_normals(seed: int, start: int, n: int, width: int) -> np.ndarray:
     """Rows start .. start + n - 1 of an endless float32 array [., width] of N(0, 1) draws
     named by `seed`: row i depends on (seed, i) alone, so a set of rows split over several
-    calls gets the draws it would get in one. Rows come in blocks of ROWS_PER_BLOCK: block 0
-    is numpy's default_rng(seed), the stream of the whole call before rows had indices (so
-    the first rows keep their draws), and block b > 0 the stream (seed, b, 2)."""
+    calls gets the draws it would get in one. Rows come in blocks of ROWS_PER_BLOCK: block b
+    is the stream (seed, b, 2), except block 0 of a seed below 2^32, numpy's default_rng(seed):
+    the stream of the whole call before rows had indices, so those first rows keep their
+    draws. (numpy reads a larger seed 2^32 h + s as the key (s, h), another stream's.)"""
     out = np.empty((n, width), dtype=np.float32)
     first, last = start // ROWS_PER_BLOCK, (start + n - 1) // ROWS_PER_BLOCK
     for b in range(first, last + 1) if n else ():
-        rng = np.random.default_rng(seed) if b == 0 else keyed_rng(seed, b, 2)
+        rng = (np.random.default_rng(seed) if b == 0 and seed < _WORD
+               else keyed_rng(seed, b, 2))
         lo = b * ROWS_PER_BLOCK
         # Only the block's rows up to the last one asked for are drawn: a block's stream
         # gives its rows in order, so the draws of a row do not depend on how many follow.
