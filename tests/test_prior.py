@@ -109,7 +109,7 @@ def test_a_prior_file_round_trips_and_a_bad_one_is_refused(tmp_path):
     whole = (tmp_path / "prior.npz").read_bytes()
     # Not a zip, and a zip cut short (a write interrupted): the second was a BadZipFile
     # traceback from `vae-export onnx`.
-    for spoilt in (b"not a prior", whole[: len(whole) // 2]):
+    for spoilt in (b"not a prior", whole[: len(whole) // 2], b""):
         (tmp_path / "prior.npz").write_bytes(spoilt)
         with pytest.raises(PriorError, match="not a prior file"):
             load_prior(tmp_path, manifest, K)

@@ -112,7 +112,7 @@ class GaussianMixture:
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {name: f[name] for name in ("weights", "means", "chols", "classes")}
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise PriorError(f"{path}: not a prior file ({exc})") from None
         prior = cls(arrays["weights"].astype(np.float64), arrays["means"].astype(np.float64),
                     arrays["chols"].astype(np.float64), arrays["classes"].astype(np.int64))
