@@ -425,6 +425,29 @@ def test_a_broken_stream_offers_no_offset_the_command_lacks(cli, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_sample_leaves_the_chunk_to_a_server_that_names_no_default(cli, tmp_path):
+    """A server whose ModelInfo says no default_chunk_size (0) is sent chunk_size 0, its own
+    default, not chunks of one image."""
+    asked: list[int] = []
+
+    def info(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        return vae_pb2.ModelInfo(latent_dim=4, image_shape=[28, 28], model_version="stub",
+                                 limits=vae_pb2.Limits(max_stream_n=10**7)).SerializeToString()
+
+    def stream(raw: bytes, context: grpc.ServicerContext):
+        request = vae_pb2.SampleStreamRequest.FromString(raw)
+        asked.append(request.chunk_size)
+        yield vae_pb2.SampleChunk(offset=request.offset, images=to_tensor(
+            np.zeros((request.n - request.offset, 28, 28), np.uint8))).SerializeToString()
+
+    handlers = {"GetModelInfo": grpc.unary_unary_rpc_method_handler(info),
+                "SampleStream": grpc.unary_stream_rpc_method_handler(stream)}
+    with stub_server(handlers) as stub:
+        cli("sample", "--n", "10", "--stream", "--dtype", "uint8", "--out",
+            str(tmp_path / "x.npy"), target_=stub)
+    assert asked == [0]
+
+
 def test_bulk_streams_keep_the_timeout(cli, tmp_path):
     """Before: --timeout bounded bulk's GetModelInfo only; the shards' streams (each task
     makes its own client) had no deadline. A stand-in server notes the deadline of each

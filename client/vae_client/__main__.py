@@ -326,8 +326,10 @@ def run_sample(args: argparse.Namespace) -> int:
             raise CliError(f"--n {args.n}: too many images for one file") from None
         try:
             if stream:
-                # The server's default chunk, where this client can take it whole.
-                chunk = args.chunk_size or max(1, min(info.limits.default_chunk_size, fit))
+                # The server's default chunk, where this client can take it whole (0: the
+                # server says none, and chooses).
+                default = info.limits.default_chunk_size
+                chunk = args.chunk_size or (min(default, fit) if default else 0)
                 _sample_stream(client, args, chunk, sink)
             else:
                 sink.put(0, client.sample(args.n, seed=args.seed, dtype=args.dtype,
