@@ -297,3 +297,20 @@ def test_a_dtype_the_server_does_not_send_is_invalid_argument():
     errors = asyncio.run(main())
     assert len(errors) == 3
     assert all(e.code == grpc.StatusCode.INVALID_ARGUMENT for e in errors)
+
+
+def test_the_output_check_leaves_another_write_s_part_file_alone(tmp_path):
+    # The check wrote and removed `.NAME.part`, the very file another command writing the
+    # same output at that moment was filling.
+    from vae_core.files import check_writable
+
+    part = tmp_path / ".out.npz.part"
+    part.write_bytes(b"another run's images")
+    check_writable(tmp_path / "out.npz")
+    assert part.read_bytes() == b"another run's images"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.npz.part"]
+    with pytest.raises(FileNotFoundError) as err:
+        check_writable(tmp_path / "missing" / "out.npz")
+    assert err.value.filename == str(tmp_path / "missing" / "out.npz")
+    with pytest.raises(IsADirectoryError):
+        check_writable(tmp_path)

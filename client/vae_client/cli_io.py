@@ -20,6 +20,7 @@ import numpy as np
 
 from vae_client._codec import Scores
 from vae_client.images import SIDE, grid, load_images, to_uint8, write_png
+from vae_core import files
 from vae_core.files import discard_part, part_path, replacing
 
 IMAGE_SUFFIXES = (".npy", ".png")
@@ -176,20 +177,10 @@ def read_latents(path: str) -> np.ndarray:
 
 
 def check_writable(path: str | None) -> None:
-    """Refuse now an output file that could not be written once the work is done: a folder
-    that is missing or read-only, or a folder where the file should be (an OSError naming
-    `path`, as the write would). None and '-' (stdout) pass."""
-    if path is None or path == "-":
-        return
-    if Path(path).is_dir():
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    part = part_path(path)
-    try:
-        with open(part, "wb"):
-            pass
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, path) from None
-    part.unlink(missing_ok=True)
+    """vae_core.files.check_writable, before the work whose output `path` is to hold; None
+    and '-' (stdout) pass."""
+    if path is not None and path != "-":
+        files.check_writable(path)
 
 
 def write_latents(path: str, mu: np.ndarray, logvar: np.ndarray, z: np.ndarray | None) -> None:

@@ -4,7 +4,9 @@ one. Every output of the client, and a training run's checkpoint and prior, are 
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -41,3 +43,20 @@ def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> 
     except BaseException as exc:
         discard_part(path, exc)
         raise
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Refuse now a file that `replacing` could not write once the work is done: a folder
+    that is missing or read-only, or a folder where the file should be. Raises the OSError
+    the write would, naming `path`. The probe is a file of a name of its own, so that a
+    write of the same path under way is left alone."""
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe",
+                                     dir=target.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+    os.close(fd)
+    os.unlink(probe)

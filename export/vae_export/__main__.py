@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -82,19 +81,25 @@ def _not_a_folder(command: str, out: str) -> bool:
     return False
 
 
+def _write_json(path: str, text: str) -> None:
+    """Whole or not at all, as every output (vae_core.files.replacing)."""
+    from vae_core.files import replacing
+
+    with replacing(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
 def _unwritable(option: str, path: str | None) -> str | None:
     """Why a file cannot be written at `path` (None: it can), asked before the work whose
     result it is to hold."""
+    from vae_core.files import check_writable
+
     if not path:
         return None
-    target = Path(path)
-    if target.is_dir():
-        return f"{option} {path}: a directory"
-    folder = target.parent
-    if not folder.is_dir():
-        return f"{option} {path}: no folder {folder}"
-    if not os.access(target if target.exists() else folder, os.W_OK):
-        return f"{option} {path}: not writable"
+    try:
+        check_writable(path)
+    except OSError as exc:
+        return f"{option} {path}: {exc.strerror or exc}"
     return None
 
 
@@ -154,7 +159,7 @@ def _eval(args: argparse.Namespace) -> int:
                       pictures=Path(args.pictures) if args.pictures else None)
     text = json.dumps(result, indent=2)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        _write_json(args.json, text)
     print(text)
     return 0
 
@@ -170,7 +175,7 @@ def _cas(args: argparse.Namespace) -> int:
                                            seed=args.seed, progress=not args.quiet)
     text = json.dumps(result, indent=2)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        _write_json(args.json, text)
     print(text)
     return 0
 
