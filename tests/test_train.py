@@ -235,3 +235,21 @@ def test_a_checkpoint_written_over_another_is_whole_or_the_other(tmp_path: Path,
     (tmp_path / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataError, match="checkpoint.pt: not a checkpoint"):
         load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_a_run_stopped_between_its_files_leaves_no_checkpoint_of_another_run(
+        tmp_path: Path, digits_500: Digits, monkeypatch) -> None:
+    # Training into a run folder replaced prior.npz, then checkpoint.pt: a run stopped
+    # between the two left the new prior beside the old network, which `onnx` exported as
+    # one model. The old checkpoint now goes first: such a run leaves none.
+    import vae_export.train as train_module
+
+    _train(tmp_path, digits_500, seed=0)
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, digits_500, seed=1)
+    assert not (tmp_path / "checkpoint.pt").exists()

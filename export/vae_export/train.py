@@ -144,6 +144,9 @@ def train(
     t1 = time.perf_counter()
     prior = fit_model_prior(model, train_px, digits.labels[train_idx], prior_cfg)
     prior_seconds = time.perf_counter() - t1
+    # The network and its prior are one model: the old network goes before the new prior
+    # comes, so that a run stopped between the two leaves no pair of two runs.
+    (out / "checkpoint.pt").unlink(missing_ok=True)
     (out / PRIOR_FILE).unlink(missing_ok=True)
     if not prior.is_standard:
         prior.save(out / PRIOR_FILE)
