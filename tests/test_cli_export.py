@@ -175,8 +175,8 @@ def test_a_validation_share_that_leaves_no_training_digit_is_one_line(
     assert main(["train", "--out", str(tmp_path / "run"), "--val-fraction", "0.9999",
                  "--epochs", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("vae-export: error: --val-fraction 0.9999 leaves no training digit "
-                          "of class 0") and err.count("\n") == 1, err
+    assert err.startswith("vae-export: error: class 0 has 500 digit(s): --val-fraction 0.9999 "
+                          "leaves it no training digit") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("command", ["train", "onnx"])

@@ -231,8 +231,9 @@ def stratified_split(
         rng.shuffle(idx)
         n_val = max(1, int(round(len(idx) * val_fraction)))
         if n_val >= len(idx):
-            raise DataError(f"--val-fraction {val_fraction} leaves no training digit of class "
-                            f"{cls} (of its {len(idx)})")
+            raise DataError(f"class {cls} has {len(idx)} digit(s): --val-fraction "
+                            f"{val_fraction} leaves it no training digit (each class gives "
+                            "at least one to validation)")
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     train_idx, val_idx = np.concatenate(train), np.concatenate(val)
