@@ -410,3 +410,10 @@ def test_download_404(tmp_path: Path, serve: Callable[[Path], _Server]) -> None:
                             timeout=10)
     assert server.url + T10K[0] in str(err.value)
     assert list(dest.iterdir()) == []
+
+
+def test_a_download_folder_that_cannot_be_made_is_a_data_error(tmp_path: Path) -> None:
+    # Before: a FileNotFoundError traceback from mkdir (here: a folder under a file).
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(data.DataError, match="afile/mnist: cannot be made"):
+        data.load_dataset(f"mnist-download:{tmp_path / 'afile' / 'mnist'}")

@@ -159,7 +159,10 @@ def download_mnist(
     the downloaded file and raises DataError naming it.
     """
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{dest}: cannot be made ({exc.strerror or exc})") from None
     files = MNIST_FILES if files is None else files
     for name, sha in files.items():
         target = dest / name
