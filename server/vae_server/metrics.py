@@ -215,3 +215,8 @@ class _ModelObserver(BatcherObserver):
         self._items.inc(size)
         for w in queue_wait:
             self._wait.observe(w)
+
+
+def where_metrics(port: int | None) -> str:
+    """The metrics endpoint in the start-up log: "on port N", or "off"."""
+    return "off" if port is None else f"on port {port}"

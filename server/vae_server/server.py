@@ -22,7 +22,7 @@ from vae_server import loops
 from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
 from vae_server.config import Settings
 from vae_server.instrument import InstrumentedServer
-from vae_server.metrics import Metrics, serve_metrics
+from vae_server.metrics import Metrics, serve_metrics, where_metrics
 from vae_server.runtime import ModelRuntime
 from vae_server.servicer import VaeServicer
 
@@ -222,7 +222,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     await health.set(LIVENESS, SERVING)
     await server.start()
     log.info("gRPC on port %d, metrics %s; warming up", port,
-             "off" if metrics_port is None else f"on port {metrics_port}")
+             where_metrics(metrics_port))
     loop = asyncio.get_running_loop()
     sizes = sorted({1, 16, min(256, settings.max_batch_size), settings.max_batch_size})
     for _ in range(max(1, settings.warmup_rounds)):

@@ -58,7 +58,7 @@ from vae_core.host import cores
 from vae_core.manifest import ManifestError, load_manifest
 from vae_core.ports import bare_host, free_port, probe_bind
 from vae_server.config import Settings
-from vae_server.metrics import serve_metrics
+from vae_server.metrics import serve_metrics, where_metrics
 
 log = logging.getLogger("vae_server.workers")
 
@@ -256,7 +256,7 @@ class Supervisor:
                 signal.signal(sig, lambda *_: self._stopping.set())
             self._workers = [self._start(i) for i in range(self.count)]
             log.info("%d workers on port %d, metrics %s", self.count, self.port,
-                     "off" if self.metrics_port is None else f"on port {self.metrics_port}")
+                     where_metrics(self.metrics_port))
             code = self._watch()
         finally:
             if self._http is not None:
