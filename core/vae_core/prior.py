@@ -32,6 +32,7 @@ from vae_core.rng import block_spans, keyed_rng
 BLOCK = 1024
 NO_CLASS = -1
 _CHUNK = 4096  # latents per matrix product in log_prob: [4096, C k] float32 at most
+_TRANSFORM_ROWS = 256  # rows per stacked product in latents: [256, k, k] float64 factors
 
 
 class PriorError(ManifestError):
@@ -131,11 +132,14 @@ class GaussianMixture:
         cdf = self._cdf(digit)
         pos = 0
         for b, lo, hi in block_spans(start, n, BLOCK):
-            eps = keyed_rng(seed, b).standard_normal((BLOCK, k), dtype=np.float32)[lo:hi]
+            # Only the block's rows up to the last one asked for are drawn: a block's streams
+            # give their rows in order, so a row's draws do not depend on how many follow
+            # (and one image costs no block of 1,024).
+            eps = keyed_rng(seed, b).standard_normal((hi, k), dtype=np.float32)[lo:]
             if cdf is None:
                 out[pos : pos + hi - lo] = eps
             else:
-                u = keyed_rng(seed, b, 1).random(BLOCK)[lo:hi]
+                u = keyed_rng(seed, b, 1).random(hi)[lo:]
                 comp = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
                 out[pos : pos + hi - lo] = self._transform(comp, eps)
             pos += hi - lo
@@ -161,12 +165,15 @@ class GaussianMixture:
         return cdf
 
     def _transform(self, comp: np.ndarray, eps: np.ndarray) -> np.ndarray:
-        """m_j + L_j eps for each row's component j, one matrix product per component."""
-        z = np.empty(eps.shape, dtype=np.float64)
-        for j in np.unique(comp):
-            rows = comp == j
-            z[rows] = self.means[j] + eps[rows].astype(np.float64) @ self.chols[j].T
-        return z.astype(np.float32)
+        """m_j + L_j eps for each row's component j: one stacked product over the rows,
+        each row's own (a row's z does not depend on the rows beside it), in slices that
+        bound the gathered factors' memory."""
+        z = np.empty(eps.shape, dtype=np.float32)
+        for lo in range(0, len(comp), _TRANSFORM_ROWS):
+            j = comp[lo : lo + _TRANSFORM_ROWS]
+            e = eps[lo : lo + _TRANSFORM_ROWS].astype(np.float64)[:, :, None]
+            z[lo : lo + len(j)] = self.means[j] + np.matmul(self.chols[j], e)[:, :, 0]
+        return z
 
     # -- density --------------------------------------------------------------------------
 
