@@ -1,4 +1,4 @@
-"""The decoder jobs of SampleStream and LogLikelihood (batcher.Job): each makes its own rows
+"""The decoder jobs of Sample, SampleStream and LogLikelihood (batcher.Job): each makes its own rows
 and turns the model's outputs into its result in the thread that runs its batch, so the work
 around a run costs no hop between threads of its own."""
 
@@ -30,6 +30,22 @@ class StreamChunk:
 
     def finish(self, outputs: list[np.ndarray]) -> bytes:
         return replies.sample_chunk(self.first, outputs[0], self.dtype)
+
+
+@dataclass
+class SampleReply(StreamChunk):
+    """Images 0 .. rows - 1 of a Sample call, as its reply bytes, with their latents when
+    the caller asks for them."""
+
+    with_latents: bool = False
+    _z: np.ndarray = field(init=False, repr=False)  # made by make_rows, read by finish
+
+    def make_rows(self) -> np.ndarray:
+        self._z = super().make_rows()
+        return self._z
+
+    def finish(self, outputs: list[np.ndarray]) -> bytes:
+        return replies.sample(outputs[0], self.dtype, self._z if self.with_latents else None)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from vae_server.errors import (
     ShuttingDown,
 )
 from vae_server.instrument import cancelled, deadline_passed
-from vae_server.jobs import ImageScores, ImportanceWeights, StreamChunk
+from vae_server.jobs import ImageScores, ImportanceWeights, SampleReply, StreamChunk
 from vae_server.metrics import IMAGE_METHODS, Metrics
 from vae_server.runtime import ModelRuntime
 
@@ -281,11 +281,23 @@ class VaeServicer:
     @_unary
     async def Sample(self, raw: bytes, context: Context) -> bytes:
         req = requests.sample(raw, self.limits)
-        with self.decoder.reserve(req.n) as room:  # a full queue refuses before the noise
-            z = self.runtime.prior.latents(req.seed, 0, req.n, req.digit)
-            outputs = await self.decoder.submit(z, _deadline(context), room)
+        job = SampleReply(self.runtime.prior, req.seed, 0, req.n, req.digit, req.dtype,
+                          req.return_latents)
+        deadline = _deadline(context)
+        if req.n <= self.decoder.max_batch:
+            # One decoder job: its noise and its reply bytes are made in the thread that
+            # runs the batch, not on the event loop, which meanwhile takes other calls.
+            reply: bytes = await self.decoder.submit_job(job, deadline)
+        else:
+            # Larger than one batch: split into batches that the idle instances run at once,
+            # with the noise and the reply made in a worker thread.
+            loop = asyncio.get_running_loop()
+            with self.decoder.reserve(req.n) as room:  # a full queue refuses before the noise
+                z = await loop.run_in_executor(self.executor, job.make_rows)
+                outputs = await self.decoder.submit(z, deadline, room)
+            reply = await loop.run_in_executor(self.executor, job.finish, outputs)
         self._images["Sample"].inc(req.n)
-        return replies.sample(outputs[0], req.dtype, z if req.return_latents else None)
+        return reply
 
     @_streaming
     async def SampleStream(self, raw: bytes, context: Context) -> AsyncGenerator[bytes, None]:
