@@ -29,6 +29,9 @@ LOADS = {  # name: run_bench arguments
     "Decode, 1 image per call, c=64": {"method": "decode", "concurrency": 64},
     "SampleStream float32, chunk 1024": {"method": "stream", "batch": 1024,
                                          "dtype": "float32", "stream_n": 200_000},
+    "Sample, 1 image per call, c=64": {"method": "sample", "concurrency": 64},
+    "Sample, 64 images per call, c=8": {"method": "sample", "batch": 64, "concurrency": 8},
+    "Sample, 1024 images per call, c=4": {"method": "sample", "batch": 1024, "concurrency": 4},
 }
 
 
