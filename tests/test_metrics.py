@@ -96,3 +96,40 @@ def test_latency_buckets_reach_the_longest_call_the_defaults_allow():
     long = [b for b in LATENCY_BUCKETS if b >= 1.0]
     assert all(hi / lo <= 3.0 for lo, hi in itertools.pairwise(long))
     assert len(LATENCY_BUCKETS) <= 25  # every histogram series costs one each
+
+
+
+
+def test_a_channelz_that_refuses_leaves_received_calls_out_and_is_logged_once(caplog):
+    """The scrape goes on without vae_grpc_received_calls_total while channelz refuses (the
+    server stopped, say), logged when it starts refusing rather than at every scrape."""
+    import logging
+
+    from vae_server.intake import IntakeCollector
+    from vae_server.metrics import Metrics
+
+    m = Metrics(gpu=False)
+    readings = iter([5, ValueError("no such server"), ValueError("no such server"), 9,
+                     ValueError("gone again")])
+
+    def core() -> int:
+        r = next(readings)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    m.registry.register(IntakeCollector(core))  # reads nothing yet
+
+    def scrape() -> float | None:
+        return m.registry.get_sample_value("vae_grpc_received_calls_total")
+
+    with caplog.at_level(logging.WARNING, logger="vae_server.intake"):
+        assert scrape() == 5
+        assert scrape() is None
+        assert scrape() is None
+        assert m.registry.get_sample_value("process_resident_memory_bytes") > 0
+        assert scrape() == 9
+        assert scrape() is None
+    assert [r.getMessage() for r in caplog.records if r.name == "vae_server.intake"] == [
+        "vae_grpc_received_calls left out: channelz refused (no such server)",
+        "vae_grpc_received_calls left out: channelz refused (gone again)"]

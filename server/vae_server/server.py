@@ -22,6 +22,7 @@ from vae_server import loops
 from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
 from vae_server.config import Settings
 from vae_server.instrument import InstrumentedServer
+from vae_server.intake import server_ids, watch_intake
 from vae_server.metrics import Metrics, serve_metrics, where_metrics
 from vae_server.runtime import ModelRuntime
 from vae_server.servicer import VaeServicer
@@ -180,7 +181,10 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=2 * instances + 2, thread_name_prefix="vae-run")
     servicer = VaeServicer(runtime, settings, metrics, executor)
+    before = server_ids()
     server = grpc.aio.server(options=grpc_options(settings, reuse_port))
+    # The calls gRPC receives, before the event loop takes them (intake.py).
+    watch_intake(metrics.registry.register, before)
     # Every service registers through `services`, which counts and times each method.
     services = InstrumentedServer(server, metrics)
     handlers = servicer.handlers()
