@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from serving import (
     VENV_BIN,
     Replica,
     Supervised,
+    free_port,
     handled,
     health_status,
     metric_total,
@@ -286,6 +288,68 @@ def test_workers_serve_one_port_sum_their_metrics_and_drain_on_sigterm(model_dir
         assert sup.proc.wait(60) == 0
         assert len(results) == 6
     assert "stopped (worker exit codes [0, 0])" in sup.text(), sup.text()[-2000:]
+
+
+# vae-server, with a second SIGTERM raised at the start of each function (once each) that runs
+# while the supervisor handles a first one: as signals sent together land (`timeout` sends one
+# to the process and one to its group; Ctrl-C twice). Spawned workers import this file as
+# __mp_main__, hence the guard.
+SIGNAL_WHILE_HANDLING = """
+import atexit, signal, sys
+
+from vae_server.__main__ import main
+
+raised = set()
+
+
+def tracer(frame, event, arg):
+    if event != "call" or frame.f_code in raised:
+        return None
+    handler = signal.getsignal(signal.SIGTERM)
+    code = getattr(getattr(handler, "__func__", handler), "__code__", None)
+    f = frame
+    while f is not None:
+        if f.f_code is code:
+            raised.add(frame.f_code)
+            signal.raise_signal(signal.SIGTERM)
+            break
+        f = f.f_back
+    return None
+
+
+if __name__ == "__main__":
+    atexit.register(lambda: print(f"signals raised while handling one: {len(raised)}"))
+    sys.settrace(tracer)
+    sys.argv[0] = "vae-server"
+    sys.exit(main())
+"""
+
+
+def test_a_signal_that_lands_while_another_is_handled_still_stops_the_workers(model_dir,
+                                                                             tmp_path):
+    """Before: the supervisor's handler called threading.Event.set, and a second signal that
+    landed inside it (Python runs handlers between bytecodes) waited for the lock the first
+    held: the supervisor hung for good, its workers drained and left unreaped."""
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNAL_WHILE_HANDLING)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", "-1", "--workers", "2", "--warmup-rounds", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = proc.stdout.read() if proc.stdout else ""
+    assert code == 0, out[-2000:]
+    assert "stopped (worker exit codes [0, 0])" in out, out[-2000:]
+    raised = re.search(r"signals raised while handling one: (\d+)", out)
+    assert raised and int(raised.group(1)) >= 1, out[-2000:]  # the second signal did land
 
 
 def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference, tmp_path):

@@ -116,7 +116,7 @@ def test_a_worker_that_could_not_start_stops_the_server_with_its_reason_and_stat
         monkeypatch, ready=False, said=[(FAILED, reason)])
     with caplog.at_level(logging.INFO, logger="vae_server.workers"):
         supervisor._handle(process.sentinel)
-        assert supervisor._stopping.is_set()
+        assert supervisor._stopping
         assert supervisor._watch() == 2
     assert supervisor.failure == f"worker 0 could not start: {reason}"
     assert "signal received" not in caplog.text

@@ -195,7 +195,9 @@ class Supervisor:
         self.port = port
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
-        self._stopping = threading.Event()
+        # Set by the signal handler, read by the main loop: a plain flag, as the handler must
+        # take no lock (_on_signal).
+        self._stopping = False
         self._serving = False
         self.failed = False
         self.failure: str | None = None  # a worker's start-up failure, as it said it
@@ -253,7 +255,7 @@ class Supervisor:
                                            self.registry)
                 self.metrics_port = self._http.server_port
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self._stopping.set())
+                signal.signal(sig, self._on_signal)
             self._workers = [self._start(i) for i in range(self.count)]
             log.info("%d workers on port %d, metrics %s", self.count, self.port,
                      where_metrics(self.metrics_port))
@@ -268,9 +270,17 @@ class Supervisor:
             raise RuntimeError(self.failure)
         return code
 
+    def _on_signal(self, signum: int, frame: object) -> None:
+        """SIGTERM or SIGINT: stop. Python runs a handler between two bytecodes of the main
+        thread, which may be inside this handler's own work for a signal just before (signals
+        sent together: `timeout` sends one to the process and one to its group, Ctrl-C twice):
+        so it takes no lock. With threading.Event.set, the second one waited for the lock
+        that the first held, forever, and the server never stopped."""
+        self._stopping = True
+
     def _watch(self) -> int:
         timeout, pinged = self.settings.worker_timeout_s, time.monotonic()  # 0: no watch
-        while not self._stopping.is_set():
+        while not self._stopping:
             waitables: list[Any] = [w.conn for w in self._workers]
             waitables += [w.process.sentinel for w in self._workers]
             for ready in multiprocessing.connection.wait(waitables, timeout=0.2):
@@ -353,7 +363,7 @@ class Supervisor:
                         self._broadcast(SERVING)
                         log.info("SERVING: %d workers ready on port %d", self.count,
                                  self.port)
-            elif ready == w.process.sentinel and not self._stopping.is_set():
+            elif ready == w.process.sentinel and not self._stopping:
                 # The sentinel can fire before the process is reaped, and until it is,
                 # exitcode reads None: join it first.
                 w.process.join()
@@ -367,7 +377,7 @@ class Supervisor:
                               w.index, w.process.exitcode,
                               f" ({w.failure})" if w.failure is not None else "")
                     self.failed = True
-                    self._stopping.set()
+                    self._stopping = True
                     return
                 log.error("worker %d exited with %s: NOT_SERVING until its replacement is "
                           "ready", w.index, w.process.exitcode)
