@@ -33,6 +33,10 @@ BLOCK = 1024
 NO_CLASS = -1
 _CHUNK = 4096  # latents per matrix product in log_prob: [4096, C k] float32 at most
 _TRANSFORM_ROWS = 256  # rows per stacked product in latents: [256, k, k] float64 factors
+# Up to this latent size a stacked product of each row's own factor is the faster transform
+# (numpy's per-product cost dominates one product per component); past it, gathering k x k
+# factors per row costs more time and memory than one product per component.
+_STACKED_MAX_K = 32
 
 
 class PriorError(ManifestError):
@@ -165,9 +169,15 @@ class GaussianMixture:
         return cdf
 
     def _transform(self, comp: np.ndarray, eps: np.ndarray) -> np.ndarray:
-        """m_j + L_j eps for each row's component j: one stacked product over the rows,
-        each row's own (a row's z does not depend on the rows beside it), in slices that
-        bound the gathered factors' memory."""
+        """m_j + L_j eps for each row's component j. Small latents: one stacked product over
+        the rows, each row with its own factor, in slices that bound the gathered factors'
+        memory; larger ones: one product per component."""
+        if self.latent_dim > _STACKED_MAX_K:
+            out = np.empty(eps.shape, dtype=np.float64)
+            for c in np.unique(comp):
+                rows = comp == c
+                out[rows] = self.means[c] + eps[rows].astype(np.float64) @ self.chols[c].T
+            return out.astype(np.float32)
         z = np.empty(eps.shape, dtype=np.float32)
         for lo in range(0, len(comp), _TRANSFORM_ROWS):
             j = comp[lo : lo + _TRANSFORM_ROWS]
