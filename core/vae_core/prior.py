@@ -34,8 +34,8 @@ NO_CLASS = -1
 _CHUNK = 4096  # latents per matrix product in log_prob: [4096, C k] float32 at most
 _TRANSFORM_ROWS = 256  # rows per stacked product in latents: [256, k, k] float64 factors
 # Up to this latent size a stacked product of each row's own factor is the faster transform
-# (numpy's per-product cost dominates one product per component); past it, gathering k x k
-# factors per row costs more time and memory than one product per component.
+# (one product per component pays numpy's cost of a call for each of the call's components);
+# past it, gathering k x k factors per row costs more time and memory than those calls.
 _STACKED_MAX_K = 32
 
 

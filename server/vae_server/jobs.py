@@ -1,6 +1,6 @@
-"""The decoder jobs of Sample, SampleStream and LogLikelihood (batcher.Job): each makes its own rows
-and turns the model's outputs into its result in the thread that runs its batch, so the work
-around a run costs no hop between threads of its own."""
+"""The decoder jobs of Sample, SampleStream and LogLikelihood (batcher.Job): each makes its
+own rows and turns the model's outputs into its result in the thread that runs its batch, so
+the work around a run costs no hop between threads of its own."""
 
 from __future__ import annotations
 
