@@ -37,7 +37,6 @@ def test_reflection_calls_are_counted_as_bidi_streams(model_dir):
         assert registry.get_sample_value("grpc_server_handling_seconds_count", labels) == 1
 
 
-
 def test_calls_received_are_counted_before_the_event_loop_takes_them(model_dir):
     """Calls wait in gRPC's core until the event loop takes them, where the handlers' counters
     (and the queue, and every other metric) cannot see them; one whose deadline passes there

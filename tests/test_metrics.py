@@ -98,8 +98,6 @@ def test_latency_buckets_reach_the_longest_call_the_defaults_allow():
     assert len(LATENCY_BUCKETS) <= 25  # every histogram series costs one each
 
 
-
-
 def test_a_channelz_that_refuses_leaves_received_calls_out_and_is_logged_once(caplog):
     """The scrape goes on without vae_grpc_received_calls_total while channelz refuses (the
     server stopped, say), logged when it starts refusing rather than at every scrape."""
