@@ -84,3 +84,22 @@ def test_calls_received_are_counted_before_the_event_loop_takes_them(model_dir):
             stub.GetModelInfo(vae_pb2.GetModelInfoRequest(), timeout=30)
             assert received() == r0 + calls + 1
             assert s0 + 1 <= started() <= s0 + 2
+
+
+def test_each_server_in_a_process_counts_the_calls_it_received(model_dir):
+    """channelz lists every gRPC server of the process: each server's metric must read its
+    own (the one made when it was), not another's."""
+    from vae_proto import vae_pb2, vae_pb2_grpc
+
+    with server_thread(model_dir) as first, server_thread(model_dir) as second:
+        for srv, calls in ((first, 3), (second, 1)):
+            with grpc.insecure_channel(srv.target) as channel:
+                stub = vae_pb2_grpc.VaeServiceStub(channel)
+                for _ in range(calls):
+                    stub.GetModelInfo(vae_pb2.GetModelInfoRequest(), timeout=30)
+        for srv, calls in ((first, 3), (second, 1)):
+            metrics = srv.running.metrics
+            started = sum(s.value for f in metrics.started.collect() for s in f.samples
+                          if s.name.endswith("_total"))
+            assert started == calls
+            assert metrics.registry.get_sample_value("vae_grpc_received_calls_total") == calls

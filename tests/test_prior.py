@@ -16,13 +16,13 @@ from vae_core.prior import BLOCK, GaussianMixture, PriorError, load_prior
 K = 4
 
 
-def mixture(classes: int = 3, per_class: int = 2, seed: int = 0) -> GaussianMixture:
+def mixture(classes: int = 3, per_class: int = 2, seed: int = 0, k: int = K) -> GaussianMixture:
     rng = np.random.default_rng(seed)
     c = classes * per_class
-    a = rng.standard_normal((c, K, K)) * 0.3
-    chols = np.linalg.cholesky(a @ a.transpose(0, 2, 1) + 0.2 * np.eye(K))
+    a = rng.standard_normal((c, k, k)) * 0.3
+    chols = np.linalg.cholesky(a @ a.transpose(0, 2, 1) + 0.2 * np.eye(k))
     weights = rng.random(c) + 0.5
-    return GaussianMixture(weights / weights.sum(), rng.standard_normal((c, K)) * 3, chols,
+    return GaussianMixture(weights / weights.sum(), rng.standard_normal((c, k)) * 3, chols,
                            np.repeat(np.arange(classes), per_class))
 
 
@@ -36,6 +36,23 @@ def test_the_standard_prior_draws_the_blocks_of_seeded_normals():
                              for b in range(4)])
     np.testing.assert_array_equal(z, blocks[1000:4000])
     assert prior.is_standard and prior.digits == []
+
+
+@pytest.mark.parametrize("k", [K, 40])  # the stacked transform, and one product a component
+def test_each_latent_is_its_components_mean_plus_its_factor_times_its_normals(k):
+    """z_i = m_j + L_j eps_i, with eps_i the row of the block's seeded normals and j the
+    component its seeded uniform picks, computed here row by row (both ways the prior
+    computes it: small latents stacked, larger ones a product per component)."""
+    prior = mixture(k=k, seed=3)
+    z = prior.latents(9, 900, 100)  # rows 900 .. 999 of block 0
+    eps = np.random.default_rng([9, 0]).standard_normal((1000, k), dtype=np.float32)[900:]
+    u = np.random.default_rng([9, 0, 1]).random(1000)[900:]
+    comp = np.minimum(np.searchsorted(np.cumsum(prior.weights), u, side="right"),
+                      len(prior.weights) - 1)
+    assert len(set(comp.tolist())) > 1
+    want = np.stack([prior.means[j] + prior.chols[j] @ e.astype(np.float64)
+                     for j, e in zip(comp, eps, strict=True)])
+    np.testing.assert_allclose(z, want.astype(np.float32), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("digit", [None, 0, 2])
