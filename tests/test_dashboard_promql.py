@@ -89,3 +89,20 @@ def test_workers_ready_is_red_while_any_server_is_short_of_workers(tmp_path):
     stat = panel("Workers ready")
     assert threshold_colour(stat, 0.5) == "red"
     assert threshold_colour(stat, 1.0) == "green"
+
+
+def test_calls_received_and_not_taken_are_per_server_and_never_negative(tmp_path):
+    # One server's event loop falls behind (30 more calls received than taken every 15 s)
+    # while another works off a backlog (taking more than it receives): summed, the second
+    # would hide the first; shown as it is, a loop catching up reads as negative rejections.
+    received = 'vae_grpc_received_calls_total{job="vae-server", instance="%s"}'
+    started = ('grpc_server_started_total{job="vae-server", instance="%s", '
+               'grpc_service="vae.v1.VaeService", grpc_method="Sample", grpc_type="unary"}')
+    promtool_test(tmp_path, {
+        received % "behind:8000": "0+130x8",
+        started % "behind:8000": "0+100x8",
+        received % "catching-up:8000": "0+100x8",
+        started % "catching-up:8000": "0+130x8",
+    }, [{"expr": f'round({expr("Rejections by reason", "B")}, 0.5)', "at": "2m",
+         "samples": [('{instance="behind:8000"}', 2),
+                     ('{instance="catching-up:8000"}', 0)]}])
