@@ -152,11 +152,14 @@ def _spans(n: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
+_OWN_MESSAGE_BYTES = DEFAULT_MAX_MESSAGE_MB * 1024 * 1024  # what _connect's client takes
+
+
 def _max_images(info: ModelInfo) -> int:
     """Most images per request: the server's per-request limit, no more than its queue holds
     (a call larger than the queue is refused whatever the load), and no more float32 images
     than a message carries, the server's or this client's (VaeClient's 64 MiB)."""
-    own = DEFAULT_MAX_MESSAGE_MB * 1024 * 1024  # what _connect's client takes
+    own = _OWN_MESSAGE_BYTES
     fit = images_per_message(min(info.limits.max_message_bytes or own, own))
     return max(1, min(info.limits.max_images_per_request, info.batching.max_queue_images, fit))
 
@@ -314,7 +317,7 @@ def run_sample(args: argparse.Namespace) -> int:
             raise CliError(f"--n {args.n}: more than the server's {name} ({limit})"
                            + ("" if stream else "; let the images stream (--stream)"))
         # A reply this client could not take would come after the server's work.
-        fit = images_per_message(DEFAULT_MAX_MESSAGE_MB * 1024 * 1024,
+        fit = images_per_message(_OWN_MESSAGE_BYTES,
                                  28 * 28 * (1 if args.dtype == "uint8" else 4))
         if not stream and args.n > fit:
             raise CliError(f"--n {args.n}: {args.dtype} images in one reply past this client's "

@@ -27,9 +27,9 @@ from vae_core.files import replacing
 from vae_core.likelihood import LOG_2PI, log_normal_std
 from vae_core.manifest import PRIOR_FILE as PRIOR_FILE
 from vae_core.manifest import ManifestError, prior_kind
-from vae_core.rng import block_spans, keyed_rng
+from vae_core.rng import ROWS_PER_BLOCK, block_spans, keyed_rng
 
-BLOCK = 1024
+BLOCK = ROWS_PER_BLOCK  # rows per seeded block, as every indexed stream
 NO_CLASS = -1
 _CHUNK = 4096  # latents per matrix product in log_prob: [4096, C k] float32 at most
 _TRANSFORM_ROWS = 256  # rows per stacked product in latents: [256, k, k] float64 factors

@@ -124,17 +124,18 @@ def train(
             seen += len(xb)
         model.eval()
         val_elbo = evaluate_elbo(model, x_val, seed=train_cfg.seed + 2)
+        train_loss = total / seen
         # NaN never beats the best ELBO so far: the run would keep and write the weights it
         # started from as its best.
-        if not (math.isfinite(total / seen) and math.isfinite(val_elbo)):
+        if not (math.isfinite(train_loss) and math.isfinite(val_elbo)):
             raise TrainingDiverged(
-                f"training diverged at epoch {epoch} (loss {total / seen}, validation ELBO "
+                f"training diverged at epoch {epoch} (loss {train_loss}, validation ELBO "
                 f"{val_elbo}): lower --lr ({train_cfg.lr}); no checkpoint was written")
-        history.append({"epoch": epoch, "train_loss": total / seen, "val_elbo": val_elbo})
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_elbo": val_elbo})
         # Only epochs at the full KL weight compete for the best checkpoint.
         if beta >= 1.0 and val_elbo > best_elbo:
             best_state, best_elbo, best_epoch = copy.deepcopy(model.state_dict()), val_elbo, epoch
-        bar.set_postfix(loss=f"{total / seen:.1f}", val_elbo=f"{val_elbo:.1f}", best=best_epoch)
+        bar.set_postfix(loss=f"{train_loss:.1f}", val_elbo=f"{val_elbo:.1f}", best=best_epoch)
         if beta >= 1.0 and train_cfg.patience and epoch - best_epoch >= train_cfg.patience:
             break
     seconds = time.perf_counter() - t0

@@ -38,7 +38,8 @@ HELP = ("Calls gRPC has received, counted before the server's event loop takes t
         "took them (deadline, caller gone, cancelled by gRPC), or named an unknown method.")
 
 
-def _cygrpc() -> Any:
+def _channelz() -> Any:
+    """grpcio's binding of channelz, or None where it has none."""
     try:
         from grpc._cython import cygrpc
     except ImportError:  # pragma: no cover - grpcio always ships it
@@ -46,9 +47,12 @@ def _cygrpc() -> Any:
     return cygrpc if hasattr(cygrpc, "channelz_get_servers") else None
 
 
+_CHANNELZ = _channelz()  # looked up once, not at every scrape
+
+
 def server_ids() -> set[int]:
     """The channelz ids of the gRPC servers of this process (empty without channelz)."""
-    cz = _cygrpc()
+    cz = _CHANNELZ
     if cz is None:
         return set()
     ids: set[int] = set()
@@ -65,7 +69,7 @@ def server_ids() -> set[int]:
 def received_calls(server_id: int) -> int:
     """The calls core has received on the server `server_id`. Raises ValueError for a server
     channelz does not know (one that has stopped)."""
-    cz = _cygrpc()
+    cz = _CHANNELZ
     if cz is None:
         raise ValueError("channelz is not available")
     data = json.loads(cz.channelz_get_server(server_id))["server"]["data"]

@@ -20,7 +20,7 @@ from vae_core import likelihood as lk
 from vae_core.rng import indexed_normals
 from vae_proto import vae_pb2
 from vae_server import replies, requests
-from vae_server.batcher import Batcher
+from vae_server.batcher import Batcher, Reservation
 from vae_server.config import Settings
 from vae_server.errors import (
     BatchFailed,
@@ -283,28 +283,31 @@ class VaeServicer:
         req = requests.sample(raw, self.limits)
         job = SampleReply(self.runtime.prior, req.seed, 0, req.n, req.digit, req.dtype,
                           req.return_latents)
-        deadline = _deadline(context)
-        if req.n <= self.decoder.max_batch:
-            # One decoder job: its noise and its reply bytes are made in the thread that
-            # runs the batch, not on the event loop, which meanwhile takes other calls.
-            reply: bytes = await self.decoder.submit_job(job, deadline)
-        else:
-            # Larger than one batch: split into batches that the idle instances run at once,
-            # with the noise and the reply made in a worker thread.
-            loop = asyncio.get_running_loop()
-            with self.decoder.reserve(req.n) as room:  # a full queue refuses before the noise
-                z = await loop.run_in_executor(self.executor, job.make_rows)
-                outputs = await self.decoder.submit(z, deadline, room)
-            reply = await loop.run_in_executor(self.executor, job.finish, outputs)
+        with self.decoder.reserve(req.n) as room:  # a full queue refuses before the noise
+            reply = await self._decode_job(job, _deadline(context), room)
         self._images["Sample"].inc(req.n)
         return reply
+
+    async def _decode_job(self, job: StreamChunk, deadline: float | None,
+                          room: Reservation) -> bytes:
+        """A decoder job's reply, its noise and reply bytes made off the event loop: one job
+        in the thread that runs its batch (a small one on the loop's, as any small batch);
+        one larger than a batch split into batches that the idle instances run at once (as
+        one job they would run one after another in one thread), its noise and reply made in
+        a worker thread."""
+        if job.rows <= self.decoder.max_batch:
+            reply: bytes = await self.decoder.submit_job(job, deadline, room)
+            return reply
+        loop = asyncio.get_running_loop()
+        z = await loop.run_in_executor(self.executor, job.make_rows)
+        outputs = await self.decoder.submit(z, deadline, room)
+        return await loop.run_in_executor(self.executor, job.finish, outputs)
 
     @_streaming
     async def SampleStream(self, raw: bytes, context: Context) -> AsyncGenerator[bytes, None]:
         req = requests.sample_stream(raw, self.limits)
         counter = self._images["SampleStream"]
         deadline = _deadline(context)
-        loop = asyncio.get_running_loop()
         prior = self.runtime.prior
 
         unsent = _Unsent(self.decoder)
@@ -316,20 +319,7 @@ class VaeServicer:
             # in the queue rather than break off a stream under way, whether other calls
             # fill the queue or the queue holds fewer than AHEAD chunks.
             with await self.decoder.wait_room(chunk.rows, deadline) as room:
-                if chunk.rows <= self.decoder.max_batch:
-                    # One decoder job: its noise, its run and its reply bytes (the uint8
-                    # conversion, the one copy of the pixels) in the thread that runs the
-                    # batch.
-                    reply: bytes | None = await self.decoder.submit_job(chunk, deadline, room)
-                else:
-                    # A chunk larger than one batch is split into batches that the idle
-                    # instances run at once (as one job they would run one after another in
-                    # one thread); its noise and its reply leave the event loop too.
-                    z = await loop.run_in_executor(self.executor, chunk.make_rows)
-                    outputs = await self.decoder.submit(z, deadline, room)
-                    reply = None
-            if reply is None:
-                reply = await loop.run_in_executor(self.executor, chunk.finish, outputs)
+                reply = await self._decode_job(chunk, deadline, room)
             # Until it is sent, the reply holds room in the queue: a client that stops reading
             # makes the server refuse work (RESOURCE_EXHAUSTED) instead of hoarding replies.
             unsent.hold(chunk.rows)
