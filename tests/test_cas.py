@@ -58,7 +58,7 @@ def test_a_model_without_classes_is_one_error_line(model_dir: Path, tmp_path: Pa
     manifest = json.loads((plain / MANIFEST).read_text())
     del manifest["files"][PRIOR_FILE]
     manifest["prior"] = {"kind": "standard", "description": "N(0, I)"}
-    manifest["model_version"] = model_version(manifest["files"])
+    manifest["model_version"] = model_version(manifest)
     (plain / MANIFEST).write_text(json.dumps(manifest))
     assert main(["cas", "--model-dir", str(plain), "--data", str(tmp_path / "absent"),
                  "--quiet"]) == 2

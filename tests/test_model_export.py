@@ -125,9 +125,14 @@ def test_manifest_describes_the_export(exported: ExportedModel) -> None:
     assert sorted(manifest["files"]) == on_disk == sorted([ENCODER, DECODER, PRIOR_FILE])
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == _sha256(model_dir / name) == manifest_sha256(model_dir / name)
-    # The version names the files that make the model: its prior included.
-    version = hashlib.sha256("".join(manifest["files"][name]["sha256"]
-                                     for name in (ENCODER, DECODER, PRIOR_FILE)).encode())
+    # The version names the files that make the model, its prior included, and what scores
+    # with them: the likelihood, the scoring sigma and the calibration.
+    served = json.dumps({key: manifest[key] for key in ("likelihood", "sigma", "calibration")},
+                        sort_keys=True, separators=(",", ":"))
+    version = hashlib.sha256(("".join(manifest["files"][name]["sha256"]
+                                      for name in (ENCODER, DECODER, PRIOR_FILE))
+                              + served).encode())
+    assert manifest["format_version"] == 2
     assert manifest["model_version"] == version.hexdigest()[:16]
     prior = manifest["prior"]
     assert prior["kind"] == "mixture" and prior["file"] == PRIOR_FILE
@@ -382,10 +387,10 @@ def test_closed_form_kl_matches_importance_weights() -> None:
 
 def test_export_is_reproducible_and_names_no_build_path(gaussian_export: ExportedModel,
                                                         tmp_path: Path) -> None:
-    """The same checkpoint exports to the same bytes (so the same model version), and the
-    files carry no path of the machine that built them."""
+    """The same checkpoint exports to the same bytes and calibration (so the same model
+    version), and the files carry no path of the machine that built them."""
     again = tmp_path / "again"
-    manifest = export_onnx(gaussian_export.run_dir, again, calibrate=False)
+    manifest = export_onnx(gaussian_export.run_dir, again)
     for name in ("encoder.onnx", "decoder.onnx"):
         data = (again / name).read_bytes()
         assert data == (gaussian_export.model_dir / name).read_bytes()
@@ -420,20 +425,24 @@ def test_an_export_interrupted_in_calibration_leaves_no_manifest(
 
 def test_no_calibration_keeps_the_training_sigma_as_its_help_says(
         gaussian_export: ExportedModel, tmp_path: Path) -> None:
-    """--no-calibration skips fitting the scoring sigma too, under the same model version;
-    the help says so. A complete export leaves no temporary file beside its manifest."""
+    """--no-calibration skips fitting the scoring sigma too; the help says so. It scores
+    otherwise, so it is another model version though its files are the same. A complete export
+    leaves no temporary file beside its manifest."""
     from vae_export.__main__ import build_parser
 
     manifest = export_onnx(gaussian_export.run_dir, tmp_path / "m", calibrate=False)
     assert manifest["calibration"] is None and manifest["sigma"] == manifest["training_sigma"]
     calibrated = load_manifest(gaussian_export.model_dir)
     assert calibrated["sigma"] != manifest["sigma"]
-    assert calibrated["model_version"] == manifest["model_version"]
+    assert calibrated["files"] == manifest["files"]
+    assert calibrated["model_version"] != manifest["model_version"]
+    assert load_manifest(tmp_path / "m") == manifest
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(
         [ENCODER, DECODER, PRIOR_FILE, MANIFEST])
-    onnx_help = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()
-                     if a.prog.endswith(" onnx")).format_help()
-    assert "training sigma" in " ".join(onnx_help.split())
+    onnx_help = " ".join(next(
+        a for a in build_parser()._subparsers._group_actions[0].choices.values()
+        if a.prog.endswith(" onnx")).format_help().split())
+    assert "training sigma" in onnx_help and "another model version" in onnx_help
 
 
 def test_the_scoring_sigma_is_the_one_that_scores_the_validation_digits_best(

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-FORMAT_VERSION = 1
+# 2: the model version names the served figures (likelihood, sigma, calibration) beside the
+# files; 1 (still read): the files alone, so that two exports of one run, with and without
+# calibration, shared a version while scoring differently.
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"
@@ -38,11 +42,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_version(files: Mapping[str, Mapping[str, Any]]) -> str:
-    """The model version `vae-export onnx` writes: the first 16 hex digits of the sha256 of
-    the listed files' sha256s, joined in the manifest's order. A changed file, or a changed
-    list of files, is another model."""
+# The manifest's entries besides its files that change a reply of the same files: the scores
+# (likelihood, sigma) and the anomaly percentiles (calibration).
+VERSIONED_ENTRIES = ("likelihood", "sigma", "calibration")
+
+
+def model_version(manifest: Mapping[str, Any]) -> str:
+    """The model version `vae-export onnx` writes: the first 16 hex digits of the sha256 of the
+    listed files' sha256s, joined in the manifest's order, then (format 2) the canonical JSON
+    of VERSIONED_ENTRIES. A changed file, list of files, scoring sigma or calibration is
+    another model: a cache of replies, or an image tagged with the version, never mixes two."""
+    files = manifest["files"]
     joined = "".join(str(entry["sha256"]) for entry in files.values())
+    if manifest.get("format_version") != 1:
+        served = {key: manifest.get(key) for key in VERSIONED_ENTRIES}
+        joined += json.dumps(served, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
@@ -76,10 +90,10 @@ def _is_number(v: Any) -> TypeGuard[int | float]:
 def check_manifest(manifest: Any, model_dir: str | Path, verify_hashes: bool = True,
                    where: str | Path | None = None) -> None:
     """Check a manifest (parsed JSON) against itself and its model directory: format version,
-    required keys and their types, every listed file present with the sha256 the manifest gives
-    and the model version those hashes give, the ONNX inputs and outputs it declares of the
-    widths its latent_dim and image pixels say, its prior's kind the files it lists, and its
-    calibration tables. Each fault is a ManifestError of one line."""
+    required keys and their types, every listed file present with the sha256 the manifest gives,
+    the model version those hashes and its VERSIONED_ENTRIES give, the ONNX inputs and outputs
+    it declares of the widths its latent_dim and image pixels say, its prior's kind the files
+    it lists, and its calibration tables. Each fault is a ManifestError of one line."""
     model_dir = Path(model_dir)
     path = where if where is not None else model_dir / MANIFEST
 
@@ -88,9 +102,9 @@ def check_manifest(manifest: Any, model_dir: str | Path, verify_hashes: bool = T
 
     if not isinstance(manifest, dict):
         raise fail(f"a JSON {type(manifest).__name__}, not an object")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READ_FORMATS:
         raise fail(f"format_version {manifest.get('format_version')!r}, this code reads "
-                   f"{FORMAT_VERSION}")
+                   f"{' and '.join(map(str, READ_FORMATS))}")
     for key in ("model_version", "latent_dim", "likelihood", "files", "image", "calibration"):
         if key not in manifest:
             raise fail(f"no {key!r} entry")
@@ -106,11 +120,6 @@ def check_manifest(manifest: Any, model_dir: str | Path, verify_hashes: bool = T
         sha = entry.get("sha256") if isinstance(entry, dict) else None
         if not isinstance(sha, str) or len(sha) != 64 or set(sha) - set("0123456789abcdef"):
             raise fail(f"files[{name!r}] has no sha256 of 64 hex digits")
-    want = model_version(files)
-    if manifest["model_version"] != want:
-        raise fail(f"model_version {manifest['model_version']!r} is not the one its files' "
-                   f"hashes give ({want}): the manifest was changed after export")
-
     latent_dim = manifest["latent_dim"]
     if not _is_int(latent_dim) or latent_dim < 1:
         raise fail(f"latent_dim {latent_dim!r}: not a whole number >= 1")
@@ -160,6 +169,14 @@ def check_manifest(manifest: Any, model_dir: str | Path, verify_hashes: bool = T
             Calibration(manifest["calibration"])
         except ManifestError as exc:
             raise fail(str(exc)) from None
+
+    # After the entries' own checks, so that a malformed entry is named as such.
+    want = model_version(manifest)
+    if manifest["model_version"] != want:
+        named = "files' hashes" + ("" if manifest["format_version"] == 1
+                                   else ", likelihood, sigma and calibration")
+        raise fail(f"model_version {manifest['model_version']!r} is not the one its {named} "
+                   f"give ({want}): the manifest was changed after export")
 
     for name, entry in files.items():
         file = model_dir / name

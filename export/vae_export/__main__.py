@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-calibration", action="store_true",
                    help="skip scoring the validation digits: no anomaly calibration, and the "
                    "scoring sigma of a Gaussian decoder stays the training sigma instead of "
-                   "the one fitted to those digits (other log p(x) figures, under the same "
-                   "model version: the version is the files' hash, and sigma is in none)")
+                   "the one fitted to those digits: other log p(x) figures, so another "
+                   "model version than the calibrated export's)")
     o.set_defaults(func=_onnx)
 
     e = sub.add_parser("eval", help="evaluate an exported model on a test set",

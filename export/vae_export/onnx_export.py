@@ -134,7 +134,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     train = extra.get("train", {})
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "model_version": model_version(files),
+        "model_version": None,  # once the scoring sigma and calibration are known
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "latent_dim": cfg.latent_dim,
         "hidden": list(cfg.hidden),
@@ -176,6 +176,8 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     }
     if calibrate:
         manifest["calibration"] = _calibrate(out, manifest, train)
+    # As JSON reads the manifest back, as the check that loads the model computes it.
+    manifest["model_version"] = model_version(json.loads(json.dumps(manifest)))
     partial = out / (MANIFEST + ".partial")
     partial.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(partial, out / MANIFEST)
@@ -257,6 +259,7 @@ def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> di
     # The models are read with the manifest being made (as JSON reads it back), not from a
     # manifest.json: none is written before the export is complete.
     provisional = json.loads(json.dumps(dict(manifest, calibration={})))
+    provisional["model_version"] = model_version(provisional)
     model = OnnxVAE(out, manifest=provisional)
     if manifest["likelihood"] == lk.GAUSSIAN:
         # The quantiles are those of the scoring sigma (the caller writes it to the manifest).
