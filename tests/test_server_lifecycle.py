@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import signal
@@ -260,6 +261,73 @@ def test_calls_still_queued_when_the_grace_ends_get_unavailable(model_dir):
     codes = [e.code for e in errors if isinstance(e, VaeError)]
     assert codes, "every call finished within the grace: make them longer"
     assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, errors
+
+
+def _stop_with_a_burst_waiting_in_grpc(model_dir, n: int, refusing: bool = False):
+    """Stop a server while `n` Sample calls wait in gRPC for its event loop (blocked while
+    they arrive, as a burst outruns a busy loop); the calls' status codes, and the server's
+    metrics. `refusing`: its servicer refuses calls, as a stop makes it after half the
+    grace."""
+    import asyncio
+
+    from serving import ServerThread
+    from vae_proto import vae_pb2, vae_pb2_grpc
+
+    srv = ServerThread(model_dir)
+    running = srv.running
+    running.servicer.refusing = refusing
+    metric = running.metrics.registry.get_sample_value
+    samples = {"grpc_service": "vae.v1.VaeService", "grpc_method": "Sample",
+               "grpc_type": "unary"}
+    gate = threading.Event()
+    srv.loop.call_soon_threadsafe(gate.wait, 60)  # the loop takes no call until the gate
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            sample = vae_pb2_grpc.VaeServiceStub(channel).Sample
+            before = metric("vae_grpc_received_calls_total")
+            futures = [sample.future(vae_pb2.SampleRequest(n=64, seed=i), timeout=120)
+                       for i in range(n)]
+            wait_until(lambda: metric("vae_grpc_received_calls_total") - before >= n,
+                       timeout=50)
+            assert metric("grpc_server_started_total", samples) == 0
+            stopped = asyncio.run_coroutine_threadsafe(running.stop(120), srv.loop)
+            gate.set()
+            stopped.result(150)
+            codes = collections.Counter(f.code() for f in futures)
+            details = {f.details() for f in futures if f.code() != grpc.StatusCode.OK}
+    finally:
+        gate.set()
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        srv.thread.join(10)
+    return codes, details, running.metrics
+
+
+def test_calls_waiting_in_grpc_when_the_stop_begins_are_served_not_cancelled(model_dir):
+    """A burst outruns the event loop: its calls wait in gRPC, where grpc's stop() cancels
+    them (CANCELLED, which few clients retry). A stop with time to spare serves them all."""
+    codes, _, _ = _stop_with_a_burst_waiting_in_grpc(model_dir, 2000)
+    assert codes == {grpc.StatusCode.OK: 2000}, codes
+
+
+def test_calls_still_waiting_in_grpc_once_the_server_refuses_get_unavailable(model_dir):
+    """Past half the grace a stopping server refuses the calls still waiting, which it can
+    do much faster than serve them: UNAVAILABLE, which clients retry elsewhere, and counted
+    as shutting_down; none is cancelled by gRPC."""
+    codes, details, metrics = _stop_with_a_burst_waiting_in_grpc(model_dir, 2000,
+                                                                 refusing=True)
+    assert codes == {grpc.StatusCode.UNAVAILABLE: 2000}, codes
+    assert details == {"the server is shutting down; retry"}
+    assert metrics.registry.get_sample_value(
+        "vae_rejected_total", {"reason": "shutting_down"}) == 2000
+
+
+def test_a_refusing_server_refuses_streams_too(model_dir):
+    with server_thread(model_dir) as srv, VaeClient(srv.target, timeout=30, retries=0) as c:
+        srv.running.servicer.refusing = True
+        with pytest.raises(VaeError) as err:
+            list(c.sample_stream(10, seed=1))
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in str(err.value)
 
 
 def test_the_metrics_port_closes_with_the_server(model_dir):

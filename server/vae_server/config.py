@@ -98,8 +98,10 @@ class Settings:
     max_message_mb: int = _doc("largest gRPC message received or sent, MiB", default=64)
     warmup_rounds: int = _doc("passes over the warm-up batch sizes before reporting SERVING",
                               default=3)
-    grace_seconds: float = _doc("on SIGTERM, how long calls in flight may take to finish",
-                                default=10.0)
+    grace_seconds: float = _doc(
+        "on SIGTERM, how long calls in flight may take to finish, those still waiting in gRPC "
+        "for the server included (served for up to half of it, then refused UNAVAILABLE)",
+        default=10.0)
     drain_delay_s: float = _doc(
         "on SIGTERM, how long the server keeps taking calls while health says NOT_SERVING, "
         "before it stops: the time load balancers and clients take to stop sending to it",

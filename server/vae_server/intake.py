@@ -100,14 +100,20 @@ class IntakeCollector(Collector):
         yield CounterMetricFamily(NAME, HELP, value=value)
 
 
-def watch_intake(register: Callable[[Collector], None], before: set[int]) -> bool:
+def watch_intake(register: Callable[[Collector], None], before: set[int]
+                 ) -> Callable[[], int] | None:
     """Register an IntakeCollector for the gRPC server made since `before` (server_ids()
-    taken just before it was made). False, logged, where it cannot be told apart."""
+    taken just before it was made), and return its reader of received calls. None, logged,
+    where it cannot be told apart."""
     new = server_ids() - before
     if len(new) != 1:
         log.warning("%s left out: %s", NAME, "channelz found no new gRPC server" if not new
                     else "several gRPC servers were made at once")
-        return False
+        return None
     server_id = new.pop()
-    register(IntakeCollector(lambda: received_calls(server_id)))
-    return True
+
+    def received() -> int:
+        return received_calls(server_id)
+
+    register(IntakeCollector(received))
+    return received

@@ -186,6 +186,11 @@ class Metrics:
             self.handling.labels(*labels)
             self.handled.labels(*labels, "OK")
 
+    def calls_started(self) -> int:
+        """grpc_server_started_total over every method: the calls handlers have taken."""
+        return int(sum(s.value for family in self.started.collect() for s in family.samples
+                       if s.name.endswith("_total")))
+
     def observer(self, model: str) -> BatcherObserver:
         return _ModelObserver(self, model)
 

@@ -7,6 +7,8 @@ import concurrent.futures
 import dataclasses
 import logging
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -36,6 +38,11 @@ LIVENESS = "liveness"
 # After the grace: how long the calls whose queued work was refused, and the runs under way,
 # have to end by themselves before whatever is left is cancelled.
 FINISH_SECONDS = 5.0
+# How often a stopping server looks whether its event loop has taken the calls waiting in
+# gRPC, and how long the loop, free, must take none for nothing to be waiting: calls reach
+# the loop in spurts, with pauses of over 10 ms between them in a burst.
+TAKE_POLL_S = 0.01
+QUIET_S = 0.1
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -49,6 +56,8 @@ class RunningServer:
     metrics: Metrics
     executor: concurrent.futures.ThreadPoolExecutor
     metrics_http: WSGIServer | None = None
+    # The calls gRPC has received (intake.py); None where channelz cannot say.
+    received: Callable[[], int] | None = None
     draining: bool = False
 
     async def set_serving(self, serving: bool) -> None:
@@ -62,12 +71,19 @@ class RunningServer:
 
     async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
         """NOT_SERVING; for `drain_delay` seconds go on taking calls (load balancers and
-        clients stop sending meanwhile); then refuse new calls, and let calls in flight finish
-        within `grace`."""
+        clients stop sending meanwhile); take the calls still waiting in gRPC, serving them
+        for up to half the grace and refusing the rest with UNAVAILABLE; then refuse new
+        calls, and let calls in flight finish within what is left of `grace`."""
         await self.set_serving(False)
         self.draining = True
         if drain_delay > 0:
             await asyncio.sleep(drain_delay)
+        # The calls waiting in gRPC: served for up to half the grace, the rest refused.
+        start = time.monotonic()
+        await self.take_waiting_calls(grace / 2)
+        self.servicer.refusing = True
+        await self.take_waiting_calls((grace - (time.monotonic() - start)) / 2)
+        grace = max(0.0, grace - (time.monotonic() - start))
         # stop() refuses new calls at once, then waits for every call in flight, health
         # Watch streams included, which never end by themselves: so once the vae.v1 calls
         # are done (or the grace is over), a second stop() cancels whatever remains.
@@ -86,6 +102,32 @@ class RunningServer:
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
+
+    async def take_waiting_calls(self, limit: float) -> None:
+        """Let the event loop take the calls gRPC has received, for at most `limit` seconds.
+        Calls wait in gRPC until the loop takes them (a burst outruns it), and stop() would
+        cancel them: CANCELLED, which clients rarely retry, though they were sent while the
+        server was taking calls. Done once as many calls have started as had been received
+        when this began, or once the loop, free, has taken none for QUIET_S (some received
+        calls never start: one that ended in gRPC, or named an unknown method)."""
+        if self.received is None:
+            return
+        try:
+            received = self.received()
+        except Exception:  # noqa: BLE001 - a stop goes on without it, as a scrape does
+            return
+        until = time.monotonic() + limit
+        started = self.metrics.calls_started()
+        quiet = 0.0  # how long the loop, free, has taken no call
+        while started < received and time.monotonic() < until:
+            slept = time.monotonic()
+            await asyncio.sleep(TAKE_POLL_S)
+            took = time.monotonic() - slept
+            now = self.metrics.calls_started()
+            quiet = quiet + took if now == started and took < 2 * TAKE_POLL_S else 0.0
+            if quiet >= QUIET_S:
+                return
+            started = now
 
 
 MIN_CLIENT_PING_INTERVAL_MS = 5_000
@@ -184,7 +226,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     before = server_ids()
     server = grpc.aio.server(options=grpc_options(settings, reuse_port))
     # The calls gRPC receives, before the event loop takes them (intake.py).
-    watch_intake(metrics.registry.register, before)
+    received = watch_intake(metrics.registry.register, before)
     # Every service registers through `services`, which counts and times each method.
     services = InstrumentedServer(server, metrics)
     handlers = servicer.handlers()
@@ -221,7 +263,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
             raise
         metrics_port = http.server_port
     running = RunningServer(server, port, metrics_port, health, servicer, metrics, executor,
-                            http)
+                            http, received)
     await running.set_serving(False)
     await health.set(LIVENESS, SERVING)
     await server.start()

@@ -104,6 +104,8 @@ def _unary(handler: UnaryHandler) -> UnaryHandler:
     async def wrapper(self: VaeServicer, raw: bytes, context: Context) -> bytes:
         self._in_flight += 1
         try:
+            if self.refusing:
+                raise ShuttingDown("the server is shutting down; retry")
             return await handler(self, raw, context)
         except (Exception, asyncio.CancelledError) as exc:
             await self._failed(context, exc, handler.__name__)
@@ -133,6 +135,8 @@ def _streaming(handler: StreamHandler) -> StreamHandler:
         context.add_done_callback(end)
         items = handler(self, raw, context)
         try:
+            if self.refusing:
+                raise ShuttingDown("the server is shutting down; retry")
             async for item in items:
                 yield item
         # GeneratorExit: the call was cancelled while a reply was being sent.
@@ -203,6 +207,8 @@ class VaeServicer:
             max_message_bytes=settings.max_message_bytes)
         self._images = {m: metrics.method_images.labels(m) for m in IMAGE_METHODS}
         self._in_flight = 0  # vae.v1 calls being handled, for a graceful stop
+        # Set by a stopping server: new vae.v1 calls get UNAVAILABLE at once (clients retry).
+        self.refusing = False
         self._idle: asyncio.Event | None = None
         metrics.watch_in_flight(lambda: self._in_flight)
 
