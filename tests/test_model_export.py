@@ -184,7 +184,8 @@ def test_manifest_describes_the_export(exported: ExportedModel) -> None:
 
 
 def test_calibration_is_reproducible_with_onnx_runtime(model_dir: Path) -> None:
-    """The calibration quantiles are what OnnxVAE gives on the validation split."""
+    """The calibration quantiles are what OnnxVAE gives on the validation split, to the
+    thousandth of a nat that the manifest keeps."""
     from vae_export.data import stratified_split
 
     manifest = load_manifest(model_dir)
@@ -195,14 +196,19 @@ def test_calibration_is_reproducible_with_onnx_runtime(model_dir: Path) -> None:
     model = OnnxVAE(model_dir, threads=1)
     scores = model.score(x, cal["k"], cal["seed"])
     np.testing.assert_allclose(np.quantile(scores.log_likelihood, cal["levels"]),
-                               cal["quantiles"], rtol=1e-6)
+                               cal["quantiles"], rtol=1e-6, atol=5e-4)
     # A table for each K of the ladder, that K's estimates; K = 100's is the one above.
     by_k = cal["by_k"]
     assert by_k["k"] == [1, 3, 10, 30, 100, 300, 1000]
+    # Kept to a thousandth of a nat, so that the model version, which hashes them, does not
+    # follow the last digits of the CPU's kernels.
+    kept = [*cal["quantiles"], *sum(by_k["quantiles"], []), cal["mean_log_likelihood"],
+            cal["mean_elbo"]]
+    assert all(round(v, 3) == v for v in kept)
     assert by_k["quantiles"][by_k["k"].index(cal["k"])] == cal["quantiles"]
     few = model.score(x, 3, cal["seed"])
     np.testing.assert_allclose(np.quantile(few.log_likelihood, cal["levels"]),
-                               by_k["quantiles"][1], rtol=1e-6)
+                               by_k["quantiles"][1], rtol=1e-6, atol=5e-4)
     # The estimate rises with K (its bias falls): so does each table's median.
     medians = [np.interp(0.5, cal["levels"], table) for table in by_k["quantiles"]]
     assert np.all(np.diff(medians) > 0), medians

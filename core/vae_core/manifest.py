@@ -102,8 +102,9 @@ def check_manifest(manifest: Any, model_dir: str | Path, verify_hashes: bool = T
 
     if not isinstance(manifest, dict):
         raise fail(f"a JSON {type(manifest).__name__}, not an object")
-    if manifest.get("format_version") not in READ_FORMATS:
-        raise fail(f"format_version {manifest.get('format_version')!r}, this code reads "
+    format_version = manifest.get("format_version")
+    if type(format_version) is not int or format_version not in READ_FORMATS:
+        raise fail(f"format_version {format_version!r}, this code reads "
                    f"{' and '.join(map(str, READ_FORMATS))}")
     for key in ("model_version", "latent_dim", "likelihood", "files", "image", "calibration"):
         if key not in manifest:

@@ -252,6 +252,13 @@ def validation_inputs(val: Digits, likelihood: str = lk.GAUSSIAN) -> np.ndarray:
     return lk.scored_inputs(val.images.reshape(len(val), -1), likelihood, CALIBRATION_SEED)
 
 
+def _nats(value: float) -> float:
+    """A calibration figure as the manifest keeps it, to a thousandth of a nat: the model
+    version hashes the tables, and their last digits follow the CPU's numpy and ONNX Runtime
+    kernels, not the model."""
+    return round(float(value), 3)
+
+
 def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
     """Quantiles of the validation digits' log p(x) estimate, scored by the exported ONNX
     models with the same code the server runs."""
@@ -266,7 +273,7 @@ def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> di
         manifest["sigma"] = model.sigma = calibrate_sigma(model, x, CALIBRATION_K,
                                                           CALIBRATION_SEED)
     by_k = {k: model.score(x, k, CALIBRATION_SEED) for k in CALIBRATION_KS}
-    tables = {k: [float(v) for v in np.quantile(s.log_likelihood, CALIBRATION_LEVELS)]
+    tables = {k: [_nats(v) for v in np.quantile(s.log_likelihood, CALIBRATION_LEVELS)]
               for k, s in by_k.items()}
     scores = by_k[CALIBRATION_K]
     return {
@@ -281,6 +288,6 @@ def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> di
         "quantiles": tables[CALIBRATION_K],
         "by_k": {"k": list(CALIBRATION_KS), "quantiles": [tables[k] for k in CALIBRATION_KS]},
         "anomaly_percentile": ANOMALY_PERCENTILE,
-        "mean_log_likelihood": float(np.mean(scores.log_likelihood)),
-        "mean_elbo": float(np.mean(scores.elbo)),
+        "mean_log_likelihood": _nats(np.mean(scores.log_likelihood)),
+        "mean_elbo": _nats(np.mean(scores.elbo)),
     }
