@@ -263,11 +263,13 @@ def test_calls_still_queued_when_the_grace_ends_get_unavailable(model_dir):
     assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, errors
 
 
-def _stop_with_a_burst_waiting_in_grpc(model_dir, n: int, refusing: bool = False):
+def _stop_with_a_burst_waiting_in_grpc(model_dir, n: int, refusing: bool = False,
+                                       grace: float = 120.0, channelz: bool = True):
     """Stop a server while `n` Sample calls wait in gRPC for its event loop (blocked while
-    they arrive, as a burst outruns a busy loop); the calls' status codes, and the server's
-    metrics. `refusing`: its servicer refuses calls, as a stop makes it after half the
-    grace."""
+    they arrive, as a burst outruns a busy loop); the calls' status codes and details, the
+    server's metrics, and how long the stop took. `refusing`: its servicer refuses calls, as
+    a stop makes it after half the grace; `channelz`: False, as if gRPC could not count the
+    calls it received."""
     import asyncio
 
     from serving import ServerThread
@@ -290,31 +292,55 @@ def _stop_with_a_burst_waiting_in_grpc(model_dir, n: int, refusing: bool = False
             wait_until(lambda: metric("vae_grpc_received_calls_total") - before >= n,
                        timeout=50)
             assert metric("grpc_server_started_total", samples) == 0
-            stopped = asyncio.run_coroutine_threadsafe(running.stop(120), srv.loop)
+            if not channelz:
+                running.received = None
+            stopped = asyncio.run_coroutine_threadsafe(running.stop(grace), srv.loop)
+            began = time.monotonic()
             gate.set()
             stopped.result(150)
+            took = time.monotonic() - began
             codes = collections.Counter(f.code() for f in futures)
             details = {f.details() for f in futures if f.code() != grpc.StatusCode.OK}
     finally:
         gate.set()
         srv.loop.call_soon_threadsafe(srv.loop.stop)
         srv.thread.join(10)
-    return codes, details, running.metrics
+    return codes, details, running.metrics, took
 
 
 def test_calls_waiting_in_grpc_when_the_stop_begins_are_served_not_cancelled(model_dir):
     """A burst outruns the event loop: its calls wait in gRPC, where grpc's stop() cancels
     them (CANCELLED, which few clients retry). A stop with time to spare serves them all."""
-    codes, _, _ = _stop_with_a_burst_waiting_in_grpc(model_dir, 2000)
+    codes, _, _, _ = _stop_with_a_burst_waiting_in_grpc(model_dir, 2000)
     assert codes == {grpc.StatusCode.OK: 2000}, codes
+
+
+def test_without_channelz_a_stop_still_serves_the_calls_waiting(model_dir):
+    """Where gRPC cannot say how many calls it received, the stop takes calls until its
+    loop, free, takes none for a while."""
+    codes, _, _, _ = _stop_with_a_burst_waiting_in_grpc(model_dir, 2000, channelz=False)
+    assert codes == {grpc.StatusCode.OK: 2000}, codes
+
+
+def test_a_backlog_longer_than_the_grace_is_served_then_refused_within_it(model_dir):
+    """Half the grace serving, a quarter refusing, and the stop still ends within the grace
+    and the time runs already under way get (FINISH_SECONDS). Calls still waiting after
+    that are left to gRPC, which cancels them."""
+    from vae_server.server import FINISH_SECONDS
+
+    codes, _, _, took = _stop_with_a_burst_waiting_in_grpc(model_dir, 3000, grace=1.0)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE,
+                          grpc.StatusCode.CANCELLED}, codes
+    assert codes[grpc.StatusCode.OK] > 0 and codes[grpc.StatusCode.UNAVAILABLE] > 0, codes
+    assert took < 1.0 + FINISH_SECONDS, took
 
 
 def test_calls_still_waiting_in_grpc_once_the_server_refuses_get_unavailable(model_dir):
     """Past half the grace a stopping server refuses the calls still waiting, which it can
     do much faster than serve them: UNAVAILABLE, which clients retry elsewhere, and counted
     as shutting_down; none is cancelled by gRPC."""
-    codes, details, metrics = _stop_with_a_burst_waiting_in_grpc(model_dir, 2000,
-                                                                 refusing=True)
+    codes, details, metrics, _ = _stop_with_a_burst_waiting_in_grpc(model_dir, 2000,
+                                                                    refusing=True)
     assert codes == {grpc.StatusCode.UNAVAILABLE: 2000}, codes
     assert details == {"the server is shutting down; retry"}
     assert metrics.registry.get_sample_value(

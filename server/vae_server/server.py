@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -108,14 +109,13 @@ class RunningServer:
         Calls wait in gRPC until the loop takes them (a burst outruns it), and stop() would
         cancel them: CANCELLED, which clients rarely retry, though they were sent while the
         server was taking calls. Done once as many calls have started as had been received
-        when this began, or once the loop, free, has taken none for QUIET_S (some received
-        calls never start: one that ended in gRPC, or named an unknown method)."""
-        if self.received is None:
-            return
-        try:
-            received = self.received()
-        except Exception:  # noqa: BLE001 - a stop goes on without it, as a scrape does
-            return
+        when this began (where channelz can say), or once the loop, free, has taken none for
+        QUIET_S (some received calls never start: one that ended in gRPC, or named an unknown
+        method)."""
+        received: float = float("inf")  # without channelz, the quiet loop alone tells
+        if self.received is not None:
+            with contextlib.suppress(Exception):  # as a scrape goes on without it
+                received = self.received()
         until = time.monotonic() + limit
         started = self.metrics.calls_started()
         quiet = 0.0  # how long the loop, free, has taken no call
