@@ -120,3 +120,51 @@ def test_without_retries_a_call_its_server_cancelled_fails(cancels_once):
     with VaeClient(target, retries=0) as c, pytest.raises(VaeError) as err:
         c.info()
     assert err.value.code == grpc.StatusCode.CANCELLED and len(calls) == 1
+
+
+@pytest.fixture
+def refuses_twice():
+    """A vae.v1 server whose Encode refuses the first two attempts of each call with
+    RESOURCE_EXHAUSTED, then answers. Yields (target, the attempts it has seen)."""
+    from vae_proto import vae_pb2
+
+    attempts: list[int] = []
+
+    def encode(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        attempts.append(len(raw))
+        if len(attempts) % 3:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        n = vae_pb2.EncodeRequest.FromString(raw).images.shape[0]
+        codes = vae_pb2.Tensor(dtype=vae_pb2.FLOAT32, shape=[n, 4],
+                               data=np.zeros((n, 4), "<f4").tobytes())
+        return vae_pb2.EncodeResponse(mu=codes, logvar=codes).SerializeToString()
+
+    with stub_server({"Encode": grpc.unary_unary_rpc_method_handler(encode)}) as target:
+        yield target, attempts
+
+
+# gRPC keeps a call's request for its retries only up to grpc.per_rpc_retry_buffer_size
+# (256 KiB unless set), and past it fails the call at its first refusal: 256 images are 784 KiB,
+# as vae-client score sends them; 1,024 are 3.1 MB (within the stand-in server's 4 MB).
+@pytest.mark.parametrize("n", [1, 256, 1024])
+def test_a_large_request_is_retried_as_a_small_one_is(refuses_twice, n):
+    target, attempts = refuses_twice
+    images = np.full((n, 784), 0.5, np.float32)
+    with VaeClient(target, timeout=60) as c:
+        mu, _ = c.encode(images)
+    assert mu.shape == (n, 4) and len(attempts) == 3
+    assert min(attempts) > 4 * 784 * n
+
+
+def test_a_large_request_is_retried_by_the_asyncio_client_too(refuses_twice):
+    import asyncio
+
+    from vae_client.aio import AsyncVaeClient
+
+    target, attempts = refuses_twice
+
+    async def call() -> np.ndarray:
+        async with AsyncVaeClient(target, timeout=60) as c:
+            return (await c.encode(np.full((256, 784), 0.5, np.float32)))[0]
+
+    assert asyncio.run(call()).shape == (256, 4) and len(attempts) == 3

@@ -135,9 +135,9 @@ def resolve_security(security: Security | None, channel: object | None = None,
 # -- retries ---------------------------------------------------------------------------------
 # gRPC retries by itself what the service config allows: UNAVAILABLE (no server reached, or it
 # went away), RESOURCE_EXHAUSTED (the server's queue was full: it refuses before running
-# anything) and CANCELLED by the server (one that stops cancels the calls it has received but
-# not yet handed to a handler; a call its own caller cancels is never retried), after a
-# jittered exponential back-off (each wait is drawn uniformly between 0 and the current cap).
+# anything) and CANCELLED by the server (gRPC cancels the calls a server received but did not
+# hand to a handler, past --max-pending-calls or when it stops; a call its own caller cancels is
+# never retried), after an exponential back-off (each wait within 20 % of the current cap).
 # It never retries a call once a reply has begun (a stream that has sent a chunk fails
 # instead: resume it with `offset`). Throttling stops retrying while most calls fail, so that
 # retries cannot multiply an overload. Every vae.v1 call is a pure function of its request
@@ -166,9 +166,11 @@ KEEPALIVE_OPTIONS = keepalive_options(CLIENT_KEEPALIVE_S * 1000,
                                       CLIENT_KEEPALIVE_TIMEOUT_S * 1000)
 
 
-def retry_options(retries: int) -> list[tuple[str, Any]]:
+def retry_options(retries: int, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
+                  ) -> list[tuple[str, Any]]:
     """Channel options that balance calls over the target's servers (round_robin) and let
-    gRPC retry vae.v1 calls up to `retries` times (0: never)."""
+    gRPC retry vae.v1 calls, of requests up to `max_message_mb`, up to `retries` times (0:
+    never)."""
     if retries <= 0:
         return [("grpc.enable_retries", 0),
                 ("grpc.service_config", json.dumps({"loadBalancingConfig": LOAD_BALANCING}))]
@@ -186,7 +188,10 @@ def retry_options(retries: int) -> list[tuple[str, Any]]:
         }],
         "retryThrottling": {"maxTokens": 20, "tokenRatio": 0.2},
     }
-    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    # gRPC keeps a call's request for its retries only up to this size (256 KiB by default,
+    # about 80 images), and past it gives up at the first refusal.
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config)),
+            ("grpc.per_rpc_retry_buffer_size", max_message_mb << 20)]
 
 
 def create_channel(target: str, security: Security | None = None,
@@ -195,7 +200,7 @@ def create_channel(target: str, security: Security | None = None,
     """A synchronous channel to `target` with `security` (default: plaintext, no token),
     retrying refused and unreachable calls up to `retries` times."""
     sec = security or Security()
-    options = sec.options(channel_options(max_message_mb) + retry_options(retries)
+    options = sec.options(channel_options(max_message_mb) + retry_options(retries, max_message_mb)
                           + KEEPALIVE_OPTIONS)
     channel = (grpc.secure_channel(target, sec.credentials(), options=options) if sec.tls
                else grpc.insecure_channel(target, options=options))
@@ -209,7 +214,7 @@ def create_aio_channel(target: str, security: Security | None = None,
                        ) -> grpc.aio.Channel:
     """An asyncio channel to `target`, as create_channel."""
     sec = security or Security()
-    options = sec.options(channel_options(max_message_mb) + retry_options(retries)
+    options = sec.options(channel_options(max_message_mb) + retry_options(retries, max_message_mb)
                           + KEEPALIVE_OPTIONS)
     interceptors: list[grpc.aio.ClientInterceptor] | None = None
     if sec.token:
