@@ -314,3 +314,97 @@ def test_the_output_check_leaves_another_write_s_part_file_alone(tmp_path):
     assert err.value.filename == str(tmp_path / "missing" / "out.npz")
     with pytest.raises(IsADirectoryError):
         check_writable(tmp_path)
+
+
+# -- outputs that are not regular files: followed, or written in place ------------------------
+
+
+@pytest.fixture(params=["named pipe", "device"])
+def special_file(request, tmp_path) -> Iterator[tuple[Path, Callable[[], bytes | None]]]:
+    """A path that is no regular file, and a function returning what was written to it: a
+    named pipe (read by a thread), or a character device like /dev/null (made here, so that a
+    regression replaces this one and not the machine's; needs CAP_MKNOD), which keeps
+    nothing (None)."""
+    import stat
+    import threading
+
+    path = tmp_path / "out.csv"
+    if request.param == "named pipe":
+        os.mkfifo(path)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(path.read_bytes()), daemon=True)
+        reader.start()
+
+        def read() -> bytes | None:
+            reader.join(30)
+            return got[0]
+    else:
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # /dev/null's numbers
+        except PermissionError:
+            pytest.skip("making a device file needs CAP_MKNOD")
+
+        def read() -> bytes | None:
+            assert path.lstat().st_rdev == os.makedev(1, 3)
+            return None
+    yield path, read
+    assert not stat.S_ISREG(path.lstat().st_mode)  # still what it was, not replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]  # no part file left
+
+
+def test_an_output_that_is_a_pipe_or_a_device_is_written_in_place(special_file):
+    """Renaming a file over /dev/null replaced the device for every program of the machine;
+    over a named pipe, its reader got nothing."""
+    from vae_core.files import check_writable, replacing
+
+    path, read = special_file
+    check_writable(path)
+    with replacing(path, "w") as f:
+        f.write("index,elbo\n0,1.5\n")
+    assert read() in (b"index,elbo\n0,1.5\n", None)
+
+
+def test_an_output_through_a_symbolic_link_replaces_the_file_it_names(tmp_path):
+    from vae_core.files import check_writable, replacing
+
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "scores.json"
+    real.write_text("old")
+    link = tmp_path / "scores.json"
+    link.symlink_to(real)
+    check_writable(link)
+    with replacing(link, "w") as f:
+        f.write("new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real", "scores.json"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["scores.json"]
+
+
+def test_the_cli_writes_through_links_and_into_pipes(cli, tmp_path):
+    """An .npy of images (written through a memory map beside the file), a PNG and a CSV."""
+    import threading
+
+    (tmp_path / "real").mkdir()
+    for name in ("a.npy", "a.png"):
+        (tmp_path / "real" / name).write_bytes(b"old")
+        (tmp_path / name).symlink_to(tmp_path / "real" / name)
+        cli("sample", "--n", "3", "--seed", "1", "--out", str(tmp_path / name))
+        assert (tmp_path / name).is_symlink()
+    assert np.load(tmp_path / "real" / "a.npy").shape == (3, 28, 28)
+    assert (tmp_path / "real" / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
+    for name in ("s.csv", "i.npy"):
+        os.mkfifo(tmp_path / name)
+    got: dict[str, bytes] = {}
+    readers = [threading.Thread(target=lambda n=n: got.setdefault(n, (tmp_path / n).read_bytes()),
+                                daemon=True) for n in ("s.csv", "i.npy")]
+    for r in readers:
+        r.start()
+    cli("score", "--in", str(tmp_path / "x.npy"), "--k", "2", "--csv", str(tmp_path / "s.csv"))
+    cli("sample", "--n", "2", "--seed", "1", "--out", str(tmp_path / "i.npy"))
+    for r in readers:
+        r.join(30)
+    assert got["s.csv"].startswith(b"index,elbo,") and got["s.csv"].count(b"\n") == 3
+    assert got["i.npy"].startswith(b"\x93NUMPY")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.npy", "a.png", "i.npy", "real", "s.csv", "x.npy"]

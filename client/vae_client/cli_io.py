@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import sys
 import time
 import zipfile
@@ -21,7 +22,7 @@ import numpy as np
 from vae_client._codec import Scores
 from vae_client.images import SIDE, grid, load_images, to_uint8, write_png
 from vae_core import files
-from vae_core.files import discard_part, part_path, replacing
+from vae_core.files import destination, discard_part, in_place, part_path, replacing
 
 IMAGE_SUFFIXES = (".npy", ".png")
 LATENT_SUFFIXES = (".npy", ".npz")
@@ -92,7 +93,7 @@ class ImageSink:
                                f"{MAX_PNG_IMAGES}); write a .npy file")
             self._array: np.ndarray = np.zeros((n, SIDE, SIDE), dtype=np.uint8)
         else:
-            self._part = part_path(path)
+            self._part = part_path(destination(path))
             try:
                 array = np.lib.format.open_memmap(self._part, mode="w+", dtype=np.dtype(dtype),
                                                   shape=(n, SIDE, SIDE))
@@ -118,7 +119,13 @@ class ImageSink:
             try:
                 self._array.flush()  # type: ignore[attr-defined]
                 del self._array
-                os.replace(self._part, self.path)
+                target = destination(self.path)
+                if in_place(target):  # a pipe or a device: written through, as replacing does
+                    with open(self._part, "rb") as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    self._part.unlink()
+                else:
+                    os.replace(self._part, target)
             except BaseException as exc:
                 discard_part(self.path, exc)
                 raise

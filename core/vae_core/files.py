@@ -1,16 +1,36 @@
 """Files written whole or not at all: beside their path, renamed once written and closed, so
 that an interrupted or failed write leaves the file that was there (or none), never part of
-one. Every output of the client, and a training run's checkpoint and prior, are written so."""
+one. Every output of the client, and a training run's checkpoint and prior, are written so.
+
+A symbolic link is followed (the file it names is replaced, the link kept), and a path that
+is no regular file, such as /dev/stdout, /dev/null or a named pipe, is written in place: it
+cannot be replaced, and must not be (a device file renamed over is gone)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
+
+
+def destination(path: str | os.PathLike[str]) -> Path:
+    """The file a write to `path` lands in: `path` with its symbolic links followed."""
+    return Path(os.path.realpath(path))
+
+
+def in_place(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` names something that is written in place, not replaced: an existing
+    file that is not a regular one (a device, a named pipe, a socket)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def part_path(path: str | os.PathLike[str]) -> Path:
@@ -20,10 +40,10 @@ def part_path(path: str | os.PathLike[str]) -> Path:
 
 
 def discard_part(path: str | os.PathLike[str], exc: BaseException) -> None:
-    """After `exc` stopped a write to part_path(path): the part file removed, and `exc`, an
-    OSError, made to name the file asked for (a write's error, ENOSPC, names none, and an
-    open's names the part file, which the user never asked for)."""
-    part = part_path(path)
+    """After `exc` stopped a write to part_path(destination(path)): the part file removed,
+    and `exc`, an OSError, made to name the file asked for (a write's error, ENOSPC, names
+    none, and an open's names the part file, which the user never asked for)."""
+    part = part_path(destination(path))
     with suppress(OSError):  # `exc` is the error to report
         part.unlink(missing_ok=True)
     if isinstance(exc, OSError) and exc.filename in (None, str(part)):
@@ -34,12 +54,22 @@ def discard_part(path: str | os.PathLike[str], exc: BaseException) -> None:
 def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
     """open(part_path(path), mode, **kwargs), renamed to `path` once written and closed: a
     failure (a full disk, an error of the caller's) leaves the file already at `path` as it
-    was, removes the part file, and raises an OSError naming `path`."""
-    part = part_path(path)
+    was, removes the part file, and raises an OSError naming `path`. (A link: its file; a
+    device or a pipe: written in place.)"""
+    target = destination(path)
+    if in_place(target):
+        try:
+            with open(target, mode, **kwargs) as f:
+                yield f
+        except OSError as exc:
+            exc.filename = os.fspath(path)
+            raise
+        return
+    part = part_path(target)
     try:
         with open(part, mode, **kwargs) as f:
             yield f
-        os.replace(part, path)
+        os.replace(part, target)
     except BaseException as exc:
         discard_part(path, exc)
         raise
@@ -50,9 +80,13 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     that is missing or read-only, or a folder where the file should be. Raises the OSError
     the write would, naming `path`. The probe is a file of a name of its own, so that a
     write of the same path under way is left alone."""
-    target = Path(path)
+    target = destination(path)
     if target.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+    if in_place(target):
+        if not os.access(target, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe",
                                      dir=target.parent)
