@@ -590,12 +590,15 @@ def test_streams_beside_a_stalled_one_end_at_once(tmp_path, ending):
     ["score", "--in", "x.npy", "--csv", "missing/s.csv"],
     ["encode", "--in", "x.npy", "--out", "missing/z.npz"],
     ["encode", "--in", "x.npy", "--out", "folder.npz"],
-], ids=["score json", "score csv", "encode", "encode to a folder"])
+    ["sample", "--n", "6000", "--out", "missing/grid.png"],
+    ["decode", "--in", "z.npy", "--out", "missing/grid.png"],
+], ids=["score json", "score csv", "encode", "encode to a folder", "sample png", "decode png"])
 def test_an_output_that_cannot_be_written_is_refused_before_any_call(args, digits, tmp_path):
     # Checked only when written, after the work: scoring a whole test set at K = 1000 took
     # minutes and then failed. Nothing listens at the target, so the refusal can only be
     # the file's, made before any call.
     np.save(tmp_path / "x.npy", digits[:3])
+    np.save(tmp_path / "z.npy", np.zeros((3, 32), np.float32))
     (tmp_path / "folder.npz").mkdir()
     proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", f"127.0.0.1:{free_port()}",
                            *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -604,7 +607,36 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_call(args, digit
     assert proc.stderr.startswith(f"vae-client: error: {out}: "), proc.stderr
     assert ("Is a directory" if out == "folder.npz" else "No such file or directory") \
         in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.npz", "x.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.npz", "x.npy", "z.npy"]
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--target", "127.0.0.1:99999", "info"], ["--target", "port '99999'", "1 .. 65535"]),
+    (["--target", "ipv4:999.1.1.1:5", "info"], ["--target", "not an ipv4 address"]),
+    (["--target", "ipv4:10.0.0.1:5,", "info"], ["--target", "empty address"]),
+    (["--target", "", "info"], ["--target", "empty"]),
+    (["--timeout", "1e10", "info"], ["--timeout", "more than gRPC can wait"]),
+    (["bench", "--concurrency", "64", "--rate", "50"], ["--rate", "not allowed with"]),
+], ids=["port", "ipv4", "empty entry", "empty", "timeout", "concurrency and rate"])
+def test_options_grpc_would_misread_are_usage_errors(args, words):
+    # Before: port 99999 connected to port 34463 (modulo 65536); a bad address printed gRPC's
+    # own multi-line log before the error; a timeout past gRPC's 64-bit deadline failed every
+    # call at once; --concurrency beside --rate was silently ignored.
+    proc = subprocess.run([str(VENV_BIN / "vae-client"), *args], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert ": error: argument " in last and all(w in last for w in words), proc.stderr
+    assert "Traceback" not in proc.stderr and " E" not in proc.stderr
+
+
+def test_targets_grpc_reads_are_taken_as_they_are():
+    from vae_client.cli_io import check_target
+
+    for target in ("localhost:50051", "[::1]:50051", "vae.svc", "dns:///vae.svc:50051",
+                   "dns://10.0.0.2/vae.svc:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051",
+                   "ipv6:[::1]:50051", "unix:/run/vae.sock"):
+        assert check_target(target) == target
 
 
 def test_sample_streams_in_the_server_s_default_chunks_whatever_its_call_limit(model_dir,

@@ -87,6 +87,26 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# gRPC computes a deadline in 64-bit nanoseconds: one more than about 9e9 s away overflows,
+# and the call fails at once with DEADLINE_EXCEEDED.
+MAX_TIMEOUT_S = 1e9  # about 31 years
+
+
+def _timeout(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"{value:g} s is more than gRPC can wait "
+                                         f"(at most {MAX_TIMEOUT_S:g})")
+    return value
+
+
+def _target(text: str) -> str:
+    try:
+        return cli_io.check_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}") from None
+
+
 def _non_negative_float(text: str) -> float:
     value = _finite_float(text)
     if not value >= 0:
@@ -247,6 +267,7 @@ def add_decode(sub: Subparsers) -> None:
 
 def run_decode(args: argparse.Namespace) -> int:
     cli_io.suffix_of(args.out, cli_io.IMAGE_SUFFIXES, "--out")
+    cli_io.check_writable(args.out)
     z = cli_io.read_latents(args.input)
     with _connect(args) as client:
         batch = _max_images(client.info())
@@ -304,6 +325,7 @@ def add_sample(sub: Subparsers) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     cli_io.suffix_of(args.out, cli_io.IMAGE_SUFFIXES, "--out")
+    cli_io.check_writable(args.out)
     with _connect(args) as client:
         info = client.info()
         stream = args.stream
@@ -465,10 +487,13 @@ def add_bench(sub: Subparsers) -> None:
                         "batch); stream: SampleStream of --stream-n images in chunks of --batch; "
                         "loglik: LogLikelihood of --batch images with --k samples "
                         "(default: %(default)s)")
-    p.add_argument("--concurrency", type=_int_at_least(1), default=1,
-                   help="calls in flight, closed loop; not with --rate (default: %(default)s)")
-    p.add_argument("--rate", type=_positive_float, default=None,
-                   help="open loop: start this many calls per second instead (default: closed)")
+    loop = p.add_mutually_exclusive_group()
+    loop.add_argument("--concurrency", type=_int_at_least(1), default=1,
+                      help="calls in flight, closed loop; not with --rate (default: "
+                           "%(default)s)")
+    loop.add_argument("--rate", type=_positive_float, default=None,
+                      help="open loop: start this many calls per second instead (default: "
+                           "closed)")
     p.add_argument("--duration", type=_positive_float, default=10.0,
                    help="seconds measured after the warm-up, > 0 (default: %(default)s)")
     p.add_argument("--warmup", type=_non_negative_float, default=1.0,
@@ -616,10 +641,10 @@ def _add_connection(p: argparse.ArgumentParser, top: bool) -> None:
         return value if top else argparse.SUPPRESS
 
     target = os.environ.get("VAE_TARGET", "localhost:50051")
-    p.add_argument("--target", default=default(target), metavar="HOST:PORT",
+    p.add_argument("--target", type=_target, default=default(target), metavar="HOST:PORT",
                    help="the server's gRPC address [VAE_TARGET] (default: "
                         f"{target.replace('%', '%%')})")
-    p.add_argument("--timeout", type=_positive_float, default=default(None), metavar="S",
+    p.add_argument("--timeout", type=_timeout, default=default(None), metavar="S",
                    help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT:g}; a "
                         "sample stream has none unless this is given, and then it bounds the "
                         "whole stream)")

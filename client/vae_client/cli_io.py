@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import ipaddress
 import json
 import os
 import shutil
@@ -143,6 +144,61 @@ def target_addresses(target: str) -> int:
     if scheme in ("ipv4", "ipv6") and rest:
         return len([a for a in rest.split(",") if a])
     return 1
+
+
+def check_target(target: str) -> str:
+    """`target`, or ValueError where it names a port outside 1 .. 65535 or an address that is
+    none: gRPC would take the port modulo 65536, or log its own parse errors before failing.
+    Forms it does not parse here (unix:, a scheme of gRPC's own) are left to gRPC."""
+    if not target.strip():
+        raise ValueError("empty")
+    scheme, _, rest = target.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        entries = rest.split(",")
+        if not all(entries):
+            raise ValueError(f"{target!r} lists an empty address")
+        for entry in entries:
+            host, port = _host_port(entry, required=True)
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} in {target!r} is not an {scheme} address") from None
+            if ip.version != int(scheme[-1]):
+                raise ValueError(f"{host!r} in {target!r} is not an {scheme} address")
+            _check_port(port, target)
+        return target
+    if scheme == "dns":
+        rest = rest.lstrip("/")
+        rest = rest.split("/", 1)[-1]  # after an authority, dns://AUTH/host:port
+    elif "://" in target or scheme in ("unix", "unix-abstract", "vsock"):
+        return target
+    else:
+        rest = target
+    _, port = _host_port(rest, required=False)
+    if port is not None:
+        _check_port(port, target)
+    return target
+
+
+def _host_port(address: str, required: bool) -> tuple[str, str | None]:
+    """("host", "port") of "host:port" or "[v6]:port"; the port None where there is none."""
+    if address.startswith("["):
+        host, bracket, tail = address[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ValueError(f"{address!r}: an IPv6 address goes in brackets, [ADDR]:PORT")
+        port = tail[1:] if tail else None
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    else:
+        host, port = address, None
+    if required and port is None:
+        raise ValueError(f"{address!r} has no port (ADDRESS:PORT)")
+    return host, port
+
+
+def _check_port(port: str | None, target: str) -> None:
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"port {port!r} of {target!r} is not a number in 1 .. 65535")
 
 
 def split_range(n: int, parts: int, chunk: int) -> list[tuple[int, int]]:
