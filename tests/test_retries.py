@@ -77,6 +77,7 @@ def test_without_retries_the_refusal_reaches_the_caller_at_once(full_queue, refe
         assert time.perf_counter() - t0 < 5.0  # room only comes when the gate opens
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "queue full" in err.value.details and _refused(srv) == 1
+    assert "this call needs 1;" in err.value.details
 
 
 def test_an_invalid_request_is_not_retried(model_dir, reference):

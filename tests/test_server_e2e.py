@@ -306,6 +306,18 @@ BAD_CASES = [
         images=_t(np.full((1, 784), np.nan, np.float32)), k=5), ["images", "NaN"]),
     ("LogLikelihood", lambda k: vae_pb2.LogLikelihoodRequest(
         images=_t(np.zeros((8, 784), np.float32)), k=5000), ["images x k", "limit"]),
+    # Image indices past 2^64 - 1, which no later call of the same set could address.
+    ("Encode", lambda k: vae_pb2.EncodeRequest(images=_t(np.zeros((3, 784), np.float32)),
+                                               sample=True, offset=2**64 - 2),
+     ["offset", "2^64 - 1", "at most 18446744073709551613"]),
+    ("LogLikelihood", lambda k: vae_pb2.LogLikelihoodRequest(
+        images=_t(np.zeros((3, 784), np.float32)), k=2, offset=2**64 - 1),
+     ["offset", "at most 18446744073709551613"]),
+    # A tensor with a dtype and no shape: before, "0 bytes, but shape [] ... needs 4".
+    ("Encode", lambda k: vae_pb2.EncodeRequest(images=vae_pb2.Tensor(dtype=vae_pb2.FLOAT32)),
+     ["images.shape: missing", "[N, 784]"]),
+    ("Decode", lambda k: vae_pb2.DecodeRequest(z=vae_pb2.Tensor(dtype=vae_pb2.FLOAT32)),
+     ["z.shape: missing"]),
 ]
 
 

@@ -218,7 +218,7 @@ class Batcher:
                      else "")
             raise QueueFull(
                 f"queue full: {self._queued_images} images waiting{held}, the limit is "
-                f"{self.max_queue}; retry later"
+                f"{self.max_queue} and this call needs {n}; retry later"
             )
 
     def reserve(self, n: int) -> Reservation:

@@ -92,7 +92,19 @@ def encode(raw: bytes, limits: Limits) -> EncodeInput:
     if x.dtype == np.uint8:
         # The centre of the pixel's dequantisation interval (vae.proto, EncodeRequest).
         x = (x.astype(np.float32) + np.float32(0.5)) / np.float32(256.0)
-    return EncodeInput(x, bool(request.sample), int(request.seed), int(request.offset))
+    return EncodeInput(x, bool(request.sample), int(request.seed), first_index(request.offset, len(x)))
+
+
+LAST_INDEX = 2**64 - 1  # the last image index of a data set: offsets are uint64
+
+
+def first_index(offset: int, n: int) -> int:
+    """`offset`, the index of the first of `n` images, unless the last of them would lie past
+    LAST_INDEX (an index no call could address)."""
+    if offset > LAST_INDEX - (n - 1):
+        raise InvalidArgument(f"offset: {offset} + {n} images pass the last image index, "
+                              f"2^64 - 1; it must be at most {LAST_INDEX - (n - 1)}")
+    return int(offset)
 
 
 def decode(raw: bytes, limits: Limits) -> DecodeInput:
@@ -144,7 +156,7 @@ def log_likelihood(raw: bytes, limits: Limits) -> ScoreInput:
         raise InvalidArgument(
             f"images x k: {len(x)} x {k} = {len(x) * k} decoder rows; the limit is "
             f"{limits.max_queue_images} per call (send fewer images or a smaller k)")
-    return ScoreInput(x, k, int(request.seed), int(request.offset))
+    return ScoreInput(x, k, int(request.seed), first_index(request.offset, len(x)))
 
 
 def model_info(raw: bytes) -> None:
@@ -193,6 +205,9 @@ def images(msg: vae_pb2.Tensor, field: str, max_n: int, pixels: int) -> np.ndarr
     [N, pixels] (float32 checked, uint8 untouched)."""
     if not msg.ByteSize():
         raise InvalidArgument(f"{field}: missing; expected a tensor of shape [N, {pixels}]")
+    if not msg.shape:
+        raise InvalidArgument(f"{field}.shape: missing; expected [N, {pixels}] or "
+                              f"[N, {IMAGE_SIDE}, {IMAGE_SIDE}]")
     try:
         arr = from_tensor(msg, field)
     except TensorError as exc:
@@ -222,11 +237,13 @@ MAX_LATENT = 1e6
 
 
 def latents(msg: vae_pb2.Tensor, field: str, max_n: int, latent_dim: int) -> np.ndarray:
+    if not msg.ByteSize():
+        raise InvalidArgument(f"{field}: missing; expected FLOAT32 [N, {latent_dim}]")
+    if not msg.shape:
+        raise InvalidArgument(f"{field}.shape: missing; expected [N, {latent_dim}]")
     try:
         arr = from_tensor(msg, field)
     except TensorError as exc:
-        if not msg.ByteSize():
-            raise InvalidArgument(f"{field}: missing; expected FLOAT32 [N, {latent_dim}]") from None
         raise InvalidArgument(str(exc)) from None
     if arr.dtype != np.float32:
         raise InvalidArgument(f"{field}.dtype: latents must be FLOAT32")
