@@ -611,13 +611,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_call(args, digit
 
 
 @pytest.mark.parametrize(("args", "words"), [
-    (["--target", "127.0.0.1:99999", "info"], ["--target", "port '99999'", "1 .. 65535"]),
+    (["--target", "127.0.0.1:99999", "info"], ["--target", "port 99999", "1 .. 65535"]),
     (["--target", "ipv4:999.1.1.1:5", "info"], ["--target", "not an ipv4 address"]),
-    (["--target", "ipv4:10.0.0.1:5,", "info"], ["--target", "empty address"]),
+    (["--target", "::1:50051", "info"], ["--target", "goes in brackets"]),
+    (["--target", "http://127.0.0.1:50051", "info"], ["--target", "not a URL"]),
     (["--target", "", "info"], ["--target", "empty"]),
     (["--timeout", "1e10", "info"], ["--timeout", "more than gRPC can wait"]),
     (["bench", "--concurrency", "64", "--rate", "50"], ["--rate", "not allowed with"]),
-], ids=["port", "ipv4", "empty entry", "empty", "timeout", "concurrency and rate"])
+], ids=["port", "ipv4", "ipv6 unbracketed", "url", "empty", "timeout", "concurrency and rate"])
 def test_options_grpc_would_misread_are_usage_errors(args, words):
     # Before: port 99999 connected to port 34463 (modulo 65536); a bad address printed gRPC's
     # own multi-line log before the error; a timeout past gRPC's 64-bit deadline failed every
@@ -635,7 +636,9 @@ def test_targets_grpc_reads_are_taken_as_they_are():
 
     for target in ("localhost:50051", "[::1]:50051", "vae.svc", "dns:///vae.svc:50051",
                    "dns://10.0.0.2/vae.svc:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051",
-                   "ipv6:[::1]:50051", "unix:/run/vae.sock"):
+                   "ipv4:///127.0.0.1:50051", "ipv4:10.0.0.1:50051,", "ipv6:///[::1]:50051",
+                   "ipv4:127.0.0.1", "::1", "localhost:http", "unix:/run/vae.sock", "xds:vae",
+                   "passthrough:///vae:50051"):
         assert check_target(target) == target
 
 

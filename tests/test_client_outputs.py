@@ -408,3 +408,43 @@ def test_the_cli_writes_through_links_and_into_pipes(cli, tmp_path):
     assert got["i.npy"].startswith(b"\x93NUMPY")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "a.npy", "a.png", "i.npy", "real", "s.csv", "x.npy"]
+
+
+@pytest.mark.parametrize("stdout", ["pipe", "file appended to"])
+def test_dev_stdout_is_written_through_whatever_stdout_is(target, tmp_path, stdout):
+    """/dev/stdout is a link to the pipe or file behind the process's stdout: followed, it
+    named a pipe that no path reaches ("No such file or directory"), or a file that a rename
+    replaced, losing what was in it and the summary printed after."""
+    from serving import VENV_BIN
+
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
+    cmd = [str(VENV_BIN / "vae-client"), "--target", target, "score", "--in",
+           str(tmp_path / "x.npy"), "--k", "2", "--csv", "/dev/stdout"]
+    if stdout == "pipe":
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        out = proc.stdout
+    else:
+        log = tmp_path / "log.csv"
+        log.write_text("earlier line\n")
+        with open(log, "a") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True,
+                                  timeout=120)
+        out = log.read_text()
+        assert out.startswith("earlier line\nindex,elbo,"), out
+    assert proc.returncode == 0, proc.stderr
+    assert out.count("\n") == (3 if stdout == "pipe" else 4), out  # the CSV alone
+    assert "mean" in proc.stderr  # the summary, out of the CSV's way
+
+
+def test_an_output_through_a_link_loop_is_refused_and_left_alone(tmp_path):
+    from vae_core.files import check_writable, replacing
+
+    (tmp_path / "a.csv").symlink_to(tmp_path / "b.csv")
+    (tmp_path / "b.csv").symlink_to(tmp_path / "a.csv")
+    with pytest.raises(OSError) as err:
+        check_writable(tmp_path / "a.csv")
+    assert err.value.errno == errno.ELOOP and err.value.filename == str(tmp_path / "a.csv")
+    with pytest.raises(OSError) as err, replacing(tmp_path / "a.csv", "w") as f:
+        f.write("x")
+    assert err.value.errno == errno.ELOOP
+    assert (tmp_path / "a.csv").is_symlink() and (tmp_path / "b.csv").is_symlink()

@@ -104,7 +104,7 @@ def _target(text: str) -> str:
     try:
         return cli_io.check_target(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{exc}") from None
+        raise argparse.ArgumentTypeError(f"{exc} [--target, else VAE_TARGET]") from None
 
 
 def _non_negative_float(text: str) -> float:
@@ -465,7 +465,7 @@ def run_score(args: argparse.Namespace) -> int:
         cli_io.write_scores_csv(args.csv, scores)
     if not (args.json or args.csv):
         sys.stdout.write(cli_io.scores_table(scores))
-    to_stdout = "-" in (args.json, args.csv)
+    to_stdout = any(cli_io.is_stdout(path) for path in (args.json, args.csv) if path)
     print(cli_io.scores_summary(scores), file=sys.stderr if to_stdout else sys.stdout)
     return 0
 

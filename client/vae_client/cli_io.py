@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -94,13 +95,21 @@ class ImageSink:
                                f"{MAX_PNG_IMAGES}); write a .npy file")
             self._array: np.ndarray = np.zeros((n, SIDE, SIDE), dtype=np.uint8)
         else:
-            self._part = part_path(destination(path))
+            # The target named once: a link re-pointed during the run changes nothing. A pipe
+            # or a device gets the whole file at close(); its part file is a temporary one.
+            self._target = destination(path)
+            if in_place(self._target):
+                fd, part = tempfile.mkstemp(prefix=".vae-client-", suffix=".npy.part")
+                os.close(fd)
+                self._part = Path(part)
+            else:
+                self._part = part_path(self._target)
             try:
                 array = np.lib.format.open_memmap(self._part, mode="w+", dtype=np.dtype(dtype),
                                                   shape=(n, SIDE, SIDE))
                 reserve(self._part)
             except BaseException as exc:
-                discard_part(path, exc)  # the caller has no sink to abort()
+                discard_part(path, exc, self._part)  # the caller has no sink to abort()
                 raise
             self._array = array
 
@@ -120,15 +129,14 @@ class ImageSink:
             try:
                 self._array.flush()  # type: ignore[attr-defined]
                 del self._array
-                target = destination(self.path)
-                if in_place(target):  # a pipe or a device: written through, as replacing does
-                    with open(self._part, "rb") as src, open(target, "wb") as dst:
+                if in_place(self._target):  # written through, as replacing does
+                    with open(self._part, "rb") as src, open(self._target, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
                     self._part.unlink()
                 else:
-                    os.replace(self._part, target)
+                    os.replace(self._part, self._target)
             except BaseException as exc:
-                discard_part(self.path, exc)
+                discard_part(self.path, exc, self._part)
                 raise
 
     def abort(self) -> None:
@@ -146,19 +154,27 @@ def target_addresses(target: str) -> int:
     return 1
 
 
+# The schemes gRPC resolves itself; any other "name:rest" is a host and port (gRPC's own rule:
+# a target whose scheme it does not know is read as dns:///target).
+_GRPC_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p",
+                 "passthrough")
+
+
 def check_target(target: str) -> str:
-    """`target`, or ValueError where it names a port outside 1 .. 65535 or an address that is
-    none: gRPC would take the port modulo 65536, or log its own parse errors before failing.
-    Forms it does not parse here (unix:, a scheme of gRPC's own) are left to gRPC."""
-    if not target.strip():
-        raise ValueError("empty")
-    scheme, _, rest = target.partition(":")
+    """`target`, or ValueError where gRPC would misread it: a numeric port outside 1 .. 65535
+    (gRPC takes it modulo 65536), an ipv4:/ipv6: entry that is no such address (gRPC logs its
+    own parse errors before failing), an IPv6 address with a port but no brackets (read as a
+    host name on port 443), an http:// URL, blanks. Forms gRPC parses itself are left to it."""
+    if not target or target != target.strip() or " " in target:
+        raise ValueError(f"{target!r}: empty, or with blanks")
+    scheme, colon, rest = target.partition(":")
+    if colon and "//" in rest[:2] and scheme.lower() in ("http", "https", "grpc", "grpcs"):
+        raise ValueError(f"{target!r}: a gRPC target is HOST:PORT (or dns:///HOST:PORT), "
+                         f"not a URL")
     if scheme in ("ipv4", "ipv6"):
-        entries = rest.split(",")
-        if not all(entries):
-            raise ValueError(f"{target!r} lists an empty address")
-        for entry in entries:
-            host, port = _host_port(entry, required=True)
+        path = rest.lstrip("/")  # ipv4:ADDR, ipv4:/ADDR and ipv4:///ADDR are all gRPC's
+        for entry in filter(None, path.split(",")):  # gRPC skips empty entries
+            host, port = _host_port(entry)
             try:
                 ip = ipaddress.ip_address(host)
             except ValueError:
@@ -166,39 +182,46 @@ def check_target(target: str) -> str:
             if ip.version != int(scheme[-1]):
                 raise ValueError(f"{host!r} in {target!r} is not an {scheme} address")
             _check_port(port, target)
+        if not any(path.split(",")):
+            raise ValueError(f"{target!r} lists no address")
         return target
     if scheme == "dns":
-        rest = rest.lstrip("/")
-        rest = rest.split("/", 1)[-1]  # after an authority, dns://AUTH/host:port
-    elif "://" in target or scheme in ("unix", "unix-abstract", "vsock"):
+        address = rest.lstrip("/").split("/", 1)[-1]  # after an authority: dns://AUTH/HOST:PORT
+    elif colon and scheme in _GRPC_SCHEMES:
         return target
     else:
-        rest = target
-    _, port = _host_port(rest, required=False)
-    if port is not None:
-        _check_port(port, target)
+        address = target
+    _, port = _host_port(address)
+    _check_port(port, target)
     return target
 
 
-def _host_port(address: str, required: bool) -> tuple[str, str | None]:
-    """("host", "port") of "host:port" or "[v6]:port"; the port None where there is none."""
+def _host_port(address: str) -> tuple[str, str | None]:
+    """("host", "port") of "host:port" or "[v6]:port"; the port None where there is none (a
+    lone IPv6 address included)."""
     if address.startswith("["):
         host, bracket, tail = address[1:].partition("]")
         if not bracket or (tail and not tail.startswith(":")):
-            raise ValueError(f"{address!r}: an IPv6 address goes in brackets, [ADDR]:PORT")
-        port = tail[1:] if tail else None
-    elif address.count(":") == 1:
-        host, port = address.split(":")
-    else:
-        host, port = address, None
-    if required and port is None:
-        raise ValueError(f"{address!r} has no port (ADDRESS:PORT)")
-    return host, port
+            raise ValueError(f"{address!r}: an IPv6 address with a port goes in brackets, "
+                             f"[ADDR]:PORT")
+        return host, (tail[1:] if tail else None)
+    if address.count(":") <= 1:
+        host, _, port = address.partition(":")
+        return host, (port if ":" in address else None)
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        raise ValueError(f"{address!r}: an IPv6 address with a port goes in brackets, "
+                         f"[ADDR]:PORT") from None
+    return address, None
 
 
 def _check_port(port: str | None, target: str) -> None:
-    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"port {port!r} of {target!r} is not a number in 1 .. 65535")
+    """A numeric port in 1 .. 65535; a named one (http) is gRPC's to resolve."""
+    if not port or not port.isdigit():
+        return
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port} of {target!r} is not in 1 .. 65535")
 
 
 def split_range(n: int, parts: int, chunk: int) -> list[tuple[int, int]]:
@@ -272,10 +295,23 @@ def concat_scores(parts: Sequence[Scores]) -> Scores:
                   k=parts[0].k)
 
 
+def is_stdout(path: str) -> bool:
+    """Whether `path` is this process's standard output: '-', /dev/stdout, or the very file
+    or pipe it writes to."""
+    if path == "-":
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError):  # no such file; no stdout (closed, or not a real file)
+        return False
+
+
 @contextmanager
 def _open_out(path: str) -> Iterator[IO[str]]:
-    """stdout for '-', else the file at `path`, written whole or not at all (`replacing`)."""
-    if path == "-":
+    """stdout for '-' or a path to it (/dev/stdout: opened again, it would be truncated,
+    where the shell may append), else the file at `path`, written whole or not at all
+    (`replacing`)."""
+    if is_stdout(path):
         yield sys.stdout
     else:
         with replacing(path, "w", newline="", encoding="utf-8") as f:

@@ -17,20 +17,31 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-
-def destination(path: str | os.PathLike[str]) -> Path:
-    """The file a write to `path` lands in: `path` with its symbolic links followed."""
-    return Path(os.path.realpath(path))
+# Paths that name a process's open files (/dev/stdout is a link to /proc/self/fd/1): written
+# through as they are, never resolved (that names the pipe or file behind them, which a
+# rename would replace or, for a pipe, not find).
+_OPEN_FILES = ("/dev/stdin", "/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")
 
 
 def in_place(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` names something that is written in place, not replaced: an existing
-    file that is not a regular one (a device, a named pipe, a socket)."""
+    """Whether `path` is written in place, not replaced: one of a process's open files, or an
+    existing file that is not a regular one (a device, a named pipe, a socket). A path that
+    loops (symbolic links to each other) raises the OSError a write would."""
+    if os.path.abspath(path).startswith(_OPEN_FILES):
+        return True
     try:
         mode = os.stat(path).st_mode
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError as exc:  # ELOOP: as open() would refuse it, not a link replaced by a file
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def destination(path: str | os.PathLike[str]) -> Path:
+    """The file a write to `path` lands in: `path` with its symbolic links followed (a path
+    written in place as it is)."""
+    return Path(path) if in_place(path) else Path(os.path.realpath(path))
 
 
 def part_path(path: str | os.PathLike[str]) -> Path:
@@ -39,11 +50,13 @@ def part_path(path: str | os.PathLike[str]) -> Path:
     return where.with_name(f".{where.name}.part")
 
 
-def discard_part(path: str | os.PathLike[str], exc: BaseException) -> None:
-    """After `exc` stopped a write to part_path(destination(path)): the part file removed,
-    and `exc`, an OSError, made to name the file asked for (a write's error, ENOSPC, names
-    none, and an open's names the part file, which the user never asked for)."""
-    part = part_path(destination(path))
+def discard_part(path: str | os.PathLike[str], exc: BaseException,
+                 part: Path | None = None) -> None:
+    """After `exc` stopped a write to `part` (default part_path(destination(path))): the part
+    file removed, and `exc`, an OSError, made to name the file asked for (a write's error,
+    ENOSPC, names none, and an open's names the part file, which the user never asked for)."""
+    if part is None:
+        part = part_path(destination(path))
     with suppress(OSError):  # `exc` is the error to report
         part.unlink(missing_ok=True)
     if isinstance(exc, OSError) and exc.filename in (None, str(part)):
