@@ -148,6 +148,11 @@ def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     (["--augment-p", "2"], "augment_p must be in [0, 1], got 2.0"),
     (["--elastic-alpha", "1", "--elastic-sigma", "0"],
      "elastic_sigma must be > 0 for an elastic field (elastic_alpha 1.0), got 0.0"),
+    # Before: each trained, diverged, and was blamed on --lr.
+    (["--lr", "inf"], "lr must be a finite number, got inf"),
+    (["--rot-deg", "nan"], "rot_deg must be a finite number, got nan"),
+    (["--sigma", "inf"], "sigma must be a finite number, got inf"),
+    (["--threads", "100000"], "threads must be <= 1024, got 100000"),
 ])
 def test_train_setting_out_of_range_is_one_line_and_exit_2(
         flags: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -190,6 +195,37 @@ def test_an_out_that_is_a_file_is_one_line(command: str, tmp_path: Path,
     assert f"--out {tmp_path / 'afile'}: a file, not a folder" in err and err.count("\n") == 1
 
 
+def test_an_out_that_cannot_be_made_is_one_line(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a NotADirectoryError or FileExistsError traceback.
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "--out", str(tmp_path / "afile" / "run"), "--epochs", "1",
+                 "--quiet"]) == 1
+    assert capsys.readouterr().err == \
+        f"vae-export: error: {tmp_path / 'afile' / 'run'}: Not a directory\n"
+    assert main(["classifier", "--out", str(tmp_path / "afile"), "--epochs", "1",
+                 "--quiet"]) == 1
+    assert capsys.readouterr().err == f"vae-export: error: {tmp_path / 'afile'}: File exists\n"
+
+
+def test_a_test_set_without_labels_is_refused_where_accuracy_needs_them(
+        model_dir: Path, mnist_test_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: every digit was taken for a 0, and `classifier --test` reported an accuracy of
+    # 0.10 with exit 0.
+    images = next(mnist_test_dir.glob("t10k-images-idx3-ubyte*"))
+    (tmp_path / "images").mkdir()
+    shutil.copy(images, tmp_path / "images" / images.name)
+    assert main(["classifier", "--out", str(tmp_path / "c"), "--epochs", "1", "--quiet",
+                 "--test", str(tmp_path / "images")]) == 2
+    err = capsys.readouterr().err
+    assert "no t10k-labels-idx1-ubyte" in err and err.count("\n") == 1
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(tmp_path / "images"),
+                 "--k", "0", "--samples", "10"]) == 2
+    assert "no t10k-labels-idx1-ubyte" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_eval_of_one_sample_is_refused(model_dir: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     # Before: numpy's LinAlgError ("Eigenvalues did not converge"): one sample has no
@@ -206,6 +242,8 @@ def test_eval_of_one_sample_is_refused(model_dir: Path, tmp_path: Path,
     (["--limit", "0"], "argument --limit: must be >= 1, not 0"),
     (["--limit", "-9995"], "argument --limit: must be >= 1, not -9995"),
     (["--threads", "-1"], "argument --threads: must be >= 0, not -1"),
+    # Before: ONNX Runtime tried to start them all (the load average reached thousands).
+    (["--threads", "100000"], "argument --threads: must be <= 1024, not 100000"),
     (["--samples", "-1"], "argument --samples: must be >= 0, not -1"),
     (["--limit", "x"], "argument --limit: invalid int value: 'x'"),
 ])

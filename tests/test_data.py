@@ -94,6 +94,22 @@ def test_training_data_without_labels_is_refused(tmp_path: Path) -> None:
         data.load_dataset(str(tmp_path))
 
 
+def test_an_empty_set_and_classes_past_9_are_refused(tmp_path: Path) -> None:
+    # Before: numpy's "need at least one array to concatenate" for an empty set; a label of
+    # 200 trained and exported a prior with a class 200, and `cas` failed on it.
+    write_pair(tmp_path / "empty", idx_bytes(np.zeros((0, 28, 28), np.uint8)),
+               idx_bytes(np.zeros(0, np.uint8)), gz=False)
+    with pytest.raises(data.DataError, match="holds no image"):
+        data.load_idx_dir(tmp_path / "empty")
+    images, labels = random_digits(5)
+    labels[3] = 200
+    write_pair(tmp_path / "wide", idx_bytes(images), idx_bytes(labels), gz=False)
+    with pytest.raises(data.DataError, match="a label of 200; classes are 0 .. 9"):
+        data.load_idx_dir(tmp_path / "wide", need_labels=True)
+    # Where the classes serve nothing (an out-of-distribution set), its labels are its own.
+    assert data.load_idx_dir(tmp_path / "wide").labels[3] == 200
+
+
 def test_read_idx_of_other_shapes(tmp_path: Path) -> None:
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     path = tmp_path / "a.idx"

@@ -10,6 +10,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vae_export.config import MAX_THREADS  # no torch there
+
 if TYPE_CHECKING:  # the modules import torch or numpy; --help should not wait for them
     from vae_export.config import TrainConfig, VAEConfig
     from vae_export.prior_fit import PriorConfig
@@ -62,12 +64,15 @@ def _train_configs(args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig, Pr
     return model_cfg, train_cfg, prior_cfg
 
 
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= low, refused with argparse's one error line."""
+def _at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number >= low (and <= high), refused with argparse's one
+    error line."""
     def parse(text: str) -> int:
         value = int(text)  # a ValueError: argparse says "invalid int value"
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, not {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, not {value}")
         return value
     parse.__name__ = "int"
     return parse
@@ -113,7 +118,8 @@ def _classifier(args: argparse.Namespace) -> int:
     except ValueError as exc:  # one line, as train's
         print(f"vae-export classifier: error: {exc}", file=sys.stderr)
         return 2
-    test = load_idx_dir(args.test) if args.test else None
+    # Its accuracy is against the labels: without them every digit would count as a 0.
+    test = load_idx_dir(args.test, need_labels=True) if args.test else None
     summary = train_classifier(Path(args.out), cfg, test=test, progress=not args.quiet)
     acc = summary.get("test_accuracy")
     print(f"classifier trained in {summary['train_seconds']} s"
@@ -328,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only the first N images of each set (default: all)")
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     e.add_argument("--roc", default="roc.png", help="ROC curve picture (default: %(default)s)")
-    e.add_argument("--threads", type=_at_least(0), default=0,
+    e.add_argument("--threads", type=_at_least(0, MAX_THREADS), default=0,
                    help="ONNX Runtime intra-op threads, 0 for one per core (default: %(default)s)")
     e.add_argument("--samples", type=_at_least(0), default=10_000,
                    help="generated digits to judge, drawn as the server draws them: the share "
@@ -380,6 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ManifestError, TrainingDiverged) as exc:
         print(f"vae-export: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder that cannot be made or written, a file where one goes
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"vae-export: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vae-export: error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

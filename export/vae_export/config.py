@@ -5,12 +5,27 @@ No torch here: reading the defaults (for `vae-export --help`, say) costs nothing
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from vae_core.likelihood import GAUSSIAN, LIKELIHOODS
 
 DECODERS = ("mlp", "conv")
+
+
+# More threads than this is a typo, not a machine: PyTorch or ONNX Runtime would try to start
+# them all.
+MAX_THREADS = 1024
+
+
+def check_finite(config: Any) -> None:
+    """Every float field of a config dataclass a finite number: an inf or NaN learning rate,
+    sigma or augmentation angle would otherwise train, diverge, and be blamed on --lr."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 class TrainingDiverged(ValueError):
@@ -35,6 +50,7 @@ class VAEConfig:
     decoder: str = "mlp"  # "mlp" mirrors the encoder; "conv" upsamples with transposed convs
 
     def __post_init__(self) -> None:
+        check_finite(self)
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
@@ -88,9 +104,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Each a one-line error before any work (vae-export train prints it as argparse would).
+        check_finite(self)
         for name in ("epochs", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:
+            raise ValueError(f"threads must be <= {MAX_THREADS}, got {self.threads}")
         for name in ("patience", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -138,7 +157,10 @@ class ClassifierConfig:
     aug_p: float = 0.9
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("epochs", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:
+            raise ValueError(f"threads must be <= {MAX_THREADS}, got {self.threads}")
         check_seed(self.seed)

@@ -102,6 +102,8 @@ def load_idx_dir(directory: str | os.PathLike[str], split: str = "t10k",
     if lbl_path is None and need_labels:
         raise DataError(f"{directory}: no {split}-labels-idx1-ubyte[.gz] file, and the classes "
                         "of its digits are needed")
+    if not len(images):
+        raise DataError(f"{img_path}: holds no image")
     if lbl_path is None:
         labels = np.zeros(len(images), dtype=np.uint8)
     else:
@@ -112,6 +114,8 @@ def load_idx_dir(directory: str | os.PathLike[str], split: str = "t10k",
             raise DataError(
                 f"{lbl_path}: {len(labels)} labels for {len(images)} images in {img_path.name}"
             )
+        if need_labels and labels.max() > 9:  # classes 0 .. 9, as the prior and classifiers take
+            raise DataError(f"{lbl_path}: a label of {int(labels.max())}; classes are 0 .. 9")
     return Digits(np.ascontiguousarray(images), np.ascontiguousarray(labels), str(directory))
 
 

@@ -101,7 +101,8 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
     classifier in `classifier` (trained there first where missing)."""
     model = OnnxVAE(model_dir, threads=threads)
     t0 = time.perf_counter()
-    test = load_idx_dir(data_dir)
+    # The samples' verdict reports the classifier's accuracy on the test digits' labels.
+    test = load_idx_dir(data_dir, need_labels=samples > 0)
     # Read before the test set's scores, which take the longest: a wrong folder fails first.
     ood = (load_idx_dir(ood_dir) if k_samples > 0 and ood_dir is not None
            and Path(ood_dir).is_dir() else None)
