@@ -226,6 +226,36 @@ def test_a_test_set_without_labels_is_refused_where_accuracy_needs_them(
     assert not (tmp_path / "c").exists()
 
 
+def test_eval_needs_the_model_s_training_data_before_it_scores(
+        model_dir: Path, mnist_test_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a data folder moved since training was found missing only after the test and
+    # out-of-distribution sets were scored (minutes at K = 1000), in a line that did not
+    # say whose data it was.
+    moved = _edit_manifest(model_dir, tmp_path, lambda m: m["training"]["config"].update(
+        data=str(tmp_path / "moved")))
+    monkeypatch.setattr(OnnxVAE, "score", lambda *a, **k: pytest.fail("scored first"))
+    assert main(["eval", "--model-dir", str(moved), "--data", str(mnist_test_dir),
+                 "--ood", str(mnist_test_dir), "--k", "5", "--samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vae-export: error: the model's training data") and \
+        str(tmp_path / "moved") in err and err.count("\n") == 1
+
+
+def test_a_broken_classifier_file_is_one_line(model_dir: Path, mnist_test_dir: Path,
+                                              tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: torch's RuntimeError as a traceback, for a classifier.pt cut short (one written
+    # in place and interrupted) or any other file.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "classifier.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(mnist_test_dir),
+                 "--k", "0", "--samples", "100", "--classifier", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "classifier.pt: not a classifier written by `vae-export classifier`" in err
+    assert err.count("\n") == 1
+
+
 def test_eval_of_one_sample_is_refused(model_dir: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     # Before: numpy's LinAlgError ("Eigenvalues did not converge"): one sample has no

@@ -10,6 +10,7 @@ them first where they are missing.
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,9 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from vae_core import likelihood as lk
+from vae_core.files import replacing
 from vae_export.augment import augment
 from vae_export.config import ClassifierConfig
-from vae_export.data import Digits, load_dataset
+from vae_export.data import DataError, Digits, load_dataset
 
 WEIGHTS = "classifier.pt"
 FEATURES = 128
@@ -97,8 +99,11 @@ def train_classifier(out: Path, cfg: ClassifierConfig | None = None,
         probs, _ = classify(net, test.images)
         summary["test_accuracy"] = float((probs.argmax(1) == test.labels).mean())
         summary["test_source"] = test.source
-    torch.save({"state_dict": net.state_dict(), "summary": summary}, out / WEIGHTS)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Whole or not at all: a half-written classifier.pt would fail every later eval.
+    with replacing(out / WEIGHTS) as f:
+        torch.save({"state_dict": net.state_dict(), "summary": summary}, f)
+    with replacing(out / "summary.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -107,9 +112,14 @@ def load_classifier(path: Path) -> tuple[DigitCNN, dict[str, Any]]:
     and its training summary."""
     if path.is_dir():
         path = path / WEIGHTS
-    blob = torch.load(path, map_location="cpu", weights_only=True)
     net = DigitCNN()
-    net.load_state_dict(blob["state_dict"])
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(blob["state_dict"])
+    except (RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise DataError(f"{path}: not a classifier written by `vae-export classifier` "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                        ) from None
     net.eval()
     return net, blob.get("summary", {})
 

@@ -118,8 +118,11 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
         "seed": seed,
         "data": str(data_dir),
     }
-    if samples > 0:  # before the scores, which take the longest
-        check_unseen_digits(len(test), len(training_digits(model)))
+    # The model's own training digits (the code density; the samples' copy ratio), read before
+    # the scores, which take the longest: a data folder moved since training fails first.
+    train = training_digits(model) if (samples > 0 or ood is not None) else None
+    if samples > 0 and train is not None:
+        check_unseen_digits(len(test), len(train))
     if k_samples > 0:
         x_test = _prepare(test, limit, seed, model.likelihood)
         in_scores = model.score(x_test, k_samples, seed)
@@ -130,7 +133,8 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
             a = auroc(in_scores.log_likelihood, ood_scores.log_likelihood)
             # The densities of the codes, latent (the prior's) and the code density, at mu(x).
             mu_test, mu_ood = model.encode(x_test)[0], model.encode(x_ood)[0]
-            codes = code_density(model, training_digits(model))
+            assert train is not None
+            codes = code_density(model, train)
             result["ood"] = {"data": str(ood_dir), **_summary(ood_scores, model, k_samples),
                              "auroc": a,
                              "auroc_latent_density": auroc(model.prior.log_prob(mu_test),
@@ -168,7 +172,11 @@ def model_split(model: OnnxVAE) -> tuple[Digits, Digits]:
 
 def training_digits(model: OnnxVAE) -> Digits:
     """The digits the model was trained on (its run's split of its training data)."""
-    return model_split(model)[0]
+    try:
+        return model_split(model)[0]
+    except DataError as exc:
+        raise DataError(f"the model's training data, which this evaluation needs: {exc}"
+                        ) from None
 
 
 def check_unseen_digits(n_test: int, n_train: int) -> None:
