@@ -256,6 +256,29 @@ def test_a_broken_classifier_file_is_one_line(model_dir: Path, mnist_test_dir: P
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["train", "classifier"])
+def test_refused_data_leaves_no_empty_out_folder(command: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: the --out folder was made first and left empty.
+    assert main([command, "--out", str(tmp_path / "run"), "--data", str(tmp_path / "none"),
+                 "--epochs", "1", "--quiet"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_onnx_of_a_checkpoint_of_something_else_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: KeyError 'config' as a traceback.
+    import torch
+
+    (tmp_path / "run").mkdir()
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "run" / "checkpoint.pt")
+    assert main(["onnx", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt: not a checkpoint written by `vae-export train`" in err
+    assert err.count("\n") == 1
+
+
 def test_eval_of_one_sample_is_refused(model_dir: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     # Before: numpy's LinAlgError ("Eigenvalues did not converge"): one sample has no

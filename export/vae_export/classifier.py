@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vae_core import likelihood as lk
-from vae_core.files import replacing
+from vae_core.files import check_writable, replacing
 from vae_export.augment import augment
 from vae_export.config import ClassifierConfig
 from vae_export.data import DataError, Digits, load_dataset
@@ -63,12 +63,13 @@ def train_classifier(out: Path, cfg: ClassifierConfig | None = None,
     """Train on `digits` (default: cfg.data), write out/classifier.pt and summary.json;
     with `test`, the summary holds its accuracy."""
     cfg = cfg or ClassifierConfig()
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     digits = load_dataset(cfg.data) if digits is None else digits
+    out.mkdir(parents=True, exist_ok=True)  # once the data is good, and tried before training
+    check_writable(out / WEIGHTS)
     x = torch.from_numpy(lk.to_unit(digits.images)).unsqueeze(1)
     y = torch.from_numpy(digits.labels.astype(np.int64))
     net = DigitCNN()

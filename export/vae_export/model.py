@@ -119,8 +119,12 @@ def load_checkpoint(path: Path) -> tuple[VAE, dict[str, Any]]:
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise DataError(f"{path}: not a checkpoint ({' '.join(str(exc).split())[:200]})"
                         ) from None
-    model = VAE(VAEConfig(**blob["config"]))
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model = VAE(VAEConfig(**blob["config"]))
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{path}: not a checkpoint written by `vae-export train` "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     model.eval()
     return model, blob.get("extra", {})
 

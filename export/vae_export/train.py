@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vae_core.files import check_writable
 from vae_core.likelihood import BERNOULLI, GAUSSIAN, to_unit
 from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export import plots
@@ -25,6 +26,8 @@ from vae_export.config import TrainConfig, TrainingDiverged
 from vae_export.data import Digits, load_dataset, stratified_split
 from vae_export.model import VAE, VAEConfig, save_checkpoint
 from vae_export.prior_fit import PriorConfig, fit_prior
+
+CHECKPOINT = "checkpoint.pt"
 
 
 def prepare_inputs(pixels: np.ndarray | torch.Tensor, likelihood: str,
@@ -84,7 +87,6 @@ def train(
     prior.npz (a learned prior only), history.json, summary.json, curves.png, samples.png
     and recon.png to `out`. Returns the summary also stored in summary.json."""
     prior_cfg = prior_cfg or PriorConfig()
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(train_cfg.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(train_cfg.seed)
@@ -92,6 +94,10 @@ def train(
 
     digits = load_dataset(train_cfg.data) if digits is None else digits
     train_idx, val_idx = stratified_split(digits.labels, train_cfg.val_fraction, train_cfg.seed)
+    # Made once the data is good (a refused data set leaves no empty run folder), and tried
+    # before the training (a folder that cannot be written fails now, not at its end).
+    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out / CHECKPOINT)
     train_px, val_px = digits.images[train_idx], digits.images[val_idx]
     pixels = torch.from_numpy(train_px.astype(np.float32)).unsqueeze(1)
     # Validation inputs are drawn once: early stopping then compares a fixed target.
@@ -147,7 +153,7 @@ def train(
     prior_seconds = time.perf_counter() - t1
     # The network and its prior are one model: the old network goes before the new prior
     # comes, so that a run stopped between the two leaves no pair of two runs.
-    (out / "checkpoint.pt").unlink(missing_ok=True)
+    (out / CHECKPOINT).unlink(missing_ok=True)
     (out / PRIOR_FILE).unlink(missing_ok=True)
     if not prior.is_standard:
         prior.save(out / PRIOR_FILE)
@@ -167,7 +173,7 @@ def train(
         "train": asdict(train_cfg),
         "prior": prior_cfg.to_dict(),
     }
-    save_checkpoint(out / "checkpoint.pt", model, extra=summary)
+    save_checkpoint(out / CHECKPOINT, model, extra=summary)
     (out / "history.json").write_text(json.dumps(history, indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _pictures(model, prior, out, history, x_val)
