@@ -294,7 +294,9 @@ async def _mixed_load(target: str, metrics_url: str, seconds: float) -> LoadRepo
     GetModelInfo; invalid requests; a full queue; expired deadlines and cancelled calls."""
     report = LoadReport()
     rng = np.random.default_rng(0)
-    async with AsyncVaeClient(target, timeout=30) as c:
+    # No retries: the load shows each outcome as the server gave it (a retried refusal of the
+    # full queue would end OK).
+    async with AsyncVaeClient(target, timeout=30, retries=0) as c:
         info = await c.info()
         k = info.latent_dim
         max_queue = info.batching.max_queue_images
