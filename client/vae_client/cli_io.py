@@ -24,7 +24,7 @@ import numpy as np
 from vae_client._codec import Scores
 from vae_client.images import SIDE, grid, load_images, to_uint8, write_png
 from vae_core import files
-from vae_core.files import destination, discard_part, in_place, part_path, replacing
+from vae_core.files import destination, discard_part, part_path, replacing
 
 IMAGE_SUFFIXES = (".npy", ".png")
 LATENT_SUFFIXES = (".npy", ".npz")
@@ -97,8 +97,8 @@ class ImageSink:
         else:
             # The target named once: a link re-pointed during the run changes nothing. A pipe
             # or a device gets the whole file at close(); its part file is a temporary one.
-            self._target = destination(path)
-            if in_place(self._target):
+            self._target, self._in_place = destination(path)
+            if self._in_place:
                 fd, part = tempfile.mkstemp(prefix=".vae-client-", suffix=".npy.part")
                 os.close(fd)
                 self._part = Path(part)
@@ -129,7 +129,7 @@ class ImageSink:
             try:
                 self._array.flush()  # type: ignore[attr-defined]
                 del self._array
-                if in_place(self._target):  # written through, as replacing does
+                if self._in_place:  # written through, as replacing does
                     with open(self._part, "rb") as src, open(self._target, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
                     self._part.unlink()

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 # Paths that name a process's open files (/dev/stdout is a link to /proc/self/fd/1): written
 # through as they are, never resolved (that names the pipe or file behind them, which a
@@ -23,10 +23,24 @@ from typing import IO, Any
 _OPEN_FILES = ("/dev/stdin", "/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")
 
 
-def in_place(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is written in place, not replaced: one of a process's open files, or an
-    existing file that is not a regular one (a device, a named pipe, a socket). A path that
-    loops (symbolic links to each other) raises the OSError a write would."""
+class Destination(NamedTuple):
+    """Where a write to a path lands, and how."""
+
+    target: Path  # the path with its symbolic links followed (as given where `in_place`)
+    in_place: bool  # written into, not replaced: a device, a pipe, a process's open file
+
+
+def destination(path: str | os.PathLike[str]) -> Destination:
+    """The file a write to `path` lands in, and whether it is written in place (one of a
+    process's open files, or an existing file that is not a regular one: a device, a named
+    pipe, a socket) or replaced. A path that loops (symbolic links to each other) raises the
+    OSError a write would."""
+    if _in_place(path):
+        return Destination(Path(path), True)
+    return Destination(Path(os.path.realpath(path)), False)
+
+
+def _in_place(path: str | os.PathLike[str]) -> bool:
     if os.path.abspath(path).startswith(_OPEN_FILES):
         return True
     try:
@@ -38,12 +52,6 @@ def in_place(path: str | os.PathLike[str]) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def destination(path: str | os.PathLike[str]) -> Path:
-    """The file a write to `path` lands in: `path` with its symbolic links followed (a path
-    written in place as it is)."""
-    return Path(path) if in_place(path) else Path(os.path.realpath(path))
-
-
 def part_path(path: str | os.PathLike[str]) -> Path:
     """Where a file is written before it takes its name: `.NAME.part` beside it."""
     where = Path(path)
@@ -52,11 +60,11 @@ def part_path(path: str | os.PathLike[str]) -> Path:
 
 def discard_part(path: str | os.PathLike[str], exc: BaseException,
                  part: Path | None = None) -> None:
-    """After `exc` stopped a write to `part` (default part_path(destination(path))): the part
+    """After `exc` stopped a write to `part` (default: that of destination(path)): the part
     file removed, and `exc`, an OSError, made to name the file asked for (a write's error,
     ENOSPC, names none, and an open's names the part file, which the user never asked for)."""
     if part is None:
-        part = part_path(destination(path))
+        part = part_path(destination(path).target)
     with suppress(OSError):  # `exc` is the error to report
         part.unlink(missing_ok=True)
     if isinstance(exc, OSError) and exc.filename in (None, str(part)):
@@ -69,8 +77,8 @@ def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> 
     failure (a full disk, an error of the caller's) leaves the file already at `path` as it
     was, removes the part file, and raises an OSError naming `path`. (A link: its file; a
     device or a pipe: written in place.)"""
-    target = destination(path)
-    if in_place(target):
+    target, in_place = destination(path)
+    if in_place:
         try:
             with open(target, mode, **kwargs) as f:
                 yield f
@@ -84,7 +92,7 @@ def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> 
             yield f
         os.replace(part, target)
     except BaseException as exc:
-        discard_part(path, exc)
+        discard_part(path, exc, part)
         raise
 
 
@@ -93,10 +101,10 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     that is missing or read-only, or a folder where the file should be. Raises the OSError
     the write would, naming `path`. The probe is a file of a name of its own, so that a
     write of the same path under way is left alone."""
-    target = destination(path)
+    target, in_place = destination(path)
     if target.is_dir():
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-    if in_place(target):
+    if in_place:
         if not os.access(target, os.W_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
         return

@@ -28,6 +28,16 @@ def check_finite(config: Any) -> None:
             raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
+def check_run(config: Any) -> None:
+    """A training's counts (TrainConfig's, ClassifierConfig's): epochs, batch size and threads
+    >= 1, threads no more than MAX_THREADS."""
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.threads > MAX_THREADS:
+        raise ValueError(f"threads must be <= {MAX_THREADS}, got {config.threads}")
+
+
 class TrainingDiverged(ValueError):
     """The loss or the validation ELBO stopped being a finite number."""
 
@@ -105,11 +115,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Each a one-line error before any work (vae-export train prints it as argparse would).
         check_finite(self)
-        for name in ("epochs", "batch_size", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads > MAX_THREADS:
-            raise ValueError(f"threads must be <= {MAX_THREADS}, got {self.threads}")
+        check_run(self)
         for name in ("patience", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -158,9 +164,5 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        for name in ("epochs", "batch_size", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads > MAX_THREADS:
-            raise ValueError(f"threads must be <= {MAX_THREADS}, got {self.threads}")
+        check_run(self)
         check_seed(self.seed)

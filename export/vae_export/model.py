@@ -104,6 +104,9 @@ class VAE(nn.Module):
         return rec - kl, rec, kl
 
 
+CHECKPOINT = "checkpoint.pt"  # a run's network, in its folder (train writes, onnx reads)
+
+
 def save_checkpoint(path: Path, model: VAE, extra: dict[str, Any] | None = None) -> None:
     """Written whole or not at all (vae_core.files.replacing)."""
     with replacing(path) as f:
@@ -129,5 +132,5 @@ def load_checkpoint(path: Path) -> tuple[VAE, dict[str, Any]]:
     return model, blob.get("extra", {})
 
 
-__all__ = ["VAE", "VAEConfig", "Encoder", "Decoder", "ConvDecoder", "save_checkpoint",
+__all__ = ["CHECKPOINT", "VAE", "VAEConfig", "Encoder", "Decoder", "ConvDecoder", "save_checkpoint",
            "load_checkpoint"]

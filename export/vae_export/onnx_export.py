@@ -34,7 +34,7 @@ from vae_core.manifest import (
 from vae_core.onnx_model import OnnxVAE
 from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export.data import DataError, Digits, run_split
-from vae_export.model import VAE, load_checkpoint
+from vae_export.model import CHECKPOINT, VAE, load_checkpoint
 
 OPSET = 18
 # Calibration of the anomaly score: quantiles of the validation digits' log p(x) estimate,
@@ -107,7 +107,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     without a manifest, which no loader takes for a model (one of a previous export there is
     removed first)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = run_dir / CHECKPOINT
     if not checkpoint.is_file():
         raise DataError(f"{checkpoint}: missing (is {run_dir} a run written by `vae-export train`?)")
     model, extra = load_checkpoint(checkpoint)

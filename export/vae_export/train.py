@@ -24,10 +24,8 @@ from vae_export import plots
 from vae_export.augment import augment, perturb
 from vae_export.config import TrainConfig, TrainingDiverged
 from vae_export.data import Digits, load_dataset, stratified_split
-from vae_export.model import VAE, VAEConfig, save_checkpoint
+from vae_export.model import CHECKPOINT, VAE, VAEConfig, save_checkpoint
 from vae_export.prior_fit import PriorConfig, fit_prior
-
-CHECKPOINT = "checkpoint.pt"
 
 
 def prepare_inputs(pixels: np.ndarray | torch.Tensor, likelihood: str,

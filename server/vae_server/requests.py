@@ -200,14 +200,21 @@ def output_dtype(value: int, field: str = "output_dtype") -> int:
     return value
 
 
+def _no_shape(msg: vae_pb2.Tensor, field: str, missing: str, expected: str) -> InvalidArgument:
+    """The refusal of a tensor with no shape: absent altogether ("missing; expected
+    `missing`"), or with a dtype or data alone. Asked only of a tensor without a shape, so a
+    valid call pays one test, not the message's size and these strings."""
+    if not msg.ByteSize():
+        return InvalidArgument(f"{field}: missing; expected {missing}")
+    return InvalidArgument(f"{field}.shape: missing; expected {expected}")
+
+
 def images(msg: vae_pb2.Tensor, field: str, max_n: int, pixels: int) -> np.ndarray:
     """Images [N, 784] or [N, 28, 28], FLOAT32 in [0, 1] or UINT8 -> the raw array as
     [N, pixels] (float32 checked, uint8 untouched)."""
-    if not msg.ByteSize():
-        raise InvalidArgument(f"{field}: missing; expected a tensor of shape [N, {pixels}]")
     if not msg.shape:
-        raise InvalidArgument(f"{field}.shape: missing; expected [N, {pixels}] or "
-                              f"[N, {IMAGE_SIDE}, {IMAGE_SIDE}]")
+        raise _no_shape(msg, field, f"a tensor of shape [N, {pixels}]",
+                        f"[N, {pixels}] or [N, {IMAGE_SIDE}, {IMAGE_SIDE}]")
     try:
         arr = from_tensor(msg, field)
     except TensorError as exc:
@@ -237,10 +244,8 @@ MAX_LATENT = 1e6
 
 
 def latents(msg: vae_pb2.Tensor, field: str, max_n: int, latent_dim: int) -> np.ndarray:
-    if not msg.ByteSize():
-        raise InvalidArgument(f"{field}: missing; expected FLOAT32 [N, {latent_dim}]")
     if not msg.shape:
-        raise InvalidArgument(f"{field}.shape: missing; expected [N, {latent_dim}]")
+        raise _no_shape(msg, field, f"FLOAT32 [N, {latent_dim}]", f"[N, {latent_dim}]")
     try:
         arr = from_tensor(msg, field)
     except TensorError as exc:
