@@ -66,6 +66,11 @@ class _Observer:
         self._labels = labels
         self._by_code: dict[str, Any] = {"OK": metrics.handled.labels(*labels, "OK")}
 
+    def refused(self, t0: float, context: grpc.aio.ServicerContext) -> None:
+        """A call ended before its handler ran (one_request's refusal)."""
+        self.started.inc()
+        self.ended(t0, context, None)
+
     def ended(self, t0: float, context: grpc.aio.ServicerContext,
               exc: BaseException | None) -> None:
         self.handling.observe(time.perf_counter() - t0)
@@ -107,6 +112,8 @@ def _observed_stream(behavior: Callable[..., Any], obs: _Observer) -> Callable[.
 
 
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+Refused = Callable[[float, grpc.aio.ServicerContext], None]
+Wire = Callable[[grpc.RpcMethodHandler, str, Refused], grpc.RpcMethodHandler]
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, unary: Wrap,
@@ -128,16 +135,22 @@ _KINDS = {(False, False): "unary", (False, True): "server_stream",
           (True, False): "client_stream", (True, True): "bidi_stream"}
 
 
+def declared_kind(handler: grpc.RpcMethodHandler) -> str:
+    return _KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+
+
+def _observed(handler: grpc.RpcMethodHandler, obs: _Observer) -> grpc.RpcMethodHandler:
+    return wrap_handler(handler, lambda b: _observed_unary(b, obs),
+                        lambda b: _observed_stream(b, obs))
+
+
 def instrument(handler: grpc.RpcMethodHandler, service: str, method: str,
                metrics: Metrics) -> grpc.RpcMethodHandler:
     """The same handler, counted and timed. A request-streaming handler (reflection's
     ServerReflectionInfo is bidirectional) takes its request iterator where a unary one takes
     its request, so the same wrappers serve it; which one is chosen here, once, so a unary
     call's cost is the same whatever other kinds there are."""
-    kind = _KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    obs = _Observer(metrics, service, method, kind)
-    return wrap_handler(handler, lambda b: _observed_unary(b, obs),
-                        lambda b: _observed_stream(b, obs))
+    return _observed(handler, _Observer(metrics, service, method, declared_kind(handler)))
 
 
 class _InstrumentedGeneric(grpc.GenericRpcHandler):
@@ -178,7 +191,18 @@ class InstrumentedServer:
             service, {name: instrument(h, service, name, self._metrics)
                       for name, h in handlers.items()})
 
-    def add_service(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
-        """Register a service of our own from its method handlers."""
-        self.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-        self.add_registered_method_handlers(service, handlers)
+    def add_service(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler],
+                    wire: Wire | None = None) -> None:
+        """Register a service of our own from its method handlers, as its .proto declares
+        them (their kind is counted). `wire` (cardinality.one_request) may change how each
+        counted handler meets gRPC; it is given the method's path and what counts a call it
+        ends before the handler runs."""
+        wired = {}
+        for name, h in handlers.items():
+            obs = _Observer(self._metrics, service, name, declared_kind(h))
+            wired[name] = _observed(h, obs)
+            if wire is not None:
+                wired[name] = wire(wired[name], f"/{service}/{name}", obs.refused)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wired),))
+        self._server.add_registered_method_handlers(service, wired)

@@ -23,6 +23,7 @@ from vae_core.ports import keepalive_options, probe_bind
 from vae_proto import vae_pb2
 from vae_server import loops
 from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
+from vae_server.cardinality import one_request
 from vae_server.config import Settings
 from vae_server.instrument import InstrumentedServer
 from vae_server.intake import server_ids, watch_intake
@@ -233,7 +234,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     if settings.auth_tokens:  # vae.v1 only: health and reflection stay open
         handlers = guard_handlers(SERVICE_NAME, handlers,
                                   TokenCheck(settings.auth_tokens, metrics))
-    services.add_service(SERVICE_NAME, handlers)
+    services.add_service(SERVICE_NAME, handlers, one_request)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, services)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

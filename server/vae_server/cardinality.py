@@ -1,0 +1,85 @@
+"""One request message a call, read by the handler itself.
+
+Every vae.v1 method takes one request message. grpc.aio's server reads a unary request before
+the handler runs, and when the caller ends its request side without a message it returns with
+no status at all: the caller waits for its deadline (forever without one), holding one of the
+connection's streams. A second message is never read, so the call is served by the first.
+gRPC's status codes name both a request cardinality violation, UNIMPLEMENTED.
+
+`one_request` registers such a method as gRPC's request-streaming kind, whose handler reads
+its request itself: the same read of core's as before, then one more that finds the end of the
+request (which a unary caller sends with its message), so that no message or more than one is
+UNIMPLEMENTED at once. The handler within still sees one request, and is counted from then on
+as before: only calls that sent one reach it.
+
+A call that ended in gRPC before its request was read (its deadline passed while it waited for
+the event loop) reads as no message too; it ends as grpc.aio ended it, with no status sent
+and no handler run, so it still counts as received and not taken (intake.py). A call its
+caller cancelled there without a deadline cannot be told from one that sent nothing: it is
+refused, to no one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from vae_server.instrument import Refused, deadline_passed
+
+
+async def _request(context: grpc.aio.ServicerContext, method: str, refused: Refused) -> Any:
+    t0 = time.perf_counter()
+    request = await context.read()
+    if request is grpc.aio.EOF:
+        if deadline_passed(context):
+            raise asyncio.CancelledError  # ended in gRPC before it was read
+        what = "none"
+    elif await context.read() is grpc.aio.EOF:
+        return request
+    else:
+        what = "more than one"
+    try:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"{method} takes exactly one request message; the call sent {what}")
+    finally:
+        refused(t0, context)
+
+
+def _unary(behavior: Callable[..., Any], method: str, refused: Refused) -> Callable[..., Any]:
+    async def one(_: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(await _request(context, method, refused), context)
+
+    return one
+
+
+def _stream(behavior: Callable[..., Any], method: str, refused: Refused) -> Callable[..., Any]:
+    async def one(_: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        items = behavior(await _request(context, method, refused), context)
+        try:
+            async for item in items:
+                yield item
+        finally:
+            # Close the handler now, not when it is collected, as if gRPC ran it itself.
+            await items.aclose()
+
+    return one
+
+
+def one_request(handler: grpc.RpcMethodHandler, method: str,
+                refused: Refused) -> grpc.RpcMethodHandler:
+    """`handler` of `method` ("/service/Method") reading its one request itself; `refused`
+    counts a call it refuses. A handler that streams its requests reads them already, and is
+    returned as it is."""
+    if handler.request_streaming:
+        return handler
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            _stream(handler.unary_stream, method, refused), handler.request_deserializer,
+            handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(
+        _unary(handler.unary_unary, method, refused), handler.request_deserializer,
+        handler.response_serializer)
