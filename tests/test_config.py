@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from serving import VENV_BIN
+from vae_core.host import cores
 from vae_server import loops
 from vae_server.config import SettingsError, build_parser, load_settings
 
@@ -133,6 +134,20 @@ BAD_SETTINGS = {
     "workers not ASCII": (["--workers", "\u00b2"], {}, "--workers", "not a count"),
     "workers another script's digit": (["--workers", "\u0663"], {}, "--workers",
                                        "not a count"),
+    # Before: accepted. 10^20 workers, or 100 on 2 cores at about 150 MB each; a thread pool
+    # of 2 x 10^6 threads; a supervisor stopped with grace 1e300 died of an OverflowError.
+    "workers past 4 a core": (["--workers", str(4 * cores() + 1)], {}, "--workers",
+                              f"more than 4 per core this process may use; it must be at most "
+                              f"{4 * cores()} here"),
+    "workers 10^20": ([], {"VAE_WORKERS": "1" + "0" * 20}, "--workers", "more than 4 per core"),
+    "instances": (["--instances", "1000000"], {}, "--instances", "it must be at most 256"),
+    "threads": ([], {"VAE_THREADS": "100000"}, "--threads", "it must be at most 1024"),
+    "grace past a day": (["--grace-seconds", "1e300"], {}, "--grace-seconds",
+                         "it must be at most 86400"),
+    "drain past a day": ([], {"VAE_DRAIN_DELAY_S": "86401"}, "--drain-delay-s",
+                         "it must be at most 86400"),
+    "worker start timeout past a day": (["--worker-start-timeout-s", "1e10"], {},
+                                        "--worker-start-timeout-s", "it must be at most 86400"),
 }
 
 

@@ -115,8 +115,9 @@ class Settings:
         "stream resumes by offset elsewhere)", default=600.0)
     workers: str = _doc(
         "serving processes on the port (SO_REUSEPORT), each with its own batchers and model "
-        "sessions, one set of metrics for them all; 'auto' = one per core. The kernel spreads "
-        "connections, not calls, over them: a client on one channel reaches one worker",
+        "sessions, one set of metrics for them all; 'auto' = one per core, at most 4 per core. "
+        "The kernel spreads connections, not calls, over them: a client on one channel reaches "
+        "one worker",
         default="1")
     worker_timeout_s: float = _doc(
         "with --workers: a worker whose event loop has not answered the supervisor for this "
@@ -124,8 +125,9 @@ class Settings:
         "else at least 1", default=30.0)
     worker_start_timeout_s: float = _doc(
         "with --workers: a worker not ready (its model loaded and warmed up) this long after it "
-        "started is killed, and the server stops with status 2, as for a worker that cannot "
-        "start; 0 = never, else at least 1", default=600.0)
+        "started is killed: at start the server then stops with status 2, as for a worker "
+        "that cannot start; a replacement is started again; 0 = never, else at least 1",
+        default=600.0)
     log_level: str = _doc("logging level", default="INFO")
     tls_cert: str = _doc("PEM certificate (chain) of the gRPC port; with --tls-key it turns TLS on",
                          default="")
@@ -275,6 +277,15 @@ MAX_CONNECTION_AGE_S = (2**31 - 1) // 1000
 MIN_CONNECTION_AGE_S = 0.001
 
 
+# Upper bounds of counts and waits that nothing else bounds: a mistyped figure is refused at
+# start rather than met as threads, memory or an overflow later (a supervisor's join timeout).
+WORKERS_PER_CORE = 4
+MAX_INSTANCES = 256
+MAX_THREADS = 1024
+MAX_WAIT_S = 86400  # a day
+WAITS = ("grace_seconds", "drain_delay_s", "worker_timeout_s", "worker_start_timeout_s")
+
+
 def _check(s: Settings) -> None:
     for f in dataclasses.fields(Settings):  # whatever built them: no inf or nan
         value = getattr(s, f.name)
@@ -309,6 +320,15 @@ def _check(s: Settings) -> None:
     if s.workers != "auto" and not (s.workers.isascii() and s.workers.isdigit()
                                     and int(s.workers) >= 1):
         raise SettingsError(f"--workers: {s.workers!r} is not a count >= 1 or 'auto'")
+    # Each worker holds its own models and threads; past a few per core they only cost memory.
+    most = WORKERS_PER_CORE * cores()
+    if s.workers != "auto" and int(s.workers) > most:
+        raise SettingsError(f"--workers: {s.workers} is more than {WORKERS_PER_CORE} per core "
+                            f"this process may use; it must be at most {most} here")
+    for name, limit in (("instances", MAX_INSTANCES), ("threads", MAX_THREADS),
+                        *((name, MAX_WAIT_S) for name in WAITS)):
+        if getattr(s, name) > limit:
+            raise SettingsError(f"{_flag(name)}: {getattr(s, name)}; it must be at most {limit}")
     if s.cuda_graphs and (s.provider == "cpu" or s.io_binding == "off"):
         raise SettingsError("--cuda-graphs needs the CUDA provider and IO binding "
                             f"(not --provider {s.provider} --io-binding {s.io_binding})")
