@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from serving import (
     supervised,
     target_of,
     wait_serving,
+    wait_until,
 )
 from vae_client import VaeClient, VaeError
 from vae_client.channel import CLIENT_KEEPALIVE_S, CLIENT_KEEPALIVE_TIMEOUT_S
@@ -443,3 +445,42 @@ def test_a_hung_worker_is_killed_and_replaced(model_dir, reference):
                                               reference.decode(z))
     assert re.search(r"worker \d has not answered for \d+ s: killed", sup.text()), \
         sup.text()[-2000:]
+
+
+def test_a_replacement_serves_the_model_the_server_started_with_or_none(
+        model_dir, bernoulli_model_dir, tmp_path):
+    """Before: a worker started again loaded whatever --model-dir held then. With the files
+    changed, one port served two models (another image for the same seed, by connection)
+    while health said SERVING. Now a replacement that finds another model says so and exits
+    before it binds the port, and is tried again: every call reaches the model the server
+    started with, health says NOT_SERVING, and once the files are back the server serves."""
+    served = tmp_path / "model"
+    shutil.copytree(model_dir, served)
+    version = OnnxVAE(served).spec.version
+    other = OnnxVAE(bernoulli_model_dir).spec.version
+    assert other != version
+
+    def versions() -> set[str]:
+        seen = set()
+        for _ in range(6):  # a new connection each: the kernel spreads them over the workers
+            with VaeClient(sup.target, timeout=30) as client:
+                seen.add(client.info().model_version)
+        return seen
+
+    with supervised(served) as sup:
+        pids = worker_pids(sup.proc.pid)
+        assert len(pids) == 2, pids
+        shutil.rmtree(served)
+        shutil.copytree(bernoulli_model_dir, served)
+        os.kill(pids[0], signal.SIGKILL)
+        refusal = f"holds model {other} now, not {version}"
+        wait_until(lambda: sup.text().count(refusal) >= 2, sup.proc, timeout=120,
+                   what="the replacement did not refuse the new model twice")
+        assert health_status(sup.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert versions() == {version}
+        assert sup.proc.poll() is None  # the server goes on
+        shutil.rmtree(served)
+        shutil.copytree(model_dir, served)
+        wait_serving(sup.target, sup.proc)
+        assert len(worker_pids(sup.proc.pid)) == 2
+        assert versions() == {version}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ from vae_server.workers import (
     PING,
     PONG,
     READY,
+    STABLE_S,
+    STOP,
     MergedMetrics,
     Supervisor,
     _Worker,
@@ -93,6 +96,7 @@ def test_a_killed_worker_is_logged_with_its_exit_status(monkeypatch: pytest.Monk
     supervisor, (process, started) = _supervisor(monkeypatch, ready=True)
     with caplog.at_level(logging.ERROR, logger="vae_server.workers"):
         supervisor._handle(process.sentinel)
+        supervisor._restart_due(time.monotonic())
     assert "worker 0 exited with -9: NOT_SERVING until its replacement is ready" in caplog.text
     assert started == [0]
     assert supervisor.restarts._value.get() == 1
@@ -172,7 +176,114 @@ def test_a_pipe_reset_by_a_killed_worker_is_left_to_its_sentinel(
     monkeypatch.setattr(w.conn, "recv", reset)
     supervisor._handle(w.conn)
     supervisor._handle(process.sentinel)
+    supervisor._restart_due(time.monotonic())
     assert started == [0] and supervisor.restarts._value.get() == 1
+
+
+def _served(monkeypatch: pytest.MonkeyPatch) -> tuple[Supervisor, list[int]]:
+    """A supervisor whose one worker has served, with its `_start` failing on demand."""
+    supervisor, (_, started) = _supervisor(monkeypatch, ready=True)
+    supervisor._served = True
+    return supervisor, started
+
+
+def test_a_replacement_that_fails_is_started_again_later_and_later(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Before: once the server had served, a replacement that died before it was ready (killed
+    while loading, as by the OOM killer; a TLS key renamed; the model's files changed) stopped
+    the whole server, its healthy workers included. Now it is started again; two quick exits in
+    a row make the next start wait 1 s, then 2 s, 4 s ..., up to MAX_BACKOFF_S."""
+    supervisor, started = _served(monkeypatch)
+    now = time.monotonic()
+    waits = []
+    with caplog.at_level(logging.INFO, logger="vae_server.workers"):
+        for n in range(8):
+            w = supervisor._workers[0]
+            if n:  # a replacement, dead before it was ready, with its reason
+                w.ready = False
+                w.conn.said.append((FAILED, "the model's files changed"))
+            w.process.join()
+            supervisor._handle(w.process.sentinel)
+            assert not supervisor._stopping and not supervisor.failed
+            due = supervisor._workers[0].restart_at
+            assert due is not None and not supervisor._workers[0].running
+            waits.append(round(due - now))
+            supervisor._restart_due(due - 0.01)  # not yet
+            assert len(started) == n
+            supervisor._restart_due(due)
+            assert len(started) == n + 1 and supervisor._workers[0].running
+    assert waits == [0, 1, 2, 4, 8, 16, 30, 30]
+    assert supervisor.restarts._value.get() == 8
+    assert "worker 0 exited with -9 before it was ready (the model's files changed)" \
+        in caplog.text
+    # A replacement that then lives past STABLE_S starts the count again.
+    w = supervisor._workers[0]
+    w.started -= STABLE_S
+    supervisor._handle(w.process.sentinel)
+    assert supervisor._workers[0].streak == 0
+    assert supervisor._workers[0].restart_at == pytest.approx(time.monotonic(), abs=1)
+
+
+def test_a_worker_that_cannot_be_forked_again_is_tried_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a fork refused at a restart (EAGAIN under a process limit) escaped the watch
+    loop; the supervisor then waited forever for its workers, deaf to SIGTERM, while the
+    others went on serving unwatched. Now the start is tried again after a wait."""
+    supervisor, started = _served(monkeypatch)
+    start = supervisor._start
+
+    def refused(index: int) -> _Worker:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(supervisor, "_start", refused)
+    w = supervisor._workers[0]
+    w.process.join()
+    supervisor._handle(w.process.sentinel)
+    supervisor._restart_due(time.monotonic())
+    assert not supervisor._workers[0].running and supervisor._workers[0].streak == 2
+    monkeypatch.setattr(supervisor, "_start", start)
+    supervisor._restart_due(supervisor._workers[0].restart_at)
+    assert supervisor._workers[0].running and started == [0]
+
+
+def test_a_fault_in_the_watch_loop_drains_the_workers(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    supervisor, (process, _) = _supervisor(monkeypatch, ready=True)
+
+    def broken(_: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(supervisor, "_handle", broken)
+    monkeypatch.setattr("multiprocessing.connection.wait", lambda items, timeout: items[:1])
+    with caplog.at_level(logging.ERROR, logger="vae_server.workers"):
+        assert supervisor._watch() == 1
+    assert "the supervisor failed: draining its workers" in caplog.text
+    assert supervisor._workers[0].conn.sent == [STOP] and not process.is_alive()
+
+
+def test_a_worker_that_cannot_be_forked_at_start_stops_those_started(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the BlockingIOError left run() with a traceback and the supervisor waited on
+    the worker already started, forever."""
+    supervisor = Supervisor(load_settings(["--model-dir", "unused", "--workers", "2",
+                                           "--metrics-port", "-1"], env={}))
+    first = _Worker(0, _UnreapedProcess(), _Pipe())  # type: ignore[arg-type]
+    workers = iter([first])
+
+    def start(index: int) -> _Worker:
+        try:
+            return next(workers)
+        except StopIteration:
+            raise BlockingIOError(11, "Resource temporarily unavailable") from None
+
+    monkeypatch.setattr(supervisor, "_start", start)
+    monkeypatch.setattr("vae_server.workers.load_manifest",
+                        lambda _: {"model_version": "abc"})
+    monkeypatch.setattr("vae_server.workers.claim_port", lambda host, port: None)
+    monkeypatch.setattr("signal.signal", lambda sig, handler: None)
+    with pytest.raises(RuntimeError, match=r"^worker 1 could not be started: \[Errno 11\]"):
+        supervisor.run()
+    assert first.conn.sent == [STOP] and not first.process.is_alive()
 
 
 def test_workers_not_yet_ready_are_not_asked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -191,6 +191,15 @@ def _quiet_unsent_replies() -> None:
         logger.addFilter(_UnsentReply())
 
 
+def load_runtime(settings: Settings) -> ModelRuntime:
+    """The model of --model-dir under ONNX Runtime, as the settings say."""
+    # --threads 0: ONNX Runtime's own count, the machine's cores, unless a cgroup CPU quota (a
+    # pod's limit) allows fewer.
+    return ModelRuntime(settings.model_dir, settings.provider, settings.threads or quota_cores(),
+                        settings.spinning, settings.io_binding, settings.cuda_graphs,
+                        max_rows=settings.max_batch_size, small_rows=settings.inline_rows)
+
+
 async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
                         reuse_port: bool = False, metrics_addr: str | None = None,
                         announce: bool = True) -> RunningServer:
@@ -202,13 +211,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     metrics = Metrics()
     metrics.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
     if runtime is None:
-        # --threads 0: ONNX Runtime's own count, the machine's cores, unless a cgroup CPU
-        # quota (a pod's limit) allows fewer.
-        runtime = ModelRuntime(settings.model_dir, settings.provider,
-                               settings.threads or quota_cores(),
-                               settings.spinning, settings.io_binding, settings.cuda_graphs,
-                               max_rows=settings.max_batch_size,
-                               small_rows=settings.inline_rows)
+        runtime = load_runtime(settings)
     metrics.model_info.info({
         "model_version": runtime.spec.version,
         "likelihood": runtime.likelihood,

@@ -26,11 +26,20 @@ that the kernel spreads incoming connections over them, and:
   seconds; one that has not answered for --worker-timeout-s (a loop blocked, a process
   stopped) still holds its share of the port's connections, whose calls would wait for their
   deadlines, so it is killed, and started again as one that died.
-- a worker that fails before it is ready (a busy port, a model it cannot load) stops the
-  whole server: the supervisor stops the others and exits with the worker's reason on one
-  line and status 2, as a lone server would. So does one not ready --worker-start-timeout-s
-  after it started (hung while loading or warming up, where it cannot answer yet): it is
-  killed first.
+- at start, a worker that fails before it is ready (a busy port, a model it cannot load)
+  stops the whole server: the supervisor stops the others and exits with the worker's reason
+  on one line and status 2, as a lone server would. So does one not ready
+  --worker-start-timeout-s after it started (hung while loading or warming up, where it
+  cannot answer yet): it is killed first.
+- once the server has served, a worker that exits, or whose replacement fails in turn, is
+  started again; after two in a row that each lived less than STABLE_S the next waits 1 s
+  first, and twice as long each time after, up to MAX_BACKOFF_S, so that a worker that
+  keeps dying does not keep the cores busy reloading the model. A replacement serves the
+  model the others serve or none: one that finds another at --model-dir (the files changed
+  since the server started) says so and exits before it binds the port, and is tried again,
+  so the server stays NOT_SERVING until the files are put back or it is restarted on them.
+- a fault in the supervisor itself (a process it cannot start, a bug) drains the workers as
+  a stop does: it never leaves them serving behind a supervisor that no longer watches them.
 """
 
 from __future__ import annotations
@@ -71,30 +80,49 @@ STOP = "stop"  # drain and exit
 PING = "ping"  # supervisor -> worker: answer PONG, from the event loop
 PONG = "pong"  # worker -> supervisor
 
+# A worker that lived less than this counts towards its replacement's wait.
+STABLE_S = 30.0
+MAX_BACKOFF_S = 30.0
+
 
 # -- a worker ----------------------------------------------------------------------------------
 
 
-def worker_main(settings: Settings, index: int, conn: multiprocessing.connection.Connection
-                ) -> None:
-    """A worker process: one server on the shared port, steered by the supervisor's pipe."""
+def worker_main(settings: Settings, index: int, conn: multiprocessing.connection.Connection,
+                version: str | None = None) -> None:
+    """A worker process: one server on the shared port, steered by the supervisor's pipe;
+    it serves model `version` (the one the server started with) or none."""
     import asyncio
 
     # The environment is the supervisor's, one BLAS thread included (vae_server.__main__).
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s")
     from vae_server import loops
-    from vae_server.server import create_server
+    from vae_server.server import create_server, load_runtime
+
+    def failed(why: str) -> None:
+        with contextlib.suppress(OSError):  # a supervisor gone hears nothing
+            conn.send((FAILED, why))
 
     async def serve() -> int:
         try:
-            running = await create_server(settings, reuse_port=True,
+            runtime = load_runtime(settings)
+            # Checked before the port is bound: no call may reach another model.
+            if version is not None and runtime.spec.version != version:
+                failed(f"{settings.model_dir} holds model {runtime.spec.version} now, not "
+                       f"{version}, which the server started with and its other workers "
+                       "serve: put its files back, or restart the server to serve the new "
+                       "model")
+                return 2
+            running = await create_server(settings, runtime, reuse_port=True,
                                           metrics_addr="127.0.0.1", announce=False)
-        except (RuntimeError, OSError, ManifestError) as exc:
+        except Exception as exc:
             # What stops a lone server's start with one line (a busy port, a model it
-            # cannot load): the supervisor says it, once, and exits with status 2.
-            with contextlib.suppress(OSError):
-                conn.send((FAILED, str(exc)))
+            # cannot load) is said by the supervisor, once; anything else is logged here too.
+            expected = isinstance(exc, (RuntimeError, OSError, ManifestError))
+            if not expected:
+                logging.getLogger("vae_server").exception("could not start")
+            failed(str(exc) if expected else f"{type(exc).__name__}: {exc}")
             return 2
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -117,7 +145,10 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
         loop.add_reader(conn.fileno(), on_message)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        conn.send((READY, running.metrics_port))
+        try:
+            conn.send((READY, running.metrics_port))
+        except OSError:  # the supervisor died while this one started: nothing to serve for
+            stop.set()
         await stop.wait()
         await running.stop(settings.grace_seconds, settings.drain_delay_s)
         return 0
@@ -173,6 +204,12 @@ class _Worker:
     asked: bool = False  # a PING not yet answered (one at a time: a pipe's buffer is finite)
     killed: bool = False  # by the supervisor, as hung
     started: float = field(default_factory=time.monotonic)
+    streak: int = 0  # the workers before it in its place that each lived under STABLE_S
+    restart_at: float | None = None  # exited: when to start its replacement
+
+    @property
+    def running(self) -> bool:
+        return self.restart_at is None
 
 
 class Supervisor:
@@ -199,6 +236,8 @@ class Supervisor:
         # take no lock (_on_signal).
         self._stopping = False
         self._serving = False
+        self._served = False  # every worker has been ready at once: the start is over
+        self.version: str | None = None  # the model's, as the server started
         self.failed = False
         self.failure: str | None = None  # a worker's start-up failure, as it said it
         self.metrics_port: int | None = None
@@ -219,16 +258,19 @@ class Supervisor:
     def _start(self, index: int) -> _Worker:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=worker_main,
-                                        args=(self.worker_settings, index, child),
+                                        args=(self.worker_settings, index, child, self.version),
                                         name=f"vae-worker-{index}", daemon=False)
-        process.start()
-        child.close()
+        try:
+            process.start()
+        finally:
+            child.close()
         return _Worker(index, process, parent)
 
     def _broadcast(self, message: str) -> None:
         for w in self._workers:
-            with contextlib.suppress(OSError):  # one that is gone: its sentinel says so
-                w.conn.send(message)
+            if w.running:
+                with contextlib.suppress(OSError):  # one that is gone: its sentinel says so
+                    w.conn.send(message)
 
     @staticmethod
     def _drain(w: _Worker) -> None:
@@ -247,7 +289,8 @@ class Supervisor:
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT: 0 if every worker drained. A start that fails
         raises a RuntimeError or ManifestError (vae-server prints it on one line)."""
-        load_manifest(self.settings.model_dir)  # a model it cannot serve stops it here, once
+        # A model it cannot serve stops it here, once; every worker must serve this one.
+        self.version = str(load_manifest(self.settings.model_dir)["model_version"])
         lock = claim_port(self.settings.host, self.port)
         try:
             if self.settings.metrics_port >= 0:
@@ -256,9 +299,15 @@ class Supervisor:
                 self.metrics_port = self._http.server_port
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-            self._workers = [self._start(i) for i in range(self.count)]
-            log.info("%d workers on port %d, metrics %s", self.count, self.port,
-                     where_metrics(self.metrics_port))
+            try:
+                for i in range(self.count):
+                    self._workers.append(self._start(i))
+            except Exception as exc:  # fork refused (a process limit, memory): stop those up
+                self.failure = f"worker {len(self._workers)} could not be started: {exc}"
+                self.failed = self._stopping = True
+            else:
+                log.info("%d workers on port %d, metrics %s", self.count, self.port,
+                         where_metrics(self.metrics_port))
             code = self._watch()
         finally:
             if self._http is not None:
@@ -281,14 +330,21 @@ class Supervisor:
     def _watch(self) -> int:
         timeout, pinged = self.settings.worker_timeout_s, time.monotonic()  # 0: no watch
         while not self._stopping:
-            waitables: list[Any] = [w.conn for w in self._workers]
-            waitables += [w.process.sentinel for w in self._workers]
-            for ready in multiprocessing.connection.wait(waitables, timeout=0.2):
-                self._handle(ready)
-            self._check_starting(time.monotonic())
-            if timeout and time.monotonic() - pinged >= min(5.0, timeout / 4):
-                pinged = time.monotonic()
-                self._check_hung(pinged)
+            try:
+                running = [w for w in self._workers if w.running]
+                waitables: list[Any] = [w.conn for w in running]
+                waitables += [w.process.sentinel for w in running]
+                for ready in multiprocessing.connection.wait(waitables, timeout=0.2):
+                    self._handle(ready)
+                self._restart_due(time.monotonic())
+                self._check_starting(time.monotonic())
+                if timeout and time.monotonic() - pinged >= min(5.0, timeout / 4):
+                    pinged = time.monotonic()
+                    self._check_hung(pinged)
+            except Exception:  # never leave the workers serving unwatched: drain them
+                log.exception("the supervisor failed: draining its workers")
+                self.failed = True
+                break
         if self.failed:
             log.info("stopping the other workers")
         else:
@@ -297,10 +353,11 @@ class Supervisor:
         deadline = time.monotonic() + (self.settings.drain_delay_s
                                        + self.settings.grace_seconds + 30.0)
         for w in self._workers:
-            w.process.join(max(0.0, deadline - time.monotonic()))
+            if w.running:
+                w.process.join(max(0.0, deadline - time.monotonic()))
         codes = []
         for w in self._workers:
-            if w.process.is_alive():
+            if w.running and w.process.is_alive():
                 log.error("worker %d did not stop in time: killed", w.index)
                 w.process.kill()
                 w.process.join()
@@ -322,7 +379,7 @@ class Supervisor:
         then stops the server, with this reason, as for a worker that could not start."""
         limit = self.settings.worker_start_timeout_s
         for w in self._workers:
-            if limit and not w.ready and not w.killed and now - w.started > limit:
+            if limit and w.running and not w.ready and not w.killed and now - w.started > limit:
                 log.error("worker %d is not ready %.0f s after it started: killed", w.index,
                           now - w.started)
                 w.failure = f"not ready within --worker-start-timeout-s {limit:g}"
@@ -332,7 +389,7 @@ class Supervisor:
         """Kill each ready worker that has not answered for the timeout (its sentinel then
         starts another), and ask the others to answer."""
         for w in self._workers:
-            if not w.ready or w.killed:
+            if not w.running or not w.ready or w.killed:
                 continue
             if now - w.heard > self.settings.worker_timeout_s:
                 log.error("worker %d has not answered for %.0f s: killed, to be started "
@@ -359,35 +416,72 @@ class Supervisor:
                 elif kind == READY:
                     w.metrics_port, w.ready = value, True
                     if all(x.ready for x in self._workers) and not self._serving:
-                        self._serving = True
+                        self._serving = self._served = True
                         self._broadcast(SERVING)
                         log.info("SERVING: %d workers ready on port %d", self.count,
                                  self.port)
             elif ready == w.process.sentinel and not self._stopping:
-                # The sentinel can fire before the process is reaped, and until it is,
-                # exitcode reads None: join it first.
-                w.process.join()
-                if not w.ready:
-                    # It never came up: its replacement would not either.
-                    if w.failure is None:
-                        self._drain(w)
-                    if w.failure is not None and self.failure is None:
-                        self.failure = f"worker {w.index} could not start: {w.failure}"
-                    log.error("worker %d exited with %s before it was ready: stopping%s",
-                              w.index, w.process.exitcode,
-                              f" ({w.failure})" if w.failure is not None else "")
-                    self.failed = True
-                    self._stopping = True
-                    return
-                log.error("worker %d exited with %s: NOT_SERVING until its replacement is "
-                          "ready", w.index, w.process.exitcode)
-                w.conn.close()
-                self._serving = False
-                if w.process.pid is not None:
-                    self.merged.retire(w.process.pid)
-                self._workers[i] = self._start(w.index)
-                self.restarts.inc()
-                self._broadcast(NOT_SERVING)
+                self._exited(i, w)
+
+    def _exited(self, i: int, w: _Worker) -> None:
+        # The sentinel can fire before the process is reaped, and until it is, exitcode
+        # reads None: join it first.
+        w.process.join()
+        if w.failure is None:
+            self._drain(w)
+        why = f" ({w.failure})" if w.failure is not None else ""
+        if not w.ready and not self._served:
+            # It never came up at start: its replacement would not either.
+            if w.failure is not None and self.failure is None:
+                self.failure = f"worker {w.index} could not start: {w.failure}"
+            log.error("worker %d exited with %s before it was ready: stopping%s",
+                      w.index, w.process.exitcode, why)
+            self.failed = True
+            self._stopping = True
+            return
+        if w.ready:
+            log.error("worker %d exited with %s: NOT_SERVING until its replacement is ready",
+                      w.index, w.process.exitcode)
+        else:
+            log.error("worker %d exited with %s before it was ready%s", w.index,
+                      w.process.exitcode, why)
+        w.conn.close()
+        if w.process.pid is not None:
+            self.merged.retire(w.process.pid)
+        now = time.monotonic()
+        streak = 0 if now - w.started >= STABLE_S else w.streak + 1
+        self._workers[i] = replace(w, ready=False, streak=streak,
+                                   restart_at=now + self._backoff(w.index, streak))
+        self._serving = False
+        self._broadcast(NOT_SERVING)
+
+    @staticmethod
+    def _backoff(index: int, streak: int) -> float:
+        """How long to wait before starting a worker whose last `streak` predecessors each
+        lived under STABLE_S: none after the first of them, then 1 s, doubling up to
+        MAX_BACKOFF_S."""
+        if streak <= 1:
+            return 0.0
+        delay = min(MAX_BACKOFF_S, 2.0 ** (streak - 2))
+        log.warning("worker %d: %d in a row lived under %.0f s: starting the next in %.0f s",
+                    index, streak, STABLE_S, delay)
+        return delay
+
+    def _restart_due(self, now: float) -> None:
+        """Start each exited worker's replacement once its wait is over."""
+        for i, w in enumerate(self._workers):
+            if w.restart_at is None or now < w.restart_at:
+                continue
+            try:
+                new = self._start(w.index)
+            except Exception as exc:  # fork refused: try again later, as for a quick exit
+                log.error("worker %d could not be started again: %s", w.index, exc)
+                w.streak += 1
+                w.restart_at = now + self._backoff(w.index, w.streak)
+                continue
+            new.streak = w.streak
+            self._workers[i] = new
+            self.restarts.inc()
 
 
 def supervise(settings: Settings) -> int:
