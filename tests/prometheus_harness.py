@@ -36,7 +36,7 @@ PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vae-serving.json"
 SERVER_JOB = "vae-server"  # the scrape job of deploy/prometheus/prometheus.yml
 REJECT_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthenticated",
-                  "shutting_down")
+                  "shutting_down", "model_version")
 
 
 def need_tool(name: str) -> str:

@@ -228,10 +228,11 @@ def test_other_settings_in_a_begun_folder_are_refused(servers, tmp_path):
     shutil.rmtree(tmp_path / "d")
 
 
-def test_make_shard_is_what_a_task_runs(servers, tmp_path):
+def test_make_shard_is_what_a_task_runs(servers, model_dir, tmp_path):
     """The task function alone: it writes its shard and its hash, and a second call finds it
     whole and makes nothing."""
-    spec = BulkSpec(n=30, seed=1, shard_size=30, format="npz", digits=(), model_version="x")
+    spec = BulkSpec(n=30, seed=1, shard_size=30, format="npz", digits=(),
+                    model_version=OnnxVAE(model_dir).spec.version)
     digest = make_shard(target_of(servers), spec, 0, str(tmp_path))
     path = tmp_path / spec.shard_name(0)
     mtime = path.stat().st_mtime_ns
@@ -279,3 +280,20 @@ def test_parquet_without_pyarrow_is_refused_before_any_work(monkeypatch, tmp_pat
     with pytest.raises(BulkError, match=r"parquet needs pyarrow.*vae-serving\[bulk\]"):
         prepare(tmp_path / "out", spec)
     assert not (tmp_path / "out").exists()
+
+
+def test_servers_of_two_models_never_mix_in_one_dataset(servers, bernoulli_model_dir,
+                                                         tmp_path):
+    """Before: behind a target of servers that serve different models (an upgrade under way),
+    every shard held images of both, and _bulk.json named the one model that answered info().
+    Now every stream is pinned to that model and a server of the other refuses it
+    (FAILED_PRECONDITION). A labelled shard is ten streams, which round_robin spreads over
+    both servers: no shard can be made, and the job fails saying why."""
+    with served_process(bernoulli_model_dir, "--warmup-rounds", "1") as (other, _):
+        mixed = f"ipv4:127.0.0.1:{servers[0].port},{other}"
+        proc = bulk(mixed, tmp_path / "mixed", "--n", "400", "--shard-size", "100",
+                    "--format", "npz", "--no-ray", check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "FAILED_PRECONDITION: model_version: this server serves model" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not list((tmp_path / "mixed").glob("train-*"))

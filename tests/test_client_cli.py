@@ -671,3 +671,17 @@ def test_sample_no_stream_past_the_client_s_message_limit_is_refused_before_the_
         assert metric_total(port, "vae_batch_size_count", model="decoder") == 0
     assert "--n 30000: float32 images in one reply past this client's 64 MiB" in proc.stderr
     assert "--stream" in proc.stderr and not (tmp_path / "x.npy").exists()
+
+
+def test_a_command_over_servers_of_two_models_fails_rather_than_mix_them(
+        target, bernoulli_model_dir, tmp_path):
+    """Before: `sample --streams 4` over a target of two servers of different models (an
+    upgrade under way) wrote a file of both models' images. Every command now pins its calls
+    to the model of its first info(): the other server refuses them, FAILED_PRECONDITION."""
+    with served_process(bernoulli_model_dir, "--warmup-rounds", "1") as (other, _):
+        out = tmp_path / "mixed.npy"
+        proc = run_cli(f"ipv4:{target},{other}", "sample", "--n", "8000", "--stream",
+                       "--streams", "4", "--chunk-size", "500", "--out", str(out), expect=1)
+    assert "FAILED_PRECONDITION: model_version: this server serves model" in proc.stderr, \
+        proc.stderr
+    assert not out.exists()

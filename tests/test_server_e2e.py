@@ -363,6 +363,64 @@ def test_bad_stream_requests_get_invalid_argument(server, request_msg, words):
         assert w in err.value.details()
 
 
+PINNED = {  # each request type that names a model version, built for a model of latent size k
+    "Encode": lambda k, v: vae_pb2.EncodeRequest(images=_t(np.zeros((2, 784), np.uint8)),
+                                                 model_version=v),
+    "Decode": lambda k, v: vae_pb2.DecodeRequest(z=_t(np.zeros((2, k), np.float32)),
+                                                 model_version=v),
+    "Sample": lambda k, v: vae_pb2.SampleRequest(n=2, model_version=v),
+    "SampleStream": lambda k, v: vae_pb2.SampleStreamRequest(n=2, model_version=v),
+    "LogLikelihood": lambda k, v: vae_pb2.LogLikelihoodRequest(
+        images=_t(np.zeros((2, 784), np.uint8)), k=2, model_version=v),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PINNED))
+def test_a_request_pinned_to_another_model_is_failed_precondition(server, method):
+    """A caller that names the model its results must come from (model_version) gets them
+    from that model or a FAILED_PRECONDITION naming the one served: never another model's
+    images or scores, as from a target of several servers during an upgrade."""
+    info = VaeClient(server.target).info()
+    rejected = server.running.metrics.rejected.labels("model_version")
+    before = rejected._value.get()
+    channel, stub = _raw_stub(server)
+    with channel:
+        def call(version: str) -> object:
+            reply = getattr(stub, method)(PINNED[method](info.latent_dim, version), timeout=30)
+            return list(reply) if method == "SampleStream" else reply
+
+        assert call(info.model_version)  # the model served: answered
+        assert call("")  # unset: whichever model is served
+        with pytest.raises(grpc.RpcError) as err:
+            call("0123456789abcdef")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details() == (f"model_version: this server serves model "
+                                   f"{info.model_version}, not '0123456789abcdef'")
+    assert rejected._value.get() == before + 1
+
+
+def test_a_client_pinned_to_a_model_sends_it_with_every_call(server):
+    info = VaeClient(server.target).info()
+    with VaeClient(server.target, model_version=info.model_version) as pinned:
+        assert pinned.sample(2).shape == (2, 28, 28)
+        pinned.model_version = "0123456789abcdef"
+        for call in (lambda: pinned.sample(2), lambda: pinned.decode(np.zeros((1, info.latent_dim))),
+                     lambda: pinned.encode(np.zeros((1, 784), np.uint8)),
+                     lambda: pinned.log_likelihood(np.zeros((1, 784), np.uint8), k=2),
+                     lambda: list(pinned.sample_stream(2))):
+            with pytest.raises(VaeError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION, call
+
+    async def pinned_async() -> None:
+        async with AsyncVaeClient(server.target, model_version="0123456789abcdef") as c:
+            with pytest.raises(VaeError) as err:
+                await c.sample(2)
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+    asyncio.run(pinned_async())
+
+
 UNARY_RPCS = ["Encode", "Decode", "Sample", "LogLikelihood", "GetModelInfo"]
 
 

@@ -147,6 +147,15 @@ def _connect(args: argparse.Namespace) -> VaeClient:
     return VaeClient(args.target, timeout=timeout, security=args.security)
 
 
+def _pinned(client: VaeClient) -> ModelInfo:
+    """The server's info, with every later call of `client` pinned to its model: a command
+    whose calls reach several servers (a target of several, a resumed stream) gets one
+    model's results or fails (FAILED_PRECONDITION), never a mix."""
+    info = client.info()
+    client.model_version = info.model_version
+    return info
+
+
 def _security(args: argparse.Namespace) -> Security:
     """TLS and token from the options; the token from --token-file, else from VAE_TOKEN."""
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -236,7 +245,7 @@ def run_encode(args: argparse.Namespace) -> int:
     images = cli_io.read_images(args.inputs)
     parts: list[tuple[np.ndarray, ...]] = []
     with _connect(args) as client:
-        batch = _max_images(client.info())
+        batch = _max_images(_pinned(client))
         with Progress(len(images), "encode", cli_io.progress_wanted(args.progress)) as bar:
             for start, stop in _spans(len(images), batch):
                 parts.append(client.encode(images[start:stop], sample=args.sample,
@@ -270,7 +279,7 @@ def run_decode(args: argparse.Namespace) -> int:
     cli_io.check_writable(args.out)
     z = cli_io.read_latents(args.input)
     with _connect(args) as client:
-        batch = _max_images(client.info())
+        batch = _max_images(_pinned(client))
         sink = ImageSink(args.out, len(z), args.dtype, args.cols)
         try:
             with Progress(len(z), "decode", cli_io.progress_wanted(args.progress)) as bar:
@@ -327,7 +336,7 @@ def run_sample(args: argparse.Namespace) -> int:
     cli_io.suffix_of(args.out, cli_io.IMAGE_SUFFIXES, "--out")
     cli_io.check_writable(args.out)
     with _connect(args) as client:
-        info = client.info()
+        info = _pinned(client)
         stream = args.stream
         if stream is None:
             stream = args.n > min(STREAM_THRESHOLD, info.limits.max_sample_n,
@@ -450,7 +459,7 @@ def run_score(args: argparse.Namespace) -> int:
         cli_io.check_writable(path)
     parts = []
     with _connect(args) as client:
-        info = client.info()
+        info = _pinned(client)
         batch = min(args.batch, _max_images(info),
                     max(1, info.batching.max_queue_images // args.k))
         with Progress(len(images), "score", cli_io.progress_wanted(args.progress)) as bar:

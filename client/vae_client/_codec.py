@@ -61,27 +61,34 @@ def images_tensor(images: np.ndarray) -> vae_pb2.Tensor:
     return to_tensor(arr)
 
 
-def encode_request(images: np.ndarray, sample: bool, seed: int,
-                   offset: int) -> vae_pb2.EncodeRequest:
+def encode_request(images: np.ndarray, sample: bool, seed: int, offset: int,
+                   model_version: str = "") -> vae_pb2.EncodeRequest:
     return request(vae_pb2.EncodeRequest, images=images_tensor(images), sample=sample,
-                   seed=seed, offset=offset)
+                   seed=seed, offset=offset, model_version=model_version)
 
 
-def sample_request(n: int, seed: int, dtype: str, digit: int | None) -> vae_pb2.SampleRequest:
+def decode_request(z: np.ndarray, dtype: str, model_version: str = "") -> vae_pb2.DecodeRequest:
+    return vae_pb2.DecodeRequest(z=latents_tensor(z), output_dtype=dtype_enum(dtype),
+                                 model_version=model_version)
+
+
+def sample_request(n: int, seed: int, dtype: str, digit: int | None,
+                   model_version: str = "") -> vae_pb2.SampleRequest:
     return request(vae_pb2.SampleRequest, n=n, seed=seed, output_dtype=dtype_enum(dtype),
-                   digit=digit)
+                   digit=digit, model_version=model_version)
 
 
 def stream_request(n: int, seed: int, chunk_size: int, dtype: str, offset: int,
-                   digit: int | None) -> vae_pb2.SampleStreamRequest:
+                   digit: int | None, model_version: str = "") -> vae_pb2.SampleStreamRequest:
     return request(vae_pb2.SampleStreamRequest, n=n, seed=seed, chunk_size=chunk_size,
-                   output_dtype=dtype_enum(dtype), offset=offset, digit=digit)
+                   output_dtype=dtype_enum(dtype), offset=offset, digit=digit,
+                   model_version=model_version)
 
 
-def loglik_request(images: np.ndarray, k: int, seed: int,
-                   offset: int) -> vae_pb2.LogLikelihoodRequest:
+def loglik_request(images: np.ndarray, k: int, seed: int, offset: int,
+                   model_version: str = "") -> vae_pb2.LogLikelihoodRequest:
     return request(vae_pb2.LogLikelihoodRequest, images=images_tensor(images), k=k, seed=seed,
-                   offset=offset)
+                   offset=offset, model_version=model_version)
 
 
 def latents_tensor(z: np.ndarray) -> vae_pb2.Tensor:

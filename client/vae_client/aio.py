@@ -27,7 +27,7 @@ class AsyncVaeClient:
     """A connection to a vae-server for asyncio code: `async with AsyncVaeClient(t) as c:`.
 
     Every call takes `timeout` (seconds; default the client's) and raises VaeError. The
-    TLS and token options are those of VaeClient.
+    TLS, token and model_version options are those of VaeClient.
     """
 
     def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
@@ -35,9 +35,10 @@ class AsyncVaeClient:
                  tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
                  tls_key: PemSource | None = None, tls_server_name: str | None = None,
                  token: str | None = None, security: Security | None = None,
-                 retries: int = DEFAULT_RETRIES) -> None:
+                 retries: int = DEFAULT_RETRIES, model_version: str = "") -> None:
         self.target = target
         self.timeout = timeout
+        self.model_version = model_version
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
         self.retries = retries
@@ -68,7 +69,7 @@ class AsyncVaeClient:
                      ) -> tuple[np.ndarray, ...]:
         """Images -> (mu, logvar), or (mu, logvar, z) when `sample` is set; `offset` as in
         VaeClient.encode."""
-        req = _codec.encode_request(images, sample, seed, offset)
+        req = _codec.encode_request(images, sample, seed, offset, self.model_version)
         reply = await self._call(self._stub.Encode, req, timeout)
         out = (_codec.array(reply.mu, "mu"), _codec.array(reply.logvar, "logvar"))
         return (*out, _codec.array(reply.z, "z")) if sample else out
@@ -76,14 +77,13 @@ class AsyncVaeClient:
     async def decode(self, z: np.ndarray, dtype: str = "float32",
                      timeout: float | None = None) -> np.ndarray:
         """Latents [N, k] -> mean images [N, 28, 28]."""
-        req = vae_pb2.DecodeRequest(z=_codec.latents_tensor(z),
-                                    output_dtype=_codec.dtype_enum(dtype))
+        req = _codec.decode_request(z, dtype, self.model_version)
         return _codec.array((await self._call(self._stub.Decode, req, timeout)).images, "images")
 
     async def sample(self, n: int, seed: int = 0, dtype: str = "float32",
                      digit: int | None = None, timeout: float | None = None) -> np.ndarray:
         """n generated images [n, 28, 28] (of class `digit` when given), as VaeClient.sample."""
-        req = _codec.sample_request(n, seed, dtype, digit)
+        req = _codec.sample_request(n, seed, dtype, digit, self.model_version)
         return _codec.array((await self._call(self._stub.Sample, req, timeout)).images, "images")
 
     async def sample_stream(self, n: int, seed: int = 0, chunk_size: int = 0,
@@ -95,7 +95,8 @@ class AsyncVaeClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         resume = offset  # the first image not yet received
         while True:
-            req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit)
+            req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit,
+                                         self.model_version)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             call = self._stub.SampleStream(req, timeout=left)
             progressed = False
@@ -119,5 +120,5 @@ class AsyncVaeClient:
                              offset: int = 0, timeout: float | None = None) -> Scores:
         """Per image: ELBO, log p(x) with k samples, bits/dim, percentile and flag; `offset`
         as in VaeClient.log_likelihood."""
-        req = _codec.loglik_request(images, k, seed, offset)
+        req = _codec.loglik_request(images, k, seed, offset, self.model_version)
         return Scores.from_reply(await self._call(self._stub.LogLikelihood, req, timeout))

@@ -166,7 +166,9 @@ def make_shard(target: str, spec: BulkSpec, i: int, out: str,
     if done is not None:
         return done
     lo, hi = spec.shard_range(i)
-    with VaeClient(target, security=security) as client:
+    # Every stream pinned to the model the job began with: a server of another (an upgrade
+    # under way behind the target) refuses it rather than mix two models in the dataset.
+    with VaeClient(target, security=security, model_version=spec.model_version) as client:
         images, labels = shard_items(client, spec, lo, hi, chunk_size, timeout)
     path = folder / spec.shard_name(i)
     part = path.with_name(f"_{path.name}.part")

@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vae_proto/vae.proto\x12\x06vae.v1\"C\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.vae.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"]\n\rEncodeRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0e\n\x06sample\x18\x02 \x01(\x08\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"g\n\x0e\x45ncodeResponse\x12\x1a\n\x02mu\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1e\n\x06logvar\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x19\n\x01z\x18\x03 \x01(\x0b\x32\x0e.vae.v1.Tensor\"O\n\rDecodeRequest\x12\x19\n\x01z\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12#\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32\r.vae.v1.DType\"0\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\"\x83\x01\n\rSampleRequest\x12\t\n\x01n\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12#\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\r.vae.v1.DType\x12\x16\n\x0ereturn_latents\x18\x04 \x01(\x08\x12\x12\n\x05\x64igit\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_digit\"Q\n\x0eSampleResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1f\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\"\x95\x01\n\x13SampleStreamRequest\x12\t\n\x01n\x18\x01 \x01(\x04\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12#\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\r.vae.v1.DType\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x12\n\x05\x64igit\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_digit\"=\n\x0bSampleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x1e\n\x06images\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\"_\n\x14LogLikelihoodRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"\x83\x01\n\x15LogLikelihoodResponse\x12\x0c\n\x04\x65lbo\x18\x01 \x03(\x01\x12\x16\n\x0elog_likelihood\x18\x02 \x03(\x01\x12\x14\n\x0c\x62its_per_dim\x18\x03 \x03(\x01\x12\x12\n\npercentile\x18\x04 \x03(\x01\x12\x0f\n\x07\x61nomaly\x18\x05 \x03(\x08\x12\t\n\x01k\x18\x06 \x01(\r\"\x15\n\x13GetModelInfoRequest\"g\n\x0c\x42\x61tchingInfo\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x18\n\x10max_queue_images\x18\x03 \x01(\r\x12\x14\n\x0cmax_delay_ms\x18\x04 \x01(\x01\"\xb2\x01\n\x06Limits\x12\x1e\n\x16max_images_per_request\x18\x01 \x01(\r\x12\x14\n\x0cmax_sample_n\x18\x02 \x01(\r\x12\x14\n\x0cmax_stream_n\x18\x03 \x01(\x04\x12\x16\n\x0emax_chunk_size\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_chunk_size\x18\x05 \x01(\r\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\"\x95\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\nlatent_dim\x18\x02 \x01(\r\x12\x12\n\nlikelihood\x18\x03 \x01(\t\x12\r\n\x05sigma\x18\x04 \x01(\x01\x12\x13\n\x0bimage_shape\x18\x05 \x03(\r\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12&\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x14.vae.v1.BatchingInfo\x12\x1e\n\x06limits\x18\x08 \x01(\x0b\x32\x0e.vae.v1.Limits\x12\x1a\n\x12\x61nomaly_percentile\x18\t \x01(\x01\x12\x15\n\rmanifest_json\x18\n \x01(\t\x12\x0e\n\x06\x64igits\x18\x0b \x03(\r*6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\x32\x89\x03\n\nVaeService\x12\x37\n\x06\x45ncode\x12\x15.vae.v1.EncodeRequest\x1a\x16.vae.v1.EncodeResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.vae.v1.DecodeRequest\x1a\x16.vae.v1.DecodeResponse\x12\x37\n\x06Sample\x12\x15.vae.v1.SampleRequest\x1a\x16.vae.v1.SampleResponse\x12\x42\n\x0cSampleStream\x12\x1b.vae.v1.SampleStreamRequest\x1a\x13.vae.v1.SampleChunk0\x01\x12L\n\rLogLikelihood\x12\x1c.vae.v1.LogLikelihoodRequest\x1a\x1d.vae.v1.LogLikelihoodResponse\x12>\n\x0cGetModelInfo\x12\x1b.vae.v1.GetModelInfoRequest\x1a\x11.vae.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vae_proto/vae.proto\x12\x06vae.v1\"C\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.vae.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"t\n\rEncodeRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x0e\n\x06sample\x18\x02 \x01(\x08\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"g\n\x0e\x45ncodeResponse\x12\x1a\n\x02mu\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1e\n\x06logvar\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x19\n\x01z\x18\x03 \x01(\x0b\x32\x0e.vae.v1.Tensor\"f\n\rDecodeRequest\x12\x19\n\x01z\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12#\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32\r.vae.v1.DType\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"0\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\"\x9a\x01\n\rSampleRequest\x12\t\n\x01n\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12#\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\r.vae.v1.DType\x12\x16\n\x0ereturn_latents\x18\x04 \x01(\x08\x12\x12\n\x05\x64igit\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rmodel_version\x18\x06 \x01(\tB\x08\n\x06_digit\"Q\n\x0eSampleResponse\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\x1f\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\"\xac\x01\n\x13SampleStreamRequest\x12\t\n\x01n\x18\x01 \x01(\x04\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12#\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\r.vae.v1.DType\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x12\n\x05\x64igit\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rmodel_version\x18\x07 \x01(\tB\x08\n\x06_digit\"=\n\x0bSampleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x1e\n\x06images\x18\x02 \x01(\x0b\x32\x0e.vae.v1.Tensor\"v\n\x14LogLikelihoodRequest\x12\x1e\n\x06images\x18\x01 \x01(\x0b\x32\x0e.vae.v1.Tensor\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x83\x01\n\x15LogLikelihoodResponse\x12\x0c\n\x04\x65lbo\x18\x01 \x03(\x01\x12\x16\n\x0elog_likelihood\x18\x02 \x03(\x01\x12\x14\n\x0c\x62its_per_dim\x18\x03 \x03(\x01\x12\x12\n\npercentile\x18\x04 \x03(\x01\x12\x0f\n\x07\x61nomaly\x18\x05 \x03(\x08\x12\t\n\x01k\x18\x06 \x01(\r\"\x15\n\x13GetModelInfoRequest\"g\n\x0c\x42\x61tchingInfo\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\r\x12\x18\n\x10max_queue_images\x18\x03 \x01(\r\x12\x14\n\x0cmax_delay_ms\x18\x04 \x01(\x01\"\xb2\x01\n\x06Limits\x12\x1e\n\x16max_images_per_request\x18\x01 \x01(\r\x12\x14\n\x0cmax_sample_n\x18\x02 \x01(\r\x12\x14\n\x0cmax_stream_n\x18\x03 \x01(\x04\x12\x16\n\x0emax_chunk_size\x18\x04 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_chunk_size\x18\x05 \x01(\r\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\"\x95\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\nlatent_dim\x18\x02 \x01(\r\x12\x12\n\nlikelihood\x18\x03 \x01(\t\x12\r\n\x05sigma\x18\x04 \x01(\x01\x12\x13\n\x0bimage_shape\x18\x05 \x03(\r\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12&\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x14.vae.v1.BatchingInfo\x12\x1e\n\x06limits\x18\x08 \x01(\x0b\x32\x0e.vae.v1.Limits\x12\x1a\n\x12\x61nomaly_percentile\x18\t \x01(\x01\x12\x15\n\rmanifest_json\x18\n \x01(\t\x12\x0e\n\x06\x64igits\x18\x0b \x03(\r*6\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\x32\x89\x03\n\nVaeService\x12\x37\n\x06\x45ncode\x12\x15.vae.v1.EncodeRequest\x1a\x16.vae.v1.EncodeResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.vae.v1.DecodeRequest\x1a\x16.vae.v1.DecodeResponse\x12\x37\n\x06Sample\x12\x15.vae.v1.SampleRequest\x1a\x16.vae.v1.SampleResponse\x12\x42\n\x0cSampleStream\x12\x1b.vae.v1.SampleStreamRequest\x1a\x13.vae.v1.SampleChunk0\x01\x12L\n\rLogLikelihood\x12\x1c.vae.v1.LogLikelihoodRequest\x1a\x1d.vae.v1.LogLikelihoodResponse\x12>\n\x0cGetModelInfo\x12\x1b.vae.v1.GetModelInfoRequest\x1a\x11.vae.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vae_proto.vae_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1683
-  _globals['_DTYPE']._serialized_end=1737
+  _globals['_DTYPE']._serialized_start=1798
+  _globals['_DTYPE']._serialized_end=1852
   _globals['_TENSOR']._serialized_start=31
   _globals['_TENSOR']._serialized_end=98
   _globals['_ENCODEREQUEST']._serialized_start=100
-  _globals['_ENCODEREQUEST']._serialized_end=193
-  _globals['_ENCODERESPONSE']._serialized_start=195
-  _globals['_ENCODERESPONSE']._serialized_end=298
-  _globals['_DECODEREQUEST']._serialized_start=300
-  _globals['_DECODEREQUEST']._serialized_end=379
-  _globals['_DECODERESPONSE']._serialized_start=381
-  _globals['_DECODERESPONSE']._serialized_end=429
-  _globals['_SAMPLEREQUEST']._serialized_start=432
-  _globals['_SAMPLEREQUEST']._serialized_end=563
-  _globals['_SAMPLERESPONSE']._serialized_start=565
-  _globals['_SAMPLERESPONSE']._serialized_end=646
-  _globals['_SAMPLESTREAMREQUEST']._serialized_start=649
-  _globals['_SAMPLESTREAMREQUEST']._serialized_end=798
-  _globals['_SAMPLECHUNK']._serialized_start=800
-  _globals['_SAMPLECHUNK']._serialized_end=861
-  _globals['_LOGLIKELIHOODREQUEST']._serialized_start=863
-  _globals['_LOGLIKELIHOODREQUEST']._serialized_end=958
-  _globals['_LOGLIKELIHOODRESPONSE']._serialized_start=961
-  _globals['_LOGLIKELIHOODRESPONSE']._serialized_end=1092
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1094
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1115
-  _globals['_BATCHINGINFO']._serialized_start=1117
-  _globals['_BATCHINGINFO']._serialized_end=1220
-  _globals['_LIMITS']._serialized_start=1223
-  _globals['_LIMITS']._serialized_end=1401
-  _globals['_MODELINFO']._serialized_start=1404
-  _globals['_MODELINFO']._serialized_end=1681
-  _globals['_VAESERVICE']._serialized_start=1740
-  _globals['_VAESERVICE']._serialized_end=2133
+  _globals['_ENCODEREQUEST']._serialized_end=216
+  _globals['_ENCODERESPONSE']._serialized_start=218
+  _globals['_ENCODERESPONSE']._serialized_end=321
+  _globals['_DECODEREQUEST']._serialized_start=323
+  _globals['_DECODEREQUEST']._serialized_end=425
+  _globals['_DECODERESPONSE']._serialized_start=427
+  _globals['_DECODERESPONSE']._serialized_end=475
+  _globals['_SAMPLEREQUEST']._serialized_start=478
+  _globals['_SAMPLEREQUEST']._serialized_end=632
+  _globals['_SAMPLERESPONSE']._serialized_start=634
+  _globals['_SAMPLERESPONSE']._serialized_end=715
+  _globals['_SAMPLESTREAMREQUEST']._serialized_start=718
+  _globals['_SAMPLESTREAMREQUEST']._serialized_end=890
+  _globals['_SAMPLECHUNK']._serialized_start=892
+  _globals['_SAMPLECHUNK']._serialized_end=953
+  _globals['_LOGLIKELIHOODREQUEST']._serialized_start=955
+  _globals['_LOGLIKELIHOODREQUEST']._serialized_end=1073
+  _globals['_LOGLIKELIHOODRESPONSE']._serialized_start=1076
+  _globals['_LOGLIKELIHOODRESPONSE']._serialized_end=1207
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1209
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1230
+  _globals['_BATCHINGINFO']._serialized_start=1232
+  _globals['_BATCHINGINFO']._serialized_end=1335
+  _globals['_LIMITS']._serialized_start=1338
+  _globals['_LIMITS']._serialized_end=1516
+  _globals['_MODELINFO']._serialized_start=1519
+  _globals['_MODELINFO']._serialized_end=1796
+  _globals['_VAESERVICE']._serialized_start=1855
+  _globals['_VAESERVICE']._serialized_end=2248
 # @@protoc_insertion_point(module_scope)

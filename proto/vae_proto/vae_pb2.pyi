@@ -27,16 +27,18 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("images", "sample", "seed", "offset")
+    __slots__ = ("images", "sample", "seed", "offset", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     sample: bool
     seed: int
     offset: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    model_version: str
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("mu", "logvar", "z")
@@ -49,12 +51,14 @@ class EncodeResponse(_message.Message):
     def __init__(self, mu: _Optional[_Union[Tensor, _Mapping]] = ..., logvar: _Optional[_Union[Tensor, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("z", "output_dtype")
+    __slots__ = ("z", "output_dtype", "model_version")
     Z_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     z: Tensor
     output_dtype: DType
-    def __init__(self, z: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, z: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("images",)
@@ -63,18 +67,20 @@ class DecodeResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("n", "seed", "output_dtype", "return_latents", "digit")
+    __slots__ = ("n", "seed", "output_dtype", "return_latents", "digit", "model_version")
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LATENTS_FIELD_NUMBER: _ClassVar[int]
     DIGIT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     n: int
     seed: int
     output_dtype: DType
     return_latents: bool
     digit: int
-    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., return_latents: _Optional[bool] = ..., digit: _Optional[int] = ...) -> None: ...
+    model_version: str
+    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., return_latents: _Optional[bool] = ..., digit: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("images", "latents")
@@ -85,20 +91,22 @@ class SampleResponse(_message.Message):
     def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SampleStreamRequest(_message.Message):
-    __slots__ = ("n", "seed", "chunk_size", "output_dtype", "offset", "digit")
+    __slots__ = ("n", "seed", "chunk_size", "output_dtype", "offset", "digit", "model_version")
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DIGIT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     n: int
     seed: int
     chunk_size: int
     output_dtype: DType
     offset: int
     digit: int
-    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., chunk_size: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., offset: _Optional[int] = ..., digit: _Optional[int] = ...) -> None: ...
+    model_version: str
+    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., chunk_size: _Optional[int] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., offset: _Optional[int] = ..., digit: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class SampleChunk(_message.Message):
     __slots__ = ("offset", "images")
@@ -109,16 +117,18 @@ class SampleChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LogLikelihoodRequest(_message.Message):
-    __slots__ = ("images", "k", "seed", "offset")
+    __slots__ = ("images", "k", "seed", "offset", "model_version")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     images: Tensor
     k: int
     seed: int
     offset: int
-    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    model_version: str
+    def __init__(self, images: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class LogLikelihoodResponse(_message.Message):
     __slots__ = ("elbo", "log_likelihood", "bits_per_dim", "percentile", "anomaly", "k")

@@ -12,6 +12,10 @@ class InvalidArgument(ServingError):
     """A request field is out of its limits; the message names the field and the limit."""
 
 
+class OtherModel(ServingError):
+    """The request names a model version (model_version) other than the one served."""
+
+
 class QueueFull(ServingError):
     """The model's queue has no room for the call's images: retry later."""
 

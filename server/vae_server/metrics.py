@@ -35,7 +35,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
 REJECTION_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthenticated",
-                     "shutting_down")
+                     "shutting_down", "model_version")
 IMAGE_METHODS = ("Encode", "Decode", "Sample", "SampleStream", "LogLikelihood")
 
 
@@ -165,7 +165,8 @@ class Metrics:
                                      ("grpc_method",), registry=r)
         self.rejected = Counter("vae_rejected_total",
                                 "Requests or images refused, by reason (invalid, queue_full, "
-                                "deadline, cancelled, unauthenticated, shutting_down).", ("reason",),
+                                "deadline, cancelled, unauthenticated, shutting_down, "
+                                "model_version).", ("reason",),
                                 registry=r)
         self.anomalies = Counter("vae_anomalies_total",
                                  "Images that LogLikelihood flagged as anomalies.", registry=r)

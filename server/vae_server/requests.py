@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 
 from vae_proto import vae_pb2
 from vae_proto.tensor import TensorError, from_tensor, images_per_message
-from vae_server.errors import InvalidArgument
+from vae_server.errors import InvalidArgument, OtherModel
 
 IMAGE_SIDE = 28
 
@@ -33,6 +33,7 @@ class Limits:
     latent_dim: int
     digits: tuple[int, ...] = ()  # the classes Sample and SampleStream may ask for
     max_message_bytes: int | None = None  # the largest reply that can be sent
+    model_version: str = ""  # the model served; a request naming another is refused
 
 
 class EncodeInput(NamedTuple):
@@ -76,18 +77,24 @@ class ScoreInput(NamedTuple):
         return len(self.images) * self.k
 
 
-def _message(request_type: Any, raw: bytes) -> Any:
+def _message(request_type: Any, raw: bytes, limits: Limits | None = None) -> Any:
     """The request message of raw bytes. Parsed here rather than by gRPC's deserializer,
-    which would answer bytes that are not the message with UNKNOWN."""
+    which would answer bytes that are not the message with UNKNOWN. With `limits`, the
+    message's model_version, when set, must be the model served."""
     try:
-        return request_type.FromString(raw)
+        request = request_type.FromString(raw)
     except DecodeError:
         raise InvalidArgument(f"request: not a valid {request_type.DESCRIPTOR.full_name} "
                               f"message ({len(raw)} bytes)") from None
+    if limits is not None and request.model_version \
+            and request.model_version != limits.model_version:
+        raise OtherModel(f"model_version: this server serves model {limits.model_version}, not "
+                         f"{request.model_version!r}")
+    return request
 
 
 def encode(raw: bytes, limits: Limits) -> EncodeInput:
-    request = _message(vae_pb2.EncodeRequest, raw)
+    request = _message(vae_pb2.EncodeRequest, raw, limits)
     x = images(request.images, "images", limits.max_images_per_request, limits.pixels)
     if x.dtype == np.uint8:
         # The centre of the pixel's dequantisation interval (vae.proto, EncodeRequest).
@@ -108,14 +115,14 @@ def first_index(offset: int, n: int) -> int:
 
 
 def decode(raw: bytes, limits: Limits) -> DecodeInput:
-    request = _message(vae_pb2.DecodeRequest, raw)
+    request = _message(vae_pb2.DecodeRequest, raw, limits)
     dtype = output_dtype(request.output_dtype)
     return DecodeInput(latents(request.z, "z", limits.max_images_per_request, limits.latent_dim),
                        dtype)
 
 
 def sample(raw: bytes, limits: Limits) -> SampleInput:
-    request = _message(vae_pb2.SampleRequest, raw)
+    request = _message(vae_pb2.SampleRequest, raw, limits)
     dtype = output_dtype(request.output_dtype)
     n = count(request.n, "n", limits.max_sample_n)
     if request.return_latents and limits.max_message_bytes is not None:
@@ -133,7 +140,7 @@ def sample(raw: bytes, limits: Limits) -> SampleInput:
 
 
 def sample_stream(raw: bytes, limits: Limits) -> StreamInput:
-    request = _message(vae_pb2.SampleStreamRequest, raw)
+    request = _message(vae_pb2.SampleStreamRequest, raw, limits)
     dtype = output_dtype(request.output_dtype)
     n = count(request.n, "n", limits.max_stream_n)
     chunk = request.chunk_size or limits.default_chunk_size
@@ -149,7 +156,7 @@ def sample_stream(raw: bytes, limits: Limits) -> StreamInput:
 
 
 def log_likelihood(raw: bytes, limits: Limits) -> ScoreInput:
-    request = _message(vae_pb2.LogLikelihoodRequest, raw)
+    request = _message(vae_pb2.LogLikelihoodRequest, raw, limits)
     k = count(request.k, "k", limits.max_k)
     x = images(request.images, "images", limits.max_images_per_request, limits.pixels)
     if len(x) * k > limits.max_queue_images:

@@ -26,6 +26,7 @@ from vae_server.errors import (
     BatchFailed,
     DeadlineExpired,
     InvalidArgument,
+    OtherModel,
     QueueFull,
     ServingError,
     ShuttingDown,
@@ -47,6 +48,7 @@ SPLIT_SAMPLES = 256
 
 _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
+    OtherModel: (grpc.StatusCode.FAILED_PRECONDITION, "model_version"),
     QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full"),
     DeadlineExpired: (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"),
     ShuttingDown: (grpc.StatusCode.UNAVAILABLE, "shutting_down"),
@@ -204,7 +206,7 @@ class VaeServicer:
             default_chunk_size=settings.default_chunk_size, max_k=settings.max_k,
             max_queue_images=settings.max_queue_images, pixels=runtime.pixels,
             latent_dim=runtime.latent_dim, digits=tuple(runtime.prior.digits),
-            max_message_bytes=settings.max_message_bytes)
+            max_message_bytes=settings.max_message_bytes, model_version=runtime.spec.version)
         self._images = {m: metrics.method_images.labels(m) for m in IMAGE_METHODS}
         self._in_flight = 0  # vae.v1 calls being handled, for a graceful stop
         # Set by a stopping server: new vae.v1 calls get UNAVAILABLE at once (clients retry).
