@@ -101,7 +101,7 @@ def test_the_same_bytes_with_1_and_3_ray_workers_and_without_ray(servers, ray_cl
 
         assert hashlib.sha256((tmp_path / "three" / name).read_bytes()).hexdigest() == digest
     assert sorted(os.listdir(tmp_path / "one")) == sorted(
-        ["_bulk.json", "_manifest.json", *one, *(f"_{n}.sha256" for n in one)])
+        ["_bulk.json", "_bulk.lock", "_manifest.json", *one, *(f"_{n}.sha256" for n in one)])
     _check_loadable(tmp_path / "one", fmt, 2300)
 
 
@@ -224,8 +224,142 @@ def test_other_settings_in_a_begun_folder_are_refused(servers, tmp_path):
     refused = bulk(target, tmp_path / "d", "--n", "100", "--shard-size", "50", "--format",
                    "npz", "--seed", "2", "--no-ray", check=False)
     assert refused.returncode == 1
+    # Before, the message named no setting: a user who "ran the same command" could not
+    # tell what differed (a server upgraded to another model, say).
     assert "holds the shards of other settings" in refused.stderr
+    assert "seed 0 (this run: 2)" in refused.stderr, refused.stderr
     shutil.rmtree(tmp_path / "d")
+
+
+def test_shards_of_other_settings_are_never_kept(servers, tmp_path):
+    """Before: with _bulk.json gone, a run of other settings kept the shards whose hashes
+    matched their records, and its manifest then described settings they do not have. Each
+    record now names the settings of its shard: those of others are made again."""
+    target, out = target_of(servers), tmp_path / "d"
+    args = ["--n", "40", "--shard-size", "20", "--format", "npz", "--no-ray"]
+    bulk(target, out, *args)
+    (out / "_bulk.json").unlink()
+    done = bulk(target, out, *args, "--seed", "5")
+    assert "(2 made now)" in done.stdout, done.stdout
+    for shard in out.glob("train-*.npz"):
+        with np.load(io.BytesIO(shard.read_bytes())) as f:
+            assert f["seed"].tolist() == [5]
+    assert json.loads((out / "_manifest.json").read_text())["seed"] == 5
+
+
+def test_a_folder_whose_run_made_no_shard_takes_new_settings(servers, tmp_path):
+    """Before: _bulk.json was written before anything could fail, so a run that failed at
+    once (an unreachable --ray-address) left the folder refusing the corrected command."""
+    target, out = target_of(servers), tmp_path / "d"
+    failed = bulk(target, out, "--n", "10", "--format", "npz", "--ray-address",
+                  "127.0.0.1:1", check=False)
+    assert failed.returncode == 1 and (out / "_bulk.json").is_file()
+    bulk(target, out, "--n", "20", "--format", "npz", "--no-ray")
+    assert json.loads((out / "_bulk.json").read_text())["n"] == 20
+
+
+def test_a_second_job_on_the_folder_is_refused(servers, tmp_path):
+    """Before: two jobs on one folder truncated each other's fixed-name part files and both
+    failed with "No such file or directory"."""
+    from vae_client.bulk import locked
+
+    out = tmp_path / "d"
+    with locked(out):
+        refused = bulk(target_of(servers), out, "--n", "10", "--format", "npz", "--no-ray",
+                       check=False)
+    assert refused.returncode == 1
+    assert "another vae-client bulk job writes to this folder" in refused.stderr
+    bulk(target_of(servers), out, "--n", "10", "--format", "npz", "--no-ray")
+
+
+def test_a_link_planted_where_a_part_file_goes_is_not_written_through(servers, tmp_path):
+    """Before: a symbolic link at `_<shard>.part` made the job overwrite its target."""
+    out, victim = tmp_path / "d", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("important\n")
+    (out / "_train-00000-of-00001.npz.part").symlink_to(victim)
+    bulk(target_of(servers), out, "--n", "10", "--format", "npz", "--no-ray")
+    assert victim.read_text() == "important\n"
+    assert not (out / "train-00000-of-00001.npz").is_symlink()
+
+
+def test_damaged_records_are_remade_and_a_damaged_spec_is_one_line(servers, tmp_path):
+    """Before: a record or _bulk.json that is not UTF-8 ended the job with a traceback."""
+    target, out = target_of(servers), tmp_path / "d"
+    args = ["--n", "20", "--shard-size", "10", "--format", "npz", "--no-ray"]
+    bulk(target, out, *args)
+    (out / "_train-00000-of-00002.npz.sha256").write_bytes(b"\xff\xfe")
+    assert "(1 made now)" in bulk(target, out, *args).stdout
+    (out / "_bulk.json").write_bytes(b"\xff\xfe")
+    refused = bulk(target, out, *args, check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "_bulk.json cannot be read" in refused.stderr
+
+
+def test_shard_size_is_bounded_by_what_a_shard_holds_in_memory(tmp_path):
+    proc = subprocess.run([str(VENV_BIN / "vae-client"), "bulk", "--n", "10", "--out",
+                           str(tmp_path), "--shard-size", "10000000"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--shard-size: 10000000 is out of range; it must be 1 .. 1000000" in proc.stderr
+
+
+def test_a_stream_refused_for_a_full_queue_waits_and_goes_on(monkeypatch):
+    """Before: RESOURCE_EXHAUSTED, once gRPC's own retries (about 2 s) were spent, ended the
+    whole job within seconds on a busy server. A stream now waits, doubling its wait, and goes
+    on from where it stopped, until BUSY_PATIENCE_S pass without a chunk."""
+    import grpc
+
+    from vae_client import bulk as bulk_module
+    from vae_client.errors import VaeError
+
+    calls, slept = [], []
+    busy = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    class Busy:
+        refusals = 3
+
+        def sample_stream(self, n, seed, chunk_size, dtype, offset, digit, timeout):
+            calls.append(offset)
+            if offset < n:
+                yield offset, np.full((2, 28, 28), offset, np.uint8)
+            if Busy.refusals:
+                Busy.refusals -= 1
+                raise VaeError(busy, "queue full", resume_offset=offset + 2)
+            for first in range(offset + 2, n, 2):
+                yield first, np.full((2, 28, 28), first, np.uint8)
+
+    monkeypatch.setattr(bulk_module.time, "sleep", slept.append)
+    spec = BulkSpec(n=10, seed=0, shard_size=10, format="npz", digits=(), model_version="v")
+    images, _ = shard_items(Busy(), spec, 0, 10)
+    assert [int(x[0, 0]) for x in images[::2]] == [0, 2, 4, 6, 8]
+    assert calls == [0, 2, 4, 6]
+    assert slept == [0.5, 0.5, 0.5]  # each refusal came after a chunk: no longer waits
+
+    class AlwaysBusy:
+        def sample_stream(self, n, seed, chunk_size, dtype, offset, digit, timeout):
+            raise VaeError(busy, "queue full", resume_offset=offset)
+            yield
+
+    slept.clear()
+    with pytest.raises(VaeError):
+        shard_items(AlwaysBusy(), spec, 0, 10)
+    assert slept[:6] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
+    assert sum(slept) >= bulk_module.BUSY_PATIENCE_S > sum(slept[:-1])
+
+
+def test_servers_of_different_chunk_limits_serve_one_job(servers, model_dir, tmp_path):
+    """Before: the chunk size came from the server that answered info(); a server of a
+    smaller --max-chunk-size behind the same target refused the streams (INVALID_ARGUMENT),
+    or not, by chance. Each stream now asks for its server's default chunk."""
+    args = ("--n", "2000", "--shard-size", "500", "--format", "npz", "--no-ray")
+    with served_process(model_dir, "--max-chunk-size", "256", "--default-chunk-size", "256",
+                        "--warmup-rounds", "1") as (small, _):
+        for attempt in range(3):  # whichever server answers info()
+            bulk(f"ipv4:127.0.0.1:{servers[0].port},{small}", tmp_path / f"m{attempt}", *args)
+    bulk(target_of(servers), tmp_path / "default", *args)
+    for attempt in range(3):
+        assert digests(tmp_path / f"m{attempt}") == digests(tmp_path / "default")
 
 
 def test_make_shard_is_what_a_task_runs(servers, model_dir, tmp_path):
@@ -297,3 +431,14 @@ def test_servers_of_two_models_never_mix_in_one_dataset(servers, bernoulli_model
     assert "FAILED_PRECONDITION: model_version: this server serves model" in proc.stderr, \
         proc.stderr[-3000:]
     assert not list((tmp_path / "mixed").glob("train-*"))
+
+
+def test_a_resumed_jobs_rate_counts_only_the_items_made_now():
+    """Before: the items of the shards kept counted in the rate (108,914 img/s shown against
+    about 19,000 made)."""
+    from vae_client.cli_io import Progress
+
+    bar = Progress(1000, "bulk", enabled=False, done=900)
+    bar._start -= 10.0
+    bar.update(100)
+    assert bar.line(bar._start + 10.0).endswith(" 1000/1000 100.0% 10 img/s")

@@ -27,7 +27,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TypeAlias  # noqa: E402
+from typing import Any, TypeAlias  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -538,7 +538,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def add_bulk(sub: Subparsers) -> None:
-    from vae_client.bulk import FORMATS
+    from vae_client.bulk import FORMATS, MAX_SHARD_SIZE
 
     p = sub.add_parser(
         "bulk", help="write N generated digits as dataset shards (Ray, or this process)",
@@ -555,8 +555,9 @@ def add_bulk(sub: Subparsers) -> None:
                    help="parquet (index, seed, label, PNG image columns; needs pyarrow), "
                         "webdataset (tar of .png/.cls/.json) or npz (images, index, label "
                         "arrays) (default: %(default)s)")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=100_000,
-                   help="items per shard (default: %(default)s)")
+    p.add_argument("--shard-size", type=_int_at_least(1, MAX_SHARD_SIZE), default=100_000,
+                   help="items per shard, each held in memory while it is made (about 3 KB "
+                        "an item) (default: %(default)s)")
     _add_seed(p, "the latents")
     p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
                    help="items take the model's digit classes in turn, each labelled with "
@@ -587,27 +588,11 @@ def run_bulk(args: argparse.Namespace) -> int:
                        "vae-server --max-stream-n")
     out = Path(args.out)
     try:
-        todo = bulk.prepare(out, spec)
+        with bulk.locked(out):
+            todo = bulk.prepare(out, spec)
+            _make_shards(args, bulk, spec, out, todo)
     except bulk.BulkError as exc:
         raise CliError(str(exc)) from None
-    total_done = args.n - sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in todo)
-    with Progress(args.n, "bulk", cli_io.progress_wanted(args.progress)) as bar:
-        bar.update(total_done)
-
-        def done(i: int, digest: str) -> None:
-            lo, hi = spec.shard_range(i)
-            bar.update(hi - lo)
-
-        runner = bulk.run_ray if args.ray else bulk.run_local
-        kwargs = {"address": args.ray_address} if args.ray else {}
-        # Chunks the servers take: their limits, not the spec's, may be the smaller.
-        chunk = min(spec.chunk_size, info.limits.max_chunk_size, info.batching.max_queue_images)
-        try:
-            # --timeout, when given, bounds each stream whole, as `sample` takes it.
-            runner(args.target, spec, out, todo, args.workers, args.security, done,
-                   chunk_size=chunk, timeout=args.timeout, **kwargs)
-        except bulk.BulkError as exc:
-            raise CliError(str(exc)) from None
     # Every shard checked against its hash once all are made: Ray tasks may have written
     # them on other nodes of a shared folder.
     try:
@@ -618,6 +603,24 @@ def run_bulk(args: argparse.Namespace) -> int:
     print(f"{args.n} items in {len(manifest['shards'])} {args.format} shards -> {out} "
           f"({len(todo)} made now)")
     return 0
+
+
+def _make_shards(args: argparse.Namespace, bulk: Any, spec: Any, out: Path,
+                 todo: list[int]) -> None:
+    made = args.n - sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in todo)
+    with Progress(args.n, "bulk", cli_io.progress_wanted(args.progress), done=made) as bar:
+
+        def done(i: int, digest: str) -> None:
+            lo, hi = spec.shard_range(i)
+            bar.update(hi - lo)
+
+        runner = bulk.run_ray if args.ray else bulk.run_local
+        kwargs = {"address": args.ray_address} if args.ray else {}
+        # Chunks of each server's own default size: a target's servers may differ in their
+        # limits, and the bytes do not depend on the size. --timeout, when given, bounds
+        # each stream whole, as `sample` takes it.
+        runner(args.target, spec, out, todo, args.workers, args.security, done,
+               chunk_size=0, timeout=args.timeout, **kwargs)
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -7,11 +7,18 @@ tries. Labelled items (the default where the model offers digit classes) take th
 in turn: item i is image i // D of the stream of class digits[i % D] (D classes), so each
 class is a tenth of every shard.
 
-Shards are written as `_<name>.part` and renamed when whole; a `_<name>.sha256` beside each
-records its hash. A run that finds a shard whose hash matches skips it, so a job that died
-resumes where it stopped. `_bulk.json` holds what the shards are of (the model version, the
-seed, the layout); a run with other settings in the same folder is refused; `_manifest.json`
-lists the shards with their hashes when the job is done.
+Shards are written as `_<name>.<random>.part` (a new file, never one that exists) and renamed
+when whole; a `_<name>.sha256` beside each records its hash and the settings it was made with
+(BulkSpec.key). A run that finds a shard whose hash and settings match skips it, so a job that
+died resumes where it stopped. `_bulk.json` holds what the shards are of (the model version,
+the seed, the layout); a run with other settings in a folder that holds shards is refused,
+naming the settings that differ; `_manifest.json` lists the shards with their hashes when the
+job is done. One job at a time writes to a folder: its driver holds a lock (`_bulk.lock`).
+
+Each stream is pinned to the spec's model version (a server of another refuses it), and one
+refused for a full queue (RESOURCE_EXHAUSTED, after gRPC's own retries) waits and goes on from
+where it stopped, for up to BUSY_PATIENCE_S without progress: a batch job outlasts a busy
+server rather than fail with it.
 
 Formats:
 - parquet: columns `index` (int64), `seed` (uint64), `label` (int16, -1 unlabelled) and
@@ -23,21 +30,28 @@ Formats:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
+import hashlib
 import io
 import json
 import os
 import socket
 import tarfile
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import grpc
 import numpy as np
 
 from vae_client.channel import Security
 from vae_client.client import VaeClient
+from vae_client.errors import VaeError
 from vae_client.images import encode_png
 from vae_core.files import replacing
 from vae_core.manifest import sha256_file
@@ -46,7 +60,14 @@ FORMATS = {"parquet": ".parquet", "webdataset": ".tar", "npz": ".npz"}
 # Names starting with _ are skipped by the readers of a folder of shards (pyarrow, pandas).
 SPEC_FILE = "_bulk.json"
 MANIFEST = "_manifest.json"
+LOCK_FILE = "_bulk.lock"
 NO_LABEL = -1
+# Items a shard holds in memory while it is made (images, then their encoding: about 3 KB an
+# item as parquet), times the shards made at once.
+MAX_SHARD_SIZE = 1_000_000
+# How long a stream refused for a full queue keeps trying without getting a chunk.
+BUSY_PATIENCE_S = 300.0
+BUSY_WAIT_S = (0.5, 10.0)  # its first wait, and the longest (doubling in between)
 
 
 class BulkError(ValueError):
@@ -80,30 +101,77 @@ class BulkSpec:
         d["digits"] = list(self.digits)
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
+    @property
+    def key(self) -> str:
+        """Names these settings in each shard's record: a shard is kept only by a run of the
+        settings that made it, whatever _bulk.json says (it may have been removed)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
 
 def _record(shard: Path) -> Path:
     return shard.with_name(f"_{shard.name}.sha256")
 
 
 def shard_done(out: Path, spec: BulkSpec, i: int) -> str | None:
-    """The sha256 of shard i when it is whole (its file matches the hash recorded beside it)."""
+    """The sha256 of shard i when it is whole and of these settings (its file matches the hash
+    recorded beside it, with spec.key)."""
     path = out / spec.shard_name(i)
     record = _record(path)
     if not (path.is_file() and record.is_file()):
         return None
-    digest = record.read_text().strip()
-    return digest if sha256_file(path) == digest else None
+    try:
+        digest, key = record.read_text(encoding="ascii").split()
+    except (UnicodeDecodeError, ValueError):  # damaged, or of an older vae-client: remade
+        return None
+    return digest if key == spec.key and sha256_file(path) == digest else None
+
+
+@contextlib.contextmanager
+def _new_file(path: Path) -> Iterator[IO[bytes]]:
+    """A file of a new name beside `path` (never one that exists: not another job's, nor a
+    link planted there), renamed to `path` once written; removed if the writing fails."""
+    fd, part = tempfile.mkstemp(prefix=f"_{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
 
 
 # -- one shard -----------------------------------------------------------------------------
+
+
+def _stream(client: VaeClient, n: int, seed: int, chunk_size: int, offset: int,
+            digit: int | None, timeout: float | None) -> Iterator[tuple[int, np.ndarray]]:
+    """client.sample_stream, waiting out a full queue (see the module's docstring)."""
+    wait, waited = BUSY_WAIT_S[0], 0.0
+    while True:
+        try:
+            for first, x in client.sample_stream(n, seed=seed, chunk_size=chunk_size,
+                                                 dtype="uint8", offset=offset, digit=digit,
+                                                 timeout=timeout):
+                yield first, x
+                offset, wait, waited = first + len(x), BUSY_WAIT_S[0], 0.0
+            return
+        except VaeError as exc:
+            if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or exc.resume_offset is None \
+                    or waited >= BUSY_PATIENCE_S:
+                raise
+            offset = exc.resume_offset
+        time.sleep(wait)
+        waited += wait
+        wait = min(2 * wait, BUSY_WAIT_S[1])
 
 
 def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int,
                 chunk_size: int | None = None, timeout: float | None = None,
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Items lo .. hi - 1: (images uint8 [n, 28, 28], labels int16 [n]), in stream chunks of
-    `chunk_size` images (spec.chunk_size by default; the bytes do not depend on it).
-    `timeout` bounds each stream whole (default: none)."""
+    `chunk_size` images (None: spec.chunk_size; 0: each server's default; the bytes do not
+    depend on it). `timeout` bounds each stream whole (default: none)."""
     n = hi - lo
     images = np.empty((n, 28, 28), np.uint8)
     labels = np.full(n, NO_LABEL, np.int16)
@@ -116,25 +184,22 @@ def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int,
             continue
         j_lo, j_hi = first // d, (hi - 1 - p) // d + 1
         rows = np.arange(first - lo, n, d)
-        for offset, x in client.sample_stream(j_hi, seed=spec.seed,
-                                              chunk_size=chunk_size or spec.chunk_size,
-                                              dtype="uint8", offset=j_lo, digit=digit,
-                                              timeout=timeout):
+        chunk = spec.chunk_size if chunk_size is None else chunk_size
+        for offset, x in _stream(client, j_hi, spec.seed, chunk, j_lo, digit, timeout):
             images[rows[offset - j_lo : offset - j_lo + len(x)]] = x
         if digit is not None:
             labels[rows] = digit
     return images, labels
 
 
-def write_shard(path: Path, spec: BulkSpec, lo: int, images: np.ndarray,
+def write_shard(f: IO[bytes], spec: BulkSpec, lo: int, images: np.ndarray,
                 labels: np.ndarray) -> None:
     index = np.arange(lo, lo + len(images), dtype=np.int64)
     if spec.format == "npz":
-        with open(path, "wb") as f:
-            np.savez(f, images=images, index=index, label=labels,
-                     seed=np.array([spec.seed], np.uint64))
+        np.savez(f, images=images, index=index, label=labels,
+                 seed=np.array([spec.seed], np.uint64))
     elif spec.format == "webdataset":
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i, image, label in zip(index.tolist(), images, labels.tolist(), strict=True):
                 meta = json.dumps({"index": i, "seed": spec.seed, "label": label}).encode()
                 for suffix, data in ((".png", encode_png(image)),
@@ -152,7 +217,7 @@ def write_shard(path: Path, spec: BulkSpec, lo: int, images: np.ndarray,
             "label": pa.array(labels, pa.int16()),
             "image": pa.array([encode_png(x) for x in images], pa.binary()),
         })
-        pq.write_table(table, path, row_group_size=len(index), compression="zstd")
+        pq.write_table(table, f, row_group_size=len(index), compression="zstd")
 
 
 def make_shard(target: str, spec: BulkSpec, i: int, out: str,
@@ -171,22 +236,45 @@ def make_shard(target: str, spec: BulkSpec, i: int, out: str,
     with VaeClient(target, security=security, model_version=spec.model_version) as client:
         images, labels = shard_items(client, spec, lo, hi, chunk_size, timeout)
     path = folder / spec.shard_name(i)
-    part = path.with_name(f"_{path.name}.part")
-    write_shard(part, spec, lo, images, labels)
-    os.replace(part, path)
+    with _new_file(path) as f:
+        write_shard(f, spec, lo, images, labels)
     digest = sha256_file(path)
-    record = _record(path)
-    temporary = record.with_name(record.name + ".part")
-    temporary.write_text(digest + "\n")
-    os.replace(temporary, record)
+    with _new_file(_record(path)) as f:
+        f.write(f"{digest} {spec.key}\n".encode("ascii"))
     return digest
 
 
 # -- the job -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold `out` for one job: a second job on the folder is refused (its shards' files would
+    be written twice at once)."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BulkError(f"{out}: another vae-client bulk job writes to this folder "
+                            f"({out / LOCK_FILE} is locked)") from None
+        yield
+
+
+def _begun(out: Path) -> bool:
+    """Whether `out` holds any shard or shard record."""
+    return any(out.glob("train-*")) or any(out.glob("_train-*.sha256"))
+
+
+def _differences(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {theirs.get(k)!r} (this run: {ours.get(k)!r})"
+                     for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+
+
 def prepare(out: Path, spec: BulkSpec) -> list[int]:
-    """Check or write _bulk.json; the shards left to make."""
+    """Check or write _bulk.json; the shards left to make. Call it holding `locked(out)`."""
     if spec.format == "parquet":
         try:
             import pyarrow  # noqa: F401
@@ -195,13 +283,25 @@ def prepare(out: Path, spec: BulkSpec) -> list[int]:
                             "or --format npz or webdataset") from None
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / SPEC_FILE
-    if spec_path.is_file():
-        if spec_path.read_text() != spec.to_json():
-            raise BulkError(f"{out} holds the shards of other settings ({spec_path}): use "
-                            "another folder, or the same settings to resume")
-    else:
+    if spec_path.is_file() and _begun(out):
+        try:
+            theirs = json.loads(spec_path.read_bytes())
+        except (UnicodeDecodeError, ValueError):
+            raise BulkError(f"{spec_path} cannot be read: use another folder, or remove the "
+                            "folder's files to begin it again") from None
+        ours = json.loads(spec.to_json())
+        if theirs != ours:
+            raise BulkError(f"{out} holds the shards of other settings ({spec_path}: "
+                            f"{_differences(theirs, ours)}): use another folder, or the same "
+                            "settings to resume")
+    # No shard yet (a first run, or one that failed before any): these settings are the
+    # folder's now.
+    if not spec_path.is_file() or spec_path.read_bytes() != spec.to_json().encode():
         with replacing(spec_path, "w", encoding="utf-8") as f:
             f.write(spec.to_json())
+    for part in out.glob("_*.part"):  # left by a job that died: this one holds the folder
+        with contextlib.suppress(OSError):
+            part.unlink()
     return [i for i in range(spec.shards) if shard_done(out, spec, i) is None]
 
 
@@ -210,13 +310,22 @@ def run_local(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: 
               chunk_size: int | None = None, timeout: float | None = None) -> None:
     """The shards by a thread pool of this process (no Ray). A failure or an interrupt stops
     the job once the shards under way end: the others are not started."""
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = {pool.submit(make_shard, target, spec, i, str(out), security, chunk_size,
-                               timeout): i
-                   for i in todo}
+    queue = collections.deque(todo)
+    workers = max(1, workers)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        # Submitted as they finish, `workers` at a time: a job of millions of shards holds a
+        # few futures, not millions.
+        pending: dict[concurrent.futures.Future[str], int] = {}
         try:
-            for future in concurrent.futures.as_completed(futures):
-                on_done(futures[future], future.result())
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    i = queue.popleft()
+                    pending[pool.submit(make_shard, target, spec, i, str(out), security,
+                                        chunk_size, timeout)] = i
+                finished, _ = concurrent.futures.wait(
+                    pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    on_done(pending.pop(future), future.result())
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -245,10 +354,10 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
     try:
         task: Any = ray.remote(num_cpus=0.5, max_retries=3)(make_shard)
         pending: dict[Any, int] = {}
-        queue = list(todo)
+        queue = collections.deque(todo)
         while queue or pending:
             while queue and len(pending) < max(1, workers):
-                i = queue.pop(0)
+                i = queue.popleft()
                 pending[task.remote(target, spec, i, str(out.resolve()), security,
                                     chunk_size, timeout)] = i
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -403,14 +403,15 @@ def info_text(target: str, info: Any) -> str:
 
 class Progress:
     """A one-line text progress bar on stderr: images done / total, percent, images/s.
-    Redrawn at most every `interval` seconds; silent when not enabled."""
+    Redrawn at most every `interval` seconds; silent when not enabled. `done`: images done
+    before (a job resumed), counted in the total but not in the rate."""
 
     def __init__(self, total: int, label: str, enabled: bool, stream: IO[str] | None = None,
-                 interval: float = 0.1) -> None:
+                 interval: float = 0.1, done: int = 0) -> None:
         self.total, self.label, self.enabled = total, label, enabled
         self.stream = sys.stderr if stream is None else stream
         self.interval = interval
-        self.done = 0
+        self.done = self._before = done
         self._start = self._drawn = time.monotonic()
         self._drawn_done, self._width = -1, 0
 
@@ -432,7 +433,7 @@ class Progress:
         width = 30
         bar = "#" * int(frac * width) + "." * (width - int(frac * width))
         return (f"{self.label} [{bar}] {self.done}/{self.total} {100 * frac:5.1f}% "
-                f"{self.done / elapsed:,.0f} img/s")
+                f"{(self.done - self._before) / elapsed:,.0f} img/s")
 
     def _draw(self, now: float) -> None:
         text = self.line(now)
