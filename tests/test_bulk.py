@@ -442,3 +442,16 @@ def test_a_resumed_jobs_rate_counts_only_the_items_made_now():
     bar._start -= 10.0
     bar.update(100)
     assert bar.line(bar._start + 10.0).endswith(" 1000/1000 100.0% 10 img/s")
+
+
+@pytest.mark.parametrize("out,words", [("", "--out: an empty path"),
+                                       ("file", "a file, not a folder")])
+def test_an_out_that_is_no_folder_is_one_line(servers, tmp_path, out, words):
+    """Before: --out "" (an unset shell variable) wrote the shards into the current folder,
+    and a file gave "File exists"."""
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", target_of(servers), "bulk",
+                           "--n", "10", "--no-ray", "--out", out and str(tmp_path / out)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1 and words in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -586,7 +586,11 @@ def run_bulk(args: argparse.Namespace) -> int:
         raise CliError(f"--n {args.n}: the streams would reach image {longest}, past the "
                        f"servers' max_stream_n ({info.limits.max_stream_n}); raise "
                        "vae-server --max-stream-n")
+    if not args.out.strip():  # an unset shell variable: not the current folder
+        raise CliError("--out: an empty path; name the dataset folder")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out}: a file, not a folder")
     try:
         with bulk.locked(out):
             todo = bulk.prepare(out, spec)
