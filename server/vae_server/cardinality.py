@@ -32,9 +32,9 @@ import grpc
 from vae_server.instrument import Refused, deadline_passed
 
 
-async def _refuse(context: grpc.aio.ServicerContext, method: str, refused: Refused,
-                  t0: float) -> NoReturn:
+async def _refuse(context: grpc.aio.ServicerContext, method: str, refused: Refused) -> NoReturn:
     """End a call that sent no request message (see the module's docstring)."""
+    t0 = time.perf_counter()
     if deadline_passed(context):
         raise asyncio.CancelledError  # ended in gRPC before it was read
     try:
@@ -47,10 +47,9 @@ async def _refuse(context: grpc.aio.ServicerContext, method: str, refused: Refus
 
 def _unary(behavior: Callable[..., Any], method: str, refused: Refused) -> Callable[..., Any]:
     async def one(_: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        t0 = time.perf_counter()
         request = await context.read()
         if request is grpc.aio.EOF:
-            await _refuse(context, method, refused, t0)
+            await _refuse(context, method, refused)
         return await behavior(request, context)
 
     return one
@@ -58,10 +57,9 @@ def _unary(behavior: Callable[..., Any], method: str, refused: Refused) -> Calla
 
 def _stream(behavior: Callable[..., Any], method: str, refused: Refused) -> Callable[..., Any]:
     async def one(_: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        t0 = time.perf_counter()
         request = await context.read()
         if request is grpc.aio.EOF:
-            await _refuse(context, method, refused, t0)
+            await _refuse(context, method, refused)
         items = behavior(request, context)
         try:
             async for item in items:
