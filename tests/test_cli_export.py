@@ -383,6 +383,53 @@ def test_changed_file_is_refused_naming_it(model_dir: Path, tmp_path: Path,
     assert str(bad / DECODER) in capsys.readouterr().err
 
 
+def _signed(bad: Path) -> Path:
+    """`bad` with its manifest's hashes and version made to match its files again, as anyone
+    who builds a model directory can: what the checks behind the hashes must still refuse."""
+    from vae_core.manifest import model_version, sha256_file
+
+    manifest = json.loads((bad / MANIFEST).read_text())
+    for name, entry in manifest["files"].items():
+        entry["sha256"] = sha256_file(bad / name)
+    manifest["model_version"] = model_version(manifest)
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    return bad
+
+
+def test_weights_in_another_file_than_the_model_are_refused(model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """Before: an encoder saved with its weights in a file of its own (ONNX external data),
+    which the manifest does not list, loaded and served; changing those weights changed every
+    reply under the same model version. The sessions are now made of the hashed bytes alone."""
+    import onnx
+
+    bad = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    onnx.save_model(onnx.load(bad / ENCODER), bad / ENCODER, save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    _signed(bad)
+    with pytest.raises(ManifestError, match="its weights are in another file .external data."):
+        OnnxVAE(bad)
+    proc = subprocess.run([sys.executable, "-m", "vae_server", "--model-dir", str(bad),
+                           "--metrics-port", "-1", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "external data" in proc.stderr.splitlines()[-1], proc.stderr
+
+
+def test_a_file_onnx_runtime_cannot_load_is_one_line(model_dir: Path, tmp_path: Path) -> None:
+    """Before: an encoder.onnx that is not a model (hashed and versioned as it is) stopped
+    vae-server with ONNX Runtime's InvalidProtobuf traceback, status 1."""
+    bad = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    (bad / ENCODER).write_bytes(b"not an onnx model")
+    _signed(bad)
+    proc = subprocess.run([sys.executable, "-m", "vae_server", "--model-dir", str(bad),
+                           "--metrics-port", "-1", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vae-server: cannot serve") and "ONNX Runtime cannot load it" in last
+    assert "Traceback" not in proc.stderr
+
+
 Edit = Callable[[dict[str, Any]], object]
 
 

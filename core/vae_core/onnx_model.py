@@ -5,6 +5,8 @@ checked sessions (`open_sessions`), and `OnnxVAE`, the encoder and decoder as nu
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from vae_core import likelihood as lk
 from vae_core.manifest import (
     DECODER,
     ENCODER,
+    ManifestError,
     ModelSpec,
     check_manifest,
     check_session_io,
@@ -27,21 +30,43 @@ from vae_core.prior import GaussianMixture, load_prior
 Provider = str | tuple[str, dict[str, str]]
 
 
-def make_session(path: Path, providers: Sequence[Provider] | None = None, threads: int = 0,
-                 spinning: bool = False) -> ort.InferenceSession:
-    """An InferenceSession; `threads` = 0 lets ONNX Runtime choose (one per core).
+def make_session(model: Path | bytes, providers: Sequence[Provider] | None = None,
+                 threads: int = 0, spinning: bool = False) -> ort.InferenceSession:
+    """An InferenceSession of an ONNX file, or of its bytes; `threads` = 0 lets ONNX Runtime
+    choose (one per core).
 
     Spinning worker threads answer the next run (and each other, inside a run) a little
     sooner but spin on the cores for a moment instead of sleeping. Off unless asked for; the
     server asks for it for its large-batch sessions only (vae-server --spinning).
+
+    A model given as bytes must hold its weights: ONNX Runtime looks for external data files
+    in an empty folder of our own, where there are none.
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), opts,
-                                providers=list(providers or ["CPUExecutionProvider"]))
+    chosen = list(providers or ["CPUExecutionProvider"])
+    if not isinstance(model, bytes):
+        return ort.InferenceSession(str(model), opts, providers=chosen)
+    with tempfile.TemporaryDirectory(prefix="vae-no-external-data-") as empty:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      empty)
+        return ort.InferenceSession(model, opts, providers=chosen)
+
+
+def read_model(path: Path, sha256: str) -> bytes:
+    """The bytes of an ONNX file of the manifest, read once and checked against its sha256:
+    the sessions are made of the very bytes checked, whatever the file holds by then."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{path}: {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ManifestError(f"{path}: sha256 does not match the manifest's (changed since it "
+                            "was checked?)")
+    return data
 
 
 def open_sessions(model_dir: str | Path, manifest: dict[str, Any],
@@ -49,11 +74,21 @@ def open_sessions(model_dir: str | Path, manifest: dict[str, Any],
                   spinning: bool = False) -> tuple[ort.InferenceSession, ort.InferenceSession]:
     """The encoder and decoder sessions of a model directory whose manifest was loaded (and
     its hashes checked) by `load_manifest`; each session's inputs and outputs are checked
-    against the manifest."""
+    against the manifest. A file ONNX Runtime cannot load (not a model; weights in another
+    file, which no hash covers) is a ManifestError."""
     model_dir = Path(model_dir)
     sessions = []
     for name in (ENCODER, DECODER):
-        session = make_session(model_dir / name, providers, threads, spinning)
+        path = model_dir / name
+        data = read_model(path, manifest["files"][name]["sha256"])
+        try:
+            session = make_session(data, providers, threads, spinning)
+        except Exception as exc:  # onnxruntime's own: InvalidProtobuf, Fail, ...
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "external data" in why.lower():
+                why = ("its weights are in another file (external data), which the manifest's "
+                       "hash does not cover: export them inside the model file")
+            raise ManifestError(f"{path}: ONNX Runtime cannot load it: {why}") from None
         check_session_io(name, manifest["files"][name], session.get_inputs(),
                          session.get_outputs())
         sessions.append(session)
