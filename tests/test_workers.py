@@ -216,9 +216,16 @@ def test_a_replacement_that_fails_is_started_again_later_and_later(
     assert supervisor.restarts._value.get() == 8
     assert "worker 0 exited with -9 before it was ready (the model's files changed)" \
         in caplog.text
-    # A replacement that then lives past STABLE_S starts the count again.
+    # A replacement that never comes up counts however long it took to fail (one killed
+    # while loading a large model, say); before, one that lived past STABLE_S reset the count.
     w = supervisor._workers[0]
-    w.started -= STABLE_S
+    w.started -= 2 * STABLE_S
+    supervisor._handle(w.process.sentinel)
+    assert supervisor._workers[0].streak == 9
+    supervisor._restart_due(supervisor._workers[0].restart_at)
+    # One that then serves past STABLE_S starts the count again.
+    w = supervisor._workers[0]
+    w.ready, w.ready_at = True, time.monotonic() - STABLE_S
     supervisor._handle(w.process.sentinel)
     assert supervisor._workers[0].streak == 0
     assert supervisor._workers[0].restart_at == pytest.approx(time.monotonic(), abs=1)

@@ -32,9 +32,9 @@ that the kernel spreads incoming connections over them, and:
   --worker-start-timeout-s after it started (hung while loading or warming up, where it
   cannot answer yet): it is killed first.
 - once the server has served, a worker that exits, or whose replacement fails in turn, is
-  started again; after two in a row that each lived less than STABLE_S the next waits 1 s
-  first, and twice as long each time after, up to MAX_BACKOFF_S, so that a worker that
-  keeps dying does not keep the cores busy reloading the model. A replacement serves the
+  started again; after two in a row that each served less than STABLE_S (or never came up)
+  the next waits 1 s first, and twice as long each time after, up to MAX_BACKOFF_S, so that
+  a worker that keeps dying does not keep the cores busy reloading the model. A replacement serves the
   model the others serve or none: one that finds another at --model-dir (the files changed
   since the server started) says so and exits before it binds the port, and is tried again,
   so the server stays NOT_SERVING until the files are put back or it is restarted on them.
@@ -106,13 +106,14 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
 
     async def serve() -> int:
         try:
+            # Checked before the model loads (its manifest alone), and again once it has, before
+            # the port is bound: no call may reach another model.
+            if version is not None and (found := _version_at(settings)) != version:
+                failed(_other_model(settings, found, version))
+                return 2
             runtime = load_runtime(settings)
-            # Checked before the port is bound: no call may reach another model.
             if version is not None and runtime.spec.version != version:
-                failed(f"{settings.model_dir} holds model {runtime.spec.version} now, not "
-                       f"{version}, which the server started with and its other workers "
-                       "serve: put its files back, or restart the server to serve the new "
-                       "model")
+                failed(_other_model(settings, runtime.spec.version, version))
                 return 2
             running = await create_server(settings, runtime, reuse_port=True,
                                           metrics_addr="127.0.0.1", announce=False)
@@ -156,6 +157,16 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
     code = loops.run(serve(), settings.event_loop)
     if code:
         sys.exit(code)
+
+
+def _version_at(settings: Settings) -> str:
+    return str(load_manifest(settings.model_dir, verify_hashes=False)["model_version"])
+
+
+def _other_model(settings: Settings, found: str, version: str) -> str:
+    return (f"{settings.model_dir} holds model {found} now, not {version}, which the server "
+            "started with and its other workers serve: put its files back, or restart the "
+            "server to serve the new model")
 
 
 # -- the port ----------------------------------------------------------------------------------
@@ -204,7 +215,8 @@ class _Worker:
     asked: bool = False  # a PING not yet answered (one at a time: a pipe's buffer is finite)
     killed: bool = False  # by the supervisor, as hung
     started: float = field(default_factory=time.monotonic)
-    streak: int = 0  # the workers before it in its place that each lived under STABLE_S
+    ready_at: float | None = None  # when it said it was ready
+    streak: int = 0  # the workers before it in its place that each served under STABLE_S
     restart_at: float | None = None  # exited: when to start its replacement
 
     @property
@@ -251,9 +263,9 @@ class Supervisor:
                         registry=self.registry)
         workers.labels("configured").set(self.count)
         workers.labels("ready").set_function(lambda: sum(w.ready for w in self._workers))
-        self.restarts = Counter("vae_worker_restarts", "Workers that exited while serving "
-                                "(or were killed as hung) and were started again.",
-                                registry=self.registry)
+        self.restarts = Counter("vae_worker_restarts", "Replacement workers started: for a "
+                                "worker that exited or was killed as hung, or for a "
+                                "replacement that failed in turn.", registry=self.registry)
 
     def _start(self, index: int) -> _Worker:
         parent, child = self._context.Pipe()
@@ -348,7 +360,8 @@ class Supervisor:
         if self.failed:
             log.info("stopping the other workers")
         else:
-            log.info("signal received: draining %d workers", len(self._workers))
+            log.info("signal received: draining %d workers",
+                     sum(w.running for w in self._workers))
         self._broadcast(STOP)
         deadline = time.monotonic() + (self.settings.drain_delay_s
                                        + self.settings.grace_seconds + 30.0)
@@ -414,7 +427,7 @@ class Supervisor:
                 if kind == FAILED:
                     w.failure = value
                 elif kind == READY:
-                    w.metrics_port, w.ready = value, True
+                    w.metrics_port, w.ready, w.ready_at = value, True, time.monotonic()
                     if all(x.ready for x in self._workers) and not self._serving:
                         self._serving = self._served = True
                         self._broadcast(SERVING)
@@ -449,7 +462,9 @@ class Supervisor:
         if w.process.pid is not None:
             self.merged.retire(w.process.pid)
         now = time.monotonic()
-        streak = 0 if now - w.started >= STABLE_S else w.streak + 1
+        # One that never came up counts as a quick exit, however long it took to fail.
+        served = now - w.ready_at if w.ready_at is not None else 0.0
+        streak = 0 if served >= STABLE_S else w.streak + 1
         self._workers[i] = replace(w, ready=False, streak=streak,
                                    restart_at=now + self._backoff(w.index, streak))
         self._serving = False
@@ -458,12 +473,12 @@ class Supervisor:
     @staticmethod
     def _backoff(index: int, streak: int) -> float:
         """How long to wait before starting a worker whose last `streak` predecessors each
-        lived under STABLE_S: none after the first of them, then 1 s, doubling up to
-        MAX_BACKOFF_S."""
+        served under STABLE_S (or never): none after the first of them, then 1 s, doubling up
+        to MAX_BACKOFF_S."""
         if streak <= 1:
             return 0.0
         delay = min(MAX_BACKOFF_S, 2.0 ** (streak - 2))
-        log.warning("worker %d: %d in a row lived under %.0f s: starting the next in %.0f s",
+        log.warning("worker %d: %d in a row served under %.0f s: starting the next in %.0f s",
                     index, streak, STABLE_S, delay)
         return delay
 
