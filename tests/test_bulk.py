@@ -455,3 +455,72 @@ def test_an_out_that_is_no_folder_is_one_line(servers, tmp_path, out, words):
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 1 and words in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_shards_are_as_readable_as_any_new_file(servers, tmp_path):
+    """Before: the part files of random names were made by mkstemp, mode 0600, which the rename
+    kept: a training job of another user could not read the dataset."""
+    out = tmp_path / "d"
+    old = os.umask(0o022)
+    try:
+        bulk(target_of(servers), out, "--n", "10", "--format", "npz", "--no-ray")
+    finally:
+        os.umask(old)
+    for name in ("train-00000-of-00001.npz", "_train-00000-of-00001.npz.sha256"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_only_the_jobs_own_part_files_are_cleared(servers, tmp_path):
+    """Before: a run removed every `_*.part` file of the folder, a user's own among them."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "_thesis-draft.part").write_text("mine")
+    (out / "_train-00000-of-00001.npz.3f2a.part").write_text("left by a job that died")
+    bulk(target_of(servers), out, "--n", "10", "--format", "npz", "--no-ray")
+    assert (out / "_thesis-draft.part").read_text() == "mine"
+    assert not list(out.glob("_train-*.part"))
+
+
+def test_a_spec_file_that_is_json_but_no_object_is_one_line(servers, tmp_path):
+    target, out = target_of(servers), tmp_path / "d"
+    args = ["--n", "10", "--format", "npz", "--no-ray"]
+    bulk(target, out, *args)
+    (out / "_bulk.json").write_text("[1]")
+    refused = bulk(target, out, *args, check=False)
+    assert refused.returncode == 1 and "_bulk.json cannot be read" in refused.stderr, \
+        refused.stderr
+
+
+def test_a_stopped_job_ends_its_streams_at_their_next_wait(monkeypatch):
+    """Before: after a failure or an interrupt, the shards under way went on, a stream waiting
+    out a full queue for up to BUSY_PATIENCE_S; and each retry had --timeout anew."""
+    import threading
+
+    import grpc
+
+    from vae_client.bulk import Stopped, _stream
+    from vae_client.errors import VaeError
+
+    class Busy:
+        timeouts: list[float | None] = []
+
+        def sample_stream(self, n, seed, chunk_size, dtype, offset, digit, timeout):
+            Busy.timeouts.append(timeout)
+            raise VaeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", offset)
+            yield
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Stopped):
+        list(_stream(Busy(), 10, 0, 0, 0, None, None, stop))
+    waits = []
+    monkeypatch.setattr("vae_client.bulk.time.sleep", waits.append)
+    clock = iter(range(0, 10**6, 3))
+    monkeypatch.setattr("vae_client.bulk.time.monotonic", lambda: float(next(clock)))
+    Busy.timeouts.clear()
+    with pytest.raises(VaeError):
+        list(_stream(Busy(), 10, 0, 0, 0, None, 10.0, None))
+    # One deadline for the stream whole: each try gets what is left of it.
+    assert Busy.timeouts[0] == 7.0
+    assert all(a > b for a, b in zip(Busy.timeouts, Busy.timeouts[1:], strict=False))
+    assert len(Busy.timeouts) < 5

@@ -37,9 +37,10 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import socket
 import tarfile
-import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -129,8 +130,15 @@ def shard_done(out: Path, spec: BulkSpec, i: int) -> str | None:
 @contextlib.contextmanager
 def _new_file(path: Path) -> Iterator[IO[bytes]]:
     """A file of a new name beside `path` (never one that exists: not another job's, nor a
-    link planted there), renamed to `path` once written; removed if the writing fails."""
-    fd, part = tempfile.mkstemp(prefix=f"_{path.name}.", suffix=".part", dir=path.parent)
+    link planted there), renamed to `path` once written; removed if the writing fails. Its
+    mode is that of any new file (0666 less the umask), as readers of the dataset expect."""
+    while True:
+        part = path.with_name(f"_{path.name}.{secrets.token_hex(6)}.part")
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -144,34 +152,51 @@ def _new_file(path: Path) -> Iterator[IO[bytes]]:
 # -- one shard -----------------------------------------------------------------------------
 
 
+class Stopped(BulkError):
+    """The job stopped (a shard failed, or an interrupt) while this shard was being made."""
+
+
 def _stream(client: VaeClient, n: int, seed: int, chunk_size: int, offset: int,
-            digit: int | None, timeout: float | None) -> Iterator[tuple[int, np.ndarray]]:
-    """client.sample_stream, waiting out a full queue (see the module's docstring)."""
+            digit: int | None, timeout: float | None, stop: threading.Event | None = None,
+            ) -> Iterator[tuple[int, np.ndarray]]:
+    """client.sample_stream, waiting out a full queue (see the module's docstring); `timeout`
+    bounds the stream whole, its waits included; `stop`, once set, ends it at its next chunk
+    or wait."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     wait, waited = BUSY_WAIT_S[0], 0.0
     while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             for first, x in client.sample_stream(n, seed=seed, chunk_size=chunk_size,
                                                  dtype="uint8", offset=offset, digit=digit,
-                                                 timeout=timeout):
+                                                 timeout=left):
+                if stop is not None and stop.is_set():
+                    raise Stopped("stopped")
                 yield first, x
                 offset, wait, waited = first + len(x), BUSY_WAIT_S[0], 0.0
             return
         except VaeError as exc:
+            out_of_time = deadline is not None and time.monotonic() >= deadline
             if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or exc.resume_offset is None \
-                    or waited >= BUSY_PATIENCE_S:
+                    or waited >= BUSY_PATIENCE_S or out_of_time:
                 raise
             offset = exc.resume_offset
-        time.sleep(wait)
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline - time.monotonic()))
+        if stop is None:
+            time.sleep(wait)
+        elif stop.wait(wait):
+            raise Stopped("stopped")
         waited += wait
         wait = min(2 * wait, BUSY_WAIT_S[1])
 
 
 def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int,
                 chunk_size: int | None = None, timeout: float | None = None,
-                ) -> tuple[np.ndarray, np.ndarray]:
+                stop: threading.Event | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Items lo .. hi - 1: (images uint8 [n, 28, 28], labels int16 [n]), in stream chunks of
     `chunk_size` images (None: spec.chunk_size; 0: each server's default; the bytes do not
-    depend on it). `timeout` bounds each stream whole (default: none)."""
+    depend on it). `timeout` bounds each stream whole (default: none); `stop`: _stream's."""
     n = hi - lo
     images = np.empty((n, 28, 28), np.uint8)
     labels = np.full(n, NO_LABEL, np.int16)
@@ -185,7 +210,7 @@ def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int,
         j_lo, j_hi = first // d, (hi - 1 - p) // d + 1
         rows = np.arange(first - lo, n, d)
         chunk = spec.chunk_size if chunk_size is None else chunk_size
-        for offset, x in _stream(client, j_hi, spec.seed, chunk, j_lo, digit, timeout):
+        for offset, x in _stream(client, j_hi, spec.seed, chunk, j_lo, digit, timeout, stop):
             images[rows[offset - j_lo : offset - j_lo + len(x)]] = x
         if digit is not None:
             labels[rows] = digit
@@ -222,7 +247,7 @@ def write_shard(f: IO[bytes], spec: BulkSpec, lo: int, images: np.ndarray,
 
 def make_shard(target: str, spec: BulkSpec, i: int, out: str,
                security: Security | None = None, chunk_size: int | None = None,
-               timeout: float | None = None) -> str:
+               timeout: float | None = None, stop: threading.Event | None = None) -> str:
     """Generate and write shard i (unless it is whole already); its sha256. What a Ray task
     runs, on whichever node: `out` must be a folder every node writes to. `chunk_size` and
     `timeout`: as shard_items takes them (what the servers allow; each stream's deadline)."""
@@ -234,7 +259,7 @@ def make_shard(target: str, spec: BulkSpec, i: int, out: str,
     # Every stream pinned to the model the job began with: a server of another (an upgrade
     # under way behind the target) refuses it rather than mix two models in the dataset.
     with VaeClient(target, security=security, model_version=spec.model_version) as client:
-        images, labels = shard_items(client, spec, lo, hi, chunk_size, timeout)
+        images, labels = shard_items(client, spec, lo, hi, chunk_size, timeout, stop)
     path = folder / spec.shard_name(i)
     with _new_file(path) as f:
         write_shard(f, spec, lo, images, labels)
@@ -286,6 +311,8 @@ def prepare(out: Path, spec: BulkSpec) -> list[int]:
     if spec_path.is_file() and _begun(out):
         try:
             theirs = json.loads(spec_path.read_bytes())
+            if not isinstance(theirs, dict):
+                raise ValueError("not an object")
         except (UnicodeDecodeError, ValueError):
             raise BulkError(f"{spec_path} cannot be read: use another folder, or remove the "
                             "folder's files to begin it again") from None
@@ -299,7 +326,8 @@ def prepare(out: Path, spec: BulkSpec) -> list[int]:
     if not spec_path.is_file() or spec_path.read_bytes() != spec.to_json().encode():
         with replacing(spec_path, "w", encoding="utf-8") as f:
             f.write(spec.to_json())
-    for part in out.glob("_*.part"):  # left by a job that died: this one holds the folder
+    # Left by a job that died (this one holds the folder): a shard's and a record's.
+    for part in [*out.glob("_train-*.part"), *out.glob("__train-*.part")]:
         with contextlib.suppress(OSError):
             part.unlink()
     return [i for i in range(spec.shards) if shard_done(out, spec, i) is None]
@@ -309,9 +337,11 @@ def run_local(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: 
               security: Security | None, on_done: Callable[[int, str], None],
               chunk_size: int | None = None, timeout: float | None = None) -> None:
     """The shards by a thread pool of this process (no Ray). A failure or an interrupt stops
-    the job once the shards under way end: the others are not started."""
+    the job: the shards not begun are not started, and those under way end at their next
+    chunk or wait (a chunk a stuck server never sends is waited for: --timeout bounds it)."""
     queue = collections.deque(todo)
     workers = max(1, workers)
+    stop = threading.Event()  # set on a failure or an interrupt: the shards under way end
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         # Submitted as they finish, `workers` at a time: a job of millions of shards holds a
         # few futures, not millions.
@@ -321,12 +351,13 @@ def run_local(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: 
                 while queue and len(pending) < workers:
                     i = queue.popleft()
                     pending[pool.submit(make_shard, target, spec, i, str(out), security,
-                                        chunk_size, timeout)] = i
+                                        chunk_size, timeout, stop)] = i
                 finished, _ = concurrent.futures.wait(
                     pending, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in finished:
                     on_done(pending.pop(future), future.result())
         except BaseException:
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 
