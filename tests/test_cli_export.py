@@ -430,6 +430,101 @@ def test_a_file_onnx_runtime_cannot_load_is_one_line(model_dir: Path, tmp_path: 
     assert "Traceback" not in proc.stderr
 
 
+def _prior_arrays(bad: Path, **changes: Callable[[np.ndarray], np.ndarray]) -> None:
+    """The prior file with arrays changed: each change maps the array it replaces."""
+    with np.load(bad / PRIOR_FILE) as f:
+        arrays = {name: f[name] for name in f.files}
+    arrays.update({name: change(arrays[name]) for name, change in changes.items()})
+    np.savez(bad / PRIOR_FILE, **arrays)
+
+
+def _resized_batch(bad: Path) -> None:
+    import onnx
+
+    model = onnx.load(bad / DECODER)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save_model(model, bad / DECODER)
+
+
+def _extra_input(bad: Path) -> None:
+    import onnx
+
+    model = onnx.load(bad / ENCODER)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT,
+                                                                ["N", 1]))
+    onnx.save_model(model, bad / ENCODER)
+
+
+def _linked_encoder(bad: Path) -> None:
+    outside = bad.parent / "outside.onnx"
+    shutil.move(bad / ENCODER, outside)
+    (bad / ENCODER).symlink_to(outside)
+
+
+def _edit(**entries: Any) -> Callable[[Path], None]:
+    def edit(bad: Path) -> None:
+        manifest = json.loads((bad / MANIFEST).read_text())
+        manifest.update(entries)
+        (bad / MANIFEST).write_text(json.dumps(manifest))
+    return edit
+
+
+UNTRUSTED = {  # a model directory as anyone may build it, hashes and version made to match
+    # Before: loaded (a 7 TiB identity first), or scored every image -inf (sigma^2
+    # underflows).
+    "latent-dim": (_edit(latent_dim=10**6), "latent_dim 1000000: not a whole number in 1 .."),
+    "sigma": (_edit(sigma=1e-200), "sigma 1e-200: the Gaussian decoder's standard deviation"),
+    # Before: tracebacks (the prior's numpy errors), NaN images, digits outside 0 .. 9, or
+    # 7 TiB asked for by an array's header.
+    "prior-nan": (lambda b: _prior_arrays(b, means=lambda a: np.full_like(a, np.nan)),
+                  "prior.npz: the means and covariance factors must be finite"),
+    "prior-classes": (lambda b: _prior_arrays(b, classes=lambda a: np.full_like(a, 42)),
+                      "prior.npz: the classes must be digits 0 .. 9"),
+    "prior-float-classes": (lambda b: _prior_arrays(b, classes=lambda a: a + 0.7),
+                            "prior.npz: classes holds float64, not whole numbers"),
+    "prior-singular": (lambda b: _prior_arrays(b, chols=lambda a: a * 1e-300),
+                       "prior.npz: each covariance factor must be lower-triangular with a "
+                       "diagonal of at least 1e-06"),
+    "prior-shape": (lambda b: _prior_arrays(b, means=lambda a: a[:, 0]),
+                    "prior.npz: means of shape ["),
+    # Before: served and then failed after the port was bound (warm-up), status 1.
+    "fixed-batch": (_resized_batch, "input 'z' is tensor(float) of shape [1, "),
+    "extra-input": (_extra_input, "inputs the manifest does not declare: ['extra']"),
+    # Before: a file outside the directory was read and served.
+    "symlink": (_linked_encoder, "encoder.onnx: a symbolic link"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNTRUSTED))
+def test_an_untrusted_model_directory_is_refused_in_one_line(model_dir: Path, tmp_path: Path,
+                                                             case: str) -> None:
+    if case.startswith("prior") and not (model_dir / PRIOR_FILE).exists():
+        pytest.skip("the test model has no prior file")
+    change, words = UNTRUSTED[case]
+    bad = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    change(bad)
+    if case != "symlink":
+        _signed(bad)
+    proc = subprocess.run([sys.executable, "-m", "vae_server", "--model-dir", str(bad),
+                           "--metrics-port", "-1", "--port", "0", "--warmup-rounds", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vae-server: cannot serve") and words in last, last
+
+
+def test_a_manifest_too_large_to_send_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    """Before: a manifest padded to 70 MiB with an entry the version does not cover served,
+    and every GetModelInfo (every client's first call) failed RESOURCE_EXHAUSTED."""
+    bad = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    manifest = json.loads((bad / MANIFEST).read_text())
+    manifest["notes"] = "x" * (2 << 20)
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="bytes; a manifest is at most 1048576"):
+        load_manifest(bad)
+
+
 Edit = Callable[[dict[str, Any]], object]
 
 
@@ -558,7 +653,8 @@ MALFORMED: dict[str, tuple[Edit, list[str]]] = {
     "files-a-list": (_set("files", [ENCODER, DECODER]), ["files is a JSON list"]),
     "latent-dim-16": (_set("latent_dim", 16), ["latent_dim 16", "'mu'"]),
     "latent-dim-text": (_set("latent_dim", "abc"), ["latent_dim 'abc'"]),
-    "pixels-100": (_set("image.pixels", 100), ["image.pixels 100", "'x'"]),
+    # Before: loaded, and every Sample then failed INTERNAL (the images served are 28 x 28).
+    "pixels-100": (_set("image.pixels", 100), ["image.pixels 100", "28 x 28"]),
     "sigma-negative": (_set("sigma", -0.1), ["sigma -0.1"]),
     "sigma-null": (_set("sigma", None), ["sigma None"]),
     "likelihood-unknown": (_set("likelihood", "poisson"), ["likelihood 'poisson'"]),

@@ -42,7 +42,10 @@ class Calibration:
             else:
                 self.ks = np.zeros(0)
                 self.tables = np.zeros((0, len(self.levels)))
-            self.anomaly_percentile = float(entry.get("anomaly_percentile", 1.0))
+            percentile = entry.get("anomaly_percentile", 1.0)
+            if isinstance(percentile, str | bool):  # float("50") would take it
+                raise TypeError(percentile)
+            self.anomaly_percentile = float(percentile)
         except KeyError as exc:
             raise ManifestError(f"calibration: by_k has no {exc} entry") from None
         except (TypeError, ValueError):  # a string or null where a number goes, ragged tables
@@ -57,6 +60,8 @@ class Calibration:
                                  and np.all(np.diff(self.tables, axis=1) >= 0)):
             raise ManifestError("calibration: each table's quantiles must be finite and "
                                 "ascending")
+        if len(self.ks) and not (len(self.levels) and np.all(np.isfinite(self.ks))):
+            raise ManifestError("calibration: tables need levels, and finite Ks")
         if len(self.ks) and not (np.all(np.diff(self.levels) > 0) and self.levels[0] >= 0
                                  and self.levels[-1] <= 1):
             raise ManifestError("calibration: the levels must ascend within [0, 1]")

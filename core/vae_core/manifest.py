@@ -30,6 +30,16 @@ LIKELIHOODS = (GAUSSIAN, BERNOULLI)
 PRIOR_KINDS = ("standard", "mixture")
 
 
+# Bounds of what a model directory may declare, checked before anything is loaded: a directory
+# may come from elsewhere (a model image), and a figure past them would only cost memory and
+# time (an identity of 10^6 x 10^6) before failing.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_FILE_BYTES = 2 << 30
+MAX_LATENT_DIM = 4096
+MIN_SIGMA = 1e-6  # below it, sigma^2 and the Gaussian's log density lose their meaning
+PIXELS = 28 * 28
+
+
 class ManifestError(ValueError):
     """The model directory cannot be trusted: a missing file, a hash or shape mismatch."""
 
@@ -66,6 +76,10 @@ def load_manifest(model_dir: str | Path, verify_hashes: bool = True) -> dict[str
     path = model_dir / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path}: missing (is {model_dir} an exported model directory?)")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: {size} bytes; a manifest is at most "
+                            f"{MAX_MANIFEST_BYTES} (GetModelInfo sends it whole)")
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -73,6 +87,8 @@ def load_manifest(model_dir: str | Path, verify_hashes: bool = True) -> dict[str
                             ) from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of 5,000 digits; [[[[...
+        raise ManifestError(f"{path}: not JSON this code reads ({exc})") from None
     except OSError as exc:
         raise ManifestError(f"{path}: cannot be read ({exc.strerror})") from None
     check_manifest(manifest, model_dir, verify_hashes, where=path)
@@ -122,19 +138,20 @@ def check_manifest(manifest: Any, model_dir: str | Path, verify_hashes: bool = T
         if not isinstance(sha, str) or len(sha) != 64 or set(sha) - set("0123456789abcdef"):
             raise fail(f"files[{name!r}] has no sha256 of 64 hex digits")
     latent_dim = manifest["latent_dim"]
-    if not _is_int(latent_dim) or latent_dim < 1:
-        raise fail(f"latent_dim {latent_dim!r}: not a whole number >= 1")
+    if not _is_int(latent_dim) or not 1 <= latent_dim <= MAX_LATENT_DIM:
+        raise fail(f"latent_dim {latent_dim!r}: not a whole number in 1 .. {MAX_LATENT_DIM}")
     likelihood = manifest["likelihood"]
     if likelihood not in LIKELIHOODS:
         raise fail(f"likelihood {likelihood!r}: this code reads {', '.join(LIKELIHOODS)}")
     sigma = manifest.get("sigma")
-    if (likelihood == GAUSSIAN or sigma is not None) and not (_is_number(sigma) and sigma > 0):
+    if (likelihood == GAUSSIAN or sigma is not None) and not (
+            _is_number(sigma) and MIN_SIGMA <= sigma <= 1 / MIN_SIGMA):
         raise fail(f"sigma {sigma!r}: the Gaussian decoder's standard deviation must be a "
-                   f"number > 0")
+                   f"number in {MIN_SIGMA:g} .. {1 / MIN_SIGMA:g}")
     image = manifest["image"]
     pixels = image.get("pixels") if isinstance(image, dict) else None
-    if not _is_int(pixels) or pixels < 1:
-        raise fail(f"image.pixels {pixels!r}: not a whole number >= 1")
+    if pixels != PIXELS or type(pixels) is not int:
+        raise fail(f"image.pixels {pixels!r}: the images served are 28 x 28, {PIXELS} pixels")
 
     # The inputs and outputs the code runs, of the widths the manifest says: a latent_dim or
     # image.pixels at odds with the models is refused here, not by a broadcast error later
@@ -181,8 +198,14 @@ def check_manifest(manifest: Any, model_dir: str | Path, verify_hashes: bool = T
 
     for name, entry in files.items():
         file = model_dir / name
+        if file.is_symlink():
+            raise ManifestError(f"{file}: a symbolic link; the model's files must be in its "
+                                "directory")
         if not file.is_file():
             raise ManifestError(f"{file}: listed in the manifest but missing")
+        if file.stat().st_size > MAX_FILE_BYTES:
+            raise ManifestError(f"{file}: {file.stat().st_size} bytes; a model file is at most "
+                                f"{MAX_FILE_BYTES} (2 GiB, ONNX's own limit)")
         if verify_hashes:
             got = sha256_file(file)
             if got != entry["sha256"]:
@@ -242,9 +265,21 @@ class ModelSpec:
 
 
 def check_session_io(name: str, entry: dict[str, Any], inputs: list[Any], outputs: list[Any]) -> None:
-    """Compare an ONNX Runtime session's inputs/outputs (NodeArg lists) with the manifest."""
+    """Compare an ONNX Runtime session's inputs/outputs (NodeArg lists) with the manifest:
+    the same names and widths, float32 tensors, a batch axis of any size, and no input the
+    manifest does not declare (the code feeds those it declares, and no other)."""
+    extra = sorted({a.name for a in inputs} - {d["name"] for d in entry["inputs"]})
+    if extra:
+        raise ManifestError(f"{name}: the model takes inputs the manifest does not declare: "
+                            f"{extra}")
     for kind, declared, actual in (("input", entry["inputs"], inputs),
                                    ("output", entry["outputs"], outputs)):
+        for a in actual:
+            if a.name in {d["name"] for d in declared} and (
+                    a.type != "tensor(float)" or not a.shape or isinstance(a.shape[0], int)):
+                raise ManifestError(f"{name}: {kind} {a.name!r} is {a.type} of shape "
+                                    f"{list(a.shape)}; the code runs float32 tensors with a "
+                                    "batch axis of any size")
         got = {a.name: list(a.shape) for a in actual}
         for spec in declared:
             if spec["name"] not in got:

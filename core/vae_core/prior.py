@@ -31,6 +31,9 @@ from vae_core.rng import ROWS_PER_BLOCK, block_spans, keyed_rng
 
 BLOCK = ROWS_PER_BLOCK  # rows per seeded block, as every indexed stream
 NO_CLASS = -1
+# The least standard deviation a component may have along a latent axis: below it, its
+# inverse factor overflows float32 and its density means nothing.
+MIN_SCALE = 1e-6
 _CHUNK = 4096  # latents per matrix product in log_prob: [4096, C k] float32 at most
 _TRANSFORM_ROWS = 256  # rows per stacked product in latents: [256, k, k] float64 factors
 # Up to this latent size a stacked product of each row's own factor is the faster transform
@@ -65,15 +68,25 @@ class GaussianMixture:
                              f"chols [{c}, {k}, {k}] and classes [{c}]")
         if not np.all(self.weights >= 0) or not np.isclose(self.weights.sum(), 1.0):
             raise PriorError("the mixture weights must be >= 0 and sum to 1")
+        if not (np.isfinite(self.means).all() and np.isfinite(self.chols).all()):
+            raise PriorError("the means and covariance factors must be finite numbers")
+        if not np.all((self.classes == NO_CLASS) | ((self.classes >= 0) & (self.classes <= 9))):
+            raise PriorError(f"the classes must be digits 0 .. 9, or {NO_CLASS} for none")
         diag = np.diagonal(self.chols, axis1=1, axis2=2)
-        if not np.all(diag > 0) or not np.allclose(np.triu(self.chols, 1), 0.0):
-            raise PriorError("each covariance factor must be lower-triangular with a positive "
-                             "diagonal")
+        if not np.all(diag >= MIN_SCALE) or not np.allclose(np.triu(self.chols, 1), 0.0):
+            raise PriorError(f"each covariance factor must be lower-triangular with a diagonal "
+                             f"of at least {MIN_SCALE:g}")
         # For log_prob: ||L_j^-1 (z - m_j)||^2 for every component j is one matrix product,
         # z @ A^T - b, with the inverse factors stacked into A [C k, k] and b_j = L_j^-1 m_j
         # (float32: its rounding is far below a nat), and each component's log weight plus
         # the log of its normalising constant.
-        inv = np.linalg.inv(self.chols)
+        with np.errstate(all="ignore"):
+            try:
+                inv = np.linalg.inv(self.chols)
+            except np.linalg.LinAlgError:
+                inv = np.full_like(self.chols, np.nan)
+        if not np.isfinite(inv).all():
+            raise PriorError("a covariance factor cannot be inverted (too near singular)")
         object.__setattr__(self, "_inv", inv.reshape(c * k, k).T.astype(np.float32).copy())
         object.__setattr__(self, "_shift", np.einsum("cij,cj->ci", inv, self.means)
                            .reshape(c * k).astype(np.float32))
@@ -114,17 +127,19 @@ class GaussianMixture:
 
     @classmethod
     def load(cls, path: str | Path, latent_dim: int) -> GaussianMixture:
+        """The prior of a file, its arrays' shapes and types checked from their headers
+        before any is read (a file of a few MB may unpack to any size)."""
         try:
+            _check_headers(path, latent_dim)
             with np.load(path, allow_pickle=False) as f:
                 arrays = {name: f[name] for name in ("weights", "means", "chols", "classes")}
+            return cls(arrays["weights"].astype(np.float64), arrays["means"].astype(np.float64),
+                       arrays["chols"].astype(np.float64), arrays["classes"].astype(np.int64))
+        except PriorError as exc:
+            raise PriorError(f"{path}: {exc}") from None
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise PriorError(f"{path}: not a prior file ({exc})") from None
-        prior = cls(arrays["weights"].astype(np.float64), arrays["means"].astype(np.float64),
-                    arrays["chols"].astype(np.float64), arrays["classes"].astype(np.int64))
-        if prior.latent_dim != latent_dim:
-            raise PriorError(f"{path}: a prior on R^{prior.latent_dim}, the model's latents "
-                             f"are in R^{latent_dim}")
-        return prior
+
 
     # -- sampling -------------------------------------------------------------------------
 
@@ -208,6 +223,43 @@ class GaussianMixture:
             np.exp(per, out=per)
             out[lo : lo + _CHUNK] = np.log(per.sum(axis=1, dtype=np.float64)) + m[:, 0]
         return out.reshape(shape)
+
+
+# Components a prior file may hold: the default has 100 (10 a class); 10,000 in R^32 is
+# 80 MB of covariance factors.
+MAX_COMPONENTS = 10_000
+
+
+def _check_headers(path: str | Path, latent_dim: int) -> None:
+    """The shapes and types of a prior file's arrays, read from their .npy headers."""
+    want_float = ("weights", "means", "chols")
+    shapes = {}
+    with zipfile.ZipFile(path) as z:
+        for name in (*want_float, "classes"):
+            with z.open(f"{name}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read is None:
+                    raise PriorError(f"{name}: .npy format {version}, not 1.0 or 2.0")
+                shape, _, dtype = read(f)
+            kinds = "fi" if name in want_float else "iu"
+            if dtype.kind not in kinds:
+                raise PriorError(f"{name} holds {dtype}, not "
+                                 f"{'numbers' if name in want_float else 'whole numbers'}")
+            shapes[name] = tuple(shape)
+    means = shapes["means"]
+    if len(means) != 2:
+        raise PriorError(f"means of shape {list(means)}, not [components, latent_dim]")
+    if means[1] != latent_dim:
+        raise PriorError(f"a prior on R^{means[1]}, the model's latents are in R^{latent_dim}")
+    c = means[0]
+    if not 1 <= c <= MAX_COMPONENTS:
+        raise PriorError(f"{c} components; a prior has 1 .. {MAX_COMPONENTS}")
+    k = latent_dim
+    if (shapes["weights"], shapes["chols"], shapes["classes"]) != ((c,), (c, k, k), (c,)):
+        raise PriorError(f"a mixture of {c} components in R^{k} needs weights [{c}], "
+                         f"chols [{c}, {k}, {k}] and classes [{c}]")
 
 
 def load_prior(model_dir: str | Path, manifest: dict[str, object], latent_dim: int
