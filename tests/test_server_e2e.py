@@ -492,6 +492,39 @@ def test_a_refused_request_is_freed_with_its_call(model_dir, tmp_path, tokens):
     assert held < len(payload), f"{held} bytes held after 4 refusals of {len(payload)}"
 
 
+def test_a_call_cancelled_before_its_request_message_is_not_counted_as_refused(server):
+    """Before: a call whose caller sent its headers, then cancelled (or closed the connection)
+    before any request message, read as one that sent none: counted UNIMPLEMENTED, the code
+    of a client bug, rather than received and not taken."""
+    import threading
+
+    registry = server.running.metrics.registry
+    labels = {"grpc_service": "vae.v1.VaeService", "grpc_method": "Decode",
+              "grpc_type": "unary"}
+
+    def count(name: str, **more: str) -> float:
+        return registry.get_sample_value(name, {**labels, **more}) or 0.0
+
+    started = count("grpc_server_started_total")
+    refused = count("grpc_server_handled_total", grpc_code="UNIMPLEMENTED")
+    never = threading.Event()
+
+    def requests():
+        never.wait(30)
+        yield b""
+
+    with grpc.insecure_channel(server.target) as channel:
+        calls = [channel.stream_unary("/vae.v1.VaeService/Decode").future(requests())
+                 for _ in range(20)]
+        time.sleep(0.5)
+        for call in calls:
+            call.cancel()
+        time.sleep(1.0)
+    never.set()
+    assert count("grpc_server_handled_total", grpc_code="UNIMPLEMENTED") == refused
+    assert count("grpc_server_started_total") == started
+
+
 def test_inline_rows_past_the_largest_batch_warm_up_as_the_largest_batch(model_dir, reference):
     """Before: the warm-up ran an inline batch of --inline-rows images whatever the largest
     batch, so 10^9 asked numpy for 2.85 TiB and the server died after binding its port."""

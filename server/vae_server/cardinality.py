@@ -13,11 +13,12 @@ as before: only calls that sent one reach it. A call that sends more than one is
 the first, as grpc.aio's unary methods serve it: telling it apart would cost every call a
 second read, a measurable share of a one-image Decode.
 
-A call that ended in gRPC before its request was read (its deadline passed while it waited for
-the event loop) reads as no message too; it ends as grpc.aio ended it, with no status sent
-and no handler run, so it still counts as received and not taken (intake.py). A call its
-caller cancelled there without a deadline cannot be told from one that sent nothing: it is
-refused, to no one.
+A call that ended before its request was read (its deadline passed while it waited for the
+event loop, or its caller cancelled it, or its connection closed) reads as no message too; it
+ends as grpc.aio ended it, with no status sent and no handler run, so it still counts as
+received and not taken (intake.py). Only the deadline can be read at once: a cancellation
+reaches the handler as gRPC cancels its task, so a call is refused only after CANCEL_NEWS_S
+without one.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ import grpc
 
 from vae_server.instrument import Refused, deadline_passed
 
+# How long a call that found no request message waits before it is refused: a call its
+# caller cancelled (or whose connection closed) reads the same, and gRPC's word of the
+# cancellation, which ends this wait, follows within it.
+CANCEL_NEWS_S = 0.05
+
 
 async def _refuse(context: grpc.aio.ServicerContext, method: str, refused: Refused) -> NoReturn:
     """End a call that sent no request message (see the module's docstring)."""
     t0 = time.perf_counter()
     if deadline_passed(context):
         raise asyncio.CancelledError  # ended in gRPC before it was read
+    await asyncio.sleep(CANCEL_NEWS_S)  # cancelled meanwhile: CancelledError, nothing sent
     try:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                             f"{method} takes exactly one request message; the call sent none")
