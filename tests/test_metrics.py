@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 def test_metrics_include_process_cpu_and_memory_and_skip_gpus_cleanly():
     from vae_server.metrics import GpuCollector, Metrics
@@ -131,3 +133,43 @@ def test_a_channelz_that_refuses_leaves_received_calls_out_and_is_logged_once(ca
     assert [r.getMessage() for r in caplog.records if r.name == "vae_server.intake"] == [
         "vae_grpc_received_calls left out: channelz refused (no such server)",
         "vae_grpc_received_calls left out: channelz refused (gone again)"]
+
+
+def test_the_metrics_port_takes_a_burst_and_frees_silent_connections(monkeypatch):
+    """Before: prometheus_client's server listened with a backlog of 5 (a burst of 200
+    scrapers saw connections time out) and let a client that sends nothing hold a thread for
+    as long as it liked (400 of them: 400 threads)."""
+    import shutil
+    import socket
+    import subprocess
+    import threading
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from vae_server import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "METRICS_IDLE_S", 0.5)
+    http = metrics_module.serve_metrics(0, "127.0.0.1", CollectorRegistry())
+    port = http.server_port
+    try:
+        if shutil.which("ss"):  # a listening socket's Send-Q is its backlog
+            line = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                                  text=True, check=True).stdout.split()
+            assert int(line[2]) == metrics_module.METRICS_BACKLOG, line
+        idle = threading.active_count()
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        deadline = time.monotonic() + 10
+        while threading.active_count() < idle + 15 and time.monotonic() < deadline:
+            time.sleep(0.05)  # a thread each, as they are accepted
+        assert threading.active_count() >= idle + 15
+        time.sleep(1.5)
+        assert threading.active_count() <= idle + 2  # their threads gave up on them
+        for s in silent:
+            assert s.recv(1) == b""  # closed by the server
+            s.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        http.shutdown()
+        http.server_close()

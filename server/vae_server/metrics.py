@@ -42,6 +42,10 @@ IMAGE_METHODS = ("Encode", "Decode", "Sample", "SampleStream", "LogLikelihood")
 log = logging.getLogger(__name__)
 
 
+METRICS_BACKLOG = 128  # connections waiting to be accepted
+METRICS_IDLE_S = 10.0  # how long a metrics connection may go without sending its request
+
+
 def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> WSGIServer:
     """/metrics of `registry` over HTTP on `host` (as --host is written: "[::]" for every
     IPv6 and IPv4 address, "0.0.0.0", "127.0.0.1", a name) and `port` (0: a free one). A port
@@ -60,6 +64,20 @@ def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> WSGIServ
     except OSError as exc:  # busy, or an address this host does not have
         raise RuntimeError(f"--metrics-port {port}: cannot listen on {host}: "
                            f"{exc.strerror or exc}") from None
+    # prometheus_client's server listens with socketserver's backlog of 5, and gives each
+    # connection a thread that waits for its request as long as the client likes: a burst of
+    # scrapers was refused connections, and silent clients held a thread each for good.
+    http.socket.listen(METRICS_BACKLOG)
+    base: Any = http.RequestHandlerClass
+
+    def handle(self: Any) -> None:
+        try:
+            base.handle(self)
+        except TimeoutError:  # a silent client: its connection closes, without a traceback
+            self.close_connection = True
+
+    http.RequestHandlerClass = type("IdleLimitedHandler", (base,),
+                                    {"timeout": METRICS_IDLE_S, "handle": handle})
     return http
 
 
