@@ -104,19 +104,15 @@ class TokenCheck:
             return "the authorization metadata must be 'Bearer <token>'"
         return "the bearer token is not accepted"
 
-    def refused(self, method: str, context: grpc.aio.ServicerContext) -> bool:
-        """False if the call may go on; else True, its status set to UNAUTHENTICATED for the
-        handler to end it with (not context.abort, which keeps the request in memory until a
-        garbage collection: servicer.VaeServicer._failed)."""
+    async def enforce(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """Return if the call may go on; else end it with UNAUTHENTICATED."""
         problem = self.problem(context.invocation_metadata())
         if problem is None:
-            return False
+            return
         if self._rejected is not None:
             self._rejected.inc()
         log.debug("UNAUTHENTICATED %s: %s", method, problem)
-        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-        context.set_details(problem)
-        return True
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
 
 def guard_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler],
@@ -139,8 +135,7 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str, check: TokenCheck
 def _guarded_unary(behavior: Callable[..., Any], method: str, check: TokenCheck
                    ) -> Callable[..., Any]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if check.refused(method, context):
-            return b""  # not sent: gRPC sends no reply with a status other than OK
+        await check.enforce(method, context)
         return await behavior(request, context)
 
     return guarded
@@ -149,8 +144,7 @@ def _guarded_unary(behavior: Callable[..., Any], method: str, check: TokenCheck
 def _guarded_stream(behavior: Callable[..., Any], method: str, check: TokenCheck
                     ) -> Callable[..., Any]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if check.refused(method, context):
-            return
+        await check.enforce(method, context)
         async for item in behavior(request, context):
             yield item
 

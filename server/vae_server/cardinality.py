@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
@@ -52,12 +53,30 @@ async def _refuse(context: grpc.aio.ServicerContext, method: str, refused: Refus
     raise AssertionError("context.abort returned")  # it raises grpc.aio.AbortError
 
 
+def _forget_frames(exc: BaseException | None) -> None:
+    """Drop the locals of the finished frames in an exception's tracebacks (its own and those
+    of the exceptions it was raised in): see `_unary`."""
+    while exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__context__
+
+
 def _unary(behavior: Callable[..., Any], method: str, refused: Refused) -> Callable[..., Any]:
     async def one(_: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         request = await context.read()
         if request is grpc.aio.EOF:
             await _refuse(context, method, refused)
-        return await behavior(request, context)
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError as exc:
+            # A refusal (context.abort: the status alone, which clients retry where they
+            # may). grpc.aio keeps the AbortError on the call, and its tracebacks hold the
+            # handlers' frames, the request among their locals, and the context that keeps
+            # it: a cycle that only a garbage collection frees. Bursts of refused 64 MiB
+            # requests held gigabytes until one ran.
+            del request
+            _forget_frames(exc)
+            raise
 
     return one
 
@@ -71,6 +90,10 @@ def _stream(behavior: Callable[..., Any], method: str, refused: Refused) -> Call
         try:
             async for item in items:
                 yield item
+        except grpc.aio.AbortError as exc:  # as in _unary
+            del request
+            _forget_frames(exc)
+            raise
         finally:
             # Close the handler now, not when it is collected, as if gRPC ran it itself.
             await items.aclose()

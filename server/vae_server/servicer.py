@@ -110,9 +110,8 @@ def _unary(handler: UnaryHandler) -> UnaryHandler:
                 raise ShuttingDown("the server is shutting down; retry")
             return await handler(self, raw, context)
         except (Exception, asyncio.CancelledError) as exc:
-            if not self._failed(context, exc, handler.__name__):
-                raise
-            return b""  # not sent: gRPC sends no reply with a status other than OK
+            await self._failed(context, exc, handler.__name__)
+            raise
         finally:
             self._call_ended()
 
@@ -144,8 +143,8 @@ def _streaming(handler: StreamHandler) -> StreamHandler:
                 yield item
         # GeneratorExit: the call was cancelled while a reply was being sent.
         except (Exception, asyncio.CancelledError, GeneratorExit) as exc:
-            if not self._failed(context, exc, handler.__name__):
-                raise
+            await self._failed(context, exc, handler.__name__)
+            raise
         finally:
             # Close the handler now, not when it is collected: its own clean-up (the chunks
             # under way) runs while the call ends.
@@ -215,35 +214,25 @@ class VaeServicer:
         self._idle: asyncio.Event | None = None
         metrics.watch_in_flight(lambda: self._in_flight)
 
-    def _failed(self, context: Context, exc: BaseException, name: str) -> bool:
-        """The one place where a handler's errors become gRPC status codes: sets the call's
-        code and details, which the handler then ends it with (True); a cancellation is
-        counted, and it and an abort (which carries its status) propagate (False).
-
-        Not context.abort: it raises an AbortError that grpc.aio keeps on the call, whose
-        traceback holds the handlers' frames, the request's bytes among them, and the context
-        that keeps it: a cycle that only a garbage collection frees. A burst of refused
-        64 MiB requests held gigabytes until one ran."""
+    async def _failed(self, context: Context, exc: BaseException, name: str) -> None:
+        """The one place where a handler's errors become gRPC status codes: aborts the call
+        (raises), except for a cancellation, which is counted and left to propagate."""
         if cancelled(exc):
             self.metrics.rejected.labels(
                 "deadline" if deadline_passed(context) else "cancelled").inc()
-            return False
+            return
         if isinstance(exc, grpc.aio.AbortError):  # already carries its status
-            return False
+            return
         if isinstance(exc, ServingError):
             code, reason = _status_of(exc)
             if reason != "internal":
                 self.metrics.rejected.labels(reason).inc()
             else:
                 log.error("model run failed: %s", exc)
-            context.set_code(code)
-            context.set_details(str(exc))
-            return True
+            await context.abort(code, str(exc))
         # A bug of ours: INTERNAL, with the traceback in the log only.
         log.error("%s failed", name, exc_info=exc)
-        context.set_code(grpc.StatusCode.INTERNAL)
-        context.set_details("internal server error")
-        return True
+        await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
     def _call_ended(self) -> None:
         self._in_flight -= 1
