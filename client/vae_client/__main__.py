@@ -27,7 +27,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, TypeAlias  # noqa: E402
+from typing import TYPE_CHECKING, TypeAlias  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -41,6 +41,9 @@ from vae_client.images import ImageFileError  # noqa: E402
 from vae_core.security import SecurityFileError  # noqa: E402
 from vae_proto.tensor import images_per_message  # noqa: E402
 from vae_proto.vae_pb2 import ModelInfo  # noqa: E402
+
+if TYPE_CHECKING:  # bulk is imported by its command alone
+    from vae_client.bulk import BulkSpec
 
 PROG = "vae-client"
 DEFAULT_TIMEOUT = 30.0
@@ -594,7 +597,7 @@ def run_bulk(args: argparse.Namespace) -> int:
     try:
         with bulk.locked(out):
             todo = bulk.prepare(out, spec)
-            _make_shards(args, bulk, spec, out, todo)
+            _make_shards(args, spec, out, todo)
     except bulk.BulkError as exc:
         raise CliError(str(exc)) from None
     # Every shard checked against its hash once all are made: Ray tasks may have written
@@ -609,8 +612,9 @@ def run_bulk(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_shards(args: argparse.Namespace, bulk: Any, spec: Any, out: Path,
-                 todo: list[int]) -> None:
+def _make_shards(args: argparse.Namespace, spec: BulkSpec, out: Path, todo: list[int]) -> None:
+    from vae_client import bulk
+
     made = args.n - sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in todo)
     with Progress(args.n, "bulk", cli_io.progress_wanted(args.progress), done=made) as bar:
 

@@ -202,6 +202,7 @@ def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int,
     labels = np.full(n, NO_LABEL, np.int16)
     classes: tuple[int | None, ...] = spec.digits or (None,)  # unlabelled: one stream, any class
     d = len(classes)
+    chunk = spec.chunk_size if chunk_size is None else chunk_size
     for p, digit in enumerate(classes):
         # Items i = p (mod d) of the range are images j = i // d of class `digit`'s stream.
         first = lo + (p - lo) % d
@@ -209,7 +210,6 @@ def shard_items(client: VaeClient, spec: BulkSpec, lo: int, hi: int,
             continue
         j_lo, j_hi = first // d, (hi - 1 - p) // d + 1
         rows = np.arange(first - lo, n, d)
-        chunk = spec.chunk_size if chunk_size is None else chunk_size
         for offset, x in _stream(client, j_hi, spec.seed, chunk, j_lo, digit, timeout, stop):
             images[rows[offset - j_lo : offset - j_lo + len(x)]] = x
         if digit is not None:
@@ -308,24 +308,26 @@ def prepare(out: Path, spec: BulkSpec) -> list[int]:
                             "or --format npz or webdataset") from None
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / SPEC_FILE
-    if spec_path.is_file() and _begun(out):
+    wanted = spec.to_json()
+    held = spec_path.read_bytes() if spec_path.is_file() else None
+    if held is not None and held != wanted.encode() and _begun(out):
         try:
-            theirs = json.loads(spec_path.read_bytes())
+            theirs = json.loads(held)
             if not isinstance(theirs, dict):
                 raise ValueError("not an object")
         except (UnicodeDecodeError, ValueError):
             raise BulkError(f"{spec_path} cannot be read: use another folder, or remove the "
                             "folder's files to begin it again") from None
-        ours = json.loads(spec.to_json())
+        ours = json.loads(wanted)
         if theirs != ours:
             raise BulkError(f"{out} holds the shards of other settings ({spec_path}: "
                             f"{_differences(theirs, ours)}): use another folder, or the same "
                             "settings to resume")
     # No shard yet (a first run, or one that failed before any): these settings are the
     # folder's now.
-    if not spec_path.is_file() or spec_path.read_bytes() != spec.to_json().encode():
+    if held != wanted.encode():
         with replacing(spec_path, "w", encoding="utf-8") as f:
-            f.write(spec.to_json())
+            f.write(wanted)
     # Left by a job that died (this one holds the folder): a shard's and a record's.
     for part in [*out.glob("_train-*.part"), *out.glob("__train-*.part")]:
         with contextlib.suppress(OSError):

@@ -203,8 +203,9 @@ def check_manifest(manifest: Any, model_dir: str | Path, verify_hashes: bool = T
                                 "directory")
         if not file.is_file():
             raise ManifestError(f"{file}: listed in the manifest but missing")
-        if file.stat().st_size > MAX_FILE_BYTES:
-            raise ManifestError(f"{file}: {file.stat().st_size} bytes; a model file is at most "
+        size = file.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ManifestError(f"{file}: {size} bytes; a model file is at most "
                                 f"{MAX_FILE_BYTES} (2 GiB, ONNX's own limit)")
         if verify_hashes:
             got = sha256_file(file)
@@ -274,8 +275,9 @@ def check_session_io(name: str, entry: dict[str, Any], inputs: list[Any], output
                             f"{extra}")
     for kind, declared, actual in (("input", entry["inputs"], inputs),
                                    ("output", entry["outputs"], outputs)):
+        names = {d["name"] for d in declared}
         for a in actual:
-            if a.name in {d["name"] for d in declared} and (
+            if a.name in names and (
                     a.type != "tensor(float)" or not a.shape or isinstance(a.shape[0], int)):
                 raise ManifestError(f"{name}: {kind} {a.name!r} is {a.type} of shape "
                                     f"{list(a.shape)}; the code runs float32 tensors with a "

@@ -69,20 +69,29 @@ def read_model(path: Path, sha256: str) -> bytes:
     return data
 
 
+def read_models(model_dir: str | Path, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """The encoder's and decoder's bytes, each checked (`read_model`)."""
+    return {name: read_model(Path(model_dir) / name, manifest["files"][name]["sha256"])
+            for name in (ENCODER, DECODER)}
+
+
 def open_sessions(model_dir: str | Path, manifest: dict[str, Any],
                   providers: Sequence[Provider] | None = None, threads: int = 0,
-                  spinning: bool = False) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+                  spinning: bool = False, models: dict[str, bytes] | None = None,
+                  ) -> tuple[ort.InferenceSession, ort.InferenceSession]:
     """The encoder and decoder sessions of a model directory whose manifest was loaded (and
-    its hashes checked) by `load_manifest`; each session's inputs and outputs are checked
+    its hashes checked) by `load_manifest`, of the bytes `models` holds (read_models: pass
+    them to open several pairs from one read); each session's inputs and outputs are checked
     against the manifest. A file ONNX Runtime cannot load (not a model; weights in another
     file, which no hash covers) is a ManifestError."""
     model_dir = Path(model_dir)
+    if models is None:
+        models = read_models(model_dir, manifest)
     sessions = []
     for name in (ENCODER, DECODER):
         path = model_dir / name
-        data = read_model(path, manifest["files"][name]["sha256"])
         try:
-            session = make_session(data, providers, threads, spinning)
+            session = make_session(models[name], providers, threads, spinning)
         except Exception as exc:  # onnxruntime's own: InvalidProtobuf, Fail, ...
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if "external data" in why.lower():
@@ -115,10 +124,14 @@ class ModelDirectory:
         self.pixels = self.spec.pixels
         self.prior: GaussianMixture = load_prior(self.model_dir, self.manifest, self.latent_dim)
 
+    def read_models(self) -> dict[str, bytes]:
+        return read_models(self.model_dir, self.manifest)
+
     def open_sessions(self, providers: Sequence[Provider] | None = None, threads: int = 0,
-                      spinning: bool = False
+                      spinning: bool = False, models: dict[str, bytes] | None = None,
                       ) -> tuple[ort.InferenceSession, ort.InferenceSession]:
-        return open_sessions(self.model_dir, self.manifest, providers, threads, spinning)
+        return open_sessions(self.model_dir, self.manifest, providers, threads, spinning,
+                             models)
 
 
 class OnnxVAE(ModelDirectory):

@@ -62,10 +62,7 @@ class GaussianMixture:
 
     def __post_init__(self) -> None:
         c, k = self.means.shape
-        if (self.weights.shape != (c,) or self.chols.shape != (c, k, k)
-                or self.classes.shape != (c,)):
-            raise PriorError(f"a mixture of {c} components in R^{k} needs weights [{c}], "
-                             f"chols [{c}, {k}, {k}] and classes [{c}]")
+        _check_shapes(c, k, self.weights.shape, self.chols.shape, self.classes.shape)
         if not np.all(self.weights >= 0) or not np.isclose(self.weights.sum(), 1.0):
             raise PriorError("the mixture weights must be >= 0 and sum to 1")
         if not (np.isfinite(self.means).all() and np.isfinite(self.chols).all()):
@@ -256,8 +253,12 @@ def _check_headers(path: str | Path, latent_dim: int) -> None:
     c = means[0]
     if not 1 <= c <= MAX_COMPONENTS:
         raise PriorError(f"{c} components; a prior has 1 .. {MAX_COMPONENTS}")
-    k = latent_dim
-    if (shapes["weights"], shapes["chols"], shapes["classes"]) != ((c,), (c, k, k), (c,)):
+    _check_shapes(c, latent_dim, shapes["weights"], shapes["chols"], shapes["classes"])
+
+
+def _check_shapes(c: int, k: int, weights: tuple[int, ...], chols: tuple[int, ...],
+                  classes: tuple[int, ...]) -> None:
+    if (tuple(weights), tuple(chols), tuple(classes)) != ((c,), (c, k, k), (c,)):
         raise PriorError(f"a mixture of {c} components in R^{k} needs weights [{c}], "
                          f"chols [{c}, {k}, {k}] and classes [{c}]")
 

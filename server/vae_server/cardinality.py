@@ -19,6 +19,9 @@ ends as grpc.aio ended it, with no status sent and no handler run, so it still c
 received and not taken (intake.py). Only the deadline can be read at once: a cancellation
 reaches the handler as gRPC cancels its task, so a call is refused only after CANCEL_NEWS_S
 without one.
+
+Being where a call's AbortError (every refusal of the servicer and the token check) leaves the
+handlers, this is also where the request it would keep alive is let go (`_unary`).
 """
 
 from __future__ import annotations

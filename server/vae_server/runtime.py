@@ -86,7 +86,8 @@ class ModelRuntime(ModelDirectory):
             raise RuntimeError("CUDA graphs need IO binding (--io-binding auto or on)")
         chosen: list[Provider] = with_cuda_graphs(providers) if cuda_graphs else [*providers]
 
-        self.encoder, self.decoder = self.open_sessions(chosen, threads, spinning)
+        models = self.read_models()  # read and checked once, for each pair of sessions
+        self.encoder, self.decoder = self.open_sessions(chosen, threads, spinning, models)
         # What ONNX Runtime actually uses: onnxruntime-gpu without a usable CUDA falls back
         # to CPU with only a logged error.
         self.provider = self.decoder.get_providers()[0]
@@ -99,9 +100,10 @@ class ModelRuntime(ModelDirectory):
         self.cuda_graphs = cuda_graphs
         self.encoder_small, self.decoder_small = self.encoder, self.decoder
         if self.provider == CPU and threads != 1:
-            self.encoder_small, self.decoder_small = self.open_sessions([CPU], 1, False)
+            self.encoder_small, self.decoder_small = self.open_sessions([CPU], 1, False, models)
         elif self.bound:
-            self.encoder_small, self.decoder_small = self.open_sessions(chosen, threads, spinning)
+            self.encoder_small, self.decoder_small = self.open_sessions(chosen, threads, spinning,
+                                                                       models)
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         # The small sessions' batches: at most small_rows, and never past a batch.
         self.small_rows = small = max(1, min(small_rows, max_rows))

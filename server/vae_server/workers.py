@@ -34,10 +34,11 @@ that the kernel spreads incoming connections over them, and:
 - once the server has served, a worker that exits, or whose replacement fails in turn, is
   started again; after two in a row that each served less than STABLE_S (or never came up)
   the next waits 1 s first, and twice as long each time after, up to MAX_BACKOFF_S, so that
-  a worker that keeps dying does not keep the cores busy reloading the model. A replacement serves the
-  model the others serve or none: one that finds another at --model-dir (the files changed
-  since the server started) says so and exits before it binds the port, and is tried again,
-  so the server stays NOT_SERVING until the files are put back or it is restarted on them.
+  a worker that keeps dying does not keep the cores busy reloading the model. A replacement
+  serves the model the others serve or none: one that finds another at --model-dir (the
+  files changed since the server started) says so and exits before it binds the port, and
+  is tried again, so the server stays NOT_SERVING until the files are put back or it is
+  restarted on them.
 - a fault in the supervisor itself (a process it cannot start, a bug) drains the workers as
   a stop does: it never leaves them serving behind a supervisor that no longer watches them.
 """
@@ -278,11 +279,14 @@ class Supervisor:
             child.close()
         return _Worker(index, process, parent)
 
+    def _running(self) -> list[_Worker]:
+        """The workers whose process runs (not those waiting to be started again)."""
+        return [w for w in self._workers if w.running]
+
     def _broadcast(self, message: str) -> None:
-        for w in self._workers:
-            if w.running:
-                with contextlib.suppress(OSError):  # one that is gone: its sentinel says so
-                    w.conn.send(message)
+        for w in self._running():
+            with contextlib.suppress(OSError):  # one that is gone: its sentinel says so
+                w.conn.send(message)
 
     @staticmethod
     def _drain(w: _Worker) -> None:
@@ -343,7 +347,7 @@ class Supervisor:
         timeout, pinged = self.settings.worker_timeout_s, time.monotonic()  # 0: no watch
         while not self._stopping:
             try:
-                running = [w for w in self._workers if w.running]
+                running = self._running()
                 waitables: list[Any] = [w.conn for w in running]
                 waitables += [w.process.sentinel for w in running]
                 for ready in multiprocessing.connection.wait(waitables, timeout=0.2):
@@ -360,14 +364,12 @@ class Supervisor:
         if self.failed:
             log.info("stopping the other workers")
         else:
-            log.info("signal received: draining %d workers",
-                     sum(w.running for w in self._workers))
+            log.info("signal received: draining %d workers", len(self._running()))
         self._broadcast(STOP)
         deadline = time.monotonic() + (self.settings.drain_delay_s
                                        + self.settings.grace_seconds + 30.0)
-        for w in self._workers:
-            if w.running:
-                w.process.join(max(0.0, deadline - time.monotonic()))
+        for w in self._running():
+            w.process.join(max(0.0, deadline - time.monotonic()))
         codes = []
         for w in self._workers:
             if w.running and w.process.is_alive():
@@ -391,8 +393,8 @@ class Supervisor:
         """Kill each worker not ready --worker-start-timeout-s after it started: its sentinel
         then stops the server, with this reason, as for a worker that could not start."""
         limit = self.settings.worker_start_timeout_s
-        for w in self._workers:
-            if limit and w.running and not w.ready and not w.killed and now - w.started > limit:
+        for w in self._running():
+            if limit and not w.ready and not w.killed and now - w.started > limit:
                 log.error("worker %d is not ready %.0f s after it started: killed", w.index,
                           now - w.started)
                 w.failure = f"not ready within --worker-start-timeout-s {limit:g}"
@@ -401,8 +403,8 @@ class Supervisor:
     def _check_hung(self, now: float) -> None:
         """Kill each ready worker that has not answered for the timeout (its sentinel then
         starts another), and ask the others to answer."""
-        for w in self._workers:
-            if not w.running or not w.ready or w.killed:
+        for w in self._running():
+            if not w.ready or w.killed:
                 continue
             if now - w.heard > self.settings.worker_timeout_s:
                 log.error("worker %d has not answered for %.0f s: killed, to be started "
