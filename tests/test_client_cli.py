@@ -632,7 +632,7 @@ def test_options_grpc_would_misread_are_usage_errors(args, words):
 
 
 def test_targets_grpc_reads_are_taken_as_they_are():
-    from vae_client.cli_io import check_target
+    from vae_client.channel import check_target
 
     for target in ("localhost:50051", "[::1]:50051", "vae.svc", "dns:///vae.svc:50051",
                    "dns://10.0.0.2/vae.svc:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import re
 
 import grpc
 import numpy as np
@@ -108,3 +109,109 @@ def test_the_largest_numbers_that_fit_are_sent():
             pytest.raises(VaeError) as err:
         c.sample(U32, seed=U64, digit=U32)
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1: a call that is sent fails UNAVAILABLE
+
+
+@pytest.mark.parametrize("call,field", [
+    (lambda c: c.sample("3"), "n"),
+    (lambda c: c.sample(2.0), "n"),
+    (lambda c: c.sample(True), "n"),
+    (lambda c: c.sample(2, seed=None), "seed"),
+    (lambda c: c.sample(2, seed=1.5), "seed"),
+    (lambda c: c.sample(2, digit="3"), "digit"),
+    (lambda c: c.sample(2, digit=True), "digit"),
+    (lambda c: c.sample(2, digit=3.0), "digit"),
+    (lambda c: next(c.sample_stream(10, offset=None)), "offset"),
+    (lambda c: c.log_likelihood(IMAGE, k=1.5), "k"),
+    (lambda c: c.encode(IMAGE, sample="yes"), "sample"),
+    (lambda c: c.encode(IMAGE, sample=1), "sample"),
+    (lambda c: c.encode("abc"), "images"),
+    (lambda c: c.encode([[0.5] * 784, [0.5] * 3]), "images"),
+    (lambda c: c.encode(IMAGE.astype(np.complex64)), "images"),
+    (lambda c: c.decode("abc"), "z"),
+    (lambda c: c.decode(np.zeros((1, 4), np.complex64)), "z"),
+    (lambda c: c.sample(2, timeout="5"), "timeout"),
+    (lambda c: c.sample(2, timeout=float("nan")), "timeout"),
+    (lambda c: c.sample(2, timeout=1e12), "timeout"),
+    (lambda c: next(c.sample_stream(10, timeout=float("nan"))), "timeout"),
+])
+def test_a_value_of_another_type_is_invalid_argument_naming_the_field(call, field):
+    """Before: TypeError or ValueError from the range check, protobuf or numpy, naming no
+    field ("'<=' not supported between instances of 'int' and 'str'"), or, for seed=None,
+    seed 0 without a word, for sample=1 a bool, for complex images a warning and the real
+    part, for a timeout of 1e12 s DEADLINE_EXCEEDED from gRPC at once. Refused before anything
+    is sent: nothing listens at the target."""
+    with VaeClient(NO_SERVER, retries=0) as c, pytest.raises(VaeError) as err:
+        call(c)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert err.value.details.startswith(f"{field}: "), err.value.details
+
+
+def test_numpy_numbers_of_every_kind_are_taken():
+    """What is a whole number to numpy is one here, and a pixel array of another float type
+    is float32; these reach the wire (no server: UNAVAILABLE, not INVALID_ARGUMENT)."""
+    with VaeClient(NO_SERVER, retries=0, timeout=np.float32(5)) as c:
+        for call in (lambda: c.sample(np.int64(2), seed=np.uint64(3), digit=np.int8(4)),
+                     lambda: c.encode(IMAGE.astype(np.float16), sample=np.bool_(True)),
+                     lambda: c.log_likelihood(IMAGE.astype(bool), k=np.int32(5))):
+            with pytest.raises(VaeError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+
+
+def test_integer_pixels_are_read_as_the_command_reads_them():
+    """Before: the library sent an int64 array as float32 (0/1 digits scored as full ink;
+    0 .. 255 refused as 'FLOAT32 pixels must lie in [0, 1]'), where `vae-client score` read
+    the same array as uint8: the same data scored differently. One rule now."""
+    from vae_client._codec import images_tensor
+    from vae_client.images import ImageFileError, as_images
+
+    digits = np.random.default_rng(0).integers(0, 256, (3, 28, 28))
+    for ints in (digits, digits.astype(np.int16), (digits > 127).astype(np.int64)):
+        as_uint8 = ints.astype(np.uint8)
+        assert images_tensor(ints) == images_tensor(as_uint8)
+        assert images_tensor(as_images(ints, "x.npy")) == images_tensor(as_uint8)
+    with pytest.raises(VaeError) as err:
+        images_tensor(digits + 1)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details == "images: integer pixels must lie in 0 .. 255; found values in 1 .. 256"
+    with pytest.raises(ImageFileError, match=r"^x\.npy: integer pixels must lie in 0 \.\. 255"):
+        as_images(digits - 1, "x.npy")
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), None])
+def test_an_infinite_timeout_is_no_deadline(timeout):
+    """Before: timeout=inf (or any value past gRPC's 64-bit nanoseconds) failed every call at
+    once with DEADLINE_EXCEEDED, the code of a call whose time ran out. Now it is no
+    deadline: the call is sent and fails as calls to no server do."""
+    with VaeClient(NO_SERVER, retries=0, timeout=timeout) as c, pytest.raises(VaeError) as err:
+        c.sample(2, timeout=float("inf"))
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+
+    async def main() -> None:
+        async with AsyncVaeClient(NO_SERVER, retries=0, timeout=timeout) as c:
+            await c.sample(2)
+
+    with pytest.raises(VaeError) as err:
+        asyncio.run(main())
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+
+
+@pytest.mark.parametrize("make", [VaeClient, AsyncVaeClient])
+@pytest.mark.parametrize("kw,message", [
+    ({"timeout": float("nan")}, "timeout: nan s"), ({"timeout": 1e10}, "timeout: 1e+10 s"),
+    ({"timeout": "30"}, "timeout: '30' is not a number"),
+])
+def test_a_client_of_a_bad_timeout_is_refused_when_made(make, kw, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        make(NO_SERVER, **kw)
+
+
+@pytest.mark.parametrize("make", [VaeClient, AsyncVaeClient])
+def test_a_port_gRPC_would_misread_is_refused_when_made(make):
+    """Before: VaeClient('127.0.0.1:112837') called the server on port 112837 - 65536 = 47301,
+    gRPC taking the port modulo 65536; `vae-client --target` refused it already."""
+    with pytest.raises(ValueError, match="port 112837 of '127.0.0.1:112837' is not in 1 .. 65535"):
+        make("127.0.0.1:112837")

@@ -32,8 +32,13 @@ from typing import TYPE_CHECKING, TypeAlias  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vae_client import cli_io  # noqa: E402
-from vae_client._codec import UINT32_MAX, UINT64_MAX  # noqa: E402
-from vae_client.channel import DEFAULT_MAX_MESSAGE_MB, Security, read_token_file  # noqa: E402
+from vae_client._codec import MAX_TIMEOUT_S, UINT32_MAX, UINT64_MAX  # noqa: E402
+from vae_client.channel import (  # noqa: E402
+    DEFAULT_MAX_MESSAGE_MB,
+    Security,
+    check_target,
+    read_token_file,
+)
 from vae_client.cli_io import CliError, ImageSink, Progress  # noqa: E402
 from vae_client.client import VaeClient  # noqa: E402
 from vae_client.errors import VaeError  # noqa: E402
@@ -90,11 +95,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-# gRPC computes a deadline in 64-bit nanoseconds: one more than about 9e9 s away overflows,
-# and the call fails at once with DEADLINE_EXCEEDED.
-MAX_TIMEOUT_S = 1e9  # about 31 years
-
-
 def _timeout(text: str) -> float:
     value = _positive_float(text)
     if value > MAX_TIMEOUT_S:
@@ -105,7 +105,7 @@ def _timeout(text: str) -> float:
 
 def _target(text: str) -> str:
     try:
-        return cli_io.check_target(text)
+        return check_target(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{exc} [--target, else VAE_TARGET]") from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,19 +28,71 @@ _WIRE_RANGE = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
     FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1)}
 M = TypeVar("M", bound=Message)
+# gRPC computes a deadline in 64-bit nanoseconds: one more than about 9e9 s away overflows,
+# and the call fails at once with DEADLINE_EXCEEDED, as if its time had run out.
+MAX_TIMEOUT_S = 1e9  # about 31 years
+
+
+def invalid(message: str) -> VaeError:
+    """The error of a bad argument of a call, as the server would answer it."""
+    return VaeError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _whole(value: Any) -> bool:
+    """An integer (Python's or numpy's), and not a bool, which is one to Python."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def request(cls: type[M], **fields: Any) -> M:
-    """cls(**fields), with every integer checked against its field's wire type first: one
-    that does not fit raises VaeError INVALID_ARGUMENT naming the field and the limit (not
-    protobuf's ValueError, which names neither). None leaves an optional field unset."""
+    """cls(**fields), with every field checked against its wire type first: a value of
+    another type (a float, a bool or a string for an integer, None for a field that is not
+    optional) or an integer that does not fit raises VaeError INVALID_ARGUMENT naming the
+    field and the limit (not protobuf's TypeError or ValueError, which name neither). None
+    leaves an optional field (`digit`) unset."""
     for name, value in fields.items():
-        bounds = _WIRE_RANGE.get(cls.DESCRIPTOR.fields_by_name[name].type)
-        if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:
-            raise VaeError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{name}: {value} is out of range; it must be "
-                           f"{bounds[0]} .. {bounds[1]}")
+        field = cls.DESCRIPTOR.fields_by_name[name]
+        if value is None:
+            if field.has_presence:
+                continue
+            raise invalid(f"{name}: None; it must be given")
+        bounds = _WIRE_RANGE.get(field.type)
+        if bounds is not None:
+            if not _whole(value):
+                raise invalid(f"{name}: {value!r} is not an integer")
+            if not bounds[0] <= value <= bounds[1]:
+                raise invalid(f"{name}: {value} is out of range; it must be "
+                              f"{bounds[0]} .. {bounds[1]}")
+        elif field.type == FieldDescriptor.TYPE_BOOL and not isinstance(value, (bool, np.bool_)):
+            raise invalid(f"{name}: {value!r} is not a bool")
+        elif field.type == FieldDescriptor.TYPE_STRING and not isinstance(value, str):
+            raise invalid(f"{name}: {value!r} is not a string")
     return cls(**fields)
+
+
+def check_timeout(value: Any, name: str = "timeout") -> float | None:
+    """A call's timeout in seconds as gRPC takes it: None or infinity is no deadline. Raises
+    ValueError for one that is no number, NaN, or too far away for gRPC (which would fail the
+    call at once with DEADLINE_EXCEEDED). Zero and less fail the call at once, as gRPC does."""
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: {value!r} is not a number of seconds")
+    seconds = float(value)
+    if seconds == math.inf:
+        return None
+    if math.isnan(seconds) or seconds > MAX_TIMEOUT_S:
+        raise ValueError(f"{name}: {seconds:g} s; it must be at most {MAX_TIMEOUT_S:g} (or "
+                         "None or inf: no deadline)")
+    return seconds
+
+
+def call_timeout(timeout: Any, default: Any) -> float | None:
+    """The deadline of one call: its own `timeout`, else the client's; a bad one is VaeError
+    INVALID_ARGUMENT, as every bad argument of a call is."""
+    try:
+        return check_timeout(default if timeout is None else timeout)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
 
 
 def dtype_enum(dtype: str) -> vae_pb2.DType:
@@ -47,18 +101,49 @@ def dtype_enum(dtype: str) -> vae_pb2.DType:
     try:
         return DTYPES[dtype]
     except (KeyError, TypeError):  # TypeError: unhashable, a list say
-        raise VaeError(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"dtype: {dtype!r}; it must be 'float32' or 'uint8'") from None
+        raise invalid(f"dtype: {dtype!r}; it must be 'float32' or 'uint8'") from None
+
+
+def _numbers(values: Any, name: str) -> np.ndarray:
+    """np.asarray(values), which must hold real numbers (a string, a ragged list, complex
+    numbers are VaeError INVALID_ARGUMENT: numpy would refuse them with its own words, or
+    drop the imaginary part with a warning)."""
+    try:
+        arr = np.asarray(values)
+    except ValueError as exc:  # a ragged list
+        raise invalid(f"{name}: not an array of numbers ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise invalid(f"{name}: dtype {arr.dtype} holds no real numbers")
+    return arr
+
+
+def pixels(arr: np.ndarray) -> np.ndarray:
+    """Pixels as the wire takes them, by the one rule of the library and the CLI: uint8 and
+    float32 as they are, other integers in 0 .. 255 as uint8, other floats and bools as
+    float32 (whose range, [0, 1], the server checks). Raises ValueError for integers outside
+    0 .. 255 and for what is not a number."""
+    if arr.dtype == np.uint8 or arr.dtype == np.float32:
+        return arr
+    if arr.dtype.kind in "iu":
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+            raise ValueError(f"integer pixels must lie in 0 .. 255; found values in "
+                             f"{int(arr.min())} .. {int(arr.max())}")
+        return arr.astype(np.uint8)
+    if arr.dtype.kind in "fb":
+        return arr.astype(np.float32)
+    raise ValueError(f"dtype {arr.dtype} is not a pixel type (uint8 or float)")
 
 
 def images_tensor(images: np.ndarray) -> vae_pb2.Tensor:
-    """[N, 784] or [N, 28, 28] (or one image [784] / [28, 28]), uint8 or float in [0, 1]."""
-    arr = np.asarray(images)
+    """[N, 784] or [N, 28, 28] (or one image [784] / [28, 28]), uint8, other integers in
+    0 .. 255, or float in [0, 1]."""
+    arr = _numbers(images, "images")
     if arr.ndim == 1 or (arr.ndim == 2 and arr.shape == (28, 28)):
         arr = arr[None]
-    if arr.dtype != np.uint8:
-        arr = arr.astype(np.float32, copy=False)
-    return to_tensor(arr)
+    try:
+        return to_tensor(pixels(arr))
+    except ValueError as exc:
+        raise invalid(f"images: {exc}") from None
 
 
 def encode_request(images: np.ndarray, sample: bool, seed: int, offset: int,
@@ -92,7 +177,7 @@ def loglik_request(images: np.ndarray, k: int, seed: int, offset: int,
 
 
 def latents_tensor(z: np.ndarray) -> vae_pb2.Tensor:
-    arr = np.asarray(z, dtype=np.float32)
+    arr = _numbers(z, "z").astype(np.float32, copy=False)
     return to_tensor(arr[None] if arr.ndim == 1 else arr)
 
 

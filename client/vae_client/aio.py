@@ -26,8 +26,9 @@ from vae_proto import vae_pb2, vae_pb2_grpc
 class AsyncVaeClient:
     """A connection to a vae-server for asyncio code: `async with AsyncVaeClient(t) as c:`.
 
-    Every call takes `timeout` (seconds; default the client's) and raises VaeError. The
-    TLS, token and model_version options are those of VaeClient.
+    Every call takes `timeout` and raises VaeError, and the arrays returned are read-only,
+    as VaeClient's. The TLS, token and model_version options are those of VaeClient. Make it
+    in the event loop that uses it (inside `async def`): its channel belongs to that loop.
     """
 
     def __init__(self, target: str, timeout: float = 30.0, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
@@ -37,7 +38,7 @@ class AsyncVaeClient:
                  token: str | None = None, security: Security | None = None,
                  retries: int = DEFAULT_RETRIES, model_version: str = "") -> None:
         self.target = target
-        self.timeout = timeout
+        self.timeout = _codec.check_timeout(timeout)
         self.model_version = model_version
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
@@ -56,7 +57,7 @@ class AsyncVaeClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(request, timeout=_codec.call_timeout(timeout, self.timeout))
         except grpc.RpcError as err:
             raise VaeError.from_rpc_error(err) from None
 
@@ -92,7 +93,8 @@ class AsyncVaeClient:
                             ) -> AsyncIterator[tuple[int, np.ndarray]]:
         """Yield (offset, images) chunks of a stream of n generated images, resumed where
         its server went away, as VaeClient.sample_stream."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        seconds = _codec.call_timeout(timeout, None)
+        deadline = None if seconds is None else time.monotonic() + seconds
         resume = offset  # the first image not yet received
         while True:
             req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit,

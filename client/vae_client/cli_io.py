@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import errno
 import io
-import ipaddress
 import json
 import os
 import shutil
@@ -152,76 +151,6 @@ def target_addresses(target: str) -> int:
     if scheme in ("ipv4", "ipv6") and rest:
         return len([a for a in rest.split(",") if a])
     return 1
-
-
-# The schemes gRPC resolves itself; any other "name:rest" is a host and port (gRPC's own rule:
-# a target whose scheme it does not know is read as dns:///target).
-_GRPC_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p",
-                 "passthrough")
-
-
-def check_target(target: str) -> str:
-    """`target`, or ValueError where gRPC would misread it: a numeric port outside 1 .. 65535
-    (gRPC takes it modulo 65536), an ipv4:/ipv6: entry that is no such address (gRPC logs its
-    own parse errors before failing), an IPv6 address with a port but no brackets (read as a
-    host name on port 443), an http:// URL, blanks. Forms gRPC parses itself are left to it."""
-    if not target or target != target.strip() or " " in target:
-        raise ValueError(f"{target!r}: empty, or with blanks")
-    scheme, colon, rest = target.partition(":")
-    if colon and "//" in rest[:2] and scheme.lower() in ("http", "https", "grpc", "grpcs"):
-        raise ValueError(f"{target!r}: a gRPC target is HOST:PORT (or dns:///HOST:PORT), "
-                         f"not a URL")
-    if scheme in ("ipv4", "ipv6"):
-        path = rest.lstrip("/")  # ipv4:ADDR, ipv4:/ADDR and ipv4:///ADDR are all gRPC's
-        for entry in filter(None, path.split(",")):  # gRPC skips empty entries
-            host, port = _host_port(entry)
-            try:
-                ip = ipaddress.ip_address(host)
-            except ValueError:
-                raise ValueError(f"{host!r} in {target!r} is not an {scheme} address") from None
-            if ip.version != int(scheme[-1]):
-                raise ValueError(f"{host!r} in {target!r} is not an {scheme} address")
-            _check_port(port, target)
-        if not any(path.split(",")):
-            raise ValueError(f"{target!r} lists no address")
-        return target
-    if scheme == "dns":
-        address = rest.lstrip("/").split("/", 1)[-1]  # after an authority: dns://AUTH/HOST:PORT
-    elif colon and scheme in _GRPC_SCHEMES:
-        return target
-    else:
-        address = target
-    _, port = _host_port(address)
-    _check_port(port, target)
-    return target
-
-
-def _host_port(address: str) -> tuple[str, str | None]:
-    """("host", "port") of "host:port" or "[v6]:port"; the port None where there is none (a
-    lone IPv6 address included)."""
-    if address.startswith("["):
-        host, bracket, tail = address[1:].partition("]")
-        if not bracket or (tail and not tail.startswith(":")):
-            raise ValueError(f"{address!r}: an IPv6 address with a port goes in brackets, "
-                             f"[ADDR]:PORT")
-        return host, (tail[1:] if tail else None)
-    if address.count(":") <= 1:
-        host, _, port = address.partition(":")
-        return host, (port if ":" in address else None)
-    try:
-        ipaddress.IPv6Address(address)
-    except ValueError:
-        raise ValueError(f"{address!r}: an IPv6 address with a port goes in brackets, "
-                         f"[ADDR]:PORT") from None
-    return address, None
-
-
-def _check_port(port: str | None, target: str) -> None:
-    """A numeric port in 1 .. 65535; a named one (http) is gRPC's to resolve."""
-    if not port or not port.isdigit():
-        return
-    if not 1 <= int(port) <= 65535:
-        raise ValueError(f"port {port} of {target!r} is not in 1 .. 65535")
 
 
 def split_range(n: int, parts: int, chunk: int) -> list[tuple[int, int]]:

@@ -26,8 +26,11 @@ from vae_proto import vae_pb2, vae_pb2_grpc
 class VaeClient:
     """A connection to a vae-server. Use as a context manager, or call close().
 
-    Every call takes `timeout` (seconds; default the client's) and raises VaeError on
-    failure, carrying the gRPC status code.
+    Every call takes `timeout` (seconds; default the client's, except sample_stream's: none;
+    None or inf: no deadline) and raises VaeError on failure, carrying the gRPC status code:
+    a bad argument is INVALID_ARGUMENT naming it, whether the client or the server finds it.
+    The arrays returned are read-only views of the reply's bytes (no copy is made):
+    np.array(x) gives a writable copy.
 
     Security (plaintext without a token by default): `tls_ca` verifies the server against
     this CA (PEM bytes or a file path; `tls=True` alone uses the system's roots), `tls_cert`
@@ -48,7 +51,7 @@ class VaeClient:
                  token: str | None = None, security: Security | None = None,
                  retries: int = DEFAULT_RETRIES, model_version: str = "") -> None:
         self.target = target
-        self.timeout = timeout
+        self.timeout = _codec.check_timeout(timeout)
         self.model_version = model_version
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
@@ -67,7 +70,7 @@ class VaeClient:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=_codec.call_timeout(timeout, self.timeout))
         except grpc.RpcError as err:
             raise VaeError.from_rpc_error(err) from None
 
@@ -111,7 +114,8 @@ class VaeClient:
         the first image not received, on whichever server the channel reaches, as long as
         each try brings images and `retries` is not 0; the images are the same as an
         unbroken stream's."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        seconds = _codec.call_timeout(timeout, None)
+        deadline = None if seconds is None else time.monotonic() + seconds
         resume = offset  # the first image not yet received
         while True:
             req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vae_client._codec import pixels
 from vae_core import idx
 from vae_core.files import replacing
 
@@ -280,7 +281,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 def as_images(arr: np.ndarray, name: str) -> np.ndarray:
     """Check and shape an array of digits: [N, 784], [N, 28, 28], or one image [784] /
-    [28, 28] -> [N, 28, 28] (or [N, 784]), uint8 kept, other numbers as float32.
+    [28, 28] -> [N, 28, 28] (or [N, 784]), their pixels by `_codec.pixels`.
 
     Pixel ranges are left to the server, which names the field and the limit."""
     if (arr.ndim == 1 and len(arr) == PIXELS) or arr.shape == (SIDE, SIDE):
@@ -291,15 +292,10 @@ def as_images(arr: np.ndarray, name: str) -> np.ndarray:
                              "or [N, 28, 28]")
     if len(arr) == 0:
         raise ImageFileError(f"{name}: holds no images")
-    if arr.dtype == np.uint8 or arr.dtype == np.float32:
-        return arr
-    if arr.dtype.kind in "iu":
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
-            raise ImageFileError(f"{name}: integer pixels must lie in 0 .. 255")
-        return arr.astype(np.uint8)
-    if arr.dtype.kind in "fb":
-        return arr.astype(np.float32)
-    raise ImageFileError(f"{name}: dtype {arr.dtype} is not a pixel type (uint8 or float)")
+    try:
+        return pixels(arr)  # the library's rule, so that a file and an array score alike
+    except ValueError as exc:
+        raise ImageFileError(f"{name}: {exc}") from None
 
 
 def sniff(path: str | os.PathLike[str]) -> str:
