@@ -496,10 +496,14 @@ def interruptible_cli(target: str, *args: str) -> subprocess.Popen[str]:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def test_ctrl_c_stops_every_stream_and_keeps_the_file(model_dir, tmp_path):
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted"),
+                                           (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_stops_every_stream_and_keeps_the_file(model_dir, tmp_path, sig, code, said):
     """SIGINT during `sample --streams 2`: the CLI says so in one line and exits 130, both
     streams are cancelled at the server (not left computing), and the file already at the
-    path is left as it was, with no part file beside it."""
+    path is left as it was, with no part file beside it. SIGTERM (timeout, systemd, docker
+    stop) the same, with 143: before, the CLI died where it stood, and left the part file, of
+    the whole output's size (reserved at the start)."""
     keep = tmp_path / "keep.npy"
     np.save(keep, np.arange(5, dtype=np.uint8))
     part = tmp_path / ".keep.npy.part"
@@ -513,14 +517,14 @@ def test_ctrl_c_stops_every_stream_and_keeps_the_file(model_dir, tmp_path):
             wait_until(lambda: metric_total(server.metrics_port, started, grpc_service=SERVICE,
                                             grpc_method="SampleStream") == 2, proc)
             assert part.exists()  # the streams are writing
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             out, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        assert proc.returncode == 130, (out, err)
-        assert err.strip().splitlines()[-1] == "vae-client: error: interrupted", err
+        assert proc.returncode == code, (out, err)
+        assert err.strip().splitlines()[-1] == f"vae-client: error: {said}", err
         wait_until(lambda: server.handled("SampleStream") == 2)
         codes = {code: metric_total(server.metrics_port, "grpc_server_handled_total",
                                     grpc_method="SampleStream", grpc_code=code)

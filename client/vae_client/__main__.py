@@ -23,6 +23,7 @@ import concurrent.futures  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -689,8 +690,29 @@ def _add_connection(p: argparse.ArgumentParser, top: bool) -> None:
                           f"blank lines and # comments ignored) [else the token in {TOKEN_VAR}]")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by timeout, systemd, docker stop, Kubernetes): the command stops as on
+    Ctrl-C, its part files removed, instead of dying where it stands and leaving them (a
+    `sample --out` reserves the whole file at the start)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _main(args)
+    finally:
+        if main_thread and before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         args.security = _security(args)
         return args.run(args)
@@ -707,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         _error(f"{where}{exc.strerror or exc}")
+    except Terminated:
+        _error("terminated")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
