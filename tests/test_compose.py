@@ -112,7 +112,7 @@ def test_services_and_their_wiring(compose):
         assert srv["environment"]["VAE_MODEL_DIR"] == "/models/default"
         assert srv["healthcheck"]["test"][0] == "CMD"
     assert "profiles" not in server and gpu["profiles"] == ["gpu"]
-    assert server["ports"] == ["50051:50051", "8000:8000"]
+    assert server["ports"] == ["50051:50051", "127.0.0.1:8000:8000"]
     assert server["environment"]["VAE_PORT"] == "50051"
     assert server["environment"]["VAE_METRICS_PORT"] == "8000"
     # The GPU server reserves an NVIDIA GPU.
@@ -126,13 +126,38 @@ def test_services_and_their_wiring(compose):
     assert {"models", "prometheus-data", "grafana-data"} <= set(compose["volumes"])
 
     assert services["prometheus"]["image"].startswith("prom/prometheus:")
-    assert "9090:9090" in services["prometheus"]["ports"]
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
     grafana = services["grafana"]
     assert grafana["image"].startswith("grafana/grafana:")
-    assert "3000:3000" in grafana["ports"]
+    assert "127.0.0.1:3000:3000" in grafana["ports"]
     env = grafana["environment"]
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+def test_what_has_no_authentication_is_reachable_from_this_host_alone(compose):
+    """Before: the metrics ports, Prometheus and Grafana (anonymous viewers, admin/admin)
+    were published on every address of the host. Only gRPC, the service, is (it takes TLS
+    and tokens: README, "Security")."""
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            published = str(port).rsplit(":", 1)[0]
+            if published.endswith(("50051", "50052")):
+                continue
+            assert published.startswith("127.0.0.1:"), (name, port)
+
+
+@pytest.mark.parametrize("name", ["vae-server", "vae-server-gpu"])
+def test_the_servers_run_as_the_pods_do(compose, name):
+    """Read-only, without capabilities, on both address families: as deploy/k8s runs them.
+    Before: VAE_HOST=0.0.0.0 left the metrics port IPv4 only (gRPC takes it as both)."""
+    service = compose["services"][name]
+    assert service["read_only"] is True and "/tmp" in service["tmpfs"]
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert "VAE_HOST" not in service["environment"]
+    for dockerfile in ("server.Dockerfile", "server-gpu.Dockerfile"):
+        assert "VAE_HOST" not in (REPO_ROOT / "deploy" / "docker" / dockerfile).read_text()
 
 
 def _seconds(duration: str) -> float:

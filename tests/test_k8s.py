@@ -254,3 +254,98 @@ def test_the_adapter_query_gives_each_pod_its_load_from_a_real_prometheus(model_
     assert set(values) == {"a", "b"}, values
     # Three streams at a time on a, one on b: each pod's own load.
     assert values["a"] > values["b"] > 0, values
+
+
+def _relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus's relabelling (the actions the scrape job uses: keep, drop, replace), on one
+    discovered target: its labels after, or None where it is dropped. Regexes are anchored, as
+    Prometheus's are; these use nothing that RE2 and Python read differently."""
+    labels = dict(labels)
+    for rule in rules:
+        action = rule.get("action", "replace")
+        value = rule.get("separator", ";").join(labels.get(name, "")
+                                                for name in rule.get("source_labels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if action == "keep" and not match or action == "drop" and match:
+            return None
+        if action == "replace":
+            if match:
+                # $1 or ${1}: the regex's group, as Prometheus expands a replacement.
+                template = re.sub(r"\$\{?(\d+)\}?", r"\\\1", rule.get("replacement", "$1"))
+                labels[rule["target_label"]] = match.expand(template)
+        elif action not in ("keep", "drop"):
+            raise AssertionError(f"the test reads no relabel action {action!r}")
+    return labels
+
+
+def _discovered(pod: dict[str, Any], ip: str) -> list[dict[str, str]]:
+    """The targets Prometheus's Kubernetes discovery (role: pod) makes of a pod of the
+    Deployment's template at `ip`: one per port of each container, at IP:PORT (an IPv6
+    address in brackets), and one for each container without ports, at its address alone."""
+    host = f"[{ip}]" if ":" in ip else ip
+
+    def name(key: str) -> str:
+        return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+    meta = {"__meta_kubernetes_namespace": "serving", "__meta_kubernetes_pod_name": "vae-1",
+            "__meta_kubernetes_pod_ip": ip, "__metrics_path__": "/metrics"}
+    meta |= {f"__meta_kubernetes_pod_annotation_{name(k)}": v
+             for k, v in pod["metadata"].get("annotations", {}).items()}
+    meta |= {f"__meta_kubernetes_pod_label_{name(k)}": v
+             for k, v in pod["metadata"]["labels"].items()}
+    targets = []
+    for init, key in ((True, "initContainers"), (False, "containers")):
+        for container in pod["spec"].get(key, []):
+            base = meta | {"__meta_kubernetes_pod_container_name": container["name"],
+                           "__meta_kubernetes_pod_container_init": str(init).lower()}
+            for port in container.get("ports", []):
+                targets.append(base | {
+                    "__address__": f"{host}:{port['containerPort']}",
+                    "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                    "__meta_kubernetes_pod_container_port_number": str(port["containerPort"])})
+            if not container.get("ports"):
+                targets.append(base | {"__address__": host})
+    return targets
+
+
+@pytest.mark.parametrize("ip", ["10.1.2.3", "fd00:10:244::5"])
+def test_the_scrape_job_reaches_each_pod_s_metrics_port_once(docs, ip):
+    """Before: the job rewrote __address__ to the annotation's port with a "host:port" regex
+    that no IPv6 address matches: on an IPv6 cluster each pod's targets kept their own ports,
+    and Prometheus scraped the gRPC port (down) and the init container's address. Now each pod
+    is one target, its metrics port, on either family. (Targets whose labels end the same are
+    one to Prometheus: on IPv4 the three targets of a pod were one.)"""
+    yaml = need_module("yaml")
+    scrape = yaml.safe_load(one(docs, "ConfigMap", "vae-serving-scrape")["data"]["scrape.yaml"])
+    (job,) = scrape["scrape_configs"]
+    pod = one(docs, "Deployment")["spec"]["template"]
+    (server,) = pod["spec"]["containers"]
+    metrics = next(p["containerPort"] for p in server["ports"] if p["name"] == "metrics")
+    kept = [t for t in (_relabel(d, job["relabel_configs"]) for d in _discovered(pod, ip)) if t]
+    host = f"[{ip}]" if ":" in ip else ip
+    assert {t["__address__"] for t in kept} == {f"{host}:{metrics}"}
+    assert kept[0]["__metrics_path__"] == pod["metadata"]["annotations"]["prometheus.io/path"]
+    assert (kept[0]["namespace"], kept[0]["pod"]) == ("serving", "vae-1")
+
+
+def test_the_server_listens_on_both_address_families(docs):
+    """Before: VAE_HOST=0.0.0.0, which left the metrics port IPv4 only (gRPC takes 0.0.0.0 as
+    both): on an IPv6 cluster no scrape reached a pod. The server's default, [::], is both."""
+    (server,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert load_settings([], env=env).host == "[::]"
+
+
+def test_a_gpu_rollout_needs_no_spare_gpu(docs):
+    """A rollout that adds a pod before it removes one (maxSurge 1) needs a free GPU: on a
+    pool whose GPUs are all in use the new pod stayed Pending and the rollout stalled. The GPU
+    Deployment replaces one pod at a time, the others serving (the autoscaler's floor of 2)."""
+    deployment = one(docs, "Deployment")
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    if "nvidia.com/gpu" in server["resources"]["limits"]:
+        assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (0, 1)
+        hpa = one(docs, "HorizontalPodAutoscaler")
+        assert hpa["spec"]["minReplicas"] - rolling["maxUnavailable"] >= 1
+    else:
+        assert rolling["maxUnavailable"] == 0

@@ -34,7 +34,6 @@ USER vae
 WORKDIR /tmp
 
 ENV VAE_MODEL_DIR=/models/default \
-    VAE_HOST=0.0.0.0 \
     VAE_PORT=50051 \
     VAE_METRICS_PORT=8000 \
     VAE_PROVIDER=cuda

@@ -27,7 +27,6 @@ WORKDIR /tmp
 
 # Every flag of vae-server is also a VAE_ environment variable (docker-compose.yml sets them).
 ENV VAE_MODEL_DIR=/models/default \
-    VAE_HOST=0.0.0.0 \
     VAE_PORT=50051 \
     VAE_METRICS_PORT=8000
 EXPOSE 50051 8000
