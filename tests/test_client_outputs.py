@@ -12,6 +12,7 @@ import errno
 import os
 import resource
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -362,6 +363,82 @@ def test_an_output_that_is_a_pipe_or_a_device_is_written_in_place(special_file):
     with replacing(path, "w") as f:
         f.write("index,elbo\n0,1.5\n")
     assert read() in (b"index,elbo\n0,1.5\n", None)
+
+
+def test_two_writers_of_one_path_leave_one_whole_file(tmp_path):
+    """Before: both wrote the one part file, `.NAME.part`, each truncating the other's: the
+    first rename published a mix of the two (seen: 10,000 bytes of one, 20,000 of the other),
+    and the second writer failed with FileNotFoundError naming the file it had asked for.
+    Two `eval` runs training the one cached classifier are such writers."""
+    import threading
+
+    from vae_core.files import replacing
+
+    path = tmp_path / "out.bin"
+    both_open, errors = threading.Barrier(2), []
+
+    def write(byte: bytes) -> None:
+        try:
+            with replacing(path) as f:
+                both_open.wait(10)
+                for _ in range(30):
+                    f.write(byte * 1000)
+                    f.flush()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in (b"A", b"B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert path.read_bytes() in (b"A" * 30_000, b"B" * 30_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_a_link_at_the_part_file_s_name_is_not_written_through(tmp_path):
+    """Before: the part file had one fixed name, `.NAME.part`, opened as any file: a link
+    planted there (in a folder others can write) had the output written into the file it
+    named, and the output became that link."""
+    from vae_core.files import replacing
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".out.json.part").symlink_to(victim)
+    with replacing(tmp_path / "out.json", "w") as f:
+        f.write("{}")
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "out.json").read_text() == "{}"
+    assert not (tmp_path / "out.json").is_symlink()
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_new_one_follows_the_umask(tmp_path):
+    """Before: a file of mode 0600 (a private score table) became 0644 once replaced."""
+    from vae_core.files import replacing
+
+    private = tmp_path / "scores.csv"
+    private.write_text("old")
+    private.chmod(0o600)
+    with replacing(private, "w") as f:
+        f.write("new")
+    assert (private.read_text(), stat.S_IMODE(private.stat().st_mode)) == ("new", 0o600)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with replacing(tmp_path / "new.csv", "w") as f:
+        f.write("new")
+    assert stat.S_IMODE((tmp_path / "new.csv").stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_output_of_a_name_as_long_as_the_filesystem_allows(tmp_path):
+    """Before: `.NAME.part` is 6 characters longer than NAME: a name of 250 characters, which
+    open() takes, failed with ENAMETOOLONG."""
+    from vae_core.files import replacing
+
+    path = tmp_path / ("x" * 250)
+    with replacing(path, "w") as f:
+        f.write("ok")
+    assert path.read_text() == "ok"
 
 
 def test_an_output_through_a_symbolic_link_replaces_the_file_it_names(tmp_path):

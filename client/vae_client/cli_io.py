@@ -23,7 +23,7 @@ import numpy as np
 from vae_client._codec import Scores
 from vae_client.images import SIDE, grid, load_images, to_uint8, write_png
 from vae_core import files
-from vae_core.files import destination, discard_part, part_path, replacing
+from vae_core.files import destination, discard_part, new_part, replacing
 
 IMAGE_SUFFIXES = (".npy", ".png")
 LATENT_SUFFIXES = (".npy", ".npz")
@@ -102,7 +102,8 @@ class ImageSink:
                 os.close(fd)
                 self._part = Path(part)
             else:
-                self._part = part_path(self._target)
+                self._part, fd = new_part(self._target)
+                os.close(fd)  # numpy opens it again, by its name
             try:
                 array = np.lib.format.open_memmap(self._part, mode="w+", dtype=np.dtype(dtype),
                                                   shape=(n, SIDE, SIDE))

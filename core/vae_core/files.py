@@ -1,6 +1,7 @@
 """Files written whole or not at all: beside their path, renamed once written and closed, so
 that an interrupted or failed write leaves the file that was there (or none), never part of
-one. Every output of the client, and a training run's checkpoint and prior, are written so.
+one, and two writers of one path leave one whole file. Every output of the client, and a
+training run's checkpoint and prior, are written so.
 
 A symbolic link is followed (the file it names is replaced, the link kept), and a path that
 is no regular file, such as /dev/stdout, /dev/null or a named pipe, is written in place: it
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -52,19 +54,43 @@ def _in_place(path: str | os.PathLike[str]) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def part_path(path: str | os.PathLike[str]) -> Path:
-    """Where a file is written before it takes its name: `.NAME.part` beside it."""
-    where = Path(path)
-    return where.with_name(f".{where.name}.part")
+# The part file's name keeps this much of the target's, so that a name as long as the
+# filesystem allows (255 bytes) still has room for the part file's own.
+_PART_NAME_CHARS = 100
 
 
-def discard_part(path: str | os.PathLike[str], exc: BaseException,
-                 part: Path | None = None) -> None:
-    """After `exc` stopped a write to `part` (default: that of destination(path)): the part
-    file removed, and `exc`, an OSError, made to name the file asked for (a write's error,
-    ENOSPC, names none, and an open's names the part file, which the user never asked for)."""
-    if part is None:
-        part = part_path(destination(path).target)
+def new_part(target: Path) -> tuple[Path, int]:
+    """A new file beside `target` (which must not be one written in place) to write it in
+    before it takes its name: `.NAME.RANDOM.part`, created exclusively and without following a
+    link (O_EXCL | O_NOFOLLOW), so that two writers of one path never share a part file and a
+    link planted at a guessable name is never written through. Its mode is the replaced
+    file's, or 0666 less the umask for a new one. Returns the path and its open descriptor."""
+    try:
+        keep = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        keep = None
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        part = target.with_name(f".{target.name[:_PART_NAME_CHARS]}.{secrets.token_hex(4)}.part")
+        try:
+            fd = os.open(part, flags, 0o666)
+        except FileExistsError:  # another writer's, or a planted name: draw again
+            continue
+        break
+    if keep is not None:
+        try:
+            os.fchmod(fd, keep)
+        except BaseException:
+            os.close(fd)
+            part.unlink(missing_ok=True)
+            raise
+    return part, fd
+
+
+def discard_part(path: str | os.PathLike[str], exc: BaseException, part: Path) -> None:
+    """After `exc` stopped a write to `part`: the part file removed, and `exc`, an OSError,
+    made to name the file asked for (a write's error, ENOSPC, names none, and an open's names
+    the part file, which the user never asked for)."""
     with suppress(OSError):  # `exc` is the error to report
         part.unlink(missing_ok=True)
     if isinstance(exc, OSError) and exc.filename in (None, str(part)):
@@ -73,10 +99,11 @@ def discard_part(path: str | os.PathLike[str], exc: BaseException,
 
 @contextmanager
 def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
-    """open(part_path(path), mode, **kwargs), renamed to `path` once written and closed: a
-    failure (a full disk, an error of the caller's) leaves the file already at `path` as it
-    was, removes the part file, and raises an OSError naming `path`. (A link: its file; a
-    device or a pipe: written in place.)"""
+    """open(a new part file beside `path`, mode, **kwargs) (new_part), flushed to the disk
+    and renamed to `path` once written and closed: a failure (a full disk, an error of the
+    caller's) leaves the file already at `path` as it was, removes the part file, and raises
+    an OSError naming `path`. Two writers of one path each write their own part file, and the
+    last rename wins, whole. (A link: its file; a device or a pipe: written in place.)"""
     target, in_place = destination(path)
     if in_place:
         try:
@@ -86,10 +113,20 @@ def replacing(path: str | os.PathLike[str], mode: str = "wb", **kwargs: Any) -> 
             exc.filename = os.fspath(path)
             raise
         return
-    part = part_path(target)
     try:
-        with open(part, mode, **kwargs) as f:
+        part, fd = new_part(target)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+    try:
+        try:
+            f = open(fd, mode, **kwargs)  # noqa: SIM115 - closed by the with below, fd here
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # the data on the disk before the name points at it
         os.replace(part, target)
     except BaseException as exc:
         discard_part(path, exc, part)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from vae_core import idx
+from vae_core.files import replacing
 
 IMAGE_SHAPE = (28, 28)
 IMAGE_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
@@ -185,9 +186,8 @@ def download_mnist(
             raise DataError(f"{exc}; expected content with sha256 {sha}") from None
         if got != sha:
             raise DataError(f"{url}: sha256 of content is {got}, expected {sha}")
-        tmp = target.with_suffix(target.suffix + ".part")
-        tmp.write_bytes(payload)
-        tmp.replace(target)
+        with replacing(target) as f:
+            f.write(payload)
     return dest
 
 
