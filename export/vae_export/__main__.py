@@ -27,6 +27,13 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     if _not_a_folder("train", args.out):
         return 2
+    if (Path(args.out) / "manifest.json").exists():
+        # Its prior.npz would be replaced under the manifest's hash: a model that no longer
+        # loads (a run exported into its own folder is one too, once trained again).
+        print(f"vae-export train: error: --out {args.out}: holds a model (manifest.json), "
+              "which training there would break; train into a run folder of its own",
+              file=sys.stderr)
+        return 2
     summary = train(model_cfg, train_cfg, Path(args.out), progress=not args.quiet,
                     prior_cfg=prior_cfg)
     print(
@@ -131,6 +138,14 @@ def _onnx(args: argparse.Namespace) -> int:
     from vae_export.onnx_export import export_onnx
 
     if _not_a_folder("onnx", args.out):
+        return 2
+    run, out = Path(args.run), Path(args.out)
+    if (out / "checkpoint.pt").exists() and not (run.is_dir() and out.samefile(run)):
+        # The export would put --run's prior.npz in that run's place: exported later, its
+        # network would be paired with this run's prior.
+        print(f"vae-export onnx: error: --out {args.out}: holds another training run "
+              "(checkpoint.pt), whose prior.npz the export would replace; export into a model "
+              "folder of its own", file=sys.stderr)
         return 2
     manifest = export_onnx(Path(args.run), Path(args.out), calibrate=not args.no_calibration)
     print(f"exported model {manifest['model_version']} (opset {manifest['opset']}) -> {args.out}")

@@ -6,11 +6,13 @@ takes z. The batch axis is dynamic, the opset pinned, the weights inside each fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import shutil
+import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,18 +104,61 @@ def _io_spec(names: list[str], widths: list[int]) -> list[dict[str, Any]]:
 def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, Any]:
     """Export the checkpoint in `run_dir` to `out`; returns the manifest written there.
 
-    manifest.json is written last, whole (a temporary file renamed over it), once the export
-    is complete: an export interrupted before then, in calibration say, leaves a directory
-    without a manifest, which no loader takes for a model (one of a previous export there is
-    removed first)."""
+    The model's files are made in a folder of their own inside `out` and moved in once all
+    are complete, manifest.json last: an export that fails or is interrupted before then (the
+    run's data gone, Ctrl-C in calibration) leaves `out` as it was, a model served from it
+    included. Other files in `out` are left alone (a run exported into its own folder)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     checkpoint = run_dir / CHECKPOINT
     if not checkpoint.is_file():
         raise DataError(f"{checkpoint}: missing (is {run_dir} a run written by `vae-export train`?)")
     model, extra = load_checkpoint(checkpoint)
-    cfg = model.cfg
+    for name, weights in model.state_dict().items():
+        if not torch.isfinite(weights).all():
+            raise DataError(f"{checkpoint}: {name} holds NaN or infinite weights (a run that "
+                            "diverged): train it again")
+    train = extra.get("train", {})
+    validation = None
+    if calibrate:  # before any work: the run's digits may have moved since it was trained
+        try:
+            validation = run_split(train)[1]
+        except DataError as exc:
+            raise DataError(f"calibration needs the run's validation digits: {exc} "
+                            "(--no-calibration exports without)") from None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        manifest = _build(model, extra, run_dir, stage, validation)
+        _move_in(stage, out, [name for name in (ENCODER, DECODER, PRIOR_FILE)
+                              if name in manifest["files"]])
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # only if nothing else was put there meanwhile
+                out.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    return manifest
+
+
+def _move_in(stage: Path, out: Path, names: list[str]) -> None:
+    """The complete model of `stage` moved into `out` (renames in one filesystem): the old
+    manifest removed first (from there on `out` holds no model whole, for a moment), the
+    files, then the new manifest."""
     (out / MANIFEST).unlink(missing_ok=True)
+    for name in names:
+        os.replace(stage / name, out / name)
+    if PRIOR_FILE not in names:
+        (out / PRIOR_FILE).unlink(missing_ok=True)  # an earlier export's: N(0, I) now
+    os.replace(stage / MANIFEST, out / MANIFEST)
+
+
+def _build(model: VAE, extra: dict[str, Any], run_dir: Path, out: Path,
+           validation: Digits | None) -> dict[str, Any]:
+    """The model's files and manifest.json, written to the empty folder `out`; calibrated on
+    `validation` unless it is None."""
+    cfg = model.cfg
     x_example = torch.rand(2, cfg.image_pixels)
     z_example = torch.randn(2, cfg.latent_dim)
     _export(_EncoderGraph(model), x_example, out / ENCODER, "x", ["mu", "logvar"])
@@ -174,13 +219,16 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
         },
         "calibration": None,
     }
-    if calibrate:
-        manifest["calibration"] = _calibrate(out, manifest, train)
+    if validation is not None:
+        manifest["calibration"] = _calibrate(out, manifest, validation)
+    try:  # JSON has no NaN: a manifest that held one could not be read back
+        text = json.dumps(manifest, indent=2, allow_nan=False)
+    except ValueError:
+        raise DataError(f"{run_dir}: the model's figures are not all finite (its calibration "
+                        "scores, say): it cannot be exported") from None
     # As JSON reads the manifest back, as the check that loads the model computes it.
-    manifest["model_version"] = model_version(json.loads(json.dumps(manifest)))
-    partial = out / (MANIFEST + ".partial")
-    partial.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(partial, out / MANIFEST)
+    manifest["model_version"] = model_version(json.loads(text))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -200,9 +248,7 @@ def _copy_prior(run_dir: Path, out: Path, latent_dim: int) -> GaussianMixture | 
         (out / PRIOR_FILE).unlink(missing_ok=True)
         return None
     prior = GaussianMixture.load(path, latent_dim)
-    target = out / PRIOR_FILE
-    if not (target.exists() and os.path.samefile(path, target)):  # a run exported in place
-        shutil.copyfile(path, target)
+    shutil.copyfile(path, out / PRIOR_FILE)
     return prior
 
 
@@ -259,10 +305,10 @@ def _nats(value: float) -> float:
     return round(float(value), 3)
 
 
-def _calibrate(out: Path, manifest: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+def _calibrate(out: Path, manifest: dict[str, Any], validation: Digits) -> dict[str, Any]:
     """Quantiles of the validation digits' log p(x) estimate, scored by the exported ONNX
     models with the same code the server runs."""
-    x = validation_inputs(run_split(train)[1], manifest["likelihood"])
+    x = validation_inputs(validation, manifest["likelihood"])
     # The models are read with the manifest being made (as JSON reads it back), not from a
     # manifest.json: none is written before the export is complete.
     provisional = json.loads(json.dumps(dict(manifest, calibration={})))
