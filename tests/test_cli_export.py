@@ -129,10 +129,13 @@ def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     (["--prior-temperature", "1.5"], "prior temperature must be in (0, 1], not 1.5"),
     (["--prior-temperature", "0"], "prior temperature must be in (0, 1], not 0.0"),
     (["--prior-components", "0"], "components and samples_per_digit must be >= 1"),
-    (["--latent-dim", "0"], "latent_dim must be >= 1"),
+    (["--latent-dim", "0"], "latent_dim must be in 1 .. 4096, got 0"),
+    # Before: PyTorch's "DefaultCPUAllocator: can't allocate memory" as a traceback.
+    (["--latent-dim", "100000000"], "latent_dim must be in 1 .. 4096, got 100000000"),
+    (["--hidden", "100000000"], "hidden widths must be in 1 .. 16384, got (100000000,)"),
     # Before: a RuntimeError traceback from torch, and a 0-wide network trained and saved.
-    (["--hidden", "-5"], "hidden widths must be >= 1, got (-5,)"),
-    (["--hidden", "64,0"], "hidden widths must be >= 1, got (64, 0)"),
+    (["--hidden", "-5"], "hidden widths must be in 1 .. 16384, got (-5,)"),
+    (["--hidden", "64,0"], "hidden widths must be in 1 .. 16384, got (64, 0)"),
     # Before: "Overflow when unpacking long long" from torch (the run seeds seed + 1, + 2).
     (["--seed", str(2**64 - 1)], f"seed must be < 2^63, got {2**64 - 1}"),
     (["--hidden", "64,x"], "--hidden takes layer widths separated by commas, not '64,x'"),
@@ -955,3 +958,104 @@ def test_train_into_a_model_folder_and_onnx_into_another_run_are_refused(
     # A run exported into its own folder is still one command.
     assert main(["onnx", "--run", str(run), "--out", str(run), "--no-calibration"]) == 0
     load_manifest(run)
+
+
+# ---------------------------------------------------------------------------------------
+# eval, cas, classifier: what can be found before the work is refused before it
+
+
+def _no_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(OnnxVAE, "score", lambda *a, **k: pytest.fail("scored first"))
+
+
+def test_a_classifier_that_cannot_judge_is_refused_before_the_scores(
+        model_dir: Path, mnist_test_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: --classifier was looked at once the test digits had been scored (about 20
+    minutes at the defaults): a file there failed with 'File exists', status 1, and a broken
+    classifier.pt was found only then."""
+    _no_scoring(monkeypatch)
+    a_file = tmp_path / "summary.json"
+    a_file.write_text("{}")
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(mnist_test_dir),
+                 "--k", "5", "--ood", "none", "--samples", "10",
+                 "--classifier", str(a_file)]) == 2
+    assert capsys.readouterr().err == (f"vae-export eval: error: --classifier {a_file}: a "
+                                       "file, not a folder\n")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "classifier.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(mnist_test_dir),
+                 "--k", "5", "--ood", "none", "--samples", "10",
+                 "--classifier", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "classifier.pt: not a classifier written by" in err and err.count("\n") == 1
+
+
+def test_an_ood_folder_given_and_missing_is_refused(
+        model_dir: Path, mnist_test_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a typo in --ood was skipped ("skipped": "directory not found" in the JSON),
+    with no AUROC and no word on the terminal. The default alone is skipped where missing."""
+    _no_scoring(monkeypatch)
+    typo = tmp_path / "fashoin-mnist"
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(mnist_test_dir),
+                 "--k", "5", "--samples", "0", "--ood", str(typo)]) == 2
+    assert capsys.readouterr().err == f"vae-export eval: error: --ood {typo}: not a directory\n"
+
+
+@pytest.mark.parametrize("name", ["roc.txt", "roc"])
+def test_a_roc_picture_of_no_picture_format_is_refused_before_the_scores(
+        name: str, model_dir: Path, mnist_test_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: matplotlib's ValueError ("Format 'txt' is not supported") as a traceback,
+    after every score."""
+    _no_scoring(monkeypatch)
+    assert main(["eval", "--model-dir", str(model_dir), "--data", str(mnist_test_dir),
+                 "--k", "5", "--samples", "0", "--ood", str(mnist_test_dir),
+                 "--roc", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vae-export eval: error: --roc {tmp_path / name}: a picture's name "
+                          "ends in one of ") and ".png" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["train", "--out", ""], "argument --out: an empty path; name a folder"),
+    (["train", "--out", "{tmp}/r", "--data", "mnist-download:"],
+     "--data mnist-download:: names no folder to download into (mnist-download:DIR)"),
+    (["onnx", "--run", "{tmp}", "--out", ""], "argument --out: an empty path"),
+    (["eval", "--model-dir", "", "--data", "{tmp}"], "argument --model-dir: an empty path"),
+    (["eval", "--model-dir", "{tmp}", "--data", "{tmp}", "--k", "100000001"],
+     "argument --k: must be <= 100000"),
+    (["cas", "--model-dir", "{tmp}", "--n", "1000000000000"],
+     "argument --n: must be <= 1000000"),
+])
+def test_empty_paths_and_absurd_sizes_are_refused_in_one_line(
+        argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: an empty --out or --data was the current folder (`train --out ''` wrote a run
+    there, printing '-> /checkpoint.pt'); --k 10^8 and cas --n 10^12 failed in an allocator
+    with a traceback."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as done:
+        code = main(argv)
+        raise SystemExit(code)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command,argv,flag", [
+    ("cas", ["--model-dir", "{model}", "--data", "{tmp}/elsewhere/mnist"], "--data"),
+    ("classifier", ["--out", "{tmp}/c", "--test", "{tmp}/elsewhere/mnist"], "--test"),
+    ("eval", ["--model-dir", "{model}", "--data", "{tmp}/elsewhere/mnist"], "--data"),
+])
+def test_a_missing_input_folder_names_its_flag(
+        command: str, argv: list[str], flag: str, model_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `vae-export classifier` run outside the checkout said
+    '../shared/data/mnist: not a directory', naming no flag (a default's folder)."""
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{model}", str(model_dir)) for a in argv]
+    assert main([command, *argv]) == 2
+    assert capsys.readouterr().err == (f"vae-export {command}: error: {flag} "
+                                       f"{tmp_path}/elsewhere/mnist: not a directory\n")
+

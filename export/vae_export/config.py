@@ -10,6 +10,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from vae_core.likelihood import GAUSSIAN, LIKELIHOODS
+from vae_core.manifest import MAX_LATENT_DIM
+
+# The widest hidden layer: far wider than any digit model needs, and refused at once where a
+# width of 10^8 failed deep in PyTorch's allocator with a traceback.
+MAX_HIDDEN = 16384
 
 DECODERS = ("mlp", "conv")
 
@@ -64,10 +69,12 @@ class VAEConfig:
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
-        if self.latent_dim < 1:
-            raise ValueError("latent_dim must be >= 1")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        # At most what a model directory may declare (vae_core.manifest): a larger one
+        # could be trained but never served.
+        if not 1 <= self.latent_dim <= MAX_LATENT_DIM:
+            raise ValueError(f"latent_dim must be in 1 .. {MAX_LATENT_DIM}, got {self.latent_dim}")
+        if any(not 1 <= h <= MAX_HIDDEN for h in self.hidden):
+            raise ValueError(f"hidden widths must be in 1 .. {MAX_HIDDEN}, got {self.hidden}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.likelihood == GAUSSIAN and not self.sigma > 0:
@@ -142,6 +149,8 @@ class TrainConfig:
 
 # Where `vae-export classifier` writes the judge and `vae-export eval` looks for it.
 CLASSIFIER_DIR = "runs/classifier"
+# Debian's dataset-fashion-mnist: `vae-export eval`'s out-of-distribution set where installed.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass

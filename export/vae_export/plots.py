@@ -4,12 +4,16 @@ ROC curves. matplotlib with the Agg backend, so no screen is needed."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
+
+from vae_core.files import replacing  # noqa: E402
 
 
 def image_grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
@@ -24,6 +28,17 @@ def image_grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
+def picture_formats() -> set[str]:
+    """The file suffixes a picture may have (without the dot): what matplotlib writes."""
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
+def _save(fig: Any, path: Path, **kwargs: Any) -> None:
+    """`fig` in the format its suffix names, written whole or not at all, as every output."""
+    with replacing(path) as f:
+        fig.savefig(f, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=100, **kwargs)
+
+
 def save_grid(path: Path, images: np.ndarray, cols: int = 8, title: str | None = None) -> None:
     grid = image_grid(images, cols)
     fig, ax = plt.subplots(figsize=(grid.shape[1] / 40, grid.shape[0] / 40 + (0.3 if title else 0)))
@@ -31,7 +46,7 @@ def save_grid(path: Path, images: np.ndarray, cols: int = 8, title: str | None =
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _save(fig, path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -60,7 +75,7 @@ def save_curves(path: Path, history: list[dict[str, float]]) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -72,5 +87,5 @@ def save_roc(path: Path, fpr: np.ndarray, tpr: np.ndarray, auroc: float, label: 
     ax.set_ylabel("true positive rate")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vae_core.files import check_writable
+from vae_core.files import check_writable, replacing
 from vae_core.likelihood import BERNOULLI, GAUSSIAN, to_unit
 from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export import plots
@@ -172,8 +172,9 @@ def train(
         "prior": prior_cfg.to_dict(),
     }
     save_checkpoint(out / CHECKPOINT, model, extra=summary)
-    (out / "history.json").write_text(json.dumps(history, indent=1))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for name, data, indent in (("history.json", history, 1), ("summary.json", summary, 2)):
+        with replacing(out / name, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=indent))
     _pictures(model, prior, out, history, x_val)
     return summary
 
