@@ -128,7 +128,16 @@ def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureF
 @pytest.mark.parametrize(("flags", "says"), [
     (["--prior-temperature", "1.5"], "prior temperature must be in (0, 1], not 1.5"),
     (["--prior-temperature", "0"], "prior temperature must be in (0, 1], not 0.0"),
-    (["--prior-components", "0"], "components and samples_per_digit must be >= 1"),
+    (["--prior-components", "0"], "prior components must be in 1 .. 1000 (per digit class), "
+                                  "got 0"),
+    (["--prior-components", "100000"], "prior components must be in 1 .. 1000 (per digit "
+                                       "class), got 100000"),
+    # Before: each trained, on digits turned inside out, smeared or moved out of the image.
+    (["--scale", "-2"], "scale must be in [0, 0.9], got -2.0"),
+    (["--scale", "5"], "scale must be in [0, 0.9], got 5.0"),
+    (["--rot-deg", "1e9"], "rot_deg must be in [0, 180], got 1000000000.0"),
+    (["--shear-deg", "1e9"], "shear_deg must be in [0, 60], got 1000000000.0"),
+    (["--shift-px", "-5"], "shift_px must be in [0, 14], got -5.0"),
     (["--latent-dim", "0"], "latent_dim must be in 1 .. 4096, got 0"),
     # Before: PyTorch's "DefaultCPUAllocator: can't allocate memory" as a traceback.
     (["--latent-dim", "100000000"], "latent_dim must be in 1 .. 4096, got 100000000"),
@@ -1059,3 +1068,20 @@ def test_a_missing_input_folder_names_its_flag(
     assert capsys.readouterr().err == (f"vae-export {command}: error: {flag} "
                                        f"{tmp_path}/elsewhere/mnist: not a directory\n")
 
+
+
+def test_a_checkpoint_without_its_training_settings_is_not_calibrated_on_a_guess(
+        gaussian_export: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a checkpoint that recorded no training settings was calibrated on the default
+    data's default split, whatever it had been trained on (its training digits, maybe), with
+    status 0."""
+    def bare(blob: dict[str, Any]) -> None:
+        blob["extra"] = {}
+
+    run = _copied_run(gaussian_export.run_dir, tmp_path / "bare", bare)
+    assert main(["onnx", "--run", str(run), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "records no training settings" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+    assert main(["onnx", "--run", str(run), "--out", str(tmp_path / "m"),
+                 "--no-calibration"]) == 0

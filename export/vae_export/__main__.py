@@ -309,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     t.add_argument("--epochs", type=int, default=tc.epochs, help="maximum epochs (default: %(default)s)")
     t.add_argument("--patience", type=int, default=tc.patience,
-                   help="stop after this many epochs without a better validation ELBO "
-                   "(default: %(default)s)")
+                   help="stop after this many epochs without a better validation ELBO; 0 "
+                   "never stops early (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=tc.batch_size,
                    help="minibatch size (default: %(default)s)")
     t.add_argument("--lr", type=float, default=tc.lr, help="Adam learning rate (default: %(default)s)")

@@ -43,6 +43,19 @@ def check_run(config: Any) -> None:
         raise ValueError(f"threads must be <= {MAX_THREADS}, got {config.threads}")
 
 
+# The largest deformation a training digit may get: past these a digit is no longer one (a
+# shear of 90 degrees is infinite, a scale of 1 shrinks it to a point, a shift of 14 pixels
+# moves it out of the image).
+DEFORMATION_LIMITS = {"rot_deg": 180.0, "shear_deg": 60.0, "shift_px": 14.0, "scale": 0.9}
+
+
+def check_deformation(config: Any) -> None:
+    """A training's deformations (TrainConfig's, ClassifierConfig's), each in 0 .. its limit."""
+    for name, limit in DEFORMATION_LIMITS.items():
+        if not 0.0 <= getattr(config, name) <= limit:
+            raise ValueError(f"{name} must be in [0, {limit:g}], got {getattr(config, name)}")
+
+
 class TrainingDiverged(ValueError):
     """The loss or the validation ELBO stopped being a finite number."""
 
@@ -123,6 +136,7 @@ class TrainConfig:
         # Each a one-line error before any work (vae-export train prints it as argparse would).
         check_finite(self)
         check_run(self)
+        check_deformation(self)
         for name in ("patience", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -174,4 +188,5 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check_run(self)
+        check_deformation(self)
         check_seed(self.seed)

@@ -120,6 +120,10 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     train = extra.get("train", {})
     validation = None
     if calibrate:  # before any work: the run's digits may have moved since it was trained
+        if not train:  # run_split would take the defaults: digits it may have trained on
+            raise DataError(f"{checkpoint}: records no training settings, so calibration "
+                            "cannot tell its validation digits (--no-calibration exports "
+                            "without)")
         try:
             validation = run_split(train)[1]
         except DataError as exc:

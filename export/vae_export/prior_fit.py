@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from vae_core import likelihood as lk
-from vae_core.prior import GaussianMixture
+from vae_core.prior import MAX_COMPONENTS, GaussianMixture
 
 PRIOR_KINDS = ("mixture", "standard")
 COVARIANCES = ("full", "diag")
@@ -54,8 +54,13 @@ class PriorConfig:
             raise ValueError(f"covariance must be full or diag, not {self.covariance!r}")
         if self.codes not in CODES:
             raise ValueError(f"prior codes must be map or mean, not {self.codes!r}")
-        if self.components < 1 or self.samples_per_digit < 1:
-            raise ValueError("components and samples_per_digit must be >= 1")
+        # Per class: ten classes of at most this many are a prior.npz a server loads
+        # (vae_core.prior.MAX_COMPONENTS in all).
+        if not 1 <= self.components <= MAX_COMPONENTS // 10:
+            raise ValueError(f"prior components must be in 1 .. {MAX_COMPONENTS // 10} (per "
+                             f"digit class), got {self.components}")
+        if self.samples_per_digit < 1:
+            raise ValueError(f"samples_per_digit must be >= 1, got {self.samples_per_digit}")
         if not 0 < self.temperature <= 1:
             raise ValueError(f"prior temperature must be in (0, 1], not {self.temperature}")
         if self.map_steps < 0 or not self.map_lr > 0:

@@ -134,7 +134,8 @@ def train(
         if not (math.isfinite(train_loss) and math.isfinite(val_elbo)):
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch} (loss {train_loss}, validation ELBO "
-                f"{val_elbo}): lower --lr ({train_cfg.lr}); no checkpoint was written")
+                f"{val_elbo}): lower --lr ({train_cfg.lr}), or raise --sigma "
+                f"({model_cfg.sigma}) if it is very small; no checkpoint was written")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_elbo": val_elbo})
         # Only epochs at the full KL weight compete for the best checkpoint.
         if beta >= 1.0 and val_elbo > best_elbo:
