@@ -52,6 +52,18 @@ def test_a_stream_error_offers_a_resume_only_where_it_can_help(code, resumable):
     assert ("offset=40 resumes it" in str(err)) == resumable
 
 
+def test_a_chunk_over_the_client_s_limit_offers_no_resume():
+    """Before: 'the same request with offset=0 resumes it', which fails the same way, and
+    `vae-client bulk`, which waits out a RESOURCE_EXHAUSTED that offers a resume (a full
+    queue), retried it for 5 minutes."""
+    err = _RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    err.details = lambda: ("Stream removed (CLIENT: Received message larger than max "  # type: ignore[method-assign]
+                           "(3136018 vs. 1048576))")
+    out = stream_error(err, 0)
+    assert out.code == grpc.StatusCode.RESOURCE_EXHAUSTED and out.resume_offset is None
+    assert "resumes it" not in str(out)
+
+
 U32, U64 = 2**32 - 1, 2**64 - 1
 IMAGE = np.zeros((1, 784), np.float32)
 

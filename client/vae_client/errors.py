@@ -45,11 +45,19 @@ NOT_RESUMABLE = frozenset({
     grpc.StatusCode.NOT_FOUND})
 
 
+# gRPC's words for a message over a limit (RESOURCE_EXHAUSTED, as a full queue is): a chunk
+# larger than the client takes is as large again when the stream is asked for again.
+TOO_LARGE = "larger than max"
+
+
 def stream_error(err: grpc.RpcError, resume: int) -> VaeError:
     """The error of a stream that broke off before image `resume`, with the offset that
     resumes it unless the same request would fail the same way."""
     code = err.code() if hasattr(err, "code") else None
-    return VaeError.from_rpc_error(err, None if code in NOT_RESUMABLE else resume)
+    details = (err.details() if hasattr(err, "details") else "") or ""
+    again = code in NOT_RESUMABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                      and TOO_LARGE in details)
+    return VaeError.from_rpc_error(err, None if again else resume)
 
 
 def stream_resumable(err: grpc.RpcError, progressed: bool, retries: int) -> bool:
