@@ -39,11 +39,18 @@ REJECT_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthentic
                   "shutting_down", "model_version")
 
 
+# Where each program a test needs comes from (scripts/system-packages.sh installs the first).
+TOOL_SOURCES = {"prometheus": "apt-get install prometheus; make test and .ci/run do it",
+                "promtool": "apt-get install prometheus; make test and .ci/run do it",
+                "kubectl": "kubectl with its built-in kustomize, as the machine image has it, "
+                           "or Debian's kubernetes-client"}
+
+
 def need_tool(name: str) -> str:
     """The path of a program the test needs: skip without it, but fail in CI."""
     path = shutil.which(name)
     if path is None:
-        why = f"{name} is not installed (apt-get install prometheus; .ci/run does it)"
+        why = f"{name} is not installed ({TOOL_SOURCES.get(name, 'install it')})"
         if os.environ.get("CI"):
             pytest.fail(f"{why}, and CI must run this test")
         pytest.skip(why)
