@@ -83,7 +83,7 @@ def check_timeout(value: Any, name: str = "timeout") -> float | None:
     if math.isnan(seconds) or seconds > MAX_TIMEOUT_S:
         raise ValueError(f"{name}: {seconds:g} s; it must be at most {MAX_TIMEOUT_S:g} (or "
                          "None or inf: no deadline)")
-    return seconds
+    return max(seconds, 0.0)  # past already: gRPC fails the call at once (-inf it refuses)
 
 
 def call_timeout(timeout: Any, default: Any) -> float | None:

@@ -54,9 +54,14 @@ def _in_place(path: str | os.PathLike[str]) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-# The part file's name keeps this much of the target's, so that a name as long as the
-# filesystem allows (255 bytes) still has room for the part file's own.
-_PART_NAME_CHARS = 100
+# The part file's name keeps this many bytes of the target's, so that a name as long as the
+# filesystem allows (255 bytes) still leaves room for the part file's own.
+_PART_NAME_BYTES = 200
+
+
+def _part_name(name: str) -> str:
+    cut = os.fsencode(name)[:_PART_NAME_BYTES]
+    return f".{os.fsdecode(cut.decode('utf-8', 'ignore').encode())}.{secrets.token_hex(4)}.part"
 
 
 def new_part(target: Path) -> tuple[Path, int]:
@@ -71,7 +76,7 @@ def new_part(target: Path) -> tuple[Path, int]:
         keep = None
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     while True:
-        part = target.with_name(f".{target.name[:_PART_NAME_CHARS]}.{secrets.token_hex(4)}.part")
+        part = target.with_name(_part_name(target.name))
         try:
             fd = os.open(part, flags, 0o666)
         except FileExistsError:  # another writer's, or a planted name: draw again
