@@ -217,6 +217,32 @@ def test_a_job_killed_midway_resumes_without_remaking_whole_shards(servers, ray_
     assert digests(out) == digests(fresh)
 
 
+def test_sigterm_stops_a_ray_job_as_ctrl_c_does(servers, ray_cluster, tmp_path):
+    """Before: ray.init put its own SIGTERM handler (sys.exit(15)) in place of vae-client's,
+    so a job stopped by docker stop or Kubernetes exited with status 15, without a word and
+    without its clean-up."""
+    target, out = target_of(servers), tmp_path / "job"
+    proc = subprocess.Popen([str(VENV_BIN / "vae-client"), "--target", target, "bulk",
+                             "--out", str(out), "--no-progress", "--n", "20000",
+                             "--shard-size", "1000", "--format", "npz", "--workers", "1",
+                             "--ray-address", ray_cluster],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=RAY_ENV)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(out.glob("_*.sha256")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "vae-client: error: terminated", err[-2000:]
+    quiet(servers)
+
+
 def test_other_settings_in_a_begun_folder_are_refused(servers, tmp_path):
     target = target_of(servers)
     bulk(target, tmp_path / "d", "--n", "100", "--shard-size", "50", "--format", "npz",

@@ -227,3 +227,21 @@ def test_a_port_gRPC_would_misread_is_refused_when_made(make):
     gRPC taking the port modulo 65536; `vae-client --target` refused it already."""
     with pytest.raises(ValueError, match="port 112837 of '127.0.0.1:112837' is not in 1 .. 65535"):
         make("127.0.0.1:112837")
+
+
+def test_a_second_sigterm_ends_the_command_at_once():
+    """The first SIGTERM stops the command as Ctrl-C does; its clean-up may wait on a stalled
+    server (`bulk --no-ray` without --timeout), so the second takes the default action, as
+    every SIGTERM did before. Before: it was ignored, and only SIGKILL ended the command."""
+    import signal
+
+    from vae_client.__main__ import Terminated, _terminate
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+        with pytest.raises(Terminated):
+            _terminate(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -697,7 +697,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up
+    # A second SIGTERM ends the process at once, as it did before (a clean-up that waits on a
+    # stalled server must not make the command unkillable but by SIGKILL).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated
 
 
@@ -708,8 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     finally:
-        if main_thread and before is not None:
-            signal.signal(signal.SIGTERM, before)
+        if main_thread:  # None: a handler not set from Python, as the default was
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 def _main(args: argparse.Namespace) -> int:

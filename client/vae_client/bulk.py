@@ -38,6 +38,7 @@ import io
 import json
 import os
 import secrets
+import signal
 import socket
 import tarfile
 import threading
@@ -379,11 +380,17 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
     if started_here:
         if address is not None:
             check_reachable(address)
+        # ray.init puts in its own SIGTERM handler (sys.exit), in place of vae-client's, which
+        # stops the job as Ctrl-C does: the latter is put back.
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except (ValueError, ConnectionError) as exc:  # an address it cannot read, or reach
             where = "a local Ray cluster" if address is None else f"--ray-address {address}"
             raise BulkError(f"{where}: {' '.join(str(exc).split())}") from None
+        finally:
+            if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, on_sigterm)
     try:
         task: Any = ray.remote(num_cpus=0.5, max_retries=3)(make_shard)
         pending: dict[Any, int] = {}
