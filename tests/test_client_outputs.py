@@ -14,6 +14,7 @@ import resource
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -433,13 +434,46 @@ def test_a_replaced_file_keeps_its_mode_and_a_new_one_follows_the_umask(tmp_path
 def test_an_output_of_a_name_as_long_as_the_filesystem_allows(tmp_path):
     """Before: `.NAME.part` is 6 characters longer than NAME: a name of 250 characters, which
     open() takes, failed with ENAMETOOLONG."""
-    from vae_core.files import replacing
+    from vae_core.files import check_writable, replacing
 
     for name in ("x" * 250, "é" * 127):  # 250 and 254 bytes
         path = tmp_path / name
+        check_writable(path)  # its probe file's name, too, had the name and more
         with replacing(path, "w") as f:
             f.write("ok")
         assert path.read_text() == "ok"
+
+
+def test_a_read_only_npy_output_is_replaced_as_other_outputs_are():
+    """Before: the sink's part file took the replaced file's mode (0444) when made, and numpy
+    opening it again by its name was refused: `sample --out x.npy` over a read-only x.npy
+    failed with 'Permission denied: x.npy' in a folder its user could write, where a PNG, CSV
+    or JSON output was replaced. Run without root's right to open any file (setpriv drops it
+    where the tests run as root)."""
+    import tempfile
+
+    plain: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to run without its right to open any file")
+        plain = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    folder = Path(tempfile.mkdtemp(prefix="vae-ro-"))
+    try:
+        folder.chmod(0o777)
+        target = folder / "x.npy"
+        np.save(target, np.zeros((2, 28, 28), np.uint8))
+        target.chmod(0o444)
+        script = ("import numpy as np, sys; from vae_client.cli_io import ImageSink; "
+                  "s = ImageSink(sys.argv[1], 2, 'uint8'); "
+                  "s.put(0, np.full((2, 28, 28), 7, np.uint8)); s.close()")
+        done = subprocess.run([*plain, sys.executable, "-c", script, str(target)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (np.load(target) == 7).all()
+        assert stat.S_IMODE(target.stat().st_mode) == 0o444
+        assert sorted(p.name for p in folder.iterdir()) == ["x.npy"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_an_output_through_a_symbolic_link_replaces_the_file_it_names(tmp_path):

@@ -349,3 +349,31 @@ def test_a_gpu_rollout_needs_no_spare_gpu(docs):
         assert hpa["spec"]["minReplicas"] - rolling["maxUnavailable"] >= 1
     else:
         assert rolling["maxUnavailable"] == 0
+
+
+def test_the_model_image_leaves_out_what_a_write_cut_short_leaves():
+    """A `vae-export onnx` killed midway leaves its staging folder, `.export-*` (mode 0700),
+    in models/default, and a killed write its part file: the model image copied them, and the
+    init container, not root, could not copy a 0700 folder on, so no pod started. The
+    .dockerignore's last matching line decides, as Docker reads it (these patterns have no
+    `**`, so fnmatch reads them as Docker does)."""
+    import fnmatch
+
+    ignore = REPO_ROOT / "deploy" / "docker" / "model.Dockerfile.dockerignore"
+    lines = [ln.strip() for ln in ignore.read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert all("**" not in ln for ln in lines)
+
+    def sent(path: str) -> bool:
+        verdict = True
+        for line in lines:
+            pattern, keep = (line[1:], True) if line.startswith("!") else (line, False)
+            pattern = pattern.rstrip("/")
+            if fnmatch.fnmatchcase(path, pattern) or path.startswith(pattern + "/"):
+                verdict = keep
+        return verdict
+
+    assert sent("models/default/manifest.json") and sent("models/default/decoder.onnx")
+    assert not sent("models/default/.export-k2j3h4/encoder.onnx")
+    assert not sent("models/default/.manifest.json.1a2b3c4d.part")
+    assert not sent("runs/default/checkpoint.pt")

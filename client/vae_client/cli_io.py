@@ -23,7 +23,7 @@ import numpy as np
 from vae_client._codec import Scores
 from vae_client.images import SIDE, grid, load_images, to_uint8, write_png
 from vae_core import files
-from vae_core.files import destination, discard_part, new_part, replacing
+from vae_core.files import destination, discard_part, kept_mode, new_part, replacing
 
 IMAGE_SUFFIXES = (".npy", ".png")
 LATENT_SUFFIXES = (".npy", ".npz")
@@ -102,8 +102,11 @@ class ImageSink:
                 os.close(fd)
                 self._part = Path(part)
             else:
-                self._part, fd = new_part(self._target)
-                os.close(fd)  # numpy opens it again, by its name
+                # numpy opens it again, by its name: the replaced file's mode (read-only,
+                # say) is given at close(), not now.
+                self._mode = kept_mode(self._target)
+                self._part, fd = new_part(self._target, keep_mode=False)
+                os.close(fd)
             try:
                 array = np.lib.format.open_memmap(self._part, mode="w+", dtype=np.dtype(dtype),
                                                   shape=(n, SIDE, SIDE))
@@ -134,6 +137,8 @@ class ImageSink:
                         shutil.copyfileobj(src, dst, 1 << 20)
                     self._part.unlink()
                 else:
+                    if self._mode is not None:
+                        os.chmod(self._part, self._mode)
                     os.replace(self._part, self._target)
             except BaseException as exc:
                 discard_part(self.path, exc, self._part)

@@ -59,21 +59,34 @@ def _in_place(path: str | os.PathLike[str]) -> bool:
 _PART_NAME_BYTES = 200
 
 
-def _part_name(name: str) -> str:
+def _short(name: str) -> str:
+    """`name` cut to _PART_NAME_BYTES bytes (at a whole character)."""
     cut = os.fsencode(name)[:_PART_NAME_BYTES]
-    return f".{os.fsdecode(cut.decode('utf-8', 'ignore').encode())}.{secrets.token_hex(4)}.part"
+    return os.fsdecode(cut.decode("utf-8", "ignore").encode())
 
 
-def new_part(target: Path) -> tuple[Path, int]:
+def _part_name(name: str) -> str:
+    return f".{_short(name)}.{secrets.token_hex(4)}.part"
+
+
+def kept_mode(target: Path) -> int | None:
+    """The mode of the file a write replaces (None: there is none, and a new one takes 0666
+    less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return None
+
+
+def new_part(target: Path, keep_mode: bool = True) -> tuple[Path, int]:
     """A new file beside `target` (which must not be one written in place) to write it in
     before it takes its name: `.NAME.RANDOM.part`, created exclusively and without following a
     link (O_EXCL | O_NOFOLLOW), so that two writers of one path never share a part file and a
     link planted at a guessable name is never written through. Its mode is the replaced
-    file's, or 0666 less the umask for a new one. Returns the path and its open descriptor."""
-    try:
-        keep = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        keep = None
+    file's (kept_mode), unless `keep_mode` is false: a caller that opens it again by its name
+    (a read-only mode would refuse that) gives it that mode itself before the rename. Returns
+    the path and its open descriptor."""
+    keep = kept_mode(target) if keep_mode else None
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     while True:
         part = target.with_name(_part_name(target.name))
@@ -151,7 +164,7 @@ def check_writable(path: str | os.PathLike[str]) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
         return
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe",
+        fd, probe = tempfile.mkstemp(prefix=f".{_short(target.name)}.", suffix=".probe",
                                      dir=target.parent)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
