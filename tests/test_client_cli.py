@@ -645,7 +645,10 @@ def test_targets_grpc_reads_are_taken_as_they_are():
                    "dns://10.0.0.2/vae.svc:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051",
                    "ipv4:///127.0.0.1:50051", "ipv4:10.0.0.1:50051,", "ipv6:///[::1]:50051",
                    "ipv4:127.0.0.1", "::1", "localhost:http", "unix:/run/vae.sock", "xds:vae",
-                   "passthrough:///vae:50051"):
+                   "passthrough:///vae:50051",
+                   # Before: refused for its blank, since every channel is checked; gRPC
+                   # serves and calls a socket path with blanks.
+                   "unix:/run/my vae.sock", "unix-abstract:vae sock"):
         assert check_target(target) == target
 
 

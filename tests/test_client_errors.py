@@ -138,7 +138,7 @@ NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1: a call that is sent fail
     (lambda c: next(c.sample_stream(10, offset=None)), "offset"),
     (lambda c: c.log_likelihood(IMAGE, k=1.5), "k"),
     (lambda c: c.encode(IMAGE, sample="yes"), "sample"),
-    (lambda c: c.encode(IMAGE, sample=1), "sample"),
+    (lambda c: c.encode(IMAGE, sample=2), "sample"),
     (lambda c: c.encode("abc"), "images"),
     (lambda c: c.encode([[0.5] * 784, [0.5] * 3]), "images"),
     (lambda c: c.encode(IMAGE.astype(np.complex64)), "images"),
@@ -152,7 +152,7 @@ NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1: a call that is sent fail
 def test_a_value_of_another_type_is_invalid_argument_naming_the_field(call, field):
     """Before: TypeError or ValueError from the range check, protobuf or numpy, naming no
     field ("'<=' not supported between instances of 'int' and 'str'"), or, for seed=None,
-    seed 0 without a word, for sample=1 a bool, for complex images a warning and the real
+    seed 0 without a word, for sample=2 a bool, for complex images a warning and the real
     part, for a timeout of 1e12 s DEADLINE_EXCEEDED from gRPC at once. Refused before anything
     is sent: nothing listens at the target."""
     with VaeClient(NO_SERVER, retries=0) as c, pytest.raises(VaeError) as err:
@@ -174,17 +174,25 @@ def test_numpy_numbers_of_every_kind_are_taken():
 
 
 def test_integer_pixels_are_read_as_the_command_reads_them():
-    """Before: the library sent an int64 array as float32 (0/1 digits scored as full ink;
-    0 .. 255 refused as 'FLOAT32 pixels must lie in [0, 1]'), where `vae-client score` read
-    the same array as uint8: the same data scored differently. One rule now."""
+    """Before: the library sent an int64 array as float32 (0 .. 255 refused as 'FLOAT32
+    pixels must lie in [0, 1]', 0/1 digits scored as full ink), where `vae-client score` read
+    the same array as uint8 (0/1 digits as all but black): the same data scored differently.
+    One rule now, which refuses integers of 0 and 1 alone as ambiguous."""
     from vae_client._codec import images_tensor
     from vae_client.images import ImageFileError, as_images
 
     digits = np.random.default_rng(0).integers(0, 256, (3, 28, 28))
-    for ints in (digits, digits.astype(np.int16), (digits > 127).astype(np.int64)):
+    for ints in (digits, digits.astype(np.int16)):
         as_uint8 = ints.astype(np.uint8)
         assert images_tensor(ints) == images_tensor(as_uint8)
         assert images_tensor(as_images(ints, "x.npy")) == images_tensor(as_uint8)
+    binary = (digits > 127).astype(np.int64)
+    with pytest.raises(VaeError, match="int64 pixels of 0 and 1 alone are ambiguous"):
+        images_tensor(binary)
+    with pytest.raises(ImageFileError, match=r"^x\.npy: int64 pixels of 0 and 1 alone"):
+        as_images(binary, "x.npy")
+    # As bool or float they are binarised digits, 1 full ink.
+    assert images_tensor(binary.astype(bool)) == images_tensor(binary.astype(np.float32))
     with pytest.raises(VaeError) as err:
         images_tensor(digits + 1)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -245,3 +253,30 @@ def test_a_second_sigterm_ends_the_command_at_once():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("-inf")])
+def test_a_timeout_already_past_fails_the_call_at_once(timeout):
+    """Against a server that would answer only after seconds: DEADLINE_EXCEEDED at once, as
+    README says of a timeout of 0 or less (a guard of that promise, not of a bug)."""
+    import threading
+    import time
+
+    from serving import stub_server
+
+    release = threading.Event()
+
+    def slow(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        release.wait(10)
+        return b""
+
+    handlers = {"Sample": grpc.unary_unary_rpc_method_handler(slow)}
+    with stub_server(handlers) as target, VaeClient(target, retries=0) as c:
+        try:
+            began = time.monotonic()
+            with pytest.raises(VaeError) as err:
+                c.sample(2, timeout=timeout)
+            assert time.monotonic() - began < 2
+        finally:
+            release.set()
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, err.value

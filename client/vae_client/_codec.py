@@ -62,7 +62,8 @@ def request(cls: type[M], **fields: Any) -> M:
             if not bounds[0] <= value <= bounds[1]:
                 raise invalid(f"{name}: {value} is out of range; it must be "
                               f"{bounds[0]} .. {bounds[1]}")
-        elif field.type == FieldDescriptor.TYPE_BOOL and not isinstance(value, (bool, np.bool_)):
+        elif field.type == FieldDescriptor.TYPE_BOOL and not (
+                isinstance(value, (bool, np.bool_)) or (_whole(value) and value in (0, 1))):
             raise invalid(f"{name}: {value!r} is not a bool")
         elif field.type == FieldDescriptor.TYPE_STRING and not isinstance(value, str):
             raise invalid(f"{name}: {value!r} is not a string")
@@ -83,7 +84,7 @@ def check_timeout(value: Any, name: str = "timeout") -> float | None:
     if math.isnan(seconds) or seconds > MAX_TIMEOUT_S:
         raise ValueError(f"{name}: {seconds:g} s; it must be at most {MAX_TIMEOUT_S:g} (or "
                          "None or inf: no deadline)")
-    return max(seconds, 0.0)  # past already: gRPC fails the call at once (-inf it refuses)
+    return max(seconds, 0.0)  # past already: gRPC fails the call at once
 
 
 def call_timeout(timeout: Any, default: Any) -> float | None:
@@ -121,13 +122,18 @@ def pixels(arr: np.ndarray) -> np.ndarray:
     """Pixels as the wire takes them, by the one rule of the library and the CLI: uint8 and
     float32 as they are, other integers in 0 .. 255 as uint8, other floats and bools as
     float32 (whose range, [0, 1], the server checks). Raises ValueError for integers outside
-    0 .. 255 and for what is not a number."""
+    0 .. 255, for integers of 0 and 1 alone (binarised digits, or 8-bit ones all but black?),
+    and for what is not a number."""
     if arr.dtype == np.uint8 or arr.dtype == np.float32:
         return arr
     if arr.dtype.kind in "iu":
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+        low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if low < 0 or high > 255:
             raise ValueError(f"integer pixels must lie in 0 .. 255; found values in "
-                             f"{int(arr.min())} .. {int(arr.max())}")
+                             f"{low} .. {high}")
+        if high == 1:
+            raise ValueError(f"{arr.dtype} pixels of 0 and 1 alone are ambiguous: binarised "
+                             "digits go as bool or float (1 is full ink), 8-bit ones as uint8")
         return arr.astype(np.uint8)
     if arr.dtype.kind in "fb":
         return arr.astype(np.float32)

@@ -206,9 +206,11 @@ def check_target(target: str) -> str:
     (gRPC takes it modulo 65536), an ipv4:/ipv6: entry that is no such address (gRPC logs its
     own parse errors before failing), an IPv6 address with a port but no brackets (read as a
     host name on port 443), an http:// URL, blanks. Forms gRPC parses itself are left to it."""
+    scheme, colon, rest = target.partition(":")
+    if colon and scheme in ("unix", "unix-abstract") and rest:
+        return target  # a socket's path, which may hold blanks
     if not target or target != target.strip() or " " in target:
         raise ValueError(f"{target!r}: empty, or with blanks")
-    scheme, colon, rest = target.partition(":")
     if colon and "//" in rest[:2] and scheme.lower() in ("http", "https", "grpc", "grpcs"):
         raise ValueError(f"{target!r}: a gRPC target is HOST:PORT (or dns:///HOST:PORT), "
                          f"not a URL")

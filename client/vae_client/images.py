@@ -1,4 +1,5 @@
-"""Digit images in and out of files, with numpy and the standard library only.
+"""Digit images in and out of files, with numpy and the standard library (and the client's
+own pixel rule, vae_client._codec.pixels).
 
 - PNG: `write_png` writes 8-bit grayscale; `read_png` reads any non-interlaced PNG
   (grayscale, gray+alpha, RGB, RGBA, palette; 1 to 16 bits) and returns 8-bit grayscale.
