@@ -468,3 +468,22 @@ def test_dashboard_covers_every_metric_the_operator_needs():
     assert worker_panels
     for p in worker_panels:
         assert p["fieldConfig"]["defaults"]["noValue"] == "one process", p["title"]
+
+
+def test_each_legend_names_labels_its_query_keeps():
+    """Before: the CPU and memory legends read {{service}}{{pod}} of `sum by (service,
+    instance)`, which drops `pod`: under Kubernetes the pod's name never showed. A label a
+    legend names must be one the query's outermost `by (...)` keeps."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    checked = 0
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            kept = re.match(r"\s*(?:sum|max|min|avg|count|topk\(\d+,)?\s*by\s*\(([^)]*)\)",
+                            target["expr"])
+            if not legend or kept is None:
+                continue
+            labels = {w.strip() for w in kept.group(1).split(",")}
+            assert legend <= labels, (panel["title"], target["expr"], legend - labels)
+            checked += 1
+    assert checked >= 5
