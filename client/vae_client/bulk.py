@@ -37,7 +37,6 @@ import hashlib
 import io
 import json
 import os
-import secrets
 import signal
 import socket
 import tarfile
@@ -55,7 +54,7 @@ from vae_client.channel import Security
 from vae_client.client import VaeClient
 from vae_client.errors import VaeError
 from vae_client.images import encode_png
-from vae_core.files import replacing
+from vae_core.files import new_part, replacing
 from vae_core.manifest import sha256_file
 
 FORMATS = {"parquet": ".parquet", "webdataset": ".tar", "npz": ".npz"}
@@ -133,13 +132,7 @@ def _new_file(path: Path) -> Iterator[IO[bytes]]:
     """A file of a new name beside `path` (never one that exists: not another job's, nor a
     link planted there), renamed to `path` once written; removed if the writing fails. Its
     mode is that of any new file (0666 less the umask), as readers of the dataset expect."""
-    while True:
-        part = path.with_name(f"_{path.name}.{secrets.token_hex(6)}.part")
-        try:
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
+    part, fd = new_part(path, keep_mode=False, prefix="_")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -65,8 +65,8 @@ def _short(name: str) -> str:
     return os.fsdecode(cut.decode("utf-8", "ignore").encode())
 
 
-def _part_name(name: str) -> str:
-    return f".{_short(name)}.{secrets.token_hex(4)}.part"
+def _part_name(name: str, prefix: str = ".") -> str:
+    return f"{prefix}{_short(name)}.{secrets.token_hex(4)}.part"
 
 
 def kept_mode(target: Path) -> int | None:
@@ -78,9 +78,10 @@ def kept_mode(target: Path) -> int | None:
         return None
 
 
-def new_part(target: Path, keep_mode: bool = True) -> tuple[Path, int]:
+def new_part(target: Path, keep_mode: bool = True, prefix: str = ".") -> tuple[Path, int]:
     """A new file beside `target` (which must not be one written in place) to write it in
-    before it takes its name: `.NAME.RANDOM.part`, created exclusively and without following a
+    before it takes its name: `.NAME.RANDOM.part` (`prefix` in place of the dot: bulk's part
+    files begin with "_"), created exclusively and without following a
     link (O_EXCL | O_NOFOLLOW), so that two writers of one path never share a part file and a
     link planted at a guessable name is never written through. Its mode is the replaced
     file's (kept_mode), unless `keep_mode` is false: a caller that opens it again by its name
@@ -89,7 +90,7 @@ def new_part(target: Path, keep_mode: bool = True) -> tuple[Path, int]:
     keep = kept_mode(target) if keep_mode else None
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     while True:
-        part = target.with_name(_part_name(target.name))
+        part = target.with_name(_part_name(target.name, prefix))
         try:
             fd = os.open(part, flags, 0o666)
         except FileExistsError:  # another writer's, or a planted name: draw again

@@ -137,7 +137,6 @@ class GaussianMixture:
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise PriorError(f"{path}: not a prior file ({exc})") from None
 
-
     # -- sampling -------------------------------------------------------------------------
 
     def latents(self, seed: int, start: int, n: int, digit: int | None = None) -> np.ndarray:

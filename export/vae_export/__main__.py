@@ -111,10 +111,12 @@ MAX_GENERATED = 1_000_000
 JUDGE_ACCURACY = 0.98
 
 
-def _not_a_folder(command: str, out: str) -> bool:
-    """Whether --out is a file, not a folder to write the command's files in (said in a line)."""
+def _not_a_folder(command: str, out: str | Path, option: str = "--out") -> bool:
+    """Whether `option` (--out) is a file, not a folder to write the command's files in (said
+    in a line)."""
     if Path(out).exists() and not Path(out).is_dir():
-        print(f"vae-export {command}: error: --out {out}: a file, not a folder", file=sys.stderr)
+        print(f"vae-export {command}: error: {option} {out}: a file, not a folder",
+              file=sys.stderr)
         return True
     return False
 
@@ -198,9 +200,10 @@ def _eval(args: argparse.Namespace) -> int:
     if roc is not None:
         from vae_export.plots import picture_formats
 
-        if roc.suffix.lstrip(".").lower() not in picture_formats():
+        formats = picture_formats()
+        if roc.suffix.lstrip(".").lower() not in formats:
             print(f"vae-export eval: error: --roc {args.roc}: a picture's name ends in one of "
-                  f"{', '.join('.' + f for f in sorted(picture_formats()))}", file=sys.stderr)
+                  f"{', '.join('.' + f for f in sorted(formats))}", file=sys.stderr)
             return 2
     for option, path in (("--json", args.json), ("--roc", args.roc if roc else None)):
         why = _unwritable(option, path)
@@ -243,9 +246,7 @@ def _judge_unusable(folder: Path) -> bool:
     load. A folder without one is trained first (evaluate says so when it starts)."""
     from vae_export.classifier import WEIGHTS, load_classifier
 
-    if folder.exists() and not folder.is_dir():
-        print(f"vae-export eval: error: --classifier {folder}: a file, not a folder",
-              file=sys.stderr)
+    if _not_a_folder("eval", folder, "--classifier"):
         return True
     if (folder / WEIGHTS).is_file():
         load_classifier(folder)  # DataError: one line, status 2

