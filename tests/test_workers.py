@@ -465,3 +465,51 @@ def test_merged_created_series_fold_into_their_families_and_parse_as_openmetrics
         assert text["grpc_server_started_created"] == "gauge"  # as a lone server's page
         merged.retire(101)  # the second round: one worker's counts retired
         live[:] = [(102, 9002)]
+
+
+def _worker_page(started: int, handled_ok: int, queued: float, unsent: float) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from vae_server.metrics import Metrics
+
+    m = Metrics(CollectorRegistry(auto_describe=True), gpu=False)
+    labels = ("vae.v1.VaeService", "SampleStream", "server_stream")
+    m.started.labels(*labels).inc(started)
+    m.handled.labels(*labels, "OK").inc(handled_ok)
+    m.watch_queue("decoder", lambda: queued)
+    m.watch_unsent(lambda: unsent)
+    return generate_latest(m.registry).decode()
+
+
+def _handled(merged: MergedMetrics) -> dict[tuple[str, str], float]:
+    return {(s.labels["grpc_method"], s.labels["grpc_code"]): s.value
+            for f in merged.collect() if f.name == "grpc_server_handled" for s in f.samples
+            if s.name == "grpc_server_handled_total"}
+
+
+def test_calls_a_retired_worker_left_in_flight_end_unavailable_in_the_sum(monkeypatch):
+    """Before: the 4 streams a killed worker had in flight at its last scrape stayed started
+    and never handled, so the dashboard's calls in flight (started - handled) showed them
+    for as long as the supervisor ran, and no fault was counted for the crash. Their callers
+    got UNAVAILABLE; the sum now says so."""
+    texts = {9001: _worker_page(6, 2, 0, 0), 9002: _worker_page(1, 1, 0, 0)}
+    live = [(101, 9001), (102, 9002)]
+    merged = MergedMetrics(lambda: list(live))
+    monkeypatch.setattr(merged, "_read", texts.__getitem__)
+    assert _handled(merged) == {("SampleStream", "OK"): 3}
+    merged.retire(101)
+    live[:] = [(102, 9002)]
+    assert _handled(merged) == {("SampleStream", "OK"): 3, ("SampleStream", "UNAVAILABLE"): 4}
+    merged.retire(102)  # one that ended with nothing in flight adds no UNAVAILABLE
+    live[:] = []
+    assert _handled(merged) == {("SampleStream", "OK"): 3, ("SampleStream", "UNAVAILABLE"): 4}
+
+
+def test_queue_gauges_merge_as_the_fullest_worker_not_a_sum(monkeypatch):
+    """Each worker has its own queue and its own --max-queue-images: before, two workers
+    with 3,000 images queued read 6,000, past a limit of 4,096 that neither was near."""
+    texts = {9001: _worker_page(0, 0, 3000, 2500), 9002: _worker_page(0, 0, 1000, 500)}
+    merged = MergedMetrics(lambda: [(101, 9001), (102, 9002)])
+    monkeypatch.setattr(merged, "_read", texts.__getitem__)
+    values = _values(merged)
+    assert values["vae_queue_depth"] == 3000 and values["vae_stream_unsent_images"] == 2500

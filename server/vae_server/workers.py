@@ -510,7 +510,9 @@ def supervise(settings: Settings) -> int:
 
 # Samples that a sum would make meaningless: the earliest start, the largest limit.
 _MIN = ("_created", "process_start_time_seconds")
-_MAX = ("process_max_fds",)
+# Each worker has its own queue, limited by its own --max-queue-images: the fullest one says
+# how near the server is to refusing calls.
+_MAX = ("process_max_fds", "vae_queue_depth", "vae_stream_unsent_images")
 # Gauges of a whole device that every worker reads alike (NVML's utilisation and memory):
 # the largest reading, not N times it.
 _DEVICE = ("vae_gpu_",)
@@ -553,16 +555,42 @@ class MergedMetrics(Collector):
             return total.metrics()
 
     def retire(self, pid: int) -> None:
-        """The worker `pid` exited: what it counted stays in the sum."""
+        """The worker `pid` exited: what it counted stays in the sum, and the calls it had
+        started and not ended at its last reading end UNAVAILABLE there (what their callers
+        got, if the exit cut them off), so that started less handled counts only live calls
+        and the crash counts as the fault it is. (What it counted after that reading is lost.)"""
         with self._lock:
             text = self._last.pop(pid, None)
             if text is not None:
-                self._retired.add(text_string_to_metric_families(text))
+                families = list(text_string_to_metric_families(text))
+                self._retired.add([*families, *_cut_off(families)])
 
     def _read(self, port: int) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
                                     timeout=self._timeout) as reply:
             return str(reply.read().decode("utf-8"))
+
+
+def _cut_off(families: list[Metric]) -> list[Metric]:
+    """grpc_server_handled_total{grpc_code="UNAVAILABLE"} samples for the calls of one
+    exposition that were started and not handled (none where every call had ended)."""
+    open_calls: dict[tuple[tuple[str, str], ...], float] = {}
+    documentation = ""
+    for family in families:
+        if family.name == "grpc_server_handled":
+            documentation = family.documentation
+        for sample in family.samples:
+            sign = {"grpc_server_started_total": 1, "grpc_server_handled_total": -1}.get(
+                sample.name)
+            if sign:
+                key = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "grpc_code"))
+                open_calls[key] = open_calls.get(key, 0.0) + sign * sample.value
+    cut = Metric("grpc_server_handled", documentation, "counter")
+    for key, calls in open_calls.items():
+        if calls > 0:
+            cut.add_sample("grpc_server_handled_total", {**dict(key), "grpc_code": "UNAVAILABLE"},
+                           calls)
+    return [cut] if cut.samples else []
 
 
 # Families whose samples only grow while a process runs.
