@@ -172,6 +172,44 @@ def test_callers_that_stop_reading_hold_queue_room_not_memory(model_dir):
             assert c.decode(z).shape[0] == chunk
 
 
+def test_a_stalled_stream_counts_the_images_it_sent_not_those_waiting_to_be(model_dir):
+    """vae_method_images_total counts a SampleStream's images once gRPC has taken them, as
+    vae_stream_unsent_images stops holding them: every image the decoder made is in exactly
+    one of the two. Before: a chunk was counted before `yield`, so the one waiting there for
+    a caller that stopped reading was in both, and the dashboard's images/s counted images
+    that never left."""
+    chunk = 1024
+    with server_thread(model_dir, max_batch_size=chunk, max_queue_images=4 * chunk,
+                       max_images_per_request=chunk, max_sample_n=chunk, max_chunk_size=chunk,
+                       default_chunk_size=chunk, max_k=chunk) as srv:
+        registry = srv.running.metrics.registry
+
+        def figures() -> tuple[float, float, float]:
+            return tuple(registry.get_sample_value(name, labels) or 0.0 for name, labels in (
+                ("vae_items_total", {"model": "decoder"}),
+                ("vae_method_images_total", {"grpc_method": "SampleStream"}),
+                ("vae_stream_unsent_images", {})))
+
+        channel = grpc.insecure_channel(srv.target)
+        try:
+            stream = channel.unary_stream("/vae.v1.VaeService/SampleStream")(
+                vae_pb2.SampleStreamRequest(n=10**6, chunk_size=chunk).SerializeToString(),
+                timeout=60)
+            next(stream)  # one chunk read, then none
+            last: list[tuple[float, float, float]] = []
+
+            def settled() -> bool:
+                last.append(figures())
+                return len(last) > 5 and last[-1] == last[-6] and last[-1][2] > 0
+
+            wait_until(settled, timeout=20, every=0.1, what="the stalled stream never settled")
+            made, counted, unsent = last[-1]
+            assert counted + unsent == made, last[-1]
+            stream.cancel()
+        finally:
+            channel.close()
+
+
 @pytest.fixture
 def breaks_after_the_last_chunk():
     """A vae.v1 server whose SampleStream sends every image asked for, then breaks off with

@@ -365,8 +365,10 @@ class VaeServicer:
                 size, reply = await pending[0]
                 pending.popleft()
                 fill()
-                counter.inc(size)
                 yield reply
+                # Counted once gRPC has taken it, as it stops being unsent: a chunk waiting
+                # at `yield` for a caller who stopped reading was never streamed.
+                counter.inc(size)
                 unsent.release(size)
         finally:
             clean_up()
