@@ -73,7 +73,7 @@ def test_idle_model_runs_a_lone_call_at_once(executor):
     model = Model()
 
     async def main():
-        b = Batcher(model, executor, max_batch=64, max_queue=1024, max_delay=1.0)
+        b = Batcher(model, executor, max_batch=64, max_queue=1024, max_delay=10.0)
         t0 = time.perf_counter()
         out = await b.submit(rows(0, 1))
         elapsed = time.perf_counter() - t0
@@ -82,8 +82,8 @@ def test_idle_model_runs_a_lone_call_at_once(executor):
 
     out, elapsed = asyncio.run(main())
     np.testing.assert_array_equal(out[0], rows(0, 1) * 2)
-    # max_delay (1 s) applies only while the model is busy: an idle model does not wait.
-    assert elapsed < 0.5
+    # max_delay (10 s) applies only while the model is busy: an idle model does not wait.
+    assert elapsed < 5.0
 
 
 def test_calls_arriving_during_a_run_merge_and_each_gets_its_own_rows(executor):
@@ -354,7 +354,7 @@ def test_a_lone_caller_does_not_wait_for_the_batching_delay(executor):
     model = Model()
 
     async def main():
-        b = Batcher(model, executor, max_batch=1000, max_queue=10_000, max_delay=1.0)
+        b = Batcher(model, executor, max_batch=1000, max_queue=10_000, max_delay=10.0)
         t0 = time.perf_counter()
         for i in range(20):  # one call in flight at a time
             await b.submit(rows(i, 1))
@@ -364,7 +364,7 @@ def test_a_lone_caller_does_not_wait_for_the_batching_delay(executor):
 
     elapsed = asyncio.run(main())
     assert model.sizes == [1] * 20
-    assert elapsed < 1.0  # not one max_delay (1 s) was waited
+    assert elapsed < 5.0  # not one max_delay (10 s) was waited
 
 
 def test_small_batches_run_on_the_event_loop_thread_and_large_ones_in_workers(executor):
@@ -693,10 +693,10 @@ def test_a_full_small_lane_does_not_wait_for_its_timer(executor):
     big, inline = Model(), InlineRun()
 
     async def main():
-        b = beside(big, executor, max_delay=1.0, inline=inline)
+        b = beside(big, executor, max_delay=10.0, inline=inline)
         large = await hold_a_large_run(b, big)
         await b.submit(rows(100, 1))         # lane idle: runs at once
-        first = asyncio.ensure_future(b.submit(rows(200, 1)))  # lane busy: timer ~1 s
+        first = asyncio.ensure_future(b.submit(rows(200, 1)))  # lane busy: timer ~10 s
         await asyncio.sleep(0.02)
         t0 = time.perf_counter()
         more = [asyncio.ensure_future(b.submit(rows(300 + 10 * i, 1))) for i in range(7)]
@@ -709,7 +709,7 @@ def test_a_full_small_lane_does_not_wait_for_its_timer(executor):
 
     elapsed = asyncio.run(main())
     assert inline.sizes[-1] == 8
-    assert elapsed < 0.5, f"a full small batch waited {elapsed:.2f} s for the lane's timer"
+    assert elapsed < 5.0, f"a full small batch waited {elapsed:.2f} s for the lane's timer"
 
 
 def test_small_calls_left_behind_an_executor_batch_run_beside_it(executor):
@@ -906,14 +906,14 @@ def test_an_idle_instance_does_not_wait_for_small_calls_to_gather(executor):
     wide, one = Model(), OneThread()
 
     async def main():
-        b = instances(wide, one, executor, max_delay=2.0)
+        b = instances(wide, one, executor, max_delay=10.0)
         first = await hold_a_large_run(b, wide)
         # Five small calls at once: one inline batch of five, so the batcher expects five.
         await asyncio.gather(*(b.submit(rows(10 * i, 1)) for i in range(5)))
-        gathering = asyncio.ensure_future(b.submit(rows(100, 1)))  # waits for 4 more, <= 2 s
+        gathering = asyncio.ensure_future(b.submit(rows(100, 1)))  # waits for 4 more, <= 10 s
         await asyncio.sleep(0.05)
         t0 = time.perf_counter()
-        await asyncio.wait_for(b.submit(rows(1000, 60)), 5)
+        await asyncio.wait_for(b.submit(rows(1000, 60)), 30)
         elapsed = time.perf_counter() - t0
         wide.gate.set()
         await asyncio.gather(first, gathering)
@@ -922,7 +922,7 @@ def test_an_idle_instance_does_not_wait_for_small_calls_to_gather(executor):
 
     elapsed = asyncio.run(main())
     assert one.inline_sizes[0] == 5
-    assert elapsed < 1.0, f"the large call waited {elapsed:.2f} s for small calls to gather"
+    assert elapsed < 5.0, f"the large call waited {elapsed:.2f} s for small calls to gather"
 
 
 def test_idle_instances_counts_those_that_would_start_new_work_at_once(executor):

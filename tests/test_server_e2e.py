@@ -505,8 +505,12 @@ def test_a_call_cancelled_before_its_request_message_is_not_counted_as_refused(s
     def count(name: str, **more: str) -> float:
         return registry.get_sample_value(name, {**labels, **more}) or 0.0
 
+    def received() -> float:
+        return registry.get_sample_value("vae_grpc_received_calls_total") or 0.0
+
     started = count("grpc_server_started_total")
     refused = count("grpc_server_handled_total", grpc_code="UNIMPLEMENTED")
+    arrived = received()
     never = threading.Event()
 
     def requests():
@@ -516,7 +520,10 @@ def test_a_call_cancelled_before_its_request_message_is_not_counted_as_refused(s
     with grpc.insecure_channel(server.target) as channel:
         calls = [channel.stream_unary("/vae.v1.VaeService/Decode").future(requests())
                  for _ in range(20)]
-        time.sleep(0.5)
+        # Cancelled once their headers have reached the server: else the test would pass
+        # on calls the server never saw.
+        wait_until(lambda: received() >= arrived + 20, timeout=30,
+                   what="the calls' headers never reached the server")
         for call in calls:
             call.cancel()
         time.sleep(1.0)
