@@ -833,3 +833,42 @@ def test_a_bernoulli_model_scores_uint8_digits_binarised(bernoulli_model_dir, di
         got = c.log_likelihood(digits[:6], k=50, seed=9)
     np.testing.assert_allclose(got.log_likelihood, expected.log_likelihood, rtol=1e-5)
     np.testing.assert_allclose(got.bits_per_dim, expected.bits_per_dim, rtol=1e-5)
+
+
+def test_health_list_gives_every_status_check_gives(server, caplog):
+    """Health's List (grpc.health.v1, beside Check and Watch) answers with the status of each
+    service name Check knows. Before: grpcio's servicer left it unimplemented, so it answered
+    UNIMPLEMENTED with a Python exception's text and logged a traceback at each call."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel, caplog.at_level(logging.ERROR):
+        stub = health_pb2_grpc.HealthStub(channel)
+        listed = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses
+        checked = {name: stub.Check(health_pb2.HealthCheckRequest(service=name),
+                                    timeout=10).status for name in listed}
+    assert set(listed) == {"", "vae.v1.VaeService", "liveness"}
+    assert {name: s.status for name, s in listed.items()} == checked
+    assert set(checked.values()) == {health_pb2.HealthCheckResponse.SERVING}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_client_that_pings_while_idle_keeps_its_connection(model_dir, monkeypatch):
+    """Clients that ping between calls as well as during them (grpc-go's PermitWithoutStream,
+    meshes, pooled channels) may, no more often than the server's floor on pings. Before:
+    the server took any ping without a call in flight as abuse, and after three it closed the
+    connection with GOAWAY "too_many_pings", so the next call had to connect again. (The floor
+    is lowered here so that three pings take seconds, not the default's 15.)"""
+    import vae_server.server
+
+    monkeypatch.setattr(vae_server.server, "MIN_CLIENT_PING_INTERVAL_MS", 500)
+    states: list[grpc.ChannelConnectivity] = []
+    with server_thread(model_dir) as srv, grpc.insecure_channel(srv.target, options=[
+            ("grpc.keepalive_time_ms", 700), ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0)]) as channel:
+        channel.subscribe(states.append, try_to_connect=True)
+        vae_pb2_grpc.VaeServiceStub(channel).GetModelInfo(vae_pb2.GetModelInfoRequest(), timeout=30)
+        time.sleep(5.0)  # idle: about 7 pings
+        assert states[-1] == grpc.ChannelConnectivity.READY, states
+        channel.unsubscribe(states.append)
+    assert grpc.ChannelConnectivity.IDLE not in states[states.index(
+        grpc.ChannelConnectivity.READY):], states

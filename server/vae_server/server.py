@@ -131,6 +131,17 @@ class RunningServer:
             started = now
 
 
+class Health(health_aio.HealthServicer):
+    """grpc.health.v1 as grpcio serves it, and its List, which grpcio leaves unimplemented
+    (UNIMPLEMENTED with a Python exception's text, and a traceback in the log at each call)."""
+
+    async def List(self, request: health_pb2.HealthListRequest,
+                   context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()})
+
+
 MIN_CLIENT_PING_INTERVAL_MS = 5_000
 SERVER_KEEPALIVE_MS = 60_000
 SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
@@ -146,6 +157,11 @@ def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str
         # to find a server that stopped answering; gRPC's default (one ping in 5 minutes
         # while the server sends nothing) would answer a long call's pings with GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        # Some ping between calls too (grpc-go's PermitWithoutStream, meshes, pooled
+        # channels): gRPC would take each such ping as abuse and, after three, close the
+        # connection with GOAWAY "too_many_pings". Allowed at the same floor; an idle
+        # connection still ends at its maximum age.
+        ("grpc.keepalive_permit_without_calls", 1),
         # And the server's own, to find clients gone without a word, whose streams would
         # otherwise hold queue room until their connection's age ends them.
         *keepalive_options(SERVER_KEEPALIVE_MS, SERVER_KEEPALIVE_TIMEOUT_MS),
@@ -238,7 +254,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
         handlers = guard_handlers(SERVICE_NAME, handlers,
                                   TokenCheck(settings.auth_tokens, metrics))
     services.add_service(SERVICE_NAME, handlers, one_request)
-    health = health_aio.HealthServicer()
+    health = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health, services)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         reflection.aio.ReflectionServicer(
