@@ -223,8 +223,12 @@ def test_an_infinite_timeout_is_no_deadline(timeout):
 @pytest.mark.parametrize("kw,message", [
     ({"timeout": float("nan")}, "timeout: nan s"), ({"timeout": 1e10}, "timeout: 1e+10 s"),
     ({"timeout": "30"}, "timeout: '30' is not a number"),
+    ({"timeout": 0}, "timeout: 0 s; a client's timeout must be above 0"),
+    ({"timeout": -1}, "timeout: -1 s; a client's timeout must be above 0"),
 ])
 def test_a_client_of_a_bad_timeout_is_refused_when_made(make, kw, message):
+    """Before: a client made with a timeout of 0 or less failed every call at once with
+    DEADLINE_EXCEEDED; a call's own timeout of 0 or less still does, as gRPC's."""
     with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         make(NO_SERVER, **kw)
 
@@ -258,7 +262,7 @@ def test_a_second_sigterm_ends_the_command_at_once():
 @pytest.mark.parametrize("timeout", [0, -1.0, float("-inf")])
 def test_a_timeout_already_past_fails_the_call_at_once(timeout):
     """Against a server that would answer only after seconds: DEADLINE_EXCEEDED at once, as
-    README says of a timeout of 0 or less (a guard of that promise, not of a bug)."""
+    README says of a call's timeout of 0 or less (a guard of that promise, not of a bug)."""
     import threading
     import time
 

@@ -87,6 +87,16 @@ def check_timeout(value: Any, name: str = "timeout") -> float | None:
     return max(seconds, 0.0)  # past already: gRPC fails the call at once
 
 
+def client_timeout(value: Any) -> float | None:
+    """A client's timeout for every call (check_timeout), which must be above 0: one of 0 or
+    less would fail every call at once."""
+    seconds = check_timeout(value)
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"timeout: {float(value):g} s; a client's timeout must be above 0 "
+                         "(None or inf: no deadline)")
+    return seconds
+
+
 def call_timeout(timeout: Any, default: Any) -> float | None:
     """The deadline of one call: its own `timeout`, else the client's; a bad one is VaeError
     INVALID_ARGUMENT, as every bad argument of a call is."""

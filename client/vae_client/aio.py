@@ -38,7 +38,7 @@ class AsyncVaeClient:
                  token: str | None = None, security: Security | None = None,
                  retries: int = DEFAULT_RETRIES, model_version: str = "") -> None:
         self.target = target
-        self.timeout = _codec.check_timeout(timeout)
+        self.timeout = _codec.client_timeout(timeout)
         self.model_version = model_version
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
