@@ -233,7 +233,7 @@ def images(msg: vae_pb2.Tensor, field: str, max_n: int, pixels: int) -> np.ndarr
         raise InvalidArgument(
             f"{field}.shape: {shape}; expected [N, {pixels}] or [N, {IMAGE_SIDE}, {IMAGE_SIDE}]"
         )
-    count(shape[0], f"{field}.shape[0] (images)", max_n)
+    count(shape[0], f"{field}.shape[0]", max_n)
     arr = arr.reshape(shape[0], pixels)
     if arr.dtype == np.float32:
         _finite(arr, field)
