@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving import (
     VENV_BIN,
+    metric_total,
     rss_mb,
     served_process,
     server_thread,
@@ -109,10 +110,11 @@ def test_health_is_not_serving_during_warm_up_then_serving(model_dir):
 
 
 def test_sigterm_finishes_calls_in_flight_and_exits_zero(model_dir):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     proc = start_server_process(model_dir, port, "--max-batch-size", "32",
-                                "--max-queue-images", "2000000", "--grace-seconds", "30")
+                                "--max-queue-images", "2000000", "--grace-seconds", "30",
+                                "--metrics-port", str(metrics_port))
     wait_serving(target, proc)
     seen: list[int] = []
     stop = threading.Event()
@@ -131,7 +133,9 @@ def test_sigterm_finishes_calls_in_flight_and_exits_zero(model_dir):
     threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # the calls are queued or running
+    # SIGTERM once all six are queued or running (a call still connecting would be refused).
+    wait_until(lambda: metric_total(metrics_port, "vae_in_flight_calls") >= 6, proc, timeout=30,
+               what="the six calls never were in flight together")
     assert all(r is None for r in results), "calls finished before SIGTERM: make them longer"
     proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
