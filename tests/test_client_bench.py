@@ -93,9 +93,11 @@ def test_json_with_no_successful_call_is_valid_json():
     bare NaN, which is not JSON (jq and JSON.parse refuse the whole document)."""
     # (A load over a real server's limits is refused by bench itself before any call.)
     with refusing_server("LogLikelihood", grpc.StatusCode.INVALID_ARGUMENT) as target:
+        # Failed calls make the exit status 1 (before: 0, a run of refusals read as a figure).
         proc = bench(target, "--method", "loglik", "--duration", "0.3", "--warmup", "0",
-                     "--json")
-        text = bench(target, "--method", "loglik", "--duration", "0.3", "--warmup", "0").stdout
+                     "--json", expect=1)
+        text = bench(target, "--method", "loglik", "--duration", "0.3", "--warmup", "0",
+                     expect=1).stdout
     result = strict_json(proc.stdout)
     assert result["calls"] == 0 and result["errors"].get("INVALID_ARGUMENT", 0) > 0
     assert set(result["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}

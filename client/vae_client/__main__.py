@@ -494,7 +494,8 @@ def add_bench(sub: Subparsers) -> None:
         description="A load generator: closed loop (--concurrency calls always in flight) or "
         "open loop (--rate calls per second, whatever the replies do; latency counted from "
         "the scheduled send time). Reports calls/s, images/s, p50/p90/p99/max latency and "
-        "errors by status code. The first --warmup seconds are not counted.")
+        "errors by status code. The first --warmup seconds are not counted. Exits 1 when "
+        "any counted call failed (the figures are printed all the same).")
     p.add_argument("--method", choices=METHODS, default="decode",
                    help="decode: z -> images; encode: images -> mu, logvar; sample: Sample(n="
                         "batch); stream: SampleStream of --stream-n images in chunks of --batch; "
@@ -535,7 +536,8 @@ def run_bench(args: argparse.Namespace) -> int:
         timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
         stream_timeout=args.timeout))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
-    return 0
+    # A figure with failed calls is no figure of the server: a script must not take it as one.
+    return 1 if result.errors else 0
 
 
 # -- bulk -----------------------------------------------------------------------------------
