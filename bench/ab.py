@@ -1,7 +1,7 @@
 """Interleaved A/B of two checkouts of this repository under the same loads: the server of each
 tree, started fresh for every figure, driven by this tree's load generator, in rounds A B, B A,
-A B ... so that the machine's drift hits both alike. Prints each round and the ratio B / A of the
-medians.
+A B ... so that the machine's drift hits both alike. Prints each round's ratio B / A and their
+median.
 
     python bench/ab.py --a ../base --b . --model-dir models/default --rounds 3
 
@@ -15,12 +15,12 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from run import Process, vae_server_cmd  # bench/run.py
+from run import Process, median_ratio, vae_server_cmd  # bench/run.py
 
 from vae_client.bench import run_bench
 
@@ -35,11 +35,30 @@ LOADS = {  # name: run_bench arguments
 }
 
 
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a server of `tree`'s packages: its checkout first on PYTHONPATH."""
+    path = [str(tree / p) for p in PACKAGES if (tree / p).is_dir()]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+SERVED = ("vae_server", "vae_core", "vae_proto")  # the packages a server runs
+
+
+def check_tree(tree: Path) -> None:
+    """Refuse a tree whose server would import a package from elsewhere (an older tree
+    without core/, say, would run this checkout's vae_core through the editable install)."""
+    found = subprocess.run(
+        [sys.executable, "-c", f"import {', '.join(SERVED)}; "
+         f"print('\\n'.join(m.__file__ for m in ({', '.join(SERVED)})))"],
+        env=tree_env(tree), cwd=tree, capture_output=True, text=True, check=True)
+    for name, file in zip(SERVED, found.stdout.split(), strict=True):
+        if not Path(file).resolve().is_relative_to(tree):
+            raise SystemExit(f"ab.py: {tree}'s server would import {name} from {file}")
+
+
 def measure(tree: Path, model_dir: Path, load: dict[str, object], seconds: float) -> float:
     """The load's rate on a server of `tree`'s packages (its checkout on PYTHONPATH)."""
-    path = [str(tree / p) for p in PACKAGES if (tree / p).is_dir()]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    with Process(vae_server_cmd(model_dir), env=env, cwd=tree) as srv:
+    with Process(vae_server_cmd(model_dir), env=tree_env(tree), cwd=tree) as srv:
         result = asyncio.run(run_bench(srv.target, duration=seconds, warmup=1.0,
                                        **load))  # type: ignore[arg-type]
     if result.errors:
@@ -61,6 +80,8 @@ def main() -> int:
     args = p.parse_args()
     a, b, model_dir = args.a.resolve(), args.b.resolve(), args.model_dir.resolve()
     loads = {n: LOADS[n] for n in (args.only or LOADS)}
+    for tree in (a, b):
+        check_tree(tree)
     figures: dict[str, dict[str, list[float]]] = {n: {"a": [], "b": []} for n in loads}
     for r in range(1, args.rounds + 1):
         for name, load in loads.items():
@@ -73,10 +94,9 @@ def main() -> int:
     summary = {}
     print()
     for name, f in figures.items():
-        ratio = statistics.median(f["b"]) / statistics.median(f["a"])
-        per_round = [y / x for x, y in zip(f["a"], f["b"], strict=True)]
-        summary[name] = {**f, "median_ratio": ratio, "round_ratios": per_round}
-        print(f"{name:<36} b / a = {ratio:.3f} (rounds: "
+        ratio, per_round = median_ratio(f["a"], f["b"])
+        summary[name] = {**f, "median_round_ratio": ratio, "round_ratios": per_round}
+        print(f"{name:<36} b / a = {ratio:.3f}, the median of the rounds' (rounds: "
               f"{', '.join(f'{x:.3f}' for x in per_round)})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({

@@ -18,6 +18,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -41,39 +42,67 @@ from vae_server.images import images_out  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def wait_ready(target: str, timeout: float = 60) -> None:
+def wait_ready(target: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until the server at `target` reports SERVING on grpc.health.v1 (vae-server does once
+    it has warmed up, after it has begun to listen), or answers at all where it has no health
+    service (the echo server). Raises RuntimeError if `proc` exits first, TimeoutError after
+    `timeout` seconds."""
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with grpc.insecure_channel(target) as ch:
+    with grpc.insecure_channel(target) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited with status {proc.returncode} before serving")
             try:
-                grpc.channel_ready_future(ch).result(timeout=1)
-                return
-            except grpc.FutureTimeoutError:
-                pass
-    raise TimeoutError(target)
+                if check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service: it answers
+                    return
+            time.sleep(0.1)
+    raise TimeoutError(f"not SERVING after {timeout:g} s")
 
 
 class Process:
     """A server started with `cmd` plus --port (a free one), SERVING, then `settle` seconds
-    more; terminated on exit."""
+    more; terminated on exit. A server that exits or never serves raises RuntimeError with
+    the end of its output."""
 
     def __init__(self, cmd: list[str], env: dict[str, str] | None = None,
                  cwd: Path | None = None, settle: float = 1.0) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        # The server's output, shown if it fails; closed in __exit__.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen([*cmd, "--port", str(self.port)], env=env, cwd=cwd,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_ready(self.target)
-        time.sleep(settle)  # warm-up of the server finishes before health says SERVING
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(self.target, self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            output = self.output()
+            self.__exit__()
+            raise RuntimeError(f"{' '.join(cmd)}: {exc}:\n{output}") from None
+        time.sleep(settle)  # a moment more, the machine quiet after the warm-up
+
+    def output(self, tail: int = 4000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-tail:]
 
     def __enter__(self) -> Process:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
-        self.proc.wait(30)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 def vae_server_cmd(model_dir: Path, *extra: str) -> list[str]:
@@ -119,7 +148,13 @@ def callers_rate(step: Callable[[int, int], int], seconds: float, callers: int =
 
 
 def bench(target: str, method: str, duration: float, **kw: Any) -> BenchResult:
-    return asyncio.run(run_bench(target, method, duration=duration, warmup=1.0, **kw))
+    """One load (vae-client bench's), 1 s of warm-up, then `duration` seconds measured. A
+    stream has a deadline too, so that a stalled one fails the figure instead of hanging."""
+    return asyncio.run(run_bench(target, method, duration=duration, warmup=1.0,
+                                 stream_timeout=STREAM_TIMEOUT_S + duration, **kw))
+
+
+STREAM_TIMEOUT_S = 120.0  # a 200,000-image stream takes seconds
 
 
 def interleaved(a: str, b: str, rounds: int, method: str, duration: float, **kw: Any
@@ -132,6 +167,14 @@ def interleaved(a: str, b: str, rounds: int, method: str, duration: float, **kw:
         for target in ((a, b) if i % 2 == 0 else (b, a)):
             results[target].append(bench(target, method, duration, **kw))
     return results[a], results[b]
+
+
+def median_ratio(base: list[float], other: list[float]) -> tuple[float, list[float]]:
+    """The median of the rounds' ratios other / base, and those ratios: measured in turns, a
+    round's two figures are a moment apart, and the ratio of the two medians could pair one
+    round's base with another round's figure, undoing the turns."""
+    ratios = [y / x for x, y in zip(base, other, strict=True)]
+    return statistics.median(ratios), ratios
 
 
 def in_process_decode_calls(model: OnnxVAE, seconds: float) -> float:
@@ -171,22 +214,43 @@ def in_process_loglik_images(model: OnnxVAE, k: int, seconds: float, callers: in
     return callers_rate(step, seconds, callers)
 
 
+# Latency percentiles of fewer calls than this are left out: a stream load's calls are whole
+# 200,000-image streams, a few in a measurement, and the "p99" of three is their maximum.
+MIN_LATENCY_CALLS = 20
+
+
 def add_row(rows: list[dict[str, Any]], section: str, what: str, value: float, unit: str,
             limit: float | None, limit_name: str, extra: BenchResult | None = None,
+            ratio: float | None = None, limit_errors: dict[str, int] | None = None,
             **fields: Any) -> None:
     """Append a figure to `rows` and print it, with its ratio to `limit` where one is given
-    (a row without one is a limit: `limit_name` says which kind). `fields` add to the row or
-    replace its entries."""
-    ratio = value / limit if limit else None
-    rows.append({"section": section, "what": what, "value": value, "unit": unit,
-                 "limit": limit_name, "ratio": ratio,
-                 "p50_ms": extra.latency_ms["p50"] if extra else None,
-                 "p99_ms": extra.latency_ms["p99"] if extra else None,
-                 "errors": extra.errors if extra else {}, **fields})
+    (a row without one is a limit: `limit_name` says which kind), or `ratio` itself where the
+    figure is not value / limit. Failed calls of the load (`extra`'s errors, or an `errors`
+    field) and of the limit's (`limit_errors`) are printed with it: a limit that failed part
+    of its load reads low, and the ratio high. `fields` add to the row or replace its
+    entries."""
+    if ratio is None and limit:
+        ratio = value / limit
+    timed = extra is not None and extra.calls >= MIN_LATENCY_CALLS
+    row = {"section": section, "what": what, "value": value, "unit": unit,
+           "limit": limit_name, "ratio": ratio,
+           "p50_ms": extra.latency_ms["p50"] if timed and extra else None,
+           "p99_ms": extra.latency_ms["p99"] if timed and extra else None,
+           "errors": extra.errors if extra else {}, "limit_errors": limit_errors or {},
+           **fields}
+    rows.append(row)
     r = f"{ratio:.2f} of {limit_name}" if ratio is not None else "(limit)"
-    lat = (f"  p50 {extra.latency_ms['p50']:.2f} ms p99 {extra.latency_ms['p99']:.2f} ms"
-           if extra else "")
-    print(f"{section:<28} {what:<32} {value:>12,.0f} {unit:<9} {r}{lat}", flush=True)
+    lat = f"  p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms" if timed else ""
+    print(f"{section:<28} {what:<32} {value:>12,.0f} {unit:<9} {r}{lat}{errors_note(row)}",
+          flush=True)
+
+
+def errors_note(row: dict[str, Any]) -> str:
+    """The failed calls of a row and of its limit, for its line ("" when none)."""
+    notes = [f"{whose}: " + ", ".join(f"{k} {v}" for k, v in row[key].items())
+             for whose, key in (("errors", "errors"), ("limit's errors", "limit_errors"))
+             if row.get(key)]
+    return "  " + "; ".join(notes) if notes else ""
 
 
 def main() -> int:
@@ -249,23 +313,23 @@ def main() -> int:
         None, "compute")
     # The echo server runs on the same event loop as the server: uvloop raises echo's calls/s
     # too, by more than the server's (BENCHMARKS.md).
-    echo: dict[int, float] = {}
+    echo: dict[int, BenchResult] = {}
     with Process(echo_cmd(model.latent_dim, args.chunk, args.event_loop)) as srv:
         for c in (1, 16, 64):
-            r = bench(srv.target, "decode", d, concurrency=c)
-            echo[c] = r.calls_per_s
+            r = echo[c] = bench(srv.target, "decode", d, concurrency=c)
             row(section, f"echo server, c={c}", r.calls_per_s, "calls/s", None, "transport", r)
         stream_echo = {}
         for dtype in ("float32", "uint8"):
-            r = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype, stream_n=200_000)
-            stream_echo[dtype] = r.images_per_s
+            stream_echo[dtype] = bench(srv.target, "stream", d, batch=args.chunk, dtype=dtype,
+                                       stream_n=200_000)
     for batching in (False, True):
         cmd = server_cmd(model_dir, batching, args.threads, args.event_loop, spinning)
         with Process(cmd) as srv:
             for c in (1, 16, 64):
                 r = bench(srv.target, "decode", d, concurrency=c)
                 row(section, f"batching {'on' if batching else 'off'}, c={c}", r.calls_per_s,
-                    "calls/s", echo[c], f"echo c={c}", r)
+                    "calls/s", echo[c].calls_per_s, f"echo c={c}", r,
+                    limit_errors=echo[c].errors)
     # Target (a): the figures above are a minute apart from their echo figures; here the echo
     # server and the server run side by side and take the load in turns.
     cmd = server_cmd(model_dir, True, args.threads, args.event_loop, spinning)
@@ -273,16 +337,20 @@ def main() -> int:
           Process(cmd) as srv):
         echo_rounds, server_rounds = interleaved(echo_srv.target, srv.target, args.rounds,
                                                  "decode", d, concurrency=64)
-    echo_median = statistics.median(r.calls_per_s for r in echo_rounds)
-    row(section, "echo server, c=64, in turns", echo_median, "calls/s", None, "transport")
-    # Failed calls of any round count against the row, as in every other row.
+    echo_errors = summed_errors(echo_rounds)
+    row(section, "echo server, c=64, in turns",
+        statistics.median(r.calls_per_s for r in echo_rounds), "calls/s", None, "transport",
+        errors=echo_errors)
+    # The figure is the median of the rounds' ratios (median_ratio). Failed calls of any
+    # round count against the row, as in every other row.
     row(section, INTERLEAVED_ROW, statistics.median(r.calls_per_s for r in server_rounds),
-        "calls/s", echo_median, "echo c=64 in turns",
+        "calls/s", None, "echo c=64 in turns",
+        ratio=median_ratio([r.calls_per_s for r in echo_rounds],
+                           [r.calls_per_s for r in server_rounds])[0],
         rounds=[{"echo": e.calls_per_s, "server": s.calls_per_s,
                  "echo_p50_ms": e.latency_ms["p50"], "server_p50_ms": s.latency_ms["p50"]}
                 for e, s in zip(echo_rounds, server_rounds, strict=True)],
-        errors=dict(sum((collections.Counter(r.errors) for r in server_rounds),
-                        collections.Counter())))
+        errors=summed_errors(server_rounds), limit_errors=echo_errors)
     print(f"{'':<28} {rounds_line(rows[-1])}", flush=True)
 
     # (b) SampleStream and (c) LogLikelihood, batching on, against in-process ORT; each on a
@@ -294,8 +362,8 @@ def main() -> int:
         _, stream_limit[dtype] = compute_limit(
             f"SampleStream {dtype}", f"in-process, chunk {args.chunk}", "images/s",
             functools.partial(in_process_stream_images, chunk=args.chunk, dtype=dtype, seconds=d))
-        row(f"SampleStream {dtype}", "echo server", stream_echo[dtype], "images/s", None,
-            "transport")
+        row(f"SampleStream {dtype}", "echo server", stream_echo[dtype].images_per_s, "images/s",
+            None, "transport", stream_echo[dtype])
     # The server as configured, and with one large run at a time (--instances 1).
     # (`--spinning true` costs streams beside the instances: BENCHMARKS.md.)
     variants = {"server": (), "server, --instances 1": ("--instances", "1")}
@@ -328,7 +396,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {_cpu_name()}",
         "model_dir": str(model_dir),
         "model_version": model.manifest["model_version"],
-        "command": "make bench",
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
         "duration_s": d,
         "ort_threads": args.threads,
         "ort_spinning": spinning,
@@ -339,7 +407,8 @@ def main() -> int:
     print("\n" + "\n".join(f"{v['target']:<58} needs {v['needs']:.1f}: "
                             f"{' '.join(_verdict(v))}" for v in verdicts))
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows,
-                                                "targets": verdicts}, indent=2))
+                                                "targets": verdicts}, indent=2,
+                                               allow_nan=False))
     (out / "bench.md").write_text(markdown(meta, rows) + targets_markdown(verdicts))
     print(f"\nwritten: {out / 'bench.json'}, {out / 'bench.md'}")
     return 0
@@ -361,21 +430,30 @@ TARGETS = [
 ]
 
 
+def summed_errors(results: list[BenchResult]) -> dict[str, int]:
+    return dict(sum((collections.Counter(r.errors) for r in results), collections.Counter()))
+
+
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each target with the ratio this run measured, and whether it was met."""
+    """Each target with the ratio this run measured, and whether it was met: a ratio whose
+    load or limit had failed calls is no measure of the server (a limit that failed part of
+    its load reads low), and is "invalid", neither met nor missed."""
     by_key = {(r["section"], r["what"]): r for r in rows}
     verdicts = []
     for name, section, what, needs in TARGETS:
         row = by_key.get((section, what))
         ratio = row["ratio"] if row else None
-        verdicts.append({"target": name, "needs": needs, "ratio": ratio,
-                         "met": ratio is not None and ratio >= needs})
+        failed = bool(row and (row.get("errors") or row.get("limit_errors")))
+        verdicts.append({"target": name, "needs": needs, "ratio": ratio, "invalid": failed,
+                         "met": ratio is not None and not failed and ratio >= needs})
     return verdicts
 
 
 def _verdict(v: dict[str, Any]) -> tuple[str, str]:
     if v["ratio"] is None:
         return "-", "not measured"
+    if v.get("invalid"):
+        return f"{v['ratio']:.2f}", "invalid: calls failed"
     return f"{v['ratio']:.2f}", "met" if v["met"] else "missed"
 
 
@@ -411,13 +489,14 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"{meta['event_loop']}; ONNX Runtime threads {meta['ort_threads'] or 'one per core'}"
              f", spinning {'on' if meta['ort_spinning'] else 'off'}, {meta['instances']} "
              "instances per model).", "",
-             "| measurement | | value | ratio | p50 ms | p99 ms |", "|---|---|---:|---|---:|---:|"]
+             "| measurement | | value | ratio | p50 ms | p99 ms | failed calls |",
+             "|---|---|---:|---|---:|---:|---|"]
     for r in rows:
         ratio = f"{r['ratio']:.2f} of {r['limit']}" if r["ratio"] is not None else r["limit"]
         p50 = f"{r['p50_ms']:.2f}" if r["p50_ms"] is not None else ""
         p99 = f"{r['p99_ms']:.2f}" if r["p99_ms"] is not None else ""
         lines.append(f"| {r['section']} | {r['what']} | {r['value']:,.0f} {r['unit']} | {ratio} "
-                     f"| {p50} | {p99} |")
+                     f"| {p50} | {p99} | {errors_note(r).strip()} |")
     lines += [f"\n{r['what']}: {rounds_line(r)}." for r in rows if "rounds" in r]
     return "\n".join(lines) + "\n"
 

@@ -68,3 +68,68 @@ def test_a_row_taken_in_turns_lists_its_rounds_and_errors_in_the_markdown() -> N
     assert f"{run.INTERLEAVED_ROW}: rounds, server / echo: 0.90, 1.05." in md
     row["errors"] = {"RESOURCE_EXHAUSTED": 3}
     assert "; errors: RESOURCE_EXHAUSTED 3." in run.markdown(meta, [row])
+
+
+def test_a_target_whose_load_or_limit_had_failed_calls_is_invalid() -> None:
+    """Before: errors reached only bench.json, and the verdict ignored them: an echo server
+    that failed half its calls read low as a limit, and the server's ratio to it high."""
+    run = _run_module()
+    rows = [{"section": section, "what": what, "ratio": 0.95, "errors": {}, "limit_errors": {}}
+            for _, section, what, _ in run.TARGETS]
+    rows[0]["limit_errors"] = {"UNAVAILABLE": 12}
+    rows[1]["errors"] = {"RESOURCE_EXHAUSTED": 3}
+    verdicts = run.targets(rows)
+    assert [v["met"] for v in verdicts] == [False, False, True, True, True]
+    assert [v["invalid"] for v in verdicts] == [True, True, False, False, False]
+    assert run.targets_markdown(verdicts).count("| 0.95 | invalid: calls failed |") == 2
+
+
+def test_a_row_prints_its_errors_and_its_limits_and_no_percentiles_of_a_few_calls(capsys):
+    """A stream load's calls are whole streams, a few per measurement: before, the "p99" of
+    three was printed (their maximum), and a row's failed calls were not printed at all."""
+    from vae_client.bench import BenchResult
+
+    run = _run_module()
+
+    def result(calls: int, errors: dict[str, int]) -> BenchResult:
+        return BenchResult("stream", "closed", 1, None, 1024, 5.0, calls, calls * 1024,
+                           calls / 5.0, calls * 1024 / 5.0,
+                           {"p50": 2000.0, "p90": 2100.0, "p99": 2190.0, "max": 2200.0,
+                            "mean": 2000.0}, errors)
+
+    rows: list[dict] = []
+    run.add_row(rows, "s", "few", 600.0, "images/s", 1000.0, "x", result(3, {}))
+    run.add_row(rows, "s", "many", 600.0, "images/s", 1000.0, "x",
+                result(run.MIN_LATENCY_CALLS, {"UNAVAILABLE": 2}),
+                limit_errors={"CANCELLED": 1})
+    few, many = capsys.readouterr().out.splitlines()
+    assert rows[0]["p50_ms"] is None and rows[0]["p99_ms"] is None and "p99" not in few
+    assert rows[1]["p99_ms"] == 2190.0 and "p99 2190.00 ms" in many
+    assert many.endswith("errors: UNAVAILABLE 2; limit's errors: CANCELLED 1"), many
+    md = run.markdown({"date": "d", "machine": "m", "model_version": "v", "command": "c",
+                       "duration_s": 5.0, "event_loop": "uvloop", "ort_threads": 0,
+                       "ort_spinning": False, "instances": 2}, rows)
+    assert "| errors: UNAVAILABLE 2; limit's errors: CANCELLED 1 |" in md
+
+
+def test_rounds_taken_in_turns_give_the_median_of_their_ratios() -> None:
+    """Before: the ratio of the two sides' medians, which can pair one round's figure with
+    another round's: here 1000 / 1000 = 1.00 where every round read 0.90 or less."""
+    run = _run_module()
+    ratio, ratios = run.median_ratio([1000.0, 1200.0, 800.0], [900.0, 1000.0, 700.0])
+    assert ratios == [0.9, 1000.0 / 1200.0, 700.0 / 800.0]
+    assert ratio == 700.0 / 800.0
+
+
+def test_a_server_that_exits_is_reported_with_its_output_not_waited_for() -> None:
+    """Before: readiness was a connection, so a server that exited at once (a bad
+    --model-dir) cost a minute and then a bare TimeoutError naming only its address."""
+    import time
+
+    import pytest
+
+    run = _run_module()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"exited with status 3 before serving:\nno model"):
+        run.Process([sys.executable, "-c", "import sys; print('no model'); sys.exit(3)"])
+    assert time.monotonic() - t0 < 30
