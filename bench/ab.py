@@ -20,7 +20,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from run import Process, median_ratio, vae_server_cmd  # bench/run.py
+from run import Process, median_ratio, ratios_text, vae_server_cmd  # bench/run.py
 
 from vae_client.bench import run_bench
 
@@ -50,7 +50,10 @@ def check_tree(tree: Path) -> None:
     found = subprocess.run(
         [sys.executable, "-c", f"import {', '.join(SERVED)}; "
          f"print('\\n'.join(m.__file__ for m in ({', '.join(SERVED)})))"],
-        env=tree_env(tree), cwd=tree, capture_output=True, text=True, check=True)
+        env=tree_env(tree), cwd=tree, capture_output=True, text=True)
+    if found.returncode:
+        raise SystemExit(f"ab.py: {tree}'s server cannot import its packages:\n"
+                         f"{found.stderr.strip()}")
     for name, file in zip(SERVED, found.stdout.split(), strict=True):
         if not Path(file).resolve().is_relative_to(tree):
             raise SystemExit(f"ab.py: {tree}'s server would import {name} from {file}")
@@ -96,8 +99,7 @@ def main() -> int:
     for name, f in figures.items():
         ratio, per_round = median_ratio(f["a"], f["b"])
         summary[name] = {**f, "median_round_ratio": ratio, "round_ratios": per_round}
-        print(f"{name:<36} b / a = {ratio:.3f}, the median of the rounds' (rounds: "
-              f"{', '.join(f'{x:.3f}' for x in per_round)})")
+        print(f"{name:<36} b / a = {ratios_text(ratio, per_round)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "a": str(a), "b": str(b), "model_dir": str(model_dir), "seconds": args.seconds,

@@ -51,19 +51,21 @@ def wait_ready(target: str, proc: subprocess.Popen[bytes], timeout: float = 120)
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        check = health_pb2_grpc.HealthStub(channel).Check
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"exited with status {proc.returncode} before serving")
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before serving")
+        # A channel a try: one kept would wait out gRPC's reconnection backoff (growing to
+        # 2 minutes) after the port opens.
+        with grpc.insecure_channel(target) as channel:
             try:
-                if check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                if health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1).status == \
                         health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service: it answers
                     return
-            time.sleep(0.1)
+        time.sleep(0.1)
     raise TimeoutError(f"not SERVING after {timeout:g} s")
 
 
@@ -78,8 +80,12 @@ class Process:
         self.target = f"127.0.0.1:{self.port}"
         # The server's output, shown if it fails; closed in __exit__.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115
-        self.proc = subprocess.Popen([*cmd, "--port", str(self.port)], env=env, cwd=cwd,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            self.proc = subprocess.Popen([*cmd, "--port", str(self.port)], env=env, cwd=cwd,
+                                         stdout=self.log, stderr=subprocess.STDOUT)
+        except BaseException:
+            self.log.close()
+            raise
         try:
             wait_ready(self.target, self.proc)
         except (RuntimeError, TimeoutError) as exc:
@@ -169,12 +175,22 @@ def interleaved(a: str, b: str, rounds: int, method: str, duration: float, **kw:
     return results[a], results[b]
 
 
-def median_ratio(base: list[float], other: list[float]) -> tuple[float, list[float]]:
+def median_ratio(base: list[float], other: list[float]) -> tuple[float | None, list[float | None]]:
     """The median of the rounds' ratios other / base, and those ratios: measured in turns, a
     round's two figures are a moment apart, and the ratio of the two medians could pair one
-    round's base with another round's figure, undoing the turns."""
-    ratios = [y / x for x, y in zip(base, other, strict=True)]
-    return statistics.median(ratios), ratios
+    round's base with another round's figure, undoing the turns. A round whose base is 0
+    (every call failed) has no ratio, and then neither has the median."""
+    ratios = [y / x if x > 0 else None for x, y in zip(base, other, strict=True)]
+    known = [r for r in ratios if r is not None]
+    return (statistics.median(known) if known and len(known) == len(ratios) else None), ratios
+
+
+def ratios_text(ratio: float | None, ratios: list[float | None]) -> str:
+    """median_ratio's figures as ab.py and workers.py print them ("-": no ratio)."""
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    return f"{f(ratio)}, the median of the rounds' (rounds: {', '.join(map(f, ratios))})"
 
 
 def in_process_decode_calls(model: OnnxVAE, seconds: float) -> float:
@@ -348,7 +364,8 @@ def main() -> int:
         ratio=median_ratio([r.calls_per_s for r in echo_rounds],
                            [r.calls_per_s for r in server_rounds])[0],
         rounds=[{"echo": e.calls_per_s, "server": s.calls_per_s,
-                 "echo_p50_ms": e.latency_ms["p50"], "server_p50_ms": s.latency_ms["p50"]}
+                 "echo_p50_ms": e.to_dict()["latency_ms"]["p50"],
+                 "server_p50_ms": s.to_dict()["latency_ms"]["p50"]}
                 for e, s in zip(echo_rounds, server_rounds, strict=True)],
         errors=summed_errors(server_rounds), limit_errors=echo_errors)
     print(f"{'':<28} {rounds_line(rows[-1])}", flush=True)
@@ -450,10 +467,10 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _verdict(v: dict[str, Any]) -> tuple[str, str]:
+    if v.get("invalid"):
+        return ("-" if v["ratio"] is None else f"{v['ratio']:.2f}"), "invalid: calls failed"
     if v["ratio"] is None:
         return "-", "not measured"
-    if v.get("invalid"):
-        return f"{v['ratio']:.2f}", "invalid: calls failed"
     return f"{v['ratio']:.2f}", "met" if v["met"] else "missed"
 
 
@@ -477,7 +494,7 @@ def _cpu_name() -> str:
 def rounds_line(row: dict[str, Any]) -> str:
     """A row measured in turns: each round's ratio, and its errors if any."""
     line = "rounds, server / echo: " + ", ".join(
-        f"{x['server'] / x['echo']:.2f}" for x in row["rounds"])
+        f"{x['server'] / x['echo']:.2f}" if x["echo"] else "-" for x in row["rounds"])
     if row.get("errors"):
         line += "; errors: " + ", ".join(f"{k} {v}" for k, v in row["errors"].items())
     return line

@@ -15,7 +15,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from run import Process, median_ratio, vae_server_cmd  # bench/run.py
+from run import Process, median_ratio, ratios_text, vae_server_cmd  # bench/run.py
 
 BIN = Path(sys.executable).parent
 
@@ -58,8 +58,7 @@ def main() -> int:
             print(f"round {r}  workers {w}: {value:10,.0f} Decode calls/s "
                   f"({args.clients} clients x {args.concurrency} in flight)", flush=True)
     ratio, rounds = median_ratio(figures[1], figures[args.workers])
-    print(f"\n{args.workers} workers / 1: {ratio:.3f}, the median of the rounds' (rounds: "
-          f"{', '.join(f'{x:.3f}' for x in rounds)})")
+    print(f"\n{args.workers} workers / 1: {ratios_text(ratio, rounds)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

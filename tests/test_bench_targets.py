@@ -119,6 +119,12 @@ def test_rounds_taken_in_turns_give_the_median_of_their_ratios() -> None:
     ratio, ratios = run.median_ratio([1000.0, 1200.0, 800.0], [900.0, 1000.0, 700.0])
     assert ratios == [0.9, 1000.0 / 1200.0, 700.0 / 800.0]
     assert ratio == 700.0 / 800.0
+    # A round whose every echo call failed has no ratio, nor has the median: before the
+    # review, a ZeroDivisionError ended the run with nothing written.
+    assert run.median_ratio([1000.0, 0.0], [900.0, 950.0]) == (None, [0.9, None])
+    verdict = run.targets([{"section": run.TARGETS[0][1], "what": run.TARGETS[0][2],
+                            "ratio": None, "errors": {}, "limit_errors": {"UNAVAILABLE": 9}}])
+    assert "| - | invalid: calls failed |" in run.targets_markdown(verdict[:1])
 
 
 def test_a_server_that_exits_is_reported_with_its_output_not_waited_for() -> None:
