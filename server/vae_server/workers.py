@@ -552,6 +552,10 @@ class MergedMetrics(Collector):
                     log.warning("metrics of the worker on port %d unreadable: %s", port, exc)
                 if pid in self._last:
                     total.add(text_string_to_metric_families(self._last[pid]))
+            # Each method's UNAVAILABLE count at 0 until a worker's exit adds to it: a series
+            # that first appears at N reads as no increase to rate() and to the alerts.
+            metrics = total.metrics()
+            total.add(_cut_off(metrics, zero=True))
             return total.metrics()
 
     def retire(self, pid: int) -> None:
@@ -571,9 +575,10 @@ class MergedMetrics(Collector):
             return str(reply.read().decode("utf-8"))
 
 
-def _cut_off(families: list[Metric]) -> list[Metric]:
+def _cut_off(families: list[Metric], zero: bool = False) -> list[Metric]:
     """grpc_server_handled_total{grpc_code="UNAVAILABLE"} samples for the calls of one
-    exposition that were started and not handled (none where every call had ended)."""
+    exposition that were started and not handled (none where every call had ended); with
+    `zero`, a sample of 0 for every method started (a sum's base)."""
     open_calls: dict[tuple[tuple[str, str], ...], float] = {}
     documentation = ""
     for family in families:
@@ -587,9 +592,9 @@ def _cut_off(families: list[Metric]) -> list[Metric]:
                 open_calls[key] = open_calls.get(key, 0.0) + sign * sample.value
     cut = Metric("grpc_server_handled", documentation, "counter")
     for key, calls in open_calls.items():
-        if calls > 0:
+        if calls > 0 or zero:
             cut.add_sample("grpc_server_handled_total", {**dict(key), "grpc_code": "UNAVAILABLE"},
-                           calls)
+                           0.0 if zero else calls)
     return [cut] if cut.samples else []
 
 
