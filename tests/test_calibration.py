@@ -67,12 +67,12 @@ def test_a_malformed_table_is_a_manifest_error(entry, says) -> None:
 
 
 def test_a_score_that_is_not_a_number_is_at_the_bottom_and_flagged() -> None:
-    # A log-likelihood that overflowed to NaN is no evidence that the image is typical: it
-    # reads as percentile 0, below the anomaly percentile, not as NaN (which compares false
+    # A log-likelihood that overflowed to NaN (or +inf) is no evidence that the image is
+    # typical: it reads as percentile 0, below the anomaly percentile, not as NaN (which compares false
     # and so was never flagged). Without a calibration nothing is flagged, NaN or not.
     c = Calibration(ENTRY)
-    pct = c.percentile(np.array([np.nan, -10.0, -np.inf]), 10)
-    np.testing.assert_array_equal(pct, [0.0, 50.0, 0.0])
-    assert list(pct < c.anomaly_percentile) == [True, False, True]
+    pct = c.percentile(np.array([np.nan, -10.0, -np.inf, np.inf]), 10)
+    np.testing.assert_array_equal(pct, [0.0, 50.0, 0.0, 0.0])  # +inf is an overflow too
+    assert list(pct < c.anomaly_percentile) == [True, False, True, True]
     none = Calibration(None)
     assert not (none.percentile(np.array([np.nan]), 10) < none.anomaly_percentile).any()

@@ -93,10 +93,11 @@ class Calibration:
 
     def percentile(self, log_likelihood: np.ndarray, k: int) -> np.ndarray:
         """Percentile (0..100) of each estimate made with K = k among the held-out digits'
-        (NaN without a calibration). An estimate that is NaN (an overflow: nothing the model
-        can vouch for) is at 0, so that it is flagged: NaN compares false with any threshold."""
+        (NaN without a calibration). An estimate that is NaN or +inf (an overflow: nothing
+        the model can vouch for) is at 0, so that it is flagged: NaN compares false with any
+        threshold, and +inf would read as the most typical of images."""
         scores = np.asarray(log_likelihood, np.float64)
         if self.empty:
             return np.full(scores.shape, np.nan)
-        return percentile_of(np.where(np.isnan(scores), -np.inf, scores), self.quantiles(k),
-                             self.levels)
+        overflow = np.isnan(scores) | np.isposinf(scores)
+        return percentile_of(np.where(overflow, -np.inf, scores), self.quantiles(k), self.levels)
