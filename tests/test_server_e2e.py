@@ -841,6 +841,8 @@ def test_health_list_gives_every_status_check_gives(server, caplog):
     UNIMPLEMENTED with a Python exception's text and logged a traceback at each call."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if not hasattr(health_pb2, "HealthListRequest"):  # grpcio-health-checking before List
+        pytest.skip("this grpcio-health-checking has no List")
     with grpc.insecure_channel(server.target) as channel, caplog.at_level(logging.ERROR):
         stub = health_pb2_grpc.HealthStub(channel)
         listed = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses

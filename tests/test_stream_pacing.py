@@ -36,8 +36,11 @@ def test_a_queue_of_one_chunk_serves_a_stream_on_an_idle_server(model_dir, refer
                        max_chunk_size=CHUNK, default_chunk_size=CHUNK, max_k=CHUNK) as srv, \
             VaeClient(srv.target, retries=0) as c:
         chunks = list(c.sample_stream(n, seed=3, chunk_size=CHUNK))
-        refused = srv.running.metrics.registry.get_sample_value(
-            "vae_rejected_total", {"reason": "queue_full"})
+        registry = srv.running.metrics.registry
+        refused = registry.get_sample_value("vae_rejected_total", {"reason": "queue_full"})
+        # Each image counted once, the last chunk's too (counted as gRPC takes it).
+        assert registry.get_sample_value("vae_method_images_total",
+                                         {"grpc_method": "SampleStream"}) == n
     assert [offset for offset, _ in chunks] == list(range(0, n, CHUNK))
     np.testing.assert_allclose(np.concatenate([x for _, x in chunks]).reshape(n, -1),
                                reference.sample(n, 3), rtol=0, atol=1e-5)

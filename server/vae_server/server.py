@@ -159,8 +159,9 @@ def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         # Some ping between calls too (grpc-go's PermitWithoutStream, meshes, pooled
         # channels): gRPC would take each such ping as abuse and, after three, close the
-        # connection with GOAWAY "too_many_pings". Allowed at the same floor; an idle
-        # connection still ends at its maximum age.
+        # connection with GOAWAY "too_many_pings". Allowed at the same floor. (The server's
+        # own keepalive pings then reach idle connections too; an idle connection still
+        # ends at --max-connection-age-s where that is set.)
         ("grpc.keepalive_permit_without_calls", 1),
         # And the server's own, to find clients gone without a word, whose streams would
         # otherwise hold queue room until their connection's age ends them.
