@@ -30,7 +30,7 @@ def test_bucket_sizes_pad_a_batch_by_less_than_half():
                                   384, 512, 768, 1024, 1536, 2048]
     assert bucket_sizes(1) == [1]
     assert bucket_sizes(100)[-3:] == [64, 96, 100]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="most must be >= 1"):
         bucket_sizes(0)
     sizes = bucket_sizes(2048)
     for n in range(1, 2049):

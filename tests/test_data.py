@@ -279,7 +279,7 @@ def test_stratified_split_small_classes_and_bad_fraction() -> None:
     assert np.bincount(labels[val]).tolist() == [3, 2, 1]
     assert len(train) + len(val) == len(labels)
     for bad in (0.0, 1.0, -0.1):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\)"):
             data.stratified_split(labels, bad, seed=0)
 
 

@@ -49,8 +49,9 @@ def test_open_loop_starts_calls_at_the_rate_asked(server):
     # if it had applied ("decode open c=8").
     assert r.concurrency is None and r.to_dict()["concurrency"] is None
     assert r.summary().startswith("decode open rate=100/s batch=1: ")
-    # 100 calls/s for about a second: the calls counted are those that ended in that second.
-    assert 70 <= r.calls <= 130
+    # 100 calls/s for about a second: the calls counted are those that ended in that second
+    # (a closed loop of 8 would make thousands; the margin is for a stall of the machine).
+    assert 50 <= r.calls <= 150
 
 
 def test_refused_calls_are_counted_by_status_code():

@@ -348,7 +348,7 @@ def test_vae_config_validation_and_round_trip() -> None:
     assert VAEConfig(**cfg.to_dict()) == cfg
     assert cfg.to_dict()["hidden"] == [8, 4]
     for bad in ({"likelihood": "poisson"}, {"latent_dim": 0}, {"sigma": 0.0}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))} must be"):
             VAEConfig(**bad)  # type: ignore[arg-type]
     VAEConfig(likelihood="bernoulli", sigma=0.0)  # sigma is unused by the Bernoulli decoder
 

@@ -37,10 +37,12 @@ def test_the_temperature_narrows_every_component_and_moves_none():
     np.testing.assert_allclose(cold.chols, 0.5 * full.chols)
 
 
-@pytest.mark.parametrize("setting", [{"temperature": 0.0}, {"temperature": 1.1},
-                                     {"codes": "median"}, {"map_steps": -1}, {"map_lr": 0.0}])
-def test_a_prior_setting_out_of_range_is_refused(setting):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"temperature": 0.0}, "temperature must be in"), ({"temperature": 1.1}, "temperature must"),
+    ({"codes": "median"}, "codes must be map or mean"), ({"map_steps": -1}, "map_steps must be"),
+    ({"map_lr": 0.0}, "map_lr > 0")])
+def test_a_prior_setting_out_of_range_is_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
         PriorConfig(**setting)
 
 

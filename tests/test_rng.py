@@ -29,7 +29,7 @@ def test_large_keys_have_streams_of_their_own():
     assert draws[(5, 1)] == draws[(5, 1, 0)]
     others = [draws[key] for key in keys if key != (5, 1, 0)]
     assert len(set(others)) == len(others)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="non-negative integers, not -1"):
         key_words(-1, BIG)
 
 
