@@ -342,6 +342,10 @@ def summarize(t: Tally, samples: list[tuple[float, float]], rss_quiet: float | N
         failures.append(f"{sum(t.wrong.values())} wrong replies")
     if faults:
         failures.append(f"{faults} server faults ({errors_by_code['INTERNAL']} INTERNAL)")
+    unread = {code: n for code, n in errors_by_code.items() if code.startswith("client ")}
+    if unread:
+        failures.append(f"{sum(unread.values())} replies the client could not read ("
+                        + ", ".join(f"{code} {n}" for code, n in sorted(unread.items())) + ")")
     if growth is not None and growth >= args.max_rss_growth:
         failures.append(f"RSS grew by {growth} % after the warm-up (limit {args.max_rss_growth} %)")
     return {

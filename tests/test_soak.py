@@ -84,3 +84,19 @@ def test_the_verdict_names_each_failure() -> None:
     assert "DEADLINE_EXCEEDED" in text
     assert r["rss_mb"]["growth_pct"] == 6.0 and "RSS grew by 6.0 %" in text
     assert "**FAILED**" in soak.markdown(r)
+
+
+def test_replies_the_client_cannot_read_fail_the_soak() -> None:
+    """Before: a reply that raised in the client (counted as error "client ValueError", say)
+    was neither a status the verdict looked at nor a wrong reply, and the soak passed."""
+    soak = _soak_module()
+    t = soak.Tally()
+    t.started["Decode"] += 2
+    t.ended["Decode"] += 2
+    t.errors["Decode"]["client ValueError"] += 1
+    args = argparse.Namespace(minutes=1.0, concurrency=1, seed=0, target=None,
+                              model_dir="m", max_rss_growth=5.0)
+    r = soak.summarize(t, [(0.0, 100.0)] * 6, 100.0, 6.0, 1.0, vae_pb2.ModelInfo(), args,
+                       datetime.now(timezone.utc))
+    assert not r["passed"]
+    assert "1 replies the client could not read (client ValueError 1)" in "; ".join(r["failures"])
