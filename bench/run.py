@@ -153,14 +153,14 @@ def callers_rate(step: Callable[[int, int], int], seconds: float, callers: int =
     return sum(done) / (time.perf_counter() - t0)
 
 
+STREAM_TIMEOUT_S = 120.0  # a 200,000-image stream takes seconds
+
+
 def bench(target: str, method: str, duration: float, **kw: Any) -> BenchResult:
     """One load (vae-client bench's), 1 s of warm-up, then `duration` seconds measured. A
     stream has a deadline too, so that a stalled one fails the figure instead of hanging."""
     return asyncio.run(run_bench(target, method, duration=duration, warmup=1.0,
                                  stream_timeout=STREAM_TIMEOUT_S + duration, **kw))
-
-
-STREAM_TIMEOUT_S = 120.0  # a 200,000-image stream takes seconds
 
 
 def interleaved(a: str, b: str, rounds: int, method: str, duration: float, **kw: Any
@@ -181,8 +181,8 @@ def median_ratio(base: list[float], other: list[float]) -> tuple[float | None, l
     round's base with another round's figure, undoing the turns. A round whose base is 0
     (every call failed) has no ratio, and then neither has the median."""
     ratios = [y / x if x > 0 else None for x, y in zip(base, other, strict=True)]
-    known = [r for r in ratios if r is not None]
-    return (statistics.median(known) if known and len(known) == len(ratios) else None), ratios
+    whole = [r for r in ratios if r is not None]
+    return (statistics.median(whole) if whole and len(whole) == len(ratios) else None), ratios
 
 
 def ratios_text(ratio: float | None, ratios: list[float | None]) -> str:
@@ -247,17 +247,16 @@ def add_row(rows: list[dict[str, Any]], section: str, what: str, value: float, u
     entries."""
     if ratio is None and limit:
         ratio = value / limit
-    timed = extra is not None and extra.calls >= MIN_LATENCY_CALLS
+    lat = extra.latency_ms if extra is not None and extra.calls >= MIN_LATENCY_CALLS else None
     row = {"section": section, "what": what, "value": value, "unit": unit,
            "limit": limit_name, "ratio": ratio,
-           "p50_ms": extra.latency_ms["p50"] if timed and extra else None,
-           "p99_ms": extra.latency_ms["p99"] if timed and extra else None,
+           "p50_ms": lat["p50"] if lat else None, "p99_ms": lat["p99"] if lat else None,
            "errors": extra.errors if extra else {}, "limit_errors": limit_errors or {},
            **fields}
     rows.append(row)
     r = f"{ratio:.2f} of {limit_name}" if ratio is not None else "(limit)"
-    lat = f"  p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms" if timed else ""
-    print(f"{section:<28} {what:<32} {value:>12,.0f} {unit:<9} {r}{lat}{errors_note(row)}",
+    times = f"  p50 {lat['p50']:.2f} ms p99 {lat['p99']:.2f} ms" if lat else ""
+    print(f"{section:<28} {what:<32} {value:>12,.0f} {unit:<9} {r}{times}{errors_note(row)}",
           flush=True)
 
 

@@ -59,6 +59,12 @@ def test_a_short_soak_passes_and_writes_its_summary(model_dir: Path, tmp_path: P
     assert (tmp_path / "soak-server.log").is_file()
 
 
+def _summary_args() -> argparse.Namespace:
+    """The command line summarize reads, as soak.py's defaults give it."""
+    return argparse.Namespace(minutes=1.0, concurrency=1, seed=0, target=None, model_dir="m",
+                              max_rss_growth=5.0)
+
+
 def test_the_verdict_names_each_failure() -> None:
     soak = _soak_module()
     t = soak.Tally()
@@ -71,8 +77,7 @@ def test_the_verdict_names_each_failure() -> None:
     t.wrong["Sample"] += 2
     t.lost_chunks += 1
     t.duplicated_chunks += 1
-    args = argparse.Namespace(minutes=1.0, concurrency=1, seed=0, target=None,
-                              model_dir="m", max_rss_growth=5.0)
+    args = _summary_args()
     samples = [(0.0, 100.0), (1.0, 100.0), (2.0, 100.0), (3.0, 106.0), (4.0, 106.0),
                (5.0, 106.0)]
     r = soak.summarize(t, samples, 105.0, 6.0, 1.0, vae_pb2.ModelInfo(), args,
@@ -94,8 +99,7 @@ def test_replies_the_client_cannot_read_fail_the_soak() -> None:
     t.started["Decode"] += 2
     t.ended["Decode"] += 2
     t.errors["Decode"]["client ValueError"] += 1
-    args = argparse.Namespace(minutes=1.0, concurrency=1, seed=0, target=None,
-                              model_dir="m", max_rss_growth=5.0)
+    args = _summary_args()
     r = soak.summarize(t, [(0.0, 100.0)] * 6, 100.0, 6.0, 1.0, vae_pb2.ModelInfo(), args,
                        datetime.now(timezone.utc))
     assert not r["passed"]

@@ -575,6 +575,10 @@ class MergedMetrics(Collector):
             return str(reply.read().decode("utf-8"))
 
 
+# A call's start counts +1 toward its being open, its end -1.
+_OPEN_SIGN = {"grpc_server_started_total": 1, "grpc_server_handled_total": -1}
+
+
 def _cut_off(families: list[Metric], zero: bool = False) -> list[Metric]:
     """grpc_server_handled_total{grpc_code="UNAVAILABLE"} samples for the calls of one
     exposition that were started and not handled (none where every call had ended); with
@@ -585,8 +589,7 @@ def _cut_off(families: list[Metric], zero: bool = False) -> list[Metric]:
         if family.name == "grpc_server_handled":
             documentation = family.documentation
         for sample in family.samples:
-            sign = {"grpc_server_started_total": 1, "grpc_server_handled_total": -1}.get(
-                sample.name)
+            sign = _OPEN_SIGN.get(sample.name)
             if sign:
                 key = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "grpc_code"))
                 open_calls[key] = open_calls.get(key, 0.0) + sign * sample.value
