@@ -84,3 +84,31 @@ def test_a_quota_never_raises_the_count_above_the_affinity(tmp_path, monkeypatch
     (root / "cpu.max").write_text("800000 100000\n")
     assert cores(root, _proc(tmp_path, "0::/\n")) == 2
     assert quota_cores(root, _proc(tmp_path, "0::/\n")) == 0
+
+
+# Each imports onnxruntime through one of the project's packages, then runs a model on it.
+ONNXRUNTIME_USERS = {
+    "server": "from vae_server.runtime import ModelRuntime; ModelRuntime(model, provider='cpu')",
+    "core": "from vae_core.onnx_model import OnnxVAE; OnnxVAE(model).sample(2, seed=0)",
+    "export": "import vae_export.onnx_export; from vae_core.onnx_model import OnnxVAE; "
+              "OnnxVAE(model)",
+}
+
+
+@pytest.mark.parametrize("package", sorted(ONNXRUNTIME_USERS))
+def test_onnxruntime_sends_no_telemetry(package, model_dir, tmp_path):
+    """Before: ONNX Runtime's telemetry, on unless ORT_DISABLE_TELEMETRY is set before its
+    import, kept a device id under ~/.cache/Microsoft in every process that ran a model (and
+    sent usage events from it)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env["HOME"] = str(tmp_path)
+    code = f"model = {str(model_dir)!r}\n{ONNXRUNTIME_USERS[package]}"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert not (tmp_path / ".cache").exists()
+    # The control: the same process with the variable turned back on does keep one.
+    env["ORT_DISABLE_TELEMETRY"] = "0"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert (tmp_path / ".cache" / "Microsoft").is_dir()

@@ -112,6 +112,16 @@ def one_blas_thread() -> None:
         os.environ.setdefault(var, "1")
 
 
+def no_onnxruntime_telemetry() -> None:
+    """Unless set, ORT_DISABLE_TELEMETRY=1: ONNX Runtime's Linux builds send usage events to
+    Microsoft (and keep a device id under ~/.cache/Microsoft) from every process that loads
+    it. A server inside someone's network calls no one but whom it is told to, and on a
+    read-only root each start logged a warning. Read only when onnxruntime is imported, so
+    the packages that import it call this first, in their __init__; ORT_DISABLE_TELEMETRY=0
+    turns the events back on."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
 def quiet_grpc_core() -> None:
     """Unless set, GRPC_VERBOSITY=ERROR for the commands (vae-client, vae-server): by default
     gRPC's C core prints its INFO lines (a failed TLS handshake, say) to stderr, above a
