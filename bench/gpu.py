@@ -40,9 +40,10 @@ from run import (
     server_cmd,
 )
 
+from vae_client import VaeClient
 from vae_client.bench import BenchResult
 from vae_core.onnx_model import OnnxVAE
-from vae_server.runtime import CPU, CUDA, ModelRuntime
+from vae_server.runtime import CPU, CUDA, ModelRuntime, ProviderError
 
 SIZES = (1, 16, 64, 256, 1024, 2048)
 
@@ -118,11 +119,11 @@ def main() -> int:
     # Bound runs up to the server's default --max-batch-size, as served.
     runtimes: dict[str, ModelRuntime] = {}
     for name, (kw, _) in variants.items():
-        runtimes[name] = ModelRuntime(model_dir, provider=args.provider,
-                                      max_rows=max(2048, *sizes), **kw)
-        if cuda and runtimes[name].provider != CUDA:  # onnxruntime-gpu without a usable GPU
-            print(f"bench-gpu: ONNX Runtime fell back to {runtimes[name].provider}",
-                  file=sys.stderr)
+        try:  # --provider cuda refuses where onnxruntime-gpu would fall back to the CPU
+            runtimes[name] = ModelRuntime(model_dir, provider=args.provider,
+                                          max_rows=max(2048, *sizes), **kw)
+        except ProviderError as exc:
+            print(f"bench-gpu: {exc}", file=sys.stderr)
             return 2
     for rt in runtimes.values():
         rt.warm_up(sizes)
@@ -143,6 +144,10 @@ def main() -> int:
             "compute")
     providers = [CUDA, CPU] if cuda else [CPU]
     estimator = OnnxVAE(model_dir, providers=providers)
+    if estimator.decoder.get_providers()[0] != providers[0]:
+        print(f"bench-gpu: the estimator fell back to {estimator.decoder.get_providers()[0]}",
+              file=sys.stderr)
+        return 2
     # Warmed up first, as the servers are: CUDA's first runs pay for its initialisation.
     in_process_loglik_images(estimator, 1000, min(d, 1.0))
     loglik_limit = in_process_loglik_images(estimator, 1000, d)
@@ -157,6 +162,14 @@ def main() -> int:
     for name, (_, flags) in variants.items():
         cmd = server_cmd(model_dir, True, 0, "auto", False, "--provider", args.provider, *flags)
         with Process(cmd) as srv:
+            # What the server says it runs on, not what it was asked to (its log is shown
+            # only when it fails): no CPU figure goes out under a CUDA variant's name.
+            with VaeClient(srv.target, retries=0) as client:
+                served = client.info(timeout=10).execution_provider
+            if served != providers[0]:
+                print(f"bench-gpu: the {name} server runs on {served}, not {providers[0]}",
+                      file=sys.stderr)
+                return 2
             for c in (1, 16, 64):
                 r = bench(srv.target, "decode", d, concurrency=c)
                 row("decode, 1 image per call", f"{name}, c={c}", r.calls_per_s, "calls/s",

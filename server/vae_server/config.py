@@ -42,8 +42,8 @@ class Settings:
     port: int = _doc("gRPC port; 0 picks a free one", default=50051)
     metrics_port: int = _doc("Prometheus /metrics port; 0 picks a free one, -1 disables",
                              default=8000)
-    provider: str = _doc("execution provider: auto (CUDA where it works, else CPU), cuda or cpu",
-                         default="auto")
+    provider: str = _doc("execution provider: auto (CUDA where it works, else CPU), cuda (refuse "
+                         "to start where ONNX Runtime cannot use it) or cpu", default="auto")
     threads: int = _doc("ONNX Runtime intra-op threads per session; 0 = one per core",
                         default=0)
     spinning: bool = _doc(

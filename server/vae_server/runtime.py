@@ -23,20 +23,30 @@ CPU = "CPUExecutionProvider"
 ENCODER_OUTPUTS = ["mu", "logvar"]
 
 
+class ProviderError(RuntimeError):
+    """The execution provider asked for is not the one ONNX Runtime can run the model on."""
+
+
 def choose_providers(provider: str) -> list[str]:
     available = ort.get_available_providers()
     if provider == "cpu":
         return [CPU]
     if provider == "cuda" and CUDA not in available:
-        raise RuntimeError(f"--provider cuda, but this onnxruntime offers only {available}")
+        raise ProviderError(f"--provider cuda, but this onnxruntime offers only {available}")
     if provider in ("cuda", "auto") and CUDA in available:
         return [CUDA, CPU]
     return [CPU]
 
 
-def with_cuda_graphs(providers: list[str]) -> list[Provider]:
-    """`providers` with the CUDA provider's graph capture turned on."""
-    return [(p, {"enable_cuda_graph": "1"}) if p == CUDA else p for p in providers]
+def with_options(providers: list[str], cuda_graphs: bool = False) -> list[Provider]:
+    """`providers` with the CUDA provider's options: float32 matrix products in float32 (ONNX
+    Runtime's default, TF32 on Ampere and later, rounds their inputs to 10 bits of mantissa,
+    which moves pixels by about 1e-3 from what the CPU computes for the same model), and,
+    with `cuda_graphs`, graph capture."""
+    options = {"use_tf32": "0"}
+    if cuda_graphs:
+        options["enable_cuda_graph"] = "1"
+    return [(p, dict(options)) if p == CUDA else p for p in providers]
 
 
 def _plain(session: ort.InferenceSession, outputs: list[str], name: str) -> RunFn:
@@ -84,18 +94,14 @@ class ModelRuntime(ModelDirectory):
                                f"{ort.get_available_providers()}")
         if cuda_graphs and io_binding == "off":
             raise RuntimeError("CUDA graphs need IO binding (--io-binding auto or on)")
-        chosen: list[Provider] = with_cuda_graphs(providers) if cuda_graphs else [*providers]
+        chosen = with_options(providers, cuda_graphs)
 
         models = self.read_models()  # read and checked once, for each pair of sessions
         self.encoder, self.decoder = self.open_sessions(chosen, threads, spinning, models)
-        # What ONNX Runtime actually uses: onnxruntime-gpu without a usable CUDA falls back
-        # to CPU with only a logged error.
-        self.provider = self.decoder.get_providers()[0]
-        if providers[0] != CPU and self.provider != CUDA:
-            log.warning("CUDA was requested but ONNX Runtime fell back to %s", self.provider)
-            if cuda_graphs:
-                raise RuntimeError("CUDA graphs were asked for, but ONNX Runtime fell back to "
-                                   f"{self.provider}")
+        # What ONNX Runtime actually uses: onnxruntime-gpu without a usable CUDA (no driver,
+        # a CUDA or cuDNN it was not built for) falls back to CPU with only a logged error.
+        self.provider = self._provider_in_use([self.encoder, self.decoder], provider,
+                                              cuda_graphs)
         self.bound = io_binding == "on" or (io_binding == "auto" and self.provider == CUDA)
         self.cuda_graphs = cuda_graphs
         self.encoder_small, self.decoder_small = self.encoder, self.decoder
@@ -104,6 +110,8 @@ class ModelRuntime(ModelDirectory):
         elif self.bound:
             self.encoder_small, self.decoder_small = self.open_sessions(chosen, threads, spinning,
                                                                        models)
+            self._provider_in_use([self.encoder_small, self.decoder_small], provider,
+                                  cuda_graphs)
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         # The small sessions' batches: at most small_rows, and never past a batch.
         self.small_rows = small = max(1, min(small_rows, max_rows))
@@ -129,6 +137,26 @@ class ModelRuntime(ModelDirectory):
                  self.likelihood, self.provider,
                  (" with IO binding" + (" and CUDA graphs" if cuda_graphs else ""))
                  if self.bound else "")
+
+    @staticmethod
+    def _provider_in_use(sessions: Sequence[ort.InferenceSession], provider: str,
+                         cuda_graphs: bool) -> str:
+        """The provider `sessions` run on. Where CUDA was asked for by name (`--provider
+        cuda`, or CUDA graphs) and a session fell back to the CPU, a ProviderError: a GPU
+        server that served on the CPU would report SERVING at a fraction of its rate. `auto`
+        serves on the CPU with a warning."""
+        used = [s.get_providers()[0] for s in sessions]
+        fell_back = [p for p in used if p != CUDA]
+        if provider != "cpu" and CUDA in ort.get_available_providers() and fell_back:
+            why = (f"ONNX Runtime fell back to {fell_back[0]}: it cannot use CUDA here (its "
+                   "log above says why: no GPU or driver, or a CUDA or cuDNN other than the "
+                   "one this onnxruntime-gpu was built for)")
+            if provider == "cuda":
+                raise ProviderError(f"--provider cuda, but {why}")
+            if cuda_graphs:
+                raise ProviderError(f"CUDA graphs were asked for, but {why}")
+            log.warning("CUDA was requested but %s", why)
+        return used[-1]
 
     def instances(self, requested: int = 0) -> int:
         """Large batches of each model that may run at once: `requested`, or for 0 one per
