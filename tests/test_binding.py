@@ -7,7 +7,9 @@ parts (device buffers, graph capture) are checked at the end, where a GPU is pre
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnxruntime as ort
@@ -72,6 +74,23 @@ def test_outputs_are_the_callers_own_not_the_bound_buffers(decoder):
     np.testing.assert_array_equal(run(a)[0], kept)
 
 
+def in_threads(fn: Callable[[int], None], args: Iterable[int], timeout: float) -> None:
+    """fn(a) for each a, each in a thread of its own, all at once; an exception in any (a
+    failed run, not only a wrong answer) fails the test, as does one still running."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(fn, a) for a in args]:
+            future.result(timeout=timeout)
+
+
+def test_in_threads_fails_on_an_exception_in_a_thread():
+    def third_fails(a: int) -> None:
+        if a == 2:
+            raise RuntimeError("CUDA failure in a thread")
+
+    with pytest.raises(RuntimeError, match="CUDA failure in a thread"):
+        in_threads(third_fails, range(4), timeout=10)
+
+
 def test_a_bound_runner_shared_by_threads_gives_each_its_own_rows(decoder):
     run = BoundRunner(decoder, ["x_mean"], 16, device="cpu")
     failures: list[str] = []
@@ -82,11 +101,7 @@ def test_a_bound_runner_shared_by_threads_gives_each_its_own_rows(decoder):
             if not np.array_equal(run(z)[0], decoder.run(["x_mean"], {"z": z})[0]):
                 failures.append(f"thread {t} call {i}")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
+    in_threads(worker, range(4), timeout=60)
     assert not failures
 
 
@@ -102,33 +117,33 @@ def test_bad_rows_are_refused(decoder):
 
 def test_a_runner_of_its_own_thread_makes_every_run_there(decoder, monkeypatch):
     """With CUDA graphs a runner makes all its runs in one thread of its own (the CUDA
-    provider keeps graphs per thread), each size once when it is made, before any call."""
-    seen: list[str] = []
+    provider keeps graphs per thread), each size once when it is made, before any call, and
+    each size with a graph id of its own (the CPU provider ignores them)."""
+    seen: list[tuple[str, str | None]] = []
     plain_run = decoder.run_with_iobinding
 
     def recording(binding, options=None):
-        seen.append(threading.current_thread().name)
+        graph = None if options is None else options.get_run_config_entry("gpu_graph_id")
+        seen.append((threading.current_thread().name, graph))
         return plain_run(binding, options)
 
     monkeypatch.setattr(decoder, "run_with_iobinding", recording)
-    run = BoundRunner(decoder, ["x_mean"], 8, device="cpu", own_thread=True)
-    assert len(seen) == len(run.sizes)  # made: every size run once
+    run = BoundRunner(decoder, ["x_mean"], 8, device="cpu", cuda_graphs=True)
+    # made: every size run once, each under its own id, from 1 (0 would mean no graph)
+    assert [g for _, g in seen] == [str(i + 1) for i in range(len(run.sizes))]
     results: list[bool] = []
 
     def caller(seed: int) -> None:
         z = _latents(5, run.width, seed)
         results.append(np.array_equal(run(z)[0], decoder.run(["x_mean"], {"z": z})[0]))
 
-    threads = [threading.Thread(target=caller, args=(t,)) for t in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(30)
+    in_threads(caller, range(3), timeout=30)
     caller(9)
     run.close()
     assert results == [True] * 4
     assert len(seen) == len(run.sizes) + 4
-    assert len(set(seen)) == 1 and seen[0].startswith("vae-bound")
+    assert seen[-1][1] == str(run.sizes.index(6) + 1)  # 5 rows run as the graph of size 6
+    assert len({name for name, _ in seen}) == 1 and seen[0][0].startswith("vae-bound")
 
 
 def test_the_runtime_binds_on_cuda_only_unless_asked(model_dir):
@@ -221,10 +236,6 @@ def test_cuda_bound_runs_and_graphs_agree_with_the_cpu(model_dir, graphs):
             if not all(np.allclose(g, want, atol=1e-4) for g in got):
                 failures.append(f"seed {seed}, {n} rows")
 
-    threads = [threading.Thread(target=check, args=(100 * t,)) for t in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(120)
+    in_threads(check, (100 * t for t in range(3)), timeout=120)
     check(1000)
     assert not failures
