@@ -356,6 +356,65 @@ def test_a_signal_that_lands_while_another_is_handled_still_stops_the_workers(mo
     assert raised and int(raised.group(1)) >= 1, out[-2000:]  # the second signal did land
 
 
+# vae-server whose workers, once loaded, say so in WARMING_DIR and take 60 s more to warm up
+# (a large model, CUDA graphs); spawned workers import this file as __mp_main__, so the patch
+# is made at module level.
+SLOW_WARM_UP = """
+import os, sys, time
+
+from vae_server import runtime
+
+plain_warm_up = runtime.ModelRuntime.warm_up
+
+
+def slow(self, *args, **kwargs):
+    open(os.path.join(os.environ["WARMING_DIR"], str(os.getpid())), "w").close()
+    time.sleep(60)
+    return plain_warm_up(self, *args, **kwargs)
+
+
+runtime.ModelRuntime.warm_up = slow
+
+if __name__ == "__main__":
+    from vae_server.__main__ import main
+
+    sys.argv[0] = "vae-server"
+    sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the group", "SIGINT to the group",
+                                 "SIGTERM to the supervisor"])
+def test_a_stop_while_the_workers_warm_up_ends_them_at_once_with_status_0(model_dir,
+                                                                         tmp_path, how):
+    """systemd (KillMode=control-group), `timeout` and Ctrl-C signal every process of the
+    group; an orchestrator, the supervisor alone. Before: workers still loading or warming up
+    died of SIGTERM (status 1 for the server), printed KeyboardInterrupt tracebacks on
+    SIGINT, or, asked through their pipe, went on warming up until the supervisor killed them
+    after drain + grace + 30 s, and the server exited 1."""
+    script, warming = tmp_path / "slow.py", tmp_path / "warming"
+    script.write_text(SLOW_WARM_UP)
+    warming.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+         "--port", str(free_port()), "--metrics-port", "-1", "--workers", "2",
+         "--warmup-rounds", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "WARMING_DIR": str(warming)})
+    try:
+        wait_until(lambda: len(list(warming.iterdir())) == 2, proc, 60, "two workers warming up")
+        sig = signal.SIGINT if how.startswith("SIGINT") else signal.SIGTERM
+        (os.killpg if how.endswith("group") else os.kill)(proc.pid, sig)
+        code = proc.wait(30)  # well under the 60 s of warm-up, and drain + grace + 30 s
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = proc.stdout.read() if proc.stdout else ""
+    assert code == 0, out[-2000:]
+    assert "Traceback" not in out and "did not stop in time" not in out, out[-2000:]
+
+
 def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference, tmp_path):
     """SIGKILL one of two workers: health says NOT_SERVING until a new one is ready, the
     restart is counted, the merged counters keep what the dead worker counted, and the

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vae_server.config import load_settings
+from vae_server.runtime import CPU, CUDA
 from vae_server.workers import (
     FAILED,
     PING,
@@ -28,6 +31,7 @@ from vae_server.workers import (
     Supervisor,
     _Worker,
     claim_port,
+    with_instances,
 )
 
 
@@ -38,10 +42,13 @@ class _UnreapedProcess:
         self.sentinel = object()
         self.pid = pid
         self._joined = False
+        self.terminated = False  # sent SIGTERM: ended by it, before it could take it
 
     @property
     def exitcode(self) -> int | None:
-        return -9 if self._joined else None
+        if not self._joined:
+            return None
+        return -signal.SIGTERM if self.terminated else -9
 
     def join(self, timeout: float | None = None) -> None:
         self._joined = True
@@ -51,6 +58,9 @@ class _UnreapedProcess:
 
     def kill(self) -> None:
         self._joined = True
+
+    def terminate(self) -> None:
+        self.terminated = True
 
 
 class _Pipe:
@@ -515,3 +525,44 @@ def test_queue_gauges_merge_as_the_fullest_worker_not_a_sum(monkeypatch):
     monkeypatch.setattr(merged, "_read", texts.__getitem__)
     values = _values(merged)
     assert values["vae_queue_depth"] == 3000 and values["vae_stream_unsent_images"] == 2500
+
+
+def test_a_stop_while_a_worker_waits_to_be_restarted_counts_only_those_asked_to_stop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the dead predecessor of the replacement not yet started (-9) went into the
+    stop's status: the running workers drained, and the server exited 1."""
+    supervisor, (process, started) = _supervisor(monkeypatch, ready=True)
+    supervisor._served = True
+    supervisor._handle(process.sentinel)  # worker 0 died; its replacement waits
+    assert not supervisor._workers[0].running and started == []
+    supervisor._stopping = True  # SIGTERM before the replacement was started
+    assert supervisor._watch() == 0
+
+
+def test_a_stop_ends_a_worker_still_starting_with_sigterm_and_exits_0(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker reads no message before it is ready: before, the STOP waited in its pipe
+    while it loaded and warmed up, and the supervisor killed it after drain + grace + 30 s
+    and exited 1."""
+    supervisor, (process, _) = _supervisor(monkeypatch, ready=False)
+    supervisor._stopping = True
+    assert supervisor._watch() == 0
+    assert process.terminated and supervisor._workers[0].conn.sent == [STOP]
+    ready, (ready_process, _) = _supervisor(monkeypatch, ready=True)
+    ready._stopping = True
+    assert ready._watch() == 1  # a ready worker is not terminated: -9 is not a clean stop
+    assert not ready_process.terminated
+
+
+def test_workers_run_their_share_of_the_cores_on_the_cpu_and_one_instance_on_cuda(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the supervisor set every worker's instances to its share of the cores
+    whatever the provider, so two workers on a 16-core GPU host ran 8 CUDA instances each."""
+    monkeypatch.setattr("vae_server.workers.cores", lambda: 16)
+    supervisor = Supervisor(load_settings(["--model-dir", "unused", "--workers", "2"], env={}))
+    settings = supervisor.worker_settings
+    assert (supervisor.cpu_share, settings.threads, settings.instances) == (8, 8, 0)
+    assert with_instances(settings, CPU, supervisor.cpu_share).instances == 8
+    assert with_instances(settings, CUDA, supervisor.cpu_share).instances == 0  # the runtime's 1
+    chosen = replace(settings, instances=3)  # --instances 3: as asked, on either
+    assert with_instances(chosen, CPU, 8).instances == with_instances(chosen, CUDA, 8).instances == 3

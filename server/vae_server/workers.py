@@ -20,7 +20,8 @@ that the kernel spreads incoming connections over them, and:
   GPU's gauges, of one device that every worker reads, the max). Its own beside them:
   vae_workers{state="configured"|"ready"} and vae_worker_restarts_total. With
   --metrics-port -1 neither the supervisor nor the workers listen for metrics.
-- SIGTERM (or SIGINT): every worker drains (NOT_SERVING, the drain delay, the grace) and the
+- SIGTERM (or SIGINT): every ready worker drains (NOT_SERVING, the drain delay, the grace),
+  one still loading or warming up (it has no calls of its own yet) ends at once, and the
   supervisor exits once they all have, with status 0 if all of them did.
 - a hung worker: the supervisor asks each ready worker's event loop to answer every few
   seconds; one that has not answered for --worker-timeout-s (a loop blocked, a process
@@ -69,6 +70,7 @@ from vae_core.manifest import ManifestError, load_manifest
 from vae_core.ports import bare_host, free_port, probe_bind
 from vae_server.config import Settings
 from vae_server.metrics import serve_metrics, where_metrics
+from vae_server.runtime import CPU
 
 log = logging.getLogger("vae_server.workers")
 
@@ -90,11 +92,21 @@ MAX_BACKOFF_S = 30.0
 
 
 def worker_main(settings: Settings, index: int, conn: multiprocessing.connection.Connection,
-                version: str | None = None) -> None:
+                version: str | None = None, cpu_share: int = 0) -> None:
     """A worker process: one server on the shared port, steered by the supervisor's pipe;
-    it serves model `version` (the one the server started with) or none."""
+    it serves model `version` (the one the server started with) or none. On the CPU, unless
+    --instances is set, it runs `cpu_share` instances of each model (its share of the
+    cores); on CUDA, the one a lone server runs."""
     import asyncio
+    import os
 
+    # Until it is ready, a worker reads no message, and a stop must not wait for the model to
+    # load and warm up: SIGTERM (from the supervisor, or sent to the whole process group by
+    # systemd or `timeout`) ends it at once, with status 0, as it has no calls of its own to
+    # drain yet. SIGINT (Ctrl-C reaches the whole group) is the supervisor's to pass on.
+    # Once ready, both drain it, as a lone server's.
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The environment is the supervisor's, one BLAS thread included (vae_server.__main__).
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s")
@@ -116,7 +128,8 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
             if version is not None and runtime.spec.version != version:
                 failed(_other_model(settings, runtime.spec.version, version))
                 return 2
-            running = await create_server(settings, runtime, reuse_port=True,
+            running = await create_server(with_instances(settings, runtime.provider, cpu_share),
+                                          runtime, reuse_port=True,
                                           metrics_addr="127.0.0.1", announce=False)
         except Exception as exc:
             # What stops a lone server's start with one line (a busy port, a model it
@@ -158,6 +171,15 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
     code = loops.run(serve(), settings.event_loop)
     if code:
         sys.exit(code)
+
+
+def with_instances(settings: Settings, provider: str, cpu_share: int) -> Settings:
+    """A worker's settings once it knows its provider: where --instances is unset, on the CPU
+    its share of the cores (a lone server's default, one per core, would have N workers run
+    N times as many as there are cores); elsewhere the provider's default (one on CUDA)."""
+    if provider == CPU and not settings.instances and cpu_share:
+        return replace(settings, instances=cpu_share)
+    return settings
 
 
 def _version_at(settings: Settings) -> str:
@@ -232,15 +254,14 @@ class Supervisor:
         self.count = settings.worker_count
         port = settings.port or free_port()  # the workers must agree on one port
         # The workers' own metrics ports are loopback ones; the supervisor serves the merge.
-        # Each takes its share of the cores for its ONNX Runtime threads and instances, unless
-        # they are set.
-        share = max(1, cores() // self.count)
+        # Each takes its share of the cores for its ONNX Runtime threads, and on the CPU for
+        # its instances (worker_main), unless they are set.
+        self.cpu_share = max(1, cores() // self.count)
         # With the metrics off (-1), the workers' are off too: nothing would read them.
         self.worker_settings = replace(settings, port=port,
                                        metrics_port=-1 if settings.metrics_port < 0 else 0,
                                        workers="1",
-                                       threads=settings.threads or share,
-                                       instances=settings.instances or share)
+                                       threads=settings.threads or self.cpu_share)
         self.settings = settings
         self.port = port
         self._context = multiprocessing.get_context("spawn")
@@ -271,7 +292,8 @@ class Supervisor:
     def _start(self, index: int) -> _Worker:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=worker_main,
-                                        args=(self.worker_settings, index, child, self.version),
+                                        args=(self.worker_settings, index, child, self.version,
+                                              self.cpu_share),
                                         name=f"vae-worker-{index}", daemon=False)
         try:
             process.start()
@@ -366,21 +388,30 @@ class Supervisor:
         else:
             log.info("signal received: draining %d workers", len(self._running()))
         self._broadcast(STOP)
+        starting = [w for w in self._running() if not w.ready]
+        for w in starting:  # it reads no message until it is ready: SIGTERM ends it now
+            with contextlib.suppress(OSError):
+                w.process.terminate()
         deadline = time.monotonic() + (self.settings.drain_delay_s
                                        + self.settings.grace_seconds + 30.0)
         for w in self._running():
             w.process.join(max(0.0, deadline - time.monotonic()))
-        codes = []
-        for w in self._workers:
-            if w.running and w.process.is_alive():
+        # The status is of the workers asked to stop, not of one that died before (its
+        # replacement waiting to be started): that exit was handled when it came.
+        codes, clean = [], True
+        for w in self._running():
+            if w.process.is_alive():
                 log.error("worker %d did not stop in time: killed", w.index)
                 w.process.kill()
                 w.process.join()
             codes.append(w.process.exitcode)
+            # Still starting, it may be ended by the SIGTERM before it could take it.
+            clean &= w.process.exitcode == 0 or (
+                any(w is x for x in starting) and w.process.exitcode == -signal.SIGTERM)
         log.info("stopped (worker exit codes %s)", codes)
         if self.failure is not None:
             return 2
-        return 0 if all(code == 0 for code in codes) and not self.failed else 1
+        return 0 if clean and not self.failed else 1
 
     @staticmethod
     def _kill(w: _Worker) -> None:
