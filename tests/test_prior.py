@@ -202,3 +202,100 @@ def test_a_prior_written_over_another_is_whole_or_the_other(tmp_path, monkeypatc
     loaded = load_prior(tmp_path, {"files": {"prior.npz": {}}}, K)
     np.testing.assert_array_equal(loaded.means, prior.means)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prior.npz"]
+
+
+def test_a_digit_draws_its_components_in_proportion_to_their_weights_in_the_class():
+    """Within a class, component j is drawn with w_j over the class's total. (Cumulating the
+    weights without that division still drew only the class's components, nearly all from
+    its last.)"""
+    weights = np.array([0.1, 0.3, 0.2, 0.1, 0.3])
+    classes = np.array([0, 0, 0, 1, 1])
+    means = np.arange(5, dtype=np.float64)[:, None] * np.full((5, K), 100.0)
+    prior = GaussianMixture(weights, means, np.stack([np.eye(K) * 1e-3] * 5), classes)
+    n = 60_000
+    for digit, members in ((0, [0, 1, 2]), (1, [3, 4])):
+        drawn = np.rint(prior.latents(5, 0, n, digit)[:, 0] / 100).astype(int)
+        share = np.bincount(drawn, minlength=5)[members] / n
+        want = weights[members] / weights[members].sum()
+        # 60,000 draws: a share's standard deviation is at most 0.002
+        np.testing.assert_allclose(share, want, atol=0.01)
+
+
+def _header_only_npz(path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A prior file whose arrays are headers alone: what a file of a few hundred bytes may
+    claim to unpack to."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for name, shape in shapes.items():
+            f = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<i8" if name == "classes" else "<f8", "fortran_order": False,
+                    "shape": shape})
+            z.writestr(f"{name}.npy", f.getvalue())
+
+
+def test_a_prior_whose_factors_would_not_fit_in_memory_is_refused_by_its_headers(tmp_path):
+    """Before: 10,000 components in R^4096 passed the header check (components and latent
+    size were bounded apart), and loading asked for 1.22 TiB: a MemoryError traceback."""
+    c, k = 10_000, 4096
+    _header_only_npz(tmp_path / "prior.npz", {"weights": (c,), "means": (c, k),
+                                              "chols": (c, k, k), "classes": (c,)})
+    with pytest.raises(PriorError, match="factor entries, past the 16777216"):
+        GaussianMixture.load(tmp_path / "prior.npz", k)
+
+
+def _one_class(chols: np.ndarray, means: np.ndarray | None = None) -> GaussianMixture:
+    c, k = chols.shape[:2]
+    return GaussianMixture(np.full(c, 1.0 / c), np.zeros((c, k)) if means is None else means,
+                           chols, np.zeros(c, dtype=np.int64))
+
+
+def test_a_prior_that_would_serve_wrong_figures_is_refused():
+    """Each loaded before, and was served with status OK."""
+    eye = np.eye(K)[None]
+    # A class all of whose weight is 0: its digit was offered, and its draws came from
+    # component 0, another class's (0/0 in the cumulative weights).
+    with pytest.raises(PriorError, match="class 1's components have no weight"):
+        GaussianMixture(np.array([0.5, 0.5, 0.0]), np.zeros((3, K)), np.repeat(eye, 3, 0),
+                        np.array([0, 0, 1]))
+    # A factor whose diagonal is bounded but whose inverse overflows float32: every
+    # LogLikelihood was NaN.
+    k = 32
+    steep = np.tril(np.ones((k, k)))
+    np.fill_diagonal(steep, 1e-6)
+    with pytest.raises(PriorError, match="cannot be inverted"):
+        _one_class(steep[None])
+    # Means far out: every Sample image NaN (1e39), or latents Decode would refuse (1e7).
+    for far in (1e39, 1e7):
+        with pytest.raises(PriorError, match="within \\+-1e\\+06"):
+            _one_class(eye, np.full((1, K), far))
+    # Entries above the diagonal, within allclose's tolerance: samples used the whole
+    # factor, the density its diagonal alone (8.5 nats off on the audit's example).
+    upper = np.array([[[1e-6, 1e-8], [0.5, 1e-6]]])
+    with pytest.raises(PriorError, match="lower-triangular"):
+        _one_class(upper)
+
+
+def test_unsigned_classes_past_9_are_refused(tmp_path):
+    """Before: uint64 2^64 - 1 read as -1, no class, and its digit silently went missing."""
+    prior = mixture(classes=2, per_class=1)
+    np.savez(tmp_path / "prior.npz", weights=prior.weights, means=prior.means,
+             chols=prior.chols, classes=np.array([0, 2**64 - 1], dtype=np.uint64))
+    with pytest.raises(PriorError, match="digits 0 .. 9"):
+        GaussianMixture.load(tmp_path / "prior.npz", K)
+    np.savez(tmp_path / "prior.npz", weights=prior.weights, means=prior.means,
+             chols=prior.chols, classes=np.array([0, 1], dtype=np.uint8))
+    assert GaussianMixture.load(tmp_path / "prior.npz", K).digits == [0, 1]
+
+
+@pytest.mark.parametrize("digit", [None, 1])
+def test_numpy_integers_give_the_rows_python_integers_give(digit):
+    """Before: start + n in int64 wrapped near 2^63, no block was drawn, and the rows came
+    back as whatever the empty array held."""
+    prior = mixture()
+    start = 2**63 - 1
+    np.testing.assert_array_equal(prior.latents(np.uint64(4), np.int64(start), np.int64(3),
+                                                digit),
+                                  prior.latents(4, start, 3, digit))

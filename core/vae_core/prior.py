@@ -31,6 +31,10 @@ from vae_core.rng import ROWS_PER_BLOCK, block_spans, keyed_rng
 
 BLOCK = ROWS_PER_BLOCK  # rows per seeded block, as every indexed stream
 NO_CLASS = -1
+# The largest latent coordinate Decode takes, and the largest mean or factor entry a prior may
+# have. Every prior lies within a few tens of the origin; far past this bound the decoder's
+# sums overflow float32 and its images are NaN.
+MAX_LATENT = 1e6
 # The least standard deviation a component may have along a latent axis: below it, its
 # inverse factor overflows float32 and its density means nothing.
 MIN_SCALE = 1e-6
@@ -67,10 +71,20 @@ class GaussianMixture:
             raise PriorError("the mixture weights must be >= 0 and sum to 1")
         if not (np.isfinite(self.means).all() and np.isfinite(self.chols).all()):
             raise PriorError("the means and covariance factors must be finite numbers")
+        if not (np.abs(self.means).max() <= MAX_LATENT
+                and np.abs(self.chols).max() <= MAX_LATENT):
+            raise PriorError(f"the means and covariance factors must lie within "
+                             f"+-{MAX_LATENT:g}, as latents do")
         if not np.all((self.classes == NO_CLASS) | ((self.classes >= 0) & (self.classes <= 9))):
             raise PriorError(f"the classes must be digits 0 .. 9, or {NO_CLASS} for none")
+        for digit in set(self.classes.tolist()) - {NO_CLASS}:
+            if not self.weights[self.classes == digit].sum() > 0:
+                raise PriorError(f"class {digit}'s components have no weight: it cannot be "
+                                 "sampled")
         diag = np.diagonal(self.chols, axis1=1, axis2=2)
-        if not np.all(diag >= MIN_SCALE) or not np.allclose(np.triu(self.chols, 1), 0.0):
+        # Exactly triangular: sampling multiplies by the whole factor, while the density
+        # takes its determinant from the diagonal alone.
+        if not np.all(diag >= MIN_SCALE) or np.triu(self.chols, 1).any():
             raise PriorError(f"each covariance factor must be lower-triangular with a diagonal "
                              f"of at least {MIN_SCALE:g}")
         # For log_prob: ||L_j^-1 (z - m_j)||^2 for every component j is one matrix product,
@@ -82,11 +96,16 @@ class GaussianMixture:
                 inv = np.linalg.inv(self.chols)
             except np.linalg.LinAlgError:
                 inv = np.full_like(self.chols, np.nan)
-        if not np.isfinite(inv).all():
+        with np.errstate(all="ignore"):
+            inv32 = inv.reshape(c * k, k).T.astype(np.float32).copy()
+            shift32 = np.einsum("cij,cj->ci", inv, self.means).reshape(c * k).astype(np.float32)
+        # A factor far from its diagonal (the diagonal bounded, the entries below it not) has
+        # an inverse that float32, in which the density is computed, cannot hold.
+        if not (np.isfinite(inv).all() and np.isfinite(inv32).all()
+                and np.isfinite(shift32).all()):
             raise PriorError("a covariance factor cannot be inverted (too near singular)")
-        object.__setattr__(self, "_inv", inv.reshape(c * k, k).T.astype(np.float32).copy())
-        object.__setattr__(self, "_shift", np.einsum("cij,cj->ci", inv, self.means)
-                           .reshape(c * k).astype(np.float32))
+        object.__setattr__(self, "_inv", inv32)
+        object.__setattr__(self, "_shift", shift32)
         with np.errstate(divide="ignore"):
             log_w = np.log(self.weights)
         object.__setattr__(self, "_log_norm32", (log_w - np.log(diag).sum(axis=1)
@@ -130,12 +149,18 @@ class GaussianMixture:
             _check_headers(path, latent_dim)
             with np.load(path, allow_pickle=False) as f:
                 arrays = {name: f[name] for name in ("weights", "means", "chols", "classes")}
+            unsigned = arrays["classes"]
+            if unsigned.dtype.kind == "u" and unsigned.size and unsigned.max() > 9:
+                # int64 would read 2^64 - 1 as -1, no class
+                raise PriorError(f"the classes must be digits 0 .. 9, or {NO_CLASS} for none")
             return cls(arrays["weights"].astype(np.float64), arrays["means"].astype(np.float64),
                        arrays["chols"].astype(np.float64), arrays["classes"].astype(np.int64))
         except PriorError as exc:
             raise PriorError(f"{path}: {exc}") from None
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise PriorError(f"{path}: not a prior file ({exc})") from None
+        except MemoryError:
+            raise PriorError(f"{path}: its arrays do not fit in this machine's memory") from None
 
     # -- sampling -------------------------------------------------------------------------
 
@@ -143,6 +168,8 @@ class GaussianMixture:
         """z [n, k] float32 for images start .. start + n - 1 of the sequence seeded by
         `seed`, from the components of class `digit` when it is given."""
         k = self.latent_dim
+        # Python ints: numpy's int64 would wrap at start + n near 2^63 and leave rows unset.
+        seed, start, n = int(seed), int(start), int(n)
         out = np.empty((n, k), dtype=np.float32)
         cdf = self._cdf(digit)
         pos = 0
@@ -158,6 +185,7 @@ class GaussianMixture:
                 comp = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
                 out[pos : pos + hi - lo] = self._transform(comp, eps)
             pos += hi - lo
+        assert pos == n, (start, n, pos)
         return out
 
     def _cdf(self, digit: int | None) -> np.ndarray | None:
@@ -222,8 +250,10 @@ class GaussianMixture:
 
 
 # Components a prior file may hold: the default has 100 (10 a class); 10,000 in R^32 is
-# 80 MB of covariance factors.
+# 80 MB of covariance factors. Their entries, components x k x k, are bounded too: 2^24, 128
+# MB as float64, takes those 10,000 in R^32 or one component in R^4096.
 MAX_COMPONENTS = 10_000
+MAX_FACTOR_ENTRIES = 1 << 24
 
 
 def _check_headers(path: str | Path, latent_dim: int) -> None:
@@ -252,6 +282,9 @@ def _check_headers(path: str | Path, latent_dim: int) -> None:
     c = means[0]
     if not 1 <= c <= MAX_COMPONENTS:
         raise PriorError(f"{c} components; a prior has 1 .. {MAX_COMPONENTS}")
+    if c * latent_dim * latent_dim > MAX_FACTOR_ENTRIES:
+        raise PriorError(f"{c} components in R^{latent_dim}: {c * latent_dim ** 2} factor "
+                         f"entries, past the {MAX_FACTOR_ENTRIES} a prior may have")
     _check_shapes(c, latent_dim, shapes["weights"], shapes["chols"], shapes["classes"])
 
 

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from vae_core.prior import MAX_LATENT
 from vae_proto import vae_pb2
 from vae_proto.tensor import TensorError, from_tensor, images_per_message
 from vae_server.errors import InvalidArgument, OtherModel
@@ -243,11 +244,6 @@ def images(msg: vae_pb2.Tensor, field: str, max_n: int, pixels: int) -> np.ndarr
                 f"{field}: FLOAT32 pixels must lie in [0, 1]; found values in [{lo!r}, {hi!r}]"
             )
     return arr
-
-
-# The largest latent coordinate Decode takes. Every prior lies within a few tens of the
-# origin; far past this bound the decoder's sums overflow float32 and its images are NaN.
-MAX_LATENT = 1e6
 
 
 def latents(msg: vae_pb2.Tensor, field: str, max_n: int, latent_dim: int) -> np.ndarray:
