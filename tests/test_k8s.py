@@ -147,14 +147,59 @@ def test_the_pods_run_non_root_read_only_with_limits_and_a_versioned_model(docs)
     mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
     env = {e["name"]: e["value"] for e in server["env"]}
     assert mounts[env["VAE_MODEL_DIR"]]["readOnly"] is True
+    # The init container copies the model into the volume the server reads it from.
+    (into,) = model["volumeMounts"]
+    assert into["name"] == mounts[env["VAE_MODEL_DIR"]]["name"]
+    assert model["command"][-1].rstrip("/") == into["mountPath"].rstrip("/")
+    # On a read-only root, the server's one writable place: ONNX Runtime loads the models
+    # through a temporary file ("No usable temporary directory found" without it).
+    assert mounts["/tmp"].get("readOnly") is not True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    # The user the images create (runAsNonRoot refuses to start uid 0).
+    for dockerfile in ("server.Dockerfile", "server-gpu.Dockerfile"):
+        text = (REPO_ROOT / "deploy" / "docker" / dockerfile).read_text()
+        assert re.search(r"useradd .*--uid 10001\b", text), dockerfile
+    assert spec["securityContext"]["runAsUser"] == 10001
+
+
+def test_probes_give_a_start_and_a_stall_their_time(docs):
+    """Kubernetes restarts a pod whose liveness fails, and one not started within the
+    start-up probe's budget: neither may be quicker than a slow start or a busy moment."""
+    (server,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    startup, liveness = server["startupProbe"], server["livenessProbe"]
+    assert startup.get("periodSeconds", 10) * startup["failureThreshold"] >= 60
+    assert liveness.get("failureThreshold", 3) >= 3
+    assert liveness.get("timeoutSeconds", 1) >= 2
 
 
 def test_the_gpu_overlay_asks_for_a_gpu(docs):
     (server,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in server["env"]}
     gpu = "nvidia.com/gpu" in server["resources"]["limits"]
-    assert gpu == (env["VAE_PROVIDER"] == "cuda")
+    assert gpu == (env.get("VAE_PROVIDER") == "cuda")
     assert gpu == server["image"].startswith("vae-serving-server-gpu:")
+
+
+def test_each_overlay_is_what_its_name_says():
+    """The test above holds for an overlay swapped for the other, or a GPU one without its
+    toleration: each overlay's own expectations."""
+    for overlay, gpu in (("cpu", False), ("gpu", True)):
+        pod = one(render(overlay), "Deployment")["spec"]["template"]["spec"]
+        (server,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in server["env"]}
+        resources = server["resources"]
+        tolerations = [t["key"] for t in pod.get("tolerations", [])]
+        if gpu:
+            # A GPU a pod, asked for and limited alike (extended resources must be equal).
+            assert resources["requests"]["nvidia.com/gpu"] == resources["limits"][
+                "nvidia.com/gpu"] == "1"
+            assert "nvidia.com/gpu" in tolerations and env["VAE_PROVIDER"] == "cuda"
+            assert server["image"].startswith("vae-serving-server-gpu:")
+        else:
+            assert "nvidia.com/gpu" not in {**resources["requests"], **resources["limits"]}
+            assert not tolerations and env.get("VAE_PROVIDER", "auto") != "cuda"
+            assert server["image"].startswith("vae-serving-server:")
 
 
 def test_the_autoscaler_alone_sets_the_replica_count(docs):
@@ -202,9 +247,18 @@ def test_the_autoscaler_uses_the_adapter_s_metric(docs):
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", one(docs, "Deployment")
                                                 ["metadata"]["name"])
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == adapter_rule(docs)["name"]["as"]
+    calls, cpu = hpa["spec"]["metrics"]
+    assert calls["type"] == "Pods"
+    assert calls["pods"]["metric"]["name"] == adapter_rule(docs)["name"]["as"]
+    # Before: calls in flight alone, and a pod saturated by one SampleStream (1 call) or four
+    # LogLikelihood calls at K = 1000 never scaled out. CPU against the request: the server
+    # container must request CPU, and a utilisation target must be one a pod can reach.
+    assert cpu["type"] == "Resource" and cpu["resource"]["name"] == "cpu"
+    assert cpu["resource"]["target"]["type"] == "Utilization"
+    assert 50 <= cpu["resource"]["target"]["averageUtilization"] <= 90
+    (server,) = [c for c in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+                 if c["name"] == "vae-server"]
+    assert server["resources"]["requests"]["cpu"]
 
 
 def test_the_adapter_query_gives_each_pod_its_load_from_a_real_prometheus(model_dir, tmp_path):
