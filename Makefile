@@ -14,24 +14,33 @@ PYTEST_ARGS ?=
 # A machine without that wheel on disk names the CPU index instead:
 #   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
-$(BIN)/.installed: pyproject.toml
+# ONNX Runtime: the cpu extra (onnxruntime), or on a GPU machine ORT_EXTRA=gpu (onnxruntime-gpu;
+# BENCHMARKS.md, "The GPU path"). The two share one import name and one folder: the other is
+# uninstalled first (uninstalled after, it would take the shared files with it), and the stamp
+# names the extra, so that switching sets up again.
+ORT_EXTRA ?= cpu
+OTHER_ORT := $(if $(filter gpu,$(ORT_EXTRA)),onnxruntime,onnxruntime-gpu)
+INSTALLED := $(BIN)/.installed-$(ORT_EXTRA)
+$(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip uninstall -q -y $(OTHER_ORT) 2>/dev/null || true
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e '.[cpu,train,dev,bulk]'
+	$(BIN)/pip install -q -e '.[$(ORT_EXTRA),train,dev,bulk]'
+	rm -f $(BIN)/.installed $(BIN)/.installed-*
 	touch $@
 
-setup: $(BIN)/.installed
+setup: $(INSTALLED)
 
 # The model is trained and exported only when its manifest is missing: a model directory
 # that exists is served as it is, whether or not the run that made it is still here (an
 # order-only prerequisite would still be built when missing, so the training is a step of
 # this rule, skipped when the run's checkpoint exists).
-$(MODEL_DIR)/manifest.json: | $(BIN)/.installed
+$(MODEL_DIR)/manifest.json: | $(INSTALLED)
 	test -f $(RUN_DIR)/checkpoint.pt || $(BIN)/vae-export train --out $(RUN_DIR)
 	$(BIN)/vae-export onnx --run $(RUN_DIR) --out $(MODEL_DIR)
 
-model: $(BIN)/.installed $(MODEL_DIR)/manifest.json
+model: $(INSTALLED) $(MODEL_DIR)/manifest.json
 
 run: model
 	$(BIN)/vae-server --model-dir $(MODEL_DIR) --port 50051 --metrics-port 8000
@@ -57,7 +66,7 @@ profile: model
 	$(BIN)/python bench/profile_loads.py --model-dir $(MODEL_DIR)
 
 # The GPU path: plain CUDA runs, IO binding and CUDA graphs, in process and served (needs
-# onnxruntime-gpu in place of onnxruntime, and a GPU; BENCHMARKS.md, "GPU path").
+# ORT_EXTRA=gpu and a GPU: make bench-gpu ORT_EXTRA=gpu; BENCHMARKS.md, "The GPU path").
 bench-gpu: model
 	$(BIN)/python bench/gpu.py --model-dir $(MODEL_DIR)
 

@@ -302,6 +302,13 @@ def test_the_server_images_hold_no_torch_and_the_export_image_does(compose):
     gpu_deps = project["optional-dependencies"]["gpu"]
     assert any(d.startswith("onnxruntime-gpu") for d in gpu_deps)
     assert not any(re.match(r"onnxruntime\b(?!-gpu)", d) for d in gpu_deps)
+    # Nor does a Dockerfile name the other ONNX Runtime itself, and each runs as its user.
+    for service, other in (("vae-server", r"onnxruntime-gpu"),
+                           ("vae-server-gpu", r"onnxruntime\b(?!-gpu)")):
+        dockerfile, _ = _extras(compose, service)
+        assert not re.search(other, _run_lines(dockerfile)), dockerfile.name
+        users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.M)
+        assert users and users[-1] not in ("root", "0"), (dockerfile.name, users)
 
     dockerfile, got = _extras(compose, "export")
     assert {"train"} <= got
