@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import socket
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -566,3 +568,50 @@ def test_workers_run_their_share_of_the_cores_on_the_cpu_and_one_instance_on_cud
     assert with_instances(settings, CUDA, supervisor.cpu_share).instances == 0  # the runtime's 1
     chosen = replace(settings, instances=3)  # --instances 3: as asked, on either
     assert with_instances(chosen, CPU, 8).instances == with_instances(chosen, CUDA, 8).instances == 3
+
+
+def test_a_worker_cut_off_mid_reply_leaves_the_scrape_to_the_others(monkeypatch) -> None:
+    """Before: a reply shorter than its Content-Length raised http.client.IncompleteRead
+    (not an OSError), and the whole scrape failed; a reply cut where a line ends parsed
+    only while the scrape was being written, and failed every scrape after."""
+
+    def cut_off(body: bytes, length: int) -> int:
+        srv = socket.create_server(("127.0.0.1", 0))
+
+        def serve() -> None:
+            while True:
+                conn, _ = srv.accept()
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (length, body))
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return int(srv.getsockname()[1])
+
+    whole = _exposition(5, 1, 0.25)
+    short = cut_off(whole.encode(), len(whole) + 100)  # IncompleteRead
+    garbage = b"# TYPE calls counter\ncalls_total{le"
+    bad_line = cut_off(garbage, len(garbage))  # whole, and not an exposition
+    texts = {9001: whole}
+    merged = MergedMetrics(lambda: [(101, 9001), (102, short), (103, bad_line)],
+                           timeout=5)
+    plain_read = merged._read
+    monkeypatch.setattr(merged, "_read",
+                        lambda port: texts[port] if port in texts else plain_read(port))
+    for _ in range(2):
+        assert _values(merged)["calls_total"] == 5
+
+
+def test_workers_metrics_are_read_side_by_side(monkeypatch) -> None:
+    """Before: one after another under the lock, so N stopped workers cost N timeouts, past
+    Prometheus's 10 s scrape timeout from five. Each read here waits until all have begun."""
+    barrier = threading.Barrier(4, timeout=10)
+    merged = MergedMetrics(lambda: [(100 + i, 9000 + i) for i in range(4)])
+
+    def read(port: int) -> str:
+        barrier.wait()  # BrokenBarrierError (a test failure) unless all four run at once
+        return _exposition(1, 0, 0.0)
+
+    monkeypatch.setattr(merged, "_read", read)
+    assert _values(merged)["calls_total"] == 4

@@ -47,6 +47,7 @@ that the kernel spreads incoming connections over them, and:
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -57,6 +58,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -576,10 +578,17 @@ class MergedMetrics(Collector):
             total.add(self._retired.metrics())
             if self._own is not None:
                 total.add(self._own.collect())
-            for pid, port in self._workers():
+            workers = self._workers()
+            # Read side by side: a worker that does not answer (stopped, its loop blocked)
+            # costs one timeout, not one each, against Prometheus's scrape timeout.
+            with ThreadPoolExecutor(max(1, len(workers))) as pool:
+                reads = [pool.submit(self._read_whole, port) for _, port in workers]
+            for (pid, port), read in zip(workers, reads, strict=True):
                 try:
-                    self._last[pid] = self._read(port)
-                except OSError as exc:  # a worker restarting: the others still count
+                    self._last[pid] = read.result()
+                except (OSError, ValueError, http.client.HTTPException) as exc:
+                    # A worker restarting, or cut off mid-reply: the others still count, and
+                    # it counts as last read.
                     log.warning("metrics of the worker on port %d unreadable: %s", port, exc)
                 if pid in self._last:
                     total.add(text_string_to_metric_families(self._last[pid]))
@@ -604,6 +613,15 @@ class MergedMetrics(Collector):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
                                     timeout=self._timeout) as reply:
             return str(reply.read().decode("utf-8"))
+
+    def _read_whole(self, port: int) -> str:
+        """A worker's exposition, parsed once here so that one that does not parse (a reply
+        cut short where a line ends) is refused as unreadable, not kept to fail every
+        scrape after."""
+        text = self._read(port)
+        for _ in text_string_to_metric_families(text):
+            pass
+        return text
 
 
 # A call's start counts +1 toward its being open, its end -1.
