@@ -4,10 +4,12 @@ killed or restarted under load, bulk sampling split over servers, and `--workers
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -506,6 +508,70 @@ def test_a_hung_worker_is_killed_and_replaced(model_dir, reference):
                                               reference.decode(z))
     assert re.search(r"worker \d has not answered for \d+ s: killed", sup.text()), \
         sup.text()[-2000:]
+
+
+# vae-server whose workers block their event loop on SIGUSR1 (a handler runs on the main
+# thread, the loop's), as a hung worker's loop is blocked while its process runs; spawned
+# workers import this file as __mp_main__, so the handler is set at module level.
+BLOCKS_ON_SIGUSR1 = """
+import signal, sys, time
+
+signal.signal(signal.SIGUSR1, lambda signum, frame: time.sleep(3600))
+
+if __name__ == "__main__":
+    from vae_server.__main__ import main
+
+    sys.argv[0] = "vae-server"
+    sys.exit(main())
+"""
+
+
+def test_a_hung_worker_left_by_a_dead_supervisor_exits_and_frees_the_port(model_dir, tmp_path):
+    """Before: a worker learnt of its supervisor's death only from its pipe, read by its
+    event loop; one whose loop was blocked stayed, listening, and a new server could not
+    bind the port. Now it exits a whole drain after the supervisor is gone, and the worker
+    that answers drains as before."""
+    script = tmp_path / "blocking.py"
+    script.write_text(BLOCKS_ON_SIGUSR1)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", "-1", "--workers", "2", "--warmup-rounds",
+         "1", "--drain-delay-s", "0", "--grace-seconds", "1", "--worker-timeout-s", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    pids: list[int] = []
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        pids = worker_pids(proc.pid)
+        assert len(pids) == 2, pids
+        os.kill(pids[0], signal.SIGUSR1)  # its loop blocks
+        time.sleep(0.5)
+        proc.kill()  # the supervisor dies; the other worker reads its pipe's end
+        proc.wait()
+
+        def gone(pid: int) -> bool:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return True
+            return stat.rsplit(")", 1)[1].split()[0] == "Z"  # reaped by init soon
+
+        # A whole drain: 0 + 1 s grace + 5 s to finish + 5 s to spare, after a 1 s poll.
+        wait_until(lambda: all(gone(p) for p in pids), timeout=40,
+                   what="a worker still alive 40 s after its supervisor died")
+        free = socket.socket()
+        free.bind(("127.0.0.1", port))  # no one holds the port any more
+        free.close()
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = proc.stdout.read() if proc.stdout else ""
+    assert "the supervisor is gone and this worker did not stop in 11 s: exiting" in out, \
+        out[-2000:]
 
 
 def test_a_replacement_serves_the_model_the_server_started_with_or_none(

@@ -42,6 +42,8 @@ that the kernel spreads incoming connections over them, and:
   restarted on them.
 - a fault in the supervisor itself (a process it cannot start, a bug) drains the workers as
   a stop does: it never leaves them serving behind a supervisor that no longer watches them.
+  A supervisor killed outright closes their pipes, and they drain; one whose event loop is
+  blocked (it reads no pipe) is ended by a thread of its own a whole drain later.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
     # Once ready, both drain it, as a lone server's.
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_when_orphaned(settings)
     # The environment is the supervisor's, one BLAS thread included (vae_server.__main__).
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s")
@@ -173,6 +176,30 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
     code = loops.run(serve(), settings.event_loop)
     if code:
         sys.exit(code)
+
+
+def _exit_when_orphaned(settings: Settings, every: float = 1.0) -> None:
+    """A worker whose supervisor died (SIGKILL, a crash) drains when its pipe closes; one
+    whose event loop is blocked never reads that, and went on holding its share of the port
+    (a new server could not bind it, the connections the kernel gave it waited out their
+    deadlines). A thread of its own ends it a whole drain after the supervisor is gone."""
+    import os
+
+    from vae_server.server import FINISH_SECONDS
+
+    parent = multiprocessing.parent_process()
+    supervisor = parent.pid if parent is not None else os.getppid()
+    drain = settings.drain_delay_s + settings.grace_seconds + FINISH_SECONDS + 5.0
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(every)
+        time.sleep(drain)
+        log.error("the supervisor is gone and this worker did not stop in %.0f s: exiting",
+                  drain)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vae-orphan-watch", daemon=True).start()
 
 
 def with_instances(settings: Settings, provider: str, cpu_share: int) -> Settings:
