@@ -431,3 +431,12 @@ def test_the_model_image_leaves_out_what_a_write_cut_short_leaves():
     assert not sent("models/default/.export-k2j3h4/encoder.onnx")
     assert not sent("models/default/.manifest.json.1a2b3c4d.part")
     assert not sent("runs/default/checkpoint.pt")
+
+
+def test_the_model_image_is_readable_by_the_init_container_s_user():
+    """The exported files follow the umask (0600 under 077): copied into the image as they
+    were, root's, the init container (uid 10001) could not read them."""
+    text = (REPO_ROOT / "deploy" / "docker" / "model.Dockerfile").read_text()
+    (copy,) = re.findall(r"^COPY\s.*$", text, re.M)
+    mode = re.search(r"--chmod=([0-7]{3,4})\b", copy)
+    assert mode and int(mode.group(1), 8) & 0o005 == 0o005, copy  # others: read, enter

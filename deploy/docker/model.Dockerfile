@@ -4,5 +4,7 @@
 #   docker build -f deploy/docker/model.Dockerfile \
 #     -t vae-serving-model:$(python -c 'import json; print(json.load(open("models/default/manifest.json"))["model_version"])') .
 FROM busybox:1.36
-COPY models/default /model
+# Readable by the init container's user whatever the umask the model was exported under (its
+# files follow it: 0600 under 077, owned by root in the image, and the copy failed).
+COPY --chmod=755 models/default /model
 USER 10001
