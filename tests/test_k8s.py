@@ -332,7 +332,7 @@ def _relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, s
     return labels
 
 
-def _discovered(pod: dict[str, Any], ip: str) -> list[dict[str, str]]:
+def _discovered(pod: dict[str, Any], ip: str, phase: str = "Running") -> list[dict[str, str]]:
     """The targets Prometheus's Kubernetes discovery (role: pod) makes of a pod of the
     Deployment's template at `ip`: one per port of each container, at IP:PORT (an IPv6
     address in brackets), and one for each container without ports, at its address alone."""
@@ -342,7 +342,8 @@ def _discovered(pod: dict[str, Any], ip: str) -> list[dict[str, str]]:
         return re.sub(r"[^a-zA-Z0-9_]", "_", key)
 
     meta = {"__meta_kubernetes_namespace": "serving", "__meta_kubernetes_pod_name": "vae-1",
-            "__meta_kubernetes_pod_ip": ip, "__metrics_path__": "/metrics"}
+            "__meta_kubernetes_pod_ip": ip, "__metrics_path__": "/metrics",
+            "__meta_kubernetes_pod_phase": phase}
     meta |= {f"__meta_kubernetes_pod_annotation_{name(k)}": v
              for k, v in pod["metadata"].get("annotations", {}).items()}
     meta |= {f"__meta_kubernetes_pod_label_{name(k)}": v
@@ -380,6 +381,10 @@ def test_the_scrape_job_reaches_each_pod_s_metrics_port_once(docs, ip):
     assert {t["__address__"] for t in kept} == {f"{host}:{metrics}"}
     assert kept[0]["__metrics_path__"] == pod["metadata"]["annotations"]["prometheus.io/path"]
     assert (kept[0]["namespace"], kept[0]["pod"]) == ("serving", "vae-1")
+    # A pod that ended (its address may be another's by now), or not yet started: no target.
+    for phase in ("Pending", "Succeeded", "Failed", "Unknown"):
+        assert not [t for t in (_relabel(d, job["relabel_configs"])
+                                for d in _discovered(pod, ip, phase)) if t], phase
 
 
 def test_the_server_listens_on_both_address_families(docs):
