@@ -86,6 +86,8 @@ def test_selectors_labels_ports_and_probes_agree(docs):
     assert one(docs, "Service", "vae-serving-headless")["spec"]["clusterIP"] == "None"
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # A pod that is not ready serves nothing: it must not block node drains.
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
     (server,) = pod["spec"]["containers"]
     env = {e["name"]: e["value"] for e in server["env"]}
