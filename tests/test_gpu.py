@@ -68,39 +68,37 @@ def test_provider_auto_serves_on_the_cpu_with_a_warning(model_dir, cuda_that_fal
     assert "CUDA was requested but ONNX Runtime fell back to CPUExecutionProvider" in caplog.text
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not has_cuda, reason="no CUDA execution provider (onnxruntime-gpu + GPU)")
-def test_cuda_provider_is_used_and_agrees_with_cpu(model_dir):
+needs_cuda = pytest.mark.skipif(not has_cuda,
+                                reason="no CUDA execution provider (onnxruntime-gpu + GPU)")
+
+
+@pytest.fixture
+def usable_cuda(model_dir):
     if not cuda_usable(model_dir):
         pytest.skip("onnxruntime-gpu without a GPU: it fell back to the CPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_provider_is_used_and_agrees_with_cpu(model_dir, usable_cuda):
     gpu = ModelRuntime(model_dir, provider="cuda")
     cpu = ModelRuntime(model_dir, provider="cpu")
     assert gpu.provider == CUDA, "a GPU is present, but onnxruntime-gpu fell back to the CPU"
-    z = np.random.default_rng(0).standard_normal((256, gpu.latent_dim), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((256, gpu.latent_dim), dtype=np.float32)
     np.testing.assert_allclose(gpu.run_decoder(z)[0], cpu.run_decoder(z)[0], atol=1e-4)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not has_cuda, reason="no CUDA execution provider (onnxruntime-gpu + GPU)")
-def test_cuda_encoder_agrees_with_cpu(model_dir):
-    if not cuda_usable(model_dir):
-        pytest.skip("onnxruntime-gpu without a GPU: it fell back to the CPU")
-    gpu = ModelRuntime(model_dir, provider="cuda")
-    cpu = ModelRuntime(model_dir, provider="cpu")
-    x = np.random.default_rng(1).random((256, gpu.pixels), dtype=np.float32)
+    x = rng.random((256, gpu.pixels), dtype=np.float32)  # the encoder too: its two outputs
     for got, want in zip(gpu.run_encoder(x), cpu.run_encoder(x), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not has_cuda, reason="no CUDA execution provider (onnxruntime-gpu + GPU)")
+@needs_cuda
 @pytest.mark.parametrize("io_binding", ["on", "off"])
-def test_cuda_rows_do_not_depend_on_the_batch(model_dir, io_binding):
+def test_cuda_rows_do_not_depend_on_the_batch(model_dir, usable_cuda, io_binding):
     """DESIGN.md: the same seed gives the same images whatever the batch the server formed.
     On CUDA a batch's size may choose another matrix-product kernel; each row must still come
     out bit for bit the same, alone or among others (bound runs: padded to every size)."""
-    if not cuda_usable(model_dir):
-        pytest.skip("onnxruntime-gpu without a GPU: it fell back to the CPU")
     gpu = ModelRuntime(model_dir, provider="cuda", io_binding=io_binding)
     z = np.random.default_rng(2).standard_normal((2048, gpu.latent_dim), dtype=np.float32)
     alone = gpu.run_decoder(z[:4])[0]
