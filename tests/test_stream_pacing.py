@@ -123,9 +123,10 @@ def test_callers_that_stop_reading_hold_queue_room_not_memory(model_dir):
     chunks held 1.7 GB) while every new call was admitted."""
     chunk = 1024
     queue = 4 * chunk
+    # (For --stream-stall-s: past it the room goes back, the test below.)
     with server_thread(model_dir, max_batch_size=chunk, max_queue_images=queue,
                        max_images_per_request=chunk, max_sample_n=chunk, max_chunk_size=chunk,
-                       default_chunk_size=chunk, max_k=chunk) as srv:
+                       default_chunk_size=chunk, max_k=chunk, stream_stall_s=300) as srv:
         batcher = srv.running.servicer.decoder
         z = np.zeros((chunk, srv.running.servicer.runtime.latent_dim), np.float32)
         decode = vae_pb2.DecodeRequest(z=to_tensor(z)).SerializeToString()
@@ -184,7 +185,7 @@ def test_a_stalled_stream_counts_the_images_it_sent_not_those_waiting_to_be(mode
     chunk = 1024
     with server_thread(model_dir, max_batch_size=chunk, max_queue_images=4 * chunk,
                        max_images_per_request=chunk, max_sample_n=chunk, max_chunk_size=chunk,
-                       default_chunk_size=chunk, max_k=chunk) as srv:
+                       default_chunk_size=chunk, max_k=chunk, stream_stall_s=300) as srv:
         registry = srv.running.metrics.registry
 
         def figures() -> tuple[float, float, float]:
@@ -211,6 +212,47 @@ def test_a_stalled_stream_counts_the_images_it_sent_not_those_waiting_to_be(mode
             stream.cancel()
         finally:
             channel.close()
+
+
+def test_callers_that_stop_reading_keep_other_calls_refused_for_the_stall_limit_only(
+        model_dir, reference):
+    """Before: a stalled stream's chunks held their room until its connection was cut (120 s
+    of age and 600 s of grace by default, then the caller connects again): three callers
+    that read one chunk each kept every other call refused. Now the room goes back after
+    --stream-stall-s, and a caller that reads on gets the stream it asked for, unbroken."""
+    chunk = 2048
+    with server_thread(model_dir, max_batch_size=chunk, max_queue_images=4 * chunk,
+                       max_images_per_request=chunk, max_sample_n=chunk, max_chunk_size=chunk,
+                       default_chunk_size=chunk, max_k=chunk, stream_stall_s=1) as srv, \
+            VaeClient(srv.target, retries=0) as victim:
+        batcher = srv.running.servicer.decoder
+        channels = [grpc.insecure_channel(srv.target) for _ in range(3)]
+        try:
+            streams = [channel.unary_stream("/vae.v1.VaeService/SampleStream")(
+                vae_pb2.SampleStreamRequest(n=10**7, chunk_size=chunk, seed=i,
+                                            output_dtype=vae_pb2.UINT8).SerializeToString(),
+                timeout=60) for i, channel in enumerate(channels)]
+            firsts = [vae_pb2.SampleChunk.FromString(next(s)) for s in streams]
+            # The stalled streams fill the queue with what they made ahead ...
+            wait_until(lambda: batcher.unsent_images >= 4 * chunk, timeout=10,
+                       what="the stalled streams never filled the queue")
+            with pytest.raises(VaeError) as refused:
+                victim.sample(1, seed=0)
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # ... and give it back a second later: the victim is served.
+            wait_until(lambda: batcher.unsent_images == 0, timeout=10,
+                       what="stalled streams still hold the queue")
+            assert victim.sample(1, seed=0).shape == (1, 28, 28)
+            # A caller that reads on gets the images it asked for, in order, none missing.
+            got = [firsts[0]] + [vae_pb2.SampleChunk.FromString(next(streams[0]))
+                                 for _ in range(3)]
+            assert [c.offset for c in got] == [0, chunk, 2 * chunk, 3 * chunk]
+            images = np.concatenate([np.frombuffer(c.images.data, np.uint8) for c in got])
+            want = np.rint(reference.sample(4 * chunk, 0) * 255).astype(np.uint8)
+            np.testing.assert_array_equal(images.reshape(4 * chunk, -1), want)
+        finally:
+            for channel in channels:
+                channel.close()
 
 
 @pytest.fixture

@@ -106,6 +106,10 @@ class Settings:
         "on SIGTERM, how long the server keeps taking calls while health says NOT_SERVING, "
         "before it stops: the time load balancers and clients take to stop sending to it",
         default=1.0)
+    stream_stall_s: float = _doc(
+        "a SampleStream chunk its caller has not taken for this long gives back the queue room "
+        "of what the stream made ahead (made again once it reads on): callers that stop "
+        "reading must not keep other calls refused; 0 = never", default=10.0)
     max_connection_age_s: float = _doc(
         "close each client connection after this long (gRPC's max connection age, with a "
         "GOAWAY; calls in flight go on), so that clients reconnect, resolve the server's name "
@@ -283,7 +287,8 @@ WORKERS_PER_CORE = 4
 MAX_INSTANCES = 256
 MAX_THREADS = 1024
 MAX_WAIT_S = 86400  # a day
-WAITS = ("grace_seconds", "drain_delay_s", "worker_timeout_s", "worker_start_timeout_s")
+WAITS = ("grace_seconds", "drain_delay_s", "stream_stall_s", "worker_timeout_s",
+         "worker_start_timeout_s")
 
 
 def _check(s: Settings) -> None:
@@ -292,7 +297,7 @@ def _check(s: Settings) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise SettingsError(f"{_flag(f.name)}: {value} is not a finite number")
     for name in ("max_delay_ms", "inline_rows", "instances", "threads", "warmup_rounds",
-                 "grace_seconds", "drain_delay_s", "max_connection_age_s",
+                 "grace_seconds", "drain_delay_s", "stream_stall_s", "max_connection_age_s",
                  "max_connection_age_grace_s", "worker_timeout_s", "worker_start_timeout_s"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{_flag(name)}: {getattr(s, name)} is negative; it must be >= 0")

@@ -75,11 +75,14 @@ class _Unsent:
             self.images -= n
             self._batcher.release_unsent(n)
 
+    def release_all(self) -> None:
+        self._batcher.release_unsent(self.images)
+        self.images = 0
+
     def close(self) -> None:
         if not self.closed:
+            self.release_all()
             self.closed = True
-            self._batcher.release_unsent(self.images)
-            self.images = 0
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -319,8 +322,13 @@ class VaeServicer:
         prior = self.runtime.prior
 
         unsent = _Unsent(self.decoder)
+        loop = asyncio.get_running_loop()
+        stall_s = self.settings.stream_stall_s
+
+        stalls = 0  # the stalls so far: a chunk made for an earlier round holds no room
 
         async def produce(first: int) -> tuple[int, bytes]:
+            round_ = stalls
             chunk = StreamChunk(prior, req.seed, first, min(req.chunk, req.n - first),
                                 req.digit, req.dtype)
             # The stream was admitted on its first chunk (below): each chunk waits for room
@@ -330,7 +338,10 @@ class VaeServicer:
                 reply = await self._decode_job(chunk, deadline, room)
             # Until it is sent, the reply holds room in the queue: a client that stops reading
             # makes the server refuse work (RESOURCE_EXHAUSTED) instead of hoarding replies.
-            unsent.hold(chunk.rows)
+            # (A chunk under way when its stream stalled can end after it, its run not
+            # cancelled: it is dropped, and holds nothing.)
+            if round_ == stalls:
+                unsent.hold(chunk.rows)
             return chunk.rows, reply
 
         # AHEAD chunks are under way while an earlier one is sent. Memory stays at a few
@@ -344,32 +355,59 @@ class VaeServicer:
                 pending.append(asyncio.ensure_future(produce(next_first)))
                 next_first += min(req.chunk, req.n - next_first)
 
-        def clean_up(_: object = None) -> None:
-            """Stop the chunks under way and give back the room of those made and not sent:
-            when the stream ends, or when gRPC ends the call (see _streaming)."""
+        def stop_pending() -> None:
             while pending:
                 task = pending.popleft()
                 task.cancel()
                 # One that failed meanwhile (its deadline, say) is not awaited: read its
                 # exception, or asyncio logs it as never retrieved.
                 task.add_done_callback(_retrieve)
+
+        def clean_up(_: object = None) -> None:
+            """Stop the chunks under way and give back the room of those made and not sent:
+            when the stream ends, or when gRPC ends the call (see _streaming)."""
+            stop_pending()
             unsent.close()
+
+        stalled = False
+
+        def on_stall(resume: int) -> None:
+            """The caller has not taken the chunk at `yield` for stall_s: its room, and that
+            of the chunks made ahead, goes back to the queue, whose other calls it would keep
+            refused for as long as the caller waits (a connection's age and grace), and the
+            chunks after it are made again if the caller reads on. (The chunk at `yield` is
+            gRPC's now, and memory: one chunk a stalled stream.)"""
+            nonlocal stalled, stalls, next_first
+            stalled = True
+            stalls += 1
+            stop_pending()
+            next_first = resume
+            unsent.release_all()
 
         context.add_done_callback(clean_up)
         try:
             # Admission, as for any call: a full queue refuses the stream before any work.
             self.decoder.check_room(min(req.chunk, req.n - req.offset))
             fill()
+            sent = req.offset  # the first image after the chunks gRPC has taken
             while pending:
                 # The chunk stays in `pending` while it is awaited, so that clean_up finds it.
                 size, reply = await pending[0]
                 pending.popleft()
                 fill()
+                stall = loop.call_later(stall_s, on_stall, sent + size) if stall_s else None
                 yield reply
                 # Counted once gRPC has taken it, as it stops being unsent: a chunk waiting
                 # at `yield` for a caller who stopped reading was never streamed.
                 counter.inc(size)
-                unsent.release(size)
+                sent += size
+                if stall is not None:
+                    stall.cancel()
+                if stalled:  # its room went back: the chunks after it are made again
+                    stalled = False
+                    fill()
+                else:
+                    unsent.release(size)
         finally:
             clean_up()
 
