@@ -393,10 +393,17 @@ def test_a_request_pinned_to_another_model_is_failed_precondition(server, method
         assert call("")  # unset: whichever model is served
         with pytest.raises(grpc.RpcError) as err:
             call("0123456789abcdef")
+        # A long one is quoted in part. Before: in whole, and from 100 KB the status message
+        # passed gRPC's metadata limit: the caller got RESOURCE_EXHAUSTED, which clients
+        # retry as a full queue.
+        with pytest.raises(grpc.RpcError) as long_err:
+            call("v" * 100_000)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert err.value.details() == (f"model_version: this server serves model "
                                    f"{info.model_version}, not '0123456789abcdef'")
-    assert rejected._value.get() == before + 1
+    assert rejected._value.get() == before + 2
+    assert long_err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert long_err.value.details().endswith(f", not '{'v' * 64}...'")
 
 
 def test_a_client_pinned_to_a_model_sends_it_with_every_call(server):
@@ -852,6 +859,37 @@ def test_health_list_gives_every_status_check_gives(server, caplog):
     assert {name: s.status for name, s in listed.items()} == checked
     assert set(checked.values()) == {health_pb2.HealthCheckResponse.SERVING}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_health_refuses_a_service_name_longer_than_any_service_s(server):
+    """Health answers without a token. Before: a Watch of an unknown service stayed open
+    with its name kept by grpcio, names of any length (to 64 MiB) accepted, so callers
+    without a token held several times the bytes they sent in the server's memory (three
+    50 MiB names: 650 MB). Long names are now refused; unknown short ones keep the
+    standard answers."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from vae_server.server import MAX_HEALTH_SERVICE_NAME
+
+    long = health_pb2.HealthCheckRequest(service="x" * (1 << 20))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for call in (lambda: stub.Check(long, timeout=10),
+                     lambda: next(stub.Watch(long, timeout=10))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details() == (f"service: {1 << 20} characters; a service name "
+                                           f"is at most {MAX_HEALTH_SERVICE_NAME}")
+        at_most = health_pb2.HealthCheckRequest(service="x" * MAX_HEALTH_SERVICE_NAME)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(at_most, timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # unknown, as before
+        watch = stub.Watch(at_most, timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        watch.cancel()
+        served = next(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+        assert served.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_client_that_pings_while_idle_keeps_its_connection(model_dir, monkeypatch):

@@ -78,6 +78,11 @@ class ScoreInput(NamedTuple):
         return len(self.images) * self.k
 
 
+# Of a caller's text quoted in an error: a status message is sent as metadata, and one of
+# several KB reached the caller as gRPC's RESOURCE_EXHAUSTED (a size limit), not our status.
+MAX_ECHOED = 64
+
+
 def _message(request_type: Any, raw: bytes, limits: Limits | None = None) -> Any:
     """The request message of raw bytes. Parsed here rather than by gRPC's deserializer,
     which would answer bytes that are not the message with UNKNOWN. With `limits`, the
@@ -89,8 +94,11 @@ def _message(request_type: Any, raw: bytes, limits: Limits | None = None) -> Any
                               f"message ({len(raw)} bytes)") from None
     if limits is not None and request.model_version \
             and request.model_version != limits.model_version:
+        asked = request.model_version
+        if len(asked) > MAX_ECHOED:  # the message stays far below gRPC's metadata limits
+            asked = asked[:MAX_ECHOED] + "..."
         raise OtherModel(f"model_version: this server serves model {limits.model_version}, not "
-                         f"{request.model_version!r}")
+                         f"{asked!r}")
     return request
 
 

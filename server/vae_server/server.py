@@ -131,9 +131,36 @@ class RunningServer:
             started = now
 
 
+# The longest service name a health call may ask about: ours are a few characters long.
+MAX_HEALTH_SERVICE_NAME = 256
+
+
 class Health(health_aio.HealthServicer):
     """grpc.health.v1 as grpcio serves it, and its List, which grpcio leaves unimplemented
-    (UNIMPLEMENTED with a Python exception's text, and a traceback in the log at each call)."""
+    (UNIMPLEMENTED with a Python exception's text, and a traceback in the log at each call).
+
+    Health answers callers without a token. A Watch of a service no one serves stays open,
+    and grpcio keeps its name as long as it does: names of any length (up to the receive
+    limit, 64 MiB) let such callers hold several times the bytes they send in memory. Names
+    longer than any service's are refused."""
+
+    @staticmethod
+    async def _check_name(request: health_pb2.HealthCheckRequest,
+                          context: grpc.aio.ServicerContext) -> None:
+        if len(request.service) > MAX_HEALTH_SERVICE_NAME:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"service: {len(request.service)} characters; a service name "
+                                f"is at most {MAX_HEALTH_SERVICE_NAME}")
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        await self._check_name(request, context)
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> None:
+        await self._check_name(request, context)
+        await super().Watch(request, context)
 
     async def List(self, request: health_pb2.HealthListRequest,
                    context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
