@@ -150,7 +150,12 @@ def test_security_settings_come_from_flags_and_environment(pki, token_file):
                                                         pki.ca_pem)
     assert s.auth_tokens == ("extra-token", *TOKENS)  # the environment's first, no repeats
     assert not any(t in repr(s) for t in s.auth_tokens)  # logging the settings leaks nothing
-    assert load_settings([], env={"VAE_AUTH_TOKENS": ""}).auth_tokens == ()
+    assert load_settings([], env={}).auth_tokens == ()
+    # Set and blank: a Kubernetes secret's empty key. Before: "" and "   " served without
+    # tokens (" , " was refused).
+    for blank in ("", "   "):
+        with pytest.raises(SettingsError, match="VAE_AUTH_TOKENS is set but holds no token"):
+            load_settings([], env={"VAE_AUTH_TOKENS": blank})
 
 
 def test_tokens_have_no_command_line_flag():
@@ -182,12 +187,16 @@ def _bad_settings(pki: Pki, tmp: Path) -> dict[str, tuple[list[str], dict[str, s
         "empty token file": (["--auth-token-file", str(tmp / "empty")], {}, "holds no token"),
         "token with a space": (["--auth-token-file", str(tmp / "spaced")], {}, "line 2"),
         "empty token list": ([], {"VAE_AUTH_TOKENS": " , "}, "holds no token"),
+        # Before: accepted, and gRPC refused calls carrying it at random (its metadata soft
+        # limit) with RESOURCE_EXHAUSTED, which clients retry as a full queue.
+        "token too long": ([], {"VAE_AUTH_TOKENS": "t" * 12_000},
+                           "token 1 is not printable ASCII without spaces, at most 4096"),
     }
 
 
 BAD = ["cert without key", "key without cert", "client CA without TLS", "unreadable cert",
        "unreadable client CA", "not PEM", "key of another cert", "unreadable token file",
-       "empty token file", "token with a space", "empty token list"]
+       "empty token file", "token with a space", "empty token list", "token too long"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -413,6 +422,80 @@ def test_the_token_file_of_the_client(tmp_path):
     with pytest.raises(ValueError, match="go together"):
         Security.from_options(tls_cert=b"x")
     assert "the-token" not in repr(Security.from_options(token="the-token"))
+
+
+def test_a_client_warns_where_its_token_would_leave_the_host_in_clear_text(pki):
+    """Before: a token went over plaintext to any host without a word (the server warns
+    about plaintext tokens at its start; the caller never saw that)."""
+    import warnings
+
+    from vae_client.channel import leaves_host
+
+    local = ["127.0.0.1:50051", "localhost:50051", "[::1]:50051", "dns:///localhost:50051",
+             "ipv4:127.0.0.1:1,127.0.0.2:2", "ipv6:[::1]:50051", "unix:/tmp/vae.sock",
+             "unix-abstract:vae"]
+    away = ["10.0.0.7:50051", "vae.example.com:50051", "dns:///vae:50051",
+            "ipv4:127.0.0.1:1,10.0.0.1:2", "[2001:db8::1]:50051", "xds:///vae"]
+    assert [t for t in local if leaves_host(t)] == []
+    assert [t for t in away if not leaves_host(t)] == []
+    with pytest.warns(UserWarning, match="the bearer token goes to 10.0.0.7:50051 in clear "
+                                         "text"):
+        VaeClient("10.0.0.7:50051", token="the-token").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none: loopback, no token, or TLS
+        VaeClient("127.0.0.1:50051", token="the-token").close()
+        VaeClient("10.0.0.7:50051").close()
+        VaeClient("10.0.0.7:50051", token="the-token", tls=True,
+                  tls_ca=pki.ca_pem).close()
+
+
+def test_the_cli_says_so_on_one_line(capsys, monkeypatch):
+    from vae_client.__main__ import main
+
+    monkeypatch.setenv("VAE_TOKEN", "the-token")
+    # Nothing listens there: the warning comes as the channel is made, then the error.
+    assert main(["--target", "192.0.2.1:9", "--timeout", "1", "info"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("vae-client: warning: the bearer token goes to 192.0.2.1:9 in clear "
+                      "text (no TLS): anyone on the network between can read it and call as "
+                      "you"), err
+    assert "the-token" not in "\n".join(err)
+
+
+def test_workers_started_again_serve_the_certificate_the_server_started_with(
+        pki, tmp_path, monkeypatch):
+    """Before: each worker read the TLS files as it started, a replacement too. Files
+    changed since (a certificate rotated without a restart) put two certificates on one
+    port, and a certificate replaced before its key made every replacement fail, the server
+    NOT_SERVING. The supervisor reads them once, at its start, and hands each worker the
+    bytes."""
+    import shutil
+
+    from vae_server.workers import Supervisor
+
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    shutil.copy(pki.server_pem, cert)
+    shutil.copy(pki.server_key, key)
+    started = (key.read_bytes(), cert.read_bytes())
+    supervisor = Supervisor(load_settings(["--model-dir", "unused", "--workers", "2",
+                                           "--tls-cert", str(cert), "--tls-key", str(key)],
+                                          env={}))
+    shutil.copy(pki.client_pem, cert)  # rotated: another certificate, its key not yet
+    given: list[tuple[object, ...]] = []
+
+    class Process:  # the worker as started: its arguments
+        def __init__(self, target: object, args: tuple[object, ...], name: str,
+                     daemon: bool) -> None:
+            given.append(args)
+
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(supervisor._context, "Process", Process)
+    supervisor._start(1)
+    (args,) = given
+    tls = args[-1]
+    assert (tls.key, tls.cert, tls.client_ca) == (*started, None)
 
 
 # -- everything at once: mutual TLS and tokens, from the CLI and the load generator ----------

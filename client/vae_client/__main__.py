@@ -26,9 +26,10 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+import warnings  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, TypeAlias  # noqa: E402
+from typing import TYPE_CHECKING, Any, TypeAlias  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -710,7 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        return _main(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _main(args)
     finally:
         if main_thread:  # None: a handler not set from Python, as the default was
             signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
@@ -740,6 +743,12 @@ def _main(args: argparse.Namespace) -> int:
         _error("interrupted")
         return 130
     return 1
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A warning (a token sent without TLS) on one line, as errors are, not Python's two."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def _error(message: str) -> None:

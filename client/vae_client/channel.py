@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -239,6 +240,39 @@ def check_target(target: str) -> str:
     return target
 
 
+def leaves_host(target: str) -> bool:
+    """Whether calls to `target` may leave this host: any address not on loopback, any name
+    but localhost, any target gRPC resolves by other means (xds:, a proxy's). A Unix socket
+    does not."""
+    scheme, colon, rest = target.partition(":")
+    if colon and scheme in ("unix", "unix-abstract"):
+        return False
+    if scheme in ("ipv4", "ipv6"):
+        entries = [e for e in rest.lstrip("/").split(",") if e]
+    elif scheme == "dns":
+        entries = [rest.lstrip("/").split("/", 1)[-1]]
+    elif colon and scheme in _GRPC_SCHEMES:
+        return True
+    else:
+        entries = [target]
+    for entry in entries:
+        host = _host_port(entry)[0]
+        if host == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return True
+        except ValueError:  # a host name: wherever it resolves
+            return True
+    return False
+
+
+def _warn_clear_token(target: str, sec: Security) -> None:
+    if sec.token and not sec.tls and leaves_host(target):
+        warnings.warn(f"the bearer token goes to {target} in clear text (no TLS): anyone on "
+                      "the network between can read it and call as you", stacklevel=3)
+
+
 def _host_port(address: str) -> tuple[str, str | None]:
     """("host", "port") of "host:port" or "[v6]:port"; the port None where there is none (a
     lone IPv6 address included)."""
@@ -275,6 +309,7 @@ def create_channel(target: str, security: Security | None = None,
     (check_target) is a ValueError."""
     check_target(target)
     sec = security or Security()
+    _warn_clear_token(target, sec)
     options = sec.options(channel_options(max_message_mb) + retry_options(retries, max_message_mb)
                           + KEEPALIVE_OPTIONS)
     channel = (grpc.secure_channel(target, sec.credentials(), options=options) if sec.tls
@@ -290,6 +325,7 @@ def create_aio_channel(target: str, security: Security | None = None,
     """An asyncio channel to `target`, as create_channel."""
     check_target(target)
     sec = security or Security()
+    _warn_clear_token(target, sec)
     options = sec.options(channel_options(max_message_mb) + retry_options(retries, max_message_mb)
                           + KEEPALIVE_OPTIONS)
     interceptors: list[grpc.aio.ClientInterceptor] | None = None

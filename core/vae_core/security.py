@@ -12,7 +12,10 @@ import ssl
 CERTIFICATE = "certificate"
 PRIVATE_KEY = "private key"
 _MARKERS = {CERTIFICATE: b"-----BEGIN CERTIFICATE-----", PRIVATE_KEY: b"PRIVATE KEY-----"}
-TOKEN_RULE = "printable ASCII without spaces"
+# The longest bearer token: gRPC refuses metadata past 8 KiB at random from 8 KiB on, and
+# RESOURCE_EXHAUSTED from it reads as a full queue.
+MAX_TOKEN = 4096
+TOKEN_RULE = f"printable ASCII without spaces, at most {MAX_TOKEN} characters"
 
 
 class SecurityFileError(ValueError):
@@ -22,7 +25,7 @@ class SecurityFileError(ValueError):
 def valid_token(token: str) -> bool:
     """Visible ASCII without spaces: what an HTTP/2 header value carries as it is; a space
     would make "Bearer TOKEN" ambiguous."""
-    return bool(token) and all("!" <= c <= "~" for c in token)
+    return 0 < len(token) <= MAX_TOKEN and all("!" <= c <= "~" for c in token)
 
 
 def read_file(path: str | os.PathLike[str], setting: str) -> bytes:

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -35,18 +35,34 @@ METADATA_KEY = "authorization"
 SCHEME = "bearer"
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials of the gRPC port, requiring client certificates signed by
-    --tls-client-ca when it is set; None for plaintext."""
+class TlsFiles(NamedTuple):
+    """The PEM bytes of --tls-key, --tls-cert and --tls-client-ca (None: no client CA)."""
+    key: bytes
+    cert: bytes
+    client_ca: bytes | None
+
+
+def read_tls_files(settings: Settings) -> TlsFiles | None:
+    """What the TLS settings' files hold now; None for plaintext."""
     if not settings.tls:
         return None
-    client_ca = (read_pem(settings.tls_client_ca, "--tls-client-ca")
-                 if settings.tls_client_ca else None)
-    return grpc.ssl_server_credentials(
-        [(read_pem(settings.tls_key, "--tls-key", PRIVATE_KEY),
-          read_pem(settings.tls_cert, "--tls-cert"))],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None)
+    return TlsFiles(read_pem(settings.tls_key, "--tls-key", PRIVATE_KEY),
+                    read_pem(settings.tls_cert, "--tls-cert"),
+                    read_pem(settings.tls_client_ca, "--tls-client-ca")
+                    if settings.tls_client_ca else None)
+
+
+def server_credentials(settings: Settings, files: TlsFiles | None = None
+                       ) -> grpc.ServerCredentials | None:
+    """TLS credentials of the gRPC port, requiring client certificates signed by
+    --tls-client-ca when it is set; None for plaintext. Of `files` where given (what the
+    files held when the server started: --workers), else of the files as they are."""
+    if not settings.tls:
+        return None
+    pem = files or read_tls_files(settings)
+    assert pem is not None
+    return grpc.ssl_server_credentials([(pem.key, pem.cert)], root_certificates=pem.client_ca,
+                                       require_client_auth=pem.client_ca is not None)
 
 
 def describe(settings: Settings) -> str:

@@ -414,8 +414,11 @@ def _load_tokens(s: Settings, env: Mapping[str, str]) -> tuple[str, ...]:
     """The tokens of VAE_AUTH_TOKENS and then of --auth-token-file, without repeats. Error
     messages say where a bad token is, never what it is."""
     tokens: list[str] = []
-    from_env = env.get(TOKENS_VAR, "")
-    if from_env.strip():
+    from_env = env.get(TOKENS_VAR)
+    # Set and blank (a Kubernetes secret's empty key, a variable passed on unset): refused,
+    # as a list of no token is, rather than serve without tokens while the operator meant
+    # some; unset, it is no tokens.
+    if from_env is not None:
         for i, item in enumerate(from_env.split(","), 1):
             token = item.strip()
             if token and not valid_token(token):
@@ -423,7 +426,8 @@ def _load_tokens(s: Settings, env: Mapping[str, str]) -> tuple[str, ...]:
             if token:
                 tokens.append(token)
         if not tokens:
-            raise SettingsError(f"{TOKENS_VAR} is set but holds no token")
+            raise SettingsError(f"{TOKENS_VAR} is set but holds no token (unset it to serve "
+                                "without tokens)")
     if s.auth_token_file:
         try:
             tokens += read_tokens(s.auth_token_file, "--auth-token-file")

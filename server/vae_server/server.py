@@ -22,7 +22,7 @@ from vae_core.host import quota_cores
 from vae_core.ports import keepalive_options, probe_bind
 from vae_proto import vae_pb2
 from vae_server import loops
-from vae_server.auth import TokenCheck, describe, guard_handlers, server_credentials
+from vae_server.auth import TlsFiles, TokenCheck, describe, guard_handlers, server_credentials
 from vae_server.cardinality import one_request
 from vae_server.config import Settings
 from vae_server.instrument import InstrumentedServer
@@ -246,7 +246,8 @@ def load_runtime(settings: Settings) -> ModelRuntime:
 
 async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
                         reuse_port: bool = False, metrics_addr: str | None = None,
-                        announce: bool = True) -> RunningServer:
+                        announce: bool = True, tls_files: TlsFiles | None = None
+                        ) -> RunningServer:
     """Load (unless given) and warm up the model, start gRPC and metrics; health is SERVING
     on return (unless not `announce`: a worker's supervisor says when). Bind port 0 to get a
     free port (returned); `reuse_port` lets workers share the port. Metrics listen on the
@@ -292,7 +293,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     if settings.port and not reuse_port:
         # A busy port in one line (a worker's siblings share theirs: the supervisor probed).
         probe_bind(settings.host, settings.port, address)
-    credentials = server_credentials(settings)
+    credentials = server_credentials(settings, tls_files)
     port = (server.add_secure_port(address, credentials) if credentials is not None
             else server.add_insecure_port(address))
     if port == 0:

@@ -72,6 +72,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from vae_core.host import cores
 from vae_core.manifest import ManifestError, load_manifest
 from vae_core.ports import bare_host, free_port, probe_bind
+from vae_server.auth import TlsFiles, read_tls_files
 from vae_server.config import Settings
 from vae_server.metrics import serve_metrics, where_metrics
 from vae_server.runtime import CPU
@@ -96,11 +97,15 @@ MAX_BACKOFF_S = 30.0
 
 
 def worker_main(settings: Settings, index: int, conn: multiprocessing.connection.Connection,
-                version: str | None = None, cpu_share: int = 0) -> None:
+                version: str | None = None, cpu_share: int = 0,
+                tls_files: TlsFiles | None = None) -> None:
     """A worker process: one server on the shared port, steered by the supervisor's pipe;
     it serves model `version` (the one the server started with) or none. On the CPU, unless
     --instances is set, it runs `cpu_share` instances of each model (its share of the
-    cores); on CUDA, the one a lone server runs."""
+    cores); on CUDA, the one a lone server runs. With TLS, its certificate and key are
+    `tls_files`, as the supervisor read them at its start: a worker started again later
+    serves them too, never files changed since (another certificate on the same port, or a
+    certificate without its key)."""
     import asyncio
     import os
 
@@ -135,7 +140,8 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
                 return 2
             running = await create_server(with_instances(settings, runtime.provider, cpu_share),
                                           runtime, reuse_port=True,
-                                          metrics_addr="127.0.0.1", announce=False)
+                                          metrics_addr="127.0.0.1", announce=False,
+                                          tls_files=tls_files)
         except Exception as exc:
             # What stops a lone server's start with one line (a busy port, a model it
             # cannot load) is said by the supervisor, once; anything else is logged here too.
@@ -293,6 +299,7 @@ class Supervisor:
                                        threads=settings.threads or self.cpu_share)
         self.settings = settings
         self.port = port
+        self.tls_files = read_tls_files(settings)  # checked as a pair by load_settings
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         # Set by the signal handler, read by the main loop: a plain flag, as the handler must
@@ -322,7 +329,7 @@ class Supervisor:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=worker_main,
                                         args=(self.worker_settings, index, child, self.version,
-                                              self.cpu_share),
+                                              self.cpu_share, self.tls_files),
                                         name=f"vae-worker-{index}", daemon=False)
         try:
             process.start()
