@@ -385,6 +385,7 @@ class VaeServicer:
             unsent.release_all()
 
         context.add_done_callback(clean_up)
+        stall: asyncio.TimerHandle | None = None
         try:
             # Admission, as for any call: a full queue refuses the stream before any work.
             self.decoder.check_room(min(req.chunk, req.n - req.offset))
@@ -409,6 +410,8 @@ class VaeServicer:
                 else:
                     unsent.release(size)
         finally:
+            if stall is not None:  # the call ended at `yield`
+                stall.cancel()
             clean_up()
 
     @_unary
