@@ -218,8 +218,10 @@ def test_callers_that_stop_reading_keep_other_calls_refused_for_the_stall_limit_
         model_dir, reference):
     """Before: a stalled stream's chunks held their room until its connection was cut (120 s
     of age and 600 s of grace by default, then the caller connects again): three callers
-    that read one chunk each kept every other call refused. Now the room goes back after
-    --stream-stall-s, and a caller that reads on gets the stream it asked for, unbroken."""
+    that read one chunk each kept every other call refused. Now after --stream-stall-s the
+    chunks made ahead are dropped, their room back, and a caller that reads on gets the
+    stream it asked for, unbroken. The chunk each waits to send keeps its room: replies
+    stay bounded by the queue."""
     chunk = 2048
     with server_thread(model_dir, max_batch_size=chunk, max_queue_images=4 * chunk,
                        max_images_per_request=chunk, max_sample_n=chunk, max_chunk_size=chunk,
@@ -239,9 +241,10 @@ def test_callers_that_stop_reading_keep_other_calls_refused_for_the_stall_limit_
             with pytest.raises(VaeError) as refused:
                 victim.sample(1, seed=0)
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            # ... and give it back a second later: the victim is served.
-            wait_until(lambda: batcher.unsent_images == 0, timeout=10,
-                       what="stalled streams still hold the queue")
+            # ... and a second later hold only the chunk each waits to send: the victim is
+            # served.
+            wait_until(lambda: batcher.unsent_images == 3 * chunk, timeout=10,
+                       what="stalled streams still hold what they made ahead")
             assert victim.sample(1, seed=0).shape == (1, 28, 28)
             # A caller that reads on gets the images it asked for, in order, none missing.
             got = [firsts[0]] + [vae_pb2.SampleChunk.FromString(next(streams[0]))
@@ -253,6 +256,9 @@ def test_callers_that_stop_reading_keep_other_calls_refused_for_the_stall_limit_
         finally:
             for channel in channels:
                 channel.close()
+        # Every image held is given back, none twice (a count below 0 would admit more).
+        wait_until(lambda: batcher.unsent_images == 0, timeout=10,
+                   what="closed streams still hold room")
 
 
 @pytest.fixture

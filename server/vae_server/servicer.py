@@ -75,14 +75,11 @@ class _Unsent:
             self.images -= n
             self._batcher.release_unsent(n)
 
-    def release_all(self) -> None:
-        self._batcher.release_unsent(self.images)
-        self.images = 0
-
     def close(self) -> None:
         if not self.closed:
-            self.release_all()
             self.closed = True
+            self._batcher.release_unsent(self.images)
+            self.images = 0
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -338,8 +335,8 @@ class VaeServicer:
                 reply = await self._decode_job(chunk, deadline, room)
             # Until it is sent, the reply holds room in the queue: a client that stops reading
             # makes the server refuse work (RESOURCE_EXHAUSTED) instead of hoarding replies.
-            # (A chunk under way when its stream stalled can end after it, its run not
-            # cancelled: it is dropped, and holds nothing.)
+            # (A chunk made for the round before a stall holds nothing, should its
+            # cancellation not have reached it.)
             if round_ == stalls:
                 unsent.hold(chunk.rows)
             return chunk.rows, reply
@@ -371,18 +368,19 @@ class VaeServicer:
 
         stalled = False
 
-        def on_stall(resume: int) -> None:
-            """The caller has not taken the chunk at `yield` for stall_s: its room, and that
-            of the chunks made ahead, goes back to the queue, whose other calls it would keep
-            refused for as long as the caller waits (a connection's age and grace), and the
-            chunks after it are made again if the caller reads on. (The chunk at `yield` is
-            gRPC's now, and memory: one chunk a stalled stream.)"""
+        def on_stall(resume: int, keep: int) -> None:
+            """The caller has not taken the chunk at `yield` (`keep` images) for stall_s: the
+            chunks made ahead are dropped, their room back to the queue, whose other calls
+            they would keep refused for as long as the caller waits (up to a connection's
+            age and grace), and they are made again if the caller reads on. The chunk at
+            `yield`, in memory until it is sent, keeps its room: replies stay bounded by the
+            queue."""
             nonlocal stalled, stalls, next_first
             stalled = True
             stalls += 1
             stop_pending()
             next_first = resume
-            unsent.release_all()
+            unsent.release(unsent.images - keep)
 
         context.add_done_callback(clean_up)
         stall: asyncio.TimerHandle | None = None
@@ -396,19 +394,19 @@ class VaeServicer:
                 size, reply = await pending[0]
                 pending.popleft()
                 fill()
-                stall = loop.call_later(stall_s, on_stall, sent + size) if stall_s else None
+                stall = (loop.call_later(stall_s, on_stall, sent + size, size) if stall_s
+                         else None)
                 yield reply
                 # Counted once gRPC has taken it, as it stops being unsent: a chunk waiting
                 # at `yield` for a caller who stopped reading was never streamed.
                 counter.inc(size)
                 sent += size
+                unsent.release(size)
                 if stall is not None:
                     stall.cancel()
-                if stalled:  # its room went back: the chunks after it are made again
+                if stalled:  # the chunks after it were dropped: made again
                     stalled = False
                     fill()
-                else:
-                    unsent.release(size)
         finally:
             if stall is not None:  # the call ended at `yield`
                 stall.cancel()
