@@ -267,6 +267,11 @@ def test_a_prior_that_would_serve_wrong_figures_is_refused():
     np.fill_diagonal(steep, 1e-6)
     with pytest.raises(PriorError, match="cannot be inverted"):
         _one_class(steep[None])
+    # One whose float32 inverse is finite (at most 1e33) but whose products with a latent,
+    # squared, are not: log_prob was NaN.
+    tall = np.diag(np.full(K, 1e-6)) + np.diag(np.full(K - 1, 1e3), -1)
+    with pytest.raises(PriorError, match="cannot be inverted"):
+        _one_class(tall[None])
     # Means far out: every Sample image NaN (1e39), or latents Decode would refuse (1e7).
     for far in (1e39, 1e7):
         with pytest.raises(PriorError, match="within \\+-1e\\+06"):

@@ -17,6 +17,7 @@ ones before it, whatever the batching, and for N(0, I) z = eps exactly.
 
 from __future__ import annotations
 
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ MAX_LATENT = 1e6
 # The least standard deviation a component may have along a latent axis: below it, its
 # inverse factor overflows float32 and its density means nothing.
 MIN_SCALE = 1e-6
+# A sum of squares float32 holds with room to spare (its largest number is about 3.4e38).
+_FLOAT32_SQUARES = 1e37
 _CHUNK = 4096  # latents per matrix product in log_prob: [4096, C k] float32 at most
 _TRANSFORM_ROWS = 256  # rows per stacked product in latents: [256, k, k] float64 factors
 # Up to this latent size a stacked product of each row's own factor is the faster transform
@@ -100,9 +103,12 @@ class GaussianMixture:
             inv32 = inv.reshape(c * k, k).T.astype(np.float32).copy()
             shift32 = np.einsum("cij,cj->ci", inv, self.means).reshape(c * k).astype(np.float32)
         # A factor far from its diagonal (the diagonal bounded, the entries below it not) has
-        # an inverse that float32, in which the density is computed, cannot hold.
-        if not (np.isfinite(inv).all() and np.isfinite(inv32).all()
-                and np.isfinite(shift32).all()):
+        # an inverse whose products with a latent, squared and summed in float32 as log_prob
+        # computes them, overflow: for latents within +-MAX_LATENT each coordinate of
+        # L^-1 (z - m) is at most a row of |L^-1| summed times 2 MAX_LATENT.
+        largest = float(np.abs(inv).sum(axis=2).max()) * 2 * MAX_LATENT if inv.size else 0.0
+        if not (np.isfinite(inv).all() and largest < math.sqrt(_FLOAT32_SQUARES / k)
+                and np.isfinite(inv32).all() and np.isfinite(shift32).all()):
             raise PriorError("a covariance factor cannot be inverted (too near singular)")
         object.__setattr__(self, "_inv", inv32)
         object.__setattr__(self, "_shift", shift32)
