@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from run import (
     ROOT,
     Process,
@@ -43,7 +42,8 @@ from run import (
 from vae_client import VaeClient
 from vae_client.bench import BenchResult
 from vae_core.onnx_model import OnnxVAE
-from vae_server.runtime import CPU, CUDA, ModelRuntime, ProviderError
+from vae_core.ort import ort
+from vae_server.runtime import CPU, CUDA, ModelRuntime, ProviderError, with_options
 
 SIZES = (1, 16, 64, 256, 1024, 2048)
 
@@ -143,7 +143,8 @@ def main() -> int:
         row(f"SampleStream {dtype}", "in process, fastest variant", value, "images/s", None,
             "compute")
     providers = [CUDA, CPU] if cuda else [CPU]
-    estimator = OnnxVAE(model_dir, providers=providers)
+    # With the servers' provider options: float32 products on CUDA, as they run.
+    estimator = OnnxVAE(model_dir, providers=with_options(providers))
     if estimator.decoder.get_providers()[0] != providers[0]:
         print(f"bench-gpu: the estimator fell back to {estimator.decoder.get_providers()[0]}",
               file=sys.stderr)

@@ -4,10 +4,6 @@ Runtime (`onnx_model`), the IDX file format (`idx`), the rules for bearer tokens
 (`security`), a free loopback port (`ports`), the cores and BLAS threads the process uses
 (`host`), and the prior p(z) (`prior`).
 
-Nothing but `host` is imported here: `import vae_core` costs nothing, and only `onnx_model`
-needs onnxruntime, so the client (which installs without it) imports the other modules freely.
+Nothing is imported here: `import vae_core` costs nothing, and only `onnx_model` needs
+onnxruntime, so the client (which installs without it) imports the other modules freely.
 """
-
-from vae_core.host import no_onnxruntime_telemetry
-
-no_onnxruntime_telemetry()  # before any of this package's modules imports onnxruntime

@@ -117,8 +117,8 @@ def no_onnxruntime_telemetry() -> None:
     Microsoft (and keep a device id under ~/.cache/Microsoft) from every process that loads
     it. A server inside someone's network calls no one but whom it is told to, and on a
     read-only root each start logged a warning. Read only when onnxruntime is imported, so
-    the packages that import it call this first, in their __init__; ORT_DISABLE_TELEMETRY=0
-    turns the events back on."""
+    the project imports it through vae_core.ort, which calls this first;
+    ORT_DISABLE_TELEMETRY=0 turns the events back on."""
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 

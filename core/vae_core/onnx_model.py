@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from vae_core import likelihood as lk
 from vae_core.manifest import (
@@ -24,6 +23,7 @@ from vae_core.manifest import (
     check_session_io,
     load_manifest,
 )
+from vae_core.ort import ort
 from vae_core.prior import GaussianMixture, load_prior
 
 # An execution provider's name, or its name and options.
@@ -137,7 +137,7 @@ class ModelDirectory:
 class OnnxVAE(ModelDirectory):
     """Encoder and decoder sessions of a verified model directory."""
 
-    def __init__(self, model_dir: str | Path, providers: list[str] | None = None,
+    def __init__(self, model_dir: str | Path, providers: Sequence[Provider] | None = None,
                  threads: int = 0, spinning: bool = False,
                  manifest: dict[str, Any] | None = None) -> None:
         super().__init__(model_dir, manifest)

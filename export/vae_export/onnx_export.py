@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -34,6 +33,7 @@ from vae_core.manifest import (
     sha256_file,
 )
 from vae_core.onnx_model import OnnxVAE
+from vae_core.ort import ort
 from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export.data import DataError, Digits, run_split
 from vae_export.model import CHECKPOINT, VAE, load_checkpoint

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import onnxruntime as ort
+
+from vae_core.ort import ort
 
 
 def bucket_sizes(most: int) -> list[int]:

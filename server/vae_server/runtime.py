@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from vae_core import likelihood as lk
 from vae_core.calibration import Calibration
 from vae_core.host import cores
 from vae_core.manifest import MANIFEST
 from vae_core.onnx_model import ModelDirectory, Provider
+from vae_core.ort import ort
 from vae_server.batcher import RunFn
 from vae_server.binding import BoundRunner
 
