@@ -77,9 +77,12 @@ def test_outputs_are_the_callers_own_not_the_bound_buffers(decoder):
 def in_threads(fn: Callable[[int], None], args: Iterable[int], timeout: float) -> None:
     """fn(a) for each a, each in a thread of its own, all at once; an exception in any (a
     failed run, not only a wrong answer) fails the test, as does one still running."""
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(8)
+    try:
         for future in [pool.submit(fn, a) for a in args]:
             future.result(timeout=timeout)
+    finally:  # a thread still running fails the test now, not at pytest's own timeout
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def test_in_threads_fails_on_an_exception_in_a_thread():

@@ -496,6 +496,7 @@ def test_workers_started_again_serve_the_certificate_the_server_started_with(
     (args,) = given
     tls = args[-1]
     assert (tls.key, tls.cert, tls.client_ca) == (*started, None)
+    assert "PRIVATE KEY" not in repr(tls) and "PRIVATE KEY" not in repr(args)  # a log's
 
 
 # -- everything at once: mutual TLS and tokens, from the CLI and the load generator ----------

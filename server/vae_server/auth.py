@@ -41,6 +41,9 @@ class TlsFiles(NamedTuple):
     cert: bytes
     client_ca: bytes | None
 
+    def __repr__(self) -> str:  # never the private key, in a log or a traceback
+        return f"TlsFiles(key=<{len(self.key)} bytes>, cert=<{len(self.cert)} bytes>, ...)"
+
 
 def read_tls_files(settings: Settings) -> TlsFiles | None:
     """What the TLS settings' files hold now; None for plaintext."""

@@ -21,8 +21,9 @@ that the kernel spreads incoming connections over them, and:
   vae_workers{state="configured"|"ready"} and vae_worker_restarts_total. With
   --metrics-port -1 neither the supervisor nor the workers listen for metrics.
 - SIGTERM (or SIGINT): every ready worker drains (NOT_SERVING, the drain delay, the grace),
-  one still loading or warming up (it has no calls of its own yet) ends at once, and the
-  supervisor exits once they all have, with status 0 if all of them did.
+  one still loading or warming up ends at once (calls it took while warming up, from
+  clients that do not wait for SERVING, are cut off), and the supervisor exits once they
+  all have, with status 0 if all of them did.
 - a hung worker: the supervisor asks each ready worker's event loop to answer every few
   seconds; one that has not answered for --worker-timeout-s (a loop blocked, a process
   stopped) still holds its share of the port's connections, whose calls would wait for their
@@ -72,6 +73,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from vae_core.host import cores
 from vae_core.manifest import ManifestError, load_manifest
 from vae_core.ports import bare_host, free_port, probe_bind
+from vae_core.security import SecurityFileError
 from vae_server.auth import TlsFiles, read_tls_files
 from vae_server.config import Settings
 from vae_server.metrics import serve_metrics, where_metrics
@@ -111,11 +113,14 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
 
     # Until it is ready, a worker reads no message, and a stop must not wait for the model to
     # load and warm up: SIGTERM (from the supervisor, or sent to the whole process group by
-    # systemd or `timeout`) ends it at once, with status 0, as it has no calls of its own to
-    # drain yet. SIGINT (Ctrl-C reaches the whole group) is the supervisor's to pass on.
-    # Once ready, both drain it, as a lone server's.
+    # systemd or `timeout`) ends it at once, with status 0 (it reports NOT_SERVING until
+    # ready: calls it took meanwhile came from clients that did not wait for SERVING).
+    # SIGINT (Ctrl-C reaches the whole group) is the supervisor's to pass on: blocked by the
+    # supervisor while this process started, it is unblocked once ignored. Once ready, both
+    # drain the worker, as a lone server's.
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _exit_when_orphaned(settings)
     # The environment is the supervisor's, one BLAS thread included (vae_server.__main__).
     logging.basicConfig(level=settings.log_level.upper(),
@@ -299,7 +304,10 @@ class Supervisor:
                                        threads=settings.threads or self.cpu_share)
         self.settings = settings
         self.port = port
-        self.tls_files = read_tls_files(settings)  # checked as a pair by load_settings
+        try:  # checked as a pair by load_settings
+            self.tls_files = read_tls_files(settings)
+        except SecurityFileError as exc:  # gone since: one line, as a lone server's
+            raise RuntimeError(str(exc)) from None
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         # Set by the signal handler, read by the main loop: a plain flag, as the handler must
@@ -331,9 +339,14 @@ class Supervisor:
                                         args=(self.worker_settings, index, child, self.version,
                                               self.cpu_share, self.tls_files),
                                         name=f"vae-worker-{index}", daemon=False)
+        # A Ctrl-C (to the whole group) while the new process starts Python and imports its
+        # modules, before worker_main ignores it, would end it with a traceback: SIGINT waits,
+        # blocked, until then (the mask passes through fork and exec).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             process.start()
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             child.close()
         return _Worker(index, process, parent)
 
