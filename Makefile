@@ -17,8 +17,11 @@ TORCH_INDEX ?=
 # ONNX Runtime: the cpu extra (onnxruntime), or on a GPU machine ORT_EXTRA=gpu (onnxruntime-gpu;
 # BENCHMARKS.md, "The GPU path"). The two share one import name and one folder: the other is
 # uninstalled first (uninstalled after, it would take the shared files with it), and the stamp
-# names the extra, so that switching sets up again.
-ORT_EXTRA ?= cpu
+# names the extra, so that switching sets up again; unnamed, the extra is the one .venv has.
+ORT_EXTRA ?= $(if $(wildcard $(BIN)/.installed-gpu),gpu,cpu)
+ifeq ($(filter $(ORT_EXTRA),cpu gpu),)
+$(error ORT_EXTRA must be cpu or gpu, not $(ORT_EXTRA))
+endif
 OTHER_ORT := $(if $(filter gpu,$(ORT_EXTRA)),onnxruntime,onnxruntime-gpu)
 INSTALLED := $(BIN)/.installed-$(ORT_EXTRA)
 $(INSTALLED): pyproject.toml
@@ -66,7 +69,7 @@ profile: model
 	$(BIN)/python bench/profile_loads.py --model-dir $(MODEL_DIR)
 
 # The GPU path: plain CUDA runs, IO binding and CUDA graphs, in process and served (needs
-# ORT_EXTRA=gpu and a GPU: make bench-gpu ORT_EXTRA=gpu; BENCHMARKS.md, "The GPU path").
+# ORT_EXTRA=gpu and a GPU: make setup ORT_EXTRA=gpu first; BENCHMARKS.md, "The GPU path").
 bench-gpu: model
 	$(BIN)/python bench/gpu.py --model-dir $(MODEL_DIR)
 
