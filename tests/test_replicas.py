@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -296,6 +297,29 @@ def test_workers_serve_one_port_sum_their_metrics_and_drain_on_sigterm(model_dir
     assert "stopped (worker exit codes [0, 0])" in sup.text(), sup.text()[-2000:]
 
 
+def scripted_workers(script: str, tmp_path: Path, model_dir: Path, port: int, *flags: str,
+                     **popen: Any) -> subprocess.Popen[str]:
+    """`vae-server --workers 2` on loopback `port`, run by the Python `script`, which changes
+    something first (spawned workers import it as __mp_main__: module-level code runs in
+    each), its output on stdout."""
+    path = tmp_path / "server.py"
+    path.write_text(script)
+    return subprocess.Popen(
+        [sys.executable, str(path), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", "-1", "--workers", "2", "--warmup-rounds", "1",
+         *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+# The end of a script that runs vae-server after its changes.
+RUN_SERVER = """
+if __name__ == "__main__":
+    from vae_server.__main__ import main
+
+    sys.argv[0] = "vae-server"
+    sys.exit(main())
+"""
+
+
 # vae-server, with a second SIGTERM raised at the start of each function (once each) that runs
 # while the supervisor handles a first one: as signals sent together land (`timeout` sends one
 # to the process and one to its group; Ctrl-C twice). Spawned workers import this file as
@@ -336,13 +360,8 @@ def test_a_signal_that_lands_while_another_is_handled_still_stops_the_workers(mo
     """Before: the supervisor's handler called threading.Event.set, and a second signal that
     landed inside it (Python runs handlers between bytecodes) waited for the lock the first
     held: the supervisor hung for good, its workers drained and left unreaped."""
-    script = tmp_path / "signalled.py"
-    script.write_text(SIGNAL_WHILE_HANDLING)
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "--model-dir", str(model_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "-1", "--workers", "2", "--warmup-rounds", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = scripted_workers(SIGNAL_WHILE_HANDLING, tmp_path, model_dir, port)
     try:
         wait_serving(f"127.0.0.1:{port}", proc)
         proc.send_signal(signal.SIGTERM)
@@ -376,13 +395,7 @@ def slow(self, *args, **kwargs):
 
 
 runtime.ModelRuntime.warm_up = slow
-
-if __name__ == "__main__":
-    from vae_server.__main__ import main
-
-    sys.argv[0] = "vae-server"
-    sys.exit(main())
-"""
+""" + RUN_SERVER
 
 
 @pytest.mark.parametrize("how", ["SIGTERM to the group", "SIGINT to the group",
@@ -394,15 +407,11 @@ def test_a_stop_while_the_workers_warm_up_ends_them_at_once_with_status_0(model_
     died of SIGTERM (status 1 for the server), printed KeyboardInterrupt tracebacks on
     SIGINT, or, asked through their pipe, went on warming up until the supervisor killed them
     after drain + grace + 30 s, and the server exited 1."""
-    script, warming = tmp_path / "slow.py", tmp_path / "warming"
-    script.write_text(SLOW_WARM_UP)
+    warming = tmp_path / "warming"
     warming.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "--model-dir", str(model_dir), "--host", "127.0.0.1",
-         "--port", str(free_port()), "--metrics-port", "-1", "--workers", "2",
-         "--warmup-rounds", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "WARMING_DIR": str(warming)})
+    proc = scripted_workers(SLOW_WARM_UP, tmp_path, model_dir, free_port(),
+                            start_new_session=True,
+                            env={**os.environ, "WARMING_DIR": str(warming)})
     try:
         wait_until(lambda: len(list(warming.iterdir())) == 2, proc, 60, "two workers warming up")
         sig = signal.SIGINT if how.startswith("SIGINT") else signal.SIGTERM
@@ -517,13 +526,7 @@ BLOCKS_ON_SIGUSR1 = """
 import signal, sys, time
 
 signal.signal(signal.SIGUSR1, lambda signum, frame: time.sleep(3600))
-
-if __name__ == "__main__":
-    from vae_server.__main__ import main
-
-    sys.argv[0] = "vae-server"
-    sys.exit(main())
-"""
+""" + RUN_SERVER
 
 
 def test_a_hung_worker_left_by_a_dead_supervisor_exits_and_frees_the_port(model_dir, tmp_path):
@@ -531,14 +534,10 @@ def test_a_hung_worker_left_by_a_dead_supervisor_exits_and_frees_the_port(model_
     event loop; one whose loop was blocked stayed, listening, and a new server could not
     bind the port. Now it exits a whole drain after the supervisor is gone, and the worker
     that answers drains as before."""
-    script = tmp_path / "blocking.py"
-    script.write_text(BLOCKS_ON_SIGUSR1)
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "--model-dir", str(model_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "-1", "--workers", "2", "--warmup-rounds",
-         "1", "--drain-delay-s", "0", "--grace-seconds", "1", "--worker-timeout-s", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = scripted_workers(BLOCKS_ON_SIGUSR1, tmp_path, model_dir, port, "--drain-delay-s", "0",
+                            "--grace-seconds", "1", "--worker-timeout-s", "0",
+                            start_new_session=True)
     pids: list[int] = []
     try:
         wait_serving(f"127.0.0.1:{port}", proc)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -115,6 +117,13 @@ def test_a_stream_that_starts_on_a_full_queue_is_refused_at_once(held):
     assert [offset for offset, _ in admitted] == [0, CHUNK]  # the admitted one was served
 
 
+def raw_stream(channel: grpc.Channel, **request: Any) -> Iterator[bytes]:
+    """A SampleStream on a bare channel, its chunks as bytes: a caller that reads when it
+    likes (the client library reads ahead)."""
+    return channel.unary_stream("/vae.v1.VaeService/SampleStream")(
+        vae_pb2.SampleStreamRequest(**request).SerializeToString(), timeout=60)
+
+
 def test_callers_that_stop_reading_hold_queue_room_not_memory(model_dir):
     """A stream's chunks that have run wait for their caller to read them while holding room
     in the decoder's queue: callers that stop reading make the server refuse new work, and
@@ -138,9 +147,7 @@ def test_callers_that_stop_reading_hold_queue_room_not_memory(model_dir):
             for i in range(16):
                 channel = grpc.insecure_channel(srv.target)
                 channels.append(channel)
-                stream = channel.unary_stream("/vae.v1.VaeService/SampleStream")(
-                    vae_pb2.SampleStreamRequest(n=10**7, chunk_size=chunk,
-                                                seed=i).SerializeToString(), timeout=60)
+                stream = raw_stream(channel, n=10**7, chunk_size=chunk, seed=i)
                 streams.append(stream)
                 next(stream)
                 deadline = time.monotonic() + 10
@@ -196,9 +203,7 @@ def test_a_stalled_stream_counts_the_images_it_sent_not_those_waiting_to_be(mode
 
         channel = grpc.insecure_channel(srv.target)
         try:
-            stream = channel.unary_stream("/vae.v1.VaeService/SampleStream")(
-                vae_pb2.SampleStreamRequest(n=10**6, chunk_size=chunk).SerializeToString(),
-                timeout=60)
+            stream = raw_stream(channel, n=10**6, chunk_size=chunk)
             next(stream)  # one chunk read, then none
             last: list[tuple[float, float, float]] = []
 
@@ -230,10 +235,9 @@ def test_callers_that_stop_reading_keep_other_calls_refused_for_the_stall_limit_
         batcher = srv.running.servicer.decoder
         channels = [grpc.insecure_channel(srv.target) for _ in range(3)]
         try:
-            streams = [channel.unary_stream("/vae.v1.VaeService/SampleStream")(
-                vae_pb2.SampleStreamRequest(n=10**7, chunk_size=chunk, seed=i,
-                                            output_dtype=vae_pb2.UINT8).SerializeToString(),
-                timeout=60) for i, channel in enumerate(channels)]
+            streams = [raw_stream(channel, n=10**7, chunk_size=chunk, seed=i,
+                                  output_dtype=vae_pb2.UINT8)
+                       for i, channel in enumerate(channels)]
             firsts = [vae_pb2.SampleChunk.FromString(next(s)) for s in streams]
             # The stalled streams fill the queue with what they made ahead ...
             wait_until(lambda: batcher.unsent_images >= 4 * chunk, timeout=10,

@@ -200,6 +200,22 @@ def retry_options(retries: int, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
 # a target whose scheme it does not know is read as dns:///target).
 _GRPC_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p",
                  "passthrough")
+_UNIX = ("unix", "unix-abstract")
+
+
+def _addresses(target: str) -> list[str] | None:
+    """The HOST:PORT addresses gRPC dials for `target`: an ipv4:/ipv6: list's entries (gRPC
+    skips empty ones; ipv4:ADDR, ipv4:/ADDR and ipv4:///ADDR are all its), a dns: target's
+    (after an authority: dns://AUTH/HOST:PORT), or the target itself; None for a Unix socket
+    or a target gRPC resolves by other means."""
+    scheme, colon, rest = target.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        return [entry for entry in rest.lstrip("/").split(",") if entry]
+    if scheme == "dns":
+        return [rest.lstrip("/").split("/", 1)[-1]]
+    if colon and scheme in _GRPC_SCHEMES:
+        return None
+    return [target]
 
 
 def check_target(target: str) -> str:
@@ -208,16 +224,18 @@ def check_target(target: str) -> str:
     own parse errors before failing), an IPv6 address with a port but no brackets (read as a
     host name on port 443), an http:// URL, blanks. Forms gRPC parses itself are left to it."""
     scheme, colon, rest = target.partition(":")
-    if colon and scheme in ("unix", "unix-abstract") and rest:
+    if colon and scheme in _UNIX and rest:
         return target  # a socket's path, which may hold blanks
     if not target or target != target.strip() or " " in target:
         raise ValueError(f"{target!r}: empty, or with blanks")
     if colon and "//" in rest[:2] and scheme.lower() in ("http", "https", "grpc", "grpcs"):
         raise ValueError(f"{target!r}: a gRPC target is HOST:PORT (or dns:///HOST:PORT), "
                          f"not a URL")
+    addresses = _addresses(target)
+    if addresses is None:
+        return target
     if scheme in ("ipv4", "ipv6"):
-        path = rest.lstrip("/")  # ipv4:ADDR, ipv4:/ADDR and ipv4:///ADDR are all gRPC's
-        for entry in filter(None, path.split(",")):  # gRPC skips empty entries
+        for entry in addresses:
             host, port = _host_port(entry)
             try:
                 ip = ipaddress.ip_address(host)
@@ -226,17 +244,10 @@ def check_target(target: str) -> str:
             if ip.version != int(scheme[-1]):
                 raise ValueError(f"{host!r} in {target!r} is not an {scheme} address")
             _check_port(port, target)
-        if not any(path.split(",")):
+        if not addresses:
             raise ValueError(f"{target!r} lists no address")
         return target
-    if scheme == "dns":
-        address = rest.lstrip("/").split("/", 1)[-1]  # after an authority: dns://AUTH/HOST:PORT
-    elif colon and scheme in _GRPC_SCHEMES:
-        return target
-    else:
-        address = target
-    _, port = _host_port(address)
-    _check_port(port, target)
+    _check_port(_host_port(addresses[0])[1], target)
     return target
 
 
@@ -244,18 +255,10 @@ def leaves_host(target: str) -> bool:
     """Whether calls to `target` may leave this host: any address not on loopback, any name
     but localhost, any target gRPC resolves by other means (xds:, a proxy's). A Unix socket
     does not."""
-    scheme, colon, rest = target.partition(":")
-    if colon and scheme in ("unix", "unix-abstract"):
-        return False
-    if scheme in ("ipv4", "ipv6"):
-        entries = [e for e in rest.lstrip("/").split(",") if e]
-    elif scheme == "dns":
-        entries = [rest.lstrip("/").split("/", 1)[-1]]
-    elif colon and scheme in _GRPC_SCHEMES:
-        return True
-    else:
-        entries = [target]
-    for entry in entries:
+    addresses = _addresses(target)
+    if addresses is None:
+        return target.partition(":")[0] not in _UNIX
+    for entry in addresses:
         host = _host_port(entry)[0]
         if host == "localhost":
             continue

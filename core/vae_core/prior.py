@@ -78,8 +78,11 @@ class GaussianMixture:
                 and np.abs(self.chols).max() <= MAX_LATENT):
             raise PriorError(f"the means and covariance factors must lie within "
                              f"+-{MAX_LATENT:g}, as latents do")
+        # Checked as given (a file's may be unsigned: as int64, 2^64 - 1 would read as -1),
+        # then kept as int64.
         if not np.all((self.classes == NO_CLASS) | ((self.classes >= 0) & (self.classes <= 9))):
             raise PriorError(f"the classes must be digits 0 .. 9, or {NO_CLASS} for none")
+        object.__setattr__(self, "classes", self.classes.astype(np.int64))
         for digit in set(self.classes.tolist()) - {NO_CLASS}:
             if not self.weights[self.classes == digit].sum() > 0:
                 raise PriorError(f"class {digit}'s components have no weight: it cannot be "
@@ -99,19 +102,18 @@ class GaussianMixture:
                 inv = np.linalg.inv(self.chols)
             except np.linalg.LinAlgError:
                 inv = np.full_like(self.chols, np.nan)
-        with np.errstate(all="ignore"):
-            inv32 = inv.reshape(c * k, k).T.astype(np.float32).copy()
-            shift32 = np.einsum("cij,cj->ci", inv, self.means).reshape(c * k).astype(np.float32)
-        # A factor far from its diagonal (the diagonal bounded, the entries below it not) has
-        # an inverse whose products with a latent, squared and summed in float32 as log_prob
-        # computes them, overflow: for latents within +-MAX_LATENT each coordinate of
-        # L^-1 (z - m) is at most a row of |L^-1| summed times 2 MAX_LATENT.
-        largest = float(np.abs(inv).sum(axis=2).max()) * 2 * MAX_LATENT if inv.size else 0.0
-        if not (np.isfinite(inv).all() and largest < math.sqrt(_FLOAT32_SQUARES / k)
-                and np.isfinite(inv32).all() and np.isfinite(shift32).all()):
+            # A factor far from its diagonal (the diagonal bounded, the entries below it not)
+            # has an inverse whose products with a latent, squared and summed in float32 as
+            # log_prob computes them, overflow: for latents within +-MAX_LATENT each
+            # coordinate of L^-1 (z - m) is at most a row of |L^-1| summed times 2 MAX_LATENT.
+            # (NaN or inf in the inverse fails the comparison too; within the bound, the
+            # inverse and L^-1 m fit float32.)
+            largest = float(np.abs(inv).sum(axis=2).max()) * 2 * MAX_LATENT
+        if not largest < math.sqrt(_FLOAT32_SQUARES / k):
             raise PriorError("a covariance factor cannot be inverted (too near singular)")
-        object.__setattr__(self, "_inv", inv32)
-        object.__setattr__(self, "_shift", shift32)
+        object.__setattr__(self, "_inv", inv.reshape(c * k, k).T.astype(np.float32).copy())
+        object.__setattr__(self, "_shift", np.einsum("cij,cj->ci", inv, self.means)
+                           .reshape(c * k).astype(np.float32))
         with np.errstate(divide="ignore"):
             log_w = np.log(self.weights)
         object.__setattr__(self, "_log_norm32", (log_w - np.log(diag).sum(axis=1)
@@ -155,12 +157,8 @@ class GaussianMixture:
             _check_headers(path, latent_dim)
             with np.load(path, allow_pickle=False) as f:
                 arrays = {name: f[name] for name in ("weights", "means", "chols", "classes")}
-            unsigned = arrays["classes"]
-            if unsigned.dtype.kind == "u" and unsigned.size and unsigned.max() > 9:
-                # int64 would read 2^64 - 1 as -1, no class
-                raise PriorError(f"the classes must be digits 0 .. 9, or {NO_CLASS} for none")
             return cls(arrays["weights"].astype(np.float64), arrays["means"].astype(np.float64),
-                       arrays["chols"].astype(np.float64), arrays["classes"].astype(np.int64))
+                       arrays["chols"].astype(np.float64), arrays["classes"])
         except PriorError as exc:
             raise PriorError(f"{path}: {exc}") from None
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:

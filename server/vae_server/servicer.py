@@ -366,8 +366,6 @@ class VaeServicer:
             stop_pending()
             unsent.close()
 
-        stalled = False
-
         def on_stall(resume: int, keep: int) -> None:
             """The caller has not taken the chunk at `yield` (`keep` images) for stall_s: the
             chunks made ahead are dropped, their room back to the queue, whose other calls
@@ -375,8 +373,7 @@ class VaeServicer:
             age and grace), and they are made again if the caller reads on. The chunk at
             `yield`, in memory until it is sent, keeps its room: replies stay bounded by the
             queue."""
-            nonlocal stalled, stalls, next_first
-            stalled = True
+            nonlocal stalls, next_first
             stalls += 1
             stop_pending()
             next_first = resume
@@ -396,6 +393,7 @@ class VaeServicer:
                 fill()
                 stall = (loop.call_later(stall_s, on_stall, sent + size, size) if stall_s
                          else None)
+                stalls_before = stalls
                 yield reply
                 # Counted once gRPC has taken it, as it stops being unsent: a chunk waiting
                 # at `yield` for a caller who stopped reading was never streamed.
@@ -404,8 +402,7 @@ class VaeServicer:
                 unsent.release(size)
                 if stall is not None:
                     stall.cancel()
-                if stalled:  # the chunks after it were dropped: made again
-                    stalled = False
+                if stalls != stalls_before:  # the chunks after it were dropped: made again
                     fill()
         finally:
             if stall is not None:  # the call ended at `yield`

@@ -54,6 +54,7 @@ import http.client
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import socket
 import sys
@@ -109,7 +110,6 @@ def worker_main(settings: Settings, index: int, conn: multiprocessing.connection
     serves them too, never files changed since (another certificate on the same port, or a
     certificate without its key)."""
     import asyncio
-    import os
 
     # Until it is ready, a worker reads no message, and a stop must not wait for the model to
     # load and warm up: SIGTERM (from the supervisor, or sent to the whole process group by
@@ -194,8 +194,6 @@ def _exit_when_orphaned(settings: Settings, every: float = 1.0) -> None:
     whose event loop is blocked never reads that, and went on holding its share of the port
     (a new server could not bind it, the connections the kernel gave it waited out their
     deadlines). A thread of its own ends it a whole drain after the supervisor is gone."""
-    import os
-
     from vae_server.server import FINISH_SECONDS
 
     parent = multiprocessing.parent_process()
@@ -437,10 +435,10 @@ class Supervisor:
         else:
             log.info("signal received: draining %d workers", len(self._running()))
         self._broadcast(STOP)
-        starting = [w for w in self._running() if not w.ready]
-        for w in starting:  # it reads no message until it is ready: SIGTERM ends it now
-            with contextlib.suppress(OSError):
-                w.process.terminate()
+        for w in self._running():
+            if not w.ready:  # it reads no message until it is ready: SIGTERM ends it now
+                with contextlib.suppress(OSError):
+                    w.process.terminate()
         deadline = time.monotonic() + (self.settings.drain_delay_s
                                        + self.settings.grace_seconds + 30.0)
         for w in self._running():
@@ -454,9 +452,10 @@ class Supervisor:
                 w.process.kill()
                 w.process.join()
             codes.append(w.process.exitcode)
-            # Still starting, it may be ended by the SIGTERM before it could take it.
+            # Still starting (no message read since the stop), it may be ended by the SIGTERM
+            # before it could take it.
             clean &= w.process.exitcode == 0 or (
-                any(w is x for x in starting) and w.process.exitcode == -signal.SIGTERM)
+                not w.ready and w.process.exitcode == -signal.SIGTERM)
         log.info("stopped (worker exit codes %s)", codes)
         if self.failure is not None:
             return 2
@@ -616,7 +615,7 @@ class MergedMetrics(Collector):
         self._timeout = timeout
         self._own = own
         self._lock = threading.Lock()  # scrapes, and the supervisor's retire
-        self._last: dict[int, str] = {}  # each worker's exposition as last read, by pid
+        self._last: dict[int, list[Metric]] = {}  # each worker's families as last read, by pid
         self._retired = _Sum(cumulative_only=True)  # what the exited workers counted
 
     def collect(self) -> Iterable[Metric]:
@@ -638,7 +637,7 @@ class MergedMetrics(Collector):
                     # it counts as last read.
                     log.warning("metrics of the worker on port %d unreadable: %s", port, exc)
                 if pid in self._last:
-                    total.add(text_string_to_metric_families(self._last[pid]))
+                    total.add(self._last[pid])
             # Each method's UNAVAILABLE count at 0 until a worker's exit adds to it: a series
             # that first appears at N reads as no increase to rate() and to the alerts.
             metrics = total.metrics()
@@ -651,9 +650,8 @@ class MergedMetrics(Collector):
         got, if the exit cut them off), so that started less handled counts only live calls
         and the crash counts as the fault it is. (What it counted after that reading is lost.)"""
         with self._lock:
-            text = self._last.pop(pid, None)
-            if text is not None:
-                families = list(text_string_to_metric_families(text))
+            families = self._last.pop(pid, None)
+            if families is not None:
                 self._retired.add([*families, *_cut_off(families)])
 
     def _read(self, port: int) -> str:
@@ -661,14 +659,11 @@ class MergedMetrics(Collector):
                                     timeout=self._timeout) as reply:
             return str(reply.read().decode("utf-8"))
 
-    def _read_whole(self, port: int) -> str:
-        """A worker's exposition, parsed once here so that one that does not parse (a reply
-        cut short where a line ends) is refused as unreadable, not kept to fail every
-        scrape after."""
-        text = self._read(port)
-        for _ in text_string_to_metric_families(text):
-            pass
-        return text
+    def _read_whole(self, port: int) -> list[Metric]:
+        """A worker's metric families, parsed as they are read: one that does not parse (a
+        reply cut short where a line ends) is unreadable, not kept to fail every scrape
+        after."""
+        return list(text_string_to_metric_families(self._read(port)))
 
 
 # A call's start counts +1 toward its being open, its end -1.
