@@ -284,3 +284,87 @@ def test_a_timeout_already_past_fails_the_call_at_once(timeout):
         finally:
             release.set()
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0])
+def test_a_timeout_already_past_fails_even_a_quick_call(timeout):
+    """Before: gRPC raced the deadline against the reply, and a server that answered at once
+    won about half the time: a caller whose budget had run out could not tell what to expect.
+    No call is sent now, a stream's neither."""
+    from serving import stub_server
+    from vae_proto import vae_pb2
+
+    calls = []
+
+    def quick(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        calls.append(1)
+        return vae_pb2.SampleResponse().SerializeToString()
+
+    def stream(raw: bytes, context: grpc.ServicerContext):
+        calls.append(1)
+        return iter(())
+
+    handlers = {"Sample": grpc.unary_unary_rpc_method_handler(quick),
+                "SampleStream": grpc.unary_stream_rpc_method_handler(stream)}
+    with stub_server(handlers) as target, VaeClient(target, retries=0) as c:
+        for _ in range(20):
+            with pytest.raises(VaeError) as err:
+                c.sample(1, timeout=timeout)
+            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+            with pytest.raises(VaeError) as err:
+                list(c.sample_stream(1, timeout=timeout))
+            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+
+        async def main() -> None:
+            async with AsyncVaeClient(target, retries=0) as c:
+                await c.sample(1, timeout=timeout)
+
+        with pytest.raises(VaeError) as err:
+            asyncio.run(main())
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+    assert calls == []
+
+
+@pytest.mark.parametrize("make", [VaeClient, AsyncVaeClient])
+@pytest.mark.parametrize("kw,message", [
+    ({"retries": 2.5}, "retries: 2.5 is not a whole number"),
+    ({"retries": -1}, "retries: -1; it must be 0 or more"),
+    ({"retries": True}, "retries: True is not a whole number"),
+    ({"max_message_mb": 64.5}, "max_message_mb: 64.5 is not a whole number"),
+    ({"max_message_mb": "64"}, "max_message_mb: '64' is not a whole number"),
+])
+def test_retries_and_message_sizes_of_another_type_are_refused_when_made(make, kw, message):
+    """Before: retries=2.5 made a client whose every call failed INVALID_ARGUMENT 'Failed to
+    create channel' (gRPC could not parse its own retry policy), and max_message_mb=64.5 or
+    '64' raised a TypeError about operands."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        make(NO_SERVER, **kw)
+
+
+def test_decode_checks_model_version_as_the_other_calls_do():
+    """Before: decode sent model_version=None (the others refuse it) and raised protobuf's
+    TypeError for model_version=5, where encode answered INVALID_ARGUMENT naming it."""
+    for version, message in ((5, "model_version: 5 is not a string"),
+                             (None, "model_version: None; it must be given")):
+        with VaeClient(NO_SERVER, retries=0, model_version=version) as c:
+            for call in (lambda: c.decode(np.zeros((1, 4))), lambda: c.encode(IMAGE)):
+                with pytest.raises(VaeError) as err:
+                    call()
+                assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, err.value
+                assert err.value.details == message
+
+
+def test_uint8_pixels_of_0_and_1_alone_are_ambiguous_too():
+    """Before: binarised digits as uint8 0/1 ((x > 127).astype(np.uint8), the usual way to
+    keep them) were sent as 8-bit pixels, all but black, and scored as nothing like digits
+    without an error; as int64 they were refused as ambiguous."""
+    from vae_client._codec import images_tensor
+    from vae_client.images import ImageFileError, as_images
+
+    binary = (np.random.default_rng(0).integers(0, 256, (3, 28, 28)) > 127).astype(np.uint8)
+    with pytest.raises(VaeError, match="uint8 pixels of 0 and 1 alone are ambiguous"):
+        images_tensor(binary)
+    with pytest.raises(ImageFileError, match=r"^x\.npy: uint8 pixels of 0 and 1 alone"):
+        as_images(binary, "x.npy")
+    assert images_tensor(binary * 255).data == (binary * 255).tobytes()
+    assert images_tensor(np.zeros((1, 28, 28), np.uint8)).shape == [1, 28, 28]

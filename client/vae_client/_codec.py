@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -14,7 +15,7 @@ from google.protobuf.message import Message
 
 from vae_client.errors import VaeError
 from vae_proto import vae_pb2
-from vae_proto.tensor import from_tensor, to_tensor
+from vae_proto.tensor import TensorError, from_tensor, to_tensor
 
 DTYPES = {"float32": vae_pb2.FLOAT32, "uint8": vae_pb2.UINT8}
 # gRPC takes its message limits in bytes as C ints: 2047 MiB at most, as vae-server's
@@ -73,7 +74,7 @@ def request(cls: type[M], **fields: Any) -> M:
 def check_timeout(value: Any, name: str = "timeout") -> float | None:
     """A call's timeout in seconds as gRPC takes it: None or infinity is no deadline. Raises
     ValueError for one that is no number, NaN, or too far away for gRPC (which would fail the
-    call at once with DEADLINE_EXCEEDED). Zero and less fail the call at once, as gRPC does."""
+    call at once with DEADLINE_EXCEEDED). Zero and less are 0, a time already run out."""
     if value is None:
         return None
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
@@ -84,7 +85,7 @@ def check_timeout(value: Any, name: str = "timeout") -> float | None:
     if math.isnan(seconds) or seconds > MAX_TIMEOUT_S:
         raise ValueError(f"{name}: {seconds:g} s; it must be at most {MAX_TIMEOUT_S:g} (or "
                          "None or inf: no deadline)")
-    return max(seconds, 0.0)  # past already: gRPC fails the call at once
+    return max(seconds, 0.0)
 
 
 def client_timeout(value: Any) -> float | None:
@@ -100,10 +101,27 @@ def client_timeout(value: Any) -> float | None:
 def call_timeout(timeout: Any, default: Any) -> float | None:
     """The deadline of one call: its own `timeout`, else the client's; a bad one is VaeError
     INVALID_ARGUMENT, as every bad argument of a call is."""
+    value = default if timeout is None else timeout
     try:
-        return check_timeout(default if timeout is None else timeout)
+        seconds = check_timeout(value)
     except ValueError as exc:
         raise invalid(str(exc)) from None
+    if seconds == 0:  # not sent: gRPC would race the deadline against a quick reply
+        raise VaeError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                       f"timeout: {float(value):g} s; the call's time ran out before it began")
+    return seconds
+
+
+def time_left(deadline: float | None, resume: int) -> float | None:
+    """The timeout of a stream's next try, which must end by `deadline` (time.monotonic());
+    DEADLINE_EXCEEDED, resumable at `resume`, where that time has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise VaeError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                       "the stream's time ran out before it could be resumed", resume)
+    return left
 
 
 def dtype_enum(dtype: str) -> vae_pb2.DType:
@@ -132,9 +150,9 @@ def pixels(arr: np.ndarray) -> np.ndarray:
     """Pixels as the wire takes them, by the one rule of the library and the CLI: uint8 and
     float32 as they are, other integers in 0 .. 255 as uint8, other floats and bools as
     float32 (whose range, [0, 1], the server checks). Raises ValueError for integers outside
-    0 .. 255, for integers of 0 and 1 alone (binarised digits, or 8-bit ones all but black?),
-    and for what is not a number."""
-    if arr.dtype == np.uint8 or arr.dtype == np.float32:
+    0 .. 255, for integers of 0 and 1 alone, uint8 among them (binarised digits, or 8-bit ones
+    all but black?), and for what is not a number."""
+    if arr.dtype == np.float32:
         return arr
     if arr.dtype.kind in "iu":
         low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
@@ -143,8 +161,9 @@ def pixels(arr: np.ndarray) -> np.ndarray:
                              f"{low} .. {high}")
         if high == 1:
             raise ValueError(f"{arr.dtype} pixels of 0 and 1 alone are ambiguous: binarised "
-                             "digits go as bool or float (1 is full ink), 8-bit ones as uint8")
-        return arr.astype(np.uint8)
+                             "digits go as bool or float (1 is full ink), 8-bit ones in "
+                             "0 .. 255")
+        return arr.astype(np.uint8, copy=False)
     if arr.dtype.kind in "fb":
         return arr.astype(np.float32)
     raise ValueError(f"dtype {arr.dtype} is not a pixel type (uint8 or float)")
@@ -169,8 +188,8 @@ def encode_request(images: np.ndarray, sample: bool, seed: int, offset: int,
 
 
 def decode_request(z: np.ndarray, dtype: str, model_version: str = "") -> vae_pb2.DecodeRequest:
-    return vae_pb2.DecodeRequest(z=latents_tensor(z), output_dtype=dtype_enum(dtype),
-                                 model_version=model_version)
+    return request(vae_pb2.DecodeRequest, z=latents_tensor(z), output_dtype=dtype_enum(dtype),
+                   model_version=model_version)
 
 
 def sample_request(n: int, seed: int, dtype: str, digit: int | None,
@@ -197,8 +216,62 @@ def latents_tensor(z: np.ndarray) -> vae_pb2.Tensor:
     return to_tensor(arr[None] if arr.ndim == 1 else arr)
 
 
-def array(tensor: vae_pb2.Tensor, name: str) -> np.ndarray:
-    return from_tensor(tensor, name)
+IMAGE_SHAPE = (28, 28)
+
+
+def malformed(what: str, resume_offset: int | None = None) -> VaeError:
+    """The error of a reply that breaks the wire contract (a faulty server, proxy or other
+    implementation): INTERNAL, as gRPC's own for a reply it cannot parse."""
+    return VaeError(grpc.StatusCode.INTERNAL, f"malformed reply: {what}", resume_offset)
+
+
+def array(tensor: vae_pb2.Tensor, name: str, shape: tuple[int, ...],
+          dtype: str = "float32") -> np.ndarray:
+    """A reply's tensor as an array, which must be of `dtype` and `shape` (-1: any size);
+    VaeError INTERNAL otherwise, or where its bytes do not fill its shape."""
+    try:
+        arr = from_tensor(tensor, name)
+    except TensorError as exc:
+        raise malformed(str(exc)) from None
+    if arr.dtype.name != dtype:
+        raise malformed(f"{name}: {arr.dtype.name}; {dtype} was asked for")
+    if arr.ndim != len(shape) or any(
+            want not in (-1, got) for want, got in zip(shape, arr.shape, strict=True)):
+        expected = ", ".join("N" if want == -1 else str(want) for want in shape)
+        raise malformed(f"{name}.shape: {list(arr.shape)}; expected [{expected}]")
+    return arr
+
+
+def images(tensor: vae_pb2.Tensor, n: int, dtype: str) -> np.ndarray:
+    """The n images of a Decode or Sample reply."""
+    return array(tensor, "images", (n, *IMAGE_SHAPE), dtype)
+
+
+def codes(reply: vae_pb2.EncodeResponse, n: int, sample: bool) -> tuple[np.ndarray, ...]:
+    """(mu, logvar), and z when `sample` is set, of an Encode reply of n images: [n, k]."""
+    mu = array(reply.mu, "mu", (n, -1))
+    names = ("logvar", "z") if sample else ("logvar",)
+    return (mu, *(array(getattr(reply, name), name, mu.shape) for name in names))
+
+
+def chunk_images(chunk: vae_pb2.SampleChunk, resume: int, n: int, dtype: str) -> np.ndarray:
+    """The images of a SampleStream chunk, which must go on from image `resume` and end at
+    image n at most; VaeError INTERNAL otherwise (a gap, a repeat, an empty chunk), with
+    `resume` to resume from: every image before it came as asked."""
+    try:
+        arr = array(chunk.images, "images", (-1, *IMAGE_SHAPE), dtype)
+    except VaeError as exc:
+        raise VaeError(exc.code, exc.details, resume) from None
+    if chunk.offset != resume or not len(arr) or chunk.offset + len(arr) > n:
+        raise malformed(f"a chunk of {len(arr)} images at offset {chunk.offset}, where images "
+                        f"{resume} .. {n - 1} were awaited", resume)
+    return arr
+
+
+def stream_end(resume: int, n: int) -> None:
+    """A SampleStream that ended without error: VaeError INTERNAL unless every image came."""
+    if resume < n:
+        raise malformed(f"the stream of {n} images ended before image {resume}", resume)
 
 
 @dataclass(frozen=True)
@@ -213,7 +286,11 @@ class Scores:
     k: int
 
     @classmethod
-    def from_reply(cls, reply: vae_pb2.LogLikelihoodResponse) -> Scores:
+    def from_reply(cls, reply: vae_pb2.LogLikelihoodResponse, n: int) -> Scores:
+        """The scores of n images; VaeError INTERNAL where a field has not n entries."""
+        for field in ("elbo", "log_likelihood", "bits_per_dim", "percentile", "anomaly"):
+            if len(getattr(reply, field)) != n:
+                raise malformed(f"{field}: {len(getattr(reply, field))} scores of {n} images")
         return cls(
             elbo=np.asarray(reply.elbo, dtype=np.float64),
             log_likelihood=np.asarray(reply.log_likelihood, dtype=np.float64),
@@ -233,9 +310,22 @@ class Scores:
         ]
 
 
+def check_retries(retries: Any) -> int:
+    """A client's `retries`: a whole number, 0 or more (0: never); ValueError otherwise, as
+    for other bad arguments of the clients' constructors (gRPC would take the client and
+    fail every call, unable to parse the retry policy made of it)."""
+    if not _whole(retries):
+        raise ValueError(f"retries: {retries!r} is not a whole number")
+    if retries < 0:
+        raise ValueError(f"retries: {retries}; it must be 0 or more (0: never)")
+    return int(retries)
+
+
 def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     """The message limits of a channel; a size gRPC cannot take is a ValueError, as other
     bad arguments of the clients' constructors are (not gRPC's OverflowError)."""
+    if not _whole(max_message_mb):
+        raise ValueError(f"max_message_mb: {max_message_mb!r} is not a whole number")
     if not 1 <= max_message_mb <= MAX_MESSAGE_MB:
         raise ValueError(f"max_message_mb: {max_message_mb}; it must be 1 .. {MAX_MESSAGE_MB} "
                          "(gRPC's limit)")

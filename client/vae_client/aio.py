@@ -42,7 +42,7 @@ class AsyncVaeClient:
         self.model_version = model_version
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
-        self.retries = retries
+        self.retries = _codec.check_retries(retries)
         self._channel = channel or create_aio_channel(target, security, max_message_mb, retries)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
@@ -72,20 +72,21 @@ class AsyncVaeClient:
         VaeClient.encode."""
         req = _codec.encode_request(images, sample, seed, offset, self.model_version)
         reply = await self._call(self._stub.Encode, req, timeout)
-        out = (_codec.array(reply.mu, "mu"), _codec.array(reply.logvar, "logvar"))
-        return (*out, _codec.array(reply.z, "z")) if sample else out
+        return _codec.codes(reply, req.images.shape[0], sample)
 
     async def decode(self, z: np.ndarray, dtype: str = "float32",
                      timeout: float | None = None) -> np.ndarray:
         """Latents [N, k] -> mean images [N, 28, 28]."""
         req = _codec.decode_request(z, dtype, self.model_version)
-        return _codec.array((await self._call(self._stub.Decode, req, timeout)).images, "images")
+        reply = await self._call(self._stub.Decode, req, timeout)
+        return _codec.images(reply.images, req.z.shape[0], dtype)
 
     async def sample(self, n: int, seed: int = 0, dtype: str = "float32",
                      digit: int | None = None, timeout: float | None = None) -> np.ndarray:
         """n generated images [n, 28, 28] (of class `digit` when given), as VaeClient.sample."""
         req = _codec.sample_request(n, seed, dtype, digit, self.model_version)
-        return _codec.array((await self._call(self._stub.Sample, req, timeout)).images, "images")
+        reply = await self._call(self._stub.Sample, req, timeout)
+        return _codec.images(reply.images, n, dtype)
 
     async def sample_stream(self, n: int, seed: int = 0, chunk_size: int = 0,
                             dtype: str = "float32", offset: int = 0, digit: int | None = None,
@@ -99,15 +100,15 @@ class AsyncVaeClient:
         while True:
             req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit,
                                          self.model_version)
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            call = self._stub.SampleStream(req, timeout=left)
+            call = self._stub.SampleStream(req, timeout=_codec.time_left(deadline, resume))
             progressed = False
             try:
                 async for chunk in call:
-                    images = _codec.array(chunk.images, "images")
+                    images = _codec.chunk_images(chunk, resume, n, dtype)
                     yield int(chunk.offset), images
                     resume = int(chunk.offset) + len(images)
                     progressed = True
+                _codec.stream_end(resume, n)
                 return
             except grpc.RpcError as err:
                 if offset < n <= resume:  # every image came (VaeClient.sample_stream)
@@ -123,4 +124,5 @@ class AsyncVaeClient:
         """Per image: ELBO, log p(x) with k samples, bits/dim, percentile and flag; `offset`
         as in VaeClient.log_likelihood."""
         req = _codec.loglik_request(images, k, seed, offset, self.model_version)
-        return Scores.from_reply(await self._call(self._stub.LogLikelihood, req, timeout))
+        reply = await self._call(self._stub.LogLikelihood, req, timeout)
+        return Scores.from_reply(reply, req.images.shape[0])

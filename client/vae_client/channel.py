@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from vae_client._codec import channel_options
+from vae_client._codec import channel_options, check_retries
 from vae_core.ports import keepalive_options
 from vae_core.security import (
     CERTIFICATE,
@@ -173,7 +173,7 @@ def retry_options(retries: int, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     """Channel options that balance calls over the target's servers (round_robin) and let
     gRPC retry vae.v1 calls, of requests up to `max_message_mb`, up to `retries` times (0:
     never)."""
-    if retries <= 0:
+    if check_retries(retries) == 0:
         return [("grpc.enable_retries", 0),
                 ("grpc.service_config", json.dumps({"loadBalancingConfig": LOAD_BALANCING}))]
     config = {

@@ -55,7 +55,7 @@ class VaeClient:
         self.model_version = model_version
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
-        self.retries = retries
+        self.retries = _codec.check_retries(retries)
         self._channel = channel or create_channel(target, security, max_message_mb, retries)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
@@ -86,14 +86,14 @@ class VaeClient:
         the whole would."""
         req = _codec.encode_request(images, sample, seed, offset, self.model_version)
         reply = self._call(self._stub.Encode, req, timeout)
-        out = (_codec.array(reply.mu, "mu"), _codec.array(reply.logvar, "logvar"))
-        return (*out, _codec.array(reply.z, "z")) if sample else out
+        return _codec.codes(reply, req.images.shape[0], sample)
 
     def decode(self, z: np.ndarray, dtype: str = "float32",
                timeout: float | None = None) -> np.ndarray:
         """Latents [N, k] -> mean images [N, 28, 28] (float32 in [0, 1] or uint8)."""
         req = _codec.decode_request(z, dtype, self.model_version)
-        return _codec.array(self._call(self._stub.Decode, req, timeout).images, "images")
+        return _codec.images(self._call(self._stub.Decode, req, timeout).images,
+                             req.z.shape[0], dtype)
 
     def sample(self, n: int, seed: int = 0, dtype: str = "float32", digit: int | None = None,
                timeout: float | None = None) -> np.ndarray:
@@ -101,7 +101,7 @@ class VaeClient:
         info().digits), else of any class as the prior draws them. The same seed (and digit)
         always gives the same images."""
         req = _codec.sample_request(n, seed, dtype, digit, self.model_version)
-        return _codec.array(self._call(self._stub.Sample, req, timeout).images, "images")
+        return _codec.images(self._call(self._stub.Sample, req, timeout).images, n, dtype)
 
     def sample_stream(self, n: int, seed: int = 0, chunk_size: int = 0, dtype: str = "float32",
                       offset: int = 0, digit: int | None = None, timeout: float | None = None,
@@ -120,15 +120,15 @@ class VaeClient:
         while True:
             req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit,
                                          self.model_version)
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            call = self._stub.SampleStream(req, timeout=left)
+            call = self._stub.SampleStream(req, timeout=_codec.time_left(deadline, resume))
             progressed = False
             try:
                 for chunk in call:
-                    images = _codec.array(chunk.images, "images")
+                    images = _codec.chunk_images(chunk, resume, n, dtype)
                     yield int(chunk.offset), images
                     resume = int(chunk.offset) + len(images)
                     progressed = True
+                _codec.stream_end(resume, n)
                 return
             except grpc.RpcError as err:
                 if offset < n <= resume:  # every image came: what broke after them loses nothing
@@ -146,4 +146,5 @@ class VaeClient:
         anomaly percentile and flag. `offset` is the index of images[0] within a larger set
         sent in parts: the parts then score exactly as the whole would."""
         req = _codec.loglik_request(images, k, seed, offset, self.model_version)
-        return Scores.from_reply(self._call(self._stub.LogLikelihood, req, timeout))
+        return Scores.from_reply(self._call(self._stub.LogLikelihood, req, timeout),
+                                 req.images.shape[0])
