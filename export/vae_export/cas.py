@@ -52,16 +52,17 @@ def generated_digits(model: OnnxVAE, n: int, seed: int) -> Digits:
 
 def classification_accuracy_score(model_dir: Path, test_dir: Path, n: int = 50_000,
                                   seed: int = 0, epochs_generated: int = 3,
-                                  epochs_real: int = 30, progress: bool = False
-                                  ) -> dict[str, Any]:
+                                  epochs_real: int = 30, progress: bool = False,
+                                  train_data: str | None = None) -> dict[str, Any]:
     """Test accuracy of a classifier trained on n generated digits, and of one trained on the
-    real training digits (about as many optimisation steps each, with the defaults)."""
+    real training digits, read from `train_data` where given (evaluate.model_split); about
+    as many optimisation steps each, with the defaults."""
     model = OnnxVAE(model_dir)
     labelled_classes(model)  # before any work
     test = load_idx_dir(test_dir, need_labels=True)  # the accuracy is against them
     base = ClassifierConfig()
     runs = {"generated": (generated_digits(model, n, seed), epochs_generated),
-            "real": (training_digits(model), epochs_real)}
+            "real": (training_digits(model, train_data), epochs_real)}
     result: dict[str, Any] = {"model_version": model.manifest["model_version"], "n": n,
                               "seed": seed, "test": str(test_dir)}
     with tempfile.TemporaryDirectory() as tmp:

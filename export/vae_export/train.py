@@ -23,7 +23,7 @@ from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export import plots
 from vae_export.augment import augment, perturb
 from vae_export.config import TrainConfig, TrainingDiverged
-from vae_export.data import Digits, load_dataset, stratified_split
+from vae_export.data import Digits, fingerprint, load_dataset, stratified_split
 from vae_export.model import CHECKPOINT, VAE, VAEConfig, save_checkpoint
 from vae_export.prior_fit import PriorConfig, fit_prior
 
@@ -168,6 +168,7 @@ def train(
         "n_train": int(len(train_idx)),
         "n_val": int(len(val_idx)),
         "data_source": digits.source,
+        "data_sha256": fingerprint(digits),
         "model": model_cfg.to_dict(),
         "train": asdict(train_cfg),
         "prior": prior_cfg.to_dict(),
