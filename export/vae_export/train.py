@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from vae_core.files import check_writable, replacing
 from vae_core.likelihood import BERNOULLI, GAUSSIAN, to_unit
+from vae_core.manifest import sha256_file
 from vae_core.prior import PRIOR_FILE, GaussianMixture
 from vae_export import plots
 from vae_export.augment import augment, perturb
@@ -169,6 +170,8 @@ def train(
         "n_val": int(len(val_idx)),
         "data_source": digits.source,
         "data_sha256": fingerprint(digits),
+        # The prior is part of the model: `onnx` exports this one only.
+        "prior_sha256": None if prior.is_standard else sha256_file(out / PRIOR_FILE),
         "model": model_cfg.to_dict(),
         "train": asdict(train_cfg),
         "prior": prior_cfg.to_dict(),
