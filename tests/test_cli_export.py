@@ -126,8 +126,8 @@ def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.parametrize(("flags", "says"), [
-    (["--prior-temperature", "1.5"], "prior temperature must be in (0, 1], not 1.5"),
-    (["--prior-temperature", "0"], "prior temperature must be in (0, 1], not 0.0"),
+    (["--prior-temperature", "1.5"], "prior temperature must be in 0.01 .. 1, not 1.5"),
+    (["--prior-temperature", "0"], "prior temperature must be in 0.01 .. 1, not 0.0"),
     (["--prior-components", "0"], "prior components must be in 1 .. 1000 (per digit class), "
                                   "got 0"),
     (["--prior-components", "100000"], "prior components must be in 1 .. 1000 (per digit "
@@ -165,6 +165,12 @@ def test_onnx_of_missing_run_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     (["--rot-deg", "nan"], "rot_deg must be a finite number, got nan"),
     (["--sigma", "inf"], "sigma must be a finite number, got inf"),
     (["--threads", "100000"], "threads must be <= 1024, got 100000"),
+    # Before: each trained to the end, then `onnx` refused the prior.npz (16,900,000 entries
+    # past 16,777,216), or the fit failed on a factor "of at least 1e-06", naming no option.
+    (["--latent-dim", "512"], "a mixture prior of 10 components per digit class in R^512 has "
+     "26214400 covariance entries, past the 16777216 a served prior may have: fewer "
+     "--prior-components, a smaller --latent-dim, or --prior standard"),
+    (["--prior-temperature", "1e-7"], "prior temperature must be in 0.01 .. 1, not 1e-07"),
 ])
 def test_train_setting_out_of_range_is_one_line_and_exit_2(
         flags: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,6 +68,7 @@ def _train_configs(args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig, Pr
     prior_cfg = PriorConfig(kind=args.prior, components=args.prior_components,
                             covariance=args.prior_covariance, codes=args.prior_codes,
                             temperature=args.prior_temperature, seed=args.seed)
+    prior_cfg.check_latent_dim(model_cfg.latent_dim)
     return model_cfg, train_cfg, prior_cfg
 
 
@@ -365,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the codes the mixture is fitted around: each training digit's MAP code, "
                    "or the encoder's mean (default: %(default)s)")
     t.add_argument("--prior-temperature", type=float, default=pc.temperature,
-                   help="each component's standard deviations are multiplied by this, in (0, 1] "
+                   help="each component's standard deviations are multiplied by this, in 0.01 .. 1 "
                    "(default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)

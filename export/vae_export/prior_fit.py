@@ -21,11 +21,17 @@ from typing import Any
 import numpy as np
 
 from vae_core import likelihood as lk
-from vae_core.prior import MAX_COMPONENTS, GaussianMixture
+from vae_core.prior import MAX_COMPONENTS, MAX_FACTOR_ENTRIES, GaussianMixture
 
 PRIOR_KINDS = ("mixture", "standard")
 COVARIANCES = ("full", "diag")
 CODES = ("map", "mean")
+
+
+# Far colder than anyone samples, and far above where a component's standard deviations fall
+# under the least a prior file may hold (vae_core.prior.MIN_SCALE), which failed the fit only
+# after training.
+MIN_TEMPERATURE = 0.01
 
 
 @dataclass
@@ -61,10 +67,22 @@ class PriorConfig:
                              f"digit class), got {self.components}")
         if self.samples_per_digit < 1:
             raise ValueError(f"samples_per_digit must be >= 1, got {self.samples_per_digit}")
-        if not 0 < self.temperature <= 1:
-            raise ValueError(f"prior temperature must be in (0, 1], not {self.temperature}")
+        if not MIN_TEMPERATURE <= self.temperature <= 1:
+            raise ValueError(f"prior temperature must be in {MIN_TEMPERATURE:g} .. 1, not "
+                             f"{self.temperature}")
         if self.map_steps < 0 or not self.map_lr > 0:
             raise ValueError("map_steps must be >= 0 and map_lr > 0")
+
+    def check_latent_dim(self, latent_dim: int) -> None:
+        """ValueError where the mixture of this config in R^latent_dim, ten classes of it,
+        would be a prior.npz larger than a server loads (vae_core.prior.MAX_FACTOR_ENTRIES):
+        found before training, not by `onnx` after it."""
+        entries = 10 * self.components * latent_dim * latent_dim
+        if self.kind == "mixture" and entries > MAX_FACTOR_ENTRIES:
+            raise ValueError(f"a mixture prior of {self.components} components per digit class "
+                             f"in R^{latent_dim} has {entries} covariance entries, past the "
+                             f"{MAX_FACTOR_ENTRIES} a served prior may have: fewer "
+                             "--prior-components, a smaller --latent-dim, or --prior standard")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -86,6 +86,7 @@ def train(
     prior.npz (a learned prior only), history.json, summary.json, curves.png, samples.png
     and recon.png to `out`. Returns the summary also stored in summary.json."""
     prior_cfg = prior_cfg or PriorConfig()
+    prior_cfg.check_latent_dim(model_cfg.latent_dim)
     torch.set_num_threads(train_cfg.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(train_cfg.seed)
