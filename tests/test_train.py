@@ -253,3 +253,25 @@ def test_a_run_stopped_between_its_files_leaves_no_checkpoint_of_another_run(
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, digits_500, seed=1)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_the_prior_is_fitted_on_the_run_s_threads(tmp_path: Path, digits_500: Digits,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: --threads set PyTorch's threads only, and the prior's fit (numpy) ran on every
+    core's BLAS thread: the same seed and threads gave a prior.npz differing in the 12th
+    digit, so another model version, on a machine of another core count."""
+    from threadpoolctl import threadpool_info
+
+    from vae_export import train as train_module
+
+    seen = []
+    fit = train_module.fit_model_prior
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        seen.extend(pool["num_threads"] for pool in threadpool_info()
+                    if pool["user_api"] == "blas")
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit_model_prior", counting)
+    _train(tmp_path, digits_500, seed=0)
+    assert seen and set(seen) == {1}, seen

@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_at_least(0), default=tc.seed,
                    help="seeds the split, initialisation and all noise (default: %(default)s)")
     t.add_argument("--threads", type=int, default=tc.threads,
-                   help="PyTorch CPU threads; the same seed and threads give the same weights "
-                   "(default: %(default)s)")
+                   help="CPU threads (PyTorch's, and numpy's while the prior is fitted); the "
+                   "same seed and threads give the same weights and prior (default: %(default)s)")
     t.add_argument("--decoder", choices=DECODERS, default=m["decoder"],
                    help="the decoder network: an MLP mirroring the encoder, or transposed "
                    "convolutions (default: %(default)s)")

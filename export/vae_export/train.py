@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from vae_core.files import check_writable, replacing
@@ -150,7 +151,10 @@ def train(
     model.eval()
 
     t1 = time.perf_counter()
-    prior = fit_model_prior(model, train_px, digits.labels[train_idx], prior_cfg)
+    # numpy's BLAS would run on every core: its sums, and so the prior's file and the model
+    # version, would depend on the machine's core count rather than --threads.
+    with threadpool_limits(train_cfg.threads):
+        prior = fit_model_prior(model, train_px, digits.labels[train_idx], prior_cfg)
     prior_seconds = time.perf_counter() - t1
     # The network and its prior are one model: the old network goes before the new prior
     # comes, so that a run stopped between the two leaves no pair of two runs.
