@@ -1174,3 +1174,30 @@ def test_onnx_exports_the_prior_its_run_fitted_and_no_other(
         prior.write_bytes(kept)
     assert main(["onnx", "--run", str(runs["mixture"]), "--out", str(tmp_path / "model"),
                  "--no-calibration"]) == 0
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch
+def test_a_terminated_export_leaves_no_staging_folder(gaussian_export: Any,
+                                                      tmp_path: Path) -> None:
+    """Before: SIGTERM (what Kubernetes and `timeout` send) ended `onnx` without Python's
+    clean-up, and its staging folder (.export-*, the graphs so far) stayed in --out, where no
+    later export removed it. Now it ends as an interrupt does, exit 143."""
+    import signal
+    import time
+
+    out = tmp_path / "model"
+    proc = subprocess.Popen([*_entry_point(), "onnx", "--run", str(gaussian_export.run_dir),
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".export-*/*.onnx")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        assert list(out.glob(".export-*/*.onnx")), "the export made no graph in 120 s"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.endswith("vae-export: error: terminated\n"), err
+    assert not out.exists() or list(out.iterdir()) == []

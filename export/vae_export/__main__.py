@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -477,12 +479,25 @@ def _model_defaults() -> dict:
     return {f.name: f.default for f in dataclasses.fields(VAEConfig)}
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that clean-up runs as for Ctrl-C (a staging
+    folder of `onnx` removed) rather than the process ending on the spot."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it at once
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vae_core.manifest import ManifestError
     from vae_export.config import TrainingDiverged
     from vae_export.data import DataError
 
+    # Not from another thread, which may not set handlers; the caller's handler comes back.
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(args.func(args))
     except (DataError, ManifestError, TrainingDiverged) as exc:
@@ -495,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vae-export: error: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("vae-export: error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if before is not None:  # None too where a handler was not set from Python
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":
