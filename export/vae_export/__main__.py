@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--latent-dim", type=int, default=m["latent_dim"],
                    help="size k of the latent space R^k (default: %(default)s)")
     t.add_argument("--hidden", default=",".join(str(h) for h in m["hidden"]),
-                   help="comma-separated hidden layer widths of the encoder; the decoder mirrors "
-                   "them (default: %(default)s)")
+                   help="comma-separated hidden layer widths of the encoder; the MLP decoder "
+                   "mirrors them, the conv decoder takes the last as its first layer's width "
+                   "(default: %(default)s)")
     t.add_argument("--likelihood", choices=LIKELIHOODS, default=GAUSSIAN,
                    help="decoder: N(f(z), sigma^2 I) on dequantised pixels, or Bernoulli on "
                    "dynamically binarised pixels (default: %(default)s)")
@@ -426,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"skip (default: {FASHION_MNIST_DIR}, Debian's dataset-fashion-mnist, "
                    "where it is installed)")
     e.add_argument("--limit", type=_at_least(1), default=None,
-                   help="score only the first N images of each set (default: all)")
+                   help="score only the first N images of the test and out-of-distribution "
+                   "sets; the samples are judged against the whole test set (default: all)")
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     e.add_argument("--roc", default="roc.png", help="ROC curve picture (default: %(default)s)")
     e.add_argument("--threads", type=_at_least(0, MAX_THREADS), default=0,

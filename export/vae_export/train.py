@@ -138,7 +138,8 @@ def train(
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch} (loss {train_loss}, validation ELBO "
                 f"{val_elbo}): lower --lr ({train_cfg.lr}), or raise --sigma "
-                f"({model_cfg.sigma}) if it is very small; no checkpoint was written")
+                f"({model_cfg.sigma}) if it is very small; no checkpoint was written, and "
+                f"what {out} held is left as it was")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_elbo": val_elbo})
         # Only epochs at the full KL weight compete for the best checkpoint.
         if beta >= 1.0 and val_elbo > best_elbo:
