@@ -368,3 +368,42 @@ def test_uint8_pixels_of_0_and_1_alone_are_ambiguous_too():
         as_images(binary, "x.npy")
     assert images_tensor(binary * 255).data == (binary * 255).tobytes()
     assert images_tensor(np.zeros((1, 28, 28), np.uint8)).shape == [1, 28, 28]
+
+
+def test_ambiguous_images_are_judged_one_by_one():
+    """Before: a file of 8-bit digits and binarised ones was accepted whole (its largest pixel
+    255), then `vae-client score` refused its second --batch part after scoring the first,
+    and wrote nothing. Each image is judged alone now, so the whole file is refused first."""
+    from vae_client._codec import images_tensor
+    from vae_client.images import ImageFileError, as_images
+
+    digits = np.random.default_rng(0).integers(0, 256, (4, 28, 28)).astype(np.uint8)
+    mixed = np.concatenate([digits, (digits > 127).astype(np.uint8)])
+    with pytest.raises(VaeError, match=r"ambiguous \(image 4 and others\)"):
+        images_tensor(mixed)
+    with pytest.raises(ImageFileError, match=r"^x\.npy: uint8 pixels of 0 and 1 alone"):
+        as_images(mixed, "x.npy")
+    assert images_tensor(digits).shape == [4, 28, 28]
+
+
+@pytest.mark.parametrize("make", [VaeClient, AsyncVaeClient])
+def test_numpy_retries_make_a_client(make):
+    """Before: retries=np.int64(2) passed the check, then the retry policy's JSON failed with
+    TypeError: the channel took the number as given."""
+    async def made() -> None:
+        client = make(NO_SERVER, retries=np.int64(2))
+        assert client.retries == 2 and type(client.retries) is int
+        await client.close() if make is AsyncVaeClient else client.close()
+
+    asyncio.run(made())
+
+
+def test_a_stream_whose_time_ran_out_resumes_where_it_began():
+    """Before: timeout=0 gave no resume offset, and a timeout that ran out before the first
+    try said the stream could not be 'resumed'."""
+    with VaeClient(NO_SERVER, retries=0) as c:
+        for timeout in (0, 1e-9):
+            with pytest.raises(VaeError) as err:
+                list(c.sample_stream(5, offset=2, timeout=timeout))
+            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+            assert err.value.resume_offset == 2 and "resumed" not in err.value.details

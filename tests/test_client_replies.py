@@ -86,12 +86,55 @@ def test_decode_encode_and_score_replies_are_checked_too():
     }
     calls = {"decode": lambda c: c.decode(z), "encode": lambda c: c.encode(images),
              "log_likelihood": lambda c: c.log_likelihood(images, k=2)}
-    with stub_server(handlers) as target, VaeClient(target, retries=0) as c:
-        for name, call in calls.items():
+    with stub_server(handlers) as target:
+        with VaeClient(target, retries=0) as c:
+            for name, call in calls.items():
+                with pytest.raises(VaeError) as err:
+                    call(c)
+                assert err.value.code == INTERNAL, (name, err.value)
+                assert "malformed reply" in err.value.details, (name, err.value)
+
+        async def main(name: str) -> None:
+            async with AsyncVaeClient(target, retries=0) as c:
+                await calls[name](c)
+
+        for name in calls:
             with pytest.raises(VaeError) as err:
-                call(c)
-            assert err.value.code == INTERNAL, (name, err.value)
-            assert "malformed reply" in err.value.details, (name, err.value)
+                asyncio.run(main(name))
+            assert err.value.code == INTERNAL and "malformed reply" in err.value.details, name
+
+
+def test_correct_stand_in_replies_pass():
+    """The control of the faults above: codes with z for Encode(sample=True), Decode's and
+    scores of as many images as sent, by both clients."""
+    z = np.zeros((3, 4), np.float32)
+    codes = to_tensor(np.ones((3, 4), np.float32))
+    handlers = {
+        **_unary("Decode", lambda r: vae_pb2.DecodeResponse(
+            images=to_tensor(_images(0, 3, r.output_dtype)))),
+        **_unary("Encode", lambda r: vae_pb2.EncodeResponse(mu=codes, logvar=codes, z=codes)),
+        **_unary("LogLikelihood", lambda r: vae_pb2.LogLikelihoodResponse(
+            elbo=[1.0] * 3, log_likelihood=[2.0] * 3, bits_per_dim=[1.0] * 3,
+            percentile=[50.0] * 3, anomaly=[False] * 3, k=r.k)),
+    }
+    images = np.zeros((3, 28, 28), np.uint8)
+
+    def check(decoded: Any, encoded: Any, scores: Any) -> None:
+        assert decoded.shape == (3, 28, 28) and decoded.dtype == np.uint8
+        assert len(encoded) == 3 and all(x.shape == (3, 4) for x in encoded)
+        assert scores.log_likelihood.tolist() == [2.0] * 3
+
+    with stub_server(handlers) as target:
+        with VaeClient(target, retries=0) as c:
+            check(c.decode(z, dtype="uint8"), c.encode(images, sample=True),
+                  c.log_likelihood(images, k=2))
+
+        async def main() -> None:
+            async with AsyncVaeClient(target, retries=0) as c:
+                check(await c.decode(z, dtype="uint8"), await c.encode(images, sample=True),
+                      await c.log_likelihood(images, k=2))
+
+        asyncio.run(main())
 
 
 def _stream(faulty: Callable[[vae_pb2.SampleStreamRequest, int, int], Iterator[Any]]

@@ -112,15 +112,28 @@ def call_timeout(timeout: Any, default: Any) -> float | None:
     return seconds
 
 
+def stream_deadline(timeout: Any, offset: int) -> float | None:
+    """The time.monotonic() by which a stream from image `offset` must end (None: never), of
+    its `timeout` (call_timeout's rules; one of 0 or less: DEADLINE_EXCEEDED, resumable at
+    `offset`, as a stream whose time runs out later is)."""
+    try:
+        seconds = call_timeout(timeout, None)
+    except VaeError as exc:
+        if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+        raise VaeError(exc.code, exc.details, offset) from None
+    return None if seconds is None else time.monotonic() + seconds
+
+
 def time_left(deadline: float | None, resume: int) -> float | None:
-    """The timeout of a stream's next try, which must end by `deadline` (time.monotonic());
-    DEADLINE_EXCEEDED, resumable at `resume`, where that time has passed."""
+    """The timeout of a stream's next try from image `resume`, which must end by `deadline`
+    (stream_deadline); DEADLINE_EXCEEDED, resumable at `resume`, where that time has passed."""
     if deadline is None:
         return None
     left = deadline - time.monotonic()
     if left <= 0:
         raise VaeError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                       "the stream's time ran out before it could be resumed", resume)
+                       f"the stream's time ran out at image {resume}", resume)
     return left
 
 
@@ -149,9 +162,10 @@ def _numbers(values: Any, name: str) -> np.ndarray:
 def pixels(arr: np.ndarray) -> np.ndarray:
     """Pixels as the wire takes them, by the one rule of the library and the CLI: uint8 and
     float32 as they are, other integers in 0 .. 255 as uint8, other floats and bools as
-    float32 (whose range, [0, 1], the server checks). Raises ValueError for integers outside
-    0 .. 255, for integers of 0 and 1 alone, uint8 among them (binarised digits, or 8-bit ones
-    all but black?), and for what is not a number."""
+    float32 (whose range, [0, 1], the server checks). `arr` holds images along its first
+    axis. Raises ValueError for integers outside 0 .. 255, for an image of integers of 0 and 1
+    alone, uint8 among them (a binarised digit, or an 8-bit one all but black?), and for what
+    is not a number."""
     if arr.dtype == np.float32:
         return arr
     if arr.dtype.kind in "iu":
@@ -159,8 +173,12 @@ def pixels(arr: np.ndarray) -> np.ndarray:
         if low < 0 or high > 255:
             raise ValueError(f"integer pixels must lie in 0 .. 255; found values in "
                              f"{low} .. {high}")
-        if high == 1:
-            raise ValueError(f"{arr.dtype} pixels of 0 and 1 alone are ambiguous: binarised "
+        # Judged image by image, so that a set judged whole is judged alike in any parts.
+        highs = arr.reshape(len(arr) if arr.ndim else 1, -1).max(axis=1) if arr.size else arr
+        ones = np.flatnonzero(highs == 1)
+        if len(ones):
+            raise ValueError(f"{arr.dtype} pixels of 0 and 1 alone are ambiguous (image "
+                             f"{ones[0]}{' and others' if len(ones) > 1 else ''}): binarised "
                              "digits go as bool or float (1 is full ink), 8-bit ones in "
                              "0 .. 255")
         return arr.astype(np.uint8, copy=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,7 +42,7 @@ class AsyncVaeClient:
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
         self.retries = _codec.check_retries(retries)
-        self._channel = channel or create_aio_channel(target, security, max_message_mb, retries)
+        self._channel = channel or create_aio_channel(target, security, max_message_mb, self.retries)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncVaeClient:
@@ -94,8 +93,7 @@ class AsyncVaeClient:
                             ) -> AsyncIterator[tuple[int, np.ndarray]]:
         """Yield (offset, images) chunks of a stream of n generated images, resumed where
         its server went away, as VaeClient.sample_stream."""
-        seconds = _codec.call_timeout(timeout, None)
-        deadline = None if seconds is None else time.monotonic() + seconds
+        deadline = _codec.stream_deadline(timeout, offset)
         resume = offset  # the first image not yet received
         while True:
             req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit,

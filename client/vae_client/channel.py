@@ -173,7 +173,8 @@ def retry_options(retries: int, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     """Channel options that balance calls over the target's servers (round_robin) and let
     gRPC retry vae.v1 calls, of requests up to `max_message_mb`, up to `retries` times (0:
     never)."""
-    if check_retries(retries) == 0:
+    retries = check_retries(retries)
+    if retries == 0:
         return [("grpc.enable_retries", 0),
                 ("grpc.service_config", json.dumps({"loadBalancingConfig": LOAD_BALANCING}))]
     config = {

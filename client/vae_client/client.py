@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,11 +23,14 @@ from vae_proto import vae_pb2, vae_pb2_grpc
 
 
 class VaeClient:
-    """A connection to a vae-server. Use as a context manager, or call close().
+    """A connection to a vae-server. Use as a context manager, or call close(), which closes
+    the channel, a `channel` given to it included.
 
     Every call takes `timeout` (seconds; default the client's, except sample_stream's: none;
     None or inf: no deadline) and raises VaeError on failure, carrying the gRPC status code:
-    a bad argument is INVALID_ARGUMENT naming it, whether the client or the server finds it.
+    a bad argument is INVALID_ARGUMENT naming it, whether the client or the server finds it;
+    a reply that is not what was asked for (another count, dtype or shape of images, a
+    stream's chunk out of order) is INTERNAL.
     The arrays returned are read-only views of the reply's bytes (no copy is made):
     np.array(x) gives a writable copy.
 
@@ -56,7 +58,7 @@ class VaeClient:
         security = resolve_security(security, channel, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert,
                                     tls_key=tls_key, tls_server_name=tls_server_name, token=token)
         self.retries = _codec.check_retries(retries)
-        self._channel = channel or create_channel(target, security, max_message_mb, retries)
+        self._channel = channel or create_channel(target, security, max_message_mb, self.retries)
         self._stub = vae_pb2_grpc.VaeServiceStub(self._channel)
 
     def __enter__(self) -> VaeClient:
@@ -114,8 +116,7 @@ class VaeClient:
         the first image not received, on whichever server the channel reaches, as long as
         each try brings images and `retries` is not 0; the images are the same as an
         unbroken stream's."""
-        seconds = _codec.call_timeout(timeout, None)
-        deadline = None if seconds is None else time.monotonic() + seconds
+        deadline = _codec.stream_deadline(timeout, offset)
         resume = offset  # the first image not yet received
         while True:
             req = _codec.stream_request(n, seed, chunk_size, dtype, resume, digit,
