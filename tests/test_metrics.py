@@ -175,3 +175,25 @@ def test_the_metrics_port_takes_a_burst_and_frees_silent_connections(monkeypatch
     finally:
         http.shutdown()
         http.server_close()
+
+
+def test_every_status_code_of_every_method_starts_at_0():
+    """Before: only grpc_code="OK" was made at start (go-grpc-prometheus's InitializeMetrics,
+    which it claimed to follow, makes every code): the first burst of INTERNAL or
+    DEADLINE_EXCEEDED made its series at its count, and rate() and increase() read it as 0,
+    so an alert on server faults missed it."""
+    import grpc
+    from prometheus_client import CollectorRegistry
+
+    from vae_proto import vae_pb2
+    from vae_server.metrics import Metrics
+
+    m = Metrics(CollectorRegistry(), gpu=False)
+    service = vae_pb2.DESCRIPTOR.services_by_name["VaeService"]
+    m.initialize_grpc(service)
+    for method in service.methods:
+        kind = "server_stream" if method.server_streaming else "unary"
+        for code in grpc.StatusCode:
+            labels = {"grpc_service": service.full_name, "grpc_method": method.name,
+                      "grpc_type": kind, "grpc_code": code.name}
+            assert m.registry.get_sample_value("grpc_server_handled_total", labels) == 0, labels

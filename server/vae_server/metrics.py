@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import grpc
 from prometheus_client import (
     PLATFORM_COLLECTOR,
     PROCESS_COLLECTOR,
@@ -182,9 +183,9 @@ class Metrics:
                                      "Images received or produced, by RPC method.",
                                      ("grpc_method",), registry=r)
         self.rejected = Counter("vae_rejected_total",
-                                "Requests or images refused, by reason (invalid, queue_full, "
-                                "deadline, cancelled, unauthenticated, shutting_down, "
-                                "model_version).", ("reason",),
+                                "vae.v1 calls refused or ended early, by reason (invalid, "
+                                "queue_full, deadline, cancelled, unauthenticated, "
+                                "shutting_down, model_version).", ("reason",),
                                 registry=r)
         self.anomalies = Counter("vae_anomalies_total",
                                  "Images that LogLikelihood flagged as anomalies.", registry=r)
@@ -196,14 +197,16 @@ class Metrics:
             self.method_images.labels(method)
 
     def initialize_grpc(self, service: Any) -> None:
-        """Create every method's series of a service descriptor at 0, as go-grpc-prometheus's
-        InitializeMetrics does."""
+        """Create every method's series of a service descriptor at 0, every status code's
+        among them, as go-grpc-prometheus's InitializeMetrics does: rate() and increase()
+        then see the first burst of each code."""
         for m in service.methods:
             labels = (service.full_name, m.name,
                       "server_stream" if m.server_streaming else "unary")
             self.started.labels(*labels)
             self.handling.labels(*labels)
-            self.handled.labels(*labels, "OK")
+            for code in grpc.StatusCode:
+                self.handled.labels(*labels, code.name)
 
     def calls_started(self) -> int:
         """grpc_server_started_total over every method: the calls handlers have taken."""
