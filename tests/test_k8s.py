@@ -228,12 +228,12 @@ def test_the_server_image_is_pinned_to_the_version_its_dockerfile_builds(docs):
     assert built == [server["image"]], (dockerfile, built)
 
 
-def adapter_rule(docs: list[dict[str, Any]]) -> dict[str, Any]:
+def adapter_rules(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """prometheus-adapter's rules, by the name each gives its metric."""
     yaml = need_module("yaml")
     config = yaml.safe_load(one(docs, "ConfigMap", "vae-serving-adapter-rules")["data"]
                             ["config.yaml"])
-    (rule,) = config["rules"]
-    return rule
+    return {rule["name"]["as"]: rule for rule in config["rules"]}
 
 
 def test_the_autoscaler_uses_the_adapter_s_metric(docs):
@@ -242,9 +242,15 @@ def test_the_autoscaler_uses_the_adapter_s_metric(docs):
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", one(docs, "Deployment")
                                                 ["metadata"]["name"])
-    calls, cpu = hpa["spec"]["metrics"]
-    assert calls["type"] == "Pods"
-    assert calls["pods"]["metric"]["name"] == adapter_rule(docs)["name"]["as"]
+    calls, loop, cpu = hpa["spec"]["metrics"]
+    assert calls["type"] == loop["type"] == "Pods"
+    assert [m["pods"]["metric"]["name"] for m in (calls, loop)] == list(adapter_rules(docs))
+    # Before: a pod whose event loop was the limit (many small calls) scaled on neither: its
+    # calls waited in gRPC, uncounted in flight, and its one loop used one core of two, short
+    # of the CPU target. One loop must be able to reach the target: under a core.
+    target = loop["pods"]["target"]
+    assert target["type"] == "AverageValue"
+    assert 0.5 <= float(target["averageValue"].removesuffix("m")) / 1000 < 0.9
     # Before: calls in flight alone, and a pod saturated by one SampleStream (1 call) or four
     # LogLikelihood calls at K = 1000 never scaled out. CPU against the request: the server
     # container must request CPU, and a utilisation target must be one a pod can reach.
@@ -257,14 +263,15 @@ def test_the_autoscaler_uses_the_adapter_s_metric(docs):
 
 
 def test_the_adapter_query_gives_each_pod_its_load_from_a_real_prometheus(model_dir, tmp_path):
-    """Two servers scraped as pods a and b of namespace test, under load; the adapter rule's
+    """Two servers scraped as pods a and b of namespace test, under load; each adapter rule's
     query, as prometheus-adapter fills it in for the HPA, returns one value per pod."""
     binary = need_tool("prometheus")
-    rule = adapter_rule(render("cpu"))
-    query = (rule["metricsQuery"]
-             .replace("<<.Series>>", re.match(r"\w+", rule["seriesQuery"]).group(0))
-             .replace("<<.LabelMatchers>>", 'namespace="test",pod=~"a|b"')
-             .replace("<<.GroupBy>>", "pod"))
+    queries = {name: rule["metricsQuery"]
+               .replace("<<.Series>>", re.match(r"\w+", rule["seriesQuery"]).group(0))
+               .replace("<<.LabelMatchers>>", 'namespace="test",pod=~"a|b"')
+               .replace("<<.GroupBy>>", "pod")
+               for name, rule in adapter_rules(render("cpu")).items()}
+    assert set(queries) == {"vae_in_flight_calls", "vae_event_loop_busy"}
     ports = {"a": free_port(), "b": free_port()}
     with served_process(model_dir, "--metrics-port", str(ports["a"])) as (a, _), \
             served_process(model_dir, "--metrics-port", str(ports["b"])) as (b, _):
@@ -288,11 +295,13 @@ def test_the_adapter_query_gives_each_pod_its_load_from_a_real_prometheus(model_
             for t in threads:
                 t.start()
             deadline = time.monotonic() + 60
-            values: dict[str, float] = {}
+            values: dict[str, dict[str, float]] = {}
             while time.monotonic() < deadline:
-                result = prom.query(query)
-                values = {r["metric"].get("pod", ""): float(r["value"][1]) for r in result}
-                if set(values) == {"a", "b"} and all(v > 0 for v in values.values()):
+                values = {name: {r["metric"].get("pod", ""): float(r["value"][1])
+                                 for r in prom.query(query)}
+                          for name, query in queries.items()}
+                if all(set(v) == {"a", "b"} and all(x > 0 for x in v.values())
+                       for v in values.values()):
                     break
                 time.sleep(1)
         finally:
@@ -300,9 +309,11 @@ def test_the_adapter_query_gives_each_pod_its_load_from_a_real_prometheus(model_
             for t in threads:
                 t.join(60)
             prom.stop()
-    assert set(values) == {"a", "b"}, values
+    calls, loop = values["vae_in_flight_calls"], values["vae_event_loop_busy"]
+    assert set(calls) == set(loop) == {"a", "b"}, values
     # Three streams at a time on a, one on b: each pod's own load.
-    assert values["a"] > values["b"] > 0, values
+    assert calls["a"] > calls["b"] > 0, values
+    assert 0 < loop["b"] < 1.5 and 0 < loop["a"] < 1.5, values  # cores: one loop each
 
 
 def _relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:

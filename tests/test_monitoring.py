@@ -141,6 +141,7 @@ def test_metrics_have_the_names_types_and_labels_of_the_design(served):
         "vae_rejected": ("counter", {"reason"}),
         "vae_anomalies": ("counter", set()),
         "vae_grpc_received_calls": ("counter", set()),
+        "vae_event_loop_cpu_seconds": ("counter", set()),
         # An Info: in the text format, a gauge named vae_model_info, always 1.
         "vae_model_info": ("gauge", {"model_version", "likelihood", "latent_dim", "sigma",
                                "execution_provider"}),

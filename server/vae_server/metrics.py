@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -20,7 +21,7 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vae_core.ports import bare_host
@@ -80,6 +81,26 @@ def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> WSGIServ
     http.RequestHandlerClass = type("IdleLimitedHandler", (base,),
                                     {"timeout": METRICS_IDLE_S, "handle": handle})
     return http
+
+
+class LoopCpuCollector(Collector):
+    """vae_event_loop_cpu_seconds_total: the CPU time of the thread that runs the server's
+    event loop, read at scrape time. Its rate nears 1 (a core) when the loop is the limit:
+    calls then wait in gRPC, which vae_in_flight_calls does not count, while the process uses
+    one core of several. Nothing is collected once the thread has ended."""
+
+    HELP = ("CPU time of the thread that runs the server's event loop (one per worker): a "
+            "rate near 1 per loop means the loop is the limit, and calls wait in gRPC.")
+
+    def __init__(self, thread_id: int) -> None:
+        self._clock = time.pthread_getcpuclockid(thread_id)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        try:
+            seconds = time.clock_gettime(self._clock)
+        except OSError:  # the loop's thread has ended
+            return
+        yield CounterMetricFamily("vae_event_loop_cpu_seconds", self.HELP, value=seconds)
 
 
 class GpuCollector(Collector):
@@ -223,6 +244,12 @@ class Metrics:
     def watch_queue(self, model: str, images: Callable[[], float]) -> None:
         """vae_queue_depth{model} reads `images()` when scraped: nothing to set per call."""
         self.queue_depth.labels(model).set_function(images)
+
+    def watch_event_loop(self, thread_id: int) -> None:
+        """vae_event_loop_cpu_seconds_total of the thread `thread_id` (threading.get_ident()
+        in the loop's thread); left out where the platform has no per-thread CPU clock."""
+        if hasattr(time, "pthread_getcpuclockid"):
+            self.registry.register(LoopCpuCollector(thread_id))
 
     def watch_unsent(self, images: Callable[[], float]) -> None:
         """vae_stream_unsent_images reads `images()` when scraped."""

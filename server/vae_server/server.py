@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,6 +256,7 @@ async def create_server(settings: Settings, runtime: ModelRuntime | None = None,
     _quiet_unsent_replies()
     metrics = Metrics()
     metrics.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
+    metrics.watch_event_loop(threading.get_ident())  # this coroutine runs on the loop's thread
     if runtime is None:
         runtime = load_runtime(settings)
     metrics.model_info.info({
