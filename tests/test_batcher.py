@@ -1042,3 +1042,28 @@ def test_a_drain_before_a_cancelled_caller_wakes_does_not_stop(executor):
     assert (batch, size) == ([], 0)  # the cancelled call is dropped, not failed
     np.testing.assert_array_equal(out[0], rows(20, 3) * 2)
     assert b.queued_images == 0 and b.dropped["cancelled"] == 1
+
+
+def test_occupancy_is_what_admission_counts_over_its_limit(executor):
+    """Before: the only queue gauge counted images queued, while admission also counts room
+    reserved (a LogLikelihood call's N x k rows, before any is queued), waited for, and
+    made for streams: a helper saw 97 % of calls refused as queue_full while the panel
+    never came near the limit. `occupancy` is admission's own sum over the limit."""
+    model = Model()
+
+    async def main() -> list[float]:
+        b = Batcher(model, executor, max_batch=10, max_queue=100)
+        seen = [b.occupancy]
+        with b.reserve(60):
+            seen.append(b.occupancy)
+            b.hold_unsent(20)
+            seen.append(b.occupancy)
+            with pytest.raises(QueueFull):
+                b.check_room(21)  # full at 1.0 and over: what the gauge must show
+            b.check_room(20)
+            b.release_unsent(20)
+        seen.append(b.occupancy)
+        await b.close()
+        return seen
+
+    assert asyncio.run(main()) == [0.0, 0.6, 0.8, 0.0]

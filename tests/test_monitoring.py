@@ -136,6 +136,7 @@ def test_metrics_have_the_names_types_and_labels_of_the_design(served):
         "vae_queue_wait_seconds": ("histogram", {"model"}),
         "vae_inference_seconds": ("histogram", {"model"}),
         "vae_queue_depth": ("gauge", {"model"}),
+        "vae_queue_occupancy_ratio": ("gauge", {"model"}),
         "vae_items": ("counter", {"model"}),
         "vae_method_images": ("counter", {"grpc_method"}),
         "vae_rejected": ("counter", {"reason"}),
@@ -161,7 +162,7 @@ def test_metrics_have_the_names_types_and_labels_of_the_design(served):
         return {s.labels[label] for s in families[name].samples}
 
     for name in ("vae_batch_size", "vae_queue_wait_seconds", "vae_inference_seconds",
-                 "vae_queue_depth", "vae_items"):
+                 "vae_queue_depth", "vae_queue_occupancy_ratio", "vae_items"):
         assert values(name, "model") == {"encoder", "decoder"}, name
     assert {"Encode", "Decode", "Sample", "SampleStream", "LogLikelihood"} <= values(
         "grpc_server_handled", "grpc_method")

@@ -176,6 +176,17 @@ class Batcher:
         return self._queued_images
 
     @property
+    def occupancy(self) -> float:
+        """The share of --max-queue-images that admission counts as taken (check_room):
+        images queued, reserved, waited for by calls under way, and made for streams and not
+        yet sent. At 1, calls are refused with RESOURCE_EXHAUSTED."""
+        return self._taken / self.max_queue
+
+    @property
+    def _taken(self) -> int:
+        return self._queued_images + self._reserved + self._waiting + self._unsent
+
+    @property
     def unsent_images(self) -> int:
         """Images of stream chunks that have run and wait to be sent (hold_unsent)."""
         return self._unsent
@@ -209,8 +220,7 @@ class Batcher:
             raise ShuttingDown("the server is shutting down; retry")
         # Work of admitted calls waiting for room (wait_room) keeps its place: a new call
         # does not take the room it waits for, or a stream could wait for ever.
-        if (self._queued_images + self._reserved + self._waiting + self._unsent + n
-                > self.max_queue):
+        if self._taken + n > self.max_queue:
             self.dropped["queue_full"] += 1
             held = f" and {self._reserved} reserved" if self._reserved else ""
             held += f" and {self._waiting} of calls under way" if self._waiting else ""

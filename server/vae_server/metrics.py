@@ -192,6 +192,12 @@ class Metrics:
                                    ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("vae_queue_depth", "Images waiting in the batcher's queue.",
                                  ("model",), registry=r)
+        self.occupancy = Gauge("vae_queue_occupancy_ratio",
+                               "The share of --max-queue-images that admission counts as "
+                               "taken: images queued, reserved by calls under way (a "
+                               "LogLikelihood call's N x K rows), and made for streams and not "
+                               "yet read. At 1, calls are refused with RESOURCE_EXHAUSTED.",
+                               ("model",), registry=r)
         self.unsent = Gauge("vae_stream_unsent_images",
                             "SampleStream images made and waiting for their callers to read "
                             "them; they count against the decoder's queue limit.", registry=r)
@@ -241,9 +247,13 @@ class Metrics:
         """vae_in_flight_calls reads `calls()` when scraped."""
         self.in_flight.set_function(calls)
 
-    def watch_queue(self, model: str, images: Callable[[], float]) -> None:
-        """vae_queue_depth{model} reads `images()` when scraped: nothing to set per call."""
+    def watch_queue(self, model: str, images: Callable[[], float],
+                    occupancy: Callable[[], float] | None = None) -> None:
+        """vae_queue_depth{model} reads `images()` when scraped, and
+        vae_queue_occupancy_ratio{model} `occupancy()`: nothing to set per call."""
         self.queue_depth.labels(model).set_function(images)
+        if occupancy is not None:
+            self.occupancy.labels(model).set_function(occupancy)
 
     def watch_event_loop(self, thread_id: int) -> None:
         """vae_event_loop_cpu_seconds_total of the thread `thread_id` (threading.get_ident()

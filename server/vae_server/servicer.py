@@ -196,8 +196,10 @@ class VaeServicer:
         self.decoder = Batcher(runtime.run_decoder, executor,
                                observer=metrics.observer("decoder"),
                                run_inline=runtime.run_decoder_small, **batching)
-        metrics.watch_queue("encoder", lambda: self.encoder.queued_images)
-        metrics.watch_queue("decoder", lambda: self.decoder.queued_images)
+        metrics.watch_queue("encoder", lambda: self.encoder.queued_images,
+                            lambda: self.encoder.occupancy)
+        metrics.watch_queue("decoder", lambda: self.decoder.queued_images,
+                            lambda: self.decoder.occupancy)
         metrics.watch_unsent(lambda: self.decoder.unsent_images)
         self.limits = requests.Limits(
             max_images_per_request=settings.max_images_per_request,

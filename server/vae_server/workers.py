@@ -591,7 +591,8 @@ def supervise(settings: Settings) -> int:
 _MIN = ("_created", "process_start_time_seconds")
 # Each worker has its own queue, limited by its own --max-queue-images: the fullest one says
 # how near the server is to refusing calls.
-_MAX = ("process_max_fds", "vae_queue_depth", "vae_stream_unsent_images")
+_MAX = ("process_max_fds", "vae_queue_depth", "vae_queue_occupancy_ratio",
+        "vae_stream_unsent_images")
 # Gauges of a whole device that every worker reads alike (NVML's utilisation and memory):
 # the largest reading, not N times it.
 _DEVICE = ("vae_gpu_",)
