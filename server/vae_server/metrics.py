@@ -185,7 +185,8 @@ class Metrics:
         self.batch_size = Histogram("vae_batch_size", "Images per model run actually executed.",
                                     ("model",), buckets=BATCH_BUCKETS, registry=r)
         self.queue_wait = Histogram("vae_queue_wait_seconds",
-                                    "Time a call's images waited in the batcher's queue.",
+                                    "Time a call's images waited in the batcher's queue, "
+                                    "once for each model run they were split over.",
                                     ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("vae_inference_seconds",
                                    "Duration of one model run (ONNX Runtime's run call).",
