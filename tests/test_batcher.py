@@ -1067,3 +1067,30 @@ def test_occupancy_is_what_admission_counts_over_its_limit(executor):
         return seen
 
     assert asyncio.run(main()) == [0.0, 0.6, 0.8, 0.0]
+
+
+def test_batching_off_times_the_wait_for_a_thread():
+    """Before: with batching off, every call's queue wait was recorded as 0, however long it
+    waited for a free executor thread behind other calls' runs: the Queue wait panel could
+    not show a saturated server in that mode."""
+    model = Model()
+    waits: list[float] = []
+
+    class Observer:
+        def batch_run(self, size: int, queue_wait: Any, seconds: float) -> None:
+            waits.extend(queue_wait)
+
+    async def main() -> None:
+        with concurrent.futures.ThreadPoolExecutor(1) as one:
+            b = Batcher(model, one, max_batch=100, max_queue=1000, merge=False,
+                        observer=Observer())  # type: ignore[arg-type]
+            model.gate.clear()
+            first = asyncio.ensure_future(b.submit(rows(0, 3)))
+            second = asyncio.ensure_future(b.submit(rows(10, 3)))  # waits for the one thread
+            await asyncio.sleep(0.3)
+            model.gate.set()
+            await asyncio.gather(first, second)
+            await b.close()
+
+    asyncio.run(main())
+    assert len(waits) == 2 and min(waits) < 0.1 and max(waits) >= 0.25, waits

@@ -384,20 +384,29 @@ class Batcher:
             if s.deadline is not None and time.monotonic() >= s.deadline:
                 self.dropped["deadline"] += 1
                 raise DeadlineExpired("deadline expired before the model ran")
+            waited = 0.0  # inline: at once
             if s.n <= self.inline_rows:
                 results, runs = self._execute([s], self._run_inline)
             else:
                 # The room is given back when the run ends, not when the caller stops
                 # waiting: a run that has started cannot be stopped, and its images hold the
                 # cores until it ends. (One not yet started is cancelled with its caller.)
-                run = self._executor.submit(self._execute, [s], self._run)
+                submitted = time.monotonic()
+                started: list[float] = []
+
+                def execute() -> tuple[list[Any], list[tuple[int, float]]]:
+                    started.append(time.monotonic())  # its wait for a thread ends here
+                    return self._execute([s], self._run)
+
+                run = self._executor.submit(execute)
                 s.queued = False
                 run.add_done_callback(lambda _: self._release_threadsafe(loop, s.n))
                 results, runs = await asyncio.wrap_future(run, loop=loop)
+                waited = started[0] - submitted
         finally:
             if s.queued:
                 self._release(s.n)
-        self._record_runs(runs, [0.0])
+        self._record_runs(runs, [waited])
         if isinstance(results[0], _Failed):
             raise results[0].exc
         return results[0]
