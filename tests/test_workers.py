@@ -390,9 +390,13 @@ def test_merged_counters_never_go_down_when_a_worker_restarts_or_cannot_be_read(
     monkeypatch.setattr(merged, "_read", read)
     values = _values(merged)
     assert (values["calls_total"], values["in_flight"], values["latency_count"],
-            values["latency_sum"]) == (8, 3, 8, 0.75)
+            values["latency_sum"], values["vae_workers_unread"]) == (8, 3, 8, 0.75, 0)
     del texts[9001]  # worker 101 cannot be read at this scrape: it counts as last read
-    assert _values(merged)["calls_total"] == 8
+    values = _values(merged)
+    assert values["calls_total"] == 8
+    # Said, where before only the log did: a worker whose loop hangs (SIGSTOP, say) was
+    # served as last read, its gauges stale, and counted ready, until killed.
+    assert values["vae_workers_unread"] == 1
     # Worker 101 exits; its replacement 103 starts from zero.
     merged.retire(101)
     live[0] = (103, 9003)
@@ -407,7 +411,7 @@ def test_merged_counters_never_go_down_when_a_worker_restarts_or_cannot_be_read(
     # One family each, as one server's exposition.
     names = [f.name for f in text_string_to_metric_families(
         "".join(f"# TYPE {f.name} {f.type}\n" for f in merged.collect()))]
-    assert sorted(names) == ["calls", "in_flight", "latency"]
+    assert sorted(names) == ["calls", "in_flight", "latency", "vae_workers_unread"]
 
 
 def test_device_wide_gpu_gauges_merge_as_one_reading_not_a_sum(monkeypatch, tmp_path):

@@ -67,7 +67,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import PROCESS_COLLECTOR, Counter, Gauge
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -598,6 +598,12 @@ _MAX = ("process_max_fds", "vae_queue_depth", "vae_queue_occupancy_ratio",
 _DEVICE = ("vae_gpu_",)
 
 
+UNREAD = "vae_workers_unread"
+UNREAD_HELP = ("Ready workers whose metrics could not be read at this scrape: their counters "
+               "count as last read and their gauges are stale (a worker restarting, or whose "
+               "event loop hangs until --worker-timeout-s ends it).")
+
+
 class MergedMetrics(Collector):
     """The workers' metrics as one server's: each worker's exposition read from its loopback
     port when scraped, samples of the same name and labels added up (info series, the same
@@ -630,12 +636,14 @@ class MergedMetrics(Collector):
             # costs one timeout, not one each, against Prometheus's scrape timeout.
             with ThreadPoolExecutor(max(1, len(workers))) as pool:
                 reads = [pool.submit(self._read_whole, port) for _, port in workers]
+            unread = 0
             for (pid, port), read in zip(workers, reads, strict=True):
                 try:
                     self._last[pid] = read.result()
                 except (OSError, ValueError, http.client.HTTPException) as exc:
                     # A worker restarting, or cut off mid-reply: the others still count, and
                     # it counts as last read.
+                    unread += 1
                     log.warning("metrics of the worker on port %d unreadable: %s", port, exc)
                 if pid in self._last:
                     total.add(self._last[pid])
@@ -643,7 +651,7 @@ class MergedMetrics(Collector):
             # that first appears at N reads as no increase to rate() and to the alerts.
             metrics = total.metrics()
             total.add(_cut_off(metrics, zero=True))
-            return total.metrics()
+            return [*total.metrics(), GaugeMetricFamily(UNREAD, UNREAD_HELP, value=unread)]
 
     def retire(self, pid: int) -> None:
         """The worker `pid` exited: what it counted stays in the sum, and the calls it had
