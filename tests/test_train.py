@@ -276,3 +276,23 @@ def test_the_prior_is_fitted_on_the_run_s_threads(tmp_path: Path, digits_500: Di
     with threadpool_limits(2):  # the caller's, which the run's --threads (1) must override
         _train(tmp_path, digits_500, seed=0)
     assert seen and set(seen) == {1}, seen
+
+
+def test_a_checkpoint_of_other_objects_is_refused_without_torch_s_advice(tmp_path: Path
+                                                                         ) -> None:
+    """Before: the message passed on torch's advice to load the file with weights_only=False
+    (code execution from an untrusted file), in terminal colour codes, cut at 200 characters:
+    advice a user of `vae-export onnx` can only act on by editing our code, and should not."""
+    import argparse
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"config": argparse.Namespace(a=1)}, path)  # an object, not plain values
+    with pytest.raises(DataError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert message == (f"{path}: not a checkpoint written by `vae-export train` (it holds "
+                       "objects other than tensors and plain values, which are not loaded)")
+    # Before: a file of text (a path mixed up) raised pickle's KeyError as a traceback.
+    path.write_text("hello\n")
+    with pytest.raises(DataError, match=r"checkpoint\.pt: not a checkpoint \(KeyError: 101\)$"):
+        load_checkpoint(path)

@@ -8,7 +8,6 @@ from the file alone.
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +118,15 @@ def load_checkpoint(path: Path) -> tuple[VAE, dict[str, Any]]:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise DataError(f"{path}: not a checkpoint ({' '.join(str(exc).split())[:200]})"
-                        ) from None
+    except Exception as exc:  # noqa: BLE001 - garbage makes pickle raise almost anything
+        if "Weights only load failed" in str(exc):
+            # Not torch's words, which advise loading the file unrestricted (code execution
+            # from whoever wrote it).
+            raise DataError(f"{path}: not a checkpoint written by `vae-export train` (it "
+                            "holds objects other than tensors and plain values, which are "
+                            "not loaded)") from None
+        detail = " ".join(str(exc).split())[:200]
+        raise DataError(f"{path}: not a checkpoint ({type(exc).__name__}: {detail})") from None
     try:
         model = VAE(VAEConfig(**blob["config"]))
         model.load_state_dict(blob["state_dict"])
