@@ -257,20 +257,40 @@ def test_other_settings_in_a_begun_folder_are_refused(servers, tmp_path):
     shutil.rmtree(tmp_path / "d")
 
 
-def test_shards_of_other_settings_are_never_kept(servers, tmp_path):
-    """Before: with _bulk.json gone, a run of other settings kept the shards whose hashes
-    matched their records, and its manifest then described settings they do not have. Each
-    record now names the settings of its shard: those of others are made again."""
+def test_shards_without_their_settings_are_never_mixed(servers, tmp_path):
+    """Before: with _bulk.json gone, a run of other settings made its shards beside the
+    earlier run's: --n 60 then 40 in shards of 20 left the first run's third shard in the
+    folder, which `pq.read_table(folder)` reads as one dataset (a helper found 8,000 rows of
+    two seeds where 3,000 were asked for). Earlier still, shards whose hashes matched their
+    records were kept under another run's manifest. A folder of shards whose settings are
+    not recorded is refused now, as it was."""
     target, out = target_of(servers), tmp_path / "d"
-    args = ["--n", "40", "--shard-size", "20", "--format", "npz", "--no-ray"]
-    bulk(target, out, *args)
+    args = ["--shard-size", "20", "--format", "npz", "--no-ray"]
+    bulk(target, out, "--n", "60", *args)
     (out / "_bulk.json").unlink()
-    done = bulk(target, out, *args, "--seed", "5")
-    assert "(2 made now)" in done.stdout, done.stdout
-    for shard in out.glob("train-*.npz"):
-        with np.load(io.BytesIO(shard.read_bytes())) as f:
-            assert f["seed"].tolist() == [5]
-    assert json.loads((out / "_manifest.json").read_text())["seed"] == 5
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for other in (["--n", "40"], ["--n", "60", "--seed", "5"]):
+        refused = bulk(target, out, *other, *args, check=False)
+        assert refused.returncode == 1, refused
+        assert "holds shards but no _bulk.json" in refused.stderr, refused.stderr
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_manifest_is_only_of_a_whole_job(servers, tmp_path):
+    """Before: a rerun that had shards left to make kept the earlier _manifest.json until it
+    finished: one stopped meanwhile left a manifest listing shards that were missing."""
+    from vae_client.bulk import BulkSpec, locked, prepare
+
+    target, out = target_of(servers), tmp_path / "d"
+    bulk(target, out, "--n", "40", "--shard-size", "20", "--format", "npz", "--no-ray",
+         "--no-labels")
+    assert (out / "_manifest.json").is_file()
+    next(out.glob("train-*.npz")).unlink()
+    spec = BulkSpec(**{k: v for k, v in json.loads((out / "_bulk.json").read_text()).items()
+                       if k in BulkSpec.__dataclass_fields__})
+    with locked(out):
+        assert len(prepare(out, spec)) == 1
+    assert not (out / "_manifest.json").exists()
 
 
 def test_a_folder_whose_run_made_no_shard_takes_new_settings(servers, tmp_path):
@@ -550,3 +570,35 @@ def test_a_stopped_job_ends_its_streams_at_their_next_wait(monkeypatch):
     assert Busy.timeouts[0] == 7.0
     assert all(a > b for a, b in zip(Busy.timeouts, Busy.timeouts[1:], strict=False))
     assert len(Busy.timeouts) < 5
+
+
+def test_a_sigterm_while_ray_starts_is_the_caller_s(monkeypatch, tmp_path):
+    """Before: a SIGTERM in the seconds ray.init takes ran Ray's own handler, sys.exit(15):
+    `vae-client bulk` ended with status 15 and no word, where it says "terminated" and exits
+    143 once Ray has started. The caller's handler now takes it."""
+    import signal
+    import sys
+    import types
+
+    from vae_client.bulk import BulkSpec, run_ray
+
+    class Called(Exception):
+        pass
+
+    def ray_init(**kwargs):
+        raise SystemExit(signal.SIGTERM)  # what Ray's handler does
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=ray_init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+
+    def caller(signum, frame):
+        raise Called(signum)
+
+    before = signal.signal(signal.SIGTERM, caller)
+    try:
+        spec = BulkSpec(n=10, seed=0, shard_size=10, format="npz", digits=(), model_version="v")
+        with pytest.raises(Called):
+            run_ray("127.0.0.1:1", spec, tmp_path, [0], 1, None, lambda i, d: None)
+        assert signal.getsignal(signal.SIGTERM) is caller
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -602,15 +602,16 @@ def run_bulk(args: argparse.Namespace) -> int:
         with bulk.locked(out):
             todo = bulk.prepare(out, spec)
             _make_shards(args, spec, out, todo)
+            # Every shard checked against its hash once all are made (Ray tasks may have
+            # written them on other nodes of a shared folder), and the manifest written, while
+            # the folder is still this job's.
+            try:
+                digests = dict(bulk.shard_digests(out, spec))
+            except bulk.BulkError as exc:
+                raise bulk.BulkError(f"{exc} (do the Ray nodes share {out}?)") from None
+            manifest = bulk.write_manifest(out, spec, digests)
     except bulk.BulkError as exc:
         raise CliError(str(exc)) from None
-    # Every shard checked against its hash once all are made: Ray tasks may have written
-    # them on other nodes of a shared folder.
-    try:
-        digests = dict(bulk.shard_digests(out, spec))
-    except bulk.BulkError as exc:
-        raise CliError(f"{exc} (do the Ray nodes share {out}?)") from None
-    manifest = bulk.write_manifest(out, spec, digests)
     print(f"{args.n} items in {len(manifest['shards'])} {args.format} shards -> {out} "
           f"({len(todo)} made now)")
     return 0

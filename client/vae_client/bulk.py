@@ -304,6 +304,12 @@ def prepare(out: Path, spec: BulkSpec) -> list[int]:
     spec_path = out / SPEC_FILE
     wanted = spec.to_json()
     held = spec_path.read_bytes() if spec_path.is_file() else None
+    if held is None and _begun(out):
+        # Removed: a run of other settings would make its shards beside these, and a reader
+        # of the folder take both for one dataset.
+        raise BulkError(f"{out} holds shards but no {SPEC_FILE} that says of which settings: "
+                        "use another folder, or remove its train-* and _train-* files to "
+                        "begin it again")
     if held is not None and held != wanted.encode() and _begun(out):
         try:
             theirs = json.loads(held)
@@ -326,7 +332,10 @@ def prepare(out: Path, spec: BulkSpec) -> list[int]:
     for part in [*out.glob("_train-*.part"), *out.glob("__train-*.part")]:
         with contextlib.suppress(OSError):
             part.unlink()
-    return [i for i in range(spec.shards) if shard_done(out, spec, i) is None]
+    todo = [i for i in range(spec.shards) if shard_done(out, spec, i) is None]
+    if todo:  # a manifest says the job is whole: not while shards are missing
+        (out / MANIFEST).unlink(missing_ok=True)
+    return todo
 
 
 def run_local(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: int,
@@ -381,6 +390,12 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
         except (ValueError, ConnectionError) as exc:  # an address it cannot read, or reach
             where = "a local Ray cluster" if address is None else f"--ray-address {address}"
             raise BulkError(f"{where}: {' '.join(str(exc).split())}") from None
+        except SystemExit as exc:
+            # A SIGTERM while Ray started ran Ray's handler, sys.exit(15), silent: it was the
+            # caller's to handle (vae-client's says "terminated" and exits 143).
+            if exc.code == signal.SIGTERM and callable(on_sigterm):
+                on_sigterm(signal.SIGTERM, None)
+            raise
         finally:
             if on_sigterm is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, on_sigterm)
