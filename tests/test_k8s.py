@@ -250,7 +250,9 @@ def test_the_autoscaler_uses_the_adapter_s_metric(docs):
     # of the CPU target. One loop must be able to reach the target: under a core.
     target = loop["pods"]["target"]
     assert target["type"] == "AverageValue"
-    assert 0.5 <= float(target["averageValue"].removesuffix("m")) / 1000 < 0.9
+    value = str(target["averageValue"])  # a quantity: "700m" or "0.7"
+    cores = float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+    assert 0.5 <= cores < 0.9, value
     # Before: calls in flight alone, and a pod saturated by one SampleStream (1 call) or four
     # LogLikelihood calls at K = 1000 never scaled out. CPU against the request: the server
     # container must request CPU, and a utilisation target must be one a pod can reach.

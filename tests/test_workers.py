@@ -494,7 +494,7 @@ def _worker_page(started: int, handled_ok: int, queued: float, unsent: float) ->
     labels = ("vae.v1.VaeService", "SampleStream", "server_stream")
     m.started.labels(*labels).inc(started)
     m.handled.labels(*labels, "OK").inc(handled_ok)
-    m.watch_queue("decoder", lambda: queued)
+    m.watch_queue("decoder", lambda: queued, lambda: queued / 4096)
     m.watch_unsent(lambda: unsent)
     return generate_latest(m.registry).decode()
 
@@ -533,6 +533,7 @@ def test_queue_gauges_merge_as_the_fullest_worker_not_a_sum(monkeypatch):
     monkeypatch.setattr(merged, "_read", texts.__getitem__)
     values = _values(merged)
     assert values["vae_queue_depth"] == 3000 and values["vae_stream_unsent_images"] == 2500
+    assert values["vae_queue_occupancy_ratio"] == 3000 / 4096  # the fullest, not 4000 / 4096
 
 
 def test_a_stop_while_a_worker_waits_to_be_restarted_counts_only_those_asked_to_stop(

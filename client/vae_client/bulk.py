@@ -385,6 +385,7 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
         # ray.init puts in its own SIGTERM handler (sys.exit), in place of vae-client's, which
         # stops the job as Ctrl-C does: the latter is put back.
         on_sigterm = signal.getsignal(signal.SIGTERM)
+        restore = on_sigterm is not None and threading.current_thread() is threading.main_thread()
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except (ValueError, ConnectionError) as exc:  # an address it cannot read, or reach
@@ -392,12 +393,16 @@ def run_ray(target: str, spec: BulkSpec, out: Path, todo: list[int], workers: in
             raise BulkError(f"{where}: {' '.join(str(exc).split())}") from None
         except SystemExit as exc:
             # A SIGTERM while Ray started ran Ray's handler, sys.exit(15), silent: it was the
-            # caller's to handle (vae-client's says "terminated" and exits 143).
+            # caller's to handle (vae-client's says "terminated" and exits 143), as if it had
+            # come to it, which may set another handler for a second one.
+            if restore:
+                signal.signal(signal.SIGTERM, on_sigterm)
+                restore = False
             if exc.code == signal.SIGTERM and callable(on_sigterm):
                 on_sigterm(signal.SIGTERM, None)
             raise
         finally:
-            if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+            if restore:
                 signal.signal(signal.SIGTERM, on_sigterm)
     try:
         task: Any = ray.remote(num_cpus=0.5, max_retries=3)(make_shard)

@@ -186,7 +186,8 @@ class Metrics:
                                     ("model",), buckets=BATCH_BUCKETS, registry=r)
         self.queue_wait = Histogram("vae_queue_wait_seconds",
                                     "Time a call's images waited in the batcher's queue, "
-                                    "once for each model run they were split over.",
+                                    "once per slice of a call (at most --max-batch-size "
+                                    "images).",
                                     ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("vae_inference_seconds",
                                    "Duration of one model run (ONNX Runtime's run call).",

@@ -599,9 +599,8 @@ _DEVICE = ("vae_gpu_",)
 
 
 UNREAD = "vae_workers_unread"
-UNREAD_HELP = ("Ready workers whose metrics could not be read at this scrape: their counters "
-               "count as last read and their gauges are stale (a worker restarting, or whose "
-               "event loop hangs until --worker-timeout-s ends it).")
+UNREAD_HELP = ("Ready workers whose metrics could not be read at this scrape (stopped, or not "
+               "answering): their counters count as last read and their gauges are stale.")
 
 
 class MergedMetrics(Collector):
