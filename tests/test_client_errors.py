@@ -247,7 +247,8 @@ def test_a_second_sigterm_ends_the_command_at_once():
     every SIGTERM did before. Before: it was ignored, and only SIGKILL ended the command."""
     import signal
 
-    from vae_client.__main__ import Terminated, _terminate
+    from vae_core.signals import Terminated
+    from vae_core.signals import terminate as _terminate
 
     before = signal.getsignal(signal.SIGTERM)
     try:
@@ -407,3 +408,30 @@ def test_a_stream_whose_time_ran_out_resumes_where_it_began():
                 list(c.sample_stream(5, offset=2, timeout=timeout))
             assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
             assert err.value.resume_offset == 2 and "resumed" not in err.value.details
+
+
+def test_main_leaves_an_ignored_sigterm_ignored(monkeypatch):
+    """vae-client raises on SIGTERM while it works, except where SIGTERM is ignored (`trap ''
+    TERM`, or nohup-like parents): before, it put its handler over the parent's choice, as
+    vae-export did until a review; afterwards the caller's handler is back."""
+    import signal
+
+    from vae_client import __main__ as cli
+    from vae_core.signals import terminate
+
+    during = []
+    monkeypatch.setattr(cli, "run_info", lambda args: during.append(
+        signal.getsignal(signal.SIGTERM)) or 0)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: object) -> None:
+        pass
+
+    try:
+        for caller, expected in ((handler, terminate), (signal.SIG_IGN, signal.SIG_IGN)):
+            signal.signal(signal.SIGTERM, caller)
+            assert cli.main(["--target", NO_SERVER, "info"]) == 0
+            assert during.pop() == expected
+            assert signal.getsignal(signal.SIGTERM) == caller
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -46,6 +46,7 @@ from vae_client.client import VaeClient  # noqa: E402
 from vae_client.errors import VaeError  # noqa: E402
 from vae_client.images import ImageFileError  # noqa: E402
 from vae_core.security import SecurityFileError  # noqa: E402
+from vae_core.signals import Terminated, sigterm_raises  # noqa: E402
 from vae_proto.tensor import images_per_message  # noqa: E402
 from vae_proto.vae_pb2 import ModelInfo  # noqa: E402
 
@@ -694,30 +695,11 @@ def _add_connection(p: argparse.ArgumentParser, top: bool) -> None:
                           f"blank lines and # comments ignored) [else the token in {TOKEN_VAR}]")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (sent by timeout, systemd, docker stop, Kubernetes): the command stops as on
-    Ctrl-C, its part files removed, instead of dying where it stands and leaving them (a
-    `sample --out` reserves the whole file at the start)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    # A second SIGTERM ends the process at once, as it did before (a clean-up that waits on a
-    # stalled server must not make the command unkillable but by SIGKILL).
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            return _main(args)
-    finally:
-        if main_thread:  # None: a handler not set from Python, as the default was
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+    with sigterm_raises(), warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(args)
 
 
 def _main(args: argparse.Namespace) -> int:
