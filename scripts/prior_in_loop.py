@@ -197,11 +197,13 @@ def main() -> int:
             export_onnx(run, run / "model")
 
     test = load_idx_dir(args.data)
-    judge = Judge.of(OnnxVAE(refitted_run / "model"), args.classifier, test)
+    refitted_model = OnnxVAE(refitted_run / "model")
+    split = model_split(refitted_model)
+    judge = Judge.of(refitted_model, args.classifier, test, split)
     rows = []
     narrowed = replace(learned, chols=PriorConfig().temperature * learned.chols)
     means = PriorConfig(codes="mean", temperature=1.0)
-    train = model_split(OnnxVAE(refitted_run / "model"))[0]
+    train = split[0]
     at_means = fit_prior(*training_codes(network, train.images, means), train.labels, means)
     judged: list[tuple[str, Path, GaussianMixture | None]] = [  # None: the exported prior
         ("learned in the loop", learned_run, None),

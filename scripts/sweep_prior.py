@@ -55,7 +55,7 @@ def studied(args: argparse.Namespace) -> tuple[OnnxVAE, VAE, Digits, Digits, Dig
     network, _ = load_checkpoint(args.run / "checkpoint.pt")
     train, val = model_split(model)
     test = load_idx_dir(args.data)
-    return model, network, train, val, test, Judge.of(model, args.classifier, test)
+    return model, network, train, val, test, Judge.of(model, args.classifier, test, (train, val))
 
 
 def main() -> int:

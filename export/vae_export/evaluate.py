@@ -121,7 +121,8 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
     }
     # The model's own training digits (the code density; the samples' copy ratio), read before
     # the scores, which take the longest: a data folder moved since training fails first.
-    train = training_digits(model, train_data) if (samples > 0 or ood is not None) else None
+    split = training_split(model, train_data) if (samples > 0 or ood is not None) else None
+    train = split[0] if split is not None else None
     if samples > 0 and train is not None:
         check_unseen_digits(len(test), len(train))
     if k_samples > 0:
@@ -154,7 +155,7 @@ def evaluate(model_dir: Path, data_dir: Path, k_samples: int = 1000, seed: int =
         classifier_dir = classifier or Path(CLASSIFIER_DIR)
         result["samples"] = sample_quality(
             model, classifier_dir, test, samples, seed, pictures=pictures,
-            judged_by=Judge.of(model, classifier_dir, test, train_data))
+            judged_by=Judge.of(model, classifier_dir, test, split=split))
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
@@ -175,13 +176,18 @@ def model_split(model: OnnxVAE, train_data: str | None = None) -> tuple[Digits, 
     return run_split(training.get("config") or {}, train_data, training.get("data_sha256"))
 
 
-def training_digits(model: OnnxVAE, train_data: str | None = None) -> Digits:
-    """The digits the model was trained on (its run's split of its training data)."""
+def training_split(model: OnnxVAE, train_data: str | None = None) -> tuple[Digits, Digits]:
+    """model_split, for an evaluation that needs it (its error says so)."""
     try:
-        return model_split(model, train_data)[0]
+        return model_split(model, train_data)
     except DataError as exc:
         raise DataError(f"the model's training data, which this evaluation needs: {exc}"
                         ) from None
+
+
+def training_digits(model: OnnxVAE, train_data: str | None = None) -> Digits:
+    """The digits the model was trained on (its run's split of its training data)."""
+    return training_split(model, train_data)[0]
 
 
 def check_unseen_digits(n_test: int, n_train: int) -> None:
@@ -213,11 +219,13 @@ class Judge:
 
     @classmethod
     def of(cls, model: OnnxVAE, classifier_dir: Path, test: Digits,
-           train_data: str | None = None) -> Judge:
+           split: tuple[Digits, Digits] | None = None) -> Judge:
+        """The judge of `model`'s samples; `split`, the model's (training, validation)
+        digits where read already (else model_split's)."""
         from vae_export import classifier as judge
         from vae_export import quality as q
 
-        train, held_out = model_split(model, train_data)
+        train, held_out = split if split is not None else model_split(model)
         check_unseen_digits(len(test), len(train))
         if not (classifier_dir / judge.WEIGHTS).is_file():
             # Minutes without a word otherwise; said where it starts, on stderr (stdout may
