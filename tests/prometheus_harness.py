@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import itertools
 import json
 import math
 import os
@@ -365,7 +366,10 @@ async def _mixed_load(target: str, metrics_url: str, seconds: float) -> LoadRepo
             return behind_a_long_run(c, metrics_url, report, big, per_image, timeout, cancel)
 
         await attempt("cancelled", lambda: queued(None, True), 20)
-        await attempt("deadline", lambda: queued(0.05, False), 10)
+        # A deadline too short for the call to reach a busy server is rejected by the client
+        # alone, and one too long lets it finish: tries cycle through a range of them.
+        timeouts = itertools.cycle((0.05, 0.1, 0.2, 0.4))
+        await attempt("deadline", lambda: queued(next(timeouts), False), 20)
     return report
 
 

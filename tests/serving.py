@@ -105,8 +105,11 @@ def health_status(target: str, service: str = "", timeout: float = 1.0) -> int |
 
 
 def start_server_process(model_dir: Path, port: int, *extra: str,
-                         env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    cmd = [str(VENV_BIN / "vae-server"), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+                         env: dict[str, str] | None = None,
+                         script: Path | None = None) -> subprocess.Popen[str]:
+    """vae-server, or the Python `script` that runs it, on loopback `port`."""
+    program = [sys.executable, str(script)] if script else [str(VENV_BIN / "vae-server")]
+    cmd = [*program, "--model-dir", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", "-1", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
@@ -299,12 +302,14 @@ class Supervised:
 
 
 @contextmanager
-def supervised(model_dir: Path, workers: int = 2, *flags: str) -> Iterator[Supervised]:
+def supervised(model_dir: Path, workers: int = 2, *flags: str,
+               script: Path | None = None) -> Iterator[Supervised]:
     """`vae-server --workers N` (and `flags`) as a subprocess, SERVING; killed on the way out
-    if it still runs."""
+    if it still runs. With `script`, the Python file that runs vae-server."""
     port, metrics_port = free_port(), free_port()
     proc = start_server_process(model_dir, port, "--metrics-port", str(metrics_port),
-                                "--workers", str(workers), "--warmup-rounds", "1", *flags)
+                                "--workers", str(workers), "--warmup-rounds", "1", *flags,
+                                script=script)
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()

@@ -487,12 +487,25 @@ def test_a_worker_that_dies_is_replaced_counted_and_graphed(model_dir, reference
                      sup.text()), sup.text()[-2000:]
 
 
-def test_a_hung_worker_is_killed_and_replaced(model_dir, reference):
-    """A worker stopped (SIGSTOP, as a hung event loop looks from outside) still holds its
-    share of the port's connections, and their calls waited for their deadlines. Before, the
-    supervisor never noticed; now it kills the worker once it has not answered for
-    --worker-timeout-s, and starts another, which serves."""
-    with supervised(model_dir, 2, "--worker-timeout-s", "5") as sup:
+# vae-server whose workers block their event loop on SIGUSR1 (a handler runs on the main
+# thread, the loop's), as a hung worker's loop is blocked while its process runs; spawned
+# workers import this file as __mp_main__, so the handler is set at module level.
+BLOCKS_ON_SIGUSR1 = """
+import signal, sys, time
+
+signal.signal(signal.SIGUSR1, lambda signum, frame: time.sleep(3600))
+""" + RUN_SERVER
+
+
+def test_a_hung_worker_is_killed_and_replaced(model_dir, reference, tmp_path):
+    """A worker whose event loop is blocked still holds its share of the port's connections,
+    and their calls waited for their deadlines. Before, the supervisor never noticed; now it
+    kills the worker once it has not answered for --worker-timeout-s, and starts another,
+    which serves. (Not SIGSTOP: the kernel sends SIGHUP to a process group with a stopped
+    member when the group is orphaned, and the worker may die of that first.)"""
+    script = tmp_path / "server.py"
+    script.write_text(BLOCKS_ON_SIGUSR1)
+    with supervised(model_dir, 2, "--worker-timeout-s", "5", script=script) as sup:
         def restarts() -> float:
             return metric_total(sup.metrics_port, "vae_worker_restarts_total")
 
@@ -500,7 +513,7 @@ def test_a_hung_worker_is_killed_and_replaced(model_dir, reference):
         assert len(pids) == 2, pids
         time.sleep(6)  # answering workers are left alone past the timeout
         assert restarts() == 0.0 and worker_pids(sup.proc.pid) == pids
-        os.kill(pids[0], signal.SIGSTOP)
+        os.kill(pids[0], signal.SIGUSR1)  # its loop blocks
         deadline = time.monotonic() + 60
         while restarts() < 1 or metric_total(sup.metrics_port, "vae_workers",
                                              state="ready") < 2:
@@ -517,16 +530,6 @@ def test_a_hung_worker_is_killed_and_replaced(model_dir, reference):
                                               reference.decode(z))
     assert re.search(r"worker \d has not answered for \d+ s: killed", sup.text()), \
         sup.text()[-2000:]
-
-
-# vae-server whose workers block their event loop on SIGUSR1 (a handler runs on the main
-# thread, the loop's), as a hung worker's loop is blocked while its process runs; spawned
-# workers import this file as __mp_main__, so the handler is set at module level.
-BLOCKS_ON_SIGUSR1 = """
-import signal, sys, time
-
-signal.signal(signal.SIGUSR1, lambda signum, frame: time.sleep(3600))
-""" + RUN_SERVER
 
 
 def test_a_hung_worker_left_by_a_dead_supervisor_exits_and_frees_the_port(model_dir, tmp_path):
@@ -549,18 +552,31 @@ def test_a_hung_worker_left_by_a_dead_supervisor_exits_and_frees_the_port(model_
         proc.wait()
 
         def gone(pid: int) -> bool:
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                return True
-            return stat.rsplit(")", 1)[1].split()[0] == "Z"  # reaped by init soon
+            """Exited, or a zombie (reaped by init soon) whose every thread has exited: a
+            process's leader shows Z while its other threads exit, and they hold its files, its
+            listening socket among them, until the last one has."""
+            states = []
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    continue  # a thread that has just exited
+            return all(state == "Z" for state in states)
 
         # A whole drain: 0 + 1 s grace + 5 s to finish + 5 s to spare, after a 1 s poll.
         wait_until(lambda: all(gone(p) for p in pids), timeout=40,
                    what="a worker still alive 40 s after its supervisor died")
-        free = socket.socket()
-        free.bind(("127.0.0.1", port))  # no one holds the port any more
-        free.close()
+        # No one listens on the port any more: a new server binds it. SO_REUSEADDR, as every
+        # server sets: the connections the workers closed may wait out TIME_WAIT on it.
+        with socket.socket() as free:
+            free.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                free.bind(("127.0.0.1", port))
+            except OSError as exc:
+                held = subprocess.run(["ss", "-tanp", f"sport = :{port}"], capture_output=True,
+                                      text=True).stdout if shutil.which("ss") else ""
+                raise AssertionError(f"port {port} still held: {exc}\n{held}") from exc
+            free.listen()
     finally:
         for pid in pids:
             with contextlib.suppress(OSError):
