@@ -4,10 +4,15 @@ and each alert firing on its case and quiet otherwise, by promtool's rule unit t
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
-from prometheus_harness import PROMETHEUS_CONFIG, REPO_ROOT, need_module, need_tool
+from prometheus_client import CollectorRegistry
+
+from prometheus_harness import DASHBOARD, PROMETHEUS_CONFIG, REPO_ROOT, need_module, need_tool
+from vae_proto import vae_pb2
+from vae_server.metrics import Metrics
 
 ALERTS = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = Path(__file__).parent / "prometheus" / "alerts.test.yml"
@@ -37,3 +42,19 @@ def test_every_alert_fires_on_its_case_and_stays_quiet_otherwise():
     assert names == tested, f"alerts without a test: {names - tested}"
     proc = promtool("test", "rules", str(ALERT_TESTS))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_grpc_code_the_alerts_and_dashboard_name_is_one_the_server_counts():
+    """A matcher on a grpc_code the server never uses matches nothing, silently: an alert on
+    server faults that never fires. The values are go-grpc-prometheus's ("Unavailable")."""
+    m = Metrics(CollectorRegistry(), gpu=False)
+    m.initialize_grpc(vae_pb2.DESCRIPTOR.services_by_name["VaeService"])
+    served = {s.labels["grpc_code"] for f in m.registry.collect() for s in f.samples
+              if s.name == "grpc_server_handled_total"}
+    named: dict[str, set[str]] = {}
+    for path in (ALERTS, ALERT_TESTS, DASHBOARD, REPO_ROOT / "README.md"):
+        for values in re.findall(r'grpc_code\s*(?:=~|!~|!=|=)\s*\\?"([^"\\]*)', path.read_text()):
+            named.setdefault(path.name, set()).update(values.split("|"))
+    assert len(named) == 4 and "Internal" in named["alerts.yml"], named
+    unknown = {name: codes - served for name, codes in named.items() if codes - served}
+    assert not unknown, unknown

@@ -403,7 +403,7 @@ def test_an_expired_deadline_is_counted_as_deadline(served):
         for s in families["grpc_server_handled"].samples:
             if s.name == "grpc_server_handled_total" and s.labels["grpc_method"] == "LogLikelihood":
                 code = s.labels["grpc_code"]
-                key = {"OK": "ok", "DEADLINE_EXCEEDED": "deadline", "CANCELLED": "cancelled"}
+                key = {"OK": "ok", "DeadlineExceeded": "deadline", "Canceled": "cancelled"}
                 if code in key:
                     out[key[code]] += s.value
         return out
@@ -458,17 +458,17 @@ def test_a_cancellation_just_before_the_deadline_is_the_deadline():
     few milliseconds before the server's own clock reaches the same deadline (seen in CI: one
     expired call in twelve counted as CANCELLED)."""
     cancelled = asyncio.CancelledError()
-    assert code_of(_Cancelled(0.0), cancelled) == "DEADLINE_EXCEEDED"
-    assert code_of(_Cancelled(0.004), cancelled) == "DEADLINE_EXCEEDED"
-    assert code_of(_Cancelled(1.0), cancelled) == "CANCELLED"
-    assert code_of(_Cancelled(None), cancelled) == "CANCELLED"  # no deadline at all
+    assert code_of(_Cancelled(0.0), cancelled) == "DeadlineExceeded"
+    assert code_of(_Cancelled(0.004), cancelled) == "DeadlineExceeded"
+    assert code_of(_Cancelled(1.0), cancelled) == "Canceled"
+    assert code_of(_Cancelled(None), cancelled) == "Canceled"  # no deadline at all
 
 
 def test_a_stream_closed_while_sending_is_cancelled():
     """grpc.aio closes a streaming handler with GeneratorExit, not CancelledError, when its
     call is cancelled while a reply is being written. Before, that counted as UNKNOWN."""
-    assert code_of(_Cancelled(1.0), GeneratorExit()) == "CANCELLED"
-    assert code_of(_Cancelled(0.0), GeneratorExit()) == "DEADLINE_EXCEEDED"
+    assert code_of(_Cancelled(1.0), GeneratorExit()) == "Canceled"
+    assert code_of(_Cancelled(0.0), GeneratorExit()) == "DeadlineExceeded"
 
 
 def test_cancelled_streams_are_counted_as_cancelled(served):
@@ -503,7 +503,7 @@ def test_cancelled_streams_are_counted_as_cancelled(served):
             replies.cancel()
     # Until the server has ended every stream (a stream's two counts are made one after the
     # other: a scrape may fall between them).
-    expected = {"CANCELLED": streams, "rejected cancelled": streams}
+    expected = {"Canceled": streams, "rejected cancelled": streams}
     end = time.monotonic() + 10
     while True:
         delta = {k: v - before.get(k, 0) for k, v in counts().items() if v != before.get(k, 0)}

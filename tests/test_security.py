@@ -344,8 +344,8 @@ def _handled(srv, method: str, code: str) -> float:
 
 def test_a_missing_or_wrong_token_is_unauthenticated_and_counted(token_server):
     srv = token_server
-    before = (_rejected(srv), _handled(srv, "GetModelInfo", "UNAUTHENTICATED"),
-              _handled(srv, "SampleStream", "UNAUTHENTICATED"))
+    before = (_rejected(srv), _handled(srv, "GetModelInfo", "Unauthenticated"),
+              _handled(srv, "SampleStream", "Unauthenticated"))
     with VaeClient(srv.target, timeout=10) as client:
         missing = _refused(client.info, UNAUTH)
         assert "missing bearer token" in missing.details
@@ -362,8 +362,8 @@ def test_a_missing_or_wrong_token_is_unauthenticated_and_counted(token_server):
             assert err.value.code() == UNAUTH and TOKENS[0][:-1] not in err.value.details()
     # Counted as rejections, and by the gRPC metrics as handled with UNAUTHENTICATED: the
     # token check runs inside the metrics' wrapper of each handler.
-    after = (_rejected(srv), _handled(srv, "GetModelInfo", "UNAUTHENTICATED"),
-             _handled(srv, "SampleStream", "UNAUTHENTICATED"))
+    after = (_rejected(srv), _handled(srv, "GetModelInfo", "Unauthenticated"),
+             _handled(srv, "SampleStream", "Unauthenticated"))
     assert [a - b for a, b in zip(after, before, strict=True)] == [5, 4, 1]
 
 

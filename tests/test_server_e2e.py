@@ -441,7 +441,7 @@ def test_a_call_that_sends_no_request_message_is_unimplemented(server, method):
     registry = server.running.metrics.registry
     kind = "server_stream" if method == "SampleStream" else "unary"
     labels = {"grpc_service": "vae.v1.VaeService", "grpc_method": method, "grpc_type": kind,
-              "grpc_code": "UNIMPLEMENTED"}
+              "grpc_code": "Unimplemented"}
     before = registry.get_sample_value("grpc_server_handled_total", labels) or 0
     path = f"/vae.v1.VaeService/{method}"
     with grpc.insecure_channel(server.target) as channel:
@@ -516,7 +516,7 @@ def test_a_call_cancelled_before_its_request_message_is_not_counted_as_refused(s
         return registry.get_sample_value("vae_grpc_received_calls_total") or 0.0
 
     started = count("grpc_server_started_total")
-    refused = count("grpc_server_handled_total", grpc_code="UNIMPLEMENTED")
+    refused = count("grpc_server_handled_total", grpc_code="Unimplemented")
     arrived = received()
     never = threading.Event()
 
@@ -535,7 +535,7 @@ def test_a_call_cancelled_before_its_request_message_is_not_counted_as_refused(s
             call.cancel()
         time.sleep(1.0)
     never.set()
-    assert count("grpc_server_handled_total", grpc_code="UNIMPLEMENTED") == refused
+    assert count("grpc_server_handled_total", grpc_code="Unimplemented") == refused
     assert count("grpc_server_started_total") == started
 
 

@@ -226,7 +226,7 @@ def test_work_refused_by_a_stopping_server_is_unavailable_and_not_a_fault(model_
         assert "shutting down" in str(err.value)
         metrics = srv.running.metrics.registry
         handled = {"grpc_service": "vae.v1.VaeService", "grpc_method": "Decode",
-                   "grpc_type": "unary", "grpc_code": "UNAVAILABLE"}
+                   "grpc_type": "unary", "grpc_code": "Unavailable"}
         # The call is counted as its handler unwinds, which may be just after the caller
         # has its status.
         deadline = time.monotonic() + 5

@@ -453,7 +453,7 @@ def test_merged_created_series_fold_into_their_families_and_parse_as_openmetrics
     from vae_server.metrics import Metrics
 
     texts = {}
-    for port, code in ((9001, "OK"), (9002, "INVALID_ARGUMENT")):
+    for port, code in ((9001, "OK"), (9002, "InvalidArgument")):
         m = Metrics(CollectorRegistry(auto_describe=True), gpu=False)
         labels = ("vae.v1.VaeService", "Decode", "unary")
         m.started.labels(*labels).inc()
@@ -476,7 +476,7 @@ def test_merged_created_series_fold_into_their_families_and_parse_as_openmetrics
         assert values[("grpc_server_started_created", "Decode", None)] == created[0]
         assert values[("grpc_server_handling_seconds_created", "Decode", None)] == created[1]
         assert values[("grpc_server_started_total", "Decode", None)] == 2
-        assert values[("grpc_server_handled_total", "Decode", "INVALID_ARGUMENT")] == 1
+        assert values[("grpc_server_handled_total", "Decode", "InvalidArgument")] == 1
         text = {f.name: f.type for f in text_string_to_metric_families(
             generate_latest(registry).decode())}
         assert text["grpc_server_started"] == "counter"
@@ -516,13 +516,13 @@ def test_calls_a_retired_worker_left_in_flight_end_unavailable_in_the_sum(monkey
     monkeypatch.setattr(merged, "_read", texts.__getitem__)
     # The UNAVAILABLE series is there at 0 before any worker dies, so that rate() and the
     # fault alert see its rise (a series that first appears at 4 reads as no increase).
-    assert _handled(merged) == {("SampleStream", "OK"): 3, ("SampleStream", "UNAVAILABLE"): 0}
+    assert _handled(merged) == {("SampleStream", "OK"): 3, ("SampleStream", "Unavailable"): 0}
     merged.retire(101)
     live[:] = [(102, 9002)]
-    assert _handled(merged) == {("SampleStream", "OK"): 3, ("SampleStream", "UNAVAILABLE"): 4}
+    assert _handled(merged) == {("SampleStream", "OK"): 3, ("SampleStream", "Unavailable"): 4}
     merged.retire(102)  # one that ended with nothing in flight adds no UNAVAILABLE
     live[:] = []
-    assert _handled(merged) == {("SampleStream", "OK"): 3, ("SampleStream", "UNAVAILABLE"): 4}
+    assert _handled(merged) == {("SampleStream", "OK"): 3, ("SampleStream", "Unavailable"): 4}
 
 
 def test_queue_gauges_merge_as_the_fullest_worker_not_a_sum(monkeypatch):

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from vae_server.metrics import Metrics
+from vae_server.metrics import Metrics, code_label
 
 # A cancelled call counts as expired when the server's clock says that it has this little time
 # left: the caller's deadline reaches the server as a plain cancellation over the wire (HTTP/2
@@ -46,12 +46,13 @@ def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str
     """The status code a call ended with, as go-grpc-prometheus's grpc_code label."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return code_label(code)
     if exc is None:
-        return "OK"
+        return code_label(grpc.StatusCode.OK)
     if cancelled(exc):
-        return "DEADLINE_EXCEEDED" if deadline_passed(context) else "CANCELLED"
-    return "UNKNOWN"
+        return code_label(grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(context)
+                          else grpc.StatusCode.CANCELLED)
+    return code_label(grpc.StatusCode.UNKNOWN)
 
 
 class _Observer:
@@ -64,7 +65,8 @@ class _Observer:
         self.handling = metrics.handling.labels(*labels)
         self._handled = metrics.handled
         self._labels = labels
-        self._by_code: dict[str, Any] = {"OK": metrics.handled.labels(*labels, "OK")}
+        ok = code_label(grpc.StatusCode.OK)
+        self._by_code: dict[str, Any] = {ok: metrics.handled.labels(*labels, ok)}
 
     def refused(self, t0: float, context: grpc.aio.ServicerContext) -> None:
         """A call ended before its handler ran (one_request's refusal)."""

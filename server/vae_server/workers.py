@@ -66,6 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import grpc
 from prometheus_client import PROCESS_COLLECTOR, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -77,7 +78,7 @@ from vae_core.ports import bare_host, free_port, probe_bind
 from vae_core.security import SecurityFileError
 from vae_server.auth import TlsFiles, read_tls_files
 from vae_server.config import Settings
-from vae_server.metrics import serve_metrics, where_metrics
+from vae_server.metrics import code_label, serve_metrics, where_metrics
 from vae_server.runtime import CPU
 
 log = logging.getLogger("vae_server.workers")
@@ -676,10 +677,11 @@ class MergedMetrics(Collector):
 
 # A call's start counts +1 toward its being open, its end -1.
 _OPEN_SIGN = {"grpc_server_started_total": 1, "grpc_server_handled_total": -1}
+UNAVAILABLE = code_label(grpc.StatusCode.UNAVAILABLE)
 
 
 def _cut_off(families: list[Metric], zero: bool = False) -> list[Metric]:
-    """grpc_server_handled_total{grpc_code="UNAVAILABLE"} samples for the calls of one
+    """grpc_server_handled_total{grpc_code="Unavailable"} samples for the calls of one
     exposition that were started and not handled (none where every call had ended); with
     `zero`, a sample of 0 for every method started (a sum's base)."""
     open_calls: dict[tuple[tuple[str, str], ...], float] = {}
@@ -695,7 +697,7 @@ def _cut_off(families: list[Metric], zero: bool = False) -> list[Metric]:
     cut = Metric("grpc_server_handled", documentation, "counter")
     for key, calls in open_calls.items():
         if calls > 0 or zero:
-            cut.add_sample("grpc_server_handled_total", {**dict(key), "grpc_code": "UNAVAILABLE"},
+            cut.add_sample("grpc_server_handled_total", {**dict(key), "grpc_code": UNAVAILABLE},
                            0.0 if zero else calls)
     return [cut] if cut.samples else []
 
