@@ -172,11 +172,12 @@ def _seconds(duration: str) -> float:
 def test_the_stop_grace_period_covers_the_whole_drain(compose, name):
     """Before: 15 s, under the drain of the server's own settings (1 + 10 + 5 s): Docker
     killed a server that was still finishing its calls in flight."""
-    from vae_server.config import load_settings
+    from vae_server.config import load_settings, unknown_variables
     from vae_server.server import FINISH_SECONDS
 
     service = compose["services"][name]
     env = {k: str(v) for k, v in service["environment"].items() if k.startswith("VAE_")}
+    assert unknown_variables(env) == []  # a misspelt one would change nothing
     settings = load_settings([], env=env)
     assert settings.worker_count == 1  # with --workers the supervisor adds its own seconds
     drain = settings.drain_delay_s + settings.grace_seconds + FINISH_SECONDS

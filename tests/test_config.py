@@ -10,7 +10,7 @@ import pytest
 from serving import VENV_BIN
 from vae_core.host import cores
 from vae_server import loops
-from vae_server.config import SettingsError, build_parser, load_settings
+from vae_server.config import SettingsError, build_parser, load_settings, unknown_variables
 
 
 def test_defaults_follow_the_design():
@@ -227,6 +227,35 @@ def test_a_model_directory_that_cannot_be_served_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("vae-server: cannot serve")
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_may_stand_for(tmp_path):
+    """Before: VAE_GRACE_SECOND=20 was ignored without a word, and the drain kept its 10 s;
+    a Deployment's typo cut calls off at every rollout. vae-client's variables are no typo."""
+    assert unknown_variables({"VAE_PORT": "1", "VAE_TARGET": "x", "VAE_TOKEN": "t",
+                              "VAE_AUTH_TOKENS": "a", "VAE_FUZZ_SCALE": "10", "PATH": "/bin"}) == []
+    # What Kubernetes sets for a Service named vae-serving in the namespace: no typo either.
+    links = {"VAE_SERVING_SERVICE_HOST": "10.0.0.9", "VAE_SERVING_SERVICE_PORT": "50051",
+             "VAE_SERVING_SERVICE_PORT_GRPC": "50051", "VAE_SERVING_PORT": "tcp://10.0.0.9:50051",
+             "VAE_SERVING_PORT_50051_TCP": "tcp://10.0.0.9:50051",
+             "VAE_SERVING_PORT_50051_TCP_PROTO": "tcp", "VAE_SERVING_PORT_50051_TCP_PORT": "50051",
+             "VAE_SERVING_PORT_50051_TCP_ADDR": "10.0.0.9"}
+    assert unknown_variables(links) == []
+    # A setting misspelt into the same shape is still named.
+    assert unknown_variables({"VAE_METRIC_PORT": "9000"}) == [
+        "VAE_METRIC_PORT is not a setting of vae-server (did you mean VAE_METRICS_PORT?): it is "
+        "ignored"]
+    assert unknown_variables({"VAE_WORKER": "2", "VAE_SOMETHING_ELSE": "1"}) == [
+        "VAE_SOMETHING_ELSE is not a setting of vae-server: it is ignored",
+        "VAE_WORKER is not a setting of vae-server (did you mean VAE_WORKERS?): it is ignored"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
+    proc = subprocess.run([str(VENV_BIN / "vae-server"), "--model-dir", str(tmp_path / "none"),
+                           "--port", "0", "--metrics-port", "-1"],
+                          env={**clean, "VAE_GRACE_SECOND": "20"}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr  # the model directory: the warning came first
+    assert "WARNING vae_server: VAE_GRACE_SECOND is not a setting of vae-server (did you mean " \
+           "VAE_GRACE_SECONDS?): it is ignored" in proc.stderr, proc.stderr
 
 
 def test_the_event_loop_is_uvloop_where_installed_and_asyncio_otherwise(monkeypatch):

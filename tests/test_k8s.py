@@ -19,7 +19,7 @@ from prometheus_harness import Prometheus, need_module, need_tool
 from serving import served_process
 from vae_client import VaeClient
 from vae_core.ports import free_port
-from vae_server.config import load_settings
+from vae_server.config import load_settings, unknown_variables
 from vae_server.server import FINISH_SECONDS, LIVENESS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +113,12 @@ def test_selectors_labels_ports_and_probes_agree(docs):
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == ports["metrics"]
-    # Every VAE_ variable is a setting the server takes, with a valid value.
-    load_settings([], env={k: v for k, v in env.items() if k.startswith("VAE_")})
+    # Every VAE_ variable is a setting the server takes, with a valid value, and Kubernetes
+    # adds none of its own (VAE_SERVING_SERVICE_HOST, for the Service vae-serving).
+    assert pod["spec"]["enableServiceLinks"] is False
+    variables = {k: v for k, v in env.items() if k.startswith("VAE_")}
+    assert unknown_variables(variables) == []
+    load_settings([], env=variables)
 
 
 def test_the_grace_period_covers_the_whole_drain(docs):

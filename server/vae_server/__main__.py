@@ -12,7 +12,7 @@ import sys  # noqa: E402
 
 from vae_core.manifest import ManifestError  # noqa: E402
 from vae_server import loops  # noqa: E402
-from vae_server.config import SettingsError, load_settings  # noqa: E402
+from vae_server.config import SettingsError, load_settings, unknown_variables  # noqa: E402
 
 PROG = "vae-server"
 USAGE_ERROR = 2  # as argparse's: the command line or the environment is at fault
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in unknown_variables():
+        logging.getLogger("vae_server").warning(warning)
     from vae_server.server import serve
 
     try:

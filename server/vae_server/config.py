@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -254,6 +256,38 @@ def build_parser(env: Mapping[str, str] | None = None) -> _Parser:
         p.add_argument(flag, dest=f.name, type=_typed(kind), default=default,
                        help=f"{f.metadata['help']} [{var}] (default: %(default)s)")
     return p
+
+
+# VAE_ variables that vae-client reads (its target and token) and the test suite's fuzzing
+# knobs: a shell or a Compose file may set them beside the server's, and they are no typo.
+OTHER_VARIABLES = frozenset({"VAE_TARGET", "VAE_TOKEN", "VAE_FUZZ_SCALE", "VAE_FUZZ_RANDOM"})
+# What Kubernetes sets for each Service of a pod's namespace (a Service named vae-...), unless
+# the pod's enableServiceLinks is false: VAE_SERVING_SERVICE_HOST, VAE_SERVING_PORT_50051_TCP.
+# (Its VAE_SERVING_PORT, which a misspelt setting could be named too, holds a URL.)
+SERVICE_LINK = re.compile(r"VAE_\w+_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)"
+                          r"(_PROTO|_PORT|_ADDR)?)")
+SERVICE_URL = re.compile(r"(tcp|udp|sctp)://\S+")
+
+
+def _service_link(var: str, value: str) -> bool:
+    return bool(SERVICE_LINK.fullmatch(var) or (
+        var.endswith("_PORT") and SERVICE_URL.fullmatch(value)))
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each VAE_ variable of `env` (default: the environment) that is no setting,
+    naming the setting it may stand for: a misspelt one (VAE_GRACE_SECOND) would otherwise
+    change nothing, unseen."""
+    env = os.environ if env is None else env
+    known = {"VAE_" + f.name.upper() for f in dataclasses.fields(Settings)
+             if not f.metadata.get("env_only")} | {TOKENS_VAR} | OTHER_VARIABLES
+    warnings = []
+    for var in sorted(v for v in env if v.startswith("VAE_") and v not in known
+                      and not _service_link(v, env[v])):
+        close = difflib.get_close_matches(var[4:], sorted(k[4:] for k in known), n=1)
+        hint = f" (did you mean VAE_{close[0]}?)" if close else ""
+        warnings.append(f"{var} is not a setting of vae-server{hint}: it is ignored")
+    return warnings
 
 
 def load_settings(argv: Sequence[str] | None = None,
