@@ -45,10 +45,14 @@ $(MODEL_DIR)/manifest.json: | $(INSTALLED)
 
 model: $(INSTALLED) $(MODEL_DIR)/manifest.json
 
+# The ports are vae-server's defaults (50051, 8000), so that VAE_PORT and VAE_METRICS_PORT
+# apply here too: a flag would win over them. The model is MODEL_DIR's, which make trains and
+# exports when missing (VAE_MODEL_DIR does not change it: make run MODEL_DIR=...).
 run: model
-	$(BIN)/vae-server --model-dir $(MODEL_DIR) --port 50051 --metrics-port 8000
+	$(BIN)/vae-server --model-dir $(MODEL_DIR)
 
-test: setup
+# The default model too, as make run has it: a test checks it is EVAL.md's model, as exported.
+test: model
 	scripts/system-packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
