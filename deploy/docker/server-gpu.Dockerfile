@@ -4,7 +4,8 @@
 # the project's version (pyproject.toml), the tag that deploy/k8s/overlays/gpu pins:
 #   docker build -f deploy/docker/server-gpu.Dockerfile -t vae-serving-server-gpu:0.1.0 .
 # onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9: the base image must match.
-# Needs the NVIDIA Container Toolkit on the host.
+# Needs the NVIDIA Container Toolkit on the host, and a driver for CUDA 13 there: 580 or later;
+# CUDA 13 runs on Turing GPUs and later (compute capability 7.5 and up).
 FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -19,15 +20,21 @@ RUN apt-get update \
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The gpu extra: onnxruntime-gpu (never beside onnxruntime) and nvidia-ml-py for the GPU
+# metrics. The pin keeps onnxruntime-gpu on the CUDA major version of the base image.
+# The dependencies first, in a layer of their own that pyproject.toml alone decides: an edit of
+# the sources then rebuilds only the last layers, not the download of every dependency. Empty
+# package folders and README stand in for the sources in this throwaway install.
+COPY pyproject.toml ./
+RUN mkdir proto core export server client && touch README.md \
+    && pip install ".[gpu]" "onnxruntime-gpu==1.31.1" && pip uninstall -y vae-serving
+COPY README.md ./
 COPY proto proto
 COPY core core
 COPY export export
 COPY server server
 COPY client client
-# The gpu extra: onnxruntime-gpu (never beside onnxruntime) and nvidia-ml-py for the GPU
-# metrics. The pin keeps onnxruntime-gpu on the CUDA major version of the base image.
-RUN pip install ".[gpu]" "onnxruntime-gpu==1.31.1" && rm -rf /src
+RUN pip install --no-deps ".[gpu]" && rm -rf /src
 
 RUN useradd --system --uid 10001 --no-create-home vae
 USER vae

@@ -13,13 +13,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 # The whole package installs (vae_server imports the torch-free vae_core), but only the cpu
 # extra's dependencies: no torch, no onnx.
-COPY pyproject.toml README.md ./
+# The dependencies first, in a layer of their own that pyproject.toml alone decides: an edit of
+# the sources then rebuilds only the last layers, not the download of every dependency. Empty
+# package folders and README stand in for the sources in this throwaway install.
+COPY pyproject.toml ./
+RUN mkdir proto core export server client && touch README.md \
+    && pip install ".[cpu]" && pip uninstall -y vae-serving
+COPY README.md ./
 COPY proto proto
 COPY core core
 COPY export export
 COPY server server
 COPY client client
-RUN pip install ".[cpu]" && rm -rf /src
+RUN pip install --no-deps ".[cpu]" && rm -rf /src
 
 RUN useradd --system --uid 10001 --no-create-home vae
 USER vae
