@@ -77,6 +77,24 @@ def test_from_tensor_refuses_inconsistent_tensors(tensor, message):
         from_tensor(tensor, "z")
 
 
+def test_too_many_dimensions_are_refused_before_the_shape_is_copied():
+    """Before: the shape was copied whole first, and a Decode of 16M dimensions (a 15 MiB
+    message) held the server's event loop a second for its refusal."""
+
+    class Shape:  # a repeated field of a billion dimensions, as a message can carry
+        def __len__(self) -> int:
+            return 10**9
+
+        def __iter__(self):
+            raise AssertionError("the shape was copied")
+
+    class Message:
+        dtype, shape, data = vae_pb2.FLOAT32, Shape(), b""
+
+    with pytest.raises(TensorError, match="1000000000 dimensions; at most 32"):
+        from_tensor(Message(), "z")  # type: ignore[arg-type]
+
+
 def test_images_out_shapes_and_rounds_as_round_255x_without_touching_its_input() -> None:
     from vae_server.images import images_out
 

@@ -41,9 +41,11 @@ def from_tensor(tensor: vae_pb2.Tensor, name: str = "tensor") -> np.ndarray:
     dtype = _NUMPY.get(tensor.dtype)
     if dtype is None:
         raise TensorError(f"{name}.dtype: {tensor.dtype} is not FLOAT32 (1) or UINT8 (2)")
+    # Counted before it is copied: a message of millions of dimensions would hold the server's
+    # event loop while they were copied, for a refusal.
+    if len(tensor.shape) > MAX_DIMS:
+        raise TensorError(f"{name}.shape: {len(tensor.shape)} dimensions; at most {MAX_DIMS}")
     shape = tuple(tensor.shape)
-    if len(shape) > MAX_DIMS:
-        raise TensorError(f"{name}.shape: {len(shape)} dimensions; at most {MAX_DIMS}")
     if shape and min(shape) < 0:
         raise TensorError(f"{name}.shape: {list(shape)} has a negative dimension")
     data = tensor.data
