@@ -132,6 +132,8 @@ def test_metrics_have_the_names_types_and_labels_of_the_design(served):
         "grpc_server_started": ("counter", grpc_labels),
         "grpc_server_handled": ("counter", grpc_labels | {"grpc_code"}),
         "grpc_server_handling_seconds": ("histogram", grpc_labels),
+        "grpc_server_msg_received": ("counter", grpc_labels),
+        "grpc_server_msg_sent": ("counter", grpc_labels),
         "vae_batch_size": ("histogram", {"model"}),
         "vae_queue_wait_seconds": ("histogram", {"model"}),
         "vae_inference_seconds": ("histogram", {"model"}),

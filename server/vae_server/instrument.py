@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -56,17 +56,29 @@ def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str
 
 
 class _Observer:
-    """One method's series, looked up once: a call costs two counter increments and one
+    """One method's series, looked up once: a unary call costs four counter increments and one
     histogram observation."""
 
     def __init__(self, metrics: Metrics, service: str, method: str, kind: str) -> None:
         labels = (service, method, kind)
         self.started = metrics.started.labels(*labels)
         self.handling = metrics.handling.labels(*labels)
+        self.received = metrics.msg_received.labels(*labels)
+        self.sent = metrics.msg_sent.labels(*labels)
+        self.streams_requests = kind in ("client_stream", "bidi_stream")
+        self.streams_replies = kind in ("server_stream", "bidi_stream")
         self._handled = metrics.handled
         self._labels = labels
         ok = code_label(grpc.StatusCode.OK)
         self._by_code: dict[str, Any] = {ok: metrics.handled.labels(*labels, ok)}
+
+    def counted(self, request: Any) -> Any:
+        """A call's request, counted as received: its messages as they are read, where the
+        method streams them."""
+        if self.streams_requests:
+            return _counted(request, self.received)
+        self.received.inc()
+        return request
 
     def refused(self, t0: float, context: grpc.aio.ServicerContext) -> None:
         """A call ended before its handler ran (one_request's refusal)."""
@@ -83,15 +95,75 @@ class _Observer:
         child.inc()
 
 
+# grpc_server_msg_received_total and grpc_server_msg_sent_total count messages as
+# go-grpc-prometheus does: a unary request or reply is one, a stream's each item; a unary
+# reply only when its call succeeds.
+
+
+async def _counted(requests: AsyncIterator[Any], received: Any) -> AsyncIterator[Any]:
+    async for request in requests:
+        received.inc()
+        yield request
+
+
+class _CountedContext:
+    """A servicer context that counts the messages a handler of a streaming method reads with
+    read() and writes with write() (as health's Watch writes its replies); the rest is the
+    context's own."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, obs: _Observer) -> None:
+        self._context = context
+        self._obs = obs
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            self._obs.received.inc()
+        return message
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._obs.sent.inc()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 def _observed_unary(behavior: Callable[..., Any], obs: _Observer) -> Callable[..., Any]:
+    if obs.streams_requests or obs.streams_replies:
+        return _observed_writer(behavior, obs)
+
     async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
         obs.started.inc()
+        obs.received.inc()
         t0 = time.perf_counter()
         try:
             reply = await behavior(request, context)
         except BaseException as exc:
             obs.ended(t0, context, exc)
             raise
+        obs.sent.inc()
+        obs.ended(t0, context, None)
+        return reply
+
+    return observed
+
+
+def _observed_writer(behavior: Callable[..., Any], obs: _Observer) -> Callable[..., Any]:
+    """A coroutine handler of a streaming method: its requests counted as read, its replies
+    as written, or as returned where the method's reply is one message."""
+
+    async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        obs.started.inc()
+        request = obs.counted(request)
+        t0 = time.perf_counter()
+        try:
+            reply = await behavior(request, _CountedContext(context, obs))
+        except BaseException as exc:
+            obs.ended(t0, context, exc)
+            raise
+        if not obs.streams_replies:  # a streaming method's return value is not sent
+            obs.sent.inc()
         obs.ended(t0, context, None)
         return reply
 
@@ -101,10 +173,12 @@ def _observed_unary(behavior: Callable[..., Any], obs: _Observer) -> Callable[..
 def _observed_stream(behavior: Callable[..., Any], obs: _Observer) -> Callable[..., Any]:
     async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
         obs.started.inc()
+        request = obs.counted(request)
         t0 = time.perf_counter()
         try:
             async for item in behavior(request, context):
                 yield item
+                obs.sent.inc()
         except BaseException as exc:
             obs.ended(t0, context, exc)
             raise

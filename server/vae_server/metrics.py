@@ -210,6 +210,12 @@ class Metrics:
         self.handling = Histogram("grpc_server_handling_seconds",
                                   "Response latency of RPCs handled by the server.",
                                   grpc_labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.msg_received = Counter("grpc_server_msg_received_total",
+                                    "RPC stream messages received on the server.", grpc_labels,
+                                    registry=r)
+        self.msg_sent = Counter("grpc_server_msg_sent_total",
+                                "gRPC stream messages sent by the server.", grpc_labels,
+                                registry=r)
         self.batch_size = Histogram("vae_batch_size", "Images per model run actually executed.",
                                     ("model",), buckets=BATCH_BUCKETS, registry=r)
         self.queue_wait = Histogram("vae_queue_wait_seconds",
@@ -262,6 +268,8 @@ class Metrics:
                       "server_stream" if m.server_streaming else "unary")
             self.started.labels(*labels)
             self.handling.labels(*labels)
+            self.msg_received.labels(*labels)
+            self.msg_sent.labels(*labels)
             for code in grpc.StatusCode:
                 self.handled.labels(*labels, code_label(code))
 
