@@ -323,12 +323,23 @@ def supervised(model_dir: Path, workers: int = 2, *flags: str,
         reader.join(10)
 
 
+def after(setup: str, argv: list[str]) -> list[str]:
+    """`argv` run by a fresh Python after the statements `setup` (a signal's disposition, a
+    resource limit): what Popen's preexec_fn would do, but preexec_fn runs in a fork of this
+    process, where gRPC (which the tests load) restarts its poller and aborts the child
+    before exec once close_fds has closed its epoll fd (grpc/grpc#43055: vae-client "exited"
+    with -6, "epoll_wait error: Bad file descriptor", once in a full run)."""
+    script = f"import os, sys\n{setup}\nos.execv(sys.argv[1], sys.argv[1:])"
+    return [sys.executable, "-c", script, *argv]
+
+
 def run_cli(target: str, *args: str, expect: int = 0, timeout: float = 60,
-            preexec_fn: Callable[[], Any] | None = None) -> subprocess.CompletedProcess[str]:
+            setup: str | None = None) -> subprocess.CompletedProcess[str]:
     """`vae-client --target TARGET ARGS...`, its output captured; its exit status must be
-    `expect`."""
-    proc = subprocess.run([str(VENV_BIN / "vae-client"), "--target", target, *args],
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+    `expect`. With `setup`, run after those statements (`after`)."""
+    argv = [str(VENV_BIN / "vae-client"), "--target", target, *args]
+    proc = subprocess.run(after(setup, argv) if setup else argv, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
     return proc
 

@@ -20,6 +20,7 @@ from serving import (
     SERVICE,
     VENV_BIN,
     Replica,
+    after,
     metric_total,
     run_cli,
     served_process,
@@ -492,9 +493,10 @@ def test_decode_batches_fit_the_client_s_message_limit(model_dir, client, tmp_pa
 def interruptible_cli(target: str, *args: str) -> subprocess.Popen[str]:
     """vae-client as a terminal starts it: a shell's background job starts with SIGINT
     ignored, and Python then keeps it ignored; the CLI must get it as Ctrl-C sends it."""
-    return subprocess.Popen([str(VENV_BIN / "vae-client"), "--target", target, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        after("import signal; signal.signal(signal.SIGINT, signal.SIG_DFL)",
+              [str(VENV_BIN / "vae-client"), "--target", target, *args]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import resource
 import shutil
 import stat
 import subprocess
@@ -51,9 +50,8 @@ Cli = Callable[..., subprocess.CompletedProcess]
 
 @pytest.fixture(scope="module")
 def cli(target) -> Cli:
-    def run(*args: str, expect: int = 0,
-            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
-        return run_cli(target, *args, expect=expect, timeout=120, preexec_fn=preexec_fn)
+    def run(*args: str, expect: int = 0, setup: str | None = None) -> subprocess.CompletedProcess:
+        return run_cli(target, *args, expect=expect, timeout=120, setup=setup)
 
     return run
 
@@ -86,10 +84,10 @@ def fill(disk: Path) -> None:
             assert exc.errno == errno.ENOSPC, exc
 
 
-def file_size_limit(nbytes: int) -> Callable[[], None]:
-    """A preexec_fn: the child may write no file past `nbytes` bytes (EFBIG after them; Python
-    ignores SIGXFSZ). It fails as a full disk does, without root."""
-    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+def file_size_limit(nbytes: int) -> str:
+    """A `setup` of run_cli: the child may write no file past `nbytes` bytes (EFBIG after them;
+    Python ignores SIGXFSZ). It fails as a full disk does, without root."""
+    return f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({nbytes}, {nbytes}))"
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -124,7 +122,7 @@ def test_an_npy_over_the_file_size_limit_is_one_line_and_leaves_no_part(cli, tmp
     cli("sample", "--n", "2", "--seed", "1", "--out", str(out))
     before = snapshot(tmp_path)
     proc = cli("sample", "--n", "4", "--seed", "2", "--out", str(out), expect=1,
-               preexec_fn=file_size_limit(4096))
+               setup=file_size_limit(4096))
     assert f"{out}: File too large" in one_line(proc)
     assert snapshot(tmp_path) == before
 
@@ -187,7 +185,7 @@ def test_an_output_that_cannot_be_written_leaves_the_old_file(cli, tmp_path, req
     else:
         limit = file_size_limit(16)
     lines = {name: one_line(cli(*args(inputs[1000], "1000", str(folder / name)), expect=1,
-                                preexec_fn=limit))
+                                setup=limit))
              for name, args in OUTPUTS}
     assert snapshot(folder) == before  # every file as it was, no part file left
     for name, line in lines.items():  # and the message names the file
