@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -331,6 +332,27 @@ def after(setup: str, argv: list[str]) -> list[str]:
     with -6, "epoll_wait error: Bad file descriptor", once in a full run)."""
     script = f"import os, sys\n{setup}\nos.execv(sys.argv[1], sys.argv[1:])"
     return [sys.executable, "-c", script, *argv]
+
+
+def check_sigterm_left_as_the_caller_set(run: Callable[[], int], seen: list[Any]) -> None:
+    """A command's main (`run`, whose command is patched to append the SIGTERM handler it runs
+    under to `seen`) raises on SIGTERM while it works (vae_core.signals.terminate), except where
+    the caller ignores SIGTERM, and puts the caller's handler back after."""
+    from vae_core.signals import terminate
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: object) -> None:
+        pass
+
+    try:
+        for caller, expected in ((handler, terminate), (signal.SIG_IGN, signal.SIG_IGN)):
+            signal.signal(signal.SIGTERM, caller)
+            assert run() == 0
+            assert seen.pop() == expected
+            assert signal.getsignal(signal.SIGTERM) == caller
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def run_cli(target: str, *args: str, expect: int = 0, timeout: float = 60,

@@ -1127,25 +1127,14 @@ def test_main_leaves_sigterm_as_its_caller_set_it(monkeypatch: pytest.MonkeyPatc
     found `trap '' TERM` overridden); afterwards the caller's handler is back."""
     import signal
 
-    from vae_core.signals import terminate
+    from serving import check_sigterm_left_as_the_caller_set
     from vae_export import __main__ as cli
 
-    during = []
+    during: list[object] = []
     monkeypatch.setattr(cli, "_onnx", lambda args: during.append(
         signal.getsignal(signal.SIGTERM)) or 0)
-    before = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum: int, frame: object) -> None:
-        pass
-
-    try:
-        for caller, expected in ((handler, terminate), (signal.SIG_IGN, signal.SIG_IGN)):
-            signal.signal(signal.SIGTERM, caller)
-            assert main(["onnx", "--run", "r", "--out", "m"]) == 0
-            assert during.pop() == expected
-            assert signal.getsignal(signal.SIGTERM) == caller
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    check_sigterm_left_as_the_caller_set(lambda: main(["onnx", "--run", "r", "--out", "m"]),
+                                         during)
 
 
 def test_a_model_names_no_data_folder_and_its_digits_are_checked(

@@ -416,22 +416,11 @@ def test_main_leaves_an_ignored_sigterm_ignored(monkeypatch):
     vae-export did until a review; afterwards the caller's handler is back."""
     import signal
 
+    from serving import check_sigterm_left_as_the_caller_set
     from vae_client import __main__ as cli
-    from vae_core.signals import terminate
 
-    during = []
+    during: list[object] = []
     monkeypatch.setattr(cli, "run_info", lambda args: during.append(
         signal.getsignal(signal.SIGTERM)) or 0)
-    before = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum: int, frame: object) -> None:
-        pass
-
-    try:
-        for caller, expected in ((handler, terminate), (signal.SIG_IGN, signal.SIG_IGN)):
-            signal.signal(signal.SIGTERM, caller)
-            assert cli.main(["--target", NO_SERVER, "info"]) == 0
-            assert during.pop() == expected
-            assert signal.getsignal(signal.SIGTERM) == caller
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    check_sigterm_left_as_the_caller_set(lambda: cli.main(["--target", NO_SERVER, "info"]),
+                                         during)

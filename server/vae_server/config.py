@@ -281,10 +281,11 @@ def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
     env = os.environ if env is None else env
     known = {"VAE_" + f.name.upper() for f in dataclasses.fields(Settings)
              if not f.metadata.get("env_only")} | {TOKENS_VAR} | OTHER_VARIABLES
+    names = sorted(k[4:] for k in known)
     warnings = []
     for var in sorted(v for v in env if v.startswith("VAE_") and v not in known
                       and not _service_link(v, env[v])):
-        close = difflib.get_close_matches(var[4:], sorted(k[4:] for k in known), n=1)
+        close = difflib.get_close_matches(var[4:], names, n=1)
         hint = f" (did you mean VAE_{close[0]}?)" if close else ""
         warnings.append(f"{var} is not a setting of vae-server{hint}: it is ignored")
     return warnings

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from vae_server.metrics import Metrics, code_label
+from vae_server.metrics import CODE_LABELS, Metrics
 
 # A cancelled call counts as expired when the server's clock says that it has this little time
 # left: the caller's deadline reaches the server as a plain cancellation over the wire (HTTP/2
@@ -42,17 +42,21 @@ def cancelled(exc: BaseException) -> bool:
     return isinstance(exc, (asyncio.CancelledError, GeneratorExit))
 
 
+_OK, _CANCELLED = CODE_LABELS[grpc.StatusCode.OK], CODE_LABELS[grpc.StatusCode.CANCELLED]
+_EXPIRED, _UNKNOWN = (CODE_LABELS[grpc.StatusCode.DEADLINE_EXCEEDED],
+                      CODE_LABELS[grpc.StatusCode.UNKNOWN])
+
+
 def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
     """The status code a call ended with, as go-grpc-prometheus's grpc_code label."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
-        return code_label(code)
+        return CODE_LABELS[code]
     if exc is None:
-        return code_label(grpc.StatusCode.OK)
+        return _OK
     if cancelled(exc):
-        return code_label(grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(context)
-                          else grpc.StatusCode.CANCELLED)
-    return code_label(grpc.StatusCode.UNKNOWN)
+        return _EXPIRED if deadline_passed(context) else _CANCELLED
+    return _UNKNOWN
 
 
 class _Observer:
@@ -69,8 +73,7 @@ class _Observer:
         self.streams_replies = kind in ("server_stream", "bidi_stream")
         self._handled = metrics.handled
         self._labels = labels
-        ok = code_label(grpc.StatusCode.OK)
-        self._by_code: dict[str, Any] = {ok: metrics.handled.labels(*labels, ok)}
+        self._by_code: dict[str, Any] = {_OK: metrics.handled.labels(*labels, _OK)}
 
     def counted(self, request: Any) -> Any:
         """A call's request, counted as received: its messages as they are read, where the

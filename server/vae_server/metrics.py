@@ -40,33 +40,12 @@ REJECTION_REASONS = ("invalid", "queue_full", "deadline", "cancelled", "unauthen
                      "shutting_down", "model_version")
 IMAGE_METHODS = ("Encode", "Decode", "Sample", "SampleStream", "LogLikelihood")
 
-# grpc_code spelt as go-grpc-prometheus spells it (Go's codes.Code.String()), not as Python's
-# enum names: queries and alerts written for Go servers (grpc_code=~"Unavailable|Internal")
-# then match this server's series too.
-_CODE_LABELS = {
-    grpc.StatusCode.OK: "OK",
-    grpc.StatusCode.CANCELLED: "Canceled",
-    grpc.StatusCode.UNKNOWN: "Unknown",
-    grpc.StatusCode.INVALID_ARGUMENT: "InvalidArgument",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "DeadlineExceeded",
-    grpc.StatusCode.NOT_FOUND: "NotFound",
-    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
-    grpc.StatusCode.PERMISSION_DENIED: "PermissionDenied",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "ResourceExhausted",
-    grpc.StatusCode.FAILED_PRECONDITION: "FailedPrecondition",
-    grpc.StatusCode.ABORTED: "Aborted",
-    grpc.StatusCode.OUT_OF_RANGE: "OutOfRange",
-    grpc.StatusCode.UNIMPLEMENTED: "Unimplemented",
-    grpc.StatusCode.INTERNAL: "Internal",
-    grpc.StatusCode.UNAVAILABLE: "Unavailable",
-    grpc.StatusCode.DATA_LOSS: "DataLoss",
-    grpc.StatusCode.UNAUTHENTICATED: "Unauthenticated",
-}
-
-
-def code_label(code: grpc.StatusCode) -> str:
-    """The grpc_code label of a status code: "InvalidArgument" for INVALID_ARGUMENT."""
-    return _CODE_LABELS[code]
+# grpc_code spelt as go-grpc-prometheus spells it (Go's codes.Code.String(): InvalidArgument,
+# Canceled), not as Python's enum names: queries and alerts written for Go servers
+# (grpc_code=~"Unavailable|Internal") then match this server's series too.
+_GO_SPELLING = {grpc.StatusCode.OK: "OK", grpc.StatusCode.CANCELLED: "Canceled"}
+CODE_LABELS = {code: _GO_SPELLING.get(code) or code.name.title().replace("_", "")
+               for code in grpc.StatusCode}
 
 
 log = logging.getLogger(__name__)
@@ -271,7 +250,7 @@ class Metrics:
             self.msg_received.labels(*labels)
             self.msg_sent.labels(*labels)
             for code in grpc.StatusCode:
-                self.handled.labels(*labels, code_label(code))
+                self.handled.labels(*labels, CODE_LABELS[code])
 
     def calls_started(self) -> int:
         """grpc_server_started_total over every method: the calls handlers have taken."""

@@ -78,7 +78,7 @@ from vae_core.ports import bare_host, free_port, probe_bind
 from vae_core.security import SecurityFileError
 from vae_server.auth import TlsFiles, read_tls_files
 from vae_server.config import Settings
-from vae_server.metrics import code_label, serve_metrics, where_metrics
+from vae_server.metrics import CODE_LABELS, serve_metrics, where_metrics
 from vae_server.runtime import CPU
 
 log = logging.getLogger("vae_server.workers")
@@ -677,7 +677,7 @@ class MergedMetrics(Collector):
 
 # A call's start counts +1 toward its being open, its end -1.
 _OPEN_SIGN = {"grpc_server_started_total": 1, "grpc_server_handled_total": -1}
-UNAVAILABLE = code_label(grpc.StatusCode.UNAVAILABLE)
+UNAVAILABLE = CODE_LABELS[grpc.StatusCode.UNAVAILABLE]
 
 
 def _cut_off(families: list[Metric], zero: bool = False) -> list[Metric]:
