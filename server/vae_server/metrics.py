@@ -216,6 +216,11 @@ class Metrics:
         self.unsent = Gauge("vae_stream_unsent_images",
                             "SampleStream images made and waiting for their callers to read "
                             "them; they count against the decoder's queue limit.", registry=r)
+        self.stream_stalls = Counter("vae_stream_stalls_total",
+                                     "SampleStream chunks left unread by their callers for "
+                                     "--stream-stall-s: the chunks made ahead of each were "
+                                     "dropped, their room given back, to be made again if the "
+                                     "caller reads on.", registry=r)
         self.in_flight = Gauge("vae_in_flight_calls",
                                "vae.v1 calls being handled, streams included: the load of "
                                "this replica (the autoscaler's signal).", registry=r)

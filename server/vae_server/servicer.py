@@ -377,6 +377,7 @@ class VaeServicer:
             queue."""
             nonlocal stalls, next_first
             stalls += 1
+            self.metrics.stream_stalls.inc()
             stop_pending()
             next_first = resume
             unsent.release(unsent.images - keep)
