@@ -221,6 +221,23 @@ def test_pending_calls_reach_grpc_as_both_of_its_bounds():
     assert options["grpc.server.max_pending_requests_hard_limit"] == 123
 
 
+def test_a_connection_limit_reaches_grpc_and_none_is_the_default():
+    from vae_server.server import grpc_options
+
+    def options(*argv: str) -> dict[str, int]:
+        return dict(grpc_options(load_settings(list(argv), env={})))
+
+    assert options("--max-connections", "500")["grpc.max_allowed_incoming_connections"] == 500
+    assert options(
+        "--max-connections", str(2**31 - 1))["grpc.max_allowed_incoming_connections"] == 2**31 - 1
+    assert "grpc.max_allowed_incoming_connections" not in options()
+    assert "grpc.max_allowed_incoming_connections" not in options("--max-connections", "0")
+    with pytest.raises(SettingsError, match="--max-connections: -1 is negative"):
+        load_settings(["--max-connections", "-1"], env={})
+    with pytest.raises(SettingsError, match=f"--max-connections: {2**31}; it must be at most"):
+        load_settings([], env={"VAE_MAX_CONNECTIONS": str(2**31)})
+
+
 def test_a_model_directory_that_cannot_be_served_exits_2(tmp_path):
     proc = subprocess.run([str(VENV_BIN / "vae-server"), "--model-dir", str(tmp_path / "none"),
                            "--port", "0", "--metrics-port", "-1"],

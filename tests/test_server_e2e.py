@@ -912,3 +912,34 @@ def test_a_client_that_pings_while_idle_keeps_its_connection(model_dir, monkeypa
         channel.unsubscribe(states.append)
     assert grpc.ChannelConnectivity.IDLE not in states[states.index(
         grpc.ChannelConnectivity.READY):], states
+
+
+def test_connections_past_the_limit_are_closed_as_they_arrive(model_dir):
+    """--max-connections: a connection past the limit is closed as it arrives, its caller told
+    UNAVAILABLE at once; those within it are served on, and a place that frees up is taken
+    again. Without a limit, idle connections use up the open-file limit (20,000 here), and
+    then new calls and metrics scrapes hang."""
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel, not one shared
+
+    def info(channel: grpc.Channel, **kwargs: object) -> vae_pb2.GetModelInfoResponse:
+        return vae_pb2_grpc.VaeServiceStub(channel).GetModelInfo(
+            vae_pb2.GetModelInfoRequest(), timeout=30, **kwargs)
+
+    with server_thread(model_dir, max_connections=2) as srv:
+        channels = [grpc.insecure_channel(srv.target, options=own) for _ in range(3)]
+        try:
+            info(channels[0])
+            info(channels[1])
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                info(channels[2])
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+            assert time.monotonic() - started < 10
+            info(channels[0])
+            info(channels[1])
+            channels[0].close()
+            # The caller turned away connects again (after gRPC's reconnect back-off).
+            assert info(channels[2], wait_for_ready=True).latent_dim > 0
+        finally:
+            for channel in channels:
+                channel.close()

@@ -119,6 +119,12 @@ class Settings:
     max_connection_age_grace_s: float = _doc(
         "how long calls in flight on an aged connection may go on before it is cut (a cut "
         "stream resumes by offset elsewhere)", default=600.0)
+    max_connections: int = _doc(
+        "most client connections open at once, per serving process (each of --workers has "
+        "its own): one more is closed as it arrives, its caller told UNAVAILABLE, so that "
+        "idle connections cannot use up the open-file limit, past which new calls and "
+        "metrics scrapes hang. Probes connect too: leave room for them. 0 = no limit",
+        default=0)
     workers: str = _doc(
         "serving processes on the port (SO_REUSEPORT), each with its own batchers and model "
         "sessions, one set of metrics for them all; 'auto' = one per core, at most 4 per core. "
@@ -333,7 +339,8 @@ def _check(s: Settings) -> None:
             raise SettingsError(f"{_flag(f.name)}: {value} is not a finite number")
     for name in ("max_delay_ms", "inline_rows", "instances", "threads", "warmup_rounds",
                  "grace_seconds", "drain_delay_s", "stream_stall_s", "max_connection_age_s",
-                 "max_connection_age_grace_s", "worker_timeout_s", "worker_start_timeout_s"):
+                 "max_connection_age_grace_s", "max_connections", "worker_timeout_s",
+                 "worker_start_timeout_s"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{_flag(name)}: {getattr(s, name)} is negative; it must be >= 0")
     for name in ("max_connection_age_s", "max_connection_age_grace_s"):
@@ -404,9 +411,10 @@ def _check(s: Settings) -> None:
             raise SettingsError(f"{_flag(name)}: {getattr(s, name)}; it must be at most "
                                 f"{2**bits - 1} (GetModelInfo's uint{bits})")
     # gRPC takes these as C ints: past them the server would die at the start.
-    if s.max_pending_calls > 2**31 - 1:
-        raise SettingsError(f"--max-pending-calls: {s.max_pending_calls}; it must be at most "
-                            f"{2**31 - 1} (gRPC's limit)")
+    for name in ("max_connections", "max_pending_calls"):
+        if getattr(s, name) > 2**31 - 1:
+            raise SettingsError(f"{_flag(name)}: {getattr(s, name)}; it must be at most "
+                                f"{2**31 - 1} (gRPC's limit)")
     if s.max_message_mb > MAX_MESSAGE_MB:
         raise SettingsError(f"--max-message-mb: {s.max_message_mb}; it must be at most "
                             f"{MAX_MESSAGE_MB} (gRPC's limit, 2 GiB)")

@@ -201,6 +201,8 @@ def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str
         ("grpc.server.max_pending_requests", settings.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_calls),
     ]
+    if settings.max_connections > 0:
+        options.append(("grpc.max_allowed_incoming_connections", settings.max_connections))
     if settings.max_connection_age_s > 0:
         options += [
             ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
