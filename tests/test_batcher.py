@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vae_server.batcher import Batcher
+from vae_server.batcher import Batcher, Reservation
 from vae_server.errors import BatchFailed, DeadlineExpired, QueueFull, ShuttingDown
 
 
@@ -1044,6 +1044,43 @@ def test_a_drain_before_a_cancelled_caller_wakes_does_not_stop(executor):
     assert b.queued_images == 0 and b.dropped["cancelled"] == 1
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["batching", "batching off"])
+def test_a_stream_chunk_keeps_its_room_through_its_run(executor, merge):
+    """A stream chunk's images count against the queue from its admission until its caller
+    has read them, its run included. Before: a chunk's room went back when its run began and
+    was held again, as unsent, when it ended; other work took the room meanwhile, and
+    unsent stream images reached 1.25 x --max-queue-images under competing streams."""
+    model = Model()
+
+    async def main() -> None:
+        b = Batcher(model, executor, max_batch=4, max_queue=8, instances=1, merge=merge)
+        model.gate.clear()
+
+        async def chunk(start: int) -> Reservation:
+            room = await b.wait_room(4)
+            room.keeps = True
+            with room:
+                await b.submit(rows(start, 4), reservation=room)
+            return room
+
+        first = asyncio.ensure_future(chunk(0))
+        await asyncio.sleep(0.05)  # running, held by the gate
+        assert (b.queued_images, b.unsent_images) == (0, 4)
+        second = asyncio.ensure_future(chunk(10))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            b.check_room(1)  # the first's 4 and the second's 4
+        model.gate.set()
+        rooms = await asyncio.gather(first, second)
+        assert [r.kept for r in rooms] == [4, 4] and b.unsent_images == 8
+        assert b.queued_images == 0
+        b.release_unsent(8)  # sent
+        b.check_room(8)
+        await b.close()
+
+    asyncio.run(main())
+
+
 def test_occupancy_is_what_admission_counts_over_its_limit(executor):
     """Before: the only queue gauge counted images queued, while admission also counts room
     reserved (a LogLikelihood call's N x k rows, before any is queued), waited for, and
@@ -1056,7 +1093,11 @@ def test_occupancy_is_what_admission_counts_over_its_limit(executor):
         seen = [b.occupancy]
         with b.reserve(60):
             seen.append(b.occupancy)
-            b.hold_unsent(20)
+            room = await b.wait_room(20)
+            room.keeps = True  # a stream's chunk: unsent once run
+            with room:
+                await b.submit(rows(0, 20), reservation=room)
+            assert room.kept == b.unsent_images == 20
             seen.append(b.occupancy)
             with pytest.raises(QueueFull):
                 b.check_room(21)  # full at 1.0 and over: what the gauge must show

@@ -89,6 +89,7 @@ class _Slice:
     job: Job[Any] | None = None
     enqueued: float = field(default_factory=time.monotonic)
     queued: bool = True  # in the queue, its images counted in queued_images
+    keep: Reservation | None = None  # a stream chunk's: see Reservation.keeps
 
 
 class _Failed:
@@ -104,6 +105,14 @@ class Reservation:
     def __init__(self, batcher: Batcher, n: int) -> None:
         self._batcher = batcher
         self.held = n
+        # Set for a stream's chunk, whose outputs wait for their caller to read them: as each
+        # of its slices leaves the queue for its run, its images stay counted against the
+        # queue, as unsent (unsent_images), and `kept` says how many; the caller
+        # releases them (release_unsent) once sent or never to be. Else the room would be
+        # free during the run, other work would take it, and the chunk's images would pass
+        # the queue's limit when it is held after the run.
+        self.keeps = False
+        self.kept = 0
 
     def take(self, n: int) -> bool:
         """Turn up to `n` held images into queued ones; True if all `n` were held."""
@@ -158,7 +167,7 @@ class Batcher:
         self._reserved = 0  # images of Reservations not yet submitted
         self._room_waiters: list[asyncio.Future[None]] = []  # wait_room's callers
         self._waiting = 0  # the images they wait to submit
-        self._unsent = 0  # images run for SampleStream chunks and not yet sent (hold_unsent)
+        self._unsent = 0  # of SampleStream chunks run or running, not yet sent (unsent_images)
         # Calls in the last batch: under steady load, about as many arrive for the next one.
         self._expect = 1
         self._timer: asyncio.TimerHandle | None = None
@@ -188,17 +197,14 @@ class Batcher:
 
     @property
     def unsent_images(self) -> int:
-        """Images of stream chunks that have run and wait to be sent (hold_unsent)."""
+        """Images of stream chunks that have left the queue for their run and are not yet
+        sent (Reservation.keeps): they count against the queue's room until release_unsent,
+        so that a caller that stops reading holds room, which new calls are refused for,
+        rather than memory that nothing bounds."""
         return self._unsent
 
-    def hold_unsent(self, n: int) -> None:
-        """Count `n` images that have run, and whose reply waits for its caller to read it,
-        against the queue's room until release_unsent(n): a caller that stops reading holds
-        room, which new calls are refused for, rather than memory that nothing bounds."""
-        self._unsent += n
-
     def release_unsent(self, n: int) -> None:
-        """The images of hold_unsent(n) were sent, or will never be."""
+        """`n` of the unsent images were sent, or will never be."""
         self._unsent -= n
         if n and self._room_waiters:
             self._room_freed()
@@ -288,11 +294,12 @@ class Batcher:
         if n == 0:
             raise ValueError("empty batch")
         loop = self._admit(n, reservation)
+        keep = reservation if reservation is not None and reservation.keeps else None
         if n <= self.max_batch or not self.merge:  # the common case: one slice
-            s = _Slice(rows, n, loop.create_future(), deadline)
+            s = _Slice(rows, n, loop.create_future(), deadline, keep=keep)
             return await self._one(s, loop)  # type: ignore[no-any-return]
         slices = [_Slice(rows[i : i + self.max_batch], min(self.max_batch, n - i),
-                         loop.create_future(), deadline)
+                         loop.create_future(), deadline, keep=keep)
                   for i in range(0, n, self.max_batch)]
         self._enqueue(slices, n, loop)
         try:
@@ -312,7 +319,8 @@ class Batcher:
         if n <= 0:
             raise ValueError("empty job")
         loop = self._admit(n, reservation)
-        s = _Slice(None, n, loop.create_future(), deadline, job)
+        keep = reservation if reservation is not None and reservation.keeps else None
+        s = _Slice(None, n, loop.create_future(), deadline, job, keep=keep)
         return await self._one(s, loop)  # type: ignore[no-any-return]
 
     def _admit(self, n: int, reservation: Reservation | None) -> asyncio.AbstractEventLoop:
@@ -379,7 +387,10 @@ class Batcher:
 
     async def _run_alone(self, s: _Slice, loop: asyncio.AbstractEventLoop) -> Any:
         """Batching off: the call runs by itself, at once, in runs of at most max_batch rows."""
-        self._queued_images += s.n
+        if s.keep is None:
+            self._queued_images += s.n
+        else:
+            self._kept(s)
         try:
             if s.deadline is not None and time.monotonic() >= s.deadline:
                 self.dropped["deadline"] += 1
@@ -399,8 +410,9 @@ class Batcher:
                     return self._execute([s], self._run)
 
                 run = self._executor.submit(execute)
-                s.queued = False
-                run.add_done_callback(lambda _: self._release_threadsafe(loop, s.n))
+                if s.queued:
+                    s.queued = False
+                    run.add_done_callback(lambda _: self._release_threadsafe(loop, s.n))
                 results, runs = await asyncio.wrap_future(run, loop=loop)
                 waited = started[0] - submitted
         finally:
@@ -410,6 +422,13 @@ class Batcher:
         if isinstance(results[0], _Failed):
             raise results[0].exc
         return results[0]
+
+    def _kept(self, s: _Slice) -> None:
+        """`s`, a stream chunk's slice, starts its run: its images count as unsent, not free."""
+        assert s.keep is not None
+        s.queued = False
+        s.keep.kept += s.n
+        self._unsent += s.n
 
     def _release(self, n: int) -> None:
         self._queued_images -= n
@@ -684,6 +703,8 @@ class Batcher:
             self._queue.popleft()
             s.queued = False
             self._queued_images -= s.n
+            if s.keep is not None:
+                self._kept(s)
             batch.append(s)
             size += s.n
         self._queue.extendleft(reversed(passed))

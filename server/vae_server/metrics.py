@@ -214,8 +214,8 @@ class Metrics:
                                "yet read. At 1, calls are refused with RESOURCE_EXHAUSTED.",
                                ("model",), registry=r)
         self.unsent = Gauge("vae_stream_unsent_images",
-                            "SampleStream images made and waiting for their callers to read "
-                            "them; they count against the decoder's queue limit.", registry=r)
+                            "SampleStream images made, or being made, for their callers to "
+                            "read; they count against the decoder's queue limit.", registry=r)
         self.stream_stalls = Counter("vae_stream_stalls_total",
                                      "SampleStream chunks left unread by their callers for "
                                      "--stream-stall-s: the chunks made ahead of each were "

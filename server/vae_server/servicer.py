@@ -58,17 +58,20 @@ _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
 
 class _Unsent:
     """A stream's images that have run and wait to be sent, held in its batcher's queue
-    (Batcher.hold_unsent) until sent or until the stream closes this."""
+    (Batcher.unsent_images) until sent or until the stream closes this."""
 
     def __init__(self, batcher: Batcher) -> None:
         self._batcher = batcher
         self.images = 0
         self.closed = False
 
-    def hold(self, n: int) -> None:
-        if not self.closed:  # a chunk that ends after its stream holds nothing
+    def adopt(self, n: int) -> None:
+        """`n` images that the batcher counts as unsent already (a chunk's run, Reservation.
+        keeps) are this stream's to release."""
+        if self.closed:  # a chunk that ends after its stream holds nothing
+            self._batcher.release_unsent(n)
+        else:
             self.images += n
-            self._batcher.hold_unsent(n)
 
     def release(self, n: int) -> None:
         if not self.closed:
@@ -333,14 +336,23 @@ class VaeServicer:
             # The stream was admitted on its first chunk (below): each chunk waits for room
             # in the queue rather than break off a stream under way, whether other calls
             # fill the queue or the queue holds fewer than AHEAD chunks.
-            with await self.decoder.wait_room(chunk.rows, deadline) as room:
-                reply = await self._decode_job(chunk, deadline, room)
-            # Until it is sent, the reply holds room in the queue: a client that stops reading
-            # makes the server refuse work (RESOURCE_EXHAUSTED) instead of hoarding replies.
+            room = await self.decoder.wait_room(chunk.rows, deadline)
+            # From its run until it is sent, the chunk holds room in the queue: a client that
+            # stops reading makes the server refuse work (RESOURCE_EXHAUSTED) instead of
+            # hoarding replies.
+            room.keeps = True
+            try:
+                with room:
+                    reply = await self._decode_job(chunk, deadline, room)
+            except BaseException:
+                self.decoder.release_unsent(room.kept)  # what ran will never be sent
+                raise
             # (A chunk made for the round before a stall holds nothing, should its
             # cancellation not have reached it.)
             if round_ == stalls:
-                unsent.hold(chunk.rows)
+                unsent.adopt(room.kept)
+            else:
+                self.decoder.release_unsent(room.kept)
             return chunk.rows, reply
 
         # AHEAD chunks are under way while an earlier one is sent. Memory stays at a few
