@@ -241,10 +241,27 @@ def test_callers_that_stop_reading_keep_other_calls_refused_for_the_stall_limit_
 
         channels = [grpc.insecure_channel(srv.target) for _ in range(3)]
         try:
-            streams = [raw_stream(channel, n=10**7, chunk_size=chunk, seed=i,
+            def open_stream(i: int) -> Iterator[bytes]:
+                return raw_stream(channels[i], n=10**7, chunk_size=chunk, seed=i,
                                   output_dtype=vae_pb2.UINT8)
-                       for i, channel in enumerate(channels)]
-            firsts = [vae_pb2.SampleChunk.FromString(next(s)) for s in streams]
+
+            streams = [open_stream(i) for i in range(3)]
+            firsts = []
+            for i in range(3):
+                # A stream is admitted on its first chunk if the others' chunks, made or
+                # being made, left room for it (they may not, when its call arrives late):
+                # once they stall, they do.
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        firsts.append(vae_pb2.SampleChunk.FromString(next(streams[i])))
+                        break
+                    except grpc.RpcError as err:
+                        if (err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+                                or time.monotonic() > deadline):
+                            raise
+                    time.sleep(0.1)
+                    streams[i] = open_stream(i)
             # The stalled streams fill the queue with what they made ahead ...
             wait_until(lambda: batcher.unsent_images >= 4 * chunk, timeout=10,
                        what="the stalled streams never filled the queue")
