@@ -6,6 +6,7 @@ its connection then breaks."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -246,22 +247,24 @@ def test_callers_that_stop_reading_keep_other_calls_refused_for_the_stall_limit_
                                   output_dtype=vae_pb2.UINT8)
 
             streams = [open_stream(i) for i in range(3)]
-            firsts = []
+            firsts: list[vae_pb2.SampleChunk] = []
+
+            def admitted(i: int) -> bool:
+                """A stream is admitted on its first chunk if the others' chunks, made or
+                being made, left room for it (they may not, when its call arrives late):
+                once they stall, they do."""
+                try:
+                    firsts.append(vae_pb2.SampleChunk.FromString(next(streams[i])))
+                    return True
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                streams[i] = open_stream(i)
+                return False
+
             for i in range(3):
-                # A stream is admitted on its first chunk if the others' chunks, made or
-                # being made, left room for it (they may not, when its call arrives late):
-                # once they stall, they do.
-                deadline = time.monotonic() + 20
-                while True:
-                    try:
-                        firsts.append(vae_pb2.SampleChunk.FromString(next(streams[i])))
-                        break
-                    except grpc.RpcError as err:
-                        if (err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
-                                or time.monotonic() > deadline):
-                            raise
-                    time.sleep(0.1)
-                    streams[i] = open_stream(i)
+                wait_until(functools.partial(admitted, i), timeout=20, every=0.1,
+                           what=f"stream {i} was never admitted")
             # The stalled streams fill the queue with what they made ahead ...
             wait_until(lambda: batcher.unsent_images >= 4 * chunk, timeout=10,
                        what="the stalled streams never filled the queue")
