@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import itertools
 import json
 import math
 import os
@@ -350,8 +349,10 @@ async def _mixed_load(target: str, metrics_url: str, seconds: float) -> LoadRepo
                 if (await asyncio.to_thread(rejected_counts, metrics_url)).get(reason, 0) > 0:
                     return
             if required:
-                raise AssertionError(f"no vae_rejected_total{{reason={reason!r}}} after "
-                                     f"{tries} tries")
+                raise AssertionError(
+                    f"no vae_rejected_total{{reason={reason!r}}} after {tries} tries; the "
+                    f"callers saw {report.outcomes}, the server counted "
+                    f"{await asyncio.to_thread(rejected_counts, metrics_url)}")
 
         async def burst() -> None:
             await asyncio.gather(*(_expect_error(report, c.log_likelihood(big, k=per_image,
@@ -366,11 +367,27 @@ async def _mixed_load(target: str, metrics_url: str, seconds: float) -> LoadRepo
             return behind_a_long_run(c, metrics_url, report, big, per_image, timeout, cancel)
 
         await attempt("cancelled", lambda: queued(None, True), 20)
-        # A deadline too short for the call to reach a busy server is rejected by the client
-        # alone, and one too long lets it finish: tries cycle through a range of them.
-        timeouts = itertools.cycle((0.05, 0.1, 0.2, 0.4))
-        await attempt("deadline", lambda: queued(next(timeouts), False), 20)
+        # A deadline that passes while the server holds the call: a stream whose caller, once
+        # it has its first chunk, pauses past its deadline. Its later chunks wait for the
+        # caller (flow control, then the queue's room), so its handler is still running, on a
+        # fast machine or a slow one. (A call queued behind a long run, as above, does not
+        # do: how long that run lasts after the call arrives depends on the machine's speed,
+        # and a deadline shorter than the call's trip is expired by the client alone.)
+        await attempt("deadline", lambda: paused_past_deadline(c, report, 1.0), 3)
     return report
+
+
+async def paused_past_deadline(c: AsyncVaeClient, report: LoadReport, timeout: float) -> None:
+    """A SampleStream of more chunks than the queue holds, whose caller stops reading after
+    its first chunk until `timeout` has passed."""
+    try:
+        async for _ in c.sample_stream(64 * 1024, seed=11, chunk_size=1024, dtype="uint8",
+                                       timeout=timeout):
+            await asyncio.sleep(2 * timeout)
+    except VaeError as err:
+        report.count(err.code.name)
+    else:
+        report.count("OK")
 
 
 def mixed_load(target: str, metrics_url: str, seconds: float = 3.0) -> LoadReport:
