@@ -14,6 +14,7 @@ import json
 import math
 import os
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -37,7 +38,6 @@ from prometheus_harness import (
     SERVER_JOB,
     LoadReport,
     Prometheus,
-    behind_a_long_run,
     dashboard_queries,
     has_finite_value,
     http_get,
@@ -46,8 +46,16 @@ from prometheus_harness import (
     need_tool,
     scrape_config,
 )
-from serving import Supervised, rss_mb, served_process, supervised
-from vae_client import AsyncVaeClient, VaeError
+from serving import (
+    Supervised,
+    held_decoder,
+    rss_mb,
+    served_process,
+    server_thread,
+    supervised,
+    wait_until,
+)
+from vae_client import AsyncVaeClient, VaeClient, VaeError
 from vae_core.ports import free_port
 from vae_proto import vae_pb2, vae_pb2_grpc
 from vae_server.instrument import code_of
@@ -392,54 +400,53 @@ def test_the_workers_merged_process_metrics_include_the_supervisor(workers2):
 # -- deadlines ----------------------------------------------------------------------------------
 
 
-def test_an_expired_deadline_is_counted_as_deadline(served):
-    def counts() -> dict[str, float]:
-        families = _families(served.metrics_url)
-        out = {"rejected": 0.0, "started": 0.0, "ok": 0.0, "deadline": 0.0, "cancelled": 0.0}
-        for s in families["vae_rejected"].samples:
-            if s.name == "vae_rejected_total" and s.labels["reason"] == "deadline":
-                out["rejected"] += s.value
-        for s in families["grpc_server_started"].samples:
-            if s.name == "grpc_server_started_total" and s.labels["grpc_method"] == "LogLikelihood":
-                out["started"] += s.value
-        for s in families["grpc_server_handled"].samples:
-            if s.name == "grpc_server_handled_total" and s.labels["grpc_method"] == "LogLikelihood":
-                code = s.labels["grpc_code"]
-                key = {"OK": "ok", "DeadlineExceeded": "deadline", "Canceled": "cancelled"}
-                if code in key:
-                    out[key[code]] += s.value
-        return out
+def test_an_expired_deadline_is_counted_as_deadline(model_dir):
+    """Calls whose deadline passes while they wait in the queue, behind a decoder held running,
+    end DEADLINE_EXCEEDED for their callers and are counted as expired by the server: as
+    DeadlineExceeded in grpc_server_handled_total and as vae_rejected_total{reason="deadline"},
+    never as cancelled. (The held run makes the wait as long as the test needs on any machine:
+    a call behind a long run of real work ends OK on a fast machine.)"""
+    rows, tries, k = 128, 3, 10
+    method = {"grpc_service": "vae.v1.VaeService", "grpc_method": "LogLikelihood",
+              "grpc_type": "unary"}
+    images = np.random.default_rng(0).random((32, 784), dtype=np.float32)
+    with server_thread(model_dir, max_batch_size=rows, inline_rows=0, max_delay_ms=0,
+                       instances=1) as srv, held_decoder(srv, rows):
+        registry, decoder = srv.running.metrics.registry, srv.running.servicer.decoder
 
-    async def go() -> LoadReport:
-        report = LoadReport()
-        big = np.random.default_rng(0).random((MAX_QUEUE // 128 + 1, 784), dtype=np.float32)
-        async with AsyncVaeClient(served.target, timeout=30) as c:
-            # Ten tries, each long call as long as the queue lets it be beside the short one
-            # (129 + 32 images at k = 96: 15,456 of 16,384 rows): the long call is seen queued
-            # only after a scrape, tens of ms, and the short one, sent then, must still find
-            # more than its 50 ms of work ahead of it, or it ends OK (below).
-            for _ in range(10):
-                await behind_a_long_run(c, served.metrics_url, report, big, 96, 0.05)
-        return report
+        def count(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, labels) or 0.0
 
-    def change() -> dict[str, float]:
-        return {key: value - before[key] for key, value in counts().items()}
+        def expired(c: VaeClient, seed: int) -> VaeError:
+            """A call sent now, with a deadline it reaches the queue well before."""
+            failed: list[VaeError] = []
 
-    before = counts()
-    report = asyncio.run(go())
-    end = time.monotonic() + 5  # until the server has ended every call it started
-    while (delta := change())["started"] > sum(delta[k] for k in ("ok", "deadline", "cancelled")
-                                               ) and time.monotonic() < end:
-        time.sleep(0.05)
-    # The long calls end OK. A short one expires, at the server or before it reaches the
-    # handler (then the server never sees it), unless the long call was nearly done when it
-    # came (a busy machine can delay the caller that long): then it ends OK on both sides.
-    assert set(report.outcomes) <= {"OK", "DEADLINE_EXCEEDED"}, report.outcomes
-    assert sum(report.outcomes.values()) == 20 and report.outcomes["OK"] >= 10, report.outcomes
-    expired = delta["started"] - delta["ok"]
-    assert expired >= 3, (report.outcomes, delta)
-    assert delta["deadline"] == expired, delta
-    assert delta["rejected"] == expired, delta
+            def call() -> None:
+                try:
+                    c.log_likelihood(images, k=k, seed=seed, timeout=1.5)
+                except VaeError as err:
+                    failed.append(err)
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            wait_until(lambda: decoder.queued_images == rows + 32 * k, timeout=1.4, every=0.005,
+                       what="the call did not reach the queue before its deadline")
+            caller.join(10)
+            assert len(failed) == 1, "the call ended without an error"
+            return failed[0]
+
+        with VaeClient(srv.target, retries=0) as c:
+            for i in range(tries):
+                assert expired(c, i).code == grpc.StatusCode.DEADLINE_EXCEEDED
+                # Its handler ends, and its rows leave the queue, once the server's clock has
+                # reached the deadline too.
+                wait_until(lambda n=i + 1: count("grpc_server_handled_total", **method,
+                                                 grpc_code="DeadlineExceeded") == n, timeout=10)
+                wait_until(lambda: decoder.queued_images == rows, timeout=10)
+        assert count("grpc_server_started_total", **method) == tries
+        assert count("grpc_server_handled_total", **method, grpc_code="Canceled") == 0
+        assert count("vae_rejected_total", reason="deadline") == tries
+        assert count("vae_rejected_total", reason="cancelled") == 0
 
 
 class _Cancelled:
