@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving import server_thread, wait_until
+from serving import held_decoder, server_thread, wait_until
 from vae_client import AsyncVaeClient, VaeClient, VaeError
 from vae_core import likelihood as lk
 from vae_core.calibration import Calibration
@@ -681,36 +681,46 @@ def test_a_small_call_is_answered_while_large_work_is_queued(model_dir, referenc
 
 
 def test_expired_and_cancelled_calls_never_run(model_dir):
-    # Calls of more than --inline-rows images wait behind the large runs (smaller ones run
-    # beside them), so these 7 and 13 rows are queued until they expire or are cancelled.
-    with server_thread(model_dir, max_batch_size=64, max_queue_images=100000,
-                       inline_rows=4) as srv:
+    """A call whose deadline passes, and one whose caller cancels it, while they wait in the
+    queue behind a decoder held running, leave the queue then and never reach the model.
+    (Held, not busy with real work: a machine fast enough to end that work first would run
+    them, and one slow enough would expire the call before it reached the queue.)"""
+    rows = 64  # each of the two calls that hold the decoder
+    with server_thread(model_dir, max_batch_size=rows, inline_rows=4, max_delay_ms=0,
+                       instances=1) as srv:
         dec = srv.running.servicer.decoder
         registry = srv.running.metrics.registry
+        k = srv.running.servicer.runtime.latent_dim
+
+        def items() -> float:
+            return registry.get_sample_value("vae_items_total", {"model": "decoder"}) or 0.0
 
         async def main():
-            async with AsyncVaeClient(srv.target, timeout=60) as c:
-                k = (await c.info()).latent_dim
-                before = registry.get_sample_value("vae_items_total", {"model": "decoder"}) or 0
-                # 64,000 rows in 1,000 runs keep the decoder busy for a while.
-                big = asyncio.ensure_future(
-                    c.log_likelihood(np.full((64, 784), 0.5, np.float32), k=1000, seed=1))
-                while dec.queued_images < 10000:
+            # Calls of more than --inline-rows images wait behind the large runs (smaller ones
+            # run beside them), so these 7 and 13 rows stay queued.
+            async with AsyncVaeClient(srv.target, timeout=60, retries=0) as c:
+                expiring = asyncio.ensure_future(c.decode(np.zeros((7, k), np.float32),
+                                                          timeout=1.5))
+                while dec.queued_images < rows + 7:  # reached well before its deadline
                     await asyncio.sleep(0.001)
                 with pytest.raises(VaeError) as expired:
-                    await c.decode(np.zeros((7, k), np.float32), timeout=0.05)
+                    await expiring
+                while dec.queued_images > rows:  # its rows leave with it
+                    await asyncio.sleep(0.001)
                 cancelled = asyncio.ensure_future(c.decode(np.zeros((13, k), np.float32)))
-                await asyncio.sleep(0.05)
+                while dec.queued_images < rows + 13:
+                    await asyncio.sleep(0.001)
                 cancelled.cancel()
-                await big
-                await asyncio.sleep(0.1)
-                after = registry.get_sample_value("vae_items_total", {"model": "decoder"})
-                return expired.value, after - before
+                while dec.queued_images > rows:
+                    await asyncio.sleep(0.001)
+                return expired.value
 
-        expired, rows_run = asyncio.run(main())
+        before = items()
+        with held_decoder(srv, rows):
+            expired = asyncio.run(asyncio.wait_for(main(), 30))
         assert expired.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert rows_run == 64 * 1000  # the 7 and 13 rows never reached the model
-        assert dec.dropped["deadline"] + dec.dropped["cancelled"] >= 2
+        assert items() - before == 2 * rows  # the held calls' rows alone reached the model
+        assert dec.dropped["deadline"] + dec.dropped["cancelled"] == 2
 
 
 def test_a_stream_chunk_larger_than_a_batch_is_shared_among_instances(model_dir, reference):
