@@ -278,17 +278,21 @@ def test_workers_serve_one_port_sum_their_metrics_and_drain_on_sigterm(model_dir
         per_worker = [handled(w, "Decode") for w in workers]
         assert handled(sup.metrics_port, "Decode") == sum(per_worker)
         assert metric_total(sup.metrics_port, "vae_model_info") == 1.0  # an info series, once
-        # SIGTERM with calls in flight on both workers: every call ends OK, then both exit.
+        # SIGTERM with calls in flight: every call ends OK, then both workers exit. The six
+        # clients' channels share one connection (gRPC Python's global subchannel pool), so
+        # one worker may hold all six: 8,000 rows each fit its queue together.
         results: list[object] = []
 
         def call(seed: int) -> None:
             with VaeClient(sup.target, timeout=60) as client:
                 results.append(client.log_likelihood(
-                    np.full((8, 784), 0.5, np.float32), k=2000, seed=seed))
+                    np.full((8, 784), 0.5, np.float32), k=1000, seed=seed))
 
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(call, s) for s in range(6)]
-            time.sleep(0.5)
+            # SIGTERM once all six are in flight (a call still connecting would be refused).
+            wait_until(lambda: metric_total(sup.metrics_port, "vae_in_flight_calls") >= 6,
+                       sup.proc, timeout=30, what="the six calls never were in flight together")
             sup.proc.send_signal(signal.SIGTERM)
             for f in futures:
                 f.result(120)
