@@ -264,28 +264,24 @@ async def _expect_error(report: LoadReport, call: Any) -> None:
         report.count("OK")
 
 
-async def behind_a_long_run(c: AsyncVaeClient, metrics_url: str, report: LoadReport,
-                            big: np.ndarray, k_samples: int, timeout: float | None,
-                            cancel: bool = False) -> None:
+async def cancelled_behind_a_long_run(c: AsyncVaeClient, metrics_url: str, report: LoadReport,
+                                      big: np.ndarray, k_samples: int) -> None:
     """Start a long LogLikelihood call; once its rows are in the decoder's queue, a shorter
-    one beside it with `timeout` (long enough to reach the server, too short for the call);
-    with `cancel`, its caller cancels it once the server holds it (a call cancelled before the
-    server has read it is never seen there). A small Decode would not do: it runs beside the
-    long call at once, often before its deadline or cancellation."""
+    one beside it, which its caller cancels once the server holds it (a call cancelled before
+    the server has read it is never seen there). A small Decode would not do: it runs beside
+    the long call at once, often before its cancellation."""
     long_run = asyncio.ensure_future(
         _expect_error(report, c.log_likelihood(big, k=k_samples, seed=7)))
     for _ in range(1000):  # until the run's rows are in the decoder's queue
         if long_run.done() or await asyncio.to_thread(gauge, metrics_url, "vae_queue_depth",
                                                       model="decoder") > 0:
             break
-    queued = asyncio.ensure_future(c.log_likelihood(big[:32], k=k_samples, seed=8,
-                                                    timeout=timeout))
-    if cancel:
-        for _ in range(1000):  # until the server handles both calls
-            if queued.done() or await asyncio.to_thread(gauge, metrics_url,
-                                                        "vae_in_flight_calls") >= 2:
-                break
-        queued.cancel()
+    queued = asyncio.ensure_future(c.log_likelihood(big[:32], k=k_samples, seed=8))
+    for _ in range(1000):  # until the server handles both calls
+        if queued.done() or await asyncio.to_thread(gauge, metrics_url,
+                                                    "vae_in_flight_calls") >= 2:
+            break
+    queued.cancel()
     try:
         await queued
         report.count("OK")
@@ -361,12 +357,9 @@ async def _mixed_load(target: str, metrics_url: str, seconds: float) -> LoadRepo
 
         await attempt("queue_full", burst, 20)
 
-        # A call queued behind a long scoring run that its caller gives up on, and one whose
-        # deadline passes while it waits.
-        def queued(timeout: float | None, cancel: bool) -> Any:
-            return behind_a_long_run(c, metrics_url, report, big, per_image, timeout, cancel)
-
-        await attempt("cancelled", lambda: queued(None, True), 20)
+        # A call queued behind a long scoring run that its caller gives up on.
+        await attempt("cancelled", lambda: cancelled_behind_a_long_run(
+            c, metrics_url, report, big, per_image), 20)
         # A deadline that passes while the server holds the call: a stream whose caller, once
         # it has its first chunk, pauses past its deadline. Its later chunks wait for the
         # caller (flow control, then the queue's room), so its handler is still running, on a

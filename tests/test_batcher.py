@@ -1057,8 +1057,7 @@ def test_a_stream_chunk_keeps_its_room_through_its_run(executor, merge):
         model.gate.clear()
 
         async def chunk(start: int) -> Reservation:
-            room = await b.wait_room(4)
-            room.keeps = True
+            room = await b.wait_room(4, keeps=True)
             with room:
                 await b.submit(rows(start, 4), reservation=room)
             return room
@@ -1093,8 +1092,7 @@ def test_occupancy_is_what_admission_counts_over_its_limit(executor):
         seen = [b.occupancy]
         with b.reserve(60):
             seen.append(b.occupancy)
-            room = await b.wait_room(20)
-            room.keeps = True  # a stream's chunk: unsent once run
+            room = await b.wait_room(20, keeps=True)  # a stream's chunk: unsent once run
             with room:
                 await b.submit(rows(0, 20), reservation=room)
             assert room.kept == b.unsent_images == 20

@@ -700,24 +700,24 @@ def test_expired_and_cancelled_calls_never_run(model_dir):
         def items() -> float:
             return registry.get_sample_value("vae_items_total", {"model": "decoder"}) or 0.0
 
+        async def queued(images: int) -> None:
+            while dec.queued_images != images:
+                await asyncio.sleep(0.001)
+
         async def main():
             # Calls of more than --inline-rows images wait behind the large runs (smaller ones
             # run beside them), so these 7 and 13 rows stay queued.
             async with AsyncVaeClient(srv.target, timeout=60, retries=0) as c:
                 expiring = asyncio.ensure_future(c.decode(np.zeros((7, k), np.float32),
                                                           timeout=1.5))
-                while dec.queued_images < rows + 7:  # reached well before its deadline
-                    await asyncio.sleep(0.001)
+                await queued(rows + 7)  # reached well before its deadline
                 with pytest.raises(VaeError) as expired:
                     await expiring
-                while dec.queued_images > rows:  # its rows leave with it
-                    await asyncio.sleep(0.001)
+                await queued(rows)  # its rows leave with it
                 cancelled = asyncio.ensure_future(c.decode(np.zeros((13, k), np.float32)))
-                while dec.queued_images < rows + 13:
-                    await asyncio.sleep(0.001)
+                await queued(rows + 13)
                 cancelled.cancel()
-                while dec.queued_images > rows:
-                    await asyncio.sleep(0.001)
+                await queued(rows)
                 return expired.value
 
         before = items()

@@ -89,7 +89,7 @@ class _Slice:
     job: Job[Any] | None = None
     enqueued: float = field(default_factory=time.monotonic)
     queued: bool = True  # in the queue, its images counted in queued_images
-    keep: Reservation | None = None  # a stream chunk's: see Reservation.keeps
+    reservation: Reservation | None = None  # the room it was admitted with, if any
 
 
 class _Failed:
@@ -102,16 +102,16 @@ class _Failed:
 class Reservation:
     """Room held in a Batcher's queue for images to be submitted later (Batcher.reserve)."""
 
-    def __init__(self, batcher: Batcher, n: int) -> None:
+    def __init__(self, batcher: Batcher, n: int, keeps: bool = False) -> None:
         self._batcher = batcher
         self.held = n
-        # Set for a stream's chunk, whose outputs wait for their caller to read them: as each
-        # of its slices leaves the queue for its run, its images stay counted against the
-        # queue, as unsent (unsent_images), and `kept` says how many; the caller
-        # releases them (release_unsent) once sent or never to be. Else the room would be
-        # free during the run, other work would take it, and the chunk's images would pass
+        # Set for a stream's chunk (wait_room's `keeps`), whose outputs wait for their caller
+        # to read them: as each of its slices leaves the queue for its run, its images stay
+        # counted against the queue, as unsent (unsent_images), and `kept` says how many; the
+        # caller releases them (release_unsent) once sent or never to be. Else the room would
+        # be free during the run, other work would take it, and the chunk's images would pass
         # the queue's limit when it is held after the run.
-        self.keeps = False
+        self.keeps = keeps
         self.kept = 0
 
     def take(self, n: int) -> bool:
@@ -245,12 +245,14 @@ class Batcher:
         self._reserved += n
         return Reservation(self, n)
 
-    async def wait_room(self, n: int, deadline: float | None = None) -> Reservation:
+    async def wait_room(self, n: int, deadline: float | None = None,
+                        keeps: bool = False) -> Reservation:
         """Room for `n` images, held for the caller (a Reservation, as reserve() gives) once
         it is free: for work of a call already admitted, which the queue paces rather than
         refuses. While it waits, new calls do not take the room it waits for. Raises
         ShuttingDown when the batcher closes, DeadlineExpired at `deadline`, and QueueFull at
-        once if `n` images can never fit."""
+        once if `n` images can never fit. With `keeps` (a stream's chunk), its images stay
+        counted through their run until released as sent (Reservation.keeps)."""
         if n > self.max_queue:
             self.check_room(n)
         loop = self._loop or asyncio.get_running_loop()
@@ -260,7 +262,7 @@ class Batcher:
             # Other waiters' images are not counted: woken together, each takes what is free.
             if self._queued_images + self._reserved + self._unsent + n <= self.max_queue:
                 self._reserved += n
-                return Reservation(self, n)
+                return Reservation(self, n, keeps)
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 self.dropped["deadline"] += 1
@@ -294,12 +296,11 @@ class Batcher:
         if n == 0:
             raise ValueError("empty batch")
         loop = self._admit(n, reservation)
-        keep = reservation if reservation is not None and reservation.keeps else None
         if n <= self.max_batch or not self.merge:  # the common case: one slice
-            s = _Slice(rows, n, loop.create_future(), deadline, keep=keep)
+            s = _Slice(rows, n, loop.create_future(), deadline, reservation=reservation)
             return await self._one(s, loop)  # type: ignore[no-any-return]
         slices = [_Slice(rows[i : i + self.max_batch], min(self.max_batch, n - i),
-                         loop.create_future(), deadline, keep=keep)
+                         loop.create_future(), deadline, reservation=reservation)
                   for i in range(0, n, self.max_batch)]
         self._enqueue(slices, n, loop)
         try:
@@ -319,8 +320,7 @@ class Batcher:
         if n <= 0:
             raise ValueError("empty job")
         loop = self._admit(n, reservation)
-        keep = reservation if reservation is not None and reservation.keeps else None
-        s = _Slice(None, n, loop.create_future(), deadline, job, keep=keep)
+        s = _Slice(None, n, loop.create_future(), deadline, job, reservation=reservation)
         return await self._one(s, loop)  # type: ignore[no-any-return]
 
     def _admit(self, n: int, reservation: Reservation | None) -> asyncio.AbstractEventLoop:
@@ -387,10 +387,10 @@ class Batcher:
 
     async def _run_alone(self, s: _Slice, loop: asyncio.AbstractEventLoop) -> Any:
         """Batching off: the call runs by itself, at once, in runs of at most max_batch rows."""
-        if s.keep is None:
-            self._queued_images += s.n
-        else:
+        if s.reservation is not None and s.reservation.keeps:
             self._kept(s)
+        else:
+            self._queued_images += s.n
         try:
             if s.deadline is not None and time.monotonic() >= s.deadline:
                 self.dropped["deadline"] += 1
@@ -425,9 +425,9 @@ class Batcher:
 
     def _kept(self, s: _Slice) -> None:
         """`s`, a stream chunk's slice, starts its run: its images count as unsent, not free."""
-        assert s.keep is not None
+        assert s.reservation is not None
         s.queued = False
-        s.keep.kept += s.n
+        s.reservation.kept += s.n
         self._unsent += s.n
 
     def _release(self, n: int) -> None:
@@ -703,7 +703,7 @@ class Batcher:
             self._queue.popleft()
             s.queued = False
             self._queued_images -= s.n
-            if s.keep is not None:
+            if s.reservation is not None and s.reservation.keeps:
                 self._kept(s)
             batch.append(s)
             size += s.n

@@ -336,11 +336,10 @@ class VaeServicer:
             # The stream was admitted on its first chunk (below): each chunk waits for room
             # in the queue rather than break off a stream under way, whether other calls
             # fill the queue or the queue holds fewer than AHEAD chunks.
-            room = await self.decoder.wait_room(chunk.rows, deadline)
             # From its run until it is sent, the chunk holds room in the queue: a client that
             # stops reading makes the server refuse work (RESOURCE_EXHAUSTED) instead of
             # hoarding replies.
-            room.keeps = True
+            room = await self.decoder.wait_room(chunk.rows, deadline, keeps=True)
             try:
                 with room:
                     reply = await self._decode_job(chunk, deadline, room)
