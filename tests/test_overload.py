@@ -336,15 +336,19 @@ def timing_misses(r: Result, refusal_p99_ms: float, refusal_speedup: float,
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A VAE with one hidden layer of 1,024 (a decoder run of 4,096 rows takes tens of ms on
-    one thread), trained for one epoch: its answers need not be good, only its cost real."""
+    one thread), trained for one epoch: its answers need not be good, only its cost real. So
+    its prior is fitted around the encoder's means, and its sigma is the training one: the
+    default MAP codes and calibration run that decoder over every digit, for a minute and more
+    of the suite, and change nothing a call costs."""
     from vae_export.model import VAEConfig
     from vae_export.onnx_export import export_onnx
+    from vae_export.prior_fit import PriorConfig
     from vae_export.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("wide")
     train(VAEConfig(latent_dim=4, hidden=(1024,)), TrainConfig(epochs=1, patience=1, threads=1),
-          root / "run", progress=False)
-    export_onnx(root / "run", root / "model", calibrate=True)
+          root / "run", progress=False, prior_cfg=PriorConfig(codes="mean"))
+    export_onnx(root / "run", root / "model", calibrate=False)
     return root / "model"
 
 
