@@ -5,8 +5,9 @@ that asks for one: once per `make test`, whose pytest runs and their workers sha
 (`built_once`). They are shared: a test that wants to change a model directory copies it
 first (``shutil.copytree(model_dir, tmp_path / "model")``).
 
-`make test` runs the modules of CONCURRENT first, on several processes at once, then every
-other test alone (scripts/test.sh).
+`make test` runs the tests that may share the machine first (CONCURRENT's modules, and the
+tests marked `concurrent`), on several processes at once, then every other test alone
+(scripts/test.sh).
 
 torch is imported inside the fixtures only, so test modules that never ask for a trained
 model (the server's, for instance) do not pay for importing it.
