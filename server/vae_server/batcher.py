@@ -91,6 +91,11 @@ class _Slice:
     queued: bool = True  # in the queue, its images counted in queued_images
     reservation: Reservation | None = None  # the room it was admitted with, if any
 
+    @property
+    def keeps(self) -> bool:
+        """A stream chunk's slice: its images stay counted through its run (Reservation.keeps)."""
+        return self.reservation is not None and self.reservation.keeps
+
 
 class _Failed:
     """A slice's own failure inside a batch that ran: its job's make_rows or finish raised."""
@@ -387,7 +392,7 @@ class Batcher:
 
     async def _run_alone(self, s: _Slice, loop: asyncio.AbstractEventLoop) -> Any:
         """Batching off: the call runs by itself, at once, in runs of at most max_batch rows."""
-        if s.reservation is not None and s.reservation.keeps:
+        if s.keeps:
             self._kept(s)
         else:
             self._queued_images += s.n
@@ -703,7 +708,7 @@ class Batcher:
             self._queue.popleft()
             s.queued = False
             self._queued_images -= s.n
-            if s.reservation is not None and s.reservation.keeps:
+            if s.keeps:
                 self._kept(s)
             batch.append(s)
             size += s.n
