@@ -7,9 +7,10 @@ RUN_DIR ?= runs/default
 MNIST_TEST ?= ../shared/data/mnist
 PYTEST_ARGS ?=
 
-.PHONY: run test system-packages setup model eval bench bench-gpu profile soak lint typecheck proto clean
+.PHONY: run test system-packages setup lock model eval bench bench-gpu profile soak lint typecheck proto clean
 
-# A stamp file so set-up runs once, and again whenever pyproject.toml changes.
+# A stamp file so set-up runs once, and again whenever pyproject.toml or constraints.txt
+# changes.
 # torch goes first and pinned: pip takes the CPU build on disk, never a multi-GB CUDA build.
 # A machine without that wheel on disk names the CPU index instead:
 #   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -24,16 +25,38 @@ $(error ORT_EXTRA must be cpu or gpu, not $(ORT_EXTRA))
 endif
 OTHER_ORT := $(if $(filter gpu,$(ORT_EXTRA)),onnxruntime,onnxruntime-gpu)
 INSTALLED := $(BIN)/.installed-$(ORT_EXTRA)
-$(INSTALLED): pyproject.toml
+# Every package set-up installs is pinned to the version constraints.txt names (Python 3.11,
+# Linux), as the Docker images are: make test tests what they ship, and a new release on the
+# registry changes nothing until `make lock` takes it. CONSTRAINTS= (empty) sets up unpinned.
+# pip compiles every module it installs (the default, kept): where PYTHONDONTWRITEBYTECODE is
+# set, as on this project's machines, a module pip left uncompiled would be compiled again on
+# every import, by every process the tests start.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+$(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip uninstall -q -y $(OTHER_ORT) 2>/dev/null || true
-	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e '.[$(ORT_EXTRA),train,dev,bulk]'
+	$(BIN)/pip install -q torch==2.13.0 $(PIN) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -e '.[$(ORT_EXTRA),train,dev,bulk]' $(PIN)
 	rm -f $(BIN)/.installed $(BIN)/.installed-*
 	touch $@
 
 setup: $(INSTALLED)
+
+# constraints.txt anew: the newest versions pyproject.toml allows, resolved in a venv of their
+# own (the cpu extra's ONNX Runtime; the GPU image pins onnxruntime-gpu itself).
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(LOCK_VENV)/bin/pip install -q -e '.[cpu,train,dev,bulk]'
+	{ echo "# The version of every package make setup installs (Python 3.11, Linux), and the"; \
+	  echo "# Docker images with it. Written by make lock; edit pyproject.toml, not this file."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
+	rm -rf $(LOCK_VENV)
 
 # The model is trained and exported only when its manifest is missing: a model directory
 # that exists is served as it is, whether or not the run that made it is still here (an

@@ -42,12 +42,12 @@ CONCURRENT = {
     "test_alerts", "test_augment", "test_bench_gpu", "test_bench_targets", "test_binding",
     "test_bulk", "test_calibration", "test_cas", "test_cli_export", "test_client_bench",
     "test_client_cli", "test_client_errors", "test_client_outputs", "test_client_replies",
-    "test_compose", "test_config", "test_copy_frontier", "test_dashboard_promql", "test_data",
-    "test_digits", "test_finetune_decoder", "test_fuzz", "test_gpu", "test_heldout_scores",
-    "test_host", "test_images", "test_interop_node", "test_layout", "test_likelihood",
-    "test_model_export", "test_prior", "test_prior_fit", "test_prior_in_loop",
-    "test_proto_stubs", "test_quality", "test_replies", "test_resume", "test_rng",
-    "test_security", "test_tensor", "test_train", "test_workers",
+    "test_compose", "test_config", "test_constraints", "test_copy_frontier",
+    "test_dashboard_promql", "test_data", "test_digits", "test_finetune_decoder", "test_fuzz",
+    "test_gpu", "test_heldout_scores", "test_host", "test_images", "test_interop_node",
+    "test_layout", "test_likelihood", "test_model_export", "test_prior", "test_prior_fit",
+    "test_prior_in_loop", "test_proto_stubs", "test_quality", "test_replies", "test_resume",
+    "test_rng", "test_security", "test_tensor", "test_train", "test_workers",
 }
 
 

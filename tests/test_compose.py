@@ -322,6 +322,19 @@ def test_the_server_images_hold_no_torch_and_the_export_image_does(compose):
     assert re.search(r"^FROM nvidia/cuda:[\w.]+-cudnn-runtime-", gpu_file.read_text(), re.M)
 
 
+def test_the_images_install_the_pinned_versions(compose):
+    """Each image's dependency layer installs under constraints.txt, the versions make test
+    tests (tests/test_constraints.py); the project's own install after it adds no package."""
+    for service in ("export", "vae-server", "vae-server-gpu"):
+        dockerfile, _ = _extras(compose, service)
+        assert "constraints.txt" in _dockerfile_copies(dockerfile), dockerfile.name
+        installs = re.findall(r"pip install ([^\n&]*?\"?\.\[[a-z,]+\]\"?)", _run_lines(dockerfile))
+        assert len(installs) == 2, (dockerfile.name, installs)
+        deps, project = installs
+        assert "-c constraints.txt" in deps, (dockerfile.name, deps)
+        assert "--no-deps" in project, (dockerfile.name, project)
+
+
 # What the server image lacks, made unimportable: `import torch` raises ImportError.
 BLOCK_TRAINING_STACK = (
     "import sys\n"

@@ -22,12 +22,14 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # The gpu extra: onnxruntime-gpu (never beside onnxruntime) and nvidia-ml-py for the GPU
 # metrics. The pin keeps onnxruntime-gpu on the CUDA major version of the base image.
-# The dependencies first, in a layer of their own that pyproject.toml alone decides: an edit of
-# the sources then rebuilds only the last layers, not the download of every dependency. Empty
-# package folders and README stand in for the sources in this throwaway install.
-COPY pyproject.toml ./
+# The dependencies first, in a layer of their own that pyproject.toml and constraints.txt alone
+# decide: an edit of the sources then rebuilds only the last layers, not the download of every
+# dependency. Empty package folders and README stand in for the sources in this throwaway
+# install. The versions are constraints.txt's, those make test tests (resolved on
+# Python 3.11; this image's is 3.12). onnxruntime-gpu and nvidia-ml-py are not among them.
+COPY pyproject.toml constraints.txt ./
 RUN mkdir proto core export server client && touch README.md \
-    && pip install ".[gpu]" "onnxruntime-gpu==1.31.1" && pip uninstall -y vae-serving
+    && pip install -c constraints.txt ".[gpu]" "onnxruntime-gpu==1.31.1" && pip uninstall -y vae-serving
 COPY README.md ./
 COPY proto proto
 COPY core core

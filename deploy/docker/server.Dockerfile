@@ -13,12 +13,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 # The whole package installs (vae_server imports the torch-free vae_core), but only the cpu
 # extra's dependencies: no torch, no onnx.
-# The dependencies first, in a layer of their own that pyproject.toml alone decides: an edit of
-# the sources then rebuilds only the last layers, not the download of every dependency. Empty
-# package folders and README stand in for the sources in this throwaway install.
-COPY pyproject.toml ./
+# The dependencies first, in a layer of their own that pyproject.toml and constraints.txt alone
+# decide: an edit of the sources then rebuilds only the last layers, not the download of every
+# dependency. Empty package folders and README stand in for the sources in this throwaway
+# install. The versions are constraints.txt's, those make test tests.
+COPY pyproject.toml constraints.txt ./
 RUN mkdir proto core export server client && touch README.md \
-    && pip install ".[cpu]" && pip uninstall -y vae-serving
+    && pip install -c constraints.txt ".[cpu]" && pip uninstall -y vae-serving
 COPY README.md ./
 COPY proto proto
 COPY core core
