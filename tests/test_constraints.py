@@ -68,13 +68,12 @@ def test_every_pin_meets_the_projects_requirements_and_every_requirement_is_pinn
 
 def test_the_packages_installed_are_the_pinned_versions():
     """make setup installs with -c constraints.txt: a pinned package installed at another
-    version means the venv was set up without it (CONSTRAINTS=) or by hand."""
+    version means the venv was set up without it (CONSTRAINTS=) or by hand. (A package not
+    installed at all is not checked: a venv of fewer extras, or the gpu extra's, lacks some.)"""
     installed = {canonicalize_name(d.metadata["Name"]): d.version
                  for d in metadata.distributions()}
     pins = _pins()
-    # onnxruntime is absent where the venv has the gpu extra (make setup ORT_EXTRA=gpu).
-    missing = set(pins) - set(installed) - {"onnxruntime"}
-    assert not missing, f"pinned but not installed: {sorted(missing)} (make setup)"
+    assert {"grpcio", "numpy", "protobuf"} <= installed.keys() & pins.keys()  # the base install
     differ = {name: (installed[name], str(_pinned_version(req)))
               for name, req in pins.items()
               if name in installed and not req.specifier.contains(Version(installed[name]),
