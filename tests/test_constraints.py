@@ -9,12 +9,10 @@ import re
 import subprocess
 from importlib import metadata
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, pyproject_project
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
-from prometheus_harness import need_module
 
 CONSTRAINTS = REPO_ROOT / "constraints.txt"
 # The gpu extra's packages that constraints.txt leaves out: `make lock` resolves the cpu extra,
@@ -42,8 +40,7 @@ def _pinned_version(req: Requirement) -> Version:
 
 
 def _project_requirements() -> list[Requirement]:
-    tomllib = need_module("tomllib")  # Python 3.11+
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    project = pyproject_project()
     lines = list(project["dependencies"])
     for extra in project["optional-dependencies"].values():
         lines += extra

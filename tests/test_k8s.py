@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import pyproject_project
 
 from prometheus_harness import Prometheus, need_module, need_tool
 from serving import served_process
@@ -221,8 +222,7 @@ def test_the_server_image_is_pinned_to_the_version_its_dockerfile_builds(docs):
     """Before: the overlays pinned vae-serving-server:0.1.0 while the documented builds made
     :latest, so the pods asked for an image no build gave. The tag is the project's version,
     and the build command in the image's Dockerfile makes exactly that image."""
-    tomllib = need_module("tomllib")
-    version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    version = pyproject_project()["version"]
     (server,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     name, _, tag = server["image"].partition(":")
     assert tag == version, server["image"]

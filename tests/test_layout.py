@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import pyproject_project
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
@@ -62,9 +63,7 @@ def test_importing_loads_neither_torch_nor_the_training_package(modules, absent)
 def test_the_base_install_pulls_neither_ray_nor_onnxruntime_nor_torch():
     import re
 
-    import tomllib
-
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    project = pyproject_project()
     names = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower() for d in project["dependencies"]}
     assert names == {"grpcio", "protobuf", "numpy"}
     bulk = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower()
